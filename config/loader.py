@@ -1,0 +1,156 @@
+"""Loading the configuration: YAML file, then env vars, then CLI ``--set`` flags.
+
+This module owns where configuration values come from and how a bad value is
+reported. Later sources override earlier ones key by key. Every validation
+error names the dotted key, the offending value and the source that set it,
+e.g. ``rules.browse_interest.consecutive_views = 0 (from env
+CRMSTREAM__RULES__BROWSE_INTEREST__CONSECUTIVE_VIEWS): Input should be greater
+than or equal to 2``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping, Sequence
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from crmstream.config.schema import CrmConfig
+
+ENV_PREFIX = "CRMSTREAM__"
+_SECRET_KEY = re.compile(r"(password|secret|token|sasl\.|ssl\.key)", re.IGNORECASE)
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, malformed or out of range."""
+
+
+def default_config_text() -> str:
+    """The embedded default configuration (config/default.yaml)."""
+    return resources.files("crmstream.config").joinpath("default.yaml").read_text("utf-8")
+
+
+def _parse_scalar(text: str) -> Any:
+    """Parse an env/CLI value as a YAML scalar or flow collection.
+
+    "0", "false", "no" and "off" become False-y values explicitly (YAML rules),
+    "3" an int, "[a, b]" a list; anything YAML cannot parse stays a string.
+    """
+    try:
+        return yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        return text
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {}
+            node[part] = child
+        node = child
+    node[parts[-1]] = value
+
+
+def _get_dotted(tree: Mapping[str, Any], path: Sequence[str | int]) -> Any:
+    node: Any = tree
+    for part in path:
+        try:
+            node = node[part]
+        except (KeyError, IndexError, TypeError):
+            return "<missing>"
+    return node
+
+
+def _env_overrides(env: Mapping[str, str]) -> dict[str, str]:
+    """Map CRMSTREAM__KAFKA__BROKERS=... to {"kafka.brokers": ...}."""
+    found = {}
+    for name, value in env.items():
+        if name.startswith(ENV_PREFIX) and len(name) > len(ENV_PREFIX):
+            dotted = name[len(ENV_PREFIX) :].lower().replace("__", ".")
+            found[dotted] = value
+    return found
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: Sequence[str] = (),
+    env: Mapping[str, str] | None = None,
+) -> CrmConfig:
+    """Build the effective configuration.
+
+    :arg path: a YAML file; None means the embedded default.
+    :arg overrides: ``dotted.key=value`` strings (CLI ``--set``), applied last.
+    :arg env: the environment to read ``CRMSTREAM__*`` from (default os.environ).
+    :raises ConfigError: naming the key, the value and where it came from.
+    """
+    env = os.environ if env is None else env
+    if path is None:
+        source, text = "embedded default config", default_config_text()
+    else:
+        source = str(path)
+        try:
+            text = Path(path).read_text("utf-8")
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {source!r}: {exc.strerror}") from exc
+    try:
+        tree = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {source!r} is not valid YAML: {exc}") from exc
+    if not isinstance(tree, dict):
+        raise ConfigError(f"config file {source!r} must be a mapping, got {type(tree).__name__}")
+
+    origin: dict[str, str] = {}
+    for dotted, raw in _env_overrides(env).items():
+        _set_dotted(tree, dotted, _parse_scalar(raw))
+        origin[dotted] = f"env {ENV_PREFIX}{dotted.upper().replace('.', '__')}"
+    for item in overrides:
+        dotted, sep, raw = item.partition("=")
+        if not sep or not dotted.strip():
+            raise ConfigError(f"--set takes key=value, got {item!r}")
+        _set_dotted(tree, dotted.strip(), _parse_scalar(raw))
+        origin[dotted.strip()] = "--set"
+
+    try:
+        return CrmConfig.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, tree, source, origin)) from None
+
+
+def _describe(
+    exc: ValidationError, tree: Mapping[str, Any], source: str, origin: Mapping[str, str]
+) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = [p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-"))]
+        dotted = ".".join(str(p) for p in loc) or "<root>"
+        value = _get_dotted(tree, loc)
+        where = next(
+            (origin[k] for k in sorted(origin, key=len, reverse=True) if dotted.startswith(k)),
+            source,
+        )
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling against config/default.yaml)"
+        lines.append(f"  {dotted} = {value!r} (from {where}): {msg}")
+    return "invalid configuration:\n" + "\n".join(lines)
+
+
+def mask_secrets(tree: Any, _key: str = "") -> Any:
+    """A copy of a config dump with passwords, tokens and URL credentials masked."""
+    if isinstance(tree, dict):
+        return {k: mask_secrets(v, k) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [mask_secrets(v, _key) for v in tree]
+    if isinstance(tree, str):
+        if _SECRET_KEY.search(_key) and tree:
+            return "***"
+        return re.sub(r"(://[^:/@]*:)[^@]+@", r"\1***@", tree)
+    return tree

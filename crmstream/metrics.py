@@ -1,0 +1,101 @@
+"""Every Prometheus metric crmstream exports, built from one registry in one place.
+
+This module owns metric names, label sets and buckets (docs/metrics.md lists
+them). Metrics live on the process-wide default registry so that Bytewax's own
+dataflow metrics, which it registers there, are served from the same endpoint.
+Label values are bounded: topics, event types, trigger types, field names.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, start_http_server
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+_BATCH_BUCKETS = (1, 10, 50, 100, 250, 500, 1000, 2500, 5000, 10000)
+_REDIS_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0)
+
+
+class CrmMetrics:
+    """The metric objects of one process."""
+
+    def __init__(self, registry: CollectorRegistry):
+        self.events_in = Counter(
+            "crmstream_events_in_total",
+            "Valid input events accepted, by topic and event type.",
+            ["topic", "event_type"],
+            registry=registry,
+        )
+        self.invalid_events = Counter(
+            "crmstream_invalid_events_total",
+            "Input messages sent to the dead-letter topic, by the field that failed "
+            "('message' when the whole message was unreadable).",
+            ["topic", "field"],
+            registry=registry,
+        )
+        self.skipped_events = Counter(
+            "crmstream_replayed_events_skipped_total",
+            "Events skipped because their offset was already applied (replay after restart).",
+            ["topic"],
+            registry=registry,
+        )
+        self.triggers = Counter(
+            "crmstream_triggers_total",
+            "Triggers delivered to the trigger topic, by type.",
+            ["trigger_type"],
+            registry=registry,
+        )
+        self.batch_events = Histogram(
+            "crmstream_shard_batch_events",
+            "Events per shard batch handed to the stateful step.",
+            buckets=_BATCH_BUCKETS,
+            registry=registry,
+        )
+        self.redis_seconds = Histogram(
+            "crmstream_redis_roundtrip_seconds",
+            "Seconds per Redis round trip, by operation (load, commit).",
+            ["operation"],
+            buckets=_REDIS_BUCKETS,
+            registry=registry,
+        )
+        self.event_to_trigger_seconds = Histogram(
+            "crmstream_event_to_trigger_seconds",
+            "Seconds from a causal event's event time to the trigger's delivery.",
+            ["trigger_type"],
+            buckets=_LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.ingest_to_emit_seconds = Histogram(
+            "crmstream_ingest_to_emit_seconds",
+            "Seconds from the causal message's Kafka timestamp to the trigger's delivery.",
+            ["trigger_type"],
+            buckets=_LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.delivery_failures = Counter(
+            "crmstream_delivery_failures_total",
+            "Output records the broker did not acknowledge, by topic.",
+            ["topic"],
+            registry=registry,
+        )
+
+
+_lock = threading.Lock()
+_metrics: CrmMetrics | None = None
+
+
+def get_metrics() -> CrmMetrics:
+    """This process's metrics, created on first use on the default registry."""
+    global _metrics
+    with _lock:
+        if _metrics is None:
+            _metrics = CrmMetrics(REGISTRY)
+        return _metrics
+
+
+def serve(bind_address: str, port: int) -> int:
+    """Serve /metrics for this process; returns the bound port (``port=0`` picks one)."""
+    get_metrics()
+    server, _thread = start_http_server(port, addr=bind_address, registry=REGISTRY)
+    return server.server_address[1]

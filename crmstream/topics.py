@@ -1,0 +1,50 @@
+"""Creating crmstream's Kafka topics with explicit partitions and replication.
+
+This module owns topic creation for the embedded stack and ``crmstream topics
+create``. Topics are created with explicit configs (cleanup policy, retention)
+because some brokers, Tansu among them, return no defaults for them.
+"""
+
+from __future__ import annotations
+
+from confluent_kafka import KafkaError, KafkaException
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from crmstream.config import CrmConfig
+
+
+class TopicError(RuntimeError):
+    """A topic could not be created."""
+
+
+def create_topics(
+    brokers: list[str],
+    config: CrmConfig,
+    partitions: int | None = None,
+    replication_factor: int | None = None,
+) -> dict[str, str]:
+    """Create every input and output topic; returns topic -> "created" | "exists"."""
+    kafka = config.kafka
+    admin = AdminClient({"bootstrap.servers": ",".join(brokers), **kafka.client})
+    names = [*kafka.topics.inputs, *kafka.topics.outputs]
+    new = [
+        NewTopic(
+            name,
+            num_partitions=partitions or kafka.partitions,
+            replication_factor=replication_factor or kafka.replication_factor,
+            config={"cleanup.policy": "delete", "retention.ms": str(7 * 86_400_000)},
+        )
+        for name in names
+    ]
+    result = {}
+    for name, future in admin.create_topics(new, request_timeout=30).items():
+        try:
+            future.result(timeout=60)
+            result[name] = "created"
+        except KafkaException as exc:
+            err = exc.args[0]
+            if isinstance(err, KafkaError) and err.code() == KafkaError.TOPIC_ALREADY_EXISTS:
+                result[name] = "exists"
+            else:
+                raise TopicError(f"cannot create topic {name!r}: {exc}") from None
+    return result

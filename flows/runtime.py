@@ -1,0 +1,61 @@
+"""What one crmstream process shares between its shards: clients, codecs and the clock.
+
+This module owns the per-process objects the dataflow's steps use. They are
+built once per process, lazily, because Bytewax builds a step's logic inside
+each worker; connections are made on first use so that merely constructing a
+flow touches no network.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cached_property
+
+from crmstream.config import CrmConfig
+from crmstream.flows.sink import DeliveryCheckedProducer
+from crmstream.operators.events import EventValidator
+from crmstream.operators.rules import TriggerBuilder
+from crmstream.state.store import StateStore, connect
+
+
+def wall_clock_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+@dataclass
+class Endpoints:
+    """Resolved infrastructure addresses (configured, or of the embedded stack)."""
+
+    brokers: list[str]
+    redis_url: str
+
+
+@dataclass
+class Runtime:
+    """Per-process shared objects; the clock is injected so tests can drive it."""
+
+    config: CrmConfig
+    endpoints: Endpoints
+    clock_ms: Callable[[], int] = wall_clock_ms
+
+    @cached_property
+    def store(self) -> StateStore:
+        client = connect(self.endpoints.redis_url, self.config.redis)
+        return StateStore(client, self.config.redis.key_prefix)
+
+    @cached_property
+    def producer(self) -> DeliveryCheckedProducer:
+        kafka = self.config.kafka
+        return DeliveryCheckedProducer(
+            self.endpoints.brokers, dict(kafka.client), kafka.delivery_timeout_seconds
+        )
+
+    @cached_property
+    def validator(self) -> EventValidator:
+        return EventValidator(self.config)
+
+    @cached_property
+    def triggers(self) -> TriggerBuilder:
+        return TriggerBuilder(self.config)

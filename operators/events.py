@@ -1,0 +1,340 @@
+"""Input event contracts: event types, their fields, and strict validation.
+
+This module owns what a valid input event is (docs/events.md is its prose
+twin). ``EventValidator.parse`` turns one Kafka message into either a
+``ParsedEvent`` or an ``InvalidEvent`` whose reason names the offending field
+and value. It is the only per-event Python on the hot path, so it is a flat
+table of checks with no per-event allocation beyond the result tuple.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, NamedTuple
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import orjson
+
+from crmstream.config import CrmConfig
+
+# Dense, stable codes: state arrays are indexed by them, so never renumber;
+# append new types at the end and bump the state layout version.
+EVENT_TYPES: tuple[str, ...] = (
+    # clickstream
+    "page_view", "product_view", "search", "favourite", "add_to_cart",
+    "remove_from_cart", "checkout_started", "share", "session_start",
+    # orders
+    "order_placed", "order_paid", "order_cancelled", "order_shipped",
+    "order_delivered", "order_returned", "order_refunded", "logistics_update",
+    # customers
+    "profile_updated", "consent_granted", "consent_withdrawn", "erasure_requested",
+    # feedback
+    "recommendation_dismissed", "contacted_too_often", "service_ticket", "product_review",
+)  # fmt: skip
+EVENT_CODE: dict[str, int] = {name: code for code, name in enumerate(EVENT_TYPES)}
+NUM_EVENT_TYPES = len(EVENT_TYPES)
+
+TOPIC_ROLE_TYPES: dict[str, frozenset[str]] = {
+    "clickstream": frozenset(EVENT_TYPES[0:9]),
+    "orders": frozenset(EVENT_TYPES[9:17]),
+    "customers": frozenset(EVENT_TYPES[17:21]),
+    "feedback": frozenset(EVENT_TYPES[21:25]),
+}
+
+CHANNELS = frozenset({"app", "web", "mini_program"})
+CONTACT_CHANNELS = frozenset({"push", "email", "sms", "whatsapp", "line"})
+LOGISTICS_STATUSES = frozenset({"in_transit", "customs_hold", "delay"})
+# Data minimisation: never kept in state or emitted.
+PII_FIELDS = frozenset({"email", "phone"})
+
+MAX_ID_LEN = 128
+
+
+class ParsedEvent(NamedTuple):
+    """A valid event, reduced to what the state kernels and rules read."""
+
+    customer_id: str
+    event_id: str
+    type_code: int
+    event_time_ms: int
+    category: int  # index in the taxonomy, -1 when the event has none
+    amount_base: float  # amount in the base currency, 0.0 when none
+    topic: str
+    partition: int
+    offset: int
+    ingest_ms: int  # the Kafka message timestamp
+    fields: dict[str, Any]  # the validated JSON object, for profile/consent updates
+
+
+class InvalidEvent(NamedTuple):
+    """A message that failed validation, bound for the dead-letter topic."""
+
+    reason: str
+    field: str | None
+    customer_id: str | None
+    key: bytes | None
+    value: bytes | None
+    topic: str
+    partition: int
+    offset: int
+
+
+class _Invalid(Exception):
+    def __init__(self, field: str | None, message: str):
+        super().__init__(message)
+        self.field = field
+        self.message = message
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+@dataclass(frozen=True)
+class _FieldSpec:
+    required: tuple[str, ...] = ()
+    product: bool = False  # product_id + category required, price optional
+    amount: bool = False  # amount + currency required
+    optional_category: bool = False
+
+
+_SPECS: dict[str, _FieldSpec] = {
+    "page_view": _FieldSpec(optional_category=True),
+    "product_view": _FieldSpec(product=True),
+    "search": _FieldSpec(optional_category=True),
+    "favourite": _FieldSpec(product=True),
+    "add_to_cart": _FieldSpec(product=True),
+    "remove_from_cart": _FieldSpec(product=True),
+    "checkout_started": _FieldSpec(),
+    "share": _FieldSpec(optional_category=True),
+    "session_start": _FieldSpec(),
+    "order_placed": _FieldSpec(required=("order_id",), amount=True),
+    "order_paid": _FieldSpec(required=("order_id",), amount=True),
+    "order_cancelled": _FieldSpec(required=("order_id",)),
+    "order_shipped": _FieldSpec(required=("order_id", "promised_delivery_time")),
+    "order_delivered": _FieldSpec(required=("order_id",)),
+    "order_returned": _FieldSpec(required=("order_id",)),
+    "order_refunded": _FieldSpec(required=("order_id",), amount=True),
+    "logistics_update": _FieldSpec(required=("order_id", "status")),
+    "profile_updated": _FieldSpec(),
+    "consent_granted": _FieldSpec(required=("channel",)),
+    "consent_withdrawn": _FieldSpec(required=("channel",)),
+    "erasure_requested": _FieldSpec(),
+    "recommendation_dismissed": _FieldSpec(required=("category",)),
+    "contacted_too_often": _FieldSpec(),
+    "service_ticket": _FieldSpec(required=("sentiment",)),
+    "product_review": _FieldSpec(required=("product_id", "rating")),
+}
+assert set(_SPECS) == set(EVENT_TYPES)
+
+
+def _id(obj: dict[str, Any], name: str) -> str:
+    value = obj.get(name)
+    if value is None:
+        raise _Invalid(name, f"field {name!r} is required")
+    if type(value) is not str or not value or len(value) > MAX_ID_LEN:
+        raise _Invalid(name, f"field {name!r} must be a string of 1..{MAX_ID_LEN} chars, "
+                             f"got {_show(value)}")  # fmt: skip
+    return value
+
+
+def _number(obj: dict[str, Any], name: str, lo: float, hi: float) -> float:
+    value = obj.get(name)
+    if type(value) not in (int, float) or not math.isfinite(value) or not lo <= value <= hi:
+        raise _Invalid(name, f"field {name!r} must be a number in [{lo:g}, {hi:g}], "
+                             f"got {_show(value)}")  # fmt: skip
+    return float(value)
+
+
+def _choice(obj: dict[str, Any], name: str, allowed: frozenset[str], required: bool) -> None:
+    value = obj.get(name)
+    if value is None and not required:
+        return
+    if value not in allowed:
+        raise _Invalid(name, f"field {name!r} must be one of {sorted(allowed)}, "
+                             f"got {_show(value)}")  # fmt: skip
+
+
+def parse_time_ms(value: Any, name: str = "event_time") -> int:
+    """Epoch milliseconds (int) or ISO-8601 with a UTC offset -> epoch ms."""
+    if type(value) is int:
+        return value
+    if type(value) is str:
+        try:
+            parsed = datetime.fromisoformat(value)
+        except ValueError:
+            raise _Invalid(name, f"field {name!r} is not ISO-8601, got {_show(value)}") from None
+        if parsed.tzinfo is None:
+            raise _Invalid(name, f"field {name!r} needs a UTC offset, got {_show(value)}")
+        return int(parsed.timestamp() * 1000)
+    raise _Invalid(name, f"field {name!r} must be epoch milliseconds (integer) or "
+                         f"ISO-8601 text, got {_show(value)}")  # fmt: skip
+
+
+class EventValidator:
+    """Strict parser for input messages, built once from the configuration."""
+
+    def __init__(self, config: CrmConfig):
+        self._roles = config.kafka.topics.inputs
+        self._category_index = {c: i for i, c in enumerate(config.taxonomy.categories)}
+        self._rates = dict(config.currency.rates)
+        self._max_bytes = config.processing.max_event_bytes
+        self._min_time_ms = config.processing.min_event_time_ms
+        self._max_skew_ms = config.processing.max_future_skew_seconds * 1000
+
+    def parse(
+        self,
+        key: bytes | None,
+        value: bytes | None,
+        topic: str,
+        partition: int,
+        offset: int,
+        timestamp_ms: int,
+        now_ms: int,
+    ) -> ParsedEvent | InvalidEvent:
+        """Validate one message; ``now_ms`` is the batch's wall clock, read once per batch."""
+        customer_id = None
+        obj: Any = None
+        try:
+            if value is None:
+                raise _Invalid(None, "message has no value (tombstone)")
+            if len(value) > self._max_bytes:
+                raise _Invalid(None, f"message is {len(value)} bytes, over the "
+                                     f"{self._max_bytes}-byte limit")  # fmt: skip
+            try:
+                obj = orjson.loads(value)
+            except orjson.JSONDecodeError as exc:
+                raise _Invalid(None, f"not valid UTF-8 JSON: {exc}") from None
+            if type(obj) is not dict:
+                raise _Invalid(None, f"event must be a JSON object, got {type(obj).__name__}")
+            customer_id = obj.get("customer_id")
+            customer_id = customer_id if type(customer_id) is str else None
+            return self._validate(obj, topic, partition, offset, timestamp_ms, now_ms)
+        except _Invalid as bad:
+            event_id = obj.get("event_id") if type(obj) is dict else None
+            label = f"event {event_id!r}" if type(event_id) is str else "message"
+            reason = f"{label} on {topic}[{partition}]@{offset}: {bad.message}"
+            return InvalidEvent(reason, bad.field, customer_id, key, value, topic, partition, offset)
+
+    def role(self, topic: str) -> str:
+        """The input role (clickstream, orders, customers, feedback) of a topic."""
+        return self._roles[topic]
+
+    def _validate(
+        self,
+        obj: dict[str, Any],
+        topic: str,
+        partition: int,
+        offset: int,
+        timestamp_ms: int,
+        now_ms: int,
+    ) -> ParsedEvent:
+        event_id = _id(obj, "event_id")
+        customer_id = _id(obj, "customer_id")
+        event_type = obj.get("event_type")
+        spec = _SPECS.get(event_type) if type(event_type) is str else None
+        if spec is None:
+            raise _Invalid("event_type", f"field 'event_type' is not a known event type, "
+                                         f"got {_show(event_type)}")  # fmt: skip
+        role = self._roles.get(topic)
+        if role is None:
+            raise _Invalid(None, f"topic {topic!r} is not a configured input topic")
+        if event_type not in TOPIC_ROLE_TYPES[role]:
+            raise _Invalid("event_type", f"event type {event_type!r} does not belong on the "
+                                         f"{role} topic")  # fmt: skip
+        if "event_time" not in obj:
+            raise _Invalid("event_time", "field 'event_time' is required")
+        event_time_ms = parse_time_ms(obj["event_time"])
+        if event_time_ms < self._min_time_ms or event_time_ms > now_ms + self._max_skew_ms:
+            raise _Invalid("event_time", f"field 'event_time' is out of the accepted range, "
+                                         f"got {_show(obj['event_time'])}")  # fmt: skip
+        for name in PII_FIELDS.intersection(obj):
+            del obj[name]  # data minimisation: PII never reaches state or outputs
+        if "channel" in spec.required:  # consent events name a contact channel
+            _choice(obj, "channel", CONTACT_CHANNELS, required=True)
+        else:  # elsewhere it is the surface the customer used
+            _choice(obj, "channel", CHANNELS, required=False)
+        country = obj.get("country")
+        if country is not None and (type(country) is not str or len(country) != 2
+                                    or not country.isupper()):  # fmt: skip
+            raise _Invalid("country", f"field 'country' must be an ISO 3166 alpha-2 code, "
+                                      f"got {_show(country)}")  # fmt: skip
+        for name in spec.required:
+            if name in ("channel", "category", "sentiment", "rating", "status"):
+                continue  # checked with their own rules below
+            if name == "promised_delivery_time":
+                parse_time_ms(obj.get(name), name)
+            else:
+                _id(obj, name)
+
+        category = -1
+        if spec.product or spec.optional_category or "category" in spec.required:
+            if spec.product:
+                _id(obj, "product_id")
+            raw = obj.get("category")
+            if raw is not None or spec.product or "category" in spec.required:
+                category = self._category_index.get(raw, -1) if type(raw) is str else -1
+                if category < 0:
+                    raise _Invalid("category", f"field 'category' must be a category of the "
+                                               f"configured taxonomy, got {_show(raw)}")  # fmt: skip
+
+        amount_base = 0.0
+        if spec.amount:
+            amount = _number(obj, "amount", 0.0, 1e9)
+            amount_base = amount * self._rate(obj)
+        elif "price" in obj:
+            price = _number(obj, "price", 0.0, 1e9)
+            amount_base = price * self._rate(obj)
+        if "sentiment" in spec.required:
+            _number(obj, "sentiment", -1.0, 1.0)
+        if "rating" in spec.required:
+            rating = obj.get("rating")
+            if type(rating) is not int or not 1 <= rating <= 5:
+                raise _Invalid("rating", f"field 'rating' must be an integer 1..5, "
+                                         f"got {_show(rating)}")  # fmt: skip
+        if "status" in spec.required:
+            _choice(obj, "status", LOGISTICS_STATUSES, required=True)
+        if event_type == "profile_updated":
+            self._check_profile(obj)
+
+        return ParsedEvent(customer_id, event_id, EVENT_CODE[event_type], event_time_ms,
+                           category, amount_base, topic, partition, offset, timestamp_ms,
+                           obj)  # fmt: skip
+
+    def _rate(self, obj: dict[str, Any]) -> float:
+        currency = obj.get("currency")
+        rate = self._rates.get(currency) if type(currency) is str else None
+        if rate is None:
+            raise _Invalid("currency", f"field 'currency' must be a configured currency "
+                                       f"({len(self._rates)} known), got {_show(currency)}")  # fmt: skip
+        return rate
+
+    @staticmethod
+    def _check_profile(obj: dict[str, Any]) -> None:
+        tz = obj.get("timezone")
+        if tz is not None:
+            try:
+                if type(tz) is not str:
+                    raise ZoneInfoNotFoundError
+                ZoneInfo(tz)
+            except (ZoneInfoNotFoundError, ValueError):
+                raise _Invalid("timezone", f"field 'timezone' must be an IANA time zone, "
+                                           f"got {_show(tz)}") from None  # fmt: skip
+        birthday = obj.get("birthday")
+        if birthday is not None:
+            ok = type(birthday) is str and len(birthday) == 5 and birthday[2] == "-"
+            try:
+                ok = ok and datetime(2000, int(birthday[:2]), int(birthday[3:])) is not None
+            except ValueError:
+                ok = False
+            if not ok:
+                raise _Invalid("birthday", f"field 'birthday' must be MM-DD, "
+                                           f"got {_show(birthday)}")  # fmt: skip
+        _choice(obj, "preferred_channel", CONTACT_CHANNELS, required=False)
+        language = obj.get("language")
+        if language is not None and (type(language) is not str or not 2 <= len(language) <= 16):
+            raise _Invalid("language", f"field 'language' must be a BCP-47 tag, "
+                                       f"got {_show(language)}")  # fmt: skip

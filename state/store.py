@@ -1,0 +1,162 @@
+"""The Redis state store: keys, batch load, atomic batch commit, progress, profiles.
+
+This module owns every Redis key crmstream writes and the order of writes:
+
+- ``{prefix}:{<customer>}:s``: the binary hot state (``state.encoding``), which
+  also records the input offsets applied to that customer;
+- ``{prefix}:{<customer>}:p``: the readable profile hash for downstream readers;
+- ``{prefix}:progress:<shard>``: per input partition, the highest offset the
+  shard has fully applied; the lower bound the source resumes from.
+
+A batch is loaded with one MGET and committed with one MULTI/EXEC that holds
+the states, the profiles and the shard's progress together. Customer keys carry
+the ``{customer}`` hash tag; because each state blob records its own applied
+offsets, a replay never double-counts even where the store cannot span slots in
+one transaction (Redis Cluster).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Mapping
+
+import redis
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.retry import Retry
+
+from crmstream.config.schema import RedisConfig
+from crmstream.metrics import get_metrics
+
+log = logging.getLogger(__name__)
+
+Position = tuple[str, int]  # (topic, partition)
+
+
+class StateStoreError(RuntimeError):
+    """Redis refused the store's request for a reason a retry will not fix."""
+
+
+def connect(url: str, config: RedisConfig) -> redis.Redis:
+    """A client that retries transient errors with jittered backoff and fails fast otherwise.
+
+    Connection loss, timeouts and a loading replica are retried; authentication
+    and configuration errors (``AuthenticationError``, ``ResponseError``) are not.
+    """
+    retry = Retry(
+        ExponentialWithJitterBackoff(base=config.retry_base_seconds, cap=config.retry_max_seconds),
+        retries=config.retry_attempts,
+        supported_errors=(
+            redis.ConnectionError,
+            redis.TimeoutError,
+            redis.BusyLoadingError,
+        ),
+    )
+    client = redis.Redis.from_url(
+        url,
+        socket_timeout=config.socket_timeout_seconds,
+        socket_connect_timeout=config.socket_timeout_seconds,
+        retry=retry,
+        health_check_interval=30,
+    )
+    try:
+        client.ping()
+    except redis.AuthenticationError as exc:
+        raise StateStoreError(f"Redis at {_safe_url(url)} refused authentication: {exc}") from None
+    except redis.ConnectionError as exc:
+        raise StateStoreError(f"cannot reach Redis at {_safe_url(url)}: {exc}") from None
+    return client
+
+
+def _safe_url(url: str) -> str:
+    head, sep, tail = url.rpartition("@")
+    return f"{url.split('://')[0]}://***@{tail}" if sep else url
+
+
+class StateStore:
+    """Batch access to customer state in Redis."""
+
+    def __init__(self, client: redis.Redis, prefix: str):
+        self._client = client
+        self._prefix = prefix
+
+    @property
+    def client(self) -> redis.Redis:
+        return self._client
+
+    def state_key(self, customer_id: str) -> str:
+        return f"{self._prefix}:{{{customer_id}}}:s"
+
+    def profile_key(self, customer_id: str) -> str:
+        return f"{self._prefix}:{{{customer_id}}}:p"
+
+    def progress_key(self, shard: int) -> str:
+        return f"{self._prefix}:progress:{shard}"
+
+    def load_states(self, customer_ids: list[str]) -> list[bytes | None]:
+        """Every customer's state blob in one round trip (None for new customers)."""
+        if not customer_ids:
+            return []
+        started = time.perf_counter()
+        blobs = self._client.mget([self.state_key(c) for c in customer_ids])
+        get_metrics().redis_seconds.labels("load").observe(time.perf_counter() - started)
+        return blobs
+
+    def commit(
+        self,
+        shard: int,
+        states: Mapping[str, bytes],
+        profiles: Mapping[str, Mapping[str, str]],
+        progress: Mapping[Position, int],
+    ) -> None:
+        """Write states, profiles and the shard's progress in one MULTI/EXEC."""
+        started = time.perf_counter()
+        pipe = self._client.pipeline(transaction=True)
+        if states:
+            pipe.mset({self.state_key(c): blob for c, blob in states.items()})
+        for customer_id, fields in profiles.items():
+            if fields:
+                pipe.hset(self.profile_key(customer_id), mapping=dict(fields))
+        if progress:
+            pipe.hset(
+                self.progress_key(shard),
+                mapping={f"{t}|{p}": off for (t, p), off in progress.items()},
+            )
+        pipe.execute()
+        get_metrics().redis_seconds.labels("commit").observe(time.perf_counter() - started)
+
+    def load_progress(self, shard: int) -> dict[Position, int]:
+        """The shard's applied high-water marks per input partition."""
+        raw = self._client.hgetall(self.progress_key(shard))
+        return {_parse_position(k.decode()): int(v) for k, v in raw.items()}
+
+    def resume_offsets(self, shards: int, positions: Iterable[Position]) -> dict[Position, int]:
+        """Where to start reading each input partition: the lowest next offset over all shards.
+
+        A shard with no record for a partition has applied nothing from it, so
+        that partition starts from its beginning (offset 0); each shard then
+        skips what it already holds.
+        """
+        pipe = self._client.pipeline(transaction=False)
+        for shard in range(shards):
+            pipe.hgetall(self.progress_key(shard))
+        per_shard = [
+            {_parse_position(k.decode()): int(v) for k, v in raw.items()}
+            for raw in pipe.execute()
+        ]
+        return {
+            pos: min(progress.get(pos, -1) for progress in per_shard) + 1 for pos in positions
+        }
+
+    def read_customer(self, customer_id: str) -> tuple[bytes | None, dict[str, str]]:
+        """The raw state blob and the profile hash of one customer."""
+        pipe = self._client.pipeline(transaction=False)
+        pipe.get(self.state_key(customer_id))
+        pipe.hgetall(self.profile_key(customer_id))
+        blob, profile = pipe.execute()
+        return blob, {k.decode(): v.decode() for k, v in profile.items()}
+
+
+def _parse_position(field: str) -> Position:
+    topic, _, partition = field.rpartition("|")
+    return topic, int(partition)
