@@ -52,6 +52,15 @@ class Runtime:
             self.endpoints.brokers, dict(kafka.client), kafka.delivery_timeout_seconds
         )
 
+    def close(self) -> None:
+        """Flush and drop the clients (before the infrastructure goes away)."""
+        producer = self.__dict__.pop("producer", None)
+        if producer is not None:
+            producer.flush()
+        store = self.__dict__.pop("store", None)
+        if store is not None:
+            store.client.close()
+
     @cached_property
     def validator(self) -> EventValidator:
         return EventValidator(self.config)

@@ -35,8 +35,8 @@ class DeliveryCheckedProducer:
             "enable.idempotence": True,
             "acks": "all",
             "linger.ms": 5,
-            "compression.type": "lz4",
             "message.timeout.ms": int(timeout_s * 1000),
+            "logger": logging.getLogger("librdkafka"),
             **client_config,
         }
         self._producer = Producer(config)

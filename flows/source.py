@@ -173,6 +173,7 @@ class CrmKafkaSource(FixedPartitionedSource[RawMessage, int]):
             "enable.partition.eof": True,
             "auto.offset.reset": "earliest",
             "fetch.wait.max.ms": 50,
+            "logger": logging.getLogger("librdkafka"),
         }
         return _KafkaPartition(config, topic, partition, start, self._batch_size,
                                self._tail, self._signals)  # fmt: skip

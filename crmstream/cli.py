@@ -1,0 +1,274 @@
+"""The ``crmstream`` command line: demo, run, generate, profile, topics, config.
+
+This module owns argument parsing and error presentation only; each command
+calls into the module that does the work. Errors a user can fix (bad config,
+unreachable infrastructure) print one clear message and exit 2, never a
+traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import orjson
+import typer
+import yaml
+from rich.console import Console
+from rich.logging import RichHandler
+
+from crmstream.config import ConfigError, CrmConfig, load_config, mask_secrets
+
+app = typer.Typer(
+    help="crmstream: real-time CRM triggers from Kafka events.\n\n"
+    "Examples:\n\n  crmstream demo --duration 30\n\n"
+    "  crmstream run --config prod.yaml -w 1 -i 0 -a host0:2101 -a host1:2101\n\n"
+    "  crmstream profile c0000042 --redis-url redis://localhost:6379/0",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+topics_app = typer.Typer(help="Kafka topic administration.", no_args_is_help=True)
+config_app = typer.Typer(help="Inspect and validate configuration.", no_args_is_help=True)
+app.add_typer(topics_app, name="topics")
+app.add_typer(config_app, name="config")
+
+console = Console()
+err_console = Console(stderr=True)
+
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config file "
+                      "(default: the embedded default).", exists=True, dir_okay=False)]  # fmt: skip
+SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a key: "
+                   "section.key=value (repeatable).")]  # fmt: skip
+BrokersOpt = Annotated[str | None, typer.Option("--brokers", help="Kafka bootstrap servers, "
+                       "host:port[,host:port]. Unset: an embedded broker.")]  # fmt: skip
+RedisOpt = Annotated[str | None, typer.Option("--redis-url", help="Redis URL. Unset: an "
+                     "embedded redis-server.")]  # fmt: skip
+VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Log at INFO level.")]
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(message)s",
+        handlers=[RichHandler(console=err_console, show_path=False)],
+    )
+
+
+def _config(
+    path: Path | None, sets: list[str] | None, brokers: str | None = None,
+    redis_url: str | None = None,
+) -> CrmConfig:  # fmt: skip
+    overrides = list(sets or [])
+    if brokers:
+        overrides.append(f"kafka.brokers={brokers}")
+    if redis_url:
+        overrides.append(f"redis.url={redis_url}")
+    try:
+        return load_config(path, overrides)
+    except ConfigError as exc:
+        err_console.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(2) from None
+
+
+def _fail(message: str) -> typer.Exit:
+    err_console.print(f"[red]error:[/] {message}")
+    return typer.Exit(2)
+
+
+@app.command()
+def demo(
+    duration: Annotated[float | None, typer.Option(help="Seconds to generate events for.")] = 30.0,
+    events: Annotated[int | None, typer.Option(help="Stop after this many events.")] = None,
+    rate: Annotated[float, typer.Option(help="Target events per second.")] = 2000.0,
+    customers: Annotated[int, typer.Option(help="Customers in the synthetic shop.")] = 2000,
+    malformed_rate: Annotated[float, typer.Option(help="Share of malformed events.")] = 0.002,
+    seed: Annotated[int, typer.Option(help="Workload seed.")] = 7,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    brokers: BrokersOpt = None,
+    redis_url: RedisOpt = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Run everything locally: broker, Redis, a shop workload and the flow; show triggers live.
+
+    Example: crmstream demo --duration 20 --rate 3000
+    """
+    from crmstream.demo import DemoOptions, run_demo
+
+    _setup_logging(verbose)
+    cfg = _config(config, set_, brokers, redis_url)
+    if events is not None and duration == 30.0:
+        duration = None  # --events alone bounds the run
+    run_demo(cfg, DemoOptions(duration, events, rate, customers, malformed_rate, seed), console)
+
+
+@app.command()
+def run(
+    workers: Annotated[int, typer.Option("-w", "--workers-per-process", help="Worker threads "
+                       "per process (prefer processes: threads share the GIL).")] = 1,
+    process_id: Annotated[int | None, typer.Option("-i", "--process-id", help="This process's "
+                          "index in the cluster.")] = None,
+    addresses: Annotated[list[str] | None, typer.Option("-a", "--addresses", help="host:port of "
+                         "every cluster process, in order (repeatable).")] = None,
+    recovery_dir: Annotated[Path | None, typer.Option("-r", "--recovery-directory", help="Bytewax "
+                            "recovery database directory (optional).")] = None,
+    until_end: Annotated[bool, typer.Option(help="Stop at the end of the input instead of "
+                         "tailing (backfills).")] = False,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    brokers: BrokersOpt = None,
+    redis_url: RedisOpt = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Run the flow against configured Kafka and Redis (one process of a cluster).
+
+    Example: crmstream run --brokers kafka:9092 --redis-url redis://redis:6379/0 -i 0
+    -a crm-0:2101 -a crm-1:2101
+    """
+    from crmstream.flows.crm import run_cluster_process
+    from crmstream.flows.runtime import Endpoints, Runtime
+    from crmstream.metrics import serve
+
+    _setup_logging(verbose)
+    cfg = _config(config, set_, brokers, redis_url)
+    if not cfg.kafka.brokers or not cfg.redis.url:
+        raise _fail("run needs kafka.brokers and redis.url (or use `crmstream demo` for "
+                    "an embedded stack)")  # fmt: skip
+    if cfg.metrics.enabled:
+        port = cfg.metrics.port + (process_id or 0) if cfg.metrics.port else 0
+        bound = serve(cfg.metrics.bind_address, port)
+        err_console.print(f"metrics on http://{cfg.metrics.bind_address}:{bound}/metrics")
+    runtime = Runtime(cfg, Endpoints(list(cfg.kafka.brokers), cfg.redis.url))
+    run_cluster_process(runtime, workers, process_id, addresses,
+                        str(recovery_dir) if recovery_dir else None, tail=not until_end)  # fmt: skip
+
+
+@app.command()
+def generate(
+    events: Annotated[int | None, typer.Option(help="How many events to produce.")] = 100_000,
+    duration: Annotated[float | None, typer.Option(help="Or: produce for this many "
+                        "seconds.")] = None,  # fmt: skip
+    rate: Annotated[float | None, typer.Option(help="Target events/s (default: as fast as "
+                    "possible).")] = None,  # fmt: skip
+    customers: Annotated[int, typer.Option(help="Customers in the synthetic shop.")] = 10_000,
+    malformed_rate: Annotated[float, typer.Option(help="Share of malformed events.")] = 0.001,
+    seed: Annotated[int, typer.Option(help="Workload seed.")] = 7,
+    live_time: Annotated[bool, typer.Option(help="Stamp events with the wall clock instead "
+                         "of simulated time.")] = False,  # fmt: skip
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    brokers: BrokersOpt = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Produce a realistic shop workload to the input topics.
+
+    Example: crmstream generate --brokers localhost:9092 --events 1000000 --rate 20000
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    from crmstream.bench.workload import Workload, WorkloadSpec, publish
+
+    _setup_logging(verbose)
+    cfg = _config(config, set_, brokers)
+    if not cfg.kafka.brokers:
+        raise _fail("generate needs kafka.brokers (--brokers host:port)")
+    workload = Workload(cfg, WorkloadSpec(customers=customers, seed=seed,
+                                          malformed_rate=malformed_rate))  # fmt: skip
+    total = events if duration is None else None
+    with Progress(*Progress.get_default_columns()[:1], BarColumn(), MofNCompleteColumn(),
+                  TimeRemainingColumn(), console=err_console) as progress:  # fmt: skip
+        task = progress.add_task("producing", total=total)
+        stats = publish(list(cfg.kafka.brokers), cfg, workload, max_events=total,
+                        duration_s=duration, rate=rate, live_time=live_time,
+                        on_progress=lambda n: progress.update(task, completed=n))  # fmt: skip
+    console.print(f"produced {stats.events:,} events ({stats.malformed:,} malformed) in "
+                  f"{stats.seconds:.1f} s: {stats.events / max(stats.seconds, 1e-9):,.0f}/s")  # fmt: skip
+
+
+@app.command()
+def profile(
+    customer_id: Annotated[str, typer.Argument(help="The customer id.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    redis_url: RedisOpt = None,
+) -> None:
+    """Show what Redis holds for one customer, decoded (the customer-360 view).
+
+    Example: crmstream profile c0000042 --redis-url redis://localhost:6379/0
+    """
+    from crmstream.profile import customer_view, render
+    from crmstream.state.store import StateStore, StateStoreError, connect
+
+    cfg = _config(config, set_, redis_url=redis_url)
+    if not cfg.redis.url:
+        raise _fail("profile needs redis.url (--redis-url redis://host:6379/0)")
+    try:
+        store = StateStore(connect(cfg.redis.url, cfg.redis), cfg.redis.key_prefix)
+    except StateStoreError as exc:
+        raise _fail(str(exc)) from None
+    view = customer_view(store, cfg, customer_id)
+    if view is None:
+        raise _fail(f"no state for customer {customer_id!r}")
+    if as_json:
+        sys.stdout.write(orjson.dumps(view, option=orjson.OPT_INDENT_2).decode() + "\n")
+    else:
+        console.print(render(view))
+
+
+@topics_app.command("create")
+def topics_create(
+    partitions: Annotated[int | None, typer.Option(help="Partitions per topic "
+                          "(default: kafka.partitions).")] = None,  # fmt: skip
+    replication_factor: Annotated[int | None, typer.Option(help="Replicas per partition "
+                                  "(default: kafka.replication_factor).")] = None,  # fmt: skip
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    brokers: BrokersOpt = None,
+) -> None:
+    """Create every input and output topic (existing ones are left as they are).
+
+    Example: crmstream topics create --brokers localhost:9092 --partitions 8
+    """
+    from crmstream.topics import TopicError, create_topics
+
+    cfg = _config(config, set_, brokers)
+    if not cfg.kafka.brokers:
+        raise _fail("topics create needs kafka.brokers (--brokers host:port)")
+    try:
+        result = create_topics(list(cfg.kafka.brokers), cfg, partitions, replication_factor)
+    except TopicError as exc:
+        raise _fail(str(exc)) from None
+    for name, outcome in result.items():
+        console.print(f"{name}: {outcome}")
+
+
+@config_app.command("show")
+def config_show(config: ConfigOpt = None, set_: SetOpt = None) -> None:
+    """Print the effective configuration as YAML, secrets masked.
+
+    Example: CRMSTREAM__PROCESSING__SHARDS=16 crmstream config show
+    """
+    cfg = _config(config, set_)
+    dump = mask_secrets(cfg.model_dump(mode="json"))
+    console.print(yaml.safe_dump(dump, sort_keys=False), end="", markup=False, highlight=False)
+
+
+@config_app.command("validate")
+def config_validate(config: ConfigOpt = None, set_: SetOpt = None) -> None:
+    """Check a configuration and exit non-zero, naming the key, if it is invalid.
+
+    Example: crmstream config validate --config prod.yaml
+    """
+    _config(config, set_)
+    console.print("configuration is valid")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

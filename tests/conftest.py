@@ -1,0 +1,129 @@
+"""Shared fixtures: one real Tansu broker and one real redis-server per test session.
+
+Each test gets its own topics and Redis key prefix (``isolated_config``), so
+tests share the servers without sharing data. Outputs are read back with
+kafka-python, a Kafka client independent of the librdkafka the flow uses, the
+way a downstream subscriber would read them.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import orjson
+import pytest
+from kafka import KafkaConsumer, TopicPartition
+
+from crmstream.config import CrmConfig, load_config
+from crmstream.embedded import EmbeddedStack
+from crmstream.flows.crm import run_in_process
+from crmstream.flows.runtime import Endpoints, Runtime
+from crmstream.flows.sink import DeliveryCheckedProducer
+from crmstream.topics import create_topics
+
+T0_MS = 1_767_225_600_000  # 2026-01-01T00:00:00Z: scripted events count from here
+_ids = itertools.count()
+
+
+@pytest.fixture(scope="session")
+def stack() -> Iterator[Endpoints]:
+    """A real broker and redis-server for the whole session."""
+    with EmbeddedStack(load_config()) as embedded:
+        assert embedded.endpoints is not None
+        yield embedded.endpoints
+
+
+@pytest.fixture
+def isolated_config(stack: Endpoints, request: pytest.FixtureRequest):
+    """Build a config with this test's own topics and key prefix (plus overrides)."""
+
+    def build(*overrides: str, partitions: int = 2) -> CrmConfig:
+        tag = f"t{next(_ids)}x{os.getpid()}"
+        roles = ("clickstream", "orders", "customers", "feedback", "triggers",
+                 "suppressions", "dead_letter")  # fmt: skip
+        sets = [f"kafka.topics.{r}={tag}.{r}" for r in roles]
+        sets += [f"kafka.brokers={','.join(stack.brokers)}", f"redis.url={stack.redis_url}",
+                 f"redis.key_prefix={tag}", f"kafka.partitions={partitions}",
+                 "metrics.enabled=false", *overrides]  # fmt: skip
+        config = load_config(None, sets, env={})
+        create_topics(list(stack.brokers), config)
+        return config
+
+    return build
+
+
+class Script:
+    """Scripted input events for one test, produced with delivery checks."""
+
+    def __init__(self, config: CrmConfig, endpoints: Endpoints):
+        self.config = config
+        self.endpoints = endpoints
+        self._producer = DeliveryCheckedProducer(list(endpoints.brokers), {}, 30.0)
+        self._seq = itertools.count()
+        self.topics = {
+            "clickstream": config.kafka.topics.clickstream,
+            "orders": config.kafka.topics.orders,
+            "customers": config.kafka.topics.customers,
+            "feedback": config.kafka.topics.feedback,
+        }
+
+    def event(self, role: str, customer: str, kind: str, at_s: float = 0, **fields: Any) -> str:
+        event_id = fields.pop("event_id", f"{customer}-{next(self._seq)}")
+        body = {"event_id": event_id, "customer_id": customer, "event_type": kind,
+                "event_time": T0_MS + int(at_s * 1000), **fields}  # fmt: skip
+        self.raw(role, orjson.dumps(body), customer.encode())
+        return event_id
+
+    def view(self, customer: str, category: str, at_s: float = 0, **fields: Any) -> str:
+        return self.event("clickstream", customer, "product_view", at_s,
+                          product_id=f"p-{next(self._seq)}", category=category, **fields)  # fmt: skip
+
+    def raw(self, role: str, value: bytes, key: bytes | None = b"k") -> None:
+        self._producer.produce(self.topics[role], key, value)
+
+    def flush(self) -> None:
+        self._producer.flush()
+
+
+@pytest.fixture
+def script(stack: Endpoints):
+    def build(config: CrmConfig) -> Script:
+        return Script(config, stack)
+
+    return build
+
+
+def run_flow(config: CrmConfig, endpoints: Endpoints, clock_ms: Any = None) -> Runtime:
+    """Run the flow until every input partition is read to its end."""
+    runtime = Runtime(config, endpoints) if clock_ms is None else Runtime(config, endpoints, clock_ms)
+    try:
+        run_in_process(runtime, tail=False)
+    finally:
+        runtime.close()
+    return runtime
+
+
+def read_topic(endpoints: Endpoints, topic: str, idle_s: float = 3.0) -> list[dict[str, Any]]:
+    """Every record on a topic, read with kafka-python until it has been idle for ``idle_s``."""
+    consumer = KafkaConsumer(
+        bootstrap_servers=list(endpoints.brokers),
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        consumer_timeout_ms=int(idle_s * 1000),
+    )
+    try:
+        parts = consumer.partitions_for_topic(topic)
+        deadline = time.monotonic() + 10
+        while not parts and time.monotonic() < deadline:
+            time.sleep(0.2)
+            parts = consumer.partitions_for_topic(topic)
+        assert parts, f"topic {topic!r} does not exist"
+        consumer.assign([TopicPartition(topic, p) for p in sorted(parts)])
+        consumer.seek_to_beginning()
+        return [orjson.loads(msg.value) for msg in consumer]
+    finally:
+        consumer.close()

@@ -1,0 +1,208 @@
+"""Integration: scripted events through the real flow, real Tansu and real redis-server."""
+
+from __future__ import annotations
+
+import pytest
+import redis
+
+from crmstream.flows.runtime import Runtime
+from crmstream.profile import customer_view
+from crmstream.state.store import StateStore, connect
+from tests.conftest import read_topic, run_flow
+
+pytestmark = pytest.mark.integration
+
+
+def _by_type(records, kind):
+    return [r for r in records if r["trigger_type"] == kind]
+
+
+def test_three_views_in_one_category_fire_one_browse_interest(isolated_config, script, stack):
+    config = isolated_config()
+    s = script(config)
+    s.view("alice", "beauty", 0)
+    s.view("alice", "beauty", 10)
+    third = s.view("alice", "beauty", 20)
+    s.view("alice", "beauty", 30)  # a 4th view continues the streak: no second trigger
+    s.view("bob", "beauty", 0)
+    s.view("bob", "beauty", 10)
+    s.view("carol", "beauty", 0)
+    s.view("carol", "shoes", 10)  # another category breaks the streak
+    s.view("carol", "beauty", 20)
+    s.flush()
+    run_flow(config, stack)
+
+    triggers = read_topic(stack, config.kafka.topics.triggers)
+    browse = _by_type(triggers, "browse_interest")
+    assert [t["customer_id"] for t in browse] == ["alice"]
+    record = browse[0]
+    assert record["causal_event_id"] == third
+    assert record["rule"] == {"name": "browse_interest", "version": 1}
+    assert record["reason"]["values"] == {"category": "beauty", "consecutive_views": 3}
+    assert record["reason"]["thresholds"] == {"consecutive_views": 3}
+    assert record["event_time"] == "2026-01-01T00:00:20.000+00:00"
+    for key in ("trigger_id", "detected_at", "emitted_at"):
+        assert record[key]
+
+
+def test_threshold_comes_from_config(isolated_config, script, stack):
+    config = isolated_config("rules.browse_interest.consecutive_views=2")
+    s = script(config)
+    s.view("bob", "toys", 0)
+    s.view("bob", "toys", 5)
+    s.flush()
+    run_flow(config, stack)
+    assert [t["customer_id"] for t in read_topic(stack, config.kafka.topics.triggers)] == ["bob"]
+
+
+def test_high_intent_fires_once_and_not_after_an_order(isolated_config, script, stack):
+    config = isolated_config()
+    s = script(config)
+    for i in range(5):
+        s.view("dora", "shoes", i * 60)
+        s.view("ed", "shoes", i * 60)
+    s.event("clickstream", "dora", "add_to_cart", 400, product_id="x", category="shoes")
+    fifth_signal = s.event("clickstream", "dora", "add_to_cart", 500, product_id="y",
+                           category="shoes")  # fmt: skip
+    s.event("clickstream", "dora", "add_to_cart", 600, product_id="z", category="shoes")
+    # ed bought within the window: same browsing, no trigger
+    s.event("orders", "ed", "order_placed", 100, order_id="o1", amount=10, currency="EUR")
+    s.event("clickstream", "ed", "add_to_cart", 400, product_id="x", category="shoes")
+    s.event("clickstream", "ed", "add_to_cart", 500, product_id="y", category="shoes")
+    s.flush()
+    run_flow(config, stack)
+
+    intent = _by_type(read_topic(stack, config.kafka.topics.triggers), "high_intent_no_purchase")
+    assert [(t["customer_id"], t["causal_event_id"]) for t in intent] == [("dora", fifth_signal)]
+    assert intent[0]["reason"]["values"] == {"views": 5, "cart_adds": 2, "orders": 0}
+    assert intent[0]["reason"]["window"]["days"] == 30
+
+
+def test_malformed_events_go_to_dead_letters_and_the_rest_is_processed(
+    isolated_config, script, stack
+):
+    config = isolated_config(partitions=1)
+    s = script(config)
+    s.view("alice", "beauty", 0)
+    s.raw("clickstream", b"{not json")
+    s.raw("clickstream", b'{"event_id":"m1","event_type":"product_view","event_time":1,'
+                         b'"product_id":"p","category":"beauty"}')  # fmt: skip
+    s.view("alice", "beauty", 10, event_id="wrongtype", price="12")
+    s.view("alice", "beauty", 10, event_id="negprice", price=-3, currency="USD")
+    s.event("clickstream", "alice", "page_veiw", 10, event_id="unknowntype")
+    s.view("alice", "beauty", 20)
+    s.view("alice", "beauty", 30)
+    s.flush()
+    run_flow(config, stack)
+
+    dead = read_topic(stack, config.kafka.topics.dead_letter)
+    by_offset = {d["source"]["offset"]: d for d in dead}
+    assert sorted(by_offset) == [1, 2, 3, 4, 5]
+    assert by_offset[1]["field"] is None and "not valid UTF-8 JSON" in by_offset[1]["reason"]
+    assert by_offset[2]["field"] == "customer_id"
+    assert by_offset[3]["field"] == "price" and "'12'" in by_offset[3]["reason"]
+    assert by_offset[4]["field"] == "price" and "-3" in by_offset[4]["reason"]
+    assert by_offset[5]["field"] == "event_type" and "page_veiw" in by_offset[5]["reason"]
+    assert by_offset[4]["reason"].startswith(f"event 'negprice' on {config.kafka.topics.clickstream}[0]@4")
+    assert by_offset[1]["original_text"] == "{not json"
+    for record in dead:
+        assert record["source"]["topic"] == config.kafka.topics.clickstream
+        assert record["original_base64"]
+    # the valid events around them made a streak of 3
+    triggers = read_topic(stack, config.kafka.topics.triggers)
+    assert [t["customer_id"] for t in triggers] == ["alice"]
+
+
+def test_replaying_the_same_input_into_fresh_state_gives_the_same_trigger_ids(
+    isolated_config, script, stack
+):
+    config = isolated_config()
+    s = script(config)
+    for c in range(20):
+        for i in range(5):
+            s.view(f"cust{c}", "beauty" if c % 2 else "books", i)
+        for i in range(3):
+            s.event("clickstream", f"cust{c}", "add_to_cart", 10 + i, product_id="p",
+                    category="books")  # fmt: skip
+    s.flush()
+    run_flow(config, stack)
+    first = read_topic(stack, config.kafka.topics.triggers)
+
+    # same input topics, a fresh Redis state (another key prefix), another trigger topic
+    replay = config.model_copy(update={
+        "redis": config.redis.model_copy(update={"key_prefix": config.redis.key_prefix + "r"}),
+        "kafka": config.kafka.model_copy(update={"topics": config.kafka.topics.model_copy(
+            update={"triggers": config.kafka.topics.triggers + ".replay"})}),
+    })  # fmt: skip
+    from crmstream.topics import create_topics
+
+    create_topics(list(stack.brokers), replay)
+    run_flow(replay, stack)
+    second = read_topic(stack, replay.kafka.topics.triggers)
+    assert len(first) == 40  # 20 browse + 20 high intent
+    assert sorted(t["trigger_id"] for t in first) == sorted(t["trigger_id"] for t in second)
+
+
+def test_restart_resumes_from_redis_offsets_without_double_counting(
+    isolated_config, script, stack
+):
+    config = isolated_config()
+    s = script(config)
+    s.view("fay", "pets", 0)
+    s.view("fay", "pets", 1)
+    s.flush()
+    run_flow(config, stack)
+    s.view("fay", "pets", 2)
+    s.flush()
+    run_flow(config, stack)  # a second run re-reads nothing it already applied
+
+    store = StateStore(connect(stack.redis_url, config.redis), config.redis.key_prefix)
+    view = customer_view(store, config, "fay")
+    assert view is not None
+    assert view["event_counts"] == {"product_view": 3}
+    assert view["browse_streak"] == {"category": "pets", "views": 3}
+    triggers = read_topic(stack, config.kafka.topics.triggers)
+    assert [t["customer_id"] for t in triggers] == ["fay"]
+    offsets = store.resume_offsets(config.processing.shards,
+                                   [(config.kafka.topics.clickstream, p) for p in (0, 1)])  # fmt: skip
+    assert sum(offsets.values()) == 3  # next offsets after all three events, across partitions
+
+
+def test_state_replayed_under_a_lost_progress_record_is_not_counted_twice(
+    isolated_config, script, stack
+):
+    """Per-customer applied offsets guard the state even when shard progress is gone."""
+    config = isolated_config()
+    s = script(config)
+    s.view("gus", "garden", 0)
+    s.view("gus", "garden", 1)
+    s.flush()
+    run_flow(config, stack)
+    client = redis.Redis.from_url(stack.redis_url)
+    deleted = client.delete(*client.keys(f"{config.redis.key_prefix}:progress:*"))
+    assert deleted >= 1
+    run_flow(config, stack)  # reads everything again from offset 0
+    store = StateStore(client, config.redis.key_prefix)
+    view = customer_view(store, config, "gus")
+    assert view["event_counts"] == {"product_view": 2}
+
+
+def test_profile_keeps_attributes_but_never_pii(isolated_config, script, stack):
+    config = isolated_config()
+    s = script(config)
+    s.event("customers", "hana", "profile_updated", 0, country="JP", timezone="Asia/Tokyo",
+            language="ja-JP", email="hana@example.com", phone="+81-90-0000-0000")  # fmt: skip
+    s.event("customers", "hana", "consent_withdrawn", 5, channel="email")
+    s.flush()
+    runtime: Runtime = run_flow(config, stack)
+    del runtime
+    client = redis.Redis.from_url(stack.redis_url)
+    keys = client.keys(f"{config.redis.key_prefix}:*hana*")
+    assert keys
+    for key in keys:
+        dump = client.dump(key)
+        assert b"hana@example.com" not in dump and b"+81-90" not in dump
+    profile = {k.decode(): v.decode() for k, v in
+               client.hgetall(f"{config.redis.key_prefix}:{{hana}}:p").items()}  # fmt: skip
+    assert profile["attr.country"] == "JP"
+    assert profile["consent.email"].startswith("withdrawn@")
