@@ -23,7 +23,7 @@ from pydantic import ValidationError
 from crmstream.config.schema import CrmConfig
 
 ENV_PREFIX = "CRMSTREAM__"
-_SECRET_KEY = re.compile(r"(password|secret|token|sasl\.|ssl\.key)", re.IGNORECASE)
+_SECRET_KEY = re.compile(r"(password|passwd|secret|token|credential|ssl\.key\.pem)", re.IGNORECASE)
 
 
 class ConfigError(ValueError):

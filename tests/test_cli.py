@@ -1,0 +1,142 @@
+"""The command line, run as a user runs it: in a subprocess, against real servers."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import orjson
+import pytest
+
+from tests.conftest import read_topic
+
+pytestmark = pytest.mark.integration
+CLI = [sys.executable, "-m", "crmstream"]
+
+
+def crm(*args: str, timeout: float = 300, env: dict[str, str] | None = None):
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "COLUMNS": "200", **(env or {})})  # fmt: skip
+
+
+def _port_open(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+        return True
+    except OSError:
+        return False
+
+
+def _stack_ports(output: str) -> list[int]:
+    match = re.search(r"broker 127\.0\.0\.1:(\d+)\s+redis redis://127\.0\.0\.1:(\d+)", output)
+    assert match, output
+    return [int(match.group(1)), int(match.group(2))]
+
+
+def test_help_lists_every_command_with_examples():
+    out = crm("--help").stdout
+    for command in ("demo", "run", "generate", "profile", "topics", "config"):
+        assert command in out
+    for command in (["demo"], ["run"], ["generate"], ["profile"], ["topics", "create"],
+                    ["config", "show"], ["config", "validate"]):  # fmt: skip
+        result = crm(*command, "--help")
+        assert result.returncode == 0 and "Example" in result.stdout, command
+
+
+def test_config_validate_names_the_bad_key(tmp_path):
+    ok = crm("config", "validate")
+    assert ok.returncode == 0 and "valid" in ok.stdout
+    bad = crm("config", "validate", "--set", "rules.browse_interest.consecutive_views=-1")
+    assert bad.returncode == 2
+    assert "rules.browse_interest.consecutive_views = -1" in bad.stderr
+    assert "Traceback" not in bad.stderr
+    env_bad = crm("config", "validate", env={"CRMSTREAM__PROCESSING__SHARDS": "zero"})
+    assert env_bad.returncode == 2 and "CRMSTREAM__PROCESSING__SHARDS" in env_bad.stderr
+
+
+def test_config_show_masks_secrets():
+    result = crm("config", "show", "--set", "redis.url=redis://app:s3cret@db:6379/0",
+                 "--set", "kafka.client={sasl.password: s3cret, sasl.mechanism: PLAIN}")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "s3cret" not in result.stdout
+    assert "redis://app:***@db:6379/0" in result.stdout and "PLAIN" in result.stdout
+
+
+def test_topics_create_generate_run_and_profile(isolated_config, stack):
+    config = isolated_config()
+    brokers = ",".join(stack.brokers)
+    sets = []
+    for role in ("clickstream", "orders", "customers", "feedback", "triggers", "suppressions",
+                 "dead_letter"):  # fmt: skip
+        sets += ["--set", f"kafka.topics.{role}={getattr(config.kafka.topics, role)}"]
+    sets += ["--set", f"redis.key_prefix={config.redis.key_prefix}"]
+
+    created = crm("topics", "create", "--brokers", brokers, "--partitions", "2", *sets)
+    assert created.returncode == 0, created.stderr
+    assert f"{config.kafka.topics.clickstream}: exists" in created.stdout
+
+    gen = crm("generate", "--brokers", brokers, "--events", "3000", "--customers", "50",
+              "--malformed-rate", "0.01", *sets)  # fmt: skip
+    assert gen.returncode == 0, gen.stderr
+    assert "produced 3,000 events" in gen.stdout
+
+    ran = crm("run", "--brokers", brokers, "--redis-url", stack.redis_url, "--until-end",
+              "--set", "metrics.port=0", *sets)  # fmt: skip
+    assert ran.returncode == 0, ran.stderr
+    triggers = read_topic(stack, config.kafka.topics.triggers)
+    assert triggers, "a 3000-event shop workload fires some triggers"
+    dead = read_topic(stack, config.kafka.topics.dead_letter)
+    assert dead and all(d["reason"] for d in dead)
+
+    customer = triggers[0]["customer_id"]
+    shown = crm("profile", customer, "--redis-url", stack.redis_url, *sets)
+    assert shown.returncode == 0, shown.stderr
+    assert "event_counts" in shown.stdout and "product_view" in shown.stdout
+    as_json = orjson.loads(crm("profile", customer, "--json", "--redis-url", stack.redis_url,
+                               *sets).stdout)  # fmt: skip
+    assert as_json["customer_id"] == customer and as_json["event_counts"]["product_view"] >= 3
+    missing = crm("profile", "nobody", "--redis-url", stack.redis_url, *sets)
+    assert missing.returncode == 2 and "no state for customer 'nobody'" in missing.stderr
+
+
+def test_run_without_infrastructure_says_what_is_missing():
+    result = crm("run")
+    assert result.returncode == 2 and "run needs kafka.brokers and redis.url" in result.stderr
+
+
+def test_profile_with_unreachable_redis_is_a_clear_error():
+    result = crm("profile", "x", "--redis-url", "redis://127.0.0.1:1/0",
+                 "--set", "redis.retry_attempts=1")  # fmt: skip
+    assert result.returncode == 2 and "cannot reach Redis" in result.stderr
+
+
+def test_demo_runs_to_the_end_and_leaves_no_servers():
+    result = crm("demo", "--events", "4000", "--rate", "4000", "--customers", "100", timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    assert "demo summary" in out and "triggers_by_type" in out
+    assert re.search(r"events_processed\s+│\s+[1-9]", out), out[-2000:]
+    assert "browse_interest" in out
+    for port in _stack_ports(out):
+        assert not _port_open(port), f"port {port} still open after the demo"
+
+
+def test_demo_interrupted_with_ctrl_c_leaves_no_servers():
+    proc = subprocess.Popen([*CLI, "demo", "--duration", "120"], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "COLUMNS": "200"})  # fmt: skip
+    assert proc.stdout is not None
+    first = proc.stdout.readline()
+    ports = _stack_ports(first)
+    assert all(_port_open(p) for p in ports)
+    time.sleep(3)
+    proc.send_signal(signal.SIGINT)
+    proc.communicate(timeout=60)
+    assert proc.returncode != 0
+    for port in ports:
+        assert not _port_open(port), f"port {port} still open after Ctrl-C"

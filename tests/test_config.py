@@ -1,0 +1,75 @@
+"""Configuration: defaults, overrides by env and flags, and errors that name key and value."""
+
+from __future__ import annotations
+
+import pytest
+
+from crmstream.config import ConfigError, load_config, mask_secrets
+
+
+def test_embedded_default_holds_the_business_defaults():
+    config = load_config(env={})
+    assert config.kafka.brokers is None and config.redis.url is None
+    assert config.rules.browse_interest.consecutive_views == 3
+    rule = config.rules.high_intent_no_purchase
+    assert (rule.window_days, rule.min_views, rule.min_cart_adds) == (30, 5, 2)
+    assert len(config.taxonomy.categories) == 32
+    assert config.currency.rates["USD"] == 1.0
+
+
+def test_env_then_flags_override_the_file(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("taxonomy: {categories: [a, b]}\nprocessing: {shards: 4}\n")
+    config = load_config(path, ["processing.shards=16"], env={"CRMSTREAM__PROCESSING__SHARDS": "8",
+                                                             "CRMSTREAM__KAFKA__BROKERS": "h1:1,h2:2"})
+    assert config.processing.shards == 16
+    assert config.kafka.brokers == ["h1:1", "h2:2"]
+    assert config.taxonomy.categories == ["a", "b"]
+
+
+@pytest.mark.parametrize("raw, expected", [("0", False), ("false", False), ("no", False),
+                                           ("1", True), ("true", True)])
+def test_booleans_from_env_are_parsed_explicitly(raw, expected):
+    config = load_config(env={"CRMSTREAM__METRICS__ENABLED": raw})
+    assert config.metrics.enabled is expected
+
+
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        ("rules.browse_interest.consecutive_views=0",
+         "rules.browse_interest.consecutive_views = 0 (from --set)"),
+        ("kafka.brokers=nohostport", "kafka.brokers = 'nohostport'"),
+        ("currency.rates.usd=1.0", "currency codes are 3 capital letters"),
+        ("kafka.topics.triggers=crm.clickstream", "shared: ['crm.clickstream']"),
+        ("redis.url=http://x", "redis.url = 'http://x'"),
+        ("processing.shardz=3", "processing.shardz = 3 (from --set): unknown key"),
+    ],
+)
+def test_bad_values_name_the_key_and_the_value(override, fragment):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [override], env={})
+    assert fragment in str(info.value)
+
+
+def test_env_errors_name_the_variable():
+    with pytest.raises(ConfigError, match="CRMSTREAM__KAFKA__BATCH_SIZE"):
+        load_config(env={"CRMSTREAM__KAFKA__BATCH_SIZE": "lots"})
+
+
+def test_unreadable_and_invalid_files_are_reported(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load_config(tmp_path / "missing.yaml", env={})
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("kafka: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad, env={})
+
+
+def test_secrets_are_masked():
+    dump = {"redis": {"url": "redis://user:hunter2@host:6379/0"},
+            "kafka": {"client": {"sasl.password": "hunter2", "sasl.mechanism": "PLAIN",
+                                 "acks": "all"}}}
+    masked = str(mask_secrets(dump))
+    assert "hunter2" not in masked
+    assert "'acks': 'all'" in masked

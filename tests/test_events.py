@@ -1,0 +1,133 @@
+"""Event contracts: what is accepted, and rejections that name the field and value."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+
+from crmstream.config import load_config
+from crmstream.operators.events import (
+    EVENT_CODE,
+    EVENT_TYPES,
+    TOPIC_ROLE_TYPES,
+    InvalidEvent,
+    ParsedEvent,
+)
+from crmstream.operators.events import EventValidator as Validator
+
+CONFIG = load_config(env={})
+VALIDATOR = Validator(CONFIG)
+NOW = 1_767_225_600_000
+CLICK = CONFIG.kafka.topics.clickstream
+ORDERS = CONFIG.kafka.topics.orders
+CUSTOMERS = CONFIG.kafka.topics.customers
+
+
+def parse(body, topic=CLICK):
+    value = body if isinstance(body, bytes) else orjson.dumps(body)
+    return VALIDATOR.parse(b"k", value, topic, 3, 1042, NOW, NOW)
+
+
+def view(**fields):
+    body = {"event_id": "abc", "customer_id": "c1", "event_type": "product_view",
+            "event_time": NOW, "product_id": "p1", "category": "beauty"}
+    body.update(fields)
+    return {k: v for k, v in body.items() if v is not None}
+
+
+def test_every_role_owns_its_types_and_codes_are_dense():
+    assert sorted(EVENT_CODE.values()) == list(range(len(EVENT_TYPES)))
+    owned = set().union(*TOPIC_ROLE_TYPES.values())
+    assert owned == set(EVENT_TYPES)
+
+
+def test_valid_view_is_parsed_with_base_currency_amount():
+    event = parse(view(price=10.0, currency="EUR", event_time="2026-01-01T01:00:00+01:00"))
+    assert isinstance(event, ParsedEvent)
+    assert event.event_time_ms == NOW
+    assert event.category == CONFIG.taxonomy.categories.index("beauty")
+    assert event.amount_base == pytest.approx(10.8)
+    assert (event.topic, event.partition, event.offset) == (CLICK, 3, 1042)
+
+
+@pytest.mark.parametrize(
+    "body, field, fragment",
+    [
+        (b"{not json", None, "not valid UTF-8 JSON"),
+        (b"\xff\xfe{}", None, "not valid UTF-8 JSON"),
+        (b"[1, 2]", None, "must be a JSON object, got list"),
+        (view(customer_id=None), "customer_id", "field 'customer_id' is required"),
+        (view(customer_id=42), "customer_id", "got 42"),
+        (view(event_id=""), "event_id", "must be a string"),
+        (view(event_type="page_veiw"), "event_type", "got 'page_veiw'"),
+        (view(event_type="order_placed"), "event_type", "does not belong on the clickstream"),
+        (view(event_time=None), "event_time", "is required"),
+        (view(event_time="yesterday"), "event_time", "not ISO-8601"),
+        (view(event_time="2026-01-01T00:00:00"), "event_time", "needs a UTC offset"),
+        (view(event_time=1.5), "event_time", "epoch milliseconds"),
+        (view(event_time=NOW + 10 * 86_400_000), "event_time", "out of the accepted range"),
+        (view(event_time=0), "event_time", "out of the accepted range"),
+        (view(price=-3, currency="USD"), "price", "got -3"),
+        (view(price="12", currency="USD"), "price", "got '12'"),
+        (view(price=10), "currency", "got None"),
+        (view(price=10, currency="XXX"), "currency", "got 'XXX'"),
+        (view(category="unknown"), "category", "configured taxonomy, got 'unknown'"),
+        (view(product_id=None), "product_id", "is required"),
+        (view(channel="fax"), "channel", "got 'fax'"),
+        (view(country="germany"), "country", "alpha-2"),
+    ],
+)
+def test_rejections_name_field_and_value(body, field, fragment):
+    result = parse(body)
+    assert isinstance(result, InvalidEvent)
+    assert result.field == field
+    assert fragment in result.reason
+    event_id = body.get("event_id") if isinstance(body, dict) else None
+    label = f"event {event_id!r}" if isinstance(event_id, str) else "message"
+    assert result.reason.startswith(f"{label} on {CLICK}[3]@1042: ")
+    assert result.value == (body if isinstance(body, bytes) else orjson.dumps(body))
+
+
+def test_nan_and_infinity_are_rejected():
+    raw = orjson.dumps(view(currency="USD")).replace(b'"currency"', b'"price":NaN,"currency"')
+    assert isinstance(parse(raw), InvalidEvent)
+    body = view(currency="USD", price=1)
+    raw = orjson.dumps(body).replace(b'"price":1', b'"price":1e999')
+    result = parse(raw)
+    assert isinstance(result, InvalidEvent) and result.field in ("price", None)
+
+
+def test_size_limit_is_configured():
+    small = Validator(load_config(None, ["processing.max_event_bytes=300"], env={}))
+    result = small.parse(b"k", orjson.dumps(view(query="x" * 400)), CLICK, 0, 0, NOW, NOW)
+    assert isinstance(result, InvalidEvent) and "300-byte limit" in result.reason
+
+
+def test_order_and_customer_events():
+    order = {"event_id": "o", "customer_id": "c", "event_type": "order_placed", "event_time": NOW,
+             "order_id": "o1", "amount": 100, "currency": "JPY"}
+    parsed = parse(order, ORDERS)
+    assert isinstance(parsed, ParsedEvent) and parsed.amount_base == pytest.approx(0.67)
+    missing = parse({**order, "amount": None}, ORDERS)
+    assert isinstance(missing, InvalidEvent) and missing.field == "amount"
+    shipped = {**order, "event_type": "order_shipped", "promised_delivery_time": "soon"}
+    bad = parse(shipped, ORDERS)
+    assert isinstance(bad, InvalidEvent) and bad.field == "promised_delivery_time"
+    profile = {"event_id": "p", "customer_id": "c", "event_type": "profile_updated",
+               "event_time": NOW, "timezone": "Mars/Olympus"}
+    bad_tz = parse(profile, CUSTOMERS)
+    assert isinstance(bad_tz, InvalidEvent) and bad_tz.field == "timezone"
+    bad_day = parse({**profile, "timezone": "Asia/Tokyo", "birthday": "02-30"}, CUSTOMERS)
+    assert isinstance(bad_day, InvalidEvent) and bad_day.field == "birthday"
+    consent = {"event_id": "q", "customer_id": "c", "event_type": "consent_granted",
+               "event_time": NOW, "channel": "pigeon"}
+    bad_channel = parse(consent, CUSTOMERS)
+    assert isinstance(bad_channel, InvalidEvent) and bad_channel.field == "channel"
+
+
+def test_pii_is_dropped_at_ingest():
+    profile = {"event_id": "p", "customer_id": "c", "event_type": "profile_updated",
+               "event_time": NOW, "email": "a@b.c", "phone": "+1 555", "language": "en-US"}
+    parsed = parse(profile, CUSTOMERS)
+    assert isinstance(parsed, ParsedEvent)
+    assert "email" not in parsed.fields and "phone" not in parsed.fields
