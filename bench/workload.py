@@ -102,7 +102,9 @@ class Workload:
         return _Customer(cid, region, list(itertools.accumulate(raw)), rng.choice(SURFACES))
 
     # -- building blocks ---------------------------------------------------
-    def _event(self, role: str, cust: _Customer, kind: str, ts: int, **fields: Any) -> GeneratedEvent:
+    def _event(
+        self, role: str, cust: _Customer, kind: str, ts: int, **fields: Any
+    ) -> GeneratedEvent:
         body = {
             "event_id": f"e{next(self._seq):010d}",
             "customer_id": cust.cid,
@@ -133,7 +135,9 @@ class Workload:
             else:
                 self.now_ms = live_clock()
             yield from self._due_order_updates()
-            cust = self._customers[bisect.bisect_right(self._cust_cum, rng.random() * self._cust_cum[-1])]
+            cust = self._customers[
+                bisect.bisect_right(self._cust_cum, rng.random() * self._cust_cum[-1])
+            ]
             for event in self._session(cust):
                 if rng.random() < self._spec.malformed_rate:
                     yield self._malform(event)
@@ -145,13 +149,21 @@ class Workload:
         if not cust.onboarded:
             cust.onboarded = True
             country, _currency, tz, lang, _w = cust.region
-            yield self._event("customers", cust, "profile_updated", ts, country=country,
-                              timezone=tz, language=lang,
-                              birthday=f"{rng.randint(1, 12):02d}-{rng.randint(1, 28):02d}",
-                              preferred_channel=rng.choice(CONTACT_CHANNELS))  # fmt: skip
+            yield self._event(
+                "customers",
+                cust,
+                "profile_updated",
+                ts,
+                country=country,
+                timezone=tz,
+                language=lang,
+                birthday=f"{rng.randint(1, 12):02d}-{rng.randint(1, 28):02d}",
+                preferred_channel=rng.choice(CONTACT_CHANNELS),
+            )
             yield self._event("customers", cust, "consent_granted", ts, channel="push")
-        yield self._event("clickstream", cust, "session_start", ts, channel=cust.surface,
-                          country=cust.region[0])  # fmt: skip
+        yield self._event(
+            "clickstream", cust, "session_start", ts, channel=cust.surface, country=cust.region[0]
+        )
         category = self._category(cust)
         cart: list[tuple[str, str, float]] = []
         for _ in range(max(1, int(rng.expovariate(1 / 5.0)))):
@@ -159,25 +171,53 @@ class Workload:
             if rng.random() < 0.25:  # drift to another category of theirs
                 category = self._category(cust)
             if rng.random() < 0.1:
-                yield self._event("clickstream", cust, "search", ts, category=category,
-                                  query=f"{category} sale")  # fmt: skip
+                yield self._event(
+                    "clickstream", cust, "search", ts, category=category, query=f"{category} sale"
+                )
             product = f"p{rng.randint(1, 50_000):06d}"
             price, currency = self._price(cust)
-            yield self._event("clickstream", cust, "product_view", ts, product_id=product,
-                              category=category, price=price, currency=currency,
-                              channel=cust.surface, country=cust.region[0])  # fmt: skip
+            yield self._event(
+                "clickstream",
+                cust,
+                "product_view",
+                ts,
+                product_id=product,
+                category=category,
+                price=price,
+                currency=currency,
+                channel=cust.surface,
+                country=cust.region[0],
+            )
             roll = rng.random()
             if roll < 0.04:
-                yield self._event("clickstream", cust, "favourite", ts + 1000,
-                                  product_id=product, category=category)  # fmt: skip
+                yield self._event(
+                    "clickstream",
+                    cust,
+                    "favourite",
+                    ts + 1000,
+                    product_id=product,
+                    category=category,
+                )
             elif roll < 0.13:
                 cart.append((product, category, price))
-                yield self._event("clickstream", cust, "add_to_cart", ts + 2000,
-                                  product_id=product, category=category, price=price,
-                                  currency=currency)  # fmt: skip
+                yield self._event(
+                    "clickstream",
+                    cust,
+                    "add_to_cart",
+                    ts + 2000,
+                    product_id=product,
+                    category=category,
+                    price=price,
+                    currency=currency,
+                )
         if rng.random() < 0.01:
-            yield self._event("feedback", cust, rng.choice(("contacted_too_often",
-                              "recommendation_dismissed")), ts, category=category)  # fmt: skip
+            yield self._event(
+                "feedback",
+                cust,
+                rng.choice(("contacted_too_often", "recommendation_dismissed")),
+                ts,
+                category=category,
+            )
         if not cart or rng.random() > 0.55:
             return  # cart abandoned (or nothing in it)
         ts += rng.randint(10_000, 120_000)
@@ -186,25 +226,43 @@ class Workload:
             return
         yield from self._order(cust, cart, ts + rng.randint(5_000, 60_000))
 
-    def _order(self, cust: _Customer, cart: list[tuple[str, str, float]], ts: int) -> Iterator[GeneratedEvent]:
+    def _order(
+        self, cust: _Customer, cart: list[tuple[str, str, float]], ts: int
+    ) -> Iterator[GeneratedEvent]:
         rng = self._rng
         cust.orders += 1
         order_id = f"o-{cust.cid}-{cust.orders}"
         currency = cust.region[1]
         items = [{"product_id": p, "category": c, "price": pr, "quantity": 1} for p, c, pr in cart]
         amount = round(sum(i["price"] for i in items), 2)
-        yield self._event("orders", cust, "order_placed", ts, order_id=order_id, amount=amount,
-                          currency=currency, items=items)  # fmt: skip
-        yield self._event("orders", cust, "order_paid", ts + 30_000, order_id=order_id,
-                          amount=amount, currency=currency)  # fmt: skip
+        yield self._event(
+            "orders",
+            cust,
+            "order_placed",
+            ts,
+            order_id=order_id,
+            amount=amount,
+            currency=currency,
+            items=items,
+        )
+        yield self._event(
+            "orders",
+            cust,
+            "order_paid",
+            ts + 30_000,
+            order_id=order_id,
+            amount=amount,
+            currency=currency,
+        )
         hour = 3_600_000
         ship = ts + rng.randint(2, 24) * hour
         promised = ship + rng.randint(48, 120) * hour
         self._schedule(ship, "ship", cust, order_id, promised, amount)
 
     def _schedule(self, due: int, kind: str, cust: _Customer, order_id: str, *extra: Any) -> None:
-        bisect.insort(self._pending_orders, (due, kind, cust.cid, order_id, extra),
-                      key=lambda t: t[0])  # fmt: skip
+        bisect.insort(
+            self._pending_orders, (due, kind, cust.cid, order_id, extra), key=lambda t: t[0]
+        )
 
     def _due_order_updates(self) -> Iterator[GeneratedEvent]:
         rng = self._rng
@@ -213,8 +271,14 @@ class Workload:
             cust = self._customers[int(cid[1:])]
             if kind == "ship":
                 promised, amount = extra
-                yield self._event("orders", cust, "order_shipped", due, order_id=order_id,
-                                  promised_delivery_time=promised)  # fmt: skip
+                yield self._event(
+                    "orders",
+                    cust,
+                    "order_shipped",
+                    due,
+                    order_id=order_id,
+                    promised_delivery_time=promised,
+                )
                 roll = rng.random()
                 late = 0
                 if roll < 0.03:
@@ -223,24 +287,42 @@ class Workload:
                 elif roll < 0.10:
                     late = rng.randint(12, 72) * 3_600_000
                     self._schedule(due + 3_600_000, "delay", cust, order_id)
-                self._schedule(promised + late - rng.randint(0, 24) * 3_600_000, "deliver",
-                               cust, order_id, amount)  # fmt: skip
+                self._schedule(
+                    promised + late - rng.randint(0, 24) * 3_600_000,
+                    "deliver",
+                    cust,
+                    order_id,
+                    amount,
+                )
             elif kind in ("customs", "delay"):
                 status = "customs_hold" if kind == "customs" else "delay"
-                yield self._event("orders", cust, "logistics_update", due, order_id=order_id,
-                                  status=status)  # fmt: skip
+                yield self._event(
+                    "orders", cust, "logistics_update", due, order_id=order_id, status=status
+                )
             elif kind == "deliver":
                 (amount,) = extra
                 yield self._event("orders", cust, "order_delivered", due, order_id=order_id)
                 if rng.random() < 0.06:
                     ret = due + rng.randint(24, 240) * 3_600_000
                     yield self._event("orders", cust, "order_returned", ret, order_id=order_id)
-                    yield self._event("orders", cust, "order_refunded", ret + 86_400_000,
-                                      order_id=order_id, amount=amount,
-                                      currency=cust.region[1])  # fmt: skip
+                    yield self._event(
+                        "orders",
+                        cust,
+                        "order_refunded",
+                        ret + 86_400_000,
+                        order_id=order_id,
+                        amount=amount,
+                        currency=cust.region[1],
+                    )
                 if rng.random() < 0.05:
-                    yield self._event("feedback", cust, "product_review", due + 86_400_000,
-                                      product_id="p000001", rating=rng.randint(1, 5))  # fmt: skip
+                    yield self._event(
+                        "feedback",
+                        cust,
+                        "product_review",
+                        due + 86_400_000,
+                        product_id="p000001",
+                        rating=rng.randint(1, 5),
+                    )
 
     def _malform(self, event: GeneratedEvent) -> GeneratedEvent:
         """Damage an event the way real producers do."""

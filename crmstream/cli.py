@@ -37,14 +37,29 @@ app.add_typer(config_app, name="config")
 console = Console()
 err_console = Console(stderr=True)
 
-ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config file "
-                      "(default: the embedded default).", exists=True, dir_okay=False)]  # fmt: skip
-SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a key: "
-                   "section.key=value (repeatable).")]  # fmt: skip
-BrokersOpt = Annotated[str | None, typer.Option("--brokers", help="Kafka bootstrap servers, "
-                       "host:port[,host:port]. Unset: an embedded broker.")]  # fmt: skip
-RedisOpt = Annotated[str | None, typer.Option("--redis-url", help="Redis URL. Unset: an "
-                     "embedded redis-server.")]  # fmt: skip
+ConfigOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--config",
+        "-c",
+        help="YAML config file (default: the embedded default).",
+        exists=True,
+        dir_okay=False,
+    ),
+]
+SetOpt = Annotated[
+    list[str] | None, typer.Option("--set", help="Override a key: section.key=value (repeatable).")
+]
+BrokersOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--brokers",
+        help="Kafka bootstrap servers, host:port[,host:port]. Unset: an embedded broker.",
+    ),
+]
+RedisOpt = Annotated[
+    str | None, typer.Option("--redis-url", help="Redis URL. Unset: an embedded redis-server.")
+]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Log at INFO level.")]
 
 
@@ -57,9 +72,11 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def _config(
-    path: Path | None, sets: list[str] | None, brokers: str | None = None,
+    path: Path | None,
+    sets: list[str] | None,
+    brokers: str | None = None,
     redis_url: str | None = None,
-) -> CrmConfig:  # fmt: skip
+) -> CrmConfig:
     overrides = list(sets or [])
     if brokers:
         overrides.append(f"kafka.brokers={brokers}")
@@ -106,16 +123,32 @@ def demo(
 
 @app.command()
 def run(
-    workers: Annotated[int, typer.Option("-w", "--workers-per-process", help="Worker threads "
-                       "per process (prefer processes: threads share the GIL).")] = 1,
-    process_id: Annotated[int | None, typer.Option("-i", "--process-id", help="This process's "
-                          "index in the cluster.")] = None,
-    addresses: Annotated[list[str] | None, typer.Option("-a", "--addresses", help="host:port of "
-                         "every cluster process, in order (repeatable).")] = None,
-    recovery_dir: Annotated[Path | None, typer.Option("-r", "--recovery-directory", help="Bytewax "
-                            "recovery database directory (optional).")] = None,
-    until_end: Annotated[bool, typer.Option(help="Stop at the end of the input instead of "
-                         "tailing (backfills).")] = False,
+    workers: Annotated[
+        int,
+        typer.Option(
+            "-w",
+            "--workers-per-process",
+            help="Worker threads per process (prefer processes: threads share the GIL).",
+        ),
+    ] = 1,
+    process_id: Annotated[
+        int | None, typer.Option("-i", "--process-id", help="This process's index in the cluster.")
+    ] = None,
+    addresses: Annotated[
+        list[str] | None,
+        typer.Option(
+            "-a", "--addresses", help="host:port of every cluster process, in order (repeatable)."
+        ),
+    ] = None,
+    recovery_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "-r", "--recovery-directory", help="Bytewax recovery database directory (optional)."
+        ),
+    ] = None,
+    until_end: Annotated[
+        bool, typer.Option(help="Stop at the end of the input instead of tailing (backfills).")
+    ] = False,
     config: ConfigOpt = None,
     set_: SetOpt = None,
     brokers: BrokersOpt = None,
@@ -134,29 +167,39 @@ def run(
     _setup_logging(verbose)
     cfg = _config(config, set_, brokers, redis_url)
     if not cfg.kafka.brokers or not cfg.redis.url:
-        raise _fail("run needs kafka.brokers and redis.url (or use `crmstream demo` for "
-                    "an embedded stack)")  # fmt: skip
+        raise _fail(
+            "run needs kafka.brokers and redis.url (or use `crmstream demo` for an embedded stack)"
+        )
     if cfg.metrics.enabled:
         port = cfg.metrics.port + (process_id or 0) if cfg.metrics.port else 0
         bound = serve(cfg.metrics.bind_address, port)
         err_console.print(f"metrics on http://{cfg.metrics.bind_address}:{bound}/metrics")
     runtime = Runtime(cfg, Endpoints(list(cfg.kafka.brokers), cfg.redis.url))
-    run_cluster_process(runtime, workers, process_id, addresses,
-                        str(recovery_dir) if recovery_dir else None, tail=not until_end)  # fmt: skip
+    run_cluster_process(
+        runtime,
+        workers,
+        process_id,
+        addresses,
+        str(recovery_dir) if recovery_dir else None,
+        tail=not until_end,
+    )
 
 
 @app.command()
 def generate(
     events: Annotated[int | None, typer.Option(help="How many events to produce.")] = 100_000,
-    duration: Annotated[float | None, typer.Option(help="Or: produce for this many "
-                        "seconds.")] = None,  # fmt: skip
-    rate: Annotated[float | None, typer.Option(help="Target events/s (default: as fast as "
-                    "possible).")] = None,  # fmt: skip
+    duration: Annotated[
+        float | None, typer.Option(help="Or: produce for this many seconds.")
+    ] = None,
+    rate: Annotated[
+        float | None, typer.Option(help="Target events/s (default: as fast as possible).")
+    ] = None,
     customers: Annotated[int, typer.Option(help="Customers in the synthetic shop.")] = 10_000,
     malformed_rate: Annotated[float, typer.Option(help="Share of malformed events.")] = 0.001,
     seed: Annotated[int, typer.Option(help="Workload seed.")] = 7,
-    live_time: Annotated[bool, typer.Option(help="Stamp events with the wall clock instead "
-                         "of simulated time.")] = False,  # fmt: skip
+    live_time: Annotated[
+        bool, typer.Option(help="Stamp events with the wall clock instead of simulated time.")
+    ] = False,
     config: ConfigOpt = None,
     set_: SetOpt = None,
     brokers: BrokersOpt = None,
@@ -174,17 +217,32 @@ def generate(
     cfg = _config(config, set_, brokers)
     if not cfg.kafka.brokers:
         raise _fail("generate needs kafka.brokers (--brokers host:port)")
-    workload = Workload(cfg, WorkloadSpec(customers=customers, seed=seed,
-                                          malformed_rate=malformed_rate))  # fmt: skip
+    workload = Workload(
+        cfg, WorkloadSpec(customers=customers, seed=seed, malformed_rate=malformed_rate)
+    )
     total = events if duration is None else None
-    with Progress(*Progress.get_default_columns()[:1], BarColumn(), MofNCompleteColumn(),
-                  TimeRemainingColumn(), console=err_console) as progress:  # fmt: skip
+    with Progress(
+        *Progress.get_default_columns()[:1],
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=err_console,
+    ) as progress:
         task = progress.add_task("producing", total=total)
-        stats = publish(list(cfg.kafka.brokers), cfg, workload, max_events=total,
-                        duration_s=duration, rate=rate, live_time=live_time,
-                        on_progress=lambda n: progress.update(task, completed=n))  # fmt: skip
-    console.print(f"produced {stats.events:,} events ({stats.malformed:,} malformed) in "
-                  f"{stats.seconds:.1f} s: {stats.events / max(stats.seconds, 1e-9):,.0f}/s")  # fmt: skip
+        stats = publish(
+            list(cfg.kafka.brokers),
+            cfg,
+            workload,
+            max_events=total,
+            duration_s=duration,
+            rate=rate,
+            live_time=live_time,
+            on_progress=lambda n: progress.update(task, completed=n),
+        )
+    console.print(
+        f"produced {stats.events:,} events ({stats.malformed:,} malformed) in "
+        f"{stats.seconds:.1f} s: {stats.events / max(stats.seconds, 1e-9):,.0f}/s"
+    )
 
 
 @app.command()
@@ -220,10 +278,12 @@ def profile(
 
 @topics_app.command("create")
 def topics_create(
-    partitions: Annotated[int | None, typer.Option(help="Partitions per topic "
-                          "(default: kafka.partitions).")] = None,  # fmt: skip
-    replication_factor: Annotated[int | None, typer.Option(help="Replicas per partition "
-                                  "(default: kafka.replication_factor).")] = None,  # fmt: skip
+    partitions: Annotated[
+        int | None, typer.Option(help="Partitions per topic (default: kafka.partitions).")
+    ] = None,
+    replication_factor: Annotated[
+        int | None, typer.Option(help="Replicas per partition (default: kafka.replication_factor).")
+    ] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
     brokers: BrokersOpt = None,

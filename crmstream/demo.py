@@ -52,13 +52,15 @@ class _Tally:
 
 
 def _output_consumer(brokers: list[str], config: CrmConfig) -> Consumer:
-    consumer = Consumer({
-        "bootstrap.servers": ",".join(brokers),
-        "group.id": "crmstream-demo-viewer",
-        "logger": logging.getLogger("librdkafka"),
-        "enable.auto.commit": False,
-        **config.kafka.client,
-    })  # fmt: skip
+    consumer = Consumer(
+        {
+            "bootstrap.servers": ",".join(brokers),
+            "group.id": "crmstream-demo-viewer",
+            "logger": logging.getLogger("librdkafka"),
+            "enable.auto.commit": False,
+            **config.kafka.client,
+        }
+    )
     topics = [config.kafka.topics.triggers, config.kafka.topics.dead_letter]
     parts = []
     for topic in topics:
@@ -127,15 +129,29 @@ def run_demo(config: CrmConfig, options: DemoOptions, console: Console) -> dict[
 
         published = [0]
         stats: list[PublishStats] = []
-        workload = Workload(config, WorkloadSpec(customers=options.customers, seed=options.seed,
-                                                 malformed_rate=options.malformed_rate))  # fmt: skip
+        workload = Workload(
+            config,
+            WorkloadSpec(
+                customers=options.customers,
+                seed=options.seed,
+                malformed_rate=options.malformed_rate,
+            ),
+        )
 
         def generator_main() -> None:
-            stats.append(publish(
-                endpoints.brokers, config, workload, max_events=options.events,
-                duration_s=options.duration_s, rate=options.rate, live_time=True,
-                stop=signals.stop, on_progress=lambda n: published.__setitem__(0, n),
-            ))  # fmt: skip
+            stats.append(
+                publish(
+                    endpoints.brokers,
+                    config,
+                    workload,
+                    max_events=options.events,
+                    duration_s=options.duration_s,
+                    rate=options.rate,
+                    live_time=True,
+                    stop=signals.stop,
+                    on_progress=lambda n: published.__setitem__(0, n),
+                )
+            )
 
         flow = threading.Thread(target=flow_main, name="crmstream-flow", daemon=True)
         gen = threading.Thread(target=generator_main, name="crmstream-generator", daemon=True)
@@ -151,12 +167,24 @@ def run_demo(config: CrmConfig, options: DemoOptions, console: Console) -> dict[
                     if not gen.is_alive():
                         signals.drain.set()  # read to the end of input, then stop
                     _drain_outputs(consumer, config, tally, 0.25)
-                    live.update(_view(tally, published[0], _counter_total(metrics.events_in),
-                                      time.monotonic() - started))  # fmt: skip
+                    live.update(
+                        _view(
+                            tally,
+                            published[0],
+                            _counter_total(metrics.events_in),
+                            time.monotonic() - started,
+                        )
+                    )
                 while _drain_outputs(consumer, config, tally, 1.0):
                     pass
-                live.update(_view(tally, published[0], _counter_total(metrics.events_in),
-                                  time.monotonic() - started))  # fmt: skip
+                live.update(
+                    _view(
+                        tally,
+                        published[0],
+                        _counter_total(metrics.events_in),
+                        time.monotonic() - started,
+                    )
+                )
         except KeyboardInterrupt:
             console.print("[yellow]interrupted: stopping the flow and the local servers[/]")
             signals.stop.set()
@@ -180,8 +208,12 @@ def run_demo(config: CrmConfig, options: DemoOptions, console: Console) -> dict[
         }
         table = Table(title="demo summary", show_header=False)
         for key, value in summary.items():
-            table.add_row(key, ", ".join(f"{k}: {v}" for k, v in value.items())
-                          if isinstance(value, dict) else f"{value:,}")  # fmt: skip
+            table.add_row(
+                key,
+                ", ".join(f"{k}: {v}" for k, v in value.items())
+                if isinstance(value, dict)
+                else f"{value:,}",
+            )
         console.print(table)
         if tally.per_customer:
             top, _n = tally.per_customer.most_common(1)[0]

@@ -156,7 +156,14 @@ class EmbeddedStack:
         port = free_port()
         url = f"tcp://127.0.0.1:{port}"
         proc = spawn(
-            [str(tansu_binary()), "broker", "--listener-url", url, "--advertised-listener-url", url],
+            [
+                str(tansu_binary()),
+                "broker",
+                "--listener-url",
+                url,
+                "--advertised-listener-url",
+                url,
+            ],
             self.workdir / "tansu.log",
         )
         self.processes.append(("tansu", proc))
@@ -167,10 +174,22 @@ class EmbeddedStack:
     def _start_redis(self) -> str:
         port = free_port()
         args = [
-            str(redis_server_binary()), "--port", str(port), "--bind", "127.0.0.1",
-            "--save", "", "--appendonly", "no", "--dir", str(self.workdir),
-            "--daemonize", "no", "--protected-mode", "yes",
-        ]  # fmt: skip
+            str(redis_server_binary()),
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(self.workdir),
+            "--daemonize",
+            "no",
+            "--protected-mode",
+            "yes",
+        ]
         proc = spawn(args, self.workdir / "redis.log")
         self.processes.append(("redis-server", proc))
         wait_for_port(port, proc, "redis-server", 30)

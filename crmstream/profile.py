@@ -37,30 +37,33 @@ def customer_view(store: StateStore, config: CrmConfig, customer_id: str) -> dic
     base = int(rec["ring_base_day"])
     window_days = config.rules.high_intent_no_purchase.window_days
     streak_cat = int(rec["streak_category"])
-    view.update({
-        "layout_version": int(rec["version"]),
-        "state_bytes": len(blob),
-        "first_seen": iso_ms(int(rec["first_seen_ms"])),
-        "last_seen": iso_ms(int(rec["last_seen_ms"])),
-        "event_counts": {EVENT_TYPES[t]: int(n) for t, n in enumerate(rec["type_counts"]) if n},
-        "browse_streak": {
-            "category": config.taxonomy.categories[streak_cat] if streak_cat >= 0 else None,
-            "views": int(rec["streak_len"]),
-        },
-        f"window_{window_days}d": {
-            "as_of_day": iso_ms(base * MS_PER_DAY)[:10],
-            "product_views": _window(rec["ring_views"], base, window_days),
-            "cart_adds": _window(rec["ring_carts"], base, window_days),
-            "orders": _window(rec["ring_orders"], base, window_days),
-        },
-        "high_intent_condition_holds": bool(rec["flags"] & 1),
-        "applied_offsets": {
-            role: {"partition": int(p), "offset": int(o)}
-            for role, p, o in zip(ROLES, rec["applied_partition"], rec["applied_offset"],
-                                  strict=True)  # fmt: skip
-            if p >= 0
-        },
-    })  # fmt: skip
+    view.update(
+        {
+            "layout_version": int(rec["version"]),
+            "state_bytes": len(blob),
+            "first_seen": iso_ms(int(rec["first_seen_ms"])),
+            "last_seen": iso_ms(int(rec["last_seen_ms"])),
+            "event_counts": {EVENT_TYPES[t]: int(n) for t, n in enumerate(rec["type_counts"]) if n},
+            "browse_streak": {
+                "category": config.taxonomy.categories[streak_cat] if streak_cat >= 0 else None,
+                "views": int(rec["streak_len"]),
+            },
+            f"window_{window_days}d": {
+                "as_of_day": iso_ms(base * MS_PER_DAY)[:10],
+                "product_views": _window(rec["ring_views"], base, window_days),
+                "cart_adds": _window(rec["ring_carts"], base, window_days),
+                "orders": _window(rec["ring_orders"], base, window_days),
+            },
+            "high_intent_condition_holds": bool(rec["flags"] & 1),
+            "applied_offsets": {
+                role: {"partition": int(p), "offset": int(o)}
+                for role, p, o in zip(
+                    ROLES, rec["applied_partition"], rec["applied_offset"], strict=True
+                )
+                if p >= 0
+            },
+        }
+    )
     return view
 
 

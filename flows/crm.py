@@ -18,6 +18,7 @@ from bytewax.recovery import RecoveryConfig
 from crmstream.flows.runtime import Runtime
 from crmstream.flows.shard import ShardLogic, route_batch
 from crmstream.flows.source import CrmKafkaSource, StopSignals
+from crmstream.operators.kernels import warm_up
 
 
 class _DiscardPartition(StatelessSinkPartition[object]):
@@ -36,6 +37,7 @@ def build_flow(runtime: Runtime, tail: bool = True, signals: StopSignals | None 
     """The CRM dataflow over the configured input topics."""
     cfg = runtime.config
     topics = cfg.kafka.topics
+    warm_up()
 
     def resume_offsets(positions: list[tuple[str, int]]) -> dict[tuple[str, int], int]:
         return runtime.store.resume_offsets(cfg.processing.shards, positions)

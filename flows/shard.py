@@ -93,15 +93,17 @@ def dead_letter_record(bad: InvalidEvent) -> bytes:
         text: str | None = original.decode("utf-8") if len(original) <= 4096 else None
     except UnicodeDecodeError:
         text = None
-    return orjson.dumps({
-        "schema_version": DEAD_LETTER_SCHEMA_VERSION,
-        "reason": bad.reason,
-        "field": bad.field,
-        "customer_id": bad.customer_id,
-        "source": {"topic": bad.topic, "partition": bad.partition, "offset": bad.offset},
-        "original_base64": base64.b64encode(original).decode("ascii"),
-        "original_text": text,
-    })  # fmt: skip
+    return orjson.dumps(
+        {
+            "schema_version": DEAD_LETTER_SCHEMA_VERSION,
+            "reason": bad.reason,
+            "field": bad.field,
+            "customer_id": bad.customer_id,
+            "source": {"topic": bad.topic, "partition": bad.partition, "offset": bad.offset},
+            "original_base64": base64.b64encode(original).decode("ascii"),
+            "original_text": text,
+        }
+    )
 
 
 class ShardLogic(StatefulBatchLogic[ShardBatch, dict[str, int], None]):
@@ -143,7 +145,10 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, dict[str, int], None]):
         now_ms = self._rt.clock_ms()
         if not events and not invalid:
             self._unsaved.update(positions)
-            if self._unsaved and now_ms - self._last_progress_write_ms >= PROGRESS_WRITE_INTERVAL_MS:
+            if (
+                self._unsaved
+                and now_ms - self._last_progress_write_ms >= PROGRESS_WRITE_INTERVAL_MS
+            ):
                 self._commit({}, {}, now_ms)
             return [], StatefulBatchLogic.RETAIN
 
@@ -179,7 +184,9 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, dict[str, int], None]):
         customers = list(dict.fromkeys(ev.customer_id for ev in events))
         index = {c: i for i, c in enumerate(customers)}
         store = self._rt.store
-        records = decode_batch(store.load_states(customers), [store.state_key(c) for c in customers])
+        records = decode_batch(
+            store.load_states(customers), [store.state_key(c) for c in customers]
+        )
 
         applied_part = records["applied_partition"]
         applied_off = records["applied_offset"]
@@ -201,19 +208,33 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, dict[str, int], None]):
         times = np.fromiter((ev.event_time_ms for ev in fresh), np.int64, n)
         # Per customer, apply in event-time order; ties keep arrival order.
         order = np.lexsort((np.arange(n), times, cust_idx))
-        out = [np.empty(2 * n, dtype) for dtype in (np.int32, np.int8, np.int64, np.int64, np.int64)]
+        out = [
+            np.empty(2 * n, dtype) for dtype in (np.int32, np.int8, np.int64, np.int64, np.int64)
+        ]
         rules = self._rt.config.rules
         n_out = apply_events(
-            cust_idx[order], type_code[order], category[order], times[order],
-            records["flags"], records["streak_category"], records["streak_len"],
-            records["first_seen_ms"], records["last_seen_ms"], records["type_counts"],
-            records["ring_base_day"], records["ring_views"], records["ring_carts"],
+            cust_idx[order],
+            type_code[order],
+            category[order],
+            times[order],
+            records["flags"],
+            records["streak_category"],
+            records["streak_len"],
+            records["first_seen_ms"],
+            records["last_seen_ms"],
+            records["type_counts"],
+            records["ring_base_day"],
+            records["ring_views"],
+            records["ring_carts"],
             records["ring_orders"],
-            rules.browse_interest.enabled, rules.browse_interest.consecutive_views,
-            rules.high_intent_no_purchase.enabled, rules.high_intent_no_purchase.window_days,
-            rules.high_intent_no_purchase.min_views, rules.high_intent_no_purchase.min_cart_adds,
+            rules.browse_interest.enabled,
+            rules.browse_interest.consecutive_views,
+            rules.high_intent_no_purchase.enabled,
+            rules.high_intent_no_purchase.window_days,
+            rules.high_intent_no_purchase.min_views,
+            rules.high_intent_no_purchase.min_cart_adds,
             *out,
-        )  # fmt: skip
+        )
 
         triggers = self._emit_triggers(fresh, order, out, n_out, now_ms)
         blobs = encode_records(records)
@@ -236,9 +257,13 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, dict[str, int], None]):
         for k in range(n_out):
             ev = fresh[order[out_event[k]]]
             record = self._rt.triggers.build(
-                int(out_rule[k]), ev.customer_id, ev.event_id, ev.event_time_ms, now_ms,
+                int(out_rule[k]),
+                ev.customer_id,
+                ev.event_id,
+                ev.event_time_ms,
+                now_ms,
                 (int(out_a[k]), int(out_b[k]), int(out_c[k])),
-            )  # fmt: skip
+            )
             emitted_ms = self._rt.clock_ms()
             record["emitted_at"] = iso_ms(emitted_ms)
             kind = record["trigger_type"]

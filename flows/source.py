@@ -91,13 +91,22 @@ class _KafkaPartition(StatefulSourcePartition[RawMessage, int]):
                     KafkaError.TOPIC_AUTHORIZATION_FAILED,
                 ):
                     raise SourceError(f"cannot read {self._topic}[{self._partition}]: {err.str()}")
-                log.warning("transient error reading %s[%d]: %s", self._topic,
-                            self._partition, err.str())  # fmt: skip
+                log.warning(
+                    "transient error reading %s[%d]: %s", self._topic, self._partition, err.str()
+                )
                 continue
             self._at_end = False
             ts_type, ts = msg.timestamp()
-            batch.append(RawMessage(msg.key(), msg.value(), self._topic, self._partition,
-                                    msg.offset(), ts if ts_type else 0))  # fmt: skip
+            batch.append(
+                RawMessage(
+                    msg.key(),
+                    msg.value(),
+                    self._topic,
+                    self._partition,
+                    msg.offset(),
+                    ts if ts_type else 0,
+                )
+            )
         if batch:
             self._next_offset = batch[-1].offset + 1
         draining = not self._tail or (self._signals is not None and self._signals.drain.is_set())
@@ -175,5 +184,6 @@ class CrmKafkaSource(FixedPartitionedSource[RawMessage, int]):
             "fetch.wait.max.ms": 50,
             "logger": logging.getLogger("librdkafka"),
         }
-        return _KafkaPartition(config, topic, partition, start, self._batch_size,
-                               self._tail, self._signals)  # fmt: skip
+        return _KafkaPartition(
+            config, topic, partition, start, self._batch_size, self._tail, self._signals
+        )

@@ -23,16 +23,35 @@ from crmstream.config import CrmConfig
 # append new types at the end and bump the state layout version.
 EVENT_TYPES: tuple[str, ...] = (
     # clickstream
-    "page_view", "product_view", "search", "favourite", "add_to_cart",
-    "remove_from_cart", "checkout_started", "share", "session_start",
+    "page_view",
+    "product_view",
+    "search",
+    "favourite",
+    "add_to_cart",
+    "remove_from_cart",
+    "checkout_started",
+    "share",
+    "session_start",
     # orders
-    "order_placed", "order_paid", "order_cancelled", "order_shipped",
-    "order_delivered", "order_returned", "order_refunded", "logistics_update",
+    "order_placed",
+    "order_paid",
+    "order_cancelled",
+    "order_shipped",
+    "order_delivered",
+    "order_returned",
+    "order_refunded",
+    "logistics_update",
     # customers
-    "profile_updated", "consent_granted", "consent_withdrawn", "erasure_requested",
+    "profile_updated",
+    "consent_granted",
+    "consent_withdrawn",
+    "erasure_requested",
     # feedback
-    "recommendation_dismissed", "contacted_too_often", "service_ticket", "product_review",
-)  # fmt: skip
+    "recommendation_dismissed",
+    "contacted_too_often",
+    "service_ticket",
+    "product_review",
+)
 EVENT_CODE: dict[str, int] = {name: code for code, name in enumerate(EVENT_TYPES)}
 NUM_EVENT_TYPES = len(EVENT_TYPES)
 
@@ -136,16 +155,18 @@ def _id(obj: dict[str, Any], name: str) -> str:
     if value is None:
         raise _Invalid(name, f"field {name!r} is required")
     if type(value) is not str or not value or len(value) > MAX_ID_LEN:
-        raise _Invalid(name, f"field {name!r} must be a string of 1..{MAX_ID_LEN} chars, "
-                             f"got {_show(value)}")  # fmt: skip
+        raise _Invalid(
+            name, f"field {name!r} must be a string of 1..{MAX_ID_LEN} chars, got {_show(value)}"
+        )
     return value
 
 
 def _number(obj: dict[str, Any], name: str, lo: float, hi: float) -> float:
     value = obj.get(name)
     if type(value) not in (int, float) or not math.isfinite(value) or not lo <= value <= hi:
-        raise _Invalid(name, f"field {name!r} must be a number in [{lo:g}, {hi:g}], "
-                             f"got {_show(value)}")  # fmt: skip
+        raise _Invalid(
+            name, f"field {name!r} must be a number in [{lo:g}, {hi:g}], got {_show(value)}"
+        )
     return float(value)
 
 
@@ -154,8 +175,7 @@ def _choice(obj: dict[str, Any], name: str, allowed: frozenset[str], required: b
     if value is None and not required:
         return
     if value not in allowed:
-        raise _Invalid(name, f"field {name!r} must be one of {sorted(allowed)}, "
-                             f"got {_show(value)}")  # fmt: skip
+        raise _Invalid(name, f"field {name!r} must be one of {sorted(allowed)}, got {_show(value)}")
 
 
 def parse_time_ms(value: Any, name: str = "event_time") -> int:
@@ -170,8 +190,10 @@ def parse_time_ms(value: Any, name: str = "event_time") -> int:
         if parsed.tzinfo is None:
             raise _Invalid(name, f"field {name!r} needs a UTC offset, got {_show(value)}")
         return int(parsed.timestamp() * 1000)
-    raise _Invalid(name, f"field {name!r} must be epoch milliseconds (integer) or "
-                         f"ISO-8601 text, got {_show(value)}")  # fmt: skip
+    raise _Invalid(
+        name,
+        f"field {name!r} must be epoch milliseconds (integer) or ISO-8601 text, got {_show(value)}",
+    )
 
 
 class EventValidator:
@@ -202,8 +224,9 @@ class EventValidator:
             if value is None:
                 raise _Invalid(None, "message has no value (tombstone)")
             if len(value) > self._max_bytes:
-                raise _Invalid(None, f"message is {len(value)} bytes, over the "
-                                     f"{self._max_bytes}-byte limit")  # fmt: skip
+                raise _Invalid(
+                    None, f"message is {len(value)} bytes, over the {self._max_bytes}-byte limit"
+                )
             try:
                 obj = orjson.loads(value)
             except orjson.JSONDecodeError as exc:
@@ -217,7 +240,9 @@ class EventValidator:
             event_id = obj.get("event_id") if type(obj) is dict else None
             label = f"event {event_id!r}" if type(event_id) is str else "message"
             reason = f"{label} on {topic}[{partition}]@{offset}: {bad.message}"
-            return InvalidEvent(reason, bad.field, customer_id, key, value, topic, partition, offset)
+            return InvalidEvent(
+                reason, bad.field, customer_id, key, value, topic, partition, offset
+            )
 
     def role(self, topic: str) -> str:
         """The input role (clickstream, orders, customers, feedback) of a topic."""
@@ -237,20 +262,25 @@ class EventValidator:
         event_type = obj.get("event_type")
         spec = _SPECS.get(event_type) if type(event_type) is str else None
         if spec is None:
-            raise _Invalid("event_type", f"field 'event_type' is not a known event type, "
-                                         f"got {_show(event_type)}")  # fmt: skip
+            raise _Invalid(
+                "event_type",
+                f"field 'event_type' is not a known event type, got {_show(event_type)}",
+            )
         role = self._roles.get(topic)
         if role is None:
             raise _Invalid(None, f"topic {topic!r} is not a configured input topic")
         if event_type not in TOPIC_ROLE_TYPES[role]:
-            raise _Invalid("event_type", f"event type {event_type!r} does not belong on the "
-                                         f"{role} topic")  # fmt: skip
+            raise _Invalid(
+                "event_type", f"event type {event_type!r} does not belong on the {role} topic"
+            )
         if "event_time" not in obj:
             raise _Invalid("event_time", "field 'event_time' is required")
         event_time_ms = parse_time_ms(obj["event_time"])
         if event_time_ms < self._min_time_ms or event_time_ms > now_ms + self._max_skew_ms:
-            raise _Invalid("event_time", f"field 'event_time' is out of the accepted range, "
-                                         f"got {_show(obj['event_time'])}")  # fmt: skip
+            raise _Invalid(
+                "event_time",
+                f"field 'event_time' is out of the accepted range, got {_show(obj['event_time'])}",
+            )
         for name in PII_FIELDS.intersection(obj):
             del obj[name]  # data minimisation: PII never reaches state or outputs
         if "channel" in spec.required:  # consent events name a contact channel
@@ -258,10 +288,12 @@ class EventValidator:
         else:  # elsewhere it is the surface the customer used
             _choice(obj, "channel", CHANNELS, required=False)
         country = obj.get("country")
-        if country is not None and (type(country) is not str or len(country) != 2
-                                    or not country.isupper()):  # fmt: skip
-            raise _Invalid("country", f"field 'country' must be an ISO 3166 alpha-2 code, "
-                                      f"got {_show(country)}")  # fmt: skip
+        if country is not None and (
+            type(country) is not str or len(country) != 2 or not country.isupper()
+        ):
+            raise _Invalid(
+                "country", f"field 'country' must be an ISO 3166 alpha-2 code, got {_show(country)}"
+            )
         for name in spec.required:
             if name in ("channel", "category", "sentiment", "rating", "status"):
                 continue  # checked with their own rules below
@@ -278,8 +310,11 @@ class EventValidator:
             if raw is not None or spec.product or "category" in spec.required:
                 category = self._category_index.get(raw, -1) if type(raw) is str else -1
                 if category < 0:
-                    raise _Invalid("category", f"field 'category' must be a category of the "
-                                               f"configured taxonomy, got {_show(raw)}")  # fmt: skip
+                    raise _Invalid(
+                        "category",
+                        f"field 'category' must be a category of the "
+                        f"configured taxonomy, got {_show(raw)}",
+                    )
 
         amount_base = 0.0
         if spec.amount:
@@ -293,23 +328,37 @@ class EventValidator:
         if "rating" in spec.required:
             rating = obj.get("rating")
             if type(rating) is not int or not 1 <= rating <= 5:
-                raise _Invalid("rating", f"field 'rating' must be an integer 1..5, "
-                                         f"got {_show(rating)}")  # fmt: skip
+                raise _Invalid(
+                    "rating", f"field 'rating' must be an integer 1..5, got {_show(rating)}"
+                )
         if "status" in spec.required:
             _choice(obj, "status", LOGISTICS_STATUSES, required=True)
         if event_type == "profile_updated":
             self._check_profile(obj)
 
-        return ParsedEvent(customer_id, event_id, EVENT_CODE[event_type], event_time_ms,
-                           category, amount_base, topic, partition, offset, timestamp_ms,
-                           obj)  # fmt: skip
+        return ParsedEvent(
+            customer_id,
+            event_id,
+            EVENT_CODE[event_type],
+            event_time_ms,
+            category,
+            amount_base,
+            topic,
+            partition,
+            offset,
+            timestamp_ms,
+            obj,
+        )
 
     def _rate(self, obj: dict[str, Any]) -> float:
         currency = obj.get("currency")
         rate = self._rates.get(currency) if type(currency) is str else None
         if rate is None:
-            raise _Invalid("currency", f"field 'currency' must be a configured currency "
-                                       f"({len(self._rates)} known), got {_show(currency)}")  # fmt: skip
+            raise _Invalid(
+                "currency",
+                f"field 'currency' must be a configured currency "
+                f"({len(self._rates)} known), got {_show(currency)}",
+            )
         return rate
 
     @staticmethod
@@ -321,8 +370,9 @@ class EventValidator:
                     raise ZoneInfoNotFoundError
                 ZoneInfo(tz)
             except (ZoneInfoNotFoundError, ValueError):
-                raise _Invalid("timezone", f"field 'timezone' must be an IANA time zone, "
-                                           f"got {_show(tz)}") from None  # fmt: skip
+                raise _Invalid(
+                    "timezone", f"field 'timezone' must be an IANA time zone, got {_show(tz)}"
+                ) from None
         birthday = obj.get("birthday")
         if birthday is not None:
             ok = type(birthday) is str and len(birthday) == 5 and birthday[2] == "-"
@@ -331,10 +381,10 @@ class EventValidator:
             except ValueError:
                 ok = False
             if not ok:
-                raise _Invalid("birthday", f"field 'birthday' must be MM-DD, "
-                                           f"got {_show(birthday)}")  # fmt: skip
+                raise _Invalid("birthday", f"field 'birthday' must be MM-DD, got {_show(birthday)}")
         _choice(obj, "preferred_channel", CONTACT_CHANNELS, required=False)
         language = obj.get("language")
         if language is not None and (type(language) is not str or not 2 <= len(language) <= 16):
-            raise _Invalid("language", f"field 'language' must be a BCP-47 tag, "
-                                       f"got {_show(language)}")  # fmt: skip
+            raise _Invalid(
+                "language", f"field 'language' must be a BCP-47 tag, got {_show(language)}"
+            )

@@ -69,7 +69,7 @@ def connect(url: str, config: RedisConfig) -> redis.Redis:
 
 
 def _safe_url(url: str) -> str:
-    head, sep, tail = url.rpartition("@")
+    _head, sep, tail = url.rpartition("@")
     return f"{url.split('://')[0]}://***@{tail}" if sep else url
 
 
@@ -141,12 +141,9 @@ class StateStore:
         for shard in range(shards):
             pipe.hgetall(self.progress_key(shard))
         per_shard = [
-            {_parse_position(k.decode()): int(v) for k, v in raw.items()}
-            for raw in pipe.execute()
+            {_parse_position(k.decode()): int(v) for k, v in raw.items()} for raw in pipe.execute()
         ]
-        return {
-            pos: min(progress.get(pos, -1) for progress in per_shard) + 1 for pos in positions
-        }
+        return {pos: min(progress.get(pos, -1) for progress in per_shard) + 1 for pos in positions}
 
     def read_customer(self, customer_id: str) -> tuple[bytes | None, dict[str, str]]:
         """The raw state blob and the profile hash of one customer."""

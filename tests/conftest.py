@@ -43,12 +43,24 @@ def isolated_config(stack: Endpoints, request: pytest.FixtureRequest):
 
     def build(*overrides: str, partitions: int = 2) -> CrmConfig:
         tag = f"t{next(_ids)}x{os.getpid()}"
-        roles = ("clickstream", "orders", "customers", "feedback", "triggers",
-                 "suppressions", "dead_letter")  # fmt: skip
+        roles = (
+            "clickstream",
+            "orders",
+            "customers",
+            "feedback",
+            "triggers",
+            "suppressions",
+            "dead_letter",
+        )
         sets = [f"kafka.topics.{r}={tag}.{r}" for r in roles]
-        sets += [f"kafka.brokers={','.join(stack.brokers)}", f"redis.url={stack.redis_url}",
-                 f"redis.key_prefix={tag}", f"kafka.partitions={partitions}",
-                 "metrics.enabled=false", *overrides]  # fmt: skip
+        sets += [
+            f"kafka.brokers={','.join(stack.brokers)}",
+            f"redis.url={stack.redis_url}",
+            f"redis.key_prefix={tag}",
+            f"kafka.partitions={partitions}",
+            "metrics.enabled=false",
+            *overrides,
+        ]
         config = load_config(None, sets, env={})
         create_topics(list(stack.brokers), config)
         return config
@@ -73,14 +85,26 @@ class Script:
 
     def event(self, role: str, customer: str, kind: str, at_s: float = 0, **fields: Any) -> str:
         event_id = fields.pop("event_id", f"{customer}-{next(self._seq)}")
-        body = {"event_id": event_id, "customer_id": customer, "event_type": kind,
-                "event_time": T0_MS + int(at_s * 1000), **fields}  # fmt: skip
+        body = {
+            "event_id": event_id,
+            "customer_id": customer,
+            "event_type": kind,
+            "event_time": T0_MS + int(at_s * 1000),
+            **fields,
+        }
         self.raw(role, orjson.dumps(body), customer.encode())
         return event_id
 
     def view(self, customer: str, category: str, at_s: float = 0, **fields: Any) -> str:
-        return self.event("clickstream", customer, "product_view", at_s,
-                          product_id=f"p-{next(self._seq)}", category=category, **fields)  # fmt: skip
+        return self.event(
+            "clickstream",
+            customer,
+            "product_view",
+            at_s,
+            product_id=f"p-{next(self._seq)}",
+            category=category,
+            **fields,
+        )
 
     def raw(self, role: str, value: bytes, key: bytes | None = b"k") -> None:
         self._producer.produce(self.topics[role], key, value)
@@ -99,7 +123,9 @@ def script(stack: Endpoints):
 
 def run_flow(config: CrmConfig, endpoints: Endpoints, clock_ms: Any = None) -> Runtime:
     """Run the flow until every input partition is read to its end."""
-    runtime = Runtime(config, endpoints) if clock_ms is None else Runtime(config, endpoints, clock_ms)
+    runtime = (
+        Runtime(config, endpoints) if clock_ms is None else Runtime(config, endpoints, clock_ms)
+    )
     try:
         run_in_process(runtime, tail=False)
     finally:

@@ -20,8 +20,13 @@ CLI = [sys.executable, "-m", "crmstream"]
 
 
 def crm(*args: str, timeout: float = 300, env: dict[str, str] | None = None):
-    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "COLUMNS": "200", **(env or {})})  # fmt: skip
+    return subprocess.run(
+        [*CLI, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "COLUMNS": "200", **(env or {})},
+    )
 
 
 def _port_open(port: int) -> bool:
@@ -42,8 +47,15 @@ def test_help_lists_every_command_with_examples():
     out = crm("--help").stdout
     for command in ("demo", "run", "generate", "profile", "topics", "config"):
         assert command in out
-    for command in (["demo"], ["run"], ["generate"], ["profile"], ["topics", "create"],
-                    ["config", "show"], ["config", "validate"]):  # fmt: skip
+    for command in (
+        ["demo"],
+        ["run"],
+        ["generate"],
+        ["profile"],
+        ["topics", "create"],
+        ["config", "show"],
+        ["config", "validate"],
+    ):
         result = crm(*command, "--help")
         assert result.returncode == 0 and "Example" in result.stdout, command
 
@@ -60,8 +72,14 @@ def test_config_validate_names_the_bad_key(tmp_path):
 
 
 def test_config_show_masks_secrets():
-    result = crm("config", "show", "--set", "redis.url=redis://app:s3cret@db:6379/0",
-                 "--set", "kafka.client={sasl.password: s3cret, sasl.mechanism: PLAIN}")  # fmt: skip
+    result = crm(
+        "config",
+        "show",
+        "--set",
+        "redis.url=redis://app:s3cret@db:6379/0",
+        "--set",
+        "kafka.client={sasl.password: s3cret, sasl.mechanism: PLAIN}",
+    )
     assert result.returncode == 0, result.stderr
     assert "s3cret" not in result.stdout
     assert "redis://app:***@db:6379/0" in result.stdout and "PLAIN" in result.stdout
@@ -71,8 +89,15 @@ def test_topics_create_generate_run_and_profile(isolated_config, stack):
     config = isolated_config()
     brokers = ",".join(stack.brokers)
     sets = []
-    for role in ("clickstream", "orders", "customers", "feedback", "triggers", "suppressions",
-                 "dead_letter"):  # fmt: skip
+    for role in (
+        "clickstream",
+        "orders",
+        "customers",
+        "feedback",
+        "triggers",
+        "suppressions",
+        "dead_letter",
+    ):
         sets += ["--set", f"kafka.topics.{role}={getattr(config.kafka.topics, role)}"]
     sets += ["--set", f"redis.key_prefix={config.redis.key_prefix}"]
 
@@ -80,13 +105,32 @@ def test_topics_create_generate_run_and_profile(isolated_config, stack):
     assert created.returncode == 0, created.stderr
     assert f"{config.kafka.topics.clickstream}: exists" in created.stdout
 
-    gen = crm("generate", "--brokers", brokers, "--events", "3000", "--customers", "50",
-              "--malformed-rate", "0.01", *sets)  # fmt: skip
+    gen = crm(
+        "generate",
+        "--brokers",
+        brokers,
+        "--events",
+        "3000",
+        "--customers",
+        "50",
+        "--malformed-rate",
+        "0.01",
+        *sets,
+    )
     assert gen.returncode == 0, gen.stderr
     assert "produced 3,000 events" in gen.stdout
 
-    ran = crm("run", "--brokers", brokers, "--redis-url", stack.redis_url, "--until-end",
-              "--set", "metrics.port=0", *sets)  # fmt: skip
+    ran = crm(
+        "run",
+        "--brokers",
+        brokers,
+        "--redis-url",
+        stack.redis_url,
+        "--until-end",
+        "--set",
+        "metrics.port=0",
+        *sets,
+    )
     assert ran.returncode == 0, ran.stderr
     triggers = read_topic(stack, config.kafka.topics.triggers)
     assert triggers, "a 3000-event shop workload fires some triggers"
@@ -97,8 +141,9 @@ def test_topics_create_generate_run_and_profile(isolated_config, stack):
     shown = crm("profile", customer, "--redis-url", stack.redis_url, *sets)
     assert shown.returncode == 0, shown.stderr
     assert "event_counts" in shown.stdout and "product_view" in shown.stdout
-    as_json = orjson.loads(crm("profile", customer, "--json", "--redis-url", stack.redis_url,
-                               *sets).stdout)  # fmt: skip
+    as_json = orjson.loads(
+        crm("profile", customer, "--json", "--redis-url", stack.redis_url, *sets).stdout
+    )
     assert as_json["customer_id"] == customer and as_json["event_counts"]["product_view"] >= 3
     missing = crm("profile", "nobody", "--redis-url", stack.redis_url, *sets)
     assert missing.returncode == 2 and "no state for customer 'nobody'" in missing.stderr
@@ -110,8 +155,9 @@ def test_run_without_infrastructure_says_what_is_missing():
 
 
 def test_profile_with_unreachable_redis_is_a_clear_error():
-    result = crm("profile", "x", "--redis-url", "redis://127.0.0.1:1/0",
-                 "--set", "redis.retry_attempts=1")  # fmt: skip
+    result = crm(
+        "profile", "x", "--redis-url", "redis://127.0.0.1:1/0", "--set", "redis.retry_attempts=1"
+    )
     assert result.returncode == 2 and "cannot reach Redis" in result.stderr
 
 
@@ -127,9 +173,13 @@ def test_demo_runs_to_the_end_and_leaves_no_servers():
 
 
 def test_demo_interrupted_with_ctrl_c_leaves_no_servers():
-    proc = subprocess.Popen([*CLI, "demo", "--duration", "120"], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "COLUMNS": "200"})  # fmt: skip
+    proc = subprocess.Popen(
+        [*CLI, "demo", "--duration", "120"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "COLUMNS": "200"},
+    )
     assert proc.stdout is not None
     first = proc.stdout.readline()
     ports = _stack_ports(first)

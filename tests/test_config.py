@@ -20,15 +20,19 @@ def test_embedded_default_holds_the_business_defaults():
 def test_env_then_flags_override_the_file(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("taxonomy: {categories: [a, b]}\nprocessing: {shards: 4}\n")
-    config = load_config(path, ["processing.shards=16"], env={"CRMSTREAM__PROCESSING__SHARDS": "8",
-                                                             "CRMSTREAM__KAFKA__BROKERS": "h1:1,h2:2"})
+    config = load_config(
+        path,
+        ["processing.shards=16"],
+        env={"CRMSTREAM__PROCESSING__SHARDS": "8", "CRMSTREAM__KAFKA__BROKERS": "h1:1,h2:2"},
+    )
     assert config.processing.shards == 16
     assert config.kafka.brokers == ["h1:1", "h2:2"]
     assert config.taxonomy.categories == ["a", "b"]
 
 
-@pytest.mark.parametrize("raw, expected", [("0", False), ("false", False), ("no", False),
-                                           ("1", True), ("true", True)])
+@pytest.mark.parametrize(
+    "raw, expected", [("0", False), ("false", False), ("no", False), ("1", True), ("true", True)]
+)
 def test_booleans_from_env_are_parsed_explicitly(raw, expected):
     config = load_config(env={"CRMSTREAM__METRICS__ENABLED": raw})
     assert config.metrics.enabled is expected
@@ -37,8 +41,10 @@ def test_booleans_from_env_are_parsed_explicitly(raw, expected):
 @pytest.mark.parametrize(
     "override, fragment",
     [
-        ("rules.browse_interest.consecutive_views=0",
-         "rules.browse_interest.consecutive_views = 0 (from --set)"),
+        (
+            "rules.browse_interest.consecutive_views=0",
+            "rules.browse_interest.consecutive_views = 0 (from --set)",
+        ),
         ("kafka.brokers=nohostport", "kafka.brokers = 'nohostport'"),
         ("currency.rates.usd=1.0", "currency codes are 3 capital letters"),
         ("kafka.topics.triggers=crm.clickstream", "shared: ['crm.clickstream']"),
@@ -67,9 +73,10 @@ def test_unreadable_and_invalid_files_are_reported(tmp_path):
 
 
 def test_secrets_are_masked():
-    dump = {"redis": {"url": "redis://user:hunter2@host:6379/0"},
-            "kafka": {"client": {"sasl.password": "hunter2", "sasl.mechanism": "PLAIN",
-                                 "acks": "all"}}}
+    dump = {
+        "redis": {"url": "redis://user:hunter2@host:6379/0"},
+        "kafka": {"client": {"sasl.password": "hunter2", "sasl.mechanism": "PLAIN", "acks": "all"}},
+    }
     masked = str(mask_secrets(dump))
     assert "hunter2" not in masked
     assert "'acks': 'all'" in masked

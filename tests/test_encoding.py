@@ -36,5 +36,5 @@ def test_state_stays_small():
 
 @pytest.mark.parametrize("blob", [b"\x09" + bytes(STATE_BYTES - 1), b"\x01\x02"])
 def test_unknown_layout_names_the_key(blob):
-    with pytest.raises(StateEncodingError, match="state at 'crm:{c1}:s' has layout version"):
+    with pytest.raises(StateEncodingError, match=r"state at .crm:\{c1\}:s. has layout version"):
         decode_batch([blob], ["crm:{c1}:s"])

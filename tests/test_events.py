@@ -29,8 +29,14 @@ def parse(body, topic=CLICK):
 
 
 def view(**fields):
-    body = {"event_id": "abc", "customer_id": "c1", "event_type": "product_view",
-            "event_time": NOW, "product_id": "p1", "category": "beauty"}
+    body = {
+        "event_id": "abc",
+        "customer_id": "c1",
+        "event_type": "product_view",
+        "event_time": NOW,
+        "product_id": "p1",
+        "category": "beauty",
+    }
     body.update(fields)
     return {k: v for k, v in body.items() if v is not None}
 
@@ -104,8 +110,15 @@ def test_size_limit_is_configured():
 
 
 def test_order_and_customer_events():
-    order = {"event_id": "o", "customer_id": "c", "event_type": "order_placed", "event_time": NOW,
-             "order_id": "o1", "amount": 100, "currency": "JPY"}
+    order = {
+        "event_id": "o",
+        "customer_id": "c",
+        "event_type": "order_placed",
+        "event_time": NOW,
+        "order_id": "o1",
+        "amount": 100,
+        "currency": "JPY",
+    }
     parsed = parse(order, ORDERS)
     assert isinstance(parsed, ParsedEvent) and parsed.amount_base == pytest.approx(0.67)
     missing = parse({**order, "amount": None}, ORDERS)
@@ -113,21 +126,38 @@ def test_order_and_customer_events():
     shipped = {**order, "event_type": "order_shipped", "promised_delivery_time": "soon"}
     bad = parse(shipped, ORDERS)
     assert isinstance(bad, InvalidEvent) and bad.field == "promised_delivery_time"
-    profile = {"event_id": "p", "customer_id": "c", "event_type": "profile_updated",
-               "event_time": NOW, "timezone": "Mars/Olympus"}
+    profile = {
+        "event_id": "p",
+        "customer_id": "c",
+        "event_type": "profile_updated",
+        "event_time": NOW,
+        "timezone": "Mars/Olympus",
+    }
     bad_tz = parse(profile, CUSTOMERS)
     assert isinstance(bad_tz, InvalidEvent) and bad_tz.field == "timezone"
     bad_day = parse({**profile, "timezone": "Asia/Tokyo", "birthday": "02-30"}, CUSTOMERS)
     assert isinstance(bad_day, InvalidEvent) and bad_day.field == "birthday"
-    consent = {"event_id": "q", "customer_id": "c", "event_type": "consent_granted",
-               "event_time": NOW, "channel": "pigeon"}
+    consent = {
+        "event_id": "q",
+        "customer_id": "c",
+        "event_type": "consent_granted",
+        "event_time": NOW,
+        "channel": "pigeon",
+    }
     bad_channel = parse(consent, CUSTOMERS)
     assert isinstance(bad_channel, InvalidEvent) and bad_channel.field == "channel"
 
 
 def test_pii_is_dropped_at_ingest():
-    profile = {"event_id": "p", "customer_id": "c", "event_type": "profile_updated",
-               "event_time": NOW, "email": "a@b.c", "phone": "+1 555", "language": "en-US"}
+    profile = {
+        "event_id": "p",
+        "customer_id": "c",
+        "event_type": "profile_updated",
+        "event_time": NOW,
+        "email": "a@b.c",
+        "phone": "+1 555",
+        "language": "en-US",
+    }
     parsed = parse(profile, CUSTOMERS)
     assert isinstance(parsed, ParsedEvent)
     assert "email" not in parsed.fields and "phone" not in parsed.fields

