@@ -230,3 +230,41 @@ def test_profile_keeps_attributes_but_never_pii(isolated_config, script, stack):
     }
     assert profile["attr.country"] == "JP"
     assert profile["consent.email"].startswith("withdrawn@")
+
+
+def _sample(text: str, name: str, **labels: str) -> float:
+    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    prefix = f"{name}{{{want}}} " if want else f"{name} "
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(prefix))
+
+
+def test_metrics_endpoint_counts_what_the_flow_did(isolated_config, script, stack):
+    import urllib.request
+
+    from crmstream.metrics import serve
+
+    config = isolated_config(partitions=1)
+    port = serve("127.0.0.1", 0)
+
+    def scrape() -> str:
+        return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+
+    topic = config.kafka.topics.clickstream
+    before = scrape()
+    s = script(config)
+    for i in range(3):
+        s.view("ivy", "watches", i)
+    s.raw("clickstream", b"nope")
+    s.flush()
+    run_flow(config, stack)
+    after = scrape()
+
+    def delta(name: str, **labels: str) -> float:
+        return _sample(after, name, **labels) - _sample(before, name, **labels)
+
+    assert delta("crmstream_events_in_total", topic=topic, event_type="product_view") == 3
+    assert delta("crmstream_invalid_events_total", topic=topic, field="message") == 1
+    assert delta("crmstream_triggers_total", trigger_type="browse_interest") == 1
+    assert delta("crmstream_event_to_trigger_seconds_count", trigger_type="browse_interest") == 1
+    assert delta("crmstream_redis_roundtrip_seconds_count", operation="commit") >= 1
+    assert delta("crmstream_shard_batch_events_count") >= 1
