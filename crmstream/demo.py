@@ -159,6 +159,11 @@ def run_demo(config: CrmConfig, options: DemoOptions, console: Console) -> dict[
         tally = _Tally()
         metrics = get_metrics()
         started = time.monotonic()
+
+        def refresh(live: Live) -> None:
+            processed = _counter_total(metrics.events_in)
+            live.update(_view(tally, published[0], processed, time.monotonic() - started))
+
         flow.start()
         gen.start()
         try:
@@ -167,24 +172,10 @@ def run_demo(config: CrmConfig, options: DemoOptions, console: Console) -> dict[
                     if not gen.is_alive():
                         signals.drain.set()  # read to the end of input, then stop
                     _drain_outputs(consumer, config, tally, 0.25)
-                    live.update(
-                        _view(
-                            tally,
-                            published[0],
-                            _counter_total(metrics.events_in),
-                            time.monotonic() - started,
-                        )
-                    )
+                    refresh(live)
                 while _drain_outputs(consumer, config, tally, 1.0):
                     pass
-                live.update(
-                    _view(
-                        tally,
-                        published[0],
-                        _counter_total(metrics.events_in),
-                        time.monotonic() - started,
-                    )
-                )
+                refresh(live)
         except KeyboardInterrupt:
             console.print("[yellow]interrupted: stopping the flow and the local servers[/]")
             signals.stop.set()

@@ -33,7 +33,7 @@ from crmstream.flows.runtime import Runtime
 from crmstream.flows.source import RawMessage
 from crmstream.metrics import get_metrics
 from crmstream.operators.events import EVENT_TYPES, InvalidEvent, ParsedEvent
-from crmstream.operators.kernels import apply_events
+from crmstream.operators.kernels import Firings, apply_batch, rule_params
 from crmstream.operators.rules import iso_ms
 from crmstream.state.encoding import ROLE_INDEX, decode_batch, encode_records
 
@@ -112,6 +112,7 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, dict[str, int], None]):
     def __init__(self, runtime: Runtime):
         # Bytewax hands the builder no key, so the shard is learnt from the first item.
         self._rt = runtime
+        self._params = rule_params(runtime.config.rules)
         self._shard = -1
         self._progress: dict[Position, int] = {}
         self._unsaved: dict[Position, int] = {}
@@ -196,8 +197,11 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, dict[str, int], None]):
             if applied_part[c, role] == ev.partition and ev.offset <= applied_off[c, role]:
                 metrics.skipped_events.labels(ev.topic).inc()
                 continue
-            applied_part[c, role] = ev.partition
-            applied_off[c, role] = max(applied_off[c, role], ev.offset)
+            if applied_part[c, role] != ev.partition:  # first event, or re-partitioned
+                applied_part[c, role] = ev.partition
+                applied_off[c, role] = ev.offset
+            else:
+                applied_off[c, role] = max(applied_off[c, role], ev.offset)
             fresh.append(ev)
             metrics.events_in.labels(ev.topic, EVENT_TYPES[ev.type_code]).inc()
 
@@ -208,61 +212,26 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, dict[str, int], None]):
         times = np.fromiter((ev.event_time_ms for ev in fresh), np.int64, n)
         # Per customer, apply in event-time order; ties keep arrival order.
         order = np.lexsort((np.arange(n), times, cust_idx))
-        out = [
-            np.empty(2 * n, dtype) for dtype in (np.int32, np.int8, np.int64, np.int64, np.int64)
-        ]
-        rules = self._rt.config.rules
-        n_out = apply_events(
-            cust_idx[order],
-            type_code[order],
-            category[order],
-            times[order],
-            records["flags"],
-            records["streak_category"],
-            records["streak_len"],
-            records["first_seen_ms"],
-            records["last_seen_ms"],
-            records["type_counts"],
-            records["ring_base_day"],
-            records["ring_views"],
-            records["ring_carts"],
-            records["ring_orders"],
-            rules.browse_interest.enabled,
-            rules.browse_interest.consecutive_views,
-            rules.high_intent_no_purchase.enabled,
-            rules.high_intent_no_purchase.window_days,
-            rules.high_intent_no_purchase.min_views,
-            rules.high_intent_no_purchase.min_cart_adds,
-            *out,
-        )
+        ordered = (cust_idx[order], type_code[order], category[order], times[order])
+        firings = apply_batch(records, *ordered, self._params)
 
-        triggers = self._emit_triggers(fresh, order, out, n_out, now_ms)
+        triggers = self._emit_triggers(fresh, order, firings, now_ms)
         blobs = encode_records(records)
         states = dict(zip(customers, blobs, strict=True))
         profiles = self._profiles(customers, records, fresh, now_ms)
         return states, profiles, triggers
 
     def _emit_triggers(
-        self,
-        fresh: list[ParsedEvent],
-        order: np.ndarray,
-        out: list[np.ndarray],
-        n_out: int,
-        now_ms: int,
+        self, fresh: list[ParsedEvent], order: np.ndarray, firings: Firings, now_ms: int
     ) -> list[dict[str, Any]]:
-        out_event, out_rule, out_a, out_b, out_c = out
         topic = self._rt.config.kafka.topics.triggers
         metrics = get_metrics()
         records = []
-        for k in range(n_out):
-            ev = fresh[order[out_event[k]]]
+        for k in range(len(firings.event)):
+            ev = fresh[order[firings.event[k]]]
+            values = (int(firings.a[k]), int(firings.b[k]), int(firings.c[k]))
             record = self._rt.triggers.build(
-                int(out_rule[k]),
-                ev.customer_id,
-                ev.event_id,
-                ev.event_time_ms,
-                now_ms,
-                (int(out_a[k]), int(out_b[k]), int(out_c[k])),
+                int(firings.rule[k]), ev.customer_id, ev.event_id, ev.event_time_ms, now_ms, values
             )
             emitted_ms = self._rt.clock_ms()
             record["emitted_at"] = iso_ms(emitted_ms)

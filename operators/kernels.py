@@ -11,9 +11,12 @@ its plain-Python twin; tests check they agree.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 from numba import njit
 
+from crmstream.config.schema import RulesConfig
 from crmstream.operators.events import EVENT_CODE
 
 PRODUCT_VIEW = EVENT_CODE["product_view"]
@@ -152,6 +155,60 @@ def apply_events(
     return n_out
 
 
+class RuleParams(NamedTuple):
+    """The rule thresholds the kernel reads, taken from the configuration."""
+
+    browse_enabled: bool
+    browse_views: int
+    intent_enabled: bool
+    intent_window_days: int
+    intent_min_views: int
+    intent_min_carts: int
+
+
+def rule_params(rules: RulesConfig) -> RuleParams:
+    browse, intent = rules.browse_interest, rules.high_intent_no_purchase
+    return RuleParams(
+        browse.enabled,
+        browse.consecutive_views,
+        intent.enabled,
+        intent.window_days,
+        intent.min_views,
+        intent.min_cart_adds,
+    )
+
+
+class Firings(NamedTuple):
+    """Rule firings of one batch: row k fired on event ``event[k]``."""
+
+    event: np.ndarray
+    rule: np.ndarray
+    a: np.ndarray
+    b: np.ndarray
+    c: np.ndarray
+
+
+def apply_batch(
+    records: np.ndarray,
+    cust_idx: np.ndarray,
+    type_code: np.ndarray,
+    category: np.ndarray,
+    event_time_ms: np.ndarray,
+    params: RuleParams,
+) -> Firings:
+    """Apply a batch to ``records`` (a ``STATE_DTYPE`` array) in place; return the firings."""
+    n = cust_idx.shape[0]
+    out = [np.empty(2 * n, d) for d in (np.int32, np.int8, np.int64, np.int64, np.int64)]
+    n_out = apply_events(
+        cust_idx, type_code, category, event_time_ms,
+        records["flags"], records["streak_category"], records["streak_len"],
+        records["first_seen_ms"], records["last_seen_ms"], records["type_counts"],
+        records["ring_base_day"], records["ring_views"], records["ring_carts"],
+        records["ring_orders"], *params, *out,
+    )  # fmt: skip
+    return Firings(*(column[:n_out] for column in out))
+
+
 def warm_up() -> None:
     """Compile (or load from cache) the kernels before the first batch needs them.
 
@@ -160,12 +217,6 @@ def warm_up() -> None:
     """
     from crmstream.state.encoding import fresh_records
 
-    records = fresh_records(1)
-    out = [np.empty(2, d) for d in (np.int32, np.int8, np.int64, np.int64, np.int64)]
-    apply_events(
-        np.zeros(1, np.int32), np.array([PRODUCT_VIEW], np.int8), np.zeros(1, np.int16),
-        np.zeros(1, np.int64), records["flags"], records["streak_category"],
-        records["streak_len"], records["first_seen_ms"], records["last_seen_ms"],
-        records["type_counts"], records["ring_base_day"], records["ring_views"],
-        records["ring_carts"], records["ring_orders"], True, 3, True, 30, 5, 2, *out,
-    )  # fmt: skip
+    one = np.zeros(1, np.int64)
+    apply_batch(fresh_records(1), one.astype(np.int32), np.array([PRODUCT_VIEW], np.int8),
+                one.astype(np.int16), one, RuleParams(True, 3, True, 30, 5, 2))  # fmt: skip

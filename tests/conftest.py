@@ -19,6 +19,7 @@ import pytest
 from kafka import KafkaConsumer, TopicPartition
 
 from crmstream.config import CrmConfig, load_config
+from crmstream.config.schema import TopicsConfig
 from crmstream.embedded import EmbeddedStack
 from crmstream.flows.crm import run_in_process
 from crmstream.flows.runtime import Endpoints, Runtime
@@ -43,15 +44,7 @@ def isolated_config(stack: Endpoints, request: pytest.FixtureRequest):
 
     def build(*overrides: str, partitions: int = 2) -> CrmConfig:
         tag = f"t{next(_ids)}x{os.getpid()}"
-        roles = (
-            "clickstream",
-            "orders",
-            "customers",
-            "feedback",
-            "triggers",
-            "suppressions",
-            "dead_letter",
-        )
+        roles = TopicsConfig.model_fields
         sets = [f"kafka.topics.{r}={tag}.{r}" for r in roles]
         sets += [
             f"kafka.brokers={','.join(stack.brokers)}",

@@ -13,6 +13,7 @@ import time
 import orjson
 import pytest
 
+from crmstream.config.schema import TopicsConfig
 from tests.conftest import read_topic
 
 pytestmark = pytest.mark.integration
@@ -89,15 +90,7 @@ def test_topics_create_generate_run_and_profile(isolated_config, stack):
     config = isolated_config()
     brokers = ",".join(stack.brokers)
     sets = []
-    for role in (
-        "clickstream",
-        "orders",
-        "customers",
-        "feedback",
-        "triggers",
-        "suppressions",
-        "dead_letter",
-    ):
+    for role in TopicsConfig.model_fields:
         sets += ["--set", f"kafka.topics.{role}={getattr(config.kafka.topics, role)}"]
     sets += ["--set", f"redis.key_prefix={config.redis.key_prefix}"]
 

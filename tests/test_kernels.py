@@ -9,7 +9,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from crmstream.operators import kernels
-from crmstream.operators.kernels import ADD_TO_CART, MS_PER_DAY, ORDER_PLACED, PRODUCT_VIEW
+from crmstream.operators.kernels import (
+    ADD_TO_CART,
+    MS_PER_DAY,
+    ORDER_PLACED,
+    PRODUCT_VIEW,
+    RuleParams,
+)
 from crmstream.operators.reference import reference_apply
 from crmstream.state.encoding import decode_batch, encode_records, fresh_records
 
@@ -39,40 +45,10 @@ def run_kernel(batches, browse_views, window, min_views, min_carts):
         types = np.array([e[1] for e in batch], np.int8)
         cats = np.array([e[2] for e in batch], np.int16)
         times = np.array([BASE_MS + e[3] for e in batch], np.int64)
-        out = [np.empty(2 * n, d) for d in (np.int32, np.int8, np.int64, np.int64, np.int64)]
-        n_out = kernels.apply_events(
-            cust,
-            types,
-            cats,
-            times,
-            records["flags"],
-            records["streak_category"],
-            records["streak_len"],
-            records["first_seen_ms"],
-            records["last_seen_ms"],
-            records["type_counts"],
-            records["ring_base_day"],
-            records["ring_views"],
-            records["ring_carts"],
-            records["ring_orders"],
-            True,
-            browse_views,
-            True,
-            window,
-            min_views,
-            min_carts,
-            *out,
-        )
-        for k in range(n_out):
-            fired.append(
-                (
-                    offset + int(out[0][k]),
-                    int(out[1][k]),
-                    int(out[2][k]),
-                    int(out[3][k]),
-                    int(out[4][k]),
-                )
-            )
+        params = RuleParams(True, browse_views, True, window, min_views, min_carts)
+        firings = kernels.apply_batch(records, cust, types, cats, times, params)
+        for k in range(len(firings.event)):
+            fired.append((offset + int(firings.event[k]), *(int(col[k]) for col in firings[1:])))
         stored = dict(zip(customers, encode_records(records), strict=True))
         offset += n
     return fired, decode_batch([stored[c] for c in customers], customers)
@@ -109,32 +85,17 @@ def test_kernel_matches_reference_across_batch_boundaries(
 
 def test_compiled_path_really_ran():
     records = fresh_records(1)
-    out = [np.empty(2, d) for d in (np.int32, np.int8, np.int64, np.int64, np.int64)]
-    kernels.apply_events(
+    firings = kernels.apply_batch(
+        records,
         np.zeros(1, np.int32),
         np.array([PRODUCT_VIEW], np.int8),
         np.zeros(1, np.int16),
         np.array([BASE_MS], np.int64),
-        records["flags"],
-        records["streak_category"],
-        records["streak_len"],
-        records["first_seen_ms"],
-        records["last_seen_ms"],
-        records["type_counts"],
-        records["ring_base_day"],
-        records["ring_views"],
-        records["ring_carts"],
-        records["ring_orders"],
-        True,
-        3,
-        True,
-        30,
-        5,
-        2,
-        *out,
+        RuleParams(True, 1, True, 30, 5, 2),
     )
     assert kernels.apply_events.signatures, "apply_events ran as plain Python, not compiled"
     assert records["type_counts"][0, PRODUCT_VIEW] == 1
+    assert list(firings.rule) == [kernels.RULE_BROWSE_INTEREST]
 
 
 def test_out_of_order_events_within_the_ring_give_the_in_order_counts():
