@@ -83,7 +83,7 @@ def flow_run(endpoints: Endpoints, config: CrmConfig) -> tuple[int, float]:
 
     before = handled()
     runtime = Runtime(config, endpoints)
-    warm_up()  # compile/load kernels first: measure the steady state, not Numba's start-up
+    warm_up(config)  # compile/load kernels first: measure the steady state, not Numba's start-up
     started = time.perf_counter()
     run_in_process(runtime, tail=False)
     seconds = time.perf_counter() - started

@@ -8,6 +8,7 @@ these models. Code reads numbers from here and never hard-codes a threshold.
 
 from __future__ import annotations
 
+import itertools
 import re
 from datetime import datetime
 from typing import Annotated
@@ -152,7 +153,8 @@ class CurrencyConfig(_Frozen):
 
 
 class TaxonomyConfig(_Frozen):
-    categories: list[str] = Field(min_length=1, max_length=255)
+    # At most 32: the preference vector in the state layout has 32 slots.
+    categories: list[str] = Field(min_length=1, max_length=32)
 
     @field_validator("categories")
     @classmethod
@@ -186,6 +188,125 @@ class RulesConfig(_Frozen):
     high_intent_no_purchase: HighIntentRule = HighIntentRule()
 
 
+class StateConfig(_Frozen):
+    # Events older than this behind the customer's newest event update lifetime totals only.
+    allowed_lateness_seconds: Annotated[int, Field(ge=0, le=7 * 86400)] = 3600
+
+
+class PreferencesConfig(_Frozen):
+    half_life_days: PositiveFloat = 7.0
+    # Affinity added per event type; types not listed add nothing. Negative = dislike.
+    weights: dict[str, float] = Field(
+        default_factory=lambda: {
+            "product_view": 1.0,
+            "favourite": 2.0,
+            "add_to_cart": 3.0,
+            "order_placed": 5.0,
+            "recommendation_dismissed": -3.0,
+        }
+    )
+    top_k: Annotated[int, Field(ge=1, le=10)] = 3
+    snapshot_days: Annotated[int, Field(ge=1, le=90)] = 7
+
+    @field_validator("weights")
+    @classmethod
+    def _known_types(cls, value: dict[str, float]) -> dict[str, float]:
+        from crmstream.operators.events import EVENT_CODE
+
+        unknown = sorted(set(value) - set(EVENT_CODE))
+        if unknown:
+            raise ValueError(f"unknown event types: {unknown}")
+        return value
+
+
+def _ascending(name: str, cuts: list[float]) -> list[float]:
+    if len(cuts) != 4 or any(b <= a for a, b in itertools.pairwise(cuts)):
+        raise ValueError(f"{name} needs 4 strictly ascending cut points, got {cuts}")
+    return cuts
+
+
+class RfmConfig(_Frozen):
+    # Score 5..1: recency at or under the 1st cut scores 5, over the 4th scores 1.
+    recency_days_cuts: list[float] = Field(default_factory=lambda: [30, 90, 180, 365])
+    # Score 1..5: orders in 365 d at or over the 4th cut scores 5.
+    frequency_cuts: list[float] = Field(default_factory=lambda: [2, 3, 5, 8])
+    # Score 1..5: spend in 365 d (base currency) at or over the 4th cut scores 5.
+    monetary_cuts: list[float] = Field(default_factory=lambda: [50, 150, 400, 1000])
+
+    @model_validator(mode="after")
+    def _cuts(self) -> RfmConfig:
+        _ascending("recency_days_cuts", self.recency_days_cuts)
+        _ascending("frequency_cuts", self.frequency_cuts)
+        _ascending("monetary_cuts", self.monetary_cuts)
+        return self
+
+
+class ChurnConfig(_Frozen):
+    # Logistic combination: score = 1 / (1 + exp(-(bias + sum(weight * signal)))).
+    bias: float = -3.0
+    weights: dict[str, float] = Field(
+        default_factory=lambda: {
+            "activity_drop": 1.5,
+            "login_drop": 0.8,
+            "cart_abandon": 0.6,
+            "purchase_overdue": 1.5,
+            "aov_swing": 0.3,
+            "returns": 0.6,
+            "negative_feedback": 1.0,
+            "delivery_delays": 0.7,
+            "contacted_too_often": 0.8,
+            "not_alive": 2.0,
+        }
+    )
+    recent_days: Annotated[int, Field(ge=1, le=30)] = 14  # activity drop: last 14 d ...
+    baseline_min_events: PositiveFloat = 3.0  # ... vs. a baseline of at least this much
+    activity_drop_threshold: Annotated[float, Field(gt=0, le=1)] = 0.5  # -50 % = signal 1
+    cart_abandon_threshold: Annotated[float, Field(gt=0, le=1)] = 0.7
+    negative_sentiment: Annotated[float, Field(ge=-1, le=0)] = -0.3
+    negative_rating: Annotated[int, Field(ge=1, le=5)] = 2
+    medium: Annotated[float, Field(gt=0, lt=1)] = 0.4
+    high: Annotated[float, Field(gt=0, lt=1)] = 0.7
+    hysteresis: Annotated[float, Field(ge=0, lt=0.5)] = 0.1
+    too_often_days: PositiveInt = 90
+
+    @model_validator(mode="after")
+    def _check(self) -> ChurnConfig:
+        from crmstream.state.encoding import SIGNALS
+
+        if set(self.weights) != set(SIGNALS):
+            raise ValueError(
+                f"weights must name exactly the signals {list(SIGNALS)}, got {sorted(self.weights)}"
+            )
+        if not self.medium < self.high:
+            raise ValueError(f"medium ({self.medium}) must be below high ({self.high})")
+        return self
+
+
+class BgNbdConfig(_Frozen):
+    """BG/NBD parameters, time in weeks (default: the CDNOW fit of Fader, Hardie & Lee 2005)."""
+
+    r: PositiveFloat = 0.243
+    alpha: PositiveFloat = 4.414
+    a: PositiveFloat = 0.793
+    b: PositiveFloat = 2.426
+
+
+class LifecycleConfig(_Frozen):
+    new_days: PositiveInt = 30
+    loyal_min_orders_365d: PositiveInt = 5
+    dormant_days: PositiveInt = 90
+    lost_days: PositiveInt = 180
+
+
+class SegmentsConfig(_Frozen):
+    high_value_min_orders_90d: PositiveInt = 5
+    high_value_min_aov: PositiveFloat = 50.0
+    potential_days: PositiveInt = 30
+    dormant_days: PositiveInt = 180
+    silver_spend_365d: PositiveFloat = 200.0
+    gold_spend_365d: PositiveFloat = 500.0
+
+
 class CrmConfig(_Frozen):
     """The whole validated configuration."""
 
@@ -197,3 +318,10 @@ class CrmConfig(_Frozen):
     currency: CurrencyConfig = CurrencyConfig()
     taxonomy: TaxonomyConfig
     rules: RulesConfig = RulesConfig()
+    state: StateConfig = StateConfig()
+    preferences: PreferencesConfig = Field(default_factory=PreferencesConfig)
+    rfm: RfmConfig = RfmConfig()
+    churn: ChurnConfig = Field(default_factory=ChurnConfig)
+    bgnbd: BgNbdConfig = BgNbdConfig()
+    lifecycle: LifecycleConfig = LifecycleConfig()
+    segments: SegmentsConfig = SegmentsConfig()

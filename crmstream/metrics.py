@@ -40,6 +40,17 @@ class CrmMetrics:
             ["topic"],
             registry=registry,
         )
+        self.late_events = Counter(
+            "crmstream_late_events_total",
+            "Events older than the allowed lateness: counted in lifetime totals only.",
+            registry=registry,
+        )
+        self.stage_transitions = Counter(
+            "crmstream_stage_transitions_total",
+            "Customers entering a lifecycle stage.",
+            ["stage"],
+            registry=registry,
+        )
         self.triggers = Counter(
             "crmstream_triggers_total",
             "Triggers delivered to the trigger topic, by type.",

@@ -37,7 +37,7 @@ def build_flow(runtime: Runtime, tail: bool = True, signals: StopSignals | None 
     """The CRM dataflow over the configured input topics."""
     cfg = runtime.config
     topics = cfg.kafka.topics
-    warm_up()
+    warm_up(cfg)
 
     def resume_offsets(positions: list[tuple[str, int]]) -> dict[tuple[str, int], int]:
         return runtime.store.resume_offsets(cfg.processing.shards, positions)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import base64
 import logging
 import zlib
+from collections import Counter
 from collections.abc import Iterable
 from typing import Any, NamedTuple
 
@@ -33,9 +34,17 @@ from crmstream.flows.runtime import Runtime
 from crmstream.flows.source import RawMessage
 from crmstream.metrics import get_metrics
 from crmstream.operators.events import EVENT_TYPES, InvalidEvent, ParsedEvent
-from crmstream.operators.kernels import Firings, apply_batch, rule_params
+from crmstream.operators.kernels import (
+    COL,
+    BatchEvents,
+    Firings,
+    apply_batch,
+    derive_batch,
+    params_from,
+)
 from crmstream.operators.rules import iso_ms
-from crmstream.state.encoding import ROLE_INDEX, decode_batch, encode_records
+from crmstream.state.encoding import ROLE_INDEX, STAGES, decode_batch, encode_records
+from crmstream.state.profile import profile_fields
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +121,7 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, dict[str, int], None]):
     def __init__(self, runtime: Runtime):
         # Bytewax hands the builder no key, so the shard is learnt from the first item.
         self._rt = runtime
-        self._params = rule_params(runtime.config.rules)
+        self._params = params_from(runtime.config)
         self._shard = -1
         self._progress: dict[Position, int] = {}
         self._unsaved: dict[Position, int] = {}
@@ -192,6 +201,7 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, dict[str, int], None]):
         applied_part = records["applied_partition"]
         applied_off = records["applied_offset"]
         fresh: list[ParsedEvent] = []
+        accepted: Counter[tuple[str, int]] = Counter()
         for ev in events:
             c, role = index[ev.customer_id], ROLE_INDEX[self._rt.validator.role(ev.topic)]
             if applied_part[c, role] == ev.partition and ev.offset <= applied_off[c, role]:
@@ -203,22 +213,34 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, dict[str, int], None]):
             else:
                 applied_off[c, role] = max(applied_off[c, role], ev.offset)
             fresh.append(ev)
-            metrics.events_in.labels(ev.topic, EVENT_TYPES[ev.type_code]).inc()
+            accepted[ev.topic, ev.type_code] += 1
+        for (topic, code), count in accepted.items():
+            metrics.events_in.labels(topic, EVENT_TYPES[code]).inc(count)
 
         n = len(fresh)
-        cust_idx = np.fromiter((index[ev.customer_id] for ev in fresh), np.int32, n)
-        type_code = np.fromiter((ev.type_code for ev in fresh), np.int8, n)
-        category = np.fromiter((ev.category for ev in fresh), np.int16, n)
-        times = np.fromiter((ev.event_time_ms for ev in fresh), np.int64, n)
+        columns = (
+            np.fromiter((index[ev.customer_id] for ev in fresh), np.int32, n),
+            np.fromiter((ev.type_code for ev in fresh), np.int8, n),
+            np.fromiter((ev.category for ev in fresh), np.int16, n),
+            np.fromiter((ev.event_time_ms for ev in fresh), np.int64, n),
+            np.fromiter((ev.amount_base for ev in fresh), np.float64, n),
+            np.fromiter((ev.aux for ev in fresh), np.float64, n),
+        )
         # Per customer, apply in event-time order; ties keep arrival order.
-        order = np.lexsort((np.arange(n), times, cust_idx))
-        ordered = (cust_idx[order], type_code[order], category[order], times[order])
-        firings = apply_batch(records, *ordered, self._params)
+        order = np.lexsort((np.arange(n), columns[3], columns[0]))
+        firings, late = apply_batch(
+            records, BatchEvents(*(c[order] for c in columns)), self._params
+        )
+        if late:
+            metrics.late_events.inc(late)
+        # Derived values as of each customer's newest event: the same on every replay.
+        derived = derive_batch(records, records["last_seen_ms"].copy(), self._params)
+        self._count_transitions(records, derived)
 
         triggers = self._emit_triggers(fresh, order, firings, now_ms)
         blobs = encode_records(records)
         states = dict(zip(customers, blobs, strict=True))
-        profiles = self._profiles(customers, records, fresh, now_ms)
+        profiles = self._profiles(customers, records, derived, fresh, now_ms)
         return states, profiles, triggers
 
     def _emit_triggers(
@@ -247,14 +269,27 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, dict[str, int], None]):
         return records
 
     @staticmethod
+    def _count_transitions(records: np.ndarray, derived: np.ndarray) -> None:
+        metrics = get_metrics()
+        old = derived[:, COL["old_stage"]].astype(np.uint8)
+        for stage in records["stage"][records["stage"] != old]:
+            metrics.stage_transitions.labels(STAGES[stage]).inc()
+
     def _profiles(
-        customers: list[str], records: np.ndarray, fresh: list[ParsedEvent], now_ms: int
+        self,
+        customers: list[str],
+        records: np.ndarray,
+        derived: np.ndarray,
+        fresh: list[ParsedEvent],
+        now_ms: int,
     ) -> dict[str, dict[str, str]]:
-        """The readable profile fields that changed in this batch."""
-        profiles = {
-            c: {"last_seen": iso_ms(int(records["last_seen_ms"][i])), "updated_at": iso_ms(now_ms)}
-            for i, c in enumerate(customers)
-        }
+        """The readable profile fields of the batch's customers."""
+        config, weights = self._rt.config, self._params.churn_weights
+        profiles = {}
+        for i, c in enumerate(customers):
+            fields = profile_fields(records[i], derived[i], config, weights)
+            fields["updated_at"] = iso_ms(now_ms)
+            profiles[c] = fields
         for ev in fresh:
             kind = EVENT_TYPES[ev.type_code]
             fields = profiles[ev.customer_id]

@@ -64,7 +64,9 @@ TOPIC_ROLE_TYPES: dict[str, frozenset[str]] = {
 
 CHANNELS = frozenset({"app", "web", "mini_program"})
 CONTACT_CHANNELS = frozenset({"push", "email", "sms", "whatsapp", "line"})
-LOGISTICS_STATUSES = frozenset({"in_transit", "customs_hold", "delay"})
+LOGISTICS_STATUS_CODE = {"in_transit": 0.0, "customs_hold": 1.0, "delay": 2.0}
+LOGISTICS_STATUSES = frozenset(LOGISTICS_STATUS_CODE)
+MAX_ORDER_ITEMS = 500
 # Data minimisation: never kept in state or emitted.
 PII_FIELDS = frozenset({"email", "phone"})
 
@@ -84,6 +86,7 @@ class ParsedEvent(NamedTuple):
     partition: int
     offset: int
     ingest_ms: int  # the Kafka message timestamp
+    aux: float  # sentiment (tickets), rating (reviews), status code (logistics), else 0
     fields: dict[str, Any]  # the validated JSON object, for profile/consent updates
 
 
@@ -316,6 +319,9 @@ class EventValidator:
                         f"configured taxonomy, got {_show(raw)}",
                     )
 
+        aux = 0.0
+        if "items" in obj and spec.amount:
+            category = self._primary_category(obj["items"])
         amount_base = 0.0
         if spec.amount:
             amount = _number(obj, "amount", 0.0, 1e9)
@@ -324,15 +330,17 @@ class EventValidator:
             price = _number(obj, "price", 0.0, 1e9)
             amount_base = price * self._rate(obj)
         if "sentiment" in spec.required:
-            _number(obj, "sentiment", -1.0, 1.0)
+            aux = _number(obj, "sentiment", -1.0, 1.0)
         if "rating" in spec.required:
             rating = obj.get("rating")
             if type(rating) is not int or not 1 <= rating <= 5:
                 raise _Invalid(
                     "rating", f"field 'rating' must be an integer 1..5, got {_show(rating)}"
                 )
+            aux = float(rating)
         if "status" in spec.required:
             _choice(obj, "status", LOGISTICS_STATUSES, required=True)
+            aux = LOGISTICS_STATUS_CODE[obj["status"]]
         if event_type == "profile_updated":
             self._check_profile(obj)
 
@@ -347,8 +355,38 @@ class EventValidator:
             partition,
             offset,
             timestamp_ms,
+            aux,
             obj,
         )
+
+    def _primary_category(self, items: Any) -> int:
+        """Validate order items; the category of the priciest item (-1 for no items)."""
+        if type(items) is not list or len(items) > MAX_ORDER_ITEMS:
+            raise _Invalid(
+                "items",
+                f"field 'items' must be a list of at most {MAX_ORDER_ITEMS} objects, "
+                f"got {_show(items)}",
+            )
+        best, best_price = -1, -1.0
+        for i, item in enumerate(items):
+            if type(item) is not dict:
+                raise _Invalid("items", f"items[{i}] must be an object, got {_show(item)}")
+            try:
+                _id(item, "product_id")
+                price = _number(item, "price", 0.0, 1e9)
+            except _Invalid as bad:
+                raise _Invalid("items", f"items[{i}]: {bad.message}") from None
+            raw = item.get("category")
+            category = self._category_index.get(raw, -1) if type(raw) is str else -1
+            if category < 0:
+                raise _Invalid(
+                    "items",
+                    f"items[{i}].category must be a category of the configured "
+                    f"taxonomy, got {_show(raw)}",
+                )
+            if price > best_price:
+                best, best_price = category, price
+        return best
 
     def _rate(self, obj: dict[str, Any]) -> float:
         currency = obj.get("currency")

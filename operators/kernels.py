@@ -1,163 +1,124 @@
-"""Numba kernels that apply a whole batch of events to the batch's customer records.
+"""Numba kernels that update a whole batch of customer records and derive their signals.
 
-This module owns the per-event loops. ``apply_events`` walks the batch's events
-(sorted by customer, then event time) and updates the columns of the batch's
-state records in place: last/first seen, lifetime counts per event type, the
-per-category product-view streak, and a daily ring of views, cart adds and
-orders for windowed counts. It also evaluates the event-driven rules and writes
-one row per rule firing into the ``out_*`` arrays. ``operators.reference`` is
-its plain-Python twin; tests check they agree.
+This module owns the per-event and per-customer loops:
+
+- ``apply_events`` walks the batch's events (sorted by customer, then event
+  time) and updates the records in place: lifetime counts, event-time window
+  rings, orders and purchase days (for RFM and BG/NBD), the decaying preference
+  vector and its periodic snapshot, feedback counters, and the event-driven
+  rules (browse streak, high intent), whose firings it writes to ``out``.
+- ``derive`` computes, per customer and as of a given time, the RFM scores,
+  the ten churn signals and the logistic churn score with hysteresis, BG/NBD
+  P(alive) and expected purchases, lifecycle stage, value segment and tier.
+
+``operators.reference`` restates both in plain Python; tests check they agree.
+All thresholds arrive in ``KernelParams`` / ``DeriveParams`` built from the
+configuration. Window semantics are documented in docs/state.md.
 """
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import numpy as np
 from numba import njit
 
-from crmstream.config.schema import RulesConfig
-from crmstream.operators.events import EVENT_CODE
+from crmstream.config import CrmConfig
+from crmstream.operators.events import EVENT_CODE, EVENT_TYPES, NUM_EVENT_TYPES
+from crmstream.state.encoding import (
+    EMPTY_BASE,
+    FLAG_CHURN_HIGH,
+    FLAG_HIGH_INTENT,
+    KIND_ACTIVITY,
+    KIND_CARTS,
+    KIND_ORDERS,
+    KIND_SESSIONS,
+    KIND_VIEWS,
+    NUM_SIGNALS,
+    PREF_CATEGORIES,
+    SIGNALS,
+)
 
 PRODUCT_VIEW = EVENT_CODE["product_view"]
 ADD_TO_CART = EVENT_CODE["add_to_cart"]
+SESSION_START = EVENT_CODE["session_start"]
+LAST_CLICKSTREAM = EVENT_CODE["session_start"]  # clickstream codes are 0..8
 ORDER_PLACED = EVENT_CODE["order_placed"]
+ORDER_RETURNED = EVENT_CODE["order_returned"]
+ORDER_REFUNDED = EVENT_CODE["order_refunded"]
+LOGISTICS_UPDATE = EVENT_CODE["logistics_update"]
+SERVICE_TICKET = EVENT_CODE["service_ticket"]
+PRODUCT_REVIEW = EVENT_CODE["product_review"]
+CONTACTED_TOO_OFTEN = EVENT_CODE["contacted_too_often"]
 
 RULE_BROWSE_INTEREST = 0
 RULE_HIGH_INTENT = 1
 RULE_NAMES = ("browse_interest", "high_intent_no_purchase")
 
+MIN_AFFINITY = 1e-6  # a decayed affinity below this is treated as none
+MS_PER_10M = 600_000
+MS_PER_HOUR = 3_600_000
 MS_PER_DAY = 86_400_000
-RING_DAYS = 32
-_RING_EMPTY = np.iinfo(np.int32).min
+INT64_MIN = np.iinfo(np.int64).min
+
+# derive() output columns
+DERIVED = (
+    "churn_score",
+    *SIGNALS,
+    "p_alive",
+    "expected_30d",
+    "expected_90d",
+    "r",
+    "f",
+    "m",
+    "orders_90d",
+    "spend_90d",
+    "orders_365d",
+    "spend_365d",
+    "aov",
+    "interest_shift",
+    "days_since_purchase",
+    "ipt_mean_days",
+    "ipt_std_days",
+    "old_stage",
+    "old_segment",
+    "old_tier",
+    "old_churn_level",
+)
+COL = {name: i for i, name in enumerate(DERIVED)}
+_SIG0 = COL[SIGNALS[0]]
+# Column numbers as plain ints: Numba cannot read a dict.
+_C_EXPECTED_30D = COL["expected_30d"]
+_C_EXPECTED_90D = COL["expected_90d"]
+_C_P_ALIVE = COL["p_alive"]
+_C_CHURN_SCORE = COL["churn_score"]
+_C_OLD_CHURN_LEVEL = COL["old_churn_level"]
+_C_R = COL["r"]
+_C_F = COL["f"]
+_C_M = COL["m"]
+_C_OLD_STAGE = COL["old_stage"]
+_C_OLD_SEGMENT = COL["old_segment"]
+_C_OLD_TIER = COL["old_tier"]
+_C_INTEREST_SHIFT = COL["interest_shift"]
+_C_ORDERS_90D = COL["orders_90d"]
+_C_SPEND_90D = COL["spend_90d"]
+_C_ORDERS_365D = COL["orders_365d"]
+_C_SPEND_365D = COL["spend_365d"]
+_C_AOV = COL["aov"]
+_C_DAYS_SINCE_PURCHASE = COL["days_since_purchase"]
+_C_IPT_MEAN_DAYS = COL["ipt_mean_days"]
+_C_IPT_STD_DAYS = COL["ipt_std_days"]
 
 
-@njit(cache=True, nogil=True)
-def _advance_ring(base_day, day, views, carts, orders):
-    """Move the ring's newest day to ``day``, clearing the buckets it passes."""
-    if base_day == _RING_EMPTY or day - base_day >= RING_DAYS:
-        views[:] = 0
-        carts[:] = 0
-        orders[:] = 0
-    else:
-        for d in range(base_day + 1, day + 1):
-            slot = d % RING_DAYS
-            views[slot] = 0
-            carts[slot] = 0
-            orders[slot] = 0
-    return day
+class KernelParams(NamedTuple):
+    """What ``apply_events`` reads from the configuration."""
 
-
-@njit(cache=True, nogil=True)
-def _window_sum(ring, base_day, day, window_days):
-    """Sum of the ring's buckets for days (day - window_days, day]."""
-    lo = max(day - window_days + 1, base_day - RING_DAYS + 1)
-    hi = min(day, base_day)
-    total = 0
-    for d in range(lo, hi + 1):
-        total += ring[d % RING_DAYS]
-    return total
-
-
-@njit(cache=True, nogil=True)
-def apply_events(
-    cust_idx,
-    type_code,
-    category,
-    event_time_ms,
-    flags,
-    streak_category,
-    streak_len,
-    first_seen_ms,
-    last_seen_ms,
-    type_counts,
-    ring_base_day,
-    ring_views,
-    ring_carts,
-    ring_orders,
-    browse_enabled,
-    browse_views,
-    intent_enabled,
-    intent_window_days,
-    intent_min_views,
-    intent_min_carts,
-    out_event,
-    out_rule,
-    out_a,
-    out_b,
-    out_c,
-):
-    """Apply events in order; return the number of rule firings written to ``out_*``.
-
-    ``out_event[k]`` is the index of the event that fired row k, ``out_rule[k]``
-    its rule id, and ``out_a..c`` the rule's values (browse: category, streak;
-    high intent: views, carts, orders in the window). ``out_*`` need room for
-    two rows per event.
-    """
-    n_out = 0
-    for i in range(cust_idx.shape[0]):
-        c = cust_idx[i]
-        t = type_code[i]
-        ts = event_time_ms[i]
-        if ts > last_seen_ms[c]:
-            last_seen_ms[c] = ts
-        if ts < first_seen_ms[c]:
-            first_seen_ms[c] = ts
-        type_counts[c, t] += 1
-
-        day = ts // MS_PER_DAY
-        if ring_base_day[c] == _RING_EMPTY or day > ring_base_day[c]:
-            ring_base_day[c] = _advance_ring(
-                ring_base_day[c], day, ring_views[c], ring_carts[c], ring_orders[c]
-            )
-        in_ring = day > ring_base_day[c] - RING_DAYS
-        if in_ring:
-            slot = day % RING_DAYS
-            if t == PRODUCT_VIEW and ring_views[c, slot] < 65535:
-                ring_views[c, slot] += 1
-            elif t == ADD_TO_CART and ring_carts[c, slot] < 65535:
-                ring_carts[c, slot] += 1
-            elif t == ORDER_PLACED and ring_orders[c, slot] < 65535:
-                ring_orders[c, slot] += 1
-
-        if t == PRODUCT_VIEW:
-            if category[i] == streak_category[c]:
-                if streak_len[c] < 65535:
-                    streak_len[c] += 1
-            else:
-                streak_category[c] = category[i]
-                streak_len[c] = 1
-            if browse_enabled and streak_len[c] == browse_views:
-                out_event[n_out] = i
-                out_rule[n_out] = RULE_BROWSE_INTEREST
-                out_a[n_out] = category[i]
-                out_b[n_out] = streak_len[c]
-                out_c[n_out] = 0
-                n_out += 1
-
-        if intent_enabled and (t in (PRODUCT_VIEW, ADD_TO_CART, ORDER_PLACED)):
-            base = ring_base_day[c]
-            views = _window_sum(ring_views[c], base, day, intent_window_days)
-            carts = _window_sum(ring_carts[c], base, day, intent_window_days)
-            orders = _window_sum(ring_orders[c], base, day, intent_window_days)
-            holds = views >= intent_min_views and carts >= intent_min_carts and orders == 0
-            was = (flags[c] & 1) != 0
-            if holds and not was:
-                flags[c] |= 1
-                out_event[n_out] = i
-                out_rule[n_out] = RULE_HIGH_INTENT
-                out_a[n_out] = views
-                out_b[n_out] = carts
-                out_c[n_out] = orders
-                n_out += 1
-            elif was and not holds:
-                flags[c] &= ~np.uint8(1)
-    return n_out
-
-
-class RuleParams(NamedTuple):
-    """The rule thresholds the kernel reads, taken from the configuration."""
-
+    lateness_ms: int
+    half_life_ms: float
+    snapshot_days: int
+    negative_sentiment: float
+    negative_rating: float
     browse_enabled: bool
     browse_views: int
     intent_enabled: bool
@@ -166,16 +127,557 @@ class RuleParams(NamedTuple):
     intent_min_carts: int
 
 
-def rule_params(rules: RulesConfig) -> RuleParams:
-    browse, intent = rules.browse_interest, rules.high_intent_no_purchase
-    return RuleParams(
-        browse.enabled,
-        browse.consecutive_views,
-        intent.enabled,
-        intent.window_days,
-        intent.min_views,
-        intent.min_cart_adds,
+class DeriveParams(NamedTuple):
+    """What ``derive`` reads from the configuration."""
+
+    recent_days: int
+    baseline_min: float
+    drop_threshold: float
+    cart_abandon_threshold: float
+    too_often_days: int
+    churn_bias: float
+    churn_medium: float
+    churn_high: float
+    churn_hysteresis: float
+    bg_r: float
+    bg_alpha: float
+    bg_a: float
+    bg_b: float
+    new_days: int
+    loyal_min_orders: int
+    dormant_days: int
+    lost_days: int
+    hv_min_orders: int
+    hv_min_aov: float
+    potential_days: int
+    seg_dormant_days: int
+    silver: float
+    gold: float
+
+
+class Params(NamedTuple):
+    kernel: KernelParams
+    derive: DeriveParams
+    pref_weights: np.ndarray  # float32 per event type
+    churn_weights: np.ndarray  # float64 per signal
+    recency_cuts: np.ndarray
+    frequency_cuts: np.ndarray
+    monetary_cuts: np.ndarray
+
+
+def params_from(config: CrmConfig) -> Params:
+    """Every kernel parameter, from the validated configuration."""
+    rules, churn, bg = config.rules, config.churn, config.bgnbd
+    life, seg = config.lifecycle, config.segments
+    weights = np.zeros(NUM_EVENT_TYPES, np.float32)
+    for name, w in config.preferences.weights.items():
+        weights[EVENT_CODE[name]] = w
+    kernel = KernelParams(
+        config.state.allowed_lateness_seconds * 1000,
+        config.preferences.half_life_days * MS_PER_DAY,
+        config.preferences.snapshot_days,
+        churn.negative_sentiment,
+        float(churn.negative_rating),
+        rules.browse_interest.enabled,
+        rules.browse_interest.consecutive_views,
+        rules.high_intent_no_purchase.enabled,
+        rules.high_intent_no_purchase.window_days,
+        rules.high_intent_no_purchase.min_views,
+        rules.high_intent_no_purchase.min_cart_adds,
     )
+    derive_params = DeriveParams(
+        churn.recent_days,
+        churn.baseline_min_events,
+        churn.activity_drop_threshold,
+        churn.cart_abandon_threshold,
+        churn.too_often_days,
+        churn.bias,
+        churn.medium,
+        churn.high,
+        churn.hysteresis,
+        bg.r,
+        bg.alpha,
+        bg.a,
+        bg.b,
+        life.new_days,
+        life.loyal_min_orders_365d,
+        life.dormant_days,
+        life.lost_days,
+        seg.high_value_min_orders_90d,
+        seg.high_value_min_aov,
+        seg.potential_days,
+        seg.dormant_days,
+        seg.silver_spend_365d,
+        seg.gold_spend_365d,
+    )
+    return Params(
+        kernel,
+        derive_params,
+        weights,
+        np.array([churn.weights[s] for s in SIGNALS], np.float64),
+        np.array(config.rfm.recency_days_cuts, np.float64),
+        np.array(config.rfm.frequency_cuts, np.float64),
+        np.array(config.rfm.monetary_cuts, np.float64),
+    )
+
+
+# -- rings -------------------------------------------------------------------
+
+
+@njit(cache=True, nogil=True)
+def _advance(ring, base, idx):
+    """Make ``idx`` the ring's newest slot, clearing the slots it passes; return it."""
+    n = ring.shape[0]
+    if base == EMPTY_BASE or idx - base >= n:
+        ring[:] = 0
+    else:
+        for s in range(base + 1, idx + 1):
+            ring[s % n] = 0
+    return idx
+
+
+@njit(cache=True, nogil=True)
+def _add2(ring, base, idx, kind, amount, cap):
+    """Add to ``ring[idx, kind]`` (saturating at ``cap``); return the new base."""
+    if base == EMPTY_BASE or idx > base:
+        base = _advance(ring, base, idx)
+    if idx > base - ring.shape[0]:
+        slot = idx % ring.shape[0]
+        ring[slot, kind] = min(ring[slot, kind] + amount, cap)
+    return base
+
+
+@njit(cache=True, nogil=True)
+def window_sum(ring, base, idx, span, kind):
+    """Sum of ``ring[:, kind]`` over slots (idx - span, idx] that the ring still holds."""
+    if base == EMPTY_BASE:
+        return 0.0
+    lo = max(idx - span + 1, base - ring.shape[0] + 1)
+    hi = min(idx, base)
+    total = 0.0
+    for s in range(lo, hi + 1):
+        total += ring[s % ring.shape[0], kind]
+    return total
+
+
+@njit(cache=True, nogil=True)
+def window_sum1(ring, base, idx, span):
+    """``window_sum`` for a one-dimensional ring."""
+    if base == EMPTY_BASE:
+        return 0.0
+    lo = max(idx - span + 1, base - ring.shape[0] + 1)
+    hi = min(idx, base)
+    total = 0.0
+    for s in range(lo, hi + 1):
+        total += ring[s % ring.shape[0]]
+    return total
+
+
+@njit(cache=True, nogil=True)
+def week_of(day):
+    """Weeks start on Monday (epoch day 0 was a Thursday)."""
+    return (day + 3) // 7
+
+
+# -- per-event update ----------------------------------------------------------
+
+
+@njit(cache=True, nogil=True)
+def _purchase_day(r, day):
+    """Track distinct purchase days exactly (64-day bitmap) and the squared gaps."""
+    if r.purchase_days == 0:
+        r.first_purchase_day = day
+        r.last_purchase_day = day
+        r.purchase_day_bits = np.uint64(1)
+        r.purchase_days = 1
+        return
+    last = r.last_purchase_day
+    if day > last:
+        gap = day - last
+        r.ipt_sq_sum += gap * gap
+        if gap < 64:
+            r.purchase_day_bits = (r.purchase_day_bits << np.uint64(gap)) | np.uint64(1)
+        else:
+            r.purchase_day_bits = np.uint64(1)
+        r.last_purchase_day = day
+        r.purchase_days += 1
+        return
+    k = last - day
+    if k == 0 or k >= 64 or (r.purchase_day_bits >> np.uint64(k)) & np.uint64(1):
+        return  # a day already counted (k >= 64 cannot happen within the allowed lateness)
+    r.purchase_day_bits |= np.uint64(1) << np.uint64(k)
+    r.purchase_days += 1
+    if day < r.first_purchase_day:
+        gap = r.first_purchase_day - day
+        r.ipt_sq_sum += gap * gap
+        r.first_purchase_day = day
+        return
+    later = k - 1  # nearest later purchase day: the highest set bit below k
+    while not (r.purchase_day_bits >> np.uint64(later)) & np.uint64(1):
+        later -= 1
+    earlier = k + 1  # nearest earlier purchase day: the lowest set bit above k
+    while earlier < 64 and not (r.purchase_day_bits >> np.uint64(earlier)) & np.uint64(1):
+        earlier += 1
+    q = last - later
+    p = last - earlier if earlier < 64 else r.first_purchase_day
+    r.ipt_sq_sum += (day - p) ** 2 + (q - day) ** 2 - (q - p) ** 2
+
+
+@njit(cache=True, nogil=True)
+def _prefer(r, category, weight, ts, day, half_life_ms, snapshot_days):
+    """Add ``weight`` to a category of the exponentially decaying preference vector."""
+    if r.pref_ref_ms == INT64_MIN or ts >= r.pref_ref_ms:
+        if r.pref_ref_ms != INT64_MIN:
+            factor = 2.0 ** (-(ts - r.pref_ref_ms) / half_life_ms)
+            for k in range(PREF_CATEGORIES):
+                r.pref[k] *= factor
+        r.pref_ref_ms = ts
+        if r.pref_snap_day == EMPTY_BASE or day - r.pref_snap_day >= snapshot_days:
+            top = 0.0
+            for k in range(PREF_CATEGORIES):
+                top = max(top, r.pref[k])
+            for k in range(PREF_CATEGORIES):
+                r.pref_snap[k] = (
+                    round(255.0 * max(r.pref[k], 0.0) / top) if top > MIN_AFFINITY else 0
+                )
+            r.pref_snap_day = day
+        r.pref[category] += weight
+    else:  # a late event: decay its weight to the vector's reference time
+        r.pref[category] += weight * 2.0 ** (-(r.pref_ref_ms - ts) / half_life_ms)
+
+
+@njit(cache=True, nogil=True)
+def apply_events(
+    records,
+    cust_idx,
+    type_code,
+    category,
+    event_time_ms,
+    amount,
+    aux,
+    p,
+    pref_weights,
+    out_event,
+    out_rule,
+    out_a,
+    out_b,
+    out_c,
+):
+    """Apply events in order; return (rule firings written to ``out_*``, late events)."""
+    n_out = 0
+    n_late = 0
+    for i in range(cust_idx.shape[0]):
+        r = records[cust_idx[i]]
+        t = type_code[i]
+        ts = event_time_ms[i]
+        if r.type_counts[t] < 65535:
+            r.type_counts[t] += 1
+        if t == ORDER_PLACED:
+            r.orders_total += 1
+            r.spend_total += amount[i]
+        if r.last_seen_ms != INT64_MIN and r.last_seen_ms - ts > p.lateness_ms:
+            n_late += 1  # too late for windows: lifetime totals only
+            continue
+        if ts > r.last_seen_ms:
+            r.last_seen_ms = ts
+        if ts < r.first_seen_ms:
+            r.first_seen_ms = ts
+
+        day = ts // MS_PER_DAY
+        week = week_of(day)
+        if t <= LAST_CLICKSTREAM:
+            r.base_10m = _add2(r.win_10m, r.base_10m, ts // MS_PER_10M, KIND_ACTIVITY, 1, 255)
+            r.base_1h = _add2(r.win_1h, r.base_1h, ts // MS_PER_HOUR, KIND_ACTIVITY, 1, 255)
+            r.base_1d = _add2(r.win_1d, r.base_1d, day, KIND_ACTIVITY, 1, 255)
+            r.base_1w = _add2(r.win_1w, r.base_1w, week, KIND_ACTIVITY, 1, 65535)
+        kind = -1
+        if t == PRODUCT_VIEW:
+            kind = KIND_VIEWS
+            r.base_10m = _add2(r.win_10m, r.base_10m, ts // MS_PER_10M, KIND_VIEWS, 1, 255)
+            r.base_1h = _add2(r.win_1h, r.base_1h, ts // MS_PER_HOUR, KIND_VIEWS, 1, 255)
+        elif t == ADD_TO_CART:
+            kind = KIND_CARTS
+        elif t == SESSION_START:
+            kind = KIND_SESSIONS
+        elif t == ORDER_PLACED:
+            kind = KIND_ORDERS
+            month = day // 30
+            if r.base_30d == EMPTY_BASE or month > r.base_30d:
+                _advance(r.spend_30d, r.base_30d, month)
+                r.base_30d = _advance(r.orders_30d, r.base_30d, month)
+            if month > r.base_30d - r.orders_30d.shape[0]:
+                slot = month % r.orders_30d.shape[0]
+                r.orders_30d[slot] = min(r.orders_30d[slot] + 1, 255)
+                r.spend_30d[slot] += amount[i]
+            if ts >= r.last_seen_ms:
+                r.last_order_amount = amount[i]
+            _purchase_day(r, day)
+        if kind >= 0:
+            r.base_1d = _add2(r.win_1d, r.base_1d, day, kind, 1, 255)
+            r.base_1w = _add2(r.win_1w, r.base_1w, week, kind, 1, 65535)
+
+        if (t == SERVICE_TICKET and aux[i] <= p.negative_sentiment) or (
+            t == PRODUCT_REVIEW and aux[i] <= p.negative_rating
+        ):
+            r.neg_feedback = min(r.neg_feedback + 1, 255)
+        elif t == LOGISTICS_UPDATE and aux[i] > 0:
+            r.delays = min(r.delays + 1, 255)
+        elif t == CONTACTED_TOO_OFTEN and day > r.too_often_day:
+            r.too_often_day = day
+
+        weight = pref_weights[t]
+        if weight != 0 and category[i] >= 0:
+            _prefer(r, category[i], weight, ts, day, p.half_life_ms, p.snapshot_days)
+
+        if t == PRODUCT_VIEW:
+            if category[i] == r.streak_category:
+                if r.streak_len < 65535:
+                    r.streak_len += 1
+            else:
+                r.streak_category = category[i]
+                r.streak_len = 1
+            if p.browse_enabled and r.streak_len == p.browse_views:
+                out_event[n_out] = i
+                out_rule[n_out] = RULE_BROWSE_INTEREST
+                out_a[n_out] = category[i]
+                out_b[n_out] = r.streak_len
+                out_c[n_out] = 0
+                n_out += 1
+
+        if p.intent_enabled and (t in (PRODUCT_VIEW, ADD_TO_CART, ORDER_PLACED)):
+            span = p.intent_window_days
+            views = window_sum(r.win_1d, r.base_1d, day, span, KIND_VIEWS)
+            carts = window_sum(r.win_1d, r.base_1d, day, span, KIND_CARTS)
+            orders = window_sum(r.win_1d, r.base_1d, day, span, KIND_ORDERS)
+            holds = views >= p.intent_min_views and carts >= p.intent_min_carts and orders == 0
+            was = (r.flags & FLAG_HIGH_INTENT) != 0
+            if holds and not was:
+                r.flags |= FLAG_HIGH_INTENT
+                out_event[n_out] = i
+                out_rule[n_out] = RULE_HIGH_INTENT
+                out_a[n_out] = views
+                out_b[n_out] = carts
+                out_c[n_out] = orders
+                n_out += 1
+            elif was and not holds:
+                r.flags &= ~np.uint8(FLAG_HIGH_INTENT)
+    return n_out, n_late
+
+
+# -- BG/NBD --------------------------------------------------------------------
+
+
+@njit(cache=True, nogil=True)
+def hyp2f1(a, b, c, z):
+    """Gauss hypergeometric 2F1(a, b; c; z) by its power series, for 0 <= z < 1."""
+    term = 1.0
+    total = 1.0
+    for k in range(100_000):
+        term *= (a + k) * (b + k) / ((c + k) * (k + 1)) * z
+        total += term
+        if abs(term) <= 1e-15 * abs(total):
+            break
+    return total
+
+
+@njit(cache=True, nogil=True)
+def bgnbd(x, t_x, big_t, horizon, r, alpha, a, b):
+    """(P(alive), expected purchases in ``horizon``) for BG/NBD; times in weeks.
+
+    x: repeat purchases; t_x: time of the last purchase; big_t: length of the
+    observation period, both measured from the first purchase (Fader, Hardie &
+    Lee 2005, eq. 10 and the conditional expectation of section 4.3).
+    """
+    ratio = ((alpha + big_t) / (alpha + t_x)) ** (r + x)
+    odds = a / (b + x - 1.0) * ratio if x > 0 else 0.0
+    p_alive = 1.0 / (1.0 + odds)
+    z = horizon / (alpha + big_t + horizon)
+    head = (a + b + x - 1.0) / (a - 1.0)
+    tail = ((alpha + big_t) / (alpha + big_t + horizon)) ** (r + x)
+    tail *= hyp2f1(r + x, b + x, a + b + x - 1.0, z)
+    return p_alive, head * (1.0 - tail) / (1.0 + odds)
+
+
+# -- per-customer derivation -------------------------------------------------------
+
+
+@njit(cache=True, nogil=True)
+def _score(value, cuts, ascending):
+    """1..5 against four cut points (ascending: higher is better)."""
+    if ascending:
+        s = 1
+        for c in cuts:
+            if value >= c:
+                s += 1
+        return s
+    s = 5
+    for c in cuts:
+        if value > c:
+            s -= 1
+    return s
+
+
+@njit(cache=True, nogil=True)
+def _drop(recent, total_90, recent_days, baseline_min, threshold):
+    """Drop of the last ``recent_days`` against the customer's own earlier rate, in [0, 1]."""
+    baseline = (total_90 - recent) * recent_days / (91.0 - recent_days)
+    if baseline < baseline_min:
+        return 0.0
+    drop = 1.0 - recent / baseline
+    return min(max(drop / threshold, 0.0), 1.0)
+
+
+@njit(cache=True, nogil=True)
+def derive(records, as_of_ms, dp, churn_weights, r_cuts, f_cuts, m_cuts, out):
+    """Derive signals, scores and labels for each record as of ``as_of_ms[i]``.
+
+    Writes ``out[i, COL[...]]`` and updates stage, segment, tier, churn level
+    and flags in the records (the old values are kept in ``out``).
+    """
+    for i in range(records.shape[0]):
+        r = records[i]
+        day = as_of_ms[i] // MS_PER_DAY
+        week = week_of(day)
+        month = day // 30
+        row = out[i]
+        row[:] = 0.0
+
+        orders_90 = window_sum1(r.orders_30d, r.base_30d, month, 3)
+        spend_90 = window_sum1(r.spend_30d, r.base_30d, month, 3)
+        orders_365 = window_sum1(r.orders_30d, r.base_30d, month, 12)
+        spend_365 = window_sum1(r.spend_30d, r.base_30d, month, 12)
+        buyer = r.purchase_days > 0
+        since = float(day - r.last_purchase_day) if buyer else -1.0
+        n = r.purchase_days
+        mean = (r.last_purchase_day - r.first_purchase_day) / (n - 1.0) if n > 1 else 0.0
+        var = r.ipt_sq_sum / (n - 1.0) - mean * mean if n > 1 else 0.0
+        aov = r.spend_total / r.orders_total if r.orders_total > 0 else 0.0
+
+        # BG/NBD with the model's conventions: x repeat purchase days, weeks since first.
+        p_alive = np.nan
+        if buyer:
+            x = n - 1.0
+            t_x = (r.last_purchase_day - r.first_purchase_day) / 7.0
+            big_t = max(day - r.first_purchase_day, 0) / 7.0
+            p_alive, e30 = bgnbd(x, t_x, big_t, 30 / 7.0, dp.bg_r, dp.bg_alpha, dp.bg_a, dp.bg_b)
+            _, e90 = bgnbd(x, t_x, big_t, 90 / 7.0, dp.bg_r, dp.bg_alpha, dp.bg_a, dp.bg_b)
+            row[_C_EXPECTED_30D] = e30
+            row[_C_EXPECTED_90D] = e90
+        row[_C_P_ALIVE] = p_alive
+
+        # The ten churn signals, each in [0, 1].
+        rd = dp.recent_days
+        sig = row[_SIG0 : _SIG0 + NUM_SIGNALS]
+        sig[0] = _drop(
+            window_sum(r.win_1d, r.base_1d, day, rd, KIND_ACTIVITY),
+            window_sum(r.win_1w, r.base_1w, week, 13, KIND_ACTIVITY),
+            rd,
+            dp.baseline_min,
+            dp.drop_threshold,
+        )
+        sig[1] = _drop(
+            window_sum(r.win_1d, r.base_1d, day, rd, KIND_SESSIONS),
+            window_sum(r.win_1w, r.base_1w, week, 13, KIND_SESSIONS),
+            rd,
+            dp.baseline_min,
+            dp.drop_threshold,
+        )
+        carts = window_sum(r.win_1d, r.base_1d, day, 30, KIND_CARTS)
+        if carts >= 2:
+            rate = max(0.0, 1.0 - window_sum(r.win_1d, r.base_1d, day, 30, KIND_ORDERS) / carts)
+            sig[2] = rate if rate >= dp.cart_abandon_threshold else 0.0
+        if n > 1 and mean > 0:
+            sig[3] = min(max((since - mean) / mean, 0.0), 1.0)
+        if r.orders_total > 1 and aov > 0:
+            sig[4] = min(abs(r.last_order_amount - aov) / aov, 1.0)
+        if r.orders_total > 0:
+            returned = r.type_counts[ORDER_RETURNED] + r.type_counts[ORDER_REFUNDED]
+            sig[5] = min(returned / r.orders_total, 1.0)
+        sig[6] = min(r.neg_feedback / 2.0, 1.0)
+        sig[7] = min(r.delays / 2.0, 1.0)
+        if r.too_often_day != EMPTY_BASE and day - r.too_often_day <= dp.too_often_days:
+            sig[8] = 1.0
+        if buyer:
+            sig[9] = 1.0 - p_alive
+        logit = dp.churn_bias
+        for k in range(NUM_SIGNALS):
+            logit += churn_weights[k] * sig[k]
+        score = 1.0 / (1.0 + math.exp(-logit))
+        row[_C_CHURN_SCORE] = score
+        row[_C_OLD_CHURN_LEVEL] = r.churn_level
+        if r.flags & FLAG_CHURN_HIGH:
+            if score < dp.churn_high - dp.churn_hysteresis:
+                r.flags &= ~np.uint8(FLAG_CHURN_HIGH)
+        elif score >= dp.churn_high:
+            r.flags |= FLAG_CHURN_HIGH
+        high = (r.flags & FLAG_CHURN_HIGH) != 0
+        r.churn_level = 2 if high else (1 if score >= dp.churn_medium else 0)
+
+        if buyer:
+            row[_C_R] = _score(since, r_cuts, False)
+            row[_C_F] = _score(orders_365, f_cuts, True)
+            row[_C_M] = _score(spend_365, m_cuts, True)
+
+        # Lifecycle stage, value segment and tier.
+        row[_C_OLD_STAGE] = r.stage
+        row[_C_OLD_SEGMENT] = r.segment
+        row[_C_OLD_TIER] = r.tier
+        if not buyer:
+            stage = 0
+        elif since >= dp.lost_days:
+            stage = 6
+        elif since >= dp.dormant_days:
+            stage = 5
+        elif high:
+            stage = 4
+        elif day - r.first_purchase_day < dp.new_days:
+            stage = 1
+        elif orders_365 >= dp.loyal_min_orders:
+            stage = 3
+        else:
+            stage = 2
+        if stage != r.stage:
+            r.prev_stage = r.stage
+            r.stage = stage
+            r.stage_since_ms = as_of_ms[i]
+        browsing = window_sum(r.win_1d, r.base_1d, day, rd, KIND_ACTIVITY) > 0
+        aov_90 = spend_90 / orders_90 if orders_90 > 0 else 0.0
+        if not buyer:
+            r.segment = 0
+        elif since >= dp.seg_dormant_days:
+            r.segment = 4
+        elif orders_90 >= dp.hv_min_orders and aov_90 > dp.hv_min_aov:
+            r.segment = 3
+        elif n == 1 and since >= dp.potential_days and browsing:
+            r.segment = 2
+        else:
+            r.segment = 1
+        r.tier = 2 if spend_365 >= dp.gold else (1 if spend_365 >= dp.silver else 0)
+
+        # Interest shift: cosine distance between now and the snapshot.
+        dot = 0.0
+        now2 = 0.0
+        snap2 = 0.0
+        for k in range(PREF_CATEGORIES):
+            v = max(r.pref[k], 0.0)
+            s = float(r.pref_snap[k])
+            dot += v * s
+            now2 += v * v
+            snap2 += s * s
+        if now2 > 0 and snap2 > 0:
+            row[_C_INTEREST_SHIFT] = 1.0 - dot / math.sqrt(now2 * snap2)
+
+        row[_C_ORDERS_90D] = orders_90
+        row[_C_SPEND_90D] = spend_90
+        row[_C_ORDERS_365D] = orders_365
+        row[_C_SPEND_365D] = spend_365
+        row[_C_AOV] = aov
+        row[_C_DAYS_SINCE_PURCHASE] = since
+        row[_C_IPT_MEAN_DAYS] = mean
+        row[_C_IPT_STD_DAYS] = math.sqrt(max(var, 0.0))
+
+
+# -- batch entry points --------------------------------------------------------------
 
 
 class Firings(NamedTuple):
@@ -188,28 +690,49 @@ class Firings(NamedTuple):
     c: np.ndarray
 
 
-def apply_batch(
-    records: np.ndarray,
-    cust_idx: np.ndarray,
-    type_code: np.ndarray,
-    category: np.ndarray,
-    event_time_ms: np.ndarray,
-    params: RuleParams,
-) -> Firings:
-    """Apply a batch to ``records`` (a ``STATE_DTYPE`` array) in place; return the firings."""
-    n = cust_idx.shape[0]
+class BatchEvents(NamedTuple):
+    """A batch's events as arrays, sorted by customer then event time."""
+
+    cust_idx: np.ndarray  # int32 index into the batch's records
+    type_code: np.ndarray  # int8
+    category: np.ndarray  # int16, -1 none
+    event_time_ms: np.ndarray  # int64
+    amount: np.ndarray  # float64, base currency
+    aux: np.ndarray  # float64
+
+
+def apply_batch(records: np.ndarray, events: BatchEvents, params: Params) -> tuple[Firings, int]:
+    """Apply a batch to ``records`` in place; return the rule firings and late events."""
+    n = events.cust_idx.shape[0]
     out = [np.empty(2 * n, d) for d in (np.int32, np.int8, np.int64, np.int64, np.int64)]
-    n_out = apply_events(
-        cust_idx, type_code, category, event_time_ms,
-        records["flags"], records["streak_category"], records["streak_len"],
-        records["first_seen_ms"], records["last_seen_ms"], records["type_counts"],
-        records["ring_base_day"], records["ring_views"], records["ring_carts"],
-        records["ring_orders"], *params, *out,
-    )  # fmt: skip
-    return Firings(*(column[:n_out] for column in out))
+    n_out, n_late = apply_events(records, *events, params.kernel, params.pref_weights, *out)
+    return Firings(*(column[:n_out] for column in out)), n_late
 
 
-def warm_up() -> None:
+def derive_batch(records: np.ndarray, as_of_ms: np.ndarray, params: Params) -> np.ndarray:
+    """Run ``derive`` over every record; returns the ``DERIVED`` columns."""
+    out = np.zeros((records.shape[0], len(DERIVED)), np.float64)
+    derive(
+        records,
+        as_of_ms,
+        params.derive,
+        params.churn_weights,
+        params.recency_cuts,
+        params.frequency_cuts,
+        params.monetary_cuts,
+        out,
+    )
+    return out
+
+
+def events_of(rows: list[tuple[int, int, int, int, float, float]]) -> BatchEvents:
+    """BatchEvents from (customer index, type, category, time, amount, aux) tuples."""
+    columns = list(zip(*rows, strict=True)) if rows else [()] * 6
+    dtypes = (np.int32, np.int8, np.int16, np.int64, np.float64, np.float64)
+    return BatchEvents(*(np.array(col, dtype=d) for col, d in zip(columns, dtypes, strict=True)))
+
+
+def warm_up(config: CrmConfig) -> None:
     """Compile (or load from cache) the kernels before the first batch needs them.
 
     Loading pulls in NumPy/SciPy pieces and takes about a second; doing it at
@@ -217,6 +740,10 @@ def warm_up() -> None:
     """
     from crmstream.state.encoding import fresh_records
 
-    one = np.zeros(1, np.int64)
-    apply_batch(fresh_records(1), one.astype(np.int32), np.array([PRODUCT_VIEW], np.int8),
-                one.astype(np.int16), one, RuleParams(True, 3, True, 30, 5, 2))  # fmt: skip
+    params = params_from(config)
+    records = fresh_records(1)
+    apply_batch(records, events_of([(0, ORDER_PLACED, 0, MS_PER_DAY, 1.0, 0.0)]), params)
+    derive_batch(records, np.array([MS_PER_DAY], np.int64), params)
+
+
+assert len(EVENT_TYPES) == NUM_EVENT_TYPES

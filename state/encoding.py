@@ -6,6 +6,11 @@ the blobs of a whole batch into one structured array (missing customers become
 fresh records) and ``encode_records`` turns it back into bytes, so the kernels
 only ever see arrays. A blob of an older layout is migrated on read; a blob of
 an unknown or corrupt layout raises ``StateEncodingError`` naming the key.
+
+Windows are rings of buckets at fixed resolutions (see docs/state.md):
+10-minute and hourly buckets for the 1 h and 24 h windows, daily buckets for
+7 d / 14 d / 30 d, weekly buckets for 90 d and 30-day buckets of orders and
+spend for 90 d / 365 d. Small counters saturate instead of wrapping.
 """
 
 from __future__ import annotations
@@ -14,35 +19,108 @@ import numpy as np
 
 from crmstream.operators.events import NUM_EVENT_TYPES
 
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2
 # Input roles whose applied positions each customer records (exactly-once).
 ROLES: tuple[str, ...] = ("clickstream", "orders", "customers", "feedback")
 ROLE_INDEX = {role: i for i, role in enumerate(ROLES)}
-RING_DAYS = 32  # daily buckets; windows of up to 32 days read from them
 
-FLAG_HIGH_INTENT_FIRED = 1  # bit 0: the high-intent condition held at the last event
+PREF_CATEGORIES = 32  # preference vector width: the taxonomy holds at most this many
+# Window kinds. The 10-minute and hourly rings keep only the first two.
+KIND_ACTIVITY, KIND_VIEWS, KIND_CARTS, KIND_SESSIONS, KIND_ORDERS = range(5)
+WINDOW_KINDS = ("activity", "product_views", "cart_adds", "sessions", "orders")
+SHORT_KINDS = 2
+RING_10M, RING_1H, RING_1D, RING_1W, RING_30D = 6, 24, 30, 13, 13
+SIGNALS = (
+    "activity_drop",
+    "login_drop",
+    "cart_abandon",
+    "purchase_overdue",
+    "aov_swing",
+    "returns",
+    "negative_feedback",
+    "delivery_delays",
+    "contacted_too_often",
+    "not_alive",
+)
+NUM_SIGNALS = len(SIGNALS)
+STAGES = ("prospect", "new", "growing", "loyal", "at_risk", "dormant", "lost")
+SEGMENTS = ("prospect", "regular", "potential", "high_value", "dormant")
+TIERS = ("none", "silver", "gold")
+CHURN_LEVELS = ("low", "medium", "high")
+
+FLAG_HIGH_INTENT = 1  # the high-intent condition held at the last event
+FLAG_CHURN_HIGH = 2  # churn is in the high band (with hysteresis)
+
+EMPTY_BASE = np.iinfo(np.int32).min
 
 STATE_DTYPE = np.dtype(
     [
         ("version", np.uint8),
         ("flags", np.uint8),
-        ("streak_category", np.int16),  # category of the running product-view streak, -1 none
+        ("stage", np.uint8),
+        ("segment", np.uint8),
+        ("tier", np.uint8),
+        ("churn_level", np.uint8),
+        ("streak_category", np.int8),  # category of the running product-view streak, -1 none
+        ("neg_feedback", np.uint8),  # negative tickets and low reviews (saturating)
+        ("delays", np.uint8),  # delivery delays and customs holds suffered (saturating)
+        ("streak_len", np.uint16),
+        ("purchase_days", np.uint16),  # distinct purchase days (BTYD: x = purchase_days - 1)
+        ("first_seen_ms", np.int64),
+        ("last_seen_ms", np.int64),
+        # Highest input offset applied to this customer, per input role, and its partition.
+        ("applied_partition", np.int32, (len(ROLES),)),
+        ("applied_offset", np.int64, (len(ROLES),)),
+        ("type_counts", np.uint16, (NUM_EVENT_TYPES,)),  # lifetime, saturating at 65535
+        ("base_10m", np.int32),
+        ("base_1h", np.int32),
+        ("base_1d", np.int32),
+        ("base_1w", np.int32),
+        ("base_30d", np.int32),
+        ("win_10m", np.uint8, (RING_10M, SHORT_KINDS)),
+        ("win_1h", np.uint8, (RING_1H, SHORT_KINDS)),
+        ("win_1d", np.uint8, (RING_1D, len(WINDOW_KINDS))),
+        ("win_1w", np.uint16, (RING_1W, len(WINDOW_KINDS))),
+        ("orders_30d", np.uint8, (RING_30D,)),  # orders per 30-day bucket (saturating)
+        ("spend_30d", np.float32, (RING_30D,)),  # spend per 30-day bucket, base currency
+        ("orders_total", np.uint32),
+        ("spend_total", np.float64),
+        ("last_order_amount", np.float32),
+        ("first_purchase_day", np.int32),
+        ("last_purchase_day", np.int32),
+        ("purchase_day_bits", np.uint64),  # bit i: a purchase on last_purchase_day - i
+        ("ipt_sq_sum", np.float64),  # sum of squared gaps between purchase days
+        ("too_often_day", np.int32),  # last "contacted too often" (epoch day)
+        ("pref_ref_ms", np.int64),  # time the preference vector is decayed to
+        ("pref", np.float32, (PREF_CATEGORIES,)),
+        ("pref_snap_day", np.int32),
+        # The vector ~7 days ago, scaled to its largest entry = 255 (direction is what counts).
+        ("pref_snap", np.uint8, (PREF_CATEGORIES,)),
+        ("stage_since_ms", np.int64),
+        ("prev_stage", np.uint8),
+    ]
+)
+STATE_BYTES = STATE_DTYPE.itemsize
+
+# Layout 1 (foundation): kept to migrate blobs written before layout 2.
+STATE_DTYPE_V1 = np.dtype(
+    [
+        ("version", np.uint8),
+        ("flags", np.uint8),
+        ("streak_category", np.int16),
         ("streak_len", np.uint16),
         ("_reserved", np.uint16),
         ("first_seen_ms", np.int64),
         ("last_seen_ms", np.int64),
-        # Highest input offset applied to this customer, per input role.
-        # Producers key events by customer, so one role maps to one partition.
-        ("applied_partition", np.int32, (len(ROLES),)),
-        ("applied_offset", np.int64, (len(ROLES),)),
-        ("type_counts", np.uint32, (NUM_EVENT_TYPES,)),  # lifetime counts per event type
-        ("ring_base_day", np.int32),  # newest event day (epoch days) in the ring
-        ("ring_views", np.uint16, (RING_DAYS,)),
-        ("ring_carts", np.uint16, (RING_DAYS,)),
-        ("ring_orders", np.uint16, (RING_DAYS,)),
+        ("applied_partition", np.int32, (4,)),
+        ("applied_offset", np.int64, (4,)),
+        ("type_counts", np.uint32, (NUM_EVENT_TYPES,)),
+        ("ring_base_day", np.int32),
+        ("ring_views", np.uint16, (32,)),
+        ("ring_carts", np.uint16, (32,)),
+        ("ring_orders", np.uint16, (32,)),
     ]
 )
-STATE_BYTES = STATE_DTYPE.itemsize
 
 
 class StateEncodingError(ValueError):
@@ -57,7 +135,14 @@ def fresh_records(n: int) -> np.ndarray:
     records["applied_partition"] = -1
     records["applied_offset"] = -1
     records["first_seen_ms"] = np.iinfo(np.int64).max
-    records["ring_base_day"] = np.iinfo(np.int32).min
+    records["last_seen_ms"] = np.iinfo(np.int64).min
+    for base in ("base_10m", "base_1h", "base_1d", "base_1w", "base_30d"):
+        records[base] = EMPTY_BASE
+    records["first_purchase_day"] = EMPTY_BASE
+    records["last_purchase_day"] = EMPTY_BASE
+    records["too_often_day"] = EMPTY_BASE
+    records["pref_snap_day"] = EMPTY_BASE
+    records["pref_ref_ms"] = np.iinfo(np.int64).min
     return records
 
 
@@ -70,16 +155,43 @@ def decode_batch(blobs: list[bytes | None], keys: list[str]) -> np.ndarray:
         if len(blob) == STATE_BYTES and blob[0] == LAYOUT_VERSION:
             records[i] = np.frombuffer(blob, dtype=STATE_DTYPE)[0]
         else:
-            records[i] = _migrate(blob, keys[i])
+            _migrate(blob, keys[i], records[i : i + 1])
     return records
 
 
-def _migrate(blob: bytes, key: str) -> np.ndarray:
+def _migrate(blob: bytes, key: str, into: np.ndarray) -> None:
+    """Read an older layout into ``into`` (a fresh current record)."""
+    if len(blob) == STATE_DTYPE_V1.itemsize and blob[0] == 1:
+        old = np.frombuffer(blob, dtype=STATE_DTYPE_V1)[0]
+        for name in (
+            "flags",
+            "streak_len",
+            "first_seen_ms",
+            "last_seen_ms",
+            "applied_partition",
+            "applied_offset",
+        ):
+            into[name] = old[name]
+        into["flags"] = old["flags"] & 1
+        into["streak_category"] = old["streak_category"]
+        into["type_counts"] = np.minimum(old["type_counts"], 65535)
+        # Layout 1 kept a 32-day ring of views, carts and orders; carry it over by day.
+        base = int(old["ring_base_day"])
+        if base != EMPTY_BASE:
+            into["base_1d"] = base
+            for day in range(base - RING_1D + 1, base + 1):
+                new_slot, old_slot = day % RING_1D, day % 32
+                for kind, ring in (
+                    (KIND_VIEWS, "ring_views"),
+                    (KIND_CARTS, "ring_carts"),
+                    (KIND_ORDERS, "ring_orders"),
+                ):
+                    into["win_1d"][0][new_slot, kind] = min(int(old[ring][old_slot]), 255)
+        return
     version = blob[0] if blob else None
-    # Layout 1 is the first; later layouts register their migrations here.
     raise StateEncodingError(
         f"state at {key!r} has layout version {version!r} and {len(blob)} bytes; "
-        f"this build reads layout {LAYOUT_VERSION} ({STATE_BYTES} bytes)"
+        f"this build reads layouts 1 and {LAYOUT_VERSION} ({STATE_BYTES} bytes)"
     )
 
 

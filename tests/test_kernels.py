@@ -1,109 +1,354 @@
-"""The Numba kernel against its plain-Python reference, over random event sequences."""
+"""The Numba kernels against their plain-Python reference, over random event sequences."""
 
 from __future__ import annotations
 
 import itertools
+import math
 
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from scipy.special import hyp2f1 as scipy_hyp2f1
 
-from crmstream.operators import kernels
-from crmstream.operators.kernels import (
-    ADD_TO_CART,
-    MS_PER_DAY,
-    ORDER_PLACED,
-    PRODUCT_VIEW,
-    RuleParams,
+from crmstream.config import load_config
+from crmstream.operators import kernels as K
+from crmstream.operators.reference import (
+    RefCustomer,
+    orders_window,
+    preference,
+    purchase_days,
+    reference_apply,
+    reference_derive,
+    window,
 )
-from crmstream.operators.reference import reference_apply
-from crmstream.state.encoding import decode_batch, encode_records, fresh_records
+from crmstream.state.encoding import (
+    KIND_ACTIVITY,
+    KIND_CARTS,
+    KIND_ORDERS,
+    KIND_SESSIONS,
+    KIND_VIEWS,
+    STAGES,
+    decode_batch,
+    encode_records,
+    fresh_records,
+)
 
-BASE_MS = 20_000 * MS_PER_DAY
-TYPES = [PRODUCT_VIEW, PRODUCT_VIEW, PRODUCT_VIEW, ADD_TO_CART, ORDER_PLACED, 0, 2]
+CONFIG = load_config(env={})
+PARAMS = K.params_from(CONFIG)
+BASE_MS = 20_000 * K.MS_PER_DAY
+CUSTOMERS = ["a", "b", "c"]
+TYPES = (
+    [K.PRODUCT_VIEW] * 4
+    + [K.ADD_TO_CART] * 2
+    + [K.ORDER_PLACED] * 2
+    + [
+        K.SESSION_START,
+        0,
+        2,
+        K.ORDER_RETURNED,
+        K.LOGISTICS_UPDATE,
+        K.SERVICE_TICKET,
+        K.PRODUCT_REVIEW,
+        K.CONTACTED_TOO_OFTEN,
+        K.CONTACTED_TOO_OFTEN - 1,
+    ]
+)
+AUX = {
+    K.LOGISTICS_UPDATE: [0.0, 1.0, 2.0],
+    K.SERVICE_TICKET: [-0.9, 0.5],
+    K.PRODUCT_REVIEW: [1.0, 4.0],
+}
 
 event_strategy = st.tuples(
-    st.sampled_from(["a", "b", "c"]),
+    st.sampled_from(CUSTOMERS),
     st.sampled_from(TYPES),
     st.integers(0, 3),
-    # mostly forward in time, with late events and jumps past the ring
-    st.integers(-40 * MS_PER_DAY, 80 * MS_PER_DAY),
+    # mostly forward, with late events, small shuffles and jumps past the rings
+    st.one_of(
+        st.integers(-3 * K.MS_PER_DAY, 3 * K.MS_PER_DAY),
+        st.integers(20 * K.MS_PER_DAY, 400 * K.MS_PER_DAY),
+    ),
+    st.sampled_from([5.0, 20.0, 75.5]),
+    st.integers(0, 1),
 )
 
 
-def run_kernel(batches, browse_views, window, min_views, min_carts):
+def _materialise(raw):
+    """Turn time deltas into absolute times; pick aux values by type."""
+    clock = BASE_MS
+    events = []
+    for cid, etype, cat, delta, amount, pick in raw:
+        clock += max(delta, 0)  # the clock moves forward; negative deltas make late events
+        ts = clock + min(delta, 0)
+        aux = AUX.get(etype, [0.0])[pick % len(AUX.get(etype, [0.0]))]
+        events.append((cid, etype, cat, ts, amount, aux))
+    return events
+
+
+def run_kernel(batches, params=PARAMS):
     """Apply the events batch by batch through encode/decode, as the flow does."""
-    customers = ["a", "b", "c"]
-    stored: dict[str, bytes | None] = dict.fromkeys(customers)
-    fired = []
-    offset = 0
+    stored = dict.fromkeys(CUSTOMERS)
+    fired, late, offset = [], 0, 0
     for batch in batches:
-        records = decode_batch([stored[c] for c in customers], customers)
-        idx = {c: i for i, c in enumerate(customers)}
-        n = len(batch)
-        cust = np.array([idx[e[0]] for e in batch], np.int32)
-        types = np.array([e[1] for e in batch], np.int8)
-        cats = np.array([e[2] for e in batch], np.int16)
-        times = np.array([BASE_MS + e[3] for e in batch], np.int64)
-        params = RuleParams(True, browse_views, True, window, min_views, min_carts)
-        firings = kernels.apply_batch(records, cust, types, cats, times, params)
+        records = decode_batch([stored[c] for c in CUSTOMERS], CUSTOMERS)
+        idx = {c: i for i, c in enumerate(CUSTOMERS)}
+        rows = [(idx[c], t, cat, ts, amt, aux) for c, t, cat, ts, amt, aux in batch]
+        firings, n_late = K.apply_batch(records, K.events_of(rows), params)
+        late += n_late
         for k in range(len(firings.event)):
             fired.append((offset + int(firings.event[k]), *(int(col[k]) for col in firings[1:])))
-        stored = dict(zip(customers, encode_records(records), strict=True))
-        offset += n
-    return fired, decode_batch([stored[c] for c in customers], customers)
+        stored = dict(zip(CUSTOMERS, encode_records(records), strict=True))
+        offset += len(batch)
+    return fired, late, decode_batch([stored[c] for c in CUSTOMERS], CUSTOMERS)
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def _split(events, cuts):
+    bounds = sorted({0, len(events), *[c for c in cuts if c <= len(events)]})
+    return [events[a:b] for a, b in itertools.pairwise(bounds)]
+
+
+RINGS = (
+    ("10m", "win_10m", "base_10m", K.MS_PER_10M, (KIND_ACTIVITY, KIND_VIEWS)),
+    ("1h", "win_1h", "base_1h", K.MS_PER_HOUR, (KIND_ACTIVITY, KIND_VIEWS)),
+    (
+        "1d",
+        "win_1d",
+        "base_1d",
+        K.MS_PER_DAY,
+        (KIND_ACTIVITY, KIND_VIEWS, KIND_CARTS, KIND_SESSIONS, KIND_ORDERS),
+    ),
+)
+KIND_NAMES = {
+    KIND_ACTIVITY: "activity",
+    KIND_VIEWS: "views",
+    KIND_CARTS: "carts",
+    KIND_SESSIONS: "sessions",
+    KIND_ORDERS: "orders",
+}
+
+
+def _check_state(record, ref: RefCustomer):
+    counts = {t: int(n) for t, n in enumerate(record["type_counts"]) if n}
+    assert counts == ref.counts
+    assert int(record["orders_total"]) == ref.orders_total
+    assert float(record["spend_total"]) == pytest.approx(ref.spend_total)
+    if ref.last_seen is None:
+        return
+    assert int(record["last_seen_ms"]) == ref.last_seen
+    assert int(record["first_seen_ms"]) == ref.first_seen
+    assert int(record["streak_len"]) == ref.streak_len
+    days = purchase_days(ref)
+    assert int(record["purchase_days"]) == len(days)
+    if days:
+        assert (int(record["first_purchase_day"]), int(record["last_purchase_day"])) == (
+            days[0],
+            days[-1],
+        )
+        gaps = [b - a for a, b in itertools.pairwise(days)]
+        assert float(record["ipt_sq_sum"]) == sum(g * g for g in gaps)
+        assert float(record["last_order_amount"]) == pytest.approx(ref.last_order_amount)
+    now = ref.last_seen
+    for res, field, base, unit, kinds in RINGS:
+        idx = now // unit
+        for kind in kinds:
+            for span in (1, 3, 6, 30 if res == "1d" else 6):
+                got = K.window_sum(record[field], record[base], idx, span, kind)
+                assert got == window(ref, res, KIND_NAMES[kind], idx, span), (res, kind, span)
+    week = (now // K.MS_PER_DAY + 3) // 7
+    for kind in KIND_NAMES:
+        assert K.window_sum(record["win_1w"], record["base_1w"], week, 13, kind) == window(
+            ref, "1w", KIND_NAMES[kind], week, 13
+        )
+    month = now // K.MS_PER_DAY // 30
+    for span in (3, 12):
+        orders, spend = orders_window(ref, month, span)
+        assert K.window_sum1(record["orders_30d"], record["base_30d"], month, span) == orders
+        assert K.window_sum1(record["spend_30d"], record["base_30d"], month, span) == (
+            pytest.approx(spend, rel=1e-5)
+        )
+    vec = preference(ref, list(PARAMS.pref_weights), PARAMS.kernel.half_life_ms)
+    assert list(record["pref"]) == pytest.approx(vec, rel=1e-4, abs=1e-4)
+    assert all(abs(int(a) - b) <= 1 for a, b in zip(record["pref_snap"], ref.snap, strict=True))
+
+
+@settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
-    events=st.lists(event_strategy, max_size=60),
-    cuts=st.lists(st.integers(0, 60), max_size=4),
+    raw=st.lists(event_strategy, max_size=50),
+    cuts=st.lists(st.integers(0, 50), max_size=4),
     browse_views=st.integers(2, 4),
-    window=st.integers(1, 32),
+    window_days=st.integers(1, 30),
     min_views=st.integers(1, 5),
     min_carts=st.integers(1, 3),
+    lateness_h=st.sampled_from([1, 30, 72]),
 )
-def test_kernel_matches_reference_across_batch_boundaries(
-    events, cuts, browse_views, window, min_views, min_carts
+def test_apply_matches_reference_across_batch_boundaries(
+    raw, cuts, browse_views, window_days, min_views, min_carts, lateness_h
 ):
-    bounds = sorted({0, len(events), *[c for c in cuts if c <= len(events)]})
-    batches = [events[a:b] for a, b in itertools.pairwise(bounds)]
-    got, records = run_kernel(batches, browse_views, window, min_views, min_carts)
-    ref_events = [(c, t, cat, BASE_MS + dt) for c, t, cat, dt in events]
-    state = {}
-    expected = reference_apply(ref_events, state, browse_views, window, min_views, min_carts)
+    events = _materialise(raw)
+    kp = PARAMS.kernel._replace(
+        lateness_ms=lateness_h * K.MS_PER_HOUR,
+        browse_views=browse_views,
+        intent_window_days=window_days,
+        intent_min_views=min_views,
+        intent_min_carts=min_carts,
+    )
+    params = PARAMS._replace(kernel=kp)
+    got, late, records = run_kernel(_split(events, cuts), params)
+    ref: dict[str, RefCustomer] = {}
+    expected, expected_late = reference_apply(events, ref, kp, list(PARAMS.pref_weights))
     assert got == expected
-    for i, cust in enumerate(["a", "b", "c"]):
-        ref = state.get(cust)
-        counts = {t: int(n) for t, n in enumerate(records[i]["type_counts"]) if n}
-        assert counts == (ref.counts if ref else {})
-        if ref:
-            assert int(records[i]["last_seen_ms"]) == ref.last_seen_ms
-            assert int(records[i]["first_seen_ms"]) == ref.first_seen_ms
-            assert int(records[i]["streak_len"]) == ref.streak_len
+    assert late == expected_late
+    for i, cid in enumerate(CUSTOMERS):
+        _check_state(records[i], ref.get(cid, RefCustomer()))
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    raw=st.lists(event_strategy, min_size=1, max_size=40),
+    later_days=st.lists(st.integers(0, 400), min_size=1, max_size=3),
+)
+def test_derive_matches_reference(raw, later_days):
+    events = _materialise(raw)
+    _, _, records = run_kernel([events])
+    ref: dict[str, RefCustomer] = {}
+    reference_apply(events, ref, PARAMS.kernel, list(PARAMS.pref_weights))
+    for offset in later_days:  # derive repeatedly as time passes (hysteresis carries over)
+        as_of = np.array(
+            [
+                (ref[c].last_seen if c in ref and ref[c].last_seen is not None else BASE_MS)
+                + offset * K.MS_PER_DAY
+                for c in CUSTOMERS
+            ],
+            np.int64,
+        )
+        out = K.derive_batch(records, as_of, PARAMS)
+        for i, cid in enumerate(CUSTOMERS):
+            want = reference_derive(ref.setdefault(cid, RefCustomer()), int(as_of[i]), PARAMS)
+            for name in K.DERIVED:
+                if name.startswith("old_"):
+                    continue
+                got, exp = out[i, K.COL[name]], want[name]
+                if math.isnan(exp):
+                    assert math.isnan(got), name
+                else:
+                    assert got == pytest.approx(exp, rel=1e-6, abs=1e-6), name
+            assert STAGES[records[i]["stage"]] == STAGES[want["stage"]]
+            assert int(records[i]["segment"]) == want["segment"]
+            assert int(records[i]["tier"]) == want["tier"]
+
+
+@pytest.mark.parametrize(
+    "a, b, c, z",
+    [
+        (0.243, 2.426, 2.219, 0.1),
+        (1.243, 3.426, 3.219, 0.5),
+        (10.243, 12.426, 12.219, 0.74),
+        (0.5, 0.5, 1.5, 0.9),
+        (3.0, 4.0, 2.5, 0.3),
+        (25.243, 27.426, 27.219, 0.6),
+    ],
+)
+def test_hyp2f1_matches_scipy(a, b, c, z):
+    assert K.hyp2f1(a, b, c, z) == pytest.approx(scipy_hyp2f1(a, b, c, z), rel=1e-10)
 
 
 def test_compiled_path_really_ran():
     records = fresh_records(1)
-    firings = kernels.apply_batch(
+    firings, _ = K.apply_batch(
         records,
-        np.zeros(1, np.int32),
-        np.array([PRODUCT_VIEW], np.int8),
-        np.zeros(1, np.int16),
-        np.array([BASE_MS], np.int64),
-        RuleParams(True, 1, True, 30, 5, 2),
+        K.events_of([(0, K.PRODUCT_VIEW, 0, BASE_MS, 0, 0)]),
+        PARAMS._replace(kernel=PARAMS.kernel._replace(browse_views=1)),
     )
-    assert kernels.apply_events.signatures, "apply_events ran as plain Python, not compiled"
-    assert records["type_counts"][0, PRODUCT_VIEW] == 1
-    assert list(firings.rule) == [kernels.RULE_BROWSE_INTEREST]
+    K.derive_batch(records, np.array([BASE_MS], np.int64), PARAMS)
+    assert K.apply_events.signatures, "apply_events ran as plain Python, not compiled"
+    assert K.derive.signatures, "derive ran as plain Python, not compiled"
+    assert records["type_counts"][0, K.PRODUCT_VIEW] == 1
+    assert list(firings.rule) == [K.RULE_BROWSE_INTEREST]
 
 
-def test_out_of_order_events_within_the_ring_give_the_in_order_counts():
-    views = [("a", PRODUCT_VIEW, 1, d * MS_PER_DAY) for d in range(10)]
-    carts = [("a", ADD_TO_CART, 1, d * MS_PER_DAY) for d in (3, 7)]
-    in_order = views + carts
-    shuffled = list(reversed(in_order))
-    _, a = run_kernel([in_order], 50, 30, 99, 99)
-    _, b = run_kernel([shuffled], 50, 30, 99, 99)
-    for name in ("ring_views", "ring_carts", "type_counts", "ring_base_day"):
+def test_out_of_order_events_within_the_lateness_give_the_in_order_windows():
+    hour = K.MS_PER_HOUR
+    base = BASE_MS + 5 * K.MS_PER_DAY
+    in_order = [("a", K.PRODUCT_VIEW, 1, base + m * 7 * 60_000, 0.0, 0.0) for m in range(8)]
+    in_order += [
+        ("a", K.ADD_TO_CART, 1, base + 50 * 60_000, 0.0, 0.0),
+        ("a", K.SESSION_START, -1, base + 20 * 60_000, 0.0, 0.0),
+    ]
+    in_order.sort(key=lambda e: e[3])
+    shuffled = [in_order[i] for i in (5, 0, 9, 3, 1, 8, 2, 7, 4, 6)]
+    assert max(e[3] for e in shuffled) - min(e[3] for e in shuffled) < hour  # within lateness
+    _, late_a, a = run_kernel([in_order])
+    _, late_b, b = run_kernel([shuffled])
+    assert late_a == late_b == 0
+    for name in ("win_10m", "win_1h", "win_1d", "win_1w", "base_10m", "base_1h", "type_counts"):
         assert np.array_equal(a[name], b[name]), name
+
+
+def test_too_late_events_update_lifetime_totals_only():
+    now = BASE_MS + 10 * K.MS_PER_DAY
+    events = [
+        ("a", K.PRODUCT_VIEW, 1, now, 0.0, 0.0),
+        ("a", K.ORDER_PLACED, 1, now - 3 * K.MS_PER_HOUR, 40.0, 0.0),
+    ]
+    _, late, records = run_kernel([events])
+    assert late == 1
+    rec = records[0]
+    assert rec["orders_total"] == 1 and rec["spend_total"] == 40.0
+    assert rec["type_counts"][K.ORDER_PLACED] == 1
+    assert rec["purchase_days"] == 0
+    day = now // K.MS_PER_DAY
+    assert K.window_sum(rec["win_1d"], rec["base_1d"], day, 30, KIND_ORDERS) == 0
+
+
+def test_late_orders_on_earlier_days_keep_purchase_days_exact():
+    """Orders arriving out of day order (within the lateness) fill gaps exactly once."""
+    kp = PARAMS.kernel._replace(lateness_ms=3 * K.MS_PER_DAY)
+    params = PARAMS._replace(kernel=kp)
+    day = K.MS_PER_DAY
+    t0 = BASE_MS
+    order_days = [0, 10, 12, 11, 11, 9, -2, 12]  # later, gaps filled, repeats, before first
+    events = [("a", K.PRODUCT_VIEW, 0, t0 + 12 * day, 0.0, 0.0)]
+    events += [("a", K.ORDER_PLACED, 0, t0 + d * day + 3600_000, 10.0, 0.0) for d in order_days]
+    events.sort(key=lambda e: (e[3] < t0 + 9 * day, 0))  # recent first, then the late ones
+    _, late, records = run_kernel([events], params)
+    ref: dict[str, RefCustomer] = {}
+    _, ref_late = reference_apply(events, ref, kp, list(PARAMS.pref_weights))
+    assert late == ref_late
+    _check_state(records[0], ref["a"])
+    # days 10 and 12 arrive first; 11 fills a gap, 9 moves the first day, 0 and -2 are too late
+    assert (int(records[0]["purchase_days"]), late) == (4, 2)
+    assert (int(records[0]["first_purchase_day"]), int(records[0]["last_purchase_day"])) == (
+        BASE_MS // day + 9,
+        BASE_MS // day + 12,
+    )
+
+
+def test_a_steady_shopper_who_goes_quiet_shows_activity_and_login_drops():
+    """Daily sessions and views for 70 days, then nothing: both drop signals saturate."""
+    day = K.MS_PER_DAY
+    events = []
+    for d in range(70):
+        t = BASE_MS + d * day + 9 * K.MS_PER_HOUR
+        events += [
+            ("a", K.SESSION_START, -1, t, 0.0, 0.0),
+            ("a", K.PRODUCT_VIEW, 2, t + 1, 0.0, 0.0),
+        ]
+        if d % 10 == 0:
+            events.append(("a", K.ORDER_PLACED, 2, t + 2, 30.0, 0.0))
+    _, _, records = run_kernel([events])
+    ref: dict[str, RefCustomer] = {}
+    reference_apply(events, ref, PARAMS.kernel, list(PARAMS.pref_weights))
+    last = ref["a"].last_seen
+    # 7 quiet days: 14 of the last 14 days' events vs. ~22.9 expected -> (1 - 14/22.9) / 0.5
+    for quiet_days, expect_drop in ((0, 0.0), (7, 0.78), (20, 1.0)):
+        as_of = np.array([last + quiet_days * day, BASE_MS, BASE_MS], np.int64)
+        out = K.derive_batch(records.copy(), as_of, PARAMS)
+        want = reference_derive(ref["a"], int(as_of[0]), PARAMS)
+        for name in ("activity_drop", "login_drop", "purchase_overdue", "churn_score", "p_alive"):
+            assert out[0, K.COL[name]] == pytest.approx(want[name], rel=1e-6, abs=1e-9), name
+        assert out[0, K.COL["activity_drop"]] == pytest.approx(expect_drop, abs=0.05)
+        assert out[0, K.COL["login_drop"]] == pytest.approx(expect_drop, abs=0.05)
+    # a regular buyer (every 10 days) 20 days late: overdue, and less likely alive
+    assert out[0, K.COL["purchase_overdue"]] > 0.5
+    assert out[0, K.COL["p_alive"]] < 1.0
