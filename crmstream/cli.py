@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated
 
@@ -274,6 +275,96 @@ def profile(
         sys.stdout.write(orjson.dumps(view, option=orjson.OPT_INDENT_2).decode() + "\n")
     else:
         console.print(render(view))
+
+
+@app.command()
+def replay(
+    source: Annotated[
+        str,
+        typer.Argument(
+            help="What to replay: 'cdnow' (the CDNOW dataset from the lifetimes wheel)."
+        ),
+    ],
+    until: Annotated[
+        str | None,
+        typer.Option(
+            help="Replay transactions up to and including "
+            "this date (YYYY-MM-DD), e.g. the end of a calibration period."
+        ),
+    ] = None,
+    show: Annotated[int, typer.Option(help="Customers to show at the end.")] = 3,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    brokers: BrokersOpt = None,
+    redis_url: RedisOpt = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Replay recorded history through the real flow in event time, with progress.
+
+    Example: crmstream replay cdnow --until 1997-09-30
+    """
+    from datetime import date
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    from crmstream.embedded import infrastructure
+    from crmstream.flows import replay as replay_mod
+    from crmstream.flows.replay import ReplayError, cdnow_events, cdnow_path, read_cdnow
+    from crmstream.profile import customer_view
+    from crmstream.state.store import StateStore, connect
+
+    _setup_logging(verbose)
+    if source != "cdnow":
+        raise _fail(f"unknown replay source {source!r}; this version replays 'cdnow'")
+    # CDNOW is 1997-1998: accept event times from 1990 on.
+    sets = ["processing.min_event_time=1990-01-01T00:00:00+00:00", *(set_ or [])]
+    cfg = _config(config, sets, brokers, redis_url)
+    try:
+        cutoff = date.fromisoformat(until) if until else None
+    except ValueError:
+        raise _fail(f"--until must be YYYY-MM-DD, got {until!r}") from None
+    try:
+        rows = read_cdnow(cdnow_path(), cutoff)
+    except ReplayError as exc:
+        raise _fail(str(exc)) from None
+    events = list(cdnow_events(rows))
+    customers = sorted({r.customer for r in rows})
+    console.print(
+        f"CDNOW: {len(events):,} purchases by {len(customers):,} customers"
+        + (f" up to {cutoff}" if cutoff else "")
+    )
+    with infrastructure(cfg) as endpoints:
+        with Progress(
+            *Progress.get_default_columns()[:1],
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            console=err_console,
+        ) as progress:
+            tasks: dict[str, object] = {}
+
+            def on_progress(stage: str, done: int, total: int) -> None:
+                if stage not in tasks:
+                    tasks[stage] = progress.add_task(stage, total=total)
+                progress.update(tasks[stage], completed=done)
+
+            seconds = replay_mod.replay(
+                endpoints, cfg, cfg.kafka.topics.orders, events, on_progress
+            )
+        console.print(
+            f"replayed {len(events):,} events in {seconds:.1f} s "
+            f"({len(events) / seconds:,.0f} events/s)"
+        )
+        store = StateStore(connect(endpoints.redis_url, cfg.redis), cfg.redis.key_prefix)
+        as_of = None
+        if cutoff:
+            as_of = int(datetime.combine(cutoff, datetime.min.time(), UTC).timestamp() * 1000)
+        for customer in customers[:show]:
+            view = customer_view(store, cfg, customer, as_of)
+            if view is not None:
+                console.print_json(
+                    data={k: view[k] for k in ("customer_id", "as_of", "bgnbd", "rfm", "lifecycle")}
+                )
 
 
 @topics_app.command("create")

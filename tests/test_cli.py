@@ -138,6 +138,30 @@ def test_topics_create_generate_run_and_profile(isolated_config, stack):
         crm("profile", customer, "--json", "--redis-url", stack.redis_url, *sets).stdout
     )
     assert as_json["customer_id"] == customer and as_json["event_counts"]["product_view"] >= 3
+    # the customer-360 view: windows, RFM, preferences, churn with contributors, BG/NBD, labels
+    assert set(as_json["windows"]["product_views"]) == {"1h", "24h", "7d", "30d", "90d"}
+    assert {"score", "orders_365d", "spend_365d", "aov"} <= set(as_json["rfm"])
+    assert as_json["preferences"]["top_categories"]
+    assert {"score", "level", "top_signals", "activity_drop", "not_alive"} <= set(as_json["churn"])
+    assert {"p_alive", "expected_purchases_30d", "expected_purchases_90d"} <= set(as_json["bgnbd"])
+    assert set(as_json["lifecycle"]) == {"stage", "segment", "tier"}
+    # the readable hash for downstream readers (derived as of the customer's last event)
+    hash_fields = {
+        "stage",
+        "segment",
+        "tier",
+        "churn_level",
+        "churn_score",
+        "churn_top",
+        "p_alive",
+        "expected_30d",
+        "rfm",
+        "top_categories",
+        "last_seen",
+    }
+    assert hash_fields <= set(as_json["profile"])
+    for label in ("windows", "rfm", "preferences", "churn", "bgnbd", "lifecycle"):
+        assert label in shown.stdout
     missing = crm("profile", "nobody", "--redis-url", stack.redis_url, *sets)
     assert missing.returncode == 2 and "no state for customer 'nobody'" in missing.stderr
 
