@@ -33,7 +33,7 @@ from bytewax.operators import StatefulBatchLogic
 from crmstream.flows.runtime import Runtime
 from crmstream.flows.source import RawMessage
 from crmstream.metrics import get_metrics
-from crmstream.operators.events import EVENT_TYPES, InvalidEvent, ParsedEvent
+from crmstream.operators.events import EVENT_CODE, EVENT_TYPES, InvalidEvent, ParsedEvent
 from crmstream.operators.kernels import (
     COL,
     BatchEvents,
@@ -44,12 +44,15 @@ from crmstream.operators.kernels import (
 )
 from crmstream.operators.rules import iso_ms
 from crmstream.state.encoding import ROLE_INDEX, STAGES, decode_batch, encode_records
-from crmstream.state.profile import profile_fields
+from crmstream.state.profile import event_fields, profile_fields
 
 log = logging.getLogger(__name__)
 
 Position = tuple[str, int]
 PROGRESS_WRITE_INTERVAL_MS = 1000
+_PROFILE_EVENT_CODES = frozenset(
+    EVENT_CODE[k] for k in ("profile_updated", "consent_granted", "consent_withdrawn")
+)
 DEAD_LETTER_SCHEMA_VERSION = 1
 
 
@@ -240,7 +243,7 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, dict[str, int], None]):
         triggers = self._emit_triggers(fresh, order, firings, now_ms)
         blobs = encode_records(records)
         states = dict(zip(customers, blobs, strict=True))
-        profiles = self._profiles(customers, records, derived, fresh, now_ms)
+        profiles = self._profiles(customers, records, derived, fresh)
         return states, profiles, triggers
 
     def _emit_triggers(
@@ -281,23 +284,15 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, dict[str, int], None]):
         records: np.ndarray,
         derived: np.ndarray,
         fresh: list[ParsedEvent],
-        now_ms: int,
     ) -> dict[str, dict[str, str]]:
         """The readable profile fields of the batch's customers."""
         config, weights = self._rt.config, self._params.churn_weights
-        profiles = {}
-        for i, c in enumerate(customers):
-            fields = profile_fields(records[i], derived[i], config, weights)
-            fields["updated_at"] = iso_ms(now_ms)
-            profiles[c] = fields
+        profiles = {
+            c: profile_fields(records[i], derived[i], config, weights)
+            for i, c in enumerate(customers)
+        }
         for ev in fresh:
-            kind = EVENT_TYPES[ev.type_code]
-            fields = profiles[ev.customer_id]
-            if kind == "profile_updated":
-                for name in ("country", "timezone", "language", "birthday", "preferred_channel"):
-                    if name in ev.fields:
-                        fields[f"attr.{name}"] = str(ev.fields[name])
-            elif kind in ("consent_granted", "consent_withdrawn"):
-                state = "granted" if kind == "consent_granted" else "withdrawn"
-                fields[f"consent.{ev.fields['channel']}"] = f"{state}@{iso_ms(ev.event_time_ms)}"
+            if ev.type_code in _PROFILE_EVENT_CODES:
+                kind = EVENT_TYPES[ev.type_code]
+                profiles[ev.customer_id].update(event_fields(kind, ev.fields, ev.event_time_ms))
         return profiles

@@ -450,9 +450,9 @@ def apply_events(
             carts = window_sum(r.win_1d, r.base_1d, day, span, KIND_CARTS)
             orders = window_sum(r.win_1d, r.base_1d, day, span, KIND_ORDERS)
             holds = views >= p.intent_min_views and carts >= p.intent_min_carts and orders == 0
-            was = (r.flags & FLAG_HIGH_INTENT) != 0
+            was = (r.rule_flags & FLAG_HIGH_INTENT) != 0
             if holds and not was:
-                r.flags |= FLAG_HIGH_INTENT
+                r.rule_flags |= FLAG_HIGH_INTENT
                 out_event[n_out] = i
                 out_rule[n_out] = RULE_HIGH_INTENT
                 out_a[n_out] = views
@@ -460,7 +460,7 @@ def apply_events(
                 out_c[n_out] = orders
                 n_out += 1
             elif was and not holds:
-                r.flags &= ~np.uint8(FLAG_HIGH_INTENT)
+                r.rule_flags &= ~np.uint8(FLAG_HIGH_INTENT)
     return n_out, n_late
 
 
@@ -605,12 +605,12 @@ def derive(records, as_of_ms, dp, churn_weights, r_cuts, f_cuts, m_cuts, out):
         score = 1.0 / (1.0 + math.exp(-logit))
         row[_C_CHURN_SCORE] = score
         row[_C_OLD_CHURN_LEVEL] = r.churn_level
-        if r.flags & FLAG_CHURN_HIGH:
+        if r.rule_flags & FLAG_CHURN_HIGH:
             if score < dp.churn_high - dp.churn_hysteresis:
-                r.flags &= ~np.uint8(FLAG_CHURN_HIGH)
+                r.rule_flags &= ~np.uint8(FLAG_CHURN_HIGH)
         elif score >= dp.churn_high:
-            r.flags |= FLAG_CHURN_HIGH
-        high = (r.flags & FLAG_CHURN_HIGH) != 0
+            r.rule_flags |= FLAG_CHURN_HIGH
+        high = (r.rule_flags & FLAG_CHURN_HIGH) != 0
         r.churn_level = 2 if high else (1 if score >= dp.churn_medium else 0)
 
         if buyer:

@@ -56,7 +56,7 @@ EMPTY_BASE = np.iinfo(np.int32).min
 STATE_DTYPE = np.dtype(
     [
         ("version", np.uint8),
-        ("flags", np.uint8),
+        ("rule_flags", np.uint8),  # FLAG_* bits
         ("stage", np.uint8),
         ("segment", np.uint8),
         ("tier", np.uint8),
@@ -164,7 +164,6 @@ def _migrate(blob: bytes, key: str, into: np.ndarray) -> None:
     if len(blob) == STATE_DTYPE_V1.itemsize and blob[0] == 1:
         old = np.frombuffer(blob, dtype=STATE_DTYPE_V1)[0]
         for name in (
-            "flags",
             "streak_len",
             "first_seen_ms",
             "last_seen_ms",
@@ -172,7 +171,7 @@ def _migrate(blob: bytes, key: str, into: np.ndarray) -> None:
             "applied_offset",
         ):
             into[name] = old[name]
-        into["flags"] = old["flags"] & 1
+        into["rule_flags"] = old["flags"] & 1
         into["streak_category"] = old["streak_category"]
         into["type_counts"] = np.minimum(old["type_counts"], 65535)
         # Layout 1 kept a 32-day ring of views, carts and orders; carry it over by day.

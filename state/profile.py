@@ -10,13 +10,21 @@ top categories. Values are short strings; numbers have three decimals.
 from __future__ import annotations
 
 import math
+from datetime import UTC, datetime
+from typing import Any
 
 import numpy as np
 
 from crmstream.config import CrmConfig
 from crmstream.operators.kernels import COL, SIGNALS
-from crmstream.operators.rules import iso_ms
 from crmstream.state.encoding import CHURN_LEVELS, SEGMENTS, STAGES, TIERS
+
+PROFILE_ATTRIBUTES = ("country", "timezone", "language", "birthday", "preferred_channel")
+
+
+def iso_s(epoch_ms: int) -> str:
+    """Compact UTC time to the second, e.g. 2026-01-01T00:00:20Z."""
+    return datetime.fromtimestamp(epoch_ms // 1000, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _num(value: float) -> str:
@@ -43,7 +51,7 @@ def profile_fields(
     """The profile hash fields for one customer from its record and derived row."""
     return {
         "stage": STAGES[record["stage"]],
-        "stage_since": iso_ms(int(record["stage_since_ms"])) if record["stage_since_ms"] else "",
+        "stage_since": iso_s(int(record["stage_since_ms"])) if record["stage_since_ms"] else "",
         "segment": SEGMENTS[record["segment"]],
         "tier": TIERS[record["tier"]],
         "churn_level": CHURN_LEVELS[record["churn_level"]],
@@ -57,5 +65,15 @@ def profile_fields(
             top_categories(record["pref"], config.taxonomy.categories, config.preferences.top_k)
         ),
         "interest_shift": _num(row[COL["interest_shift"]]),
-        "last_seen": iso_ms(int(record["last_seen_ms"])),
+        "last_seen": iso_s(int(record["last_seen_ms"])),
     }
+
+
+def event_fields(event_type: str, fields: dict[str, Any], event_time_ms: int) -> dict[str, str]:
+    """Profile fields set directly by a customer event (attributes, consent per channel)."""
+    if event_type == "profile_updated":
+        return {name: str(fields[name]) for name in PROFILE_ATTRIBUTES if name in fields}
+    if event_type in ("consent_granted", "consent_withdrawn"):
+        state = "granted" if event_type == "consent_granted" else "withdrawn"
+        return {f"consent.{fields['channel']}": f"{state}@{iso_s(event_time_ms)}"}
+    return {}

@@ -62,9 +62,8 @@ def test_stream_btyd_summary_and_bgnbd_match_for_every_customer(isolated_config,
     got_t = end_day - records["first_purchase_day"].astype(np.int64)
     want = np.array([expected[c] for c in customers])
     mismatched = [
-        c for i, c in enumerate(customers)
-        if (got_x[i], got_tx[i], got_t[i]) != tuple(want[i])
-    ]  # fmt: skip
+        c for i, c in enumerate(customers) if (got_x[i], got_tx[i], got_t[i]) != tuple(want[i])
+    ]
     assert not mismatched, f"{len(mismatched)} customers differ, e.g. {mismatched[:5]}"
 
     params = params_from(config)

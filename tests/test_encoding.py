@@ -66,7 +66,7 @@ def test_layout_1_state_is_migrated_on_read():
 
     (new,) = decode_batch([old.tobytes()], ["crm:{c1}:s"])
     assert new["version"] == LAYOUT_VERSION
-    assert (new["streak_category"], new["streak_len"], new["flags"]) == (4, 2, 1)
+    assert (new["streak_category"], new["streak_len"], new["rule_flags"]) == (4, 2, 1)
     assert (new["first_seen_ms"], new["last_seen_ms"]) == (1_000, 2_000)
     assert list(new["applied_offset"]) == [41, -1, -1, -1]
     assert new["type_counts"][1] == 65_535

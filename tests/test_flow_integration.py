@@ -228,7 +228,7 @@ def test_profile_keeps_attributes_but_never_pii(isolated_config, script, stack):
         k.decode(): v.decode()
         for k, v in client.hgetall(f"{config.redis.key_prefix}:{{hana}}:p").items()
     }
-    assert profile["attr.country"] == "JP"
+    assert profile["country"] == "JP"
     assert profile["consent.email"].startswith("withdrawn@")
 
 
