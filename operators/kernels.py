@@ -248,12 +248,17 @@ def _add2(ring, base, idx, kind, amount, cap):
 
 
 @njit(cache=True, nogil=True)
+def _held_slots(ring_len, base, idx, span):
+    """The slots (idx - span, idx] that a ring of ``ring_len`` slots ending at ``base`` holds."""
+    return max(idx - span + 1, base - ring_len + 1), min(idx, base)
+
+
+@njit(cache=True, nogil=True)
 def window_sum(ring, base, idx, span, kind):
     """Sum of ``ring[:, kind]`` over slots (idx - span, idx] that the ring still holds."""
     if base == EMPTY_BASE:
         return 0.0
-    lo = max(idx - span + 1, base - ring.shape[0] + 1)
-    hi = min(idx, base)
+    lo, hi = _held_slots(ring.shape[0], base, idx, span)
     total = 0.0
     for s in range(lo, hi + 1):
         total += ring[s % ring.shape[0], kind]
@@ -265,8 +270,7 @@ def window_sum1(ring, base, idx, span):
     """``window_sum`` for a one-dimensional ring."""
     if base == EMPTY_BASE:
         return 0.0
-    lo = max(idx - span + 1, base - ring.shape[0] + 1)
-    hi = min(idx, base)
+    lo, hi = _held_slots(ring.shape[0], base, idx, span)
     total = 0.0
     for s in range(lo, hi + 1):
         total += ring[s % ring.shape[0]]
