@@ -13,8 +13,6 @@ import itertools
 import math
 from dataclasses import dataclass, field
 
-from scipy.special import hyp2f1
-
 from crmstream.operators import kernels as K
 from crmstream.state.encoding import NUM_SIGNALS, PREF_CATEGORIES
 
@@ -197,7 +195,9 @@ def reference_apply(
 def reference_bgnbd(
     x: float, t_x: float, big_t: float, horizon: float, r: float, alpha: float, a: float, b: float
 ) -> tuple[float, float]:
-    """BG/NBD closed forms with SciPy's 2F1."""
+    """BG/NBD closed forms with SciPy's 2F1 (SciPy is a test dependency)."""
+    from scipy.special import hyp2f1
+
     odds = (a / (b + x - 1)) * ((alpha + big_t) / (alpha + t_x)) ** (r + x) if x > 0 else 0.0
     p_alive = 1.0 / (1.0 + odds)
     z = horizon / (alpha + big_t + horizon)
