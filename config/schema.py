@@ -171,21 +171,71 @@ class TaxonomyConfig(_Frozen):
 class _Rule(_Frozen):
     enabled: bool = True
     version: PositiveInt = 1
+    # Higher wins when several triggers fire for one customer in one batch.
+    priority: Annotated[int, Field(ge=0, le=1000)] = 50
+    # No second trigger of this type for a customer within this many hours.
+    cooldown_hours: Annotated[float, Field(ge=0)] = 24.0
+    # Contact channel; null: the customer's preferred channel (default push).
+    channel: str | None = None
+    offer_template: str = ""
+    # Marketing triggers need consent and count against the frequency caps.
+    marketing: bool = True
 
 
 class BrowseInterestRule(_Rule):
     consecutive_views: Annotated[int, Field(ge=2, le=1000)] = 3
+    priority: int = 30
+    offer_template: str = "new_in_category"
 
 
 class HighIntentRule(_Rule):
-    window_days: Annotated[int, Field(ge=1, le=32)] = 30
+    window_days: Annotated[int, Field(ge=1, le=30)] = 30
     min_views: PositiveInt = 5
     min_cart_adds: PositiveInt = 2
+    priority: int = 60
+    cooldown_hours: float = 72.0
+    offer_template: str = "personal_offer"
+
+
+class CartAbandonedRule(_Rule):
+    first_delay_minutes: Annotated[float, Field(gt=0)] = 60.0
+    second_delay_hours: Annotated[float, Field(gt=0)] = 24.0
+    priority: int = 90
+    cooldown_hours: float = 0.0  # the two nudges are the rhythm
+    offer_template: str = "cart_reminder"
+
+
+class DormantWinBackRule(_Rule):
+    days: list[PositiveInt] = Field(default_factory=lambda: [30, 90, 180])
+    priority: int = 45
+    cooldown_hours: float = 0.0
+    offer_template: str = "win_back_coupon"
+
+
+class DeliveryDelayRule(_Rule):
+    hours_after_promise: PositiveFloat = 48.0
+    customs_hours_after_promise: PositiveFloat = 72.0
+    priority: int = 95
+    cooldown_hours: float = 0.0
+    offer_template: str = "delay_apology_coupon"
+    marketing: bool = False
 
 
 class RulesConfig(_Frozen):
     browse_interest: BrowseInterestRule = BrowseInterestRule()
     high_intent_no_purchase: HighIntentRule = HighIntentRule()
+    cart_abandoned: CartAbandonedRule = CartAbandonedRule()
+    dormant_win_back: DormantWinBackRule = DormantWinBackRule()
+    delivery_delay: DeliveryDelayRule = DeliveryDelayRule()
+
+
+class TimersConfig(_Frozen):
+    # Live mode: an input idle this long lets the watermark follow the wall clock.
+    idle_watermark_ms: Annotated[int, Field(ge=0)] = 500
+    # How often an idle shard checks its due timers (live mode).
+    tick_ms: Annotated[int, Field(ge=50)] = 250
+    # Most timers one shard fires per batch or tick.
+    fire_batch: Annotated[int, Field(ge=1)] = 5000
 
 
 class StateConfig(_Frozen):
@@ -318,6 +368,7 @@ class CrmConfig(_Frozen):
     currency: CurrencyConfig = CurrencyConfig()
     taxonomy: TaxonomyConfig
     rules: RulesConfig = RulesConfig()
+    timers: TimersConfig = TimersConfig()
     state: StateConfig = StateConfig()
     preferences: PreferencesConfig = Field(default_factory=PreferencesConfig)
     rfm: RfmConfig = RfmConfig()

@@ -54,7 +54,7 @@ def build_flow(runtime: Runtime, tail: bool = True, signals: StopSignals | None 
     flow = Dataflow("crmstream")
     raw = op.input("kafka_in", flow, source)
     routed = op.flat_map_batch("parse_and_route", raw, lambda batch: route_batch(runtime, batch))
-    applied = op.stateful_batch("shard_state", routed, lambda _resume: ShardLogic(runtime))
+    applied = op.stateful_batch("shard_state", routed, lambda _resume: ShardLogic(runtime, tail))
     op.output("done", applied, _DiscardSink())
     return flow
 

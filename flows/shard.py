@@ -24,6 +24,7 @@ import logging
 import zlib
 from collections import Counter
 from collections.abc import Iterable
+from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -31,13 +32,18 @@ import orjson
 from bytewax.operators import StatefulBatchLogic
 
 from crmstream.flows.runtime import Runtime
-from crmstream.flows.source import RawMessage
+from crmstream.flows.source import CAUGHT_UP_OFFSET, RawMessage
 from crmstream.metrics import get_metrics
+from crmstream.operators.catalog import (
+    TIMER_EVENT_CODES,
+    Candidate,
+    TimerPlan,
+    TriggerCatalog,
+)
 from crmstream.operators.events import EVENT_CODE, EVENT_TYPES, InvalidEvent, ParsedEvent
 from crmstream.operators.kernels import (
     COL,
     BatchEvents,
-    Firings,
     apply_batch,
     derive_batch,
     params_from,
@@ -45,11 +51,15 @@ from crmstream.operators.kernels import (
 from crmstream.operators.rules import iso_ms
 from crmstream.state.encoding import ROLE_INDEX, STAGES, decode_batch, encode_records
 from crmstream.state.profile import event_fields, profile_fields
+from crmstream.state.timers import Timer
 
 log = logging.getLogger(__name__)
 
 Position = tuple[str, int]
 PROGRESS_WRITE_INTERVAL_MS = 1000
+DELIVERY_EVENT_CODES = frozenset(
+    EVENT_CODE[k] for k in ("order_shipped", "order_delivered", "logistics_update")
+)
 _PROFILE_EVENT_CODES = frozenset(
     EVENT_CODE[k] for k in ("profile_updated", "consent_granted", "consent_withdrawn")
 )
@@ -57,12 +67,14 @@ DEAD_LETTER_SCHEMA_VERSION = 1
 
 
 class ShardBatch(NamedTuple):
-    """What one input batch holds for one shard."""
+    """What one input batch holds for one shard (the progress fields are shared by all)."""
 
     shard: int
     events: list[ParsedEvent]
     invalid: list[InvalidEvent]
     positions: dict[Position, int]  # last offset read per input partition in the batch
+    event_times: dict[Position, int]  # newest valid event time per input partition
+    caught_up: frozenset[Position]  # partitions read to their end
 
 
 def shard_of(customer_id: str, shards: int) -> int:
@@ -79,23 +91,34 @@ def route_batch(runtime: Runtime, batch: list[RawMessage]) -> list[tuple[str, Sh
     shards = runtime.config.processing.shards
     validator = runtime.validator
     now_ms = runtime.clock_ms()
-    items = [ShardBatch(s, [], [], {}) for s in range(shards)]
+    events: list[list[ParsedEvent]] = [[] for _ in range(shards)]
+    invalid: list[list[InvalidEvent]] = [[] for _ in range(shards)]
     positions: dict[Position, int] = {}
+    event_times: dict[Position, int] = {}
+    caught_up = set()
     for msg in batch:
+        pos = (msg.topic, msg.partition)
+        if msg.offset == CAUGHT_UP_OFFSET:
+            caught_up.add(pos)
+            continue
+        caught_up.discard(pos)
         result = validator.parse(
             msg.key, msg.value, msg.topic, msg.partition, msg.offset, msg.timestamp_ms, now_ms
         )
         if type(result) is ParsedEvent:
-            items[shard_of(result.customer_id, shards)].events.append(result)
+            events[shard_of(result.customer_id, shards)].append(result)
+            if result.event_time_ms > event_times.get(pos, -1):
+                event_times[pos] = result.event_time_ms
         else:
             owner = result.customer_id or f"{msg.topic}|{msg.partition}"
-            items[shard_of(owner, shards)].invalid.append(result)
-        pos = (msg.topic, msg.partition)
+            invalid[shard_of(owner, shards)].append(result)
         if msg.offset > positions.get(pos, -1):
             positions[pos] = msg.offset
-    for item in items:
-        item.positions.update(positions)
-    return [(shard_key(s), item) for s, item in enumerate(items)]
+    done = frozenset(caught_up)
+    return [
+        (shard_key(s), ShardBatch(s, events[s], invalid[s], positions, event_times, done))
+        for s in range(shards)
+    ]
 
 
 def dead_letter_record(bad: InvalidEvent) -> bytes:
@@ -118,20 +141,73 @@ def dead_letter_record(bad: InvalidEvent) -> bytes:
     )
 
 
+class Watermark:
+    """A shard's event-time watermark over the input partitions.
+
+    The watermark is the lowest, over partitions still delivering, of each
+    partition's newest event time: no timer fires while a lagging partition
+    (say, orders behind clickstream) could still cancel it. A partition read to
+    its end stops holding it back; when all are, it is the newest event time.
+    In live mode an input idle for ``idle_ms`` lets it follow the wall clock.
+    """
+
+    def __init__(self) -> None:
+        self._times: dict[Position, int] = {}
+        self._caught_up: set[Position] = set()
+        self._last_data_ms = 0
+
+    def observe(self, item: ShardBatch, wall_ms: int) -> None:
+        for pos, ts in item.event_times.items():
+            if ts > self._times.get(pos, -1):
+                self._times[pos] = ts
+        if item.positions:
+            self._caught_up.difference_update(item.positions)
+            self._last_data_ms = wall_ms
+        self._caught_up.update(item.caught_up)
+
+    def value(self, live: bool, wall_ms: int, idle_ms: int) -> int | None:
+        active = [t for p, t in self._times.items() if p not in self._caught_up]
+        mark = min(active) if active else max(self._times.values(), default=None)
+        if live and not active and wall_ms - self._last_data_ms >= idle_ms:
+            mark = wall_ms if mark is None else max(mark, wall_ms)
+        return mark
+
+
 class ShardLogic(StatefulBatchLogic[ShardBatch, dict[str, int], None]):
     """One state shard. Its durable state is in Redis; Bytewax snapshots hold nothing."""
 
-    def __init__(self, runtime: Runtime):
+    def __init__(self, runtime: Runtime, live: bool):
         # Bytewax hands the builder no key, so the shard is learnt from the first item.
         self._rt = runtime
+        self._live = live
         self._params = params_from(runtime.config)
+        self._catalog = TriggerCatalog(runtime.config)
+        self._timers_cfg = runtime.config.timers
         self._shard = -1
         self._progress: dict[Position, int] = {}
         self._unsaved: dict[Position, int] = {}
         self._last_progress_write_ms = 0
+        self._watermark = Watermark()
+        self._checked_until = -1  # timers due up to here have been fired
 
     def snapshot(self) -> None:
         return None
+
+    def notify_at(self) -> datetime | None:
+        if not self._live or self._shard < 0:
+            return None
+        return datetime.now(UTC) + timedelta(milliseconds=self._timers_cfg.tick_ms)
+
+    def on_notify(self) -> tuple[Iterable[dict[str, int]], bool]:
+        return [self._process([], [], {})], StatefulBatchLogic.RETAIN
+
+    def on_eof(self) -> tuple[Iterable[dict[str, int]], bool]:
+        if self._shard < 0:
+            return [], StatefulBatchLogic.RETAIN
+        summaries = [self._process([], [], {})]
+        while summaries[-1]["timers"] >= self._timers_cfg.fire_batch:  # more were due
+            summaries.append(self._process([], [], {}))
+        return summaries, StatefulBatchLogic.RETAIN
 
     def on_batch(self, items: list[ShardBatch]) -> tuple[Iterable[dict[str, int]], bool]:
         if self._shard < 0:
@@ -141,7 +217,9 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, dict[str, int], None]):
         invalid: list[InvalidEvent] = []
         positions: dict[Position, int] = {}
         metrics = get_metrics()
+        wall_ms = self._rt.clock_ms()
         for item in items:
+            self._watermark.observe(item, wall_ms)
             for ev in item.events:
                 if ev.offset > self._progress.get((ev.topic, ev.partition), -1):
                     events.append(ev)
@@ -154,72 +232,66 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, dict[str, int], None]):
                 if off > positions.get(pos, -1):
                     positions[pos] = off
         positions = {p: o for p, o in positions.items() if o > self._progress.get(p, -1)}
+        return [self._process(events, invalid, positions)], StatefulBatchLogic.RETAIN
 
+    def _process(
+        self, events: list[ParsedEvent], invalid: list[InvalidEvent], positions: dict[Position, int]
+    ) -> dict[str, int]:
+        """Apply events, fire due timers, emit, commit. One Redis load and one commit."""
         now_ms = self._rt.clock_ms()
-        if not events and not invalid:
-            self._unsaved.update(positions)
-            if (
-                self._unsaved
-                and now_ms - self._last_progress_write_ms >= PROGRESS_WRITE_INTERVAL_MS
-            ):
-                self._commit({}, {}, now_ms)
-            return [], StatefulBatchLogic.RETAIN
+        self._unsaved.update(positions)
+        mark = self._watermark.value(self._live, now_ms, self._timers_cfg.idle_watermark_ms)
+        due: list[Timer] = []
+        if mark is not None and mark > self._checked_until:
+            due = self._rt.store.timers.due(self._shard, mark, self._timers_cfg.fire_batch)
+            if len(due) < self._timers_cfg.fire_batch:
+                self._checked_until = mark
+        if not events and not invalid and not due:
+            since_write = now_ms - self._last_progress_write_ms
+            if self._unsaved and since_write >= PROGRESS_WRITE_INTERVAL_MS:
+                self._commit(Changes.none(), now_ms)
+            return {"events": 0, "invalid": 0, "triggers": 0, "timers": 0}
 
+        metrics = get_metrics()
         for bad in invalid:
             metrics.invalid_events.labels(bad.topic, bad.field or "message").inc()
             self._rt.producer.produce(
                 self._rt.config.kafka.topics.dead_letter, bad.key, dead_letter_record(bad)
             )
-        states, profiles, triggers = self._apply(events, now_ms) if events else ({}, {}, [])
-        if triggers or invalid:
+        changes = self._apply(events, due, now_ms)
+        if changes.triggers or invalid:
             self._rt.producer.flush()  # delivery confirmed before the state commit
-        self._unsaved.update(positions)
-        self._commit(states, profiles, now_ms)
-        for record in triggers:
+        self._commit(changes, now_ms)
+        for record in changes.triggers:
             metrics.triggers.labels(record["trigger_type"]).inc()
-        summary = {"events": len(events), "invalid": len(invalid), "triggers": len(triggers)}
-        return [summary], StatefulBatchLogic.RETAIN
+        if mark is not None and any(t.due_ms <= mark for t in changes.plan.schedule):
+            self._checked_until = -1  # a new timer is already due: look again next time
+        return {"events": len(events), "invalid": len(invalid),
+                "triggers": len(changes.triggers), "timers": len(due)}  # fmt: skip
 
-    def _commit(
-        self, states: dict[str, bytes], profiles: dict[str, dict[str, str]], now_ms: int
-    ) -> None:
-        self._rt.store.commit(self._shard, states, profiles, self._unsaved)
+    def _commit(self, changes: Changes, now_ms: int) -> None:
+        self._rt.store.commit(self._shard, changes.states, changes.profiles, self._unsaved,
+                              changes.plan, changes.fired)  # fmt: skip
         self._progress.update(self._unsaved)
         self._unsaved = {}
         self._last_progress_write_ms = now_ms
 
-    def _apply(
-        self, events: list[ParsedEvent], now_ms: int
-    ) -> tuple[dict[str, bytes], dict[str, dict[str, str]], list[dict[str, Any]]]:
-        """Load, update and encode the batch's customers; produce their triggers."""
+    def _apply(self, events: list[ParsedEvent], due: list[Timer], now_ms: int) -> Changes:
+        """Load, update and encode the customers of the events and due timers."""
         metrics = get_metrics()
-        metrics.batch_events.observe(len(events))
-        customers = list(dict.fromkeys(ev.customer_id for ev in events))
+        if events:
+            metrics.batch_events.observe(len(events))
+        customers = list(dict.fromkeys([ev.customer_id for ev in events]
+                                       + [t.customer for t in due]))  # fmt: skip
         index = {c: i for i, c in enumerate(customers)}
         store = self._rt.store
-        records = decode_batch(
-            store.load_states(customers), [store.state_key(c) for c in customers]
-        )
+        needs_promises = {t.customer for t in due if t.kind == "delivery"} | {
+            ev.customer_id for ev in events if ev.type_code in DELIVERY_EVENT_CODES
+        }
+        blobs, promises = store.load_states(customers, sorted(needs_promises))
+        records = decode_batch(blobs, [store.state_key(c) for c in customers])
 
-        applied_part = records["applied_partition"]
-        applied_off = records["applied_offset"]
-        fresh: list[ParsedEvent] = []
-        accepted: Counter[tuple[str, int]] = Counter()
-        for ev in events:
-            c, role = index[ev.customer_id], ROLE_INDEX[self._rt.validator.role(ev.topic)]
-            if applied_part[c, role] == ev.partition and ev.offset <= applied_off[c, role]:
-                metrics.skipped_events.labels(ev.topic).inc()
-                continue
-            if applied_part[c, role] != ev.partition:  # first event, or re-partitioned
-                applied_part[c, role] = ev.partition
-                applied_off[c, role] = ev.offset
-            else:
-                applied_off[c, role] = max(applied_off[c, role], ev.offset)
-            fresh.append(ev)
-            accepted[ev.topic, ev.type_code] += 1
-        for (topic, code), count in accepted.items():
-            metrics.events_in.labels(topic, EVENT_TYPES[code]).inc(count)
-
+        fresh = self._unapplied(events, records, index)
         n = len(fresh)
         columns = (
             np.fromiter((index[ev.customer_id] for ev in fresh), np.int32, n),
@@ -240,34 +312,76 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, dict[str, int], None]):
         derived = derive_batch(records, records["last_seen_ms"].copy(), self._params)
         self._count_transitions(records, derived)
 
-        triggers = self._emit_triggers(fresh, order, firings, now_ms)
-        blobs = encode_records(records)
-        states = dict(zip(customers, blobs, strict=True))
-        profiles = self._profiles(customers, records, derived, fresh)
-        return states, profiles, triggers
+        plan = TimerPlan([], [], {}, {})
+        by_customer: dict[str, list[ParsedEvent]] = {}
+        for ev in fresh:
+            if ev.type_code in TIMER_EVENT_CODES:
+                by_customer.setdefault(ev.customer_id, []).append(ev)
+        for customer, own in by_customer.items():
+            self._catalog.plan(customer, records[index[customer]], own,
+                               promises.setdefault(customer, {}), plan)  # fmt: skip
+        candidates = self._catalog.from_firings(fresh, order, firings)
+        fired = []
+        for timer in due:
+            fired.append(timer.member)
+            own = promises.get(timer.customer, {})
+            candidate = self._catalog.fire(timer, records[index[timer.customer]], own)
+            if candidate is not None:
+                candidates.append(candidate)
+            if timer.kind == "delivery" and timer.ref in own:
+                plan.delivered.setdefault(timer.customer, []).append(timer.ref)
 
-    def _emit_triggers(
-        self, fresh: list[ParsedEvent], order: np.ndarray, firings: Firings, now_ms: int
+        triggers = self._emit(candidates, fresh, now_ms)
+        states = dict(zip(customers, encode_records(records), strict=True))
+        profiles = self._profiles(customers, records, derived, fresh)
+        return Changes(states, profiles, plan, fired, triggers)
+
+    def _unapplied(
+        self, events: list[ParsedEvent], records: np.ndarray, index: dict[str, int]
+    ) -> list[ParsedEvent]:
+        """Drop events at or below the offsets each customer's state already holds."""
+        metrics = get_metrics()
+        applied_part = records["applied_partition"]
+        applied_off = records["applied_offset"]
+        fresh: list[ParsedEvent] = []
+        accepted: Counter[tuple[str, int]] = Counter()
+        for ev in events:
+            c, role = index[ev.customer_id], ROLE_INDEX[self._rt.validator.role(ev.topic)]
+            if applied_part[c, role] == ev.partition and ev.offset <= applied_off[c, role]:
+                metrics.skipped_events.labels(ev.topic).inc()
+                continue
+            if applied_part[c, role] != ev.partition:  # first event, or re-partitioned
+                applied_part[c, role] = ev.partition
+                applied_off[c, role] = ev.offset
+            else:
+                applied_off[c, role] = max(applied_off[c, role], ev.offset)
+            fresh.append(ev)
+            accepted[ev.topic, ev.type_code] += 1
+        for (topic, code), count in accepted.items():
+            metrics.events_in.labels(topic, EVENT_TYPES[code]).inc(count)
+        return fresh
+
+    def _emit(
+        self, candidates: list[Candidate], fresh: list[ParsedEvent], now_ms: int
     ) -> list[dict[str, Any]]:
+        """Produce one trigger record per candidate (delivery is confirmed before commit)."""
         topic = self._rt.config.kafka.topics.triggers
         metrics = get_metrics()
+        ingest = {ev.event_id: ev.ingest_ms for ev in fresh}
         records = []
-        for k in range(len(firings.event)):
-            ev = fresh[order[firings.event[k]]]
-            values = (int(firings.a[k]), int(firings.b[k]), int(firings.c[k]))
-            record = self._rt.triggers.build(
-                int(firings.rule[k]), ev.customer_id, ev.event_id, ev.event_time_ms, now_ms, values
-            )
+        for candidate in candidates:
+            record = self._rt.triggers.build(candidate, now_ms)
             emitted_ms = self._rt.clock_ms()
             record["emitted_at"] = iso_ms(emitted_ms)
             kind = record["trigger_type"]
             metrics.event_to_trigger_seconds.labels(kind).observe(
-                max(0, emitted_ms - ev.event_time_ms) / 1000
+                max(0, emitted_ms - candidate.event_time_ms) / 1000
             )
-            metrics.ingest_to_emit_seconds.labels(kind).observe(
-                max(0, emitted_ms - ev.ingest_ms) / 1000
-            )
-            self._rt.producer.produce(topic, ev.customer_id.encode(), orjson.dumps(record))
+            if candidate.causal in ingest:
+                metrics.ingest_to_emit_seconds.labels(kind).observe(
+                    max(0, emitted_ms - ingest[candidate.causal]) / 1000
+                )
+            self._rt.producer.produce(topic, candidate.customer.encode(), orjson.dumps(record))
             records.append(record)
         return records
 
@@ -296,3 +410,17 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, dict[str, int], None]):
                 kind = EVENT_TYPES[ev.type_code]
                 profiles[ev.customer_id].update(event_fields(kind, ev.fields, ev.event_time_ms))
         return profiles
+
+
+class Changes(NamedTuple):
+    """Everything one shard step writes."""
+
+    states: dict[str, bytes]
+    profiles: dict[str, dict[str, str]]
+    plan: TimerPlan
+    fired: list[str]
+    triggers: list[dict[str, Any]]
+
+    @classmethod
+    def none(cls) -> Changes:
+        return cls({}, {}, TimerPlan([], [], {}, {}), [], [])

@@ -38,6 +38,9 @@ class RawMessage(NamedTuple):
     timestamp_ms: int
 
 
+CAUGHT_UP_OFFSET = -1  # a RawMessage with this offset says: the partition is read to its end
+
+
 class SourceError(RuntimeError):
     """An input topic cannot be read (missing topic, authorisation, ...)."""
 
@@ -71,6 +74,7 @@ class _KafkaPartition(StatefulSourcePartition[RawMessage, int]):
         self._tail = tail
         self._signals = signals
         self._at_end = False
+        self._reported_end = False
         self._idle = False
         self._ended = False
 
@@ -109,6 +113,12 @@ class _KafkaPartition(StatefulSourcePartition[RawMessage, int]):
             )
         if batch:
             self._next_offset = batch[-1].offset + 1
+            self._reported_end = False  # new data: report the end again when reached
+        if self._at_end and not self._reported_end:
+            # Tell the shards this partition holds nothing more for now: it stops
+            # holding their event-time watermark back.
+            batch.append(RawMessage(None, None, self._topic, self._partition, CAUGHT_UP_OFFSET, 0))
+            self._reported_end = True
         draining = not self._tail or (self._signals is not None and self._signals.drain.is_set())
         if draining and self._at_end and not batch:
             self._ended = True  # emit nothing more; StopIteration on the next call

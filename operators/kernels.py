@@ -401,6 +401,8 @@ def apply_events(
             r.base_1h = _add2(r.win_1h, r.base_1h, ts // MS_PER_HOUR, KIND_VIEWS, 1, 255)
         elif t == ADD_TO_CART:
             kind = KIND_CARTS
+            if ts > r.last_cart_ms:
+                r.last_cart_ms = ts
         elif t == SESSION_START:
             kind = KIND_SESSIONS
         elif t == ORDER_PLACED:
@@ -415,6 +417,8 @@ def apply_events(
                 r.spend_30d[slot] += amount[i]
             if ts >= r.last_seen_ms:
                 r.last_order_amount = amount[i]
+            if ts > r.last_order_ms:
+                r.last_order_ms = ts
             _purchase_day(r, day)
         if kind >= 0:
             r.base_1d = _add2(r.win_1d, r.base_1d, day, kind, 1, 255)

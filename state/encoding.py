@@ -98,6 +98,11 @@ STATE_DTYPE = np.dtype(
         ("pref_snap", np.uint8, (PREF_CATEGORIES,)),
         ("stage_since_ms", np.int64),
         ("prev_stage", np.uint8),
+        ("last_cart_ms", np.int64),  # newest cart add (cart-abandoned timers check it)
+        ("last_order_ms", np.int64),  # newest order placed
+        # Policies: minute (epoch) each trigger type last went out, and the last sends.
+        ("trigger_last_min", np.uint32, (16,)),
+        ("sent_min", np.uint32, (8,)),
     ]
 )
 STATE_BYTES = STATE_DTYPE.itemsize

@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING
 
 import redis
 from redis.backoff import ExponentialWithJitterBackoff
@@ -27,6 +28,10 @@ from redis.retry import Retry
 
 from crmstream.config.schema import RedisConfig
 from crmstream.metrics import get_metrics
+from crmstream.state.timers import TimerStore
+
+if TYPE_CHECKING:
+    from crmstream.operators.catalog import TimerPlan
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +84,7 @@ class StateStore:
     def __init__(self, client: redis.Redis, prefix: str):
         self._client = client
         self._prefix = prefix
+        self.timers = TimerStore(client, prefix)
 
     @property
     def client(self) -> redis.Redis:
@@ -93,14 +99,28 @@ class StateStore:
     def progress_key(self, shard: int) -> str:
         return f"{self._prefix}:progress:{shard}"
 
-    def load_states(self, customer_ids: list[str]) -> list[bytes | None]:
-        """Every customer's state blob in one round trip (None for new customers)."""
+    def promises_key(self, customer_id: str) -> str:
+        return f"{self._prefix}:{{{customer_id}}}:o"
+
+    def load_states(
+        self, customer_ids: list[str], with_promises: list[str] = ()
+    ) -> tuple[list[bytes | None], dict[str, dict[str, int]]]:
+        """Every customer's state blob (None for new customers) and, for ``with_promises``,
+        their open orders' promised delivery times; one round trip."""
         if not customer_ids:
-            return []
+            return [], {}
         started = time.perf_counter()
-        blobs = self._client.mget([self.state_key(c) for c in customer_ids])
+        pipe = self._client.pipeline(transaction=False)
+        pipe.mget([self.state_key(c) for c in customer_ids])
+        for customer in with_promises:
+            pipe.hgetall(self.promises_key(customer))
+        blobs, *raw = pipe.execute()
         get_metrics().redis_seconds.labels("load").observe(time.perf_counter() - started)
-        return blobs
+        promises = {
+            c: {k.decode(): int(v) for k, v in orders.items()}
+            for c, orders in zip(with_promises, raw, strict=True)
+        }
+        return blobs, promises
 
     def commit(
         self,
@@ -108,8 +128,14 @@ class StateStore:
         states: Mapping[str, bytes],
         profiles: Mapping[str, Mapping[str, str]],
         progress: Mapping[Position, int],
+        plan: TimerPlan | None = None,
+        fired: list[str] = (),
     ) -> None:
-        """Write states, profiles and the shard's progress in one MULTI/EXEC."""
+        """Write states, profiles, timers and the shard's progress in one MULTI/EXEC.
+
+        Fired timers are removed before the plan's timers are added, so a timer
+        that fired and was scheduled again in the same step stays scheduled.
+        """
         started = time.perf_counter()
         pipe = self._client.pipeline(transaction=True)
         if states:
@@ -117,6 +143,18 @@ class StateStore:
         for customer_id, fields in profiles.items():
             if fields:
                 pipe.hset(self.profile_key(customer_id), mapping=dict(fields))
+        timers_key = self.timers.key(shard)
+        if fired:
+            pipe.zrem(timers_key, *fired)
+        if plan is not None:
+            if plan.cancel:
+                pipe.zrem(timers_key, *plan.cancel)
+            if plan.schedule:
+                pipe.zadd(timers_key, {t.member: t.due_ms for t in plan.schedule})
+            for customer, orders in plan.promises.items():
+                pipe.hset(self.promises_key(customer), mapping=orders)
+            for customer, order_ids in plan.delivered.items():
+                pipe.hdel(self.promises_key(customer), *order_ids)
         if progress:
             pipe.hset(
                 self.progress_key(shard),

@@ -138,6 +138,10 @@ def _check_state(record, ref: RefCustomer):
     assert int(record["last_seen_ms"]) == ref.last_seen
     assert int(record["first_seen_ms"]) == ref.first_seen
     assert int(record["streak_len"]) == ref.streak_len
+    carts = [e.ts for e in ref.history if e.type == K.ADD_TO_CART]
+    orders = [e.ts for e in ref.history if e.type == K.ORDER_PLACED]
+    assert int(record["last_cart_ms"]) == (max(carts) if carts else 0)
+    assert int(record["last_order_ms"]) == (max(orders) if orders else 0)
     days = purchase_days(ref)
     assert int(record["purchase_days"]) == len(days)
     if days:

