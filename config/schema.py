@@ -221,12 +221,81 @@ class DeliveryDelayRule(_Rule):
     marketing: bool = False
 
 
+class FirstOrderWelcomeRule(_Rule):
+    after_delivery_hours: PositiveFloat = 24.0
+    priority: int = 70
+    cooldown_hours: float = 0.0
+    offer_template: str = "welcome_pack"
+
+
+class PotentialNoRepeatRule(_Rule):
+    days: PositiveInt = 30
+    browsing_days: PositiveInt = 14  # "still browsing": any activity in these last days
+    priority: int = 40
+    offer_template: str = "style_guide"
+
+
+class RepurchaseDueRule(_Rule):
+    days_before: Annotated[float, Field(ge=0)] = 7.0
+    min_purchase_days: Annotated[int, Field(ge=2)] = 2
+    priority: int = 50
+    cooldown_hours: float = 0.0
+    offer_template: str = "replenishment_reminder"
+
+
+class ChurnRiskRule(_Rule):
+    # Fires when the churn level enters "high" (churn.high, with churn.hysteresis).
+    # Quiet customers are re-derived this many days after their newest event, and
+    # every such period after that, so absence alone can raise the risk.
+    recheck_days: Annotated[float, Field(gt=0)] = 7.0
+    priority: int = 80
+    cooldown_hours: float = 168.0
+    offer_template: str = "retention_offer"
+
+
+class TierUpgradeRule(_Rule):
+    # Fires when the tier rises or the customer enters the high-value segment.
+    priority: int = 65
+    cooldown_hours: float = 0.0
+    offer_template: str = "tier_perks"
+
+
+class BirthdayRule(_Rule):
+    days_before: Annotated[int, Field(ge=0, le=30)] = 3
+    priority: int = 55
+    cooldown_hours: float = 0.0
+    offer_template: str = "birthday_gift"
+
+
+class ServiceRecoveryRule(_Rule):
+    # Returns, refunds and negative tickets of high-value or gold customers.
+    priority: int = 85
+    cooldown_hours: float = 24.0
+    offer_template: str = "vip_follow_up"
+    marketing: bool = False
+
+
+class InterestShiftRule(_Rule):
+    min_distance: Annotated[float, Field(gt=0, le=1)] = 0.5  # cosine distance
+    priority: int = 20
+    cooldown_hours: float = 168.0
+    offer_template: str = "new_journey"
+
+
 class RulesConfig(_Frozen):
     browse_interest: BrowseInterestRule = BrowseInterestRule()
     high_intent_no_purchase: HighIntentRule = HighIntentRule()
     cart_abandoned: CartAbandonedRule = CartAbandonedRule()
+    first_order_welcome: FirstOrderWelcomeRule = FirstOrderWelcomeRule()
+    potential_no_repeat: PotentialNoRepeatRule = PotentialNoRepeatRule()
+    repurchase_due: RepurchaseDueRule = RepurchaseDueRule()
     dormant_win_back: DormantWinBackRule = DormantWinBackRule()
+    churn_risk: ChurnRiskRule = ChurnRiskRule()
+    tier_upgrade: TierUpgradeRule = TierUpgradeRule()
     delivery_delay: DeliveryDelayRule = DeliveryDelayRule()
+    birthday: BirthdayRule = BirthdayRule()
+    service_recovery: ServiceRecoveryRule = ServiceRecoveryRule()
+    interest_shift: InterestShiftRule = InterestShiftRule()
 
 
 class TimersConfig(_Frozen):

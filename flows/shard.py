@@ -36,6 +36,7 @@ from crmstream.flows.source import CAUGHT_UP_OFFSET, RawMessage
 from crmstream.metrics import get_metrics
 from crmstream.operators.catalog import (
     TIMER_EVENT_CODES,
+    Before,
     Candidate,
     TimerPlan,
     TriggerCatalog,
@@ -181,7 +182,7 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, dict[str, int], None]):
         self._rt = runtime
         self._live = live
         self._params = params_from(runtime.config)
-        self._catalog = TriggerCatalog(runtime.config)
+        self._catalog = TriggerCatalog(runtime.config, self._params.churn_weights)
         self._timers_cfg = runtime.config.timers
         self._shard = -1
         self._progress: dict[Position, int] = {}
@@ -266,12 +267,22 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, dict[str, int], None]):
             metrics.triggers.labels(record["trigger_type"]).inc()
         if mark is not None and any(t.due_ms <= mark for t in changes.plan.schedule):
             self._checked_until = -1  # a new timer is already due: look again next time
-        return {"events": len(events), "invalid": len(invalid),
-                "triggers": len(changes.triggers), "timers": len(due)}  # fmt: skip
+        return {
+            "events": len(events),
+            "invalid": len(invalid),
+            "triggers": len(changes.triggers),
+            "timers": len(due),
+        }
 
     def _commit(self, changes: Changes, now_ms: int) -> None:
-        self._rt.store.commit(self._shard, changes.states, changes.profiles, self._unsaved,
-                              changes.plan, changes.fired)  # fmt: skip
+        self._rt.store.commit(
+            self._shard,
+            changes.states,
+            changes.profiles,
+            self._unsaved,
+            changes.plan,
+            changes.fired,
+        )
         self._progress.update(self._unsaved)
         self._unsaved = {}
         self._last_progress_write_ms = now_ms
@@ -281,8 +292,9 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, dict[str, int], None]):
         metrics = get_metrics()
         if events:
             metrics.batch_events.observe(len(events))
-        customers = list(dict.fromkeys([ev.customer_id for ev in events]
-                                       + [t.customer for t in due]))  # fmt: skip
+        customers = list(
+            dict.fromkeys([ev.customer_id for ev in events] + [t.customer for t in due])
+        )
         index = {c: i for i, c in enumerate(customers)}
         store = self._rt.store
         needs_promises = {t.customer for t in due if t.kind == "delivery"} | {
@@ -292,6 +304,8 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, dict[str, int], None]):
         records = decode_batch(blobs, [store.state_key(c) for c in customers])
 
         fresh = self._unapplied(events, records, index)
+        orders_before = records["orders_total"].copy()
+        deliveries_before = records["type_counts"][:, EVENT_CODE["order_delivered"]].copy()
         n = len(fresh)
         columns = (
             np.fromiter((index[ev.customer_id] for ev in fresh), np.int32, n),
@@ -317,10 +331,29 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, dict[str, int], None]):
         for ev in fresh:
             if ev.type_code in TIMER_EVENT_CODES:
                 by_customer.setdefault(ev.customer_id, []).append(ev)
-        for customer, own in by_customer.items():
-            self._catalog.plan(customer, records[index[customer]], own,
-                               promises.setdefault(customer, {}), plan)  # fmt: skip
         candidates = self._catalog.from_firings(fresh, order, firings)
+        for customer, own in by_customer.items():
+            i = index[customer]
+            before = Before(int(orders_before[i]), int(deliveries_before[i]))
+            candidates += self._catalog.plan(
+                customer, records[i], own, promises.setdefault(customer, {}), plan, before
+            )
+        for i, customer in enumerate(customers):
+            candidates += self._catalog.from_derived(customer, records[i], derived[i])
+        # Quiet customers: re-derive as of their recheck time (absence raises churn risk).
+        rechecks = [
+            t
+            for t in due
+            if t.kind == "recheck" and t.due_ms > records["last_seen_ms"][index[t.customer]]
+        ]
+        if rechecks:
+            rows = np.array([index[t.customer] for t in rechecks])
+            subset = records[rows]
+            later = derive_batch(subset, np.array([t.due_ms for t in rechecks]), self._params)
+            for k, timer in enumerate(rechecks):
+                derived[rows[k]] = later[k]
+                candidates += self._catalog.from_derived(timer.customer, subset[k], later[k])
+            records[rows] = subset  # after from_derived, which may set flags
         fired = []
         for timer in due:
             fired.append(timer.member)
@@ -328,6 +361,9 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, dict[str, int], None]):
             candidate = self._catalog.fire(timer, records[index[timer.customer]], own)
             if candidate is not None:
                 candidates.append(candidate)
+            again = self._catalog.reschedule(timer, records[index[timer.customer]])
+            if again is not None:
+                plan.schedule.append(again)
             if timer.kind == "delivery" and timer.ref in own:
                 plan.delivered.setdefault(timer.customer, []).append(timer.ref)
 

@@ -18,20 +18,32 @@ Timer kinds and what they check when due (``fire``):
 
 from __future__ import annotations
 
+import calendar
+from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple
 
 import numpy as np
 
 from crmstream.config import CrmConfig
-from crmstream.operators.events import EVENT_CODE, ParsedEvent, parse_time_ms
+from crmstream.operators.events import EVENT_CODE, EVENT_TYPES, ParsedEvent, parse_time_ms
 from crmstream.operators.kernels import (
+    COL,
     MS_PER_DAY,
     MS_PER_HOUR,
     RULE_BROWSE_INTEREST,
     RULE_HIGH_INTENT,
     Firings,
+    window_sum,
 )
 from crmstream.operators.rules import iso_ms
+from crmstream.state.encoding import (
+    FLAG_SHIFT_FIRED,
+    KIND_ACTIVITY,
+    SEGMENTS,
+    STAGES,
+    TIERS,
+)
+from crmstream.state.profile import churn_contributors, top_categories
 from crmstream.state.timers import Timer, timer_member
 
 ADD_TO_CART = EVENT_CODE["add_to_cart"]
@@ -39,8 +51,26 @@ ORDER_PLACED = EVENT_CODE["order_placed"]
 ORDER_SHIPPED = EVENT_CODE["order_shipped"]
 ORDER_DELIVERED = EVENT_CODE["order_delivered"]
 LOGISTICS_UPDATE = EVENT_CODE["logistics_update"]
-TIMER_EVENT_CODES = frozenset({ADD_TO_CART, ORDER_PLACED, ORDER_SHIPPED, ORDER_DELIVERED,
-                               LOGISTICS_UPDATE})  # fmt: skip
+ORDER_RETURNED = EVENT_CODE["order_returned"]
+ORDER_REFUNDED = EVENT_CODE["order_refunded"]
+SERVICE_TICKET = EVENT_CODE["service_ticket"]
+PROFILE_UPDATED = EVENT_CODE["profile_updated"]
+# Events that schedule timers or fire event-driven triggers.
+TIMER_EVENT_CODES = frozenset(
+    {
+        ADD_TO_CART,
+        ORDER_PLACED,
+        ORDER_SHIPPED,
+        ORDER_DELIVERED,
+        LOGISTICS_UPDATE,
+        ORDER_RETURNED,
+        ORDER_REFUNDED,
+        SERVICE_TICKET,
+        PROFILE_UPDATED,
+    }
+)
+HIGH_VALUE = SEGMENTS.index("high_value")
+GOLD = TIERS.index("gold")
 CUSTOMS_HOLD = 1.0  # ParsedEvent.aux of a logistics_update with status customs_hold
 
 
@@ -57,6 +87,13 @@ class Candidate(NamedTuple):
     payload: dict[str, Any]
 
 
+class Before(NamedTuple):
+    """A customer's counters before this batch was applied."""
+
+    orders_total: int
+    deliveries: int
+
+
 class TimerPlan(NamedTuple):
     """Timer writes for one batch, committed with the state."""
 
@@ -69,9 +106,11 @@ class TimerPlan(NamedTuple):
 class TriggerCatalog:
     """Trigger conditions and timer planning, built once from the configuration."""
 
-    def __init__(self, config: CrmConfig):
+    def __init__(self, config: CrmConfig, churn_weights: np.ndarray):
+        self._config = config
         self._categories = config.taxonomy.categories
         self._rules = config.rules
+        self._churn_weights = churn_weights
 
     # -- event-driven -----------------------------------------------------------
     def from_firings(
@@ -84,21 +123,36 @@ class TriggerCatalog:
             a, b, c = int(firings.a[k]), int(firings.b[k]), int(firings.c[k])
             if int(firings.rule[k]) == RULE_BROWSE_INTEREST:
                 category = self._categories[a]
-                out.append(Candidate(
-                    ev.customer_id, "browse_interest", ev.event_id, ev.event_time_ms,
-                    {"category": category, "consecutive_views": b},
-                    {"consecutive_views": self._rules.browse_interest.consecutive_views},
-                    None, {"category": category},
-                ))  # fmt: skip
+                out.append(
+                    Candidate(
+                        ev.customer_id,
+                        "browse_interest",
+                        ev.event_id,
+                        ev.event_time_ms,
+                        {"category": category, "consecutive_views": b},
+                        {"consecutive_views": self._rules.browse_interest.consecutive_views},
+                        None,
+                        {"category": category},
+                    )
+                )
             elif int(firings.rule[k]) == RULE_HIGH_INTENT:
                 rule = self._rules.high_intent_no_purchase
-                out.append(Candidate(
-                    ev.customer_id, "high_intent_no_purchase", ev.event_id, ev.event_time_ms,
-                    {"views": a, "cart_adds": b, "orders": c},
-                    {"min_views": rule.min_views, "min_cart_adds": rule.min_cart_adds,
-                     "max_orders": 0},
-                    {"days": rule.window_days, "end": iso_ms(ev.event_time_ms)}, {},
-                ))  # fmt: skip
+                out.append(
+                    Candidate(
+                        ev.customer_id,
+                        "high_intent_no_purchase",
+                        ev.event_id,
+                        ev.event_time_ms,
+                        {"views": a, "cart_adds": b, "orders": c},
+                        {
+                            "min_views": rule.min_views,
+                            "min_cart_adds": rule.min_cart_adds,
+                            "max_orders": 0,
+                        },
+                        {"days": rule.window_days, "end": iso_ms(ev.event_time_ms)},
+                        {},
+                    )
+                )
         return out
 
     # -- timers -----------------------------------------------------------------
@@ -109,10 +163,13 @@ class TriggerCatalog:
         events: list[ParsedEvent],
         promises: dict[str, int],
         plan: TimerPlan,
-    ) -> None:
-        """Add the timer writes that ``customer``'s events in this batch imply to ``plan``."""
+        before: Before,
+    ) -> list[Candidate]:
+        """Add the timer writes ``customer``'s events imply to ``plan``; return the
+        event-driven candidates (first order, service recovery)."""
         rules = self._rules
         codes = {ev.type_code for ev in events}
+        out = self._event_triggers(customer, record, events, plan, before)
         if ADD_TO_CART in codes and rules.cart_abandoned.enabled:
             cart = int(record["last_cart_ms"])
             first = cart + int(rules.cart_abandoned.first_delay_minutes * 60_000)
@@ -127,7 +184,7 @@ class TriggerCatalog:
                     Timer(customer, f"dormant_{days}", str(anchor), anchor + days * MS_PER_DAY)
                 )
         if not rules.delivery_delay.enabled:
-            return
+            return out
         delay = rules.delivery_delay
         for ev in events:
             order_id = ev.fields.get("order_id")
@@ -147,6 +204,190 @@ class TriggerCatalog:
                     plan.cancel.append(timer_member(customer, "delivery", order_id))
                     plan.delivered.setdefault(customer, []).append(order_id)
                     promises.pop(order_id)
+        return out
+
+    def _event_triggers(
+        self,
+        customer: str,
+        record: np.void,
+        events: list[ParsedEvent],
+        plan: TimerPlan,
+        before: Before,
+    ) -> list[Candidate]:
+        rules = self._rules
+        out = []
+        if rules.churn_risk.enabled:  # re-derive a quiet customer later (absence signals)
+            due = int(record["last_seen_ms"]) + int(rules.churn_risk.recheck_days * MS_PER_DAY)
+            plan.schedule.append(Timer(customer, "recheck", "", due))
+        orders = [ev for ev in events if ev.type_code == ORDER_PLACED]
+        if orders and before.orders_total == 0:
+            first = min(orders, key=lambda ev: ev.event_time_ms)
+            if rules.first_order_welcome.enabled:
+                out.append(
+                    Candidate(
+                        customer,
+                        "first_order_welcome",
+                        first.event_id,
+                        first.event_time_ms,
+                        {"stage": "order_placed", "order_id": first.fields.get("order_id")},
+                        {},
+                        None,
+                        {"stage": "order_placed"},
+                    )
+                )
+            if rules.potential_no_repeat.enabled:
+                due = first.event_time_ms + rules.potential_no_repeat.days * MS_PER_DAY
+                plan.schedule.append(Timer(customer, "potential", str(first.event_time_ms), due))
+        rep = rules.repurchase_due
+        if orders and rep.enabled and record["purchase_days"] >= rep.min_purchase_days:
+            span = int(record["last_purchase_day"] - record["first_purchase_day"])
+            mean_days = span / (int(record["purchase_days"]) - 1)
+            anchor = int(record["last_order_ms"])
+            due = anchor + int((mean_days - rep.days_before) * MS_PER_DAY)
+            if mean_days > rep.days_before:
+                plan.schedule.append(Timer(customer, "repurchase", str(anchor), due))
+        deliveries = [ev for ev in events if ev.type_code == ORDER_DELIVERED]
+        if deliveries and before.deliveries == 0 and rules.first_order_welcome.enabled:
+            first = min(deliveries, key=lambda ev: ev.event_time_ms)
+            due = first.event_time_ms + int(
+                rules.first_order_welcome.after_delivery_hours * MS_PER_HOUR
+            )
+            plan.schedule.append(Timer(customer, "welcome", first.event_id, due))
+        for ev in events:
+            if (
+                ev.type_code == PROFILE_UPDATED
+                and "birthday" in ev.fields
+                and rules.birthday.enabled
+            ):
+                due = next_birthday_reminder(
+                    ev.fields["birthday"], ev.event_time_ms, rules.birthday.days_before
+                )
+                plan.schedule.append(Timer(customer, "birthday", ev.fields["birthday"], due))
+        valued = record["segment"] == HIGH_VALUE or record["tier"] == GOLD
+        if valued and rules.service_recovery.enabled:
+            negative = self._config.churn.negative_sentiment
+            for ev in events:
+                bad_ticket = ev.type_code == SERVICE_TICKET and ev.aux <= negative
+                if ev.type_code in (ORDER_RETURNED, ORDER_REFUNDED) or bad_ticket:
+                    reason = "negative_ticket" if bad_ticket else EVENT_TYPES[ev.type_code]
+                    out.append(
+                        Candidate(
+                            customer,
+                            "service_recovery",
+                            ev.event_id,
+                            ev.event_time_ms,
+                            {
+                                "reason": reason,
+                                "segment": SEGMENTS[record["segment"]],
+                                "tier": TIERS[record["tier"]],
+                            },
+                            {"segments": ["high_value"], "tiers": ["gold"]},
+                            None,
+                            {"reason": reason, "order_id": ev.fields.get("order_id")},
+                        )
+                    )
+        return out
+
+    def from_derived(self, customer: str, record: np.void, row: np.ndarray) -> list[Candidate]:
+        """Triggers on changes of the derived labels: churn risk, tier upgrade, interest shift."""
+        rules, out = self._rules, []
+        as_of = int(record["last_seen_ms"])
+        if (
+            rules.churn_risk.enabled
+            and record["churn_level"] == 2
+            and row[COL["old_churn_level"]] < 2
+        ):
+            churn = self._config.churn
+            out.append(
+                Candidate(
+                    customer,
+                    "churn_risk",
+                    f"derive:churn_risk:{as_of}",
+                    as_of,
+                    {
+                        "churn_score": round(float(row[COL["churn_score"]]), 4),
+                        "top_signals": churn_contributors(row, self._churn_weights),
+                    },
+                    {"high": churn.high, "hysteresis": churn.hysteresis},
+                    None,
+                    {"top_categories": self._top(record)},
+                )
+            )
+        if rules.tier_upgrade.enabled:
+            old_tier, old_segment = int(row[COL["old_tier"]]), int(row[COL["old_segment"]])
+            seg = self._config.segments
+            if record["tier"] > old_tier:
+                out.append(
+                    Candidate(
+                        customer,
+                        "tier_upgrade",
+                        f"derive:tier:{int(record['tier'])}:{as_of}",
+                        as_of,
+                        {
+                            "change": "tier",
+                            "from": TIERS[old_tier],
+                            "to": TIERS[record["tier"]],
+                            "spend_365d": round(float(row[COL["spend_365d"]]), 2),
+                        },
+                        {
+                            "silver_spend_365d": seg.silver_spend_365d,
+                            "gold_spend_365d": seg.gold_spend_365d,
+                        },
+                        None,
+                        {"tier": TIERS[record["tier"]]},
+                    )
+                )
+            if record["segment"] == HIGH_VALUE and old_segment != HIGH_VALUE:
+                out.append(
+                    Candidate(
+                        customer,
+                        "tier_upgrade",
+                        f"derive:high_value:{as_of}",
+                        as_of,
+                        {
+                            "change": "high_value_entered",
+                            "orders_90d": int(row[COL["orders_90d"]]),
+                            "spend_90d": round(float(row[COL["spend_90d"]]), 2),
+                        },
+                        {
+                            "min_orders_90d": seg.high_value_min_orders_90d,
+                            "min_aov": seg.high_value_min_aov,
+                        },
+                        None,
+                        {"segment": "high_value"},
+                    )
+                )
+        shift = float(row[COL["interest_shift"]])
+        rule = rules.interest_shift
+        if (
+            rule.enabled
+            and shift >= rule.min_distance
+            and not record["rule_flags"] & FLAG_SHIFT_FIRED
+        ):
+            now_top = int(np.argmax(record["pref"]))
+            was_top = int(np.argmax(record["pref_snap"]))
+            if now_top != was_top:
+                record["rule_flags"] |= FLAG_SHIFT_FIRED
+                out.append(
+                    Candidate(
+                        customer,
+                        "interest_shift",
+                        f"derive:interest_shift:{int(record['pref_snap_day'])}",
+                        as_of,
+                        {
+                            "from": self._categories[was_top],
+                            "to": self._categories[now_top],
+                            "cosine_distance": round(shift, 4),
+                        },
+                        {"min_distance": rule.min_distance},
+                        None,
+                        {"top_categories": self._top(record)},
+                    )
+                )
+        return out
+
+    def _top(self, record: np.void) -> list[str]:
+        return top_categories(record["pref"], self._categories, self._config.preferences.top_k)
 
     def fire(self, timer: Timer, record: np.void, promises: dict[str, int]) -> Candidate | None:
         """The trigger a due timer produces, or None when its condition no longer holds."""
@@ -156,41 +397,147 @@ class TriggerCatalog:
             cart, last_order = int(record["last_cart_ms"]), int(record["last_order_ms"])
             nudge = 1 if timer.kind == "cart_1" else 2
             rule = rules.cart_abandoned
-            delay = (rule.first_delay_minutes * 60_000 if nudge == 1
-                     else rule.second_delay_hours * MS_PER_HOUR)  # fmt: skip
+            delay = (
+                rule.first_delay_minutes * 60_000
+                if nudge == 1
+                else rule.second_delay_hours * MS_PER_HOUR
+            )
             if cart + int(delay) != timer.due_ms or cart < last_order <= timer.due_ms:
                 return None  # moved by a later cart add, or an order came in time
             return Candidate(
-                timer.customer, "cart_abandoned", causal, timer.due_ms,
+                timer.customer,
+                "cart_abandoned",
+                causal,
+                timer.due_ms,
                 {"cart_added_at": iso_ms(cart), "nudge": nudge, "orders_since": 0},
-                {"first_delay_minutes": rule.first_delay_minutes,
-                 "second_delay_hours": rule.second_delay_hours},
-                {"start": iso_ms(cart), "end": iso_ms(timer.due_ms)}, {"nudge": nudge},
-            )  # fmt: skip
+                {
+                    "first_delay_minutes": rule.first_delay_minutes,
+                    "second_delay_hours": rule.second_delay_hours,
+                },
+                {"start": iso_ms(cart), "end": iso_ms(timer.due_ms)},
+                {"nudge": nudge},
+            )
         if timer.kind.startswith("dormant_"):
             anchor, last_order = int(timer.ref), int(record["last_order_ms"])
             if anchor < last_order <= timer.due_ms:
                 return None  # bought again before the due time
             days = int(timer.kind.split("_", 1)[1])
             return Candidate(
-                timer.customer, "dormant_win_back", causal, timer.due_ms,
+                timer.customer,
+                "dormant_win_back",
+                causal,
+                timer.due_ms,
                 {"days_without_purchase": days, "last_purchase_at": iso_ms(anchor)},
                 {"days": list(rules.dormant_win_back.days)},
-                {"start": iso_ms(anchor), "end": iso_ms(timer.due_ms)}, {"step_days": days},
-            )  # fmt: skip
+                {"start": iso_ms(anchor), "end": iso_ms(timer.due_ms)},
+                {"step_days": days},
+            )
         if timer.kind == "delivery":
             promised = promises.get(timer.ref)
             if promised is None:
                 return None  # delivered in time (or unknown)
             late_h = (timer.due_ms - promised) / MS_PER_HOUR
             return Candidate(
-                timer.customer, "delivery_delay", causal, timer.due_ms,
+                timer.customer,
+                "delivery_delay",
+                causal,
+                timer.due_ms,
                 {"order_id": timer.ref, "promised_at": iso_ms(promised), "hours_late": late_h},
-                {"hours_after_promise": rules.delivery_delay.hours_after_promise,
-                 "customs_hours_after_promise": rules.delivery_delay.customs_hours_after_promise},
-                None, {"order_id": timer.ref},
-            )  # fmt: skip
+                {
+                    "hours_after_promise": rules.delivery_delay.hours_after_promise,
+                    "customs_hours_after_promise": rules.delivery_delay.customs_hours_after_promise,
+                },
+                None,
+                {"order_id": timer.ref},
+            )
+        if timer.kind == "welcome":
+            return Candidate(
+                timer.customer,
+                "first_order_welcome",
+                causal,
+                timer.due_ms,
+                {
+                    "stage": "delivered",
+                    "hours_after_delivery": rules.first_order_welcome.after_delivery_hours,
+                },
+                {"after_delivery_hours": rules.first_order_welcome.after_delivery_hours},
+                None,
+                {"stage": "delivered"},
+            )
+        if timer.kind == "potential":
+            rule = rules.potential_no_repeat
+            day = timer.due_ms // MS_PER_DAY
+            browsing = window_sum(
+                record["win_1d"], record["base_1d"], day, rule.browsing_days, KIND_ACTIVITY
+            )
+            if record["purchase_days"] != 1 or browsing == 0:
+                return None  # bought again, or no longer browsing
+            return Candidate(
+                timer.customer,
+                "potential_no_repeat",
+                causal,
+                timer.due_ms,
+                {"first_order_at": iso_ms(int(timer.ref)), "recent_activity": int(browsing)},
+                {"days": rule.days, "browsing_days": rule.browsing_days},
+                None,
+                {"top_categories": self._top(record)},
+            )
+        if timer.kind == "repurchase":
+            anchor, last_order = int(timer.ref), int(record["last_order_ms"])
+            if anchor < last_order <= timer.due_ms:
+                return None  # already bought again
+            return Candidate(
+                timer.customer,
+                "repurchase_due",
+                causal,
+                timer.due_ms,
+                {
+                    "last_order_at": iso_ms(anchor),
+                    "expected_next_order_at": iso_ms(
+                        timer.due_ms + int(rules.repurchase_due.days_before * MS_PER_DAY)
+                    ),
+                },
+                {"days_before": rules.repurchase_due.days_before},
+                None,
+                {"top_categories": self._top(record)},
+            )
+        if timer.kind == "birthday":
+            return Candidate(
+                timer.customer,
+                "birthday",
+                causal,
+                timer.due_ms,
+                {"birthday": timer.ref, "days_before": rules.birthday.days_before},
+                {"days_before": rules.birthday.days_before},
+                None,
+                {"top_categories": self._top(record)},
+            )
         return None
+
+    def reschedule(self, timer: Timer, record: np.void) -> Timer | None:
+        """The next occurrence of a recurring timer that just fired."""
+        if timer.kind == "recheck":
+            if STAGES[record["stage"]] == "lost" or timer.due_ms < record["last_seen_ms"]:
+                return None  # nothing more to watch, or newer events rescheduled it
+            step = int(self._rules.churn_risk.recheck_days * MS_PER_DAY)
+            return Timer(timer.customer, "recheck", "", timer.due_ms + step)
+        if timer.kind != "birthday":
+            return None
+        due = next_birthday_reminder(timer.ref, timer.due_ms, self._rules.birthday.days_before)
+        return Timer(timer.customer, "birthday", timer.ref, due)
+
+
+def next_birthday_reminder(month_day: str, after_ms: int, days_before: int) -> int:
+    """The first "birthday minus ``days_before``" (00:00 UTC) strictly after ``after_ms``."""
+    month, day = int(month_day[:2]), int(month_day[3:])
+    year = datetime.fromtimestamp(after_ms / 1000, tz=UTC).year
+    for y in (year, year + 1, year + 2):
+        d = day if (month, day) != (2, 29) or calendar.isleap(y) else 28
+        reminder = datetime(y, month, d, tzinfo=UTC) - timedelta(days=days_before)
+        due = int(reminder.timestamp() * 1000)
+        if due > after_ms:
+            return due
+    raise AssertionError("unreachable: a birthday recurs within two years")
 
 
 def _promised_ms(ev: ParsedEvent) -> int:

@@ -30,6 +30,7 @@ from crmstream.state.encoding import (
     EMPTY_BASE,
     FLAG_CHURN_HIGH,
     FLAG_HIGH_INTENT,
+    FLAG_SHIFT_FIRED,
     KIND_ACTIVITY,
     KIND_CARTS,
     KIND_ORDERS,
@@ -345,6 +346,7 @@ def _prefer(r, category, weight, ts, day, half_life_ms, snapshot_days):
                     round(255.0 * max(r.pref[k], 0.0) / top) if top > MIN_AFFINITY else 0
                 )
             r.pref_snap_day = day
+            r.rule_flags &= ~np.uint8(FLAG_SHIFT_FIRED)  # a new period for interest shift
         r.pref[category] += weight
     else:  # a late event: decay its weight to the vector's reference time
         r.pref[category] += weight * 2.0 ** (-(r.pref_ref_ms - ts) / half_life_ms)

@@ -50,6 +50,7 @@ CHURN_LEVELS = ("low", "medium", "high")
 
 FLAG_HIGH_INTENT = 1  # the high-intent condition held at the last event
 FLAG_CHURN_HIGH = 2  # churn is in the high band (with hysteresis)
+FLAG_SHIFT_FIRED = 4  # interest shift fired since the last preference snapshot
 
 EMPTY_BASE = np.iinfo(np.int32).min
 

@@ -1,0 +1,167 @@
+"""The rest of the trigger catalogue through the real flow: one firing and one near miss each."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.conftest import read_topic, run_flow
+
+pytestmark = pytest.mark.integration
+H = 3600.0
+D = 86400.0
+
+
+def _of(records, kind):
+    return [r for r in records if r["trigger_type"] == kind]
+
+
+def _customers(records, kind):
+    return sorted(r["customer_id"] for r in _of(records, kind))
+
+
+def _order(s, customer, at, amount=20.0, order_id=None):
+    return s.event(
+        "orders",
+        customer,
+        "order_placed",
+        at,
+        order_id=order_id or f"{customer}-{at}",
+        amount=amount,
+        currency="USD",
+    )
+
+
+def test_first_order_welcome_at_the_order_and_a_day_after_delivery(isolated_config, script, stack):
+    config = isolated_config()
+    s = script(config)
+    first = _order(s, "amy", 0, order_id="a1")
+    s.event("orders", "amy", "order_delivered", 3 * D, order_id="a1")
+    _order(s, "ben", 0, order_id="b1")  # delivered only 10 h before the clock stops
+    s.event("orders", "ben", "order_delivered", 4 * D - 10 * H, order_id="b1")
+    s.event("clickstream", "zed", "session_start", 4 * D)
+    s.flush()
+    run_flow(config, stack)
+    welcome = _of(read_topic(stack, config.kafka.topics.triggers), "first_order_welcome")
+    stages = sorted((r["customer_id"], r["payload"]["stage"]) for r in welcome)
+    assert stages == [("amy", "delivered"), ("amy", "order_placed"), ("ben", "order_placed")]
+    placed = next(r for r in welcome if r["customer_id"] == "amy" and
+                  r["payload"]["stage"] == "order_placed")  # fmt: skip
+    assert placed["causal_event_id"] == first
+
+
+def test_potential_no_repeat_needs_one_order_and_recent_browsing(isolated_config, script, stack):
+    config = isolated_config()
+    s = script(config)
+    for cust in ("cat", "dan", "eli"):
+        _order(s, cust, 0)
+    s.view("cat", "books", 25 * D)  # still browsing
+    _order(s, "dan", 10 * D)  # bought again
+    s.event("clickstream", "zed", "session_start", 31 * D)  # eli: not browsing
+    s.flush()
+    run_flow(config, stack)
+    assert _customers(read_topic(stack, config.kafka.topics.triggers), "potential_no_repeat") == [
+        "cat"
+    ]
+
+
+def test_repurchase_due_a_week_before_the_expected_order(isolated_config, script, stack):
+    config = isolated_config()
+    s = script(config)
+    for day in (0, 10, 20):  # every 10 days: next expected at day 30, reminder at day 23
+        _order(s, "fay", day * D)
+    # gus: every 10 days too (reminder due at day 13), but he buys at day 12, before it;
+    # his new rhythm (6 days) is shorter than the reminder's lead, so none is set
+    for day in (0, 10, 12):
+        _order(s, "gus", day * D)
+    s.event("clickstream", "zed", "session_start", 24 * D)
+    s.flush()
+    run_flow(config, stack)
+    due = _of(read_topic(stack, config.kafka.topics.triggers), "repurchase_due")
+    assert [r["customer_id"] for r in due] == ["fay"]
+    assert due[0]["event_time"] == "2026-01-24T00:00:00.000+00:00"
+    assert due[0]["reason"]["values"]["expected_next_order_at"] == "2026-01-31T00:00:00.000+00:00"
+
+
+def test_churn_risk_fires_once_when_a_regular_buyer_goes_quiet(isolated_config, script, stack):
+    config = isolated_config()
+    s = script(config)
+    for day in range(0, 60, 2):  # a steady customer: sessions, views, an order every 6 days
+        s.event("clickstream", "hal", "session_start", day * D)
+        s.view("hal", "books", day * D + 60)
+        if day % 6 == 0:
+            _order(s, "hal", day * D + 120)
+        s.event("clickstream", "ivy", "session_start", day * D)  # a steady browser who stays
+    for day in range(60, 130, 2):
+        s.event("clickstream", "ivy", "session_start", day * D)
+    s.flush()
+    run_flow(config, stack)
+    risk = _of(read_topic(stack, config.kafka.topics.triggers), "churn_risk")
+    assert [r["customer_id"] for r in risk] == ["hal"]
+    values = risk[0]["reason"]["values"]
+    assert values["churn_score"] >= config.churn.high
+    assert {"activity_drop", "purchase_overdue"} <= set(values["top_signals"])
+    assert risk[0]["causal_event_id"].startswith("derive:churn_risk:")
+
+
+def test_tier_upgrade_and_high_value_entry(isolated_config, script, stack):
+    config = isolated_config()
+    s = script(config)
+    _order(s, "jay", 0, amount=150)
+    _order(s, "jay", D, amount=100)  # 250 in 365 d: silver
+    _order(s, "kai", 0, amount=150)  # 150: no tier
+    for i in range(5):  # 5 orders of 60 in 90 d: high value (and 300: silver)
+        _order(s, "lea", i * D, amount=60)
+    s.flush()
+    run_flow(config, stack)
+    ups = _of(read_topic(stack, config.kafka.topics.triggers), "tier_upgrade")
+    got = sorted((r["customer_id"], r["reason"]["values"]["change"],
+                  r["reason"]["values"].get("to")) for r in ups)  # fmt: skip
+    assert got == [("jay", "tier", "silver"), ("lea", "high_value_entered", None),
+                   ("lea", "tier", "silver")]  # fmt: skip
+
+
+def test_birthday_three_days_before(isolated_config, script, stack):
+    config = isolated_config()
+    s = script(config)
+    s.event("customers", "max", "profile_updated", 0, birthday="01-10")
+    s.event("customers", "ned", "profile_updated", 0, birthday="02-20")
+    s.event("clickstream", "zed", "session_start", 8 * D)
+    s.flush()
+    run_flow(config, stack)
+    bday = _of(read_topic(stack, config.kafka.topics.triggers), "birthday")
+    assert [(r["customer_id"], r["event_time"]) for r in bday] == [
+        ("max", "2026-01-07T00:00:00.000+00:00")
+    ]
+
+
+def test_service_recovery_only_for_high_value_customers(isolated_config, script, stack):
+    config = isolated_config()
+    s = script(config)
+    _order(s, "oli", 0, amount=600, order_id="o-big")  # gold tier
+    _order(s, "pam", 0, amount=30, order_id="p-small")
+    s.event("orders", "oli", "order_returned", 5 * D, order_id="o-big")
+    s.event("orders", "pam", "order_returned", 5 * D, order_id="p-small")
+    s.event("feedback", "oli", "service_ticket", 6 * D, sentiment=-0.8)
+    s.flush()
+    run_flow(config, stack)
+    rec = _of(read_topic(stack, config.kafka.topics.triggers), "service_recovery")
+    assert sorted((r["customer_id"], r["reason"]["values"]["reason"]) for r in rec) == [
+        ("oli", "negative_ticket"),
+        ("oli", "order_returned"),
+    ]
+
+
+def test_interest_shift_when_the_top_category_changes(isolated_config, script, stack):
+    config = isolated_config()
+    s = script(config)
+    for i in range(10):
+        s.view("quin", "beauty", i * 600)
+        s.view("rex", "beauty", i * 600)
+    for i in range(30):  # a week later: quin turns to baby products, rex stays
+        s.view("quin", "baby", 8 * D + i * 600)
+        s.view("rex", "beauty", 8 * D + i * 600)
+    s.flush()
+    run_flow(config, stack)
+    shift = _of(read_topic(stack, config.kafka.topics.triggers), "interest_shift")
+    assert [(r["customer_id"], r["reason"]["values"]["from"], r["reason"]["values"]["to"])
+            for r in shift] == [("quin", "beauty", "baby")]  # fmt: skip
