@@ -11,7 +11,8 @@ from __future__ import annotations
 import itertools
 import re
 from datetime import datetime
-from typing import Annotated
+from typing import Annotated, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -298,6 +299,63 @@ class RulesConfig(_Frozen):
     interest_shift: InterestShiftRule = InterestShiftRule()
 
 
+class CapsConfig(_Frozen):
+    """Rolling frequency caps on marketing triggers per customer."""
+
+    per_day: Annotated[int, Field(ge=0, le=8)] = 3
+    per_week: Annotated[int, Field(ge=0, le=8)] = 6
+    # For customers who said "contacted too often" (within churn.too_often_days).
+    too_often_per_day: Annotated[int, Field(ge=0, le=8)] = 1
+    too_often_per_week: Annotated[int, Field(ge=0, le=8)] = 2
+
+
+class QuietHoursConfig(_Frozen):
+    start: Annotated[str, Field(pattern=r"^([01][0-9]|2[0-3]):[0-5][0-9]$")] = "21:00"
+    end: Annotated[str, Field(pattern=r"^([01][0-9]|2[0-3]):[0-5][0-9]$")] = "09:00"
+    # hold: keep the trigger as a timer and emit it at the end of the quiet hours;
+    # not_before: emit it now with a not_before time for the sender.
+    mode: Literal["hold", "not_before"] = "hold"
+    default_timezone: str = "UTC"
+
+    @field_validator("default_timezone")
+    @classmethod
+    def _tz(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"not an IANA time zone: {value!r}") from None
+        return value
+
+
+class RegionConfig(_Frozen):
+    exclude_categories: list[str] = Field(default_factory=list)
+
+
+class SeasonConfig(_Frozen):
+    """Category weight adjustments for a date range (MM-DD, inclusive), e.g. a holiday."""
+
+    name: str
+    start: Annotated[str, Field(pattern=r"^[01][0-9]-[0-3][0-9]$")]
+    end: Annotated[str, Field(pattern=r"^[01][0-9]-[0-3][0-9]$")]
+    countries: list[str] = Field(default_factory=list)  # empty: every country
+    weights: dict[str, PositiveFloat] = Field(default_factory=dict)
+
+
+class PoliciesConfig(_Frozen):
+    # Consent for a channel the customer never answered: granted or denied.
+    consent_default: Literal["granted", "denied"] = "granted"
+    default_channel: str = "push"
+    # Priority arbitration: candidates of one customer this close in event time
+    # compete and only the highest priority goes out.
+    arbitration_window_seconds: Annotated[float, Field(ge=0)] = 60.0
+    caps: CapsConfig = CapsConfig()
+    quiet_hours: QuietHoursConfig = QuietHoursConfig()
+    regions: dict[str, RegionConfig] = Field(default_factory=dict)  # by country code
+    seasons: list[SeasonConfig] = Field(default_factory=list)
+    # Salt of the hashed subject in erasure audit records.
+    audit_salt: str = "crmstream-audit"
+
+
 class TimersConfig(_Frozen):
     # Live mode: an input idle this long lets the watermark follow the wall clock.
     idle_watermark_ms: Annotated[int, Field(ge=0)] = 500
@@ -438,6 +496,7 @@ class CrmConfig(_Frozen):
     taxonomy: TaxonomyConfig
     rules: RulesConfig = RulesConfig()
     timers: TimersConfig = TimersConfig()
+    policies: PoliciesConfig = PoliciesConfig()
     state: StateConfig = StateConfig()
     preferences: PreferencesConfig = Field(default_factory=PreferencesConfig)
     rfm: RfmConfig = RfmConfig()
@@ -445,3 +504,13 @@ class CrmConfig(_Frozen):
     bgnbd: BgNbdConfig = BgNbdConfig()
     lifecycle: LifecycleConfig = LifecycleConfig()
     segments: SegmentsConfig = SegmentsConfig()
+
+    @model_validator(mode="after")
+    def _categories_exist(self) -> CrmConfig:
+        known = set(self.taxonomy.categories)
+        named = [c for r in self.policies.regions.values() for c in r.exclude_categories]
+        named += [c for season in self.policies.seasons for c in season.weights]
+        unknown = sorted(set(named) - known)
+        if unknown:
+            raise ValueError(f"policies name categories outside the taxonomy: {unknown}")
+        return self

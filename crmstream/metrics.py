@@ -57,6 +57,17 @@ class CrmMetrics:
             ["trigger_type"],
             registry=registry,
         )
+        self.suppressions = Counter(
+            "crmstream_suppressions_total",
+            "Trigger candidates stopped by a contact policy, by type and policy.",
+            ["trigger_type", "policy"],
+            registry=registry,
+        )
+        self.erasures = Counter(
+            "crmstream_erasures_total",
+            "Customers erased on request (state, profile and timers deleted).",
+            registry=registry,
+        )
         self.batch_events = Histogram(
             "crmstream_shard_batch_events",
             "Events per shard batch handed to the stateful step.",

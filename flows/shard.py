@@ -20,6 +20,7 @@ offsets inside the committed state make the state's effect exactly-once.
 from __future__ import annotations
 
 import base64
+import hashlib
 import logging
 import zlib
 from collections import Counter
@@ -49,6 +50,7 @@ from crmstream.operators.kernels import (
     derive_batch,
     params_from,
 )
+from crmstream.operators.policies import PolicyEngine
 from crmstream.operators.rules import iso_ms
 from crmstream.state.encoding import ROLE_INDEX, STAGES, decode_batch, encode_records
 from crmstream.state.profile import event_fields, profile_fields
@@ -58,6 +60,7 @@ log = logging.getLogger(__name__)
 
 Position = tuple[str, int]
 PROGRESS_WRITE_INTERVAL_MS = 1000
+ERASURE_REQUESTED = EVENT_CODE["erasure_requested"]
 DELIVERY_EVENT_CODES = frozenset(
     EVENT_CODE[k] for k in ("order_shipped", "order_delivered", "logistics_update")
 )
@@ -183,6 +186,7 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, dict[str, int], None]):
         self._live = live
         self._params = params_from(runtime.config)
         self._catalog = TriggerCatalog(runtime.config, self._params.churn_weights)
+        self._policies = PolicyEngine(runtime.config)
         self._timers_cfg = runtime.config.timers
         self._shard = -1
         self._progress: dict[Position, int] = {}
@@ -282,6 +286,7 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, dict[str, int], None]):
             self._unsaved,
             changes.plan,
             changes.fired,
+            changes.erase,
         )
         self._progress.update(self._unsaved)
         self._unsaved = {}
@@ -354,9 +359,14 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, dict[str, int], None]):
                 derived[rows[k]] = later[k]
                 candidates += self._catalog.from_derived(timer.customer, subset[k], later[k])
             records[rows] = subset  # after from_derived, which may set flags
-        fired = []
+        fired, held = [], []
         for timer in due:
             fired.append(timer.member)
+            if blobs[index[timer.customer]] is None:
+                continue  # no state (erased): its timers are moot
+            if timer.kind == "deferred":  # a trigger held through quiet hours: emit it now
+                held.append(orjson.loads(timer.ref))
+                continue
             own = promises.get(timer.customer, {})
             candidate = self._catalog.fire(timer, records[index[timer.customer]], own)
             if candidate is not None:
@@ -367,10 +377,108 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, dict[str, int], None]):
             if timer.kind == "delivery" and timer.ref in own:
                 plan.delivered.setdefault(timer.customer, []).append(timer.ref)
 
-        triggers = self._emit(candidates, fresh, now_ms)
-        states = dict(zip(customers, encode_records(records), strict=True))
+        erased = {ev.customer_id: ev for ev in fresh if ev.type_code == ERASURE_REQUESTED}
         profiles = self._profiles(customers, records, derived, fresh)
-        return Changes(states, profiles, plan, fired, triggers)
+        approved, suppressions = self._policy(
+            candidates, records, index, profiles, erased, plan, now_ms
+        )
+        triggers = self._emit(approved + held, fresh)
+        self._suppress(suppressions)
+        states = dict(zip(customers, encode_records(records), strict=True))
+        erase = self._erase(erased, states, profiles, plan, now_ms)
+        return Changes(states, profiles, plan, fired, triggers, erase)
+
+    def _policy(
+        self,
+        candidates: list[Candidate],
+        records: np.ndarray,
+        index: dict[str, int],
+        profiles: dict[str, dict[str, str]],
+        erased: dict[str, ParsedEvent],
+        plan: TimerPlan,
+        now_ms: int,
+    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """Run candidates through the contact policies: records to emit, and suppressions."""
+        by_customer: dict[str, list[Candidate]] = {}
+        for cand in candidates:
+            by_customer.setdefault(cand.customer, []).append(cand)
+        stored = self._rt.store.load_profiles(sorted(by_customer)) if by_customer else {}
+        approved, suppressions = [], []
+        for customer, own in by_customer.items():
+            profile = {**stored.get(customer, {}), **profiles.get(customer, {})}
+            ok, stopped = self._policies.apply(
+                customer, own, records[index[customer]], profile, customer in erased
+            )
+            for decision in ok:
+                record = self._rt.triggers.build(decision.candidate, now_ms)
+                record.update(decision.extras)
+                if decision.hold_until_ms is None:
+                    approved.append(record)
+                else:  # quiet hours: held as a durable timer, emitted at the window's end
+                    plan.schedule.append(
+                        Timer(
+                            customer,
+                            "deferred",
+                            orjson.dumps(record).decode(),
+                            decision.hold_until_ms,
+                        )
+                    )
+            for item in stopped:
+                record = self._rt.triggers.build(item.candidate, now_ms)
+                suppressions.append(
+                    {
+                        "schema_version": record["schema_version"],
+                        "trigger_id": record["trigger_id"],
+                        "trigger_type": record["trigger_type"],
+                        "customer_id": "erased" if customer in erased else customer,
+                        "policy": item.policy,
+                        "reason": item.reason,
+                        "rule": record["rule"],
+                        "candidate": record["reason"],
+                        "event_time": record["event_time"],
+                        "detected_at": record["detected_at"],
+                    }
+                )
+        return approved, suppressions
+
+    def _suppress(self, suppressions: list[dict[str, Any]]) -> None:
+        topic = self._rt.config.kafka.topics.suppressions
+        metrics = get_metrics()
+        for record in suppressions:
+            metrics.suppressions.labels(record["trigger_type"], record["policy"]).inc()
+            key = None if record["customer_id"] == "erased" else record["customer_id"].encode()
+            self._rt.producer.produce(topic, key, orjson.dumps(record))
+
+    def _erase(
+        self,
+        erased: dict[str, ParsedEvent],
+        states: dict[str, bytes],
+        profiles: dict[str, dict[str, str]],
+        plan: TimerPlan,
+        now_ms: int,
+    ) -> list[tuple[str, list[str], dict[str, str]]]:
+        """Right to be forgotten: drop the customer's writes, list keys and timers to delete,
+        and an audit entry that holds no personal data (a salted hash of the id)."""
+        erase = []
+        salt = self._rt.config.policies.audit_salt.encode()
+        for customer, ev in erased.items():
+            states.pop(customer, None)
+            profiles.pop(customer, None)
+            plan.promises.pop(customer, None)
+            plan.delivered.pop(customer, None)
+            plan.schedule[:] = [t for t in plan.schedule if t.customer != customer]
+            members = self._rt.store.timer_members_of(self._shard, customer)
+            subject = hashlib.blake2b(customer.encode(), key=salt[:64], digest_size=16).hexdigest()
+            audit = {
+                "action": "erasure",
+                "subject": subject,
+                "requested_at": iso_ms(ev.event_time_ms),
+                "applied_at": iso_ms(now_ms),
+                "timers_removed": str(len(members)),
+            }
+            erase.append((customer, members, audit))
+            get_metrics().erasures.inc()
+        return erase
 
     def _unapplied(
         self, events: list[ParsedEvent], records: np.ndarray, index: dict[str, int]
@@ -398,27 +506,25 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, dict[str, int], None]):
         return fresh
 
     def _emit(
-        self, candidates: list[Candidate], fresh: list[ParsedEvent], now_ms: int
+        self, records: list[dict[str, Any]], fresh: list[ParsedEvent]
     ) -> list[dict[str, Any]]:
-        """Produce one trigger record per candidate (delivery is confirmed before commit)."""
+        """Produce trigger records (delivery is confirmed before the state commit)."""
         topic = self._rt.config.kafka.topics.triggers
         metrics = get_metrics()
         ingest = {ev.event_id: ev.ingest_ms for ev in fresh}
-        records = []
-        for candidate in candidates:
-            record = self._rt.triggers.build(candidate, now_ms)
+        for record in records:
             emitted_ms = self._rt.clock_ms()
             record["emitted_at"] = iso_ms(emitted_ms)
             kind = record["trigger_type"]
+            event_ms = int(datetime.fromisoformat(record["event_time"]).timestamp() * 1000)
             metrics.event_to_trigger_seconds.labels(kind).observe(
-                max(0, emitted_ms - candidate.event_time_ms) / 1000
+                max(0, emitted_ms - event_ms) / 1000
             )
-            if candidate.causal in ingest:
+            if record["causal_event_id"] in ingest:
                 metrics.ingest_to_emit_seconds.labels(kind).observe(
-                    max(0, emitted_ms - ingest[candidate.causal]) / 1000
+                    max(0, emitted_ms - ingest[record["causal_event_id"]]) / 1000
                 )
-            self._rt.producer.produce(topic, candidate.customer.encode(), orjson.dumps(record))
-            records.append(record)
+            self._rt.producer.produce(topic, record["customer_id"].encode(), orjson.dumps(record))
         return records
 
     @staticmethod
@@ -456,7 +562,8 @@ class Changes(NamedTuple):
     plan: TimerPlan
     fired: list[str]
     triggers: list[dict[str, Any]]
+    erase: list[tuple[str, list[str], dict[str, str]]]
 
     @classmethod
     def none(cls) -> Changes:
-        return cls({}, {}, TimerPlan([], [], {}, {}), [], [])
+        return cls({}, {}, TimerPlan([], [], {}, {}), [], [], [])

@@ -18,6 +18,7 @@ one transaction (Redis Cluster).
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING
@@ -28,7 +29,7 @@ from redis.retry import Retry
 
 from crmstream.config.schema import RedisConfig
 from crmstream.metrics import get_metrics
-from crmstream.state.timers import TimerStore
+from crmstream.state.timers import SEP, TimerStore
 
 if TYPE_CHECKING:
     from crmstream.operators.catalog import TimerPlan
@@ -130,11 +131,14 @@ class StateStore:
         progress: Mapping[Position, int],
         plan: TimerPlan | None = None,
         fired: list[str] = (),
+        erase: list[tuple[str, list[str], dict[str, str]]] = (),
     ) -> None:
         """Write states, profiles, timers and the shard's progress in one MULTI/EXEC.
 
         Fired timers are removed before the plan's timers are added, so a timer
         that fired and was scheduled again in the same step stays scheduled.
+        ``erase`` holds (customer, timer members, audit entry): every key and
+        timer of the customer goes, and the audit stream gets the entry.
         """
         started = time.perf_counter()
         pipe = self._client.pipeline(transaction=True)
@@ -155,6 +159,13 @@ class StateStore:
                 pipe.hset(self.promises_key(customer), mapping=orders)
             for customer, order_ids in plan.delivered.items():
                 pipe.hdel(self.promises_key(customer), *order_ids)
+        for customer, members, audit in erase:
+            pipe.delete(
+                self.state_key(customer), self.profile_key(customer), self.promises_key(customer)
+            )
+            if members:
+                pipe.zrem(timers_key, *members)
+            pipe.xadd(self.audit_key(), audit)
         if progress:
             pipe.hset(
                 self.progress_key(shard),
@@ -162,6 +173,26 @@ class StateStore:
             )
         pipe.execute()
         get_metrics().redis_seconds.labels("commit").observe(time.perf_counter() - started)
+
+    def load_profiles(self, customer_ids: list[str]) -> dict[str, dict[str, str]]:
+        """The readable profile hashes of these customers, one round trip."""
+        pipe = self._client.pipeline(transaction=False)
+        for customer in customer_ids:
+            pipe.hgetall(self.profile_key(customer))
+        return {
+            c: {k.decode(): v.decode() for k, v in raw.items()}
+            for c, raw in zip(customer_ids, pipe.execute(), strict=True)
+        }
+
+    def timer_members_of(self, shard: int, customer_id: str) -> list[str]:
+        """Every pending timer of one customer (a scan of the shard's set: erasure only)."""
+        pattern = re.sub(r"([\\*?\[\]])", r"\\\1", customer_id) + SEP + "*"
+        return [
+            m.decode() for m, _ in self._client.zscan_iter(self.timers.key(shard), match=pattern)
+        ]
+
+    def audit_key(self) -> str:
+        return f"{self._prefix}:audit"
 
     def load_progress(self, shard: int) -> dict[Position, int]:
         """The shard's applied high-water marks per input partition."""

@@ -42,7 +42,9 @@ def stack() -> Iterator[Endpoints]:
 def isolated_config(stack: Endpoints, request: pytest.FixtureRequest):
     """Build a config with this test's own topics and key prefix (plus overrides)."""
 
-    def build(*overrides: str, partitions: int = 2) -> CrmConfig:
+    def build(*overrides: str, partitions: int = 2, policies: bool = False) -> CrmConfig:
+        """``policies=False`` (scenario tests of trigger conditions) turns quiet hours off
+        and lifts the caps; policy tests pass ``policies=True``."""
         tag = f"t{next(_ids)}x{os.getpid()}"
         roles = TopicsConfig.model_fields
         sets = [f"kafka.topics.{r}={tag}.{r}" for r in roles]
@@ -52,8 +54,15 @@ def isolated_config(stack: Endpoints, request: pytest.FixtureRequest):
             f"redis.key_prefix={tag}",
             f"kafka.partitions={partitions}",
             "metrics.enabled=false",
-            *overrides,
         ]
+        if not policies:
+            sets += [
+                "policies.quiet_hours.start=00:00",
+                "policies.quiet_hours.end=00:00",
+                "policies.caps.per_day=8",
+                "policies.caps.per_week=8",
+            ]
+        sets += list(overrides)
         config = load_config(None, sets, env={})
         create_topics(list(stack.brokers), config)
         return config

@@ -1,0 +1,270 @@
+"""Contact policies: what happens to a trigger candidate before anything is emitted.
+
+This module owns the policy order (docs/triggers.md) and the reason each
+suppression gives. Per customer and step:
+
+1. consent per channel (marketing triggers; a withdrawal suppresses at once);
+2. erasure (a customer erased in this step gets nothing);
+3. cooldown per trigger type;
+4. priority: of several candidates for one customer, the highest wins;
+5. rolling frequency caps per day and week (marketing), lower after
+   "contacted too often";
+6. quiet hours in the customer's time zone: deferred to the end of the quiet
+   window, never dropped (held as a timer, or emitted with ``not_before``);
+7. regional rules: excluded categories suppress or are removed from the
+   payload; seasonal weights re-rank the payload's categories.
+
+Times are event times (the candidate's), so a replay decides as live did.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, time, timedelta
+from typing import Any, NamedTuple
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import numpy as np
+
+from crmstream.config import CrmConfig
+from crmstream.operators.catalog import Candidate
+from crmstream.operators.kernels import MS_PER_DAY
+from crmstream.operators.rules import iso_ms
+
+TRIGGER_TYPES = (
+    "browse_interest",
+    "high_intent_no_purchase",
+    "cart_abandoned",
+    "first_order_welcome",
+    "potential_no_repeat",
+    "repurchase_due",
+    "dormant_win_back",
+    "churn_risk",
+    "tier_upgrade",
+    "delivery_delay",
+    "birthday",
+    "service_recovery",
+    "interest_shift",
+)
+TRIGGER_INDEX = {name: i for i, name in enumerate(TRIGGER_TYPES)}
+
+
+class Suppressed(NamedTuple):
+    candidate: Candidate
+    policy: str
+    reason: str
+
+
+class Approved(NamedTuple):
+    candidate: Candidate
+    extras: dict[str, Any]  # channel, language, send window, not_before / deferred
+    hold_until_ms: int | None  # quiet hours, "hold" mode: emit at this time
+
+
+def _minutes(ms: int) -> int:
+    return int(ms // 60_000)
+
+
+class PolicyEngine:
+    """The contact policies, built once from the configuration."""
+
+    def __init__(self, config: CrmConfig):
+        self._config = config
+        self._rules = config.rules
+        self._policies = config.policies
+        quiet = config.policies.quiet_hours
+        self._quiet_start = time.fromisoformat(quiet.start)
+        self._quiet_end = time.fromisoformat(quiet.end)
+        self._categories = config.taxonomy.categories
+
+    def apply(
+        self,
+        customer: str,
+        candidates: list[Candidate],
+        record: np.void,
+        profile: dict[str, str],
+        erased: bool,
+    ) -> tuple[list[Approved], list[Suppressed]]:
+        """Run one customer's candidates through the policies; updates the record's
+        cooldown and send history for what is approved."""
+        suppressed: list[Suppressed] = []
+        alive: list[Candidate] = []
+        for cand in candidates:
+            rule = getattr(self._rules, cand.trigger_type)
+            channel = (
+                rule.channel or profile.get("preferred_channel") or self._policies.default_channel
+            )
+            consent = profile.get(f"consent.{channel}", self._policies.consent_default)
+            if rule.marketing and (consent.startswith("withdrawn") or consent == "denied"):
+                suppressed.append(
+                    Suppressed(cand, "consent", f"no consent for channel {channel!r}")
+                )
+            elif erased:
+                suppressed.append(Suppressed(cand, "erasure", "the customer asked to be erased"))
+            elif self._cooling(cand, rule, record):
+                last = int(record["trigger_last_min"][TRIGGER_INDEX[cand.trigger_type]])
+                suppressed.append(
+                    Suppressed(
+                        cand,
+                        "cooldown",
+                        f"{cand.trigger_type} went out at {iso_ms(last * 60_000)}, "
+                        f"within its {rule.cooldown_hours:g} h cooldown",
+                    )
+                )
+            else:
+                alive.append(cand)
+        alive = self._arbitrate(alive, suppressed)
+        approved: list[Approved] = []
+        for cand in alive:
+            rule = getattr(self._rules, cand.trigger_type)
+            if rule.marketing:
+                capped = self._capped(cand, record)
+                if capped:
+                    suppressed.append(Suppressed(cand, "frequency_cap", capped))
+                    continue
+            regional = self._regional(cand, profile)
+            if isinstance(regional, str):
+                suppressed.append(Suppressed(cand, "regional", regional))
+                continue
+            extras, hold = self._delivery(cand, rule, profile)
+            self._record_sent(cand, rule, record)
+            approved.append(Approved(regional, extras, hold))
+        return approved, suppressed
+
+    # -- individual policies ----------------------------------------------------
+    def _arbitrate(self, alive: list[Candidate], suppressed: list[Suppressed]) -> list[Candidate]:
+        """Of candidates close in event time, keep the highest priority (in time order)."""
+        window_ms = self._policies.arbitration_window_seconds * 1000
+        alive = sorted(alive, key=lambda c: (c.event_time_ms, c.trigger_type, c.causal))
+        kept: list[Candidate] = []
+        i = 0
+        while i < len(alive):
+            j = i
+            while (
+                j + 1 < len(alive)
+                and alive[j + 1].event_time_ms - alive[i].event_time_ms <= window_ms
+            ):
+                j += 1
+            group = sorted(
+                alive[i : j + 1], key=lambda c: -getattr(self._rules, c.trigger_type).priority
+            )
+            winner, top = group[0], getattr(self._rules, group[0].trigger_type).priority
+            kept.append(winner)
+            for loser in group[1:]:
+                suppressed.append(
+                    Suppressed(
+                        loser,
+                        "priority",
+                        f"{winner.trigger_type} (priority {top}) fired at the same time",
+                    )
+                )
+            i = j + 1
+        return kept
+
+    def _cooling(self, cand: Candidate, rule: Any, record: np.void) -> bool:
+        last = int(record["trigger_last_min"][TRIGGER_INDEX[cand.trigger_type]])
+        return bool(
+            rule.cooldown_hours
+            and last
+            and _minutes(cand.event_time_ms) - last < rule.cooldown_hours * 60
+        )
+
+    def _capped(self, cand: Candidate, record: np.void) -> str | None:
+        caps = self._policies.caps
+        now = _minutes(cand.event_time_ms)
+        sends = [int(m) for m in record["sent_min"] if m]
+        day = sum(1 for m in sends if now - m < 1440)
+        week = sum(1 for m in sends if now - m < 10080)
+        too_often_day = int(record["too_often_day"])
+        cand_day = cand.event_time_ms // MS_PER_DAY
+        if too_often_day > 0 and cand_day - too_often_day <= self._config.churn.too_often_days:
+            per_day, per_week, who = caps.too_often_per_day, caps.too_often_per_week, "(lowered: "
+            who += "the customer said contacted too often) "
+        else:
+            per_day, per_week, who = caps.per_day, caps.per_week, ""
+        if day >= per_day:
+            return f"{day} marketing triggers in the last 24 h, cap {per_day} {who}".strip()
+        if week >= per_week:
+            return f"{week} marketing triggers in the last 7 d, cap {per_week} {who}".strip()
+        return None
+
+    def _regional(self, cand: Candidate, profile: dict[str, str]) -> Candidate | str:
+        """The candidate with its payload's categories adjusted, or why it is suppressed."""
+        country = profile.get("country", "")
+        region = self._policies.regions.get(country)
+        excluded = set(region.exclude_categories) if region else set()
+        payload = dict(cand.payload)
+        if payload.get("category") in excluded:
+            return f"category {payload['category']!r} is excluded in {country}"
+        if "top_categories" in payload:
+            tops = [c for c in payload["top_categories"] if c not in excluded]
+            weights = self._season_weights(country, cand.event_time_ms)
+            if weights:
+                rank = {c: (-(weights.get(c, 1.0)) / (i + 1)) for i, c in enumerate(tops)}
+                tops.sort(key=lambda c: rank[c])
+            payload["top_categories"] = tops
+        return cand._replace(payload=payload)
+
+    def _season_weights(self, country: str, at_ms: int) -> dict[str, float]:
+        month_day = datetime.fromtimestamp(at_ms / 1000, tz=UTC).strftime("%m-%d")
+        weights: dict[str, float] = {}
+        for season in self._policies.seasons:
+            inside = (
+                season.start <= month_day <= season.end
+                if season.start <= season.end
+                else month_day >= season.start or month_day <= season.end
+            )
+            if inside and (not season.countries or country in season.countries):
+                weights.update(season.weights)
+        return weights
+
+    def _delivery(
+        self, cand: Candidate, rule: Any, profile: dict[str, str]
+    ) -> tuple[dict[str, Any], int | None]:
+        """Channel, language, the local send window, and quiet-hours deferral."""
+        quiet = self._policies.quiet_hours
+        tz_name = profile.get("timezone") or quiet.default_timezone
+        try:
+            tz = ZoneInfo(tz_name)
+        except (ZoneInfoNotFoundError, ValueError):
+            tz = ZoneInfo(quiet.default_timezone)
+        extras: dict[str, Any] = {
+            "channel": rule.channel
+            or profile.get("preferred_channel")
+            or self._policies.default_channel,
+            "language": profile.get("language"),
+            "send_window": {"timezone": tz.key, "from": quiet.end, "until": quiet.start},
+        }
+        local = datetime.fromtimestamp(cand.event_time_ms / 1000, tz=tz)
+        if not self._in_quiet_hours(local.time()):
+            return extras, None
+        allowed = self._next_allowed(local, tz)
+        until_ms = int(allowed.timestamp() * 1000)
+        if quiet.mode == "not_before":
+            extras["not_before"] = iso_ms(until_ms)
+            return extras, None
+        extras["deferred"] = {
+            "policy": "quiet_hours",
+            "until": iso_ms(until_ms),
+            "local_time": local.isoformat(timespec="minutes"),
+        }
+        return extras, until_ms
+
+    def _in_quiet_hours(self, t: time) -> bool:
+        start, end = self._quiet_start, self._quiet_end
+        return (start <= t or t < end) if start > end else (start <= t < end)
+
+    def _next_allowed(self, local: datetime, tz: ZoneInfo) -> datetime:
+        """The end of the quiet window that ``local`` is in, as an aware time (DST-safe)."""
+        day = local.date()
+        if self._quiet_start > self._quiet_end and local.time() >= self._quiet_start:
+            day += timedelta(days=1)
+        naive = datetime.combine(day, self._quiet_end)
+        return naive.replace(tzinfo=tz)  # zoneinfo resolves the offset of that wall time
+
+    @staticmethod
+    def _record_sent(cand: Candidate, rule: Any, record: np.void) -> None:
+        now = _minutes(cand.event_time_ms)
+        record["trigger_last_min"][TRIGGER_INDEX[cand.trigger_type]] = now
+        if rule.marketing:
+            sends = record["sent_min"]
+            sends[int(np.argmin(sends))] = now  # replace the oldest of the last sends
