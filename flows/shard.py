@@ -410,7 +410,7 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, dict[str, int], None]):
                 customer, own, records[index[customer]], profile, customer in erased
             )
             for decision in ok:
-                record = self._rt.triggers.build(decision.candidate, now_ms)
+                record = self._rt.triggers.build(decision.candidate)
                 record.update(decision.extras)
                 if decision.hold_until_ms is None:
                     approved.append(record)
@@ -424,7 +424,7 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, dict[str, int], None]):
                         )
                     )
             for item in stopped:
-                record = self._rt.triggers.build(item.candidate, now_ms)
+                record = self._rt.triggers.build(item.candidate)
                 suppressions.append(
                     {
                         "schema_version": record["schema_version"],

@@ -84,72 +84,18 @@ class PolicyEngine:
         profile: dict[str, str],
         erased: bool,
     ) -> tuple[list[Approved], list[Suppressed]]:
-        """Run one customer's candidates through the policies; updates the record's
-        cooldown and send history for what is approved."""
+        """Run one customer's candidates through the policies, in event-time order, one
+        arbitration group at a time; updates the record's cooldown and send history."""
         suppressed: list[Suppressed] = []
-        alive: list[Candidate] = []
-        for cand in candidates:
-            rule = getattr(self._rules, cand.trigger_type)
-            channel = (
-                rule.channel or profile.get("preferred_channel") or self._policies.default_channel
-            )
-            consent = profile.get(f"consent.{channel}", self._policies.consent_default)
-            if rule.marketing and (consent.startswith("withdrawn") or consent == "denied"):
-                suppressed.append(
-                    Suppressed(cand, "consent", f"no consent for channel {channel!r}")
-                )
-            elif erased:
-                suppressed.append(Suppressed(cand, "erasure", "the customer asked to be erased"))
-            elif self._cooling(cand, rule, record):
-                last = int(record["trigger_last_min"][TRIGGER_INDEX[cand.trigger_type]])
-                suppressed.append(
-                    Suppressed(
-                        cand,
-                        "cooldown",
-                        f"{cand.trigger_type} went out at {iso_ms(last * 60_000)}, "
-                        f"within its {rule.cooldown_hours:g} h cooldown",
-                    )
-                )
-            else:
-                alive.append(cand)
-        alive = self._arbitrate(alive, suppressed)
         approved: list[Approved] = []
-        for cand in alive:
-            rule = getattr(self._rules, cand.trigger_type)
-            if rule.marketing:
-                capped = self._capped(cand, record)
-                if capped:
-                    suppressed.append(Suppressed(cand, "frequency_cap", capped))
-                    continue
-            regional = self._regional(cand, profile)
-            if isinstance(regional, str):
-                suppressed.append(Suppressed(cand, "regional", regional))
+        for group in self._groups(candidates):
+            alive = [c for c in group if self._admit(c, record, profile, erased, suppressed)]
+            if not alive:
                 continue
-            extras, hold = self._delivery(cand, rule, profile)
-            self._record_sent(cand, rule, record)
-            approved.append(Approved(regional, extras, hold))
-        return approved, suppressed
-
-    # -- individual policies ----------------------------------------------------
-    def _arbitrate(self, alive: list[Candidate], suppressed: list[Suppressed]) -> list[Candidate]:
-        """Of candidates close in event time, keep the highest priority (in time order)."""
-        window_ms = self._policies.arbitration_window_seconds * 1000
-        alive = sorted(alive, key=lambda c: (c.event_time_ms, c.trigger_type, c.causal))
-        kept: list[Candidate] = []
-        i = 0
-        while i < len(alive):
-            j = i
-            while (
-                j + 1 < len(alive)
-                and alive[j + 1].event_time_ms - alive[i].event_time_ms <= window_ms
-            ):
-                j += 1
-            group = sorted(
-                alive[i : j + 1], key=lambda c: -getattr(self._rules, c.trigger_type).priority
-            )
-            winner, top = group[0], getattr(self._rules, group[0].trigger_type).priority
-            kept.append(winner)
-            for loser in group[1:]:
+            alive.sort(key=lambda c: -getattr(self._rules, c.trigger_type).priority)
+            winner = alive[0]
+            top = getattr(self._rules, winner.trigger_type).priority
+            for loser in alive[1:]:
                 suppressed.append(
                     Suppressed(
                         loser,
@@ -157,9 +103,64 @@ class PolicyEngine:
                         f"{winner.trigger_type} (priority {top}) fired at the same time",
                     )
                 )
-            i = j + 1
-        return kept
+            rule = getattr(self._rules, winner.trigger_type)
+            capped = self._capped(winner, record) if rule.marketing else None
+            if capped:
+                suppressed.append(Suppressed(winner, "frequency_cap", capped))
+                continue
+            regional = self._regional(winner, profile)
+            if isinstance(regional, str):
+                suppressed.append(Suppressed(winner, "regional", regional))
+                continue
+            extras, hold = self._delivery(winner, rule, profile)
+            self._record_sent(winner, rule, record)
+            approved.append(Approved(regional, extras, hold))
+        return approved, suppressed
 
+    def _groups(self, candidates: list[Candidate]) -> list[list[Candidate]]:
+        """Candidates in event-time order, grouped when within the arbitration window."""
+        window_ms = self._policies.arbitration_window_seconds * 1000
+        ordered = sorted(candidates, key=lambda c: (c.event_time_ms, c.trigger_type, c.causal))
+        groups: list[list[Candidate]] = []
+        for cand in ordered:
+            if groups and cand.event_time_ms - groups[-1][0].event_time_ms <= window_ms:
+                groups[-1].append(cand)
+            else:
+                groups.append([cand])
+        return groups
+
+    def _admit(
+        self,
+        cand: Candidate,
+        record: np.void,
+        profile: dict[str, str],
+        erased: bool,
+        suppressed: list[Suppressed],
+    ) -> bool:
+        """Consent, erasure and cooldown; False (with the reason recorded) stops the candidate."""
+        rule = getattr(self._rules, cand.trigger_type)
+        channel = rule.channel or profile.get("preferred_channel") or self._policies.default_channel
+        consent = profile.get(f"consent.{channel}", self._policies.consent_default)
+        if rule.marketing and (consent.startswith("withdrawn") or consent == "denied"):
+            suppressed.append(Suppressed(cand, "consent", f"no consent for channel {channel!r}"))
+            return False
+        if erased:
+            suppressed.append(Suppressed(cand, "erasure", "the customer asked to be erased"))
+            return False
+        if self._cooling(cand, rule, record):
+            last = int(record["trigger_last_min"][TRIGGER_INDEX[cand.trigger_type]])
+            suppressed.append(
+                Suppressed(
+                    cand,
+                    "cooldown",
+                    f"{cand.trigger_type} went out at {iso_ms(last * 60_000)}, "
+                    f"within its {rule.cooldown_hours:g} h cooldown",
+                )
+            )
+            return False
+        return True
+
+    # -- individual policies ----------------------------------------------------
     def _cooling(self, cand: Candidate, rule: Any, record: np.void) -> bool:
         last = int(record["trigger_last_min"][TRIGGER_INDEX[cand.trigger_type]])
         return bool(

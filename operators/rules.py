@@ -37,8 +37,13 @@ class TriggerBuilder:
     def __init__(self, config: CrmConfig):
         self._rules = config.rules
 
-    def build(self, candidate: Candidate, detected_at_ms: int) -> dict[str, Any]:
-        """One trigger record (without ``emitted_at``, which the sink stamps)."""
+    def build(self, candidate: Candidate) -> dict[str, Any]:
+        """One trigger record (without ``emitted_at``, which the sink stamps).
+
+        ``detected_at`` is the event time at which the condition was detected (the
+        causal event, or the timer's due time), so a replay of the same input builds
+        byte-identical records; only ``emitted_at`` carries the wall clock.
+        """
         rule = getattr(self._rules, candidate.trigger_type)
         name = candidate.trigger_type
         return {
@@ -54,6 +59,6 @@ class TriggerBuilder:
             },
             "causal_event_id": candidate.causal,
             "event_time": iso_ms(candidate.event_time_ms),
-            "detected_at": iso_ms(detected_at_ms),
+            "detected_at": iso_ms(candidate.event_time_ms),
             "payload": {**candidate.payload, "offer_template": rule.offer_template},
         }
