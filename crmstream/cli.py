@@ -201,6 +201,15 @@ def generate(
     live_time: Annotated[
         bool, typer.Option(help="Stamp events with the wall clock instead of simulated time.")
     ] = False,
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            "--output",
+            "-o",
+            help="Write the events to this JSON-lines file "
+            "(for `crmstream replay FILE`) instead of producing them to Kafka.",
+        ),
+    ] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
     brokers: BrokersOpt = None,
@@ -208,7 +217,9 @@ def generate(
 ) -> None:
     """Produce a realistic shop workload to the input topics.
 
-    Example: crmstream generate --brokers localhost:9092 --events 1000000 --rate 20000
+    Examples: crmstream generate --brokers localhost:9092 --events 1000000 --rate 20000
+
+      crmstream generate --events 50000 --output last-month.jsonl
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
@@ -216,11 +227,19 @@ def generate(
 
     _setup_logging(verbose)
     cfg = _config(config, set_, brokers)
-    if not cfg.kafka.brokers:
-        raise _fail("generate needs kafka.brokers (--brokers host:port)")
     workload = Workload(
         cfg, WorkloadSpec(customers=customers, seed=seed, malformed_rate=malformed_rate)
     )
+    if output is not None:  # record to a file for `crmstream replay FILE`
+        if events is None:
+            raise _fail("--output needs --events")
+        with output.open("wb") as handle:
+            for _, event in zip(range(events), workload.events(), strict=False):
+                handle.write(event.value + b"\n")
+        console.print(f"wrote {events:,} events to {output}")
+        return
+    if not cfg.kafka.brokers:
+        raise _fail("generate needs kafka.brokers (--brokers host:port)")
     total = events if duration is None else None
     with Progress(
         *Progress.get_default_columns()[:1],
@@ -301,7 +320,9 @@ def replay(
 ) -> None:
     """Replay recorded history through the real flow in event time, with progress.
 
-    Example: crmstream replay cdnow --until 1997-09-30
+    Examples: crmstream replay cdnow --until 1997-09-30
+
+      crmstream replay last-month.jsonl --brokers kafka:9092 --redis-url redis://redis:6379/0
     """
     from datetime import date
 
@@ -309,30 +330,44 @@ def replay(
 
     from crmstream.embedded import infrastructure
     from crmstream.flows import replay as replay_mod
-    from crmstream.flows.replay import ReplayError, cdnow_events, cdnow_path, read_cdnow
+    from crmstream.flows.replay import (
+        ReplayError,
+        cdnow_events,
+        cdnow_path,
+        file_events,
+        read_cdnow,
+    )
     from crmstream.profile import customer_view
     from crmstream.state.store import StateStore, connect
 
     _setup_logging(verbose)
-    if source != "cdnow":
-        raise _fail(f"unknown replay source {source!r}; this version replays 'cdnow'")
-    # CDNOW is 1997-1998: accept event times from 1990 on.
-    sets = ["processing.min_event_time=1990-01-01T00:00:00+00:00", *(set_ or [])]
-    cfg = _config(config, sets, brokers, redis_url)
-    try:
-        cutoff = date.fromisoformat(until) if until else None
-    except ValueError:
-        raise _fail(f"--until must be YYYY-MM-DD, got {until!r}") from None
-    try:
-        rows = read_cdnow(cdnow_path(), cutoff)
-    except ReplayError as exc:
-        raise _fail(str(exc)) from None
-    events = list(cdnow_events(rows))
-    customers = sorted({r.customer for r in rows})
-    console.print(
-        f"CDNOW: {len(events):,} purchases by {len(customers):,} customers"
-        + (f" up to {cutoff}" if cutoff else "")
-    )
+    customers: list[str] = []
+    cutoff = None
+    if source == "cdnow":
+        # CDNOW is 1997-1998: accept event times from 1990 on.
+        sets = ["processing.min_event_time=1990-01-01T00:00:00+00:00", *(set_ or [])]
+        cfg = _config(config, sets, brokers, redis_url)
+        try:
+            cutoff = date.fromisoformat(until) if until else None
+        except ValueError:
+            raise _fail(f"--until must be YYYY-MM-DD, got {until!r}") from None
+        try:
+            rows = read_cdnow(cdnow_path(), cutoff)
+        except ReplayError as exc:
+            raise _fail(str(exc)) from None
+        events = list(cdnow_events(rows, cfg.kafka.topics.orders))
+        customers = sorted({r.customer for r in rows})
+        console.print(
+            f"CDNOW: {len(events):,} purchases by {len(customers):,} customers"
+            + (f" up to {cutoff}" if cutoff else "")
+        )
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise _fail(f"no such replay file: {source!r} (or use 'cdnow')")
+        cfg = _config(config, set_, brokers, redis_url)
+        events = list(file_events(path, cfg))
+        console.print(f"{path}: {len(events):,} events")
     with infrastructure(cfg) as endpoints:
         with Progress(
             *Progress.get_default_columns()[:1],
@@ -348,9 +383,7 @@ def replay(
                     tasks[stage] = progress.add_task(stage, total=total)
                 progress.update(tasks[stage], completed=done)
 
-            seconds = replay_mod.replay(
-                endpoints, cfg, cfg.kafka.topics.orders, events, on_progress
-            )
+            seconds = replay_mod.replay(endpoints, cfg, events, on_progress)
         console.print(
             f"replayed {len(events):,} events in {seconds:.1f} s "
             f"({len(events) / seconds:,.0f} events/s)"

@@ -24,6 +24,7 @@ from crmstream.flows.crm import run_in_process
 from crmstream.flows.runtime import Endpoints, Runtime
 from crmstream.flows.sink import DeliveryCheckedProducer
 from crmstream.metrics import get_metrics
+from crmstream.operators.events import TOPIC_ROLE_TYPES
 
 CDNOW_CUSTOMER_PREFIX = "cdnow-"
 
@@ -70,7 +71,7 @@ def read_cdnow(path: Path, until: date | None = None) -> list[Transaction]:
     return rows
 
 
-def cdnow_events(rows: list[Transaction]) -> Iterator[tuple[bytes, bytes]]:
+def cdnow_events(rows: list[Transaction], topic: str) -> Iterator[tuple[str, bytes, bytes]]:
     """One order_placed event per transaction, at noon UTC of its day, in USD."""
     for tx in rows:
         noon = datetime(tx.day.year, tx.day.month, tx.day.day, 12, tzinfo=UTC)
@@ -83,20 +84,50 @@ def cdnow_events(rows: list[Transaction]) -> Iterator[tuple[bytes, bytes]]:
             "amount": tx.amount,
             "currency": "USD",
         }
-        yield tx.customer.encode(), orjson.dumps(body)
+        yield topic, tx.customer.encode(), orjson.dumps(body)
+
+
+def file_events(path: Path, config: CrmConfig) -> Iterator[tuple[str, bytes | None, bytes]]:
+    """A JSON-lines file of input events, each routed to its topic by ``event_type``.
+
+    A line that cannot be routed (not JSON, no known event type) still goes to the
+    clickstream topic, where the flow dead-letters it with the reason: nothing is
+    lost and the replay sees exactly what a live run would.
+    """
+    topics = config.kafka.topics
+    role_topic = {role: getattr(topics, role) for role in TOPIC_ROLE_TYPES}
+    by_type = {t: role_topic[role] for role, types in TOPIC_ROLE_TYPES.items() for t in types}
+    with path.open("rb") as handle:
+        for line in handle:
+            raw = line.rstrip(b"\r\n")
+            if not raw.strip():
+                continue
+            try:
+                body = orjson.loads(raw)
+            except orjson.JSONDecodeError:
+                body = None
+            kind = body.get("event_type") if isinstance(body, dict) else None
+            customer = body.get("customer_id") if isinstance(body, dict) else None
+            key = customer.encode() if isinstance(customer, str) else None
+            yield (
+                by_type.get(kind, topics.clickstream)
+                if isinstance(kind, str)
+                else (topics.clickstream),
+                key,
+                raw,
+            )
 
 
 def replay(
     endpoints: Endpoints,
     config: CrmConfig,
-    topic: str,
-    events: list[tuple[bytes, bytes]],
+    events: list[tuple[str, bytes | None, bytes]],
     on_progress: Callable[[str, int, int], None] | None = None,
 ) -> float:
-    """Produce ``events`` to ``topic`` and run the flow until it has read them; returns seconds."""
+    """Produce (topic, key, value) events and run the flow until it has read them; seconds."""
     started = time.monotonic()
     producer = DeliveryCheckedProducer(list(endpoints.brokers), dict(config.kafka.client), 60.0)
-    for i, (key, value) in enumerate(events, start=1):
+    for i, (topic, key, value) in enumerate(events, start=1):
         producer.produce(topic, key, value)
         if i % 5000 == 0:
             producer.poll()

@@ -41,7 +41,7 @@ def test_stream_btyd_summary_and_bgnbd_match_for_every_customer(isolated_config,
     config = isolated_config("processing.min_event_time=1990-01-01T00:00:00+00:00", partitions=4)
     path = cdnow_path()
     rows = read_cdnow(path, CALIBRATION_END)
-    replay(stack, config, config.kafka.topics.orders, list(cdnow_events(rows)))
+    replay(stack, config, list(cdnow_events(rows, config.kafka.topics.orders)))
 
     expected = btyd_summary(path, CALIBRATION_END)
     customers = sorted(expected)

@@ -207,3 +207,25 @@ def test_demo_interrupted_with_ctrl_c_leaves_no_servers():
     assert proc.returncode != 0
     for port in ports:
         assert not _port_open(port), f"port {port} still open after Ctrl-C"
+
+
+def test_generate_to_a_file_and_replay_it_with_progress(isolated_config, stack, tmp_path):
+    config = isolated_config()
+    recorded = tmp_path / "shop.jsonl"
+    made = crm("generate", "--events", "4000", "--customers", "80", "--malformed-rate", "0.02",
+               "--output", str(recorded))  # fmt: skip
+    assert made.returncode == 0 and recorded.read_bytes().count(b"\n") == 4000
+    sets = []
+    for role in TopicsConfig.model_fields:
+        sets += ["--set", f"kafka.topics.{role}={getattr(config.kafka.topics, role)}"]
+    sets += ["--set", f"redis.key_prefix={config.redis.key_prefix}"]
+    replayed = crm("replay", str(recorded), "--brokers", ",".join(stack.brokers),
+                   "--redis-url", stack.redis_url, "--show", "0", *sets)  # fmt: skip
+    assert replayed.returncode == 0, replayed.stderr[-2000:]
+    assert "replayed 4,000 events" in replayed.stdout
+    assert "processing" in replayed.stderr  # the progress bar
+    dead = read_topic(stack, config.kafka.topics.dead_letter)
+    assert dead and all(d["source"]["topic"] for d in dead)
+    assert read_topic(stack, config.kafka.topics.triggers)
+    missing = crm("replay", str(tmp_path / "nope.jsonl"))
+    assert missing.returncode == 2 and "no such replay file" in missing.stderr
