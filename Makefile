@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 ARGS   ?=
 
-.PHONY: setup demo test test-fast bench bench-state bench-smoke lint clean
+.PHONY: setup demo test test-fast bench bench-state bench-timers bench-smoke lint clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else "crmstream needs Python 3.11, found " + sys.version.split()[0] + " at $(PYTHON); set PYTHON=/path/to/python3.11")'
@@ -32,6 +32,9 @@ lint: setup
 
 bench: setup  ## flow vs raw consume+parse ceiling, same run (ARGS="--events 500000")
 	$(BIN)/python -m crmstream.bench.flow_bench $(ARGS)
+
+bench-timers: setup  ## timer firing throughput with 1M pending timers
+	$(BIN)/python -m crmstream.bench.timer_bench $(ARGS)
 
 bench-state: setup  ## kernels compiled vs interpreted; Redis bytes per customer
 	$(BIN)/python -m crmstream.bench.state_bench $(ARGS)

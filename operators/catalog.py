@@ -415,7 +415,7 @@ class TriggerCatalog:
                     "second_delay_hours": rule.second_delay_hours,
                 },
                 {"start": iso_ms(cart), "end": iso_ms(timer.due_ms)},
-                {"nudge": nudge},
+                {"nudge": nudge, "top_categories": self._top(record)},
             )
         if timer.kind.startswith("dormant_"):
             anchor, last_order = int(timer.ref), int(record["last_order_ms"])
@@ -519,6 +519,9 @@ class TriggerCatalog:
         if timer.kind == "recheck":
             if STAGES[record["stage"]] == "lost" or timer.due_ms < record["last_seen_ms"]:
                 return None  # nothing more to watch, or newer events rescheduled it
+            quiet_days = (timer.due_ms - int(record["last_seen_ms"])) / MS_PER_DAY
+            if record["purchase_days"] == 0 and quiet_days > 91:
+                return None  # a non-buyer past the 90-day baseline: nothing left to change
             step = int(self._rules.churn_risk.recheck_days * MS_PER_DAY)
             return Timer(timer.customer, "recheck", "", timer.due_ms + step)
         if timer.kind != "birthday":
