@@ -27,11 +27,17 @@ import numpy as np
 from crmstream.config import CrmConfig
 from crmstream.operators.events import EVENT_CODE, EVENT_TYPES, ParsedEvent, parse_time_ms
 from crmstream.operators.kernels import (
+    ADD_TO_CART,
     COL,
+    LOGISTICS_UPDATE,
     MS_PER_DAY,
     MS_PER_HOUR,
+    ORDER_PLACED,
+    ORDER_REFUNDED,
+    ORDER_RETURNED,
     RULE_BROWSE_INTEREST,
     RULE_HIGH_INTENT,
+    SERVICE_TICKET,
     Firings,
     window_sum,
 )
@@ -46,14 +52,8 @@ from crmstream.state.encoding import (
 from crmstream.state.profile import churn_contributors, top_categories
 from crmstream.state.timers import Timer, timer_member
 
-ADD_TO_CART = EVENT_CODE["add_to_cart"]
-ORDER_PLACED = EVENT_CODE["order_placed"]
 ORDER_SHIPPED = EVENT_CODE["order_shipped"]
 ORDER_DELIVERED = EVENT_CODE["order_delivered"]
-LOGISTICS_UPDATE = EVENT_CODE["logistics_update"]
-ORDER_RETURNED = EVENT_CODE["order_returned"]
-ORDER_REFUNDED = EVENT_CODE["order_refunded"]
-SERVICE_TICKET = EVENT_CODE["service_ticket"]
 PROFILE_UPDATED = EVENT_CODE["profile_updated"]
 # Events that schedule timers or fire event-driven triggers.
 TIMER_EVENT_CODES = frozenset(
