@@ -511,7 +511,10 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, dict[str, int], None]):
         """Produce trigger records (delivery is confirmed before the state commit)."""
         topic = self._rt.config.kafka.topics.triggers
         metrics = get_metrics()
-        ingest = {ev.event_id: ev.ingest_ms for ev in fresh}
+        wanted = {record["causal_event_id"] for record in records}
+        ingest = (
+            {ev.event_id: ev.ingest_ms for ev in fresh if ev.event_id in wanted} if wanted else {}
+        )
         for record in records:
             emitted_ms = self._rt.clock_ms()
             record["emitted_at"] = iso_ms(emitted_ms)
