@@ -352,8 +352,11 @@ class PoliciesConfig(_Frozen):
     quiet_hours: QuietHoursConfig = QuietHoursConfig()
     regions: dict[str, RegionConfig] = Field(default_factory=dict)  # by country code
     seasons: list[SeasonConfig] = Field(default_factory=list)
-    # Salt of the hashed subject in erasure audit records.
+    # Salt of the hashed subject in erasure audit records and tombstones.
     audit_salt: str = "crmstream-audit"
+    # After an erasure, events of the customer up to the erasure's time are dropped
+    # for this long (they may still arrive from other topics).
+    erasure_tombstone_days: PositiveFloat = 30.0
 
 
 class TimersConfig(_Frozen):

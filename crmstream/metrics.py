@@ -68,6 +68,11 @@ class CrmMetrics:
             "Customers erased on request (state, profile and timers deleted).",
             registry=registry,
         )
+        self.erased_events_dropped = Counter(
+            "crmstream_erased_events_dropped_total",
+            "Events of erased customers dropped because they predate the erasure.",
+            registry=registry,
+        )
         self.batch_events = Histogram(
             "crmstream_shard_batch_events",
             "Events per shard batch handed to the stateful step.",

@@ -43,7 +43,7 @@ class Runtime:
     @cached_property
     def store(self) -> StateStore:
         client = connect(self.endpoints.redis_url, self.config.redis)
-        return StateStore(client, self.config.redis.key_prefix)
+        return StateStore(client, self.config.redis.key_prefix, self.config.policies.audit_salt)
 
     @cached_property
     def producer(self) -> DeliveryCheckedProducer:

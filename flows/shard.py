@@ -20,7 +20,6 @@ offsets inside the committed state make the state's effect exactly-once.
 from __future__ import annotations
 
 import base64
-import hashlib
 import logging
 import zlib
 from collections import Counter
@@ -307,6 +306,7 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, dict[str, int], None]):
         }
         blobs, promises = store.load_states(customers, sorted(needs_promises))
         records = decode_batch(blobs, [store.state_key(c) for c in customers])
+        events, touched = self._drop_erased(events, due, store.last_tombstones)
 
         fresh = self._unapplied(events, records, index)
         orders_before = records["orders_total"].copy()
@@ -378,13 +378,17 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, dict[str, int], None]):
                 plan.delivered.setdefault(timer.customer, []).append(timer.ref)
 
         erased = {ev.customer_id: ev for ev in fresh if ev.type_code == ERASURE_REQUESTED}
-        profiles = self._profiles(customers, records, derived, fresh)
+        profiles = self._profiles(customers, records, derived, fresh, touched)
         approved, suppressions = self._policy(
             candidates, records, index, profiles, erased, plan, now_ms
         )
         triggers = self._emit(approved + held, fresh)
         self._suppress(suppressions)
-        states = dict(zip(customers, encode_records(records), strict=True))
+        states = {
+            c: blob
+            for c, blob in zip(customers, encode_records(records), strict=True)
+            if c in touched
+        }
         erase = self._erase(erased, states, profiles, plan, now_ms)
         return Changes(states, profiles, plan, fired, triggers, erase)
 
@@ -449,6 +453,23 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, dict[str, int], None]):
             key = None if record["customer_id"] == "erased" else record["customer_id"].encode()
             self._rt.producer.produce(topic, key, orjson.dumps(record))
 
+    @staticmethod
+    def _drop_erased(
+        events: list[ParsedEvent], due: list[Timer], tombstones: dict[str, int]
+    ) -> tuple[list[ParsedEvent], set[str]]:
+        """Drop events of erased customers up to their erasure's time (late arrivals from
+        other topics must not bring the customer back); return the customers to write."""
+        if tombstones:
+            kept = [
+                ev
+                for ev in events
+                if ev.event_time_ms > tombstones.get(ev.customer_id, ev.event_time_ms - 1)
+            ]
+            if len(kept) < len(events):
+                get_metrics().erased_events_dropped.inc(len(events) - len(kept))
+            events = kept
+        return events, {ev.customer_id for ev in events} | {t.customer for t in due}
+
     def _erase(
         self,
         erased: dict[str, ParsedEvent],
@@ -456,27 +477,27 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, dict[str, int], None]):
         profiles: dict[str, dict[str, str]],
         plan: TimerPlan,
         now_ms: int,
-    ) -> list[tuple[str, list[str], dict[str, str]]]:
+    ) -> list[tuple[str, list[str], dict[str, str], int, int]]:
         """Right to be forgotten: drop the customer's writes, list keys and timers to delete,
         and an audit entry that holds no personal data (a salted hash of the id)."""
         erase = []
-        salt = self._rt.config.policies.audit_salt.encode()
+        store = self._rt.store
+        ttl_s = int(self._rt.config.policies.erasure_tombstone_days * 86400)
         for customer, ev in erased.items():
             states.pop(customer, None)
             profiles.pop(customer, None)
             plan.promises.pop(customer, None)
             plan.delivered.pop(customer, None)
             plan.schedule[:] = [t for t in plan.schedule if t.customer != customer]
-            members = self._rt.store.timer_members_of(self._shard, customer)
-            subject = hashlib.blake2b(customer.encode(), key=salt[:64], digest_size=16).hexdigest()
+            members = store.timer_members_of(self._shard, customer)
             audit = {
                 "action": "erasure",
-                "subject": subject,
+                "subject": store.subject(customer),
                 "requested_at": iso_ms(ev.event_time_ms),
                 "applied_at": iso_ms(now_ms),
                 "timers_removed": str(len(members)),
             }
-            erase.append((customer, members, audit))
+            erase.append((customer, members, audit, ev.event_time_ms, ttl_s))
             get_metrics().erasures.inc()
         return erase
 
@@ -543,12 +564,14 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, dict[str, int], None]):
         records: np.ndarray,
         derived: np.ndarray,
         fresh: list[ParsedEvent],
+        touched: set[str],
     ) -> dict[str, dict[str, str]]:
-        """The readable profile fields of the batch's customers."""
+        """The readable profile fields of the batch's customers that get written."""
         config, weights = self._rt.config, self._params.churn_weights
         profiles = {
             c: profile_fields(records[i], derived[i], config, weights)
             for i, c in enumerate(customers)
+            if c in touched
         }
         for ev in fresh:
             if ev.type_code in _PROFILE_EVENT_CODES:
@@ -565,7 +588,7 @@ class Changes(NamedTuple):
     plan: TimerPlan
     fired: list[str]
     triggers: list[dict[str, Any]]
-    erase: list[tuple[str, list[str], dict[str, str]]]
+    erase: list[tuple[str, list[str], dict[str, str], int, int]]
 
     @classmethod
     def none(cls) -> Changes:

@@ -65,7 +65,7 @@ def profile_fields(
             top_categories(record["pref"], config.taxonomy.categories, config.preferences.top_k)
         ),
         "interest_shift": _num(row[COL["interest_shift"]]),
-        "last_seen": iso_s(int(record["last_seen_ms"])),
+        "last_seen": iso_s(int(record["last_seen_ms"])) if record["last_seen_ms"] > 0 else "",
     }
 
 

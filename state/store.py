@@ -17,6 +17,7 @@ one transaction (Redis Cluster).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 import time
@@ -82,10 +83,13 @@ def _safe_url(url: str) -> str:
 class StateStore:
     """Batch access to customer state in Redis."""
 
-    def __init__(self, client: redis.Redis, prefix: str):
+    def __init__(self, client: redis.Redis, prefix: str, salt: str = "crmstream-audit"):
         self._client = client
         self._prefix = prefix
+        self._salt = salt.encode()[:64]
         self.timers = TimerStore(client, prefix)
+        # Erasure tombstones (customer -> erasure event time) seen by the last load_states.
+        self.last_tombstones: dict[str, int] = {}
 
     @property
     def client(self) -> redis.Redis:
@@ -113,15 +117,26 @@ class StateStore:
         started = time.perf_counter()
         pipe = self._client.pipeline(transaction=False)
         pipe.mget([self.state_key(c) for c in customer_ids])
+        pipe.mget([self.tombstone_key(c) for c in customer_ids])
         for customer in with_promises:
             pipe.hgetall(self.promises_key(customer))
-        blobs, *raw = pipe.execute()
+        blobs, tombs, *raw = pipe.execute()
         get_metrics().redis_seconds.labels("load").observe(time.perf_counter() - started)
         promises = {
             c: {k.decode(): int(v) for k, v in orders.items()}
             for c, orders in zip(with_promises, raw, strict=True)
         }
+        self.last_tombstones = {
+            c: int(t) for c, t in zip(customer_ids, tombs, strict=True) if t is not None
+        }
         return blobs, promises
+
+    def subject(self, customer_id: str) -> str:
+        """Salted hash of a customer id: what erasure records keep instead of the id."""
+        return hashlib.blake2b(customer_id.encode(), key=self._salt, digest_size=16).hexdigest()
+
+    def tombstone_key(self, customer_id: str) -> str:
+        return f"{self._prefix}:erased:{self.subject(customer_id)}"
 
     def commit(
         self,
@@ -131,7 +146,7 @@ class StateStore:
         progress: Mapping[Position, int],
         plan: TimerPlan | None = None,
         fired: list[str] = (),
-        erase: list[tuple[str, list[str], dict[str, str]]] = (),
+        erase: list[tuple[str, list[str], dict[str, str], int, int]] = (),
     ) -> None:
         """Write states, profiles, timers and the shard's progress in one MULTI/EXEC.
 
@@ -159,13 +174,14 @@ class StateStore:
                 pipe.hset(self.promises_key(customer), mapping=orders)
             for customer, order_ids in plan.delivered.items():
                 pipe.hdel(self.promises_key(customer), *order_ids)
-        for customer, members, audit in erase:
+        for customer, members, audit, tombstone_ms, ttl_s in erase:
             pipe.delete(
                 self.state_key(customer), self.profile_key(customer), self.promises_key(customer)
             )
             if members:
                 pipe.zrem(timers_key, *members)
             pipe.xadd(self.audit_key(), audit)
+            pipe.set(self.tombstone_key(customer), tombstone_ms, ex=ttl_s)
         if progress:
             pipe.hset(
                 self.progress_key(shard),
