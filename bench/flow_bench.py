@@ -30,7 +30,7 @@ from crmstream.config import CrmConfig, load_config
 from crmstream.embedded import EmbeddedStack
 from crmstream.flows.crm import run_in_process
 from crmstream.flows.runtime import Endpoints, Runtime
-from crmstream.metrics import get_metrics
+from crmstream.metrics import counter_total, get_metrics
 from crmstream.operators.kernels import warm_up
 
 
@@ -75,11 +75,7 @@ def flow_run(endpoints: Endpoints, config: CrmConfig) -> tuple[int, float]:
     metrics = get_metrics()
 
     def handled() -> float:
-        total = 0.0
-        for counter in (metrics.events_in, metrics.invalid_events):
-            for family in counter.collect():
-                total += sum(s.value for s in family.samples if s.name.endswith("_total"))
-        return total
+        return counter_total(metrics.events_in, metrics.invalid_events)
 
     before = handled()
     runtime = Runtime(config, endpoints)

@@ -37,12 +37,7 @@ BATCH = 2000
 def recorded_batches(config: CrmConfig, events: int, customers: int) -> tuple[list, int]:
     """The workload parsed into kernel batches (customer indexes across the whole run)."""
     validator = EventValidator(config)
-    topics = {
-        "clickstream": config.kafka.topics.clickstream,
-        "orders": config.kafka.topics.orders,
-        "customers": config.kafka.topics.customers,
-        "feedback": config.kafka.topics.feedback,
-    }
+    topics = config.kafka.topics.by_role
     workload = Workload(config, WorkloadSpec(customers=customers, malformed_rate=0.0))
     index: dict[str, int] = {}
     parsed = []

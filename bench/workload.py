@@ -381,12 +381,7 @@ def publish(
 
     if max_events is None and duration_s is None:
         raise ValueError("publish needs max_events or duration_s")
-    topics = {
-        "clickstream": config.kafka.topics.clickstream,
-        "orders": config.kafka.topics.orders,
-        "customers": config.kafka.topics.customers,
-        "feedback": config.kafka.topics.feedback,
-    }
+    topics = config.kafka.topics.by_role
     producer = DeliveryCheckedProducer(brokers, dict(config.kafka.client), 60.0)
     clock = (lambda: time.time_ns() // 1_000_000) if live_time else None
     started = time.monotonic()

@@ -57,6 +57,11 @@ class TopicsConfig(_Frozen):
         }
 
     @property
+    def by_role(self) -> dict[str, str]:
+        """Input role (clickstream, orders, customers, feedback) -> topic name."""
+        return {role: topic for topic, role in self.inputs.items()}
+
+    @property
     def outputs(self) -> list[str]:
         return [self.triggers, self.suppressions, self.dead_letter]
 

@@ -29,7 +29,7 @@ from crmstream.embedded import infrastructure
 from crmstream.flows.crm import run_in_process
 from crmstream.flows.runtime import Runtime
 from crmstream.flows.source import StopSignals
-from crmstream.metrics import get_metrics, serve
+from crmstream.metrics import counter_total, get_metrics, serve
 from crmstream.profile import customer_view, render
 
 
@@ -106,10 +106,6 @@ def _view(tally: _Tally, published: int, processed: float, elapsed: float) -> Gr
     return Group(stats, live)
 
 
-def _counter_total(counter: Any) -> float:
-    return sum(s.value for m in counter.collect() for s in m.samples if s.name.endswith("_total"))
-
-
 def run_demo(config: CrmConfig, options: DemoOptions, console: Console) -> dict[str, Any]:
     """Run the demo; returns the summary it prints."""
     signals = StopSignals(threading.Event(), threading.Event())
@@ -161,7 +157,7 @@ def run_demo(config: CrmConfig, options: DemoOptions, console: Console) -> dict[
         started = time.monotonic()
 
         def refresh(live: Live) -> None:
-            processed = _counter_total(metrics.events_in)
+            processed = counter_total(metrics.events_in)
             live.update(_view(tally, published[0], processed, time.monotonic() - started))
 
         flow.start()
@@ -188,7 +184,7 @@ def run_demo(config: CrmConfig, options: DemoOptions, console: Console) -> dict[
         gen.join()
         if flow_error:
             raise flow_error[0]
-        processed = _counter_total(metrics.events_in)
+        processed = counter_total(metrics.events_in)
         summary = {
             "seconds": round(elapsed, 1),
             "events_published": stats[0].events if stats else published[0],

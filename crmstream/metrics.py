@@ -121,6 +121,17 @@ def get_metrics() -> CrmMetrics:
         return _metrics
 
 
+def counter_total(*counters: Counter) -> float:
+    """The sum of every labelled series of these counters (their ``_total`` samples)."""
+    return sum(
+        sample.value
+        for counter in counters
+        for family in counter.collect()
+        for sample in family.samples
+        if sample.name.endswith("_total")
+    )
+
+
 def serve(bind_address: str, port: int) -> int:
     """Serve /metrics for this process; returns the bound port (``port=0`` picks one)."""
     get_metrics()

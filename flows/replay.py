@@ -23,7 +23,7 @@ from crmstream.config import CrmConfig
 from crmstream.flows.crm import run_in_process
 from crmstream.flows.runtime import Endpoints, Runtime
 from crmstream.flows.sink import DeliveryCheckedProducer
-from crmstream.metrics import get_metrics
+from crmstream.metrics import counter_total, get_metrics
 from crmstream.operators.events import TOPIC_ROLE_TYPES
 
 CDNOW_CUSTOMER_PREFIX = "cdnow-"
@@ -95,7 +95,7 @@ def file_events(path: Path, config: CrmConfig) -> Iterator[tuple[str, bytes | No
     lost and the replay sees exactly what a live run would.
     """
     topics = config.kafka.topics
-    role_topic = {role: getattr(topics, role) for role in TOPIC_ROLE_TYPES}
+    role_topic = topics.by_role
     by_type = {t: role_topic[role] for role, types in TOPIC_ROLE_TYPES.items() for t in types}
     with path.open("rb") as handle:
         for line in handle:
@@ -140,13 +140,7 @@ def replay(
     metrics = get_metrics()
 
     def handled() -> float:
-        return sum(
-            s.value
-            for counter in (metrics.events_in, metrics.invalid_events, metrics.skipped_events)
-            for family in counter.collect()
-            for s in family.samples
-            if s.name.endswith("_total")
-        )
+        return counter_total(metrics.events_in, metrics.invalid_events, metrics.skipped_events)
 
     before = handled()
     done = threading.Event()

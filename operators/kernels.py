@@ -538,6 +538,14 @@ def _drop(recent, total_90, recent_days, baseline_min, threshold):
 
 
 @njit(cache=True, nogil=True)
+def _kind_drop(r, day, week, kind, dp):
+    """The drop signal of one window kind: last ``recent_days`` against the 90-day rate."""
+    recent = window_sum(r.win_1d, r.base_1d, day, dp.recent_days, kind)
+    total_90 = window_sum(r.win_1w, r.base_1w, week, 13, kind)
+    return _drop(recent, total_90, dp.recent_days, dp.baseline_min, dp.drop_threshold)
+
+
+@njit(cache=True, nogil=True)
 def derive(records, as_of_ms, dp, churn_weights, r_cuts, f_cuts, m_cuts, out):
     """Derive signals, scores and labels for each record as of ``as_of_ms[i]``.
 
@@ -578,20 +586,8 @@ def derive(records, as_of_ms, dp, churn_weights, r_cuts, f_cuts, m_cuts, out):
         # The ten churn signals, each in [0, 1].
         rd = dp.recent_days
         sig = row[_SIG0 : _SIG0 + NUM_SIGNALS]
-        sig[0] = _drop(
-            window_sum(r.win_1d, r.base_1d, day, rd, KIND_ACTIVITY),
-            window_sum(r.win_1w, r.base_1w, week, 13, KIND_ACTIVITY),
-            rd,
-            dp.baseline_min,
-            dp.drop_threshold,
-        )
-        sig[1] = _drop(
-            window_sum(r.win_1d, r.base_1d, day, rd, KIND_SESSIONS),
-            window_sum(r.win_1w, r.base_1w, week, 13, KIND_SESSIONS),
-            rd,
-            dp.baseline_min,
-            dp.drop_threshold,
-        )
+        sig[0] = _kind_drop(r, day, week, KIND_ACTIVITY, dp)
+        sig[1] = _kind_drop(r, day, week, KIND_SESSIONS, dp)
         carts = window_sum(r.win_1d, r.base_1d, day, 30, KIND_CARTS)
         if carts >= 2:
             rate = max(0.0, 1.0 - window_sum(r.win_1d, r.base_1d, day, 30, KIND_ORDERS) / carts)

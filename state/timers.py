@@ -59,7 +59,3 @@ class TimerStore:
 
     def pending(self, shard: int) -> int:
         return int(self._client.zcard(self.key(shard)))
-
-    def next_due(self, shard: int) -> int | None:
-        first = self._client.zrange(self.key(shard), 0, 0, withscores=True)
-        return int(first[0][1]) if first else None

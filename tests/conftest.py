@@ -78,12 +78,7 @@ class Script:
         self.endpoints = endpoints
         self._producer = DeliveryCheckedProducer(list(endpoints.brokers), {}, 30.0)
         self._seq = itertools.count()
-        self.topics = {
-            "clickstream": config.kafka.topics.clickstream,
-            "orders": config.kafka.topics.orders,
-            "customers": config.kafka.topics.customers,
-            "feedback": config.kafka.topics.feedback,
-        }
+        self.topics = config.kafka.topics.by_role
 
     def event(self, role: str, customer: str, kind: str, at_s: float = 0, **fields: Any) -> str:
         event_id = fields.pop("event_id", f"{customer}-{next(self._seq)}")
