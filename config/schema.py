@@ -119,6 +119,12 @@ class RedisConfig(_Frozen):
 class ProcessingConfig(_Frozen):
     shards: Annotated[int, Field(ge=1, le=4096)] = 8
     epoch_interval_seconds: PositiveFloat = 2.0
+    # Processing steps: input is applied in buckets of this many ms of Kafka
+    # message time, so a replay after a crash cuts it the same way (guarantees.md).
+    step_ms: Annotated[int, Field(ge=1)] = 1000
+    # Duplicates: an event whose event_id matches one of the customer's last 8
+    # (``state.encoding.DEDUP_IDS``) within this much event time is dropped.
+    dedup_horizon_seconds: Annotated[int, Field(ge=0)] = 86400
     max_event_bytes: Annotated[int, Field(ge=256)] = 65536
     max_future_skew_seconds: Annotated[int, Field(ge=0)] = 86400
     min_event_time: datetime = datetime.fromisoformat("2000-01-01T00:00:00+00:00")

@@ -40,6 +40,12 @@ class CrmMetrics:
             ["topic"],
             registry=registry,
         )
+        self.duplicate_events = Counter(
+            "crmstream_duplicate_events_total",
+            "Events dropped because the customer's recent events hold the same event_id.",
+            ["topic"],
+            registry=registry,
+        )
         self.late_events = Counter(
             "crmstream_late_events_total",
             "Events older than the allowed lateness: counted in lifetime totals only.",

@@ -39,7 +39,7 @@ def build_flow(runtime: Runtime, tail: bool = True, signals: StopSignals | None 
     topics = cfg.kafka.topics
     warm_up(cfg)
 
-    def resume_offsets(positions: list[tuple[str, int]]) -> dict[tuple[str, int], int]:
+    def resume_offsets(positions: list[tuple[str, int]]) -> dict[tuple[str, int], tuple[int, int]]:
         return runtime.store.resume_offsets(cfg.processing.shards, positions)
 
     source = CrmKafkaSource(
@@ -48,13 +48,17 @@ def build_flow(runtime: Runtime, tail: bool = True, signals: StopSignals | None 
         client_config=dict(cfg.kafka.client),
         resume_offsets=resume_offsets,
         batch_size=cfg.kafka.batch_size,
+        step_ms=cfg.processing.step_ms,
         tail=tail,
         signals=signals,
     )
     flow = Dataflow("crmstream")
     raw = op.input("kafka_in", flow, source)
     routed = op.flat_map_batch("parse_and_route", raw, lambda batch: route_batch(runtime, batch))
-    applied = op.stateful_batch("shard_state", routed, lambda _resume: ShardLogic(runtime, tail))
+    partitions = source.positions()
+    applied = op.stateful_batch(
+        "shard_state", routed, lambda _resume: ShardLogic(runtime, tail, partitions)
+    )
     op.output("done", applied, _DiscardSink())
     return flow
 

@@ -20,10 +20,11 @@ offsets inside the committed state make the state's effect exactly-once.
 from __future__ import annotations
 
 import base64
+import hashlib
 import logging
 import zlib
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple
 
@@ -51,8 +52,15 @@ from crmstream.operators.kernels import (
 )
 from crmstream.operators.policies import PolicyEngine
 from crmstream.operators.rules import iso_ms
-from crmstream.state.encoding import ROLE_INDEX, STAGES, decode_batch, encode_records
+from crmstream.state.encoding import (
+    DEDUP_IDS,
+    ROLE_INDEX,
+    STAGES,
+    decode_batch,
+    encode_records,
+)
 from crmstream.state.profile import event_fields, profile_fields
+from crmstream.state.store import Progress
 from crmstream.state.timers import Timer
 
 log = logging.getLogger(__name__)
@@ -67,17 +75,33 @@ _PROFILE_EVENT_CODES = frozenset(
     EVENT_CODE[k] for k in ("profile_updated", "consent_granted", "consent_withdrawn")
 )
 DEAD_LETTER_SCHEMA_VERSION = 1
+_NOTHING = Progress(-1, -1, -1)
+_MAX_TIMER_ROUNDS = 10_000
 
 
 class ShardBatch(NamedTuple):
-    """What one input batch holds for one shard (the progress fields are shared by all)."""
+    """What one processing step of an input batch holds for one shard.
+
+    The progress fields are shared by all shards: every shard learns how far
+    each input partition has been read, and which partitions are at their end.
+    An item with ``step == NO_STEP`` carries only ``caught_up``.
+    """
 
     shard: int
+    step: int
     events: list[ParsedEvent]
     invalid: list[InvalidEvent]
-    positions: dict[Position, int]  # last offset read per input partition in the batch
+    positions: dict[Position, int]  # last offset read per input partition in this step
     event_times: dict[Position, int]  # newest valid event time per input partition
-    caught_up: frozenset[Position]  # partitions read to their end
+    caught_up: frozenset[Position]  # partitions read to their end (after this item's data)
+
+
+NO_STEP = -1
+
+
+def event_id_hash(event_id: str) -> int:
+    """A stable 64-bit hash of an event id (the duplicate ring keeps these, not the ids)."""
+    return int.from_bytes(hashlib.blake2b(event_id.encode(), digest_size=8).digest(), "little")
 
 
 def shard_of(customer_id: str, shards: int) -> int:
@@ -89,15 +113,22 @@ def shard_key(shard: int) -> str:
     return f"{shard:04d}"
 
 
+class _StepParts:
+    __slots__ = ("event_times", "events", "invalid", "positions")
+
+    def __init__(self, shards: int):
+        self.events: list[list[ParsedEvent]] = [[] for _ in range(shards)]
+        self.invalid: list[list[InvalidEvent]] = [[] for _ in range(shards)]
+        self.positions: dict[Position, int] = {}
+        self.event_times: dict[Position, int] = {}
+
+
 def route_batch(runtime: Runtime, batch: list[RawMessage]) -> list[tuple[str, ShardBatch]]:
-    """Parse a batch and split it into one item per shard."""
+    """Parse a batch and split it into one item per shard per processing step."""
     shards = runtime.config.processing.shards
     validator = runtime.validator
     now_ms = runtime.clock_ms()
-    events: list[list[ParsedEvent]] = [[] for _ in range(shards)]
-    invalid: list[list[InvalidEvent]] = [[] for _ in range(shards)]
-    positions: dict[Position, int] = {}
-    event_times: dict[Position, int] = {}
+    steps: dict[int, _StepParts] = {}
     caught_up = set()
     for msg in batch:
         pos = (msg.topic, msg.partition)
@@ -105,23 +136,41 @@ def route_batch(runtime: Runtime, batch: list[RawMessage]) -> list[tuple[str, Sh
             caught_up.add(pos)
             continue
         caught_up.discard(pos)
+        parts = steps.get(msg.step)
+        if parts is None:
+            parts = steps[msg.step] = _StepParts(shards)
         result = validator.parse(
             msg.key, msg.value, msg.topic, msg.partition, msg.offset, msg.timestamp_ms, now_ms
         )
         if type(result) is ParsedEvent:
-            events[shard_of(result.customer_id, shards)].append(result)
-            if result.event_time_ms > event_times.get(pos, -1):
-                event_times[pos] = result.event_time_ms
+            parts.events[shard_of(result.customer_id, shards)].append(result)
+            if result.event_time_ms > parts.event_times.get(pos, -1):
+                parts.event_times[pos] = result.event_time_ms
         else:
             owner = result.customer_id or f"{msg.topic}|{msg.partition}"
-            invalid[shard_of(owner, shards)].append(result)
-        if msg.offset > positions.get(pos, -1):
-            positions[pos] = msg.offset
+            parts.invalid[shard_of(owner, shards)].append(result)
+        if msg.offset > parts.positions.get(pos, -1):
+            parts.positions[pos] = msg.offset
     done = frozenset(caught_up)
-    return [
-        (shard_key(s), ShardBatch(s, events[s], invalid[s], positions, event_times, done))
-        for s in range(shards)
-    ]
+    if not steps:
+        return (
+            [(shard_key(s), ShardBatch(s, NO_STEP, [], [], {}, {}, done)) for s in range(shards)]
+            if done
+            else []
+        )
+    out = []
+    last = max(steps)
+    for step in sorted(steps):
+        p = steps[step]
+        flags = done if step == last else frozenset()
+        out.extend(
+            (
+                shard_key(s),
+                ShardBatch(s, step, p.events[s], p.invalid[s], p.positions, p.event_times, flags),
+            )
+            for s in range(shards)
+        )
+    return out
 
 
 def dead_letter_record(bad: InvalidEvent) -> bytes:
@@ -147,52 +196,99 @@ def dead_letter_record(bad: InvalidEvent) -> bytes:
 class Watermark:
     """A shard's event-time watermark over the input partitions.
 
-    The watermark is the lowest, over partitions still delivering, of each
-    partition's newest event time: no timer fires while a lagging partition
-    (say, orders behind clickstream) could still cancel it. A partition read to
-    its end stops holding it back; when all are, it is the newest event time.
-    In live mode an input idle for ``idle_ms`` lets it follow the wall clock.
+    The watermark is the lowest, over partitions that still hold it back, of
+    each partition's newest event time: no timer fires while a lagging
+    partition (say, orders behind clickstream) could still cancel it. A
+    partition holds it back after step n while it has data in a later step or
+    is not read to its end; when none does, it is the newest event time. In
+    live mode an input idle for ``idle_ms`` lets it follow the wall clock.
+    Per-partition times are committed with the shard's progress and seeded
+    from it on restart, so a replayed step sees the watermark it first saw.
     """
 
     def __init__(self) -> None:
         self._times: dict[Position, int] = {}
-        self._caught_up: set[Position] = set()
         self._last_data_ms = 0
 
-    def observe(self, item: ShardBatch, wall_ms: int) -> None:
-        for pos, ts in item.event_times.items():
+    def seed(self, pos: Position, max_event_ms: int) -> None:
+        if max_event_ms > self._times.get(pos, -1):
+            self._times[pos] = max_event_ms
+
+    def newest(self, pos: Position) -> int:
+        return self._times.get(pos, -1)
+
+    def observe(self, event_times: dict[Position, int], wall_ms: int) -> None:
+        for pos, ts in event_times.items():
             if ts > self._times.get(pos, -1):
                 self._times[pos] = ts
-        if item.positions:
-            self._caught_up.difference_update(item.positions)
-            self._last_data_ms = wall_ms
-        self._caught_up.update(item.caught_up)
+        self._last_data_ms = wall_ms
 
-    def value(self, live: bool, wall_ms: int, idle_ms: int) -> int | None:
-        active = [t for p, t in self._times.items() if p not in self._caught_up]
+    def value(
+        self, holding: Callable[[Position], bool], live: bool, wall_ms: int, idle_ms: int
+    ) -> int | None:
+        active = [t for p, t in self._times.items() if holding(p)]
         mark = min(active) if active else max(self._times.values(), default=None)
         if live and not active and wall_ms - self._last_data_ms >= idle_ms:
             mark = wall_ms if mark is None else max(mark, wall_ms)
         return mark
 
 
-class ShardLogic(StatefulBatchLogic[ShardBatch, dict[str, int], None]):
-    """One state shard. Its durable state is in Redis; Bytewax snapshots hold nothing."""
+class _Step:
+    """A processing step's input gathered for one shard until every partition has passed it."""
 
-    def __init__(self, runtime: Runtime, live: bool):
+    __slots__ = ("event_times", "events", "invalid", "positions")
+
+    def __init__(self) -> None:
+        self.events: list[ParsedEvent] = []
+        self.invalid: list[InvalidEvent] = []
+        self.positions: dict[Position, int] = {}
+        self.event_times: dict[Position, int] = {}
+
+    def add(self, item: ShardBatch) -> None:
+        self.events += item.events
+        self.invalid += item.invalid
+        for pos, off in item.positions.items():
+            if off > self.positions.get(pos, -1):
+                self.positions[pos] = off
+        for pos, ts in item.event_times.items():
+            if ts > self.event_times.get(pos, -1):
+                self.event_times[pos] = ts
+
+
+def _input_order(ev: ParsedEvent | InvalidEvent) -> tuple[str, int, int]:
+    return ev.topic, ev.partition, ev.offset
+
+
+class ShardLogic(StatefulBatchLogic[ShardBatch, dict[str, int], None]):
+    """One state shard. Its durable state is in Redis; Bytewax snapshots hold nothing.
+
+    Input is applied one processing step at a time (``source.step_of``). A
+    step is applied once every input partition has delivered a later step or
+    is read to its end, with its events in (topic, partition, offset) order:
+    what a step holds, and so the state, the triggers and the timers, follow
+    from the input log alone, not from how reads happened to be batched.
+    """
+
+    def __init__(self, runtime: Runtime, live: bool, partitions: list[Position]):
         # Bytewax hands the builder no key, so the shard is learnt from the first item.
         self._rt = runtime
         self._live = live
+        self._partitions = partitions
         self._params = params_from(runtime.config)
         self._catalog = TriggerCatalog(runtime.config, self._params.churn_weights)
         self._policies = PolicyEngine(runtime.config)
         self._timers_cfg = runtime.config.timers
+        self._dedup_horizon_ms = runtime.config.processing.dedup_horizon_seconds * 1000
         self._shard = -1
-        self._progress: dict[Position, int] = {}
-        self._unsaved: dict[Position, int] = {}
+        self._progress: dict[Position, Progress] = {}
+        self._unsaved: dict[Position, Progress] = {}
         self._last_progress_write_ms = 0
         self._watermark = Watermark()
         self._checked_until = -1  # timers due up to here have been fired
+        self._pending: dict[int, _Step] = {}
+        self._last_step: dict[Position, int] = {}
+        self._caught_up: set[Position] = set()
+        self._applied_step = NO_STEP
 
     def snapshot(self) -> None:
         return None
@@ -203,48 +299,111 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, dict[str, int], None]):
         return datetime.now(UTC) + timedelta(milliseconds=self._timers_cfg.tick_ms)
 
     def on_notify(self) -> tuple[Iterable[dict[str, int]], bool]:
-        return [self._process([], [], {})], StatefulBatchLogic.RETAIN
+        return self._run([], [], {}), StatefulBatchLogic.RETAIN
 
     def on_eof(self) -> tuple[Iterable[dict[str, int]], bool]:
         if self._shard < 0:
             return [], StatefulBatchLogic.RETAIN
-        summaries = [self._process([], [], {})]
-        while summaries[-1]["timers"] >= self._timers_cfg.fire_batch:  # more were due
-            summaries.append(self._process([], [], {}))
+        summaries = []
+        for step in sorted(self._pending):
+            summaries += self._apply_step(step)
+        summaries += self._run([], [], {})
         return summaries, StatefulBatchLogic.RETAIN
 
     def on_batch(self, items: list[ShardBatch]) -> tuple[Iterable[dict[str, int]], bool]:
         if self._shard < 0:
             self._shard = items[0].shard
             self._progress = self._rt.store.load_progress(self._shard)
-        events: list[ParsedEvent] = []
-        invalid: list[InvalidEvent] = []
-        positions: dict[Position, int] = {}
-        metrics = get_metrics()
-        wall_ms = self._rt.clock_ms()
+            for pos, rec in self._progress.items():
+                self._watermark.seed(pos, rec.max_event_ms)
         for item in items:
-            self._watermark.observe(item, wall_ms)
-            for ev in item.events:
-                if ev.offset > self._progress.get((ev.topic, ev.partition), -1):
-                    events.append(ev)
-                else:
-                    metrics.skipped_events.labels(ev.topic).inc()
-            for bad in item.invalid:
-                if bad.offset > self._progress.get((bad.topic, bad.partition), -1):
-                    invalid.append(bad)
-            for pos, off in item.positions.items():
-                if off > positions.get(pos, -1):
-                    positions[pos] = off
-        positions = {p: o for p, o in positions.items() if o > self._progress.get(p, -1)}
-        return [self._process(events, invalid, positions)], StatefulBatchLogic.RETAIN
+            if item.step != NO_STEP:
+                # Live input can bring more of a step already applied: it joins the next.
+                step = max(item.step, self._applied_step + 1)
+                pending = self._pending.get(step)
+                if pending is None:
+                    pending = self._pending[step] = _Step()
+                pending.add(item)
+                for pos in item.positions:
+                    self._caught_up.discard(pos)
+                    if item.step > self._last_step.get(pos, NO_STEP):
+                        self._last_step[pos] = item.step
+            self._caught_up.update(item.caught_up)
+        summaries = []
+        while self._pending:
+            step = min(self._pending)
+            if not all(self._passed(pos, step) for pos in self._partitions):
+                break
+            summaries += self._apply_step(step)
+        return summaries, StatefulBatchLogic.RETAIN
+
+    def _passed(self, pos: Position, step: int) -> bool:
+        """The partition will bring nothing more for this step."""
+        return pos in self._caught_up or self._last_step.get(pos, NO_STEP) > step
+
+    def _holds(self, pos: Position) -> bool:
+        """The partition holds the watermark back: it has more to deliver after this step."""
+        return pos not in self._caught_up or self._last_step.get(pos, NO_STEP) > self._applied_step
+
+    def _apply_step(self, step: int) -> list[dict[str, int]]:
+        pending = self._pending.pop(step)
+        self._applied_step = step
+        self._watermark.observe(pending.event_times, self._rt.clock_ms())
+        metrics = get_metrics()
+        events: list[ParsedEvent] = []
+        for ev in pending.events:
+            if ev.offset > self._progress.get((ev.topic, ev.partition), _NOTHING).offset:
+                events.append(ev)
+            else:
+                metrics.skipped_events.labels(ev.topic).inc()
+        invalid = [
+            bad
+            for bad in pending.invalid
+            if bad.offset > self._progress.get((bad.topic, bad.partition), _NOTHING).offset
+        ]
+        positions = {
+            pos: Progress(off, step, self._watermark.newest(pos))
+            for pos, off in pending.positions.items()
+            if off > self._progress.get(pos, _NOTHING).offset
+        }
+        if not positions:
+            # Applied and committed before a restart: the timers it fired are gone
+            # from Redis, and firing later ones now would run ahead of the input.
+            return []
+        events.sort(key=_input_order)
+        invalid.sort(key=_input_order)
+        return self._run(events, invalid, positions)
+
+    def _run(
+        self,
+        events: list[ParsedEvent],
+        invalid: list[InvalidEvent],
+        positions: dict[Position, Progress],
+    ) -> list[dict[str, int]]:
+        """Process, then fire timers that became due meanwhile (rescheduled, or newly set
+        with a due time the watermark has passed) until none is left."""
+        summaries = [self._process(events, invalid, positions)]
+        while summaries[-1]["again"]:
+            if len(summaries) > _MAX_TIMER_ROUNDS:
+                log.warning(
+                    "shard %d: timers still due after %d rounds", self._shard, _MAX_TIMER_ROUNDS
+                )
+                break
+            summaries.append(self._process([], [], {}))
+        return summaries
 
     def _process(
-        self, events: list[ParsedEvent], invalid: list[InvalidEvent], positions: dict[Position, int]
+        self,
+        events: list[ParsedEvent],
+        invalid: list[InvalidEvent],
+        positions: dict[Position, Progress],
     ) -> dict[str, int]:
         """Apply events, fire due timers, emit, commit. One Redis load and one commit."""
         now_ms = self._rt.clock_ms()
         self._unsaved.update(positions)
-        mark = self._watermark.value(self._live, now_ms, self._timers_cfg.idle_watermark_ms)
+        mark = self._watermark.value(
+            self._holds, self._live, now_ms, self._timers_cfg.idle_watermark_ms
+        )
         due: list[Timer] = []
         if mark is not None and mark > self._checked_until:
             due = self._rt.store.timers.due(self._shard, mark, self._timers_cfg.fire_batch)
@@ -254,7 +413,7 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, dict[str, int], None]):
             since_write = now_ms - self._last_progress_write_ms
             if self._unsaved and since_write >= PROGRESS_WRITE_INTERVAL_MS:
                 self._commit(Changes.none(), now_ms)
-            return {"events": 0, "invalid": 0, "triggers": 0, "timers": 0}
+            return {"events": 0, "invalid": 0, "triggers": 0, "timers": 0, "again": 0}
 
         metrics = get_metrics()
         for bad in invalid:
@@ -268,13 +427,16 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, dict[str, int], None]):
         self._commit(changes, now_ms)
         for record in changes.triggers:
             metrics.triggers.labels(record["trigger_type"]).inc()
+        again = len(due) >= self._timers_cfg.fire_batch
         if mark is not None and any(t.due_ms <= mark for t in changes.plan.schedule):
-            self._checked_until = -1  # a new timer is already due: look again next time
+            self._checked_until = -1  # a new timer is already due
+            again = True
         return {
             "events": len(events),
             "invalid": len(invalid),
             "triggers": len(changes.triggers),
             "timers": len(due),
+            "again": int(again),
         }
 
     def _commit(self, changes: Changes, now_ms: int) -> None:
@@ -504,10 +666,17 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, dict[str, int], None]):
     def _unapplied(
         self, events: list[ParsedEvent], records: np.ndarray, index: dict[str, int]
     ) -> list[ParsedEvent]:
-        """Drop events at or below the offsets each customer's state already holds."""
+        """Drop events at or below the offsets each customer's state already holds, and
+        duplicates: an event_id among the customer's last ``DEDUP_IDS`` within the horizon."""
         metrics = get_metrics()
         applied_part = records["applied_partition"]
         applied_off = records["applied_offset"]
+        recent_ids, recent_s, recent_next = (
+            records["recent_ids"],
+            records["recent_s"],
+            records["recent_next"],
+        )
+        horizon_s = self._dedup_horizon_ms // 1000
         fresh: list[ParsedEvent] = []
         accepted: Counter[tuple[str, int]] = Counter()
         for ev in events:
@@ -515,6 +684,16 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, dict[str, int], None]):
             if applied_part[c, role] == ev.partition and ev.offset <= applied_off[c, role]:
                 metrics.skipped_events.labels(ev.topic).inc()
                 continue
+            if horizon_s:
+                digest = event_id_hash(ev.event_id)
+                seconds = ev.event_time_ms // 1000
+                slots = np.flatnonzero(recent_ids[c] == digest)
+                if slots.size and abs(seconds - int(recent_s[c, slots[0]])) <= horizon_s:
+                    metrics.duplicate_events.labels(ev.topic).inc()
+                    continue
+                slot = recent_next[c]
+                recent_ids[c, slot], recent_s[c, slot] = digest, seconds
+                recent_next[c] = (slot + 1) % DEDUP_IDS
             if applied_part[c, role] != ev.partition:  # first event, or re-partitioned
                 applied_part[c, role] = ev.partition
                 applied_off[c, role] = ev.offset

@@ -2,10 +2,13 @@
 
 This module owns where reading starts and when it stops. Each Kafka partition
 of the input topics is one Bytewax source partition. It starts from the
-Bytewax recovery snapshot when there is one, otherwise from the offsets
-committed in Redis (``StateStore.resume_offsets``), so a restart without
-recovery does not re-read each topic from its start. Batches are lists of
+offsets committed in Redis (``StateStore.resume_offsets``), with or without
+Bytewax recovery, so a restart neither re-reads a topic from its start nor
+skips events a shard had read but not yet committed. Batches are lists of
 ``RawMessage`` tuples; no per-message objects beyond that.
+
+Each message carries its processing step (``step_of``): shards apply input
+step by step, so the result does not depend on how reads were batched.
 
 Stopping: with ``tail=False`` a partition ends at its end offset (bounded runs,
 tests, benchmarks). A ``drain`` event set by the caller makes a tailing source
@@ -36,6 +39,16 @@ class RawMessage(NamedTuple):
     partition: int
     offset: int
     timestamp_ms: int
+    step: int  # the processing step the message belongs to (see ``step_of``)
+
+
+def step_of(timestamp_ms: int, step_ms: int, previous: int) -> int:
+    """A message's processing step: its Kafka timestamp's bucket, never below its predecessor's.
+
+    Steps are a function of the partition's log alone, so a replay cuts the
+    input into the same steps however the reads are batched (docs/guarantees.md).
+    """
+    return max(timestamp_ms // step_ms, previous)
 
 
 CAUGHT_UP_OFFSET = -1  # a RawMessage with this offset says: the partition is read to its end
@@ -61,11 +74,15 @@ class _KafkaPartition(StatefulSourcePartition[RawMessage, int]):
         topic: str,
         partition: int,
         start_offset: int,
+        start_step: int,
+        step_ms: int,
         batch_size: int,
         tail: bool,
         signals: StopSignals | None,
     ):
         self._consumer = Consumer(config)
+        self._step = start_step
+        self._step_ms = step_ms
         self._consumer.assign([TopicPartition(topic, partition, start_offset)])
         self._topic = topic
         self._partition = partition
@@ -101,6 +118,8 @@ class _KafkaPartition(StatefulSourcePartition[RawMessage, int]):
                 continue
             self._at_end = False
             ts_type, ts = msg.timestamp()
+            ts = ts if ts_type else 0
+            self._step = step_of(ts, self._step_ms, self._step)
             batch.append(
                 RawMessage(
                     msg.key(),
@@ -108,7 +127,8 @@ class _KafkaPartition(StatefulSourcePartition[RawMessage, int]):
                     self._topic,
                     self._partition,
                     msg.offset(),
-                    ts if ts_type else 0,
+                    ts,
+                    self._step,
                 )
             )
         if batch:
@@ -117,7 +137,11 @@ class _KafkaPartition(StatefulSourcePartition[RawMessage, int]):
         if self._at_end and not self._reported_end:
             # Tell the shards this partition holds nothing more for now: it stops
             # holding their event-time watermark back.
-            batch.append(RawMessage(None, None, self._topic, self._partition, CAUGHT_UP_OFFSET, 0))
+            batch.append(
+                RawMessage(
+                    None, None, self._topic, self._partition, CAUGHT_UP_OFFSET, 0, self._step
+                )
+            )
             self._reported_end = True
         draining = not self._tail or (self._signals is not None and self._signals.drain.is_set())
         if draining and self._at_end and not batch:
@@ -144,8 +168,9 @@ class CrmKafkaSource(FixedPartitionedSource[RawMessage, int]):
         brokers: list[str],
         topics: list[str],
         client_config: dict[str, Any],
-        resume_offsets: Callable[[list[tuple[str, int]]], dict[tuple[str, int], int]],
+        resume_offsets: Callable[[list[tuple[str, int]]], dict[tuple[str, int], tuple[int, int]]],
         batch_size: int,
+        step_ms: int,
         tail: bool,
         signals: StopSignals | None = None,
     ):
@@ -154,9 +179,10 @@ class CrmKafkaSource(FixedPartitionedSource[RawMessage, int]):
         self._client_config = client_config
         self._resume_offsets = resume_offsets
         self._batch_size = batch_size
+        self._step_ms = step_ms
         self._tail = tail
         self._signals = signals
-        self._resume_cache: dict[tuple[str, int], int] | None = None
+        self._resume_cache: dict[tuple[str, int], tuple[int, int]] | None = None
 
     def _base_config(self) -> dict[str, Any]:
         return {"bootstrap.servers": ",".join(self._brokers), **self._client_config}
@@ -175,15 +201,27 @@ class CrmKafkaSource(FixedPartitionedSource[RawMessage, int]):
             parts.extend(_part_name(topic, p) for p in sorted(meta.partitions))
         return parts
 
+    def positions(self) -> list[tuple[str, int]]:
+        """Every input (topic, partition), as ``list_parts`` names them."""
+        return [(topic, int(idx)) for idx, topic in (p.split("-", 1) for p in self.list_parts())]
+
     def build_part(self, step_id: str, for_part: str, resume_state: int | None) -> _KafkaPartition:
         idx, topic = for_part.split("-", 1)
         partition = int(idx)
-        if resume_state is not None:
-            start = resume_state
-        else:
-            if self._resume_cache is None or (topic, partition) not in self._resume_cache:
-                self._resume_cache = self._resume_offsets([(topic, partition)])
-            start = self._resume_cache[(topic, partition)]
+        # Redis, the state of record, says where to resume. A Bytewax recovery
+        # snapshot may be ahead of it: shards hold read events until their step
+        # is complete, and those are not in Redis yet.
+        if self._resume_cache is None or (topic, partition) not in self._resume_cache:
+            self._resume_cache = self._resume_offsets([(topic, partition)])
+        start, step = self._resume_cache[(topic, partition)]
+        if resume_state is not None and resume_state != start:
+            log.info(
+                "%s[%d]: recovery snapshot says offset %d, Redis progress says %d; using Redis",
+                topic,
+                partition,
+                resume_state,
+                start,
+            )
         log.info("reading %s[%d] from offset %d", topic, partition, start)
         config = {
             **self._base_config(),
@@ -195,5 +233,13 @@ class CrmKafkaSource(FixedPartitionedSource[RawMessage, int]):
             "logger": logging.getLogger("librdkafka"),
         }
         return _KafkaPartition(
-            config, topic, partition, start, self._batch_size, self._tail, self._signals
+            config,
+            topic,
+            partition,
+            start,
+            step,
+            self._step_ms,
+            self._batch_size,
+            self._tail,
+            self._signals,
         )

@@ -19,7 +19,7 @@ import numpy as np
 
 from crmstream.operators.events import NUM_EVENT_TYPES
 
-LAYOUT_VERSION = 2
+LAYOUT_VERSION = 3
 # Input roles whose applied positions each customer records (exactly-once).
 ROLES: tuple[str, ...] = ("clickstream", "orders", "customers", "feedback")
 ROLE_INDEX = {role: i for i, role in enumerate(ROLES)}
@@ -104,9 +104,20 @@ STATE_DTYPE = np.dtype(
         # Policies: minute (epoch) each trigger type last went out, and the last sends.
         ("trigger_last_min", np.uint32, (16,)),
         ("sent_min", np.uint32, (8,)),
+        # Duplicates: 64-bit hashes of the last DEDUP_IDS event ids, their event
+        # times (epoch seconds) and the ring's next slot (layout 3).
+        ("recent_ids", np.uint64, (8,)),
+        ("recent_s", np.uint32, (8,)),
+        ("recent_next", np.uint8),
     ]
 )
 STATE_BYTES = STATE_DTYPE.itemsize
+DEDUP_IDS = 8
+
+# Layout 2 (state model): layout 3 without the duplicate ring.
+STATE_DTYPE_V2 = np.dtype(
+    [d for d in STATE_DTYPE.descr if d[0] not in ("recent_ids", "recent_s", "recent_next")]
+)
 
 # Layout 1 (foundation): kept to migrate blobs written before layout 2.
 STATE_DTYPE_V1 = np.dtype(
@@ -167,6 +178,12 @@ def decode_batch(blobs: list[bytes | None], keys: list[str]) -> np.ndarray:
 
 def _migrate(blob: bytes, key: str, into: np.ndarray) -> None:
     """Read an older layout into ``into`` (a fresh current record)."""
+    if len(blob) == STATE_DTYPE_V2.itemsize and blob[0] == 2:
+        old = np.frombuffer(blob, dtype=STATE_DTYPE_V2)[0]
+        for name in STATE_DTYPE_V2.names:
+            if name != "version":
+                into[name] = old[name]
+        return
     if len(blob) == STATE_DTYPE_V1.itemsize and blob[0] == 1:
         old = np.frombuffer(blob, dtype=STATE_DTYPE_V1)[0]
         for name in (
@@ -196,7 +213,7 @@ def _migrate(blob: bytes, key: str, into: np.ndarray) -> None:
     version = blob[0] if blob else None
     raise StateEncodingError(
         f"state at {key!r} has layout version {version!r} and {len(blob)} bytes; "
-        f"this build reads layouts 1 and {LAYOUT_VERSION} ({STATE_BYTES} bytes)"
+        f"this build reads layouts 1, 2 and {LAYOUT_VERSION} ({STATE_BYTES} bytes)"
     )
 
 

@@ -22,7 +22,7 @@ import logging
 import re
 import time
 from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import redis
 from redis.backoff import ExponentialWithJitterBackoff
@@ -38,6 +38,29 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 Position = tuple[str, int]  # (topic, partition)
+
+
+class Progress(NamedTuple):
+    """How far a shard has applied one input partition.
+
+    ``offset`` is the highest offset applied, ``step`` the processing step it
+    belonged to and ``max_event_ms`` the partition's newest event time so far:
+    a restart resumes the source's step numbering and the shard's watermark
+    from them, so the replayed steps equal the ones first processed.
+    """
+
+    offset: int
+    step: int
+    max_event_ms: int
+
+    def encode(self) -> str:
+        return f"{self.offset}:{self.step}:{self.max_event_ms}"
+
+    @classmethod
+    def decode(cls, raw: bytes) -> Progress:
+        offset, _, rest = raw.decode().partition(":")
+        step, _, max_event = rest.partition(":")
+        return cls(int(offset), int(step or -1), int(max_event or -1))
 
 
 class StateStoreError(RuntimeError):
@@ -143,7 +166,7 @@ class StateStore:
         shard: int,
         states: Mapping[str, bytes],
         profiles: Mapping[str, Mapping[str, str]],
-        progress: Mapping[Position, int],
+        progress: Mapping[Position, Progress],
         plan: TimerPlan | None = None,
         fired: list[str] = (),
         erase: list[tuple[str, list[str], dict[str, str], int, int]] = (),
@@ -185,7 +208,7 @@ class StateStore:
         if progress:
             pipe.hset(
                 self.progress_key(shard),
-                mapping={f"{t}|{p}": off for (t, p), off in progress.items()},
+                mapping={f"{t}|{p}": rec.encode() for (t, p), rec in progress.items()},
             )
         pipe.execute()
         get_metrics().redis_seconds.labels("commit").observe(time.perf_counter() - started)
@@ -210,25 +233,33 @@ class StateStore:
     def audit_key(self) -> str:
         return f"{self._prefix}:audit"
 
-    def load_progress(self, shard: int) -> dict[Position, int]:
+    def load_progress(self, shard: int) -> dict[Position, Progress]:
         """The shard's applied high-water marks per input partition."""
         raw = self._client.hgetall(self.progress_key(shard))
-        return {_parse_position(k.decode()): int(v) for k, v in raw.items()}
+        return {_parse_position(k.decode()): Progress.decode(v) for k, v in raw.items()}
 
-    def resume_offsets(self, shards: int, positions: Iterable[Position]) -> dict[Position, int]:
-        """Where to start reading each input partition: the lowest next offset over all shards.
+    def resume_offsets(
+        self, shards: int, positions: Iterable[Position]
+    ) -> dict[Position, tuple[int, int]]:
+        """Where to start reading each input partition, and the step numbering to go on from.
 
-        A shard with no record for a partition has applied nothing from it, so
-        that partition starts from its beginning (offset 0); each shard then
-        skips what it already holds.
+        The lowest next offset over all shards; a shard with no record for a
+        partition has applied nothing from it, so that partition starts from its
+        beginning (offset 0, no step yet). Each shard then skips what it holds.
         """
         pipe = self._client.pipeline(transaction=False)
         for shard in range(shards):
             pipe.hgetall(self.progress_key(shard))
         per_shard = [
-            {_parse_position(k.decode()): int(v) for k, v in raw.items()} for raw in pipe.execute()
+            {_parse_position(k.decode()): Progress.decode(v) for k, v in raw.items()}
+            for raw in pipe.execute()
         ]
-        return {pos: min(progress.get(pos, -1) for progress in per_shard) + 1 for pos in positions}
+        start = Progress(-1, -1, -1)
+        resume = {}
+        for pos in positions:
+            lowest = min((p.get(pos, start) for p in per_shard), key=lambda r: r.offset)
+            resume[pos] = (lowest.offset + 1, lowest.step)
+        return resume
 
     def read_customer(self, customer_id: str) -> tuple[bytes | None, dict[str, str]]:
         """The raw state blob and the profile hash of one customer."""

@@ -76,3 +76,22 @@ def test_layout_1_state_is_migrated_on_read():
     assert new["win_1d"][(base - 29) % RING_1D, KIND_CARTS] == 2
     assert new["win_1d"][:, KIND_CARTS].sum() == 2
     assert encode_records(np.array([new]))[0][0] == LAYOUT_VERSION
+
+
+def test_layout_2_state_is_migrated_on_read_with_an_empty_duplicate_ring():
+    from crmstream.state.encoding import STATE_DTYPE_V2
+
+    current = fresh_records(1)
+    current["orders_total"] = 7
+    current["pref"][0, 3] = 0.5
+    current["applied_offset"] = [9, 3, -1, -1]
+    old = np.zeros(1, dtype=STATE_DTYPE_V2)
+    for name in STATE_DTYPE_V2.names:
+        old[name] = current[name]
+    old["version"] = 2
+
+    (new,) = decode_batch([old.tobytes()], ["crm:{c1}:s"])
+    assert new["version"] == LAYOUT_VERSION
+    assert (new["orders_total"], new["pref"][3]) == (7, 0.5)
+    assert list(new["applied_offset"]) == [9, 3, -1, -1]
+    assert not new["recent_ids"].any() and new["recent_next"] == 0
