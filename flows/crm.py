@@ -9,11 +9,12 @@ used by ``crmstream run``).
 from __future__ import annotations
 
 from datetime import timedelta
+from pathlib import Path
 
 import bytewax.operators as op
 from bytewax.dataflow import Dataflow
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
-from bytewax.recovery import RecoveryConfig
+from bytewax.recovery import RecoveryConfig, init_db_dir
 
 from crmstream.flows.runtime import Runtime
 from crmstream.flows.shard import ShardLogic, route_batch
@@ -83,7 +84,13 @@ def run_cluster_process(
     """Run this process's part of the flow (``bytewax.run`` semantics: -w, -i, -a, -r)."""
     from bytewax._bytewax import cli_main
 
-    recovery = RecoveryConfig(recovery_dir) if recovery_dir else None
+    recovery = None
+    if recovery_dir:
+        path = Path(recovery_dir)
+        if not any(path.glob("*.sqlite3")):
+            path.mkdir(parents=True, exist_ok=True)
+            init_db_dir(path, 1)  # a new recovery store: one partition
+        recovery = RecoveryConfig(recovery_dir)
     cli_main(
         build_flow(runtime, tail=tail),
         workers_per_process=workers_per_process,
