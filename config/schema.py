@@ -104,7 +104,7 @@ class RedisConfig(_Frozen):
     url: str | None = None
     key_prefix: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,32}$")] = "crm"
     socket_timeout_seconds: PositiveFloat = 10.0
-    retry_attempts: PositiveInt = 8
+    retry_attempts: PositiveInt = 30
     retry_base_seconds: PositiveFloat = 0.05
     retry_max_seconds: PositiveFloat = 2.0
 

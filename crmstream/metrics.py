@@ -8,7 +8,9 @@ Label values are bounded: topics, event types, trigger types, field names.
 
 from __future__ import annotations
 
+import logging
 import threading
+import time
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, start_http_server
 
@@ -43,6 +45,12 @@ class CrmMetrics:
         self.duplicate_events = Counter(
             "crmstream_duplicate_events_total",
             "Events dropped because the customer's recent events hold the same event_id.",
+            ["topic"],
+            registry=registry,
+        )
+        self.source_stalls = Counter(
+            "crmstream_source_stalls_total",
+            "Times an input partition not read to its end delivered nothing for 5 s.",
             ["topic"],
             registry=registry,
         )
@@ -87,9 +95,20 @@ class CrmMetrics:
         )
         self.redis_seconds = Histogram(
             "crmstream_redis_roundtrip_seconds",
-            "Seconds per Redis round trip, by operation (load, commit).",
+            "Seconds per Redis round trip, by operation (load, commit, timers).",
             ["operation"],
             buckets=_REDIS_BUCKETS,
+            registry=registry,
+        )
+        self.delivery_waits = Counter(
+            "crmstream_delivery_waits_total",
+            "5-second periods a flush spent waiting for the broker's acknowledgements.",
+            registry=registry,
+        )
+        self.redis_errors = Counter(
+            "crmstream_redis_errors_total",
+            "Failed Redis calls, by error class; each is retried with jittered backoff.",
+            ["error"],
             registry=registry,
         )
         self.event_to_trigger_seconds = Histogram(
@@ -114,6 +133,7 @@ class CrmMetrics:
         )
 
 
+log = logging.getLogger(__name__)
 _lock = threading.Lock()
 _metrics: CrmMetrics | None = None
 
@@ -136,6 +156,17 @@ def counter_total(*counters: Counter) -> float:
         for sample in family.samples
         if sample.name.endswith("_total")
     )
+
+
+SLOW_REDIS_SECONDS = 1.0
+
+
+def observe_redis(operation: str, started: float) -> None:
+    """Record a Redis round trip begun at ``started`` (perf_counter); log it when slow."""
+    seconds = time.perf_counter() - started
+    get_metrics().redis_seconds.labels(operation).observe(seconds)
+    if seconds >= SLOW_REDIS_SECONDS:
+        log.warning("Redis %s took %.1f s (consumer lag grows meanwhile)", operation, seconds)
 
 
 def serve(bind_address: str, port: int) -> int:

@@ -20,6 +20,7 @@ from confluent_kafka import KafkaError, KafkaException, Message, Producer
 from crmstream.metrics import get_metrics
 
 log = logging.getLogger(__name__)
+WAIT_WARNING_SECONDS = 5.0
 
 
 class DeliveryError(RuntimeError):
@@ -79,10 +80,22 @@ class DeliveryCheckedProducer:
 
     def flush(self) -> None:
         """Block until every queued record is acknowledged; raise if any failed."""
-        deadline = time.monotonic() + self._timeout_s
-        remaining = self._producer.flush(self._timeout_s)
+        started = time.monotonic()
+        deadline = started + self._timeout_s
+        remaining = self._producer.flush(min(self._timeout_s, WAIT_WARNING_SECONDS))
         while remaining and time.monotonic() < deadline:
-            remaining = self._producer.flush(max(0.0, deadline - time.monotonic()))
+            get_metrics().delivery_waits.inc()
+            log.warning(
+                "%d record(s) still waiting for the broker's acknowledgement after %.0f s "
+                "(gives up after %g s): is the broker reachable?",
+                remaining,
+                time.monotonic() - started,
+                self._timeout_s,
+            )
+            slice_s = min(WAIT_WARNING_SECONDS, max(0.0, deadline - time.monotonic()))
+            remaining = self._producer.flush(slice_s)
+        if time.monotonic() - started >= WAIT_WARNING_SECONDS and not remaining:
+            log.warning("broker acknowledged after %.1f s", time.monotonic() - started)
         self._raise_failures()
         if remaining:
             raise DeliveryError(

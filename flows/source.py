@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple
@@ -27,9 +28,12 @@ from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 from confluent_kafka import Consumer, KafkaError, TopicPartition
 from confluent_kafka.admin import AdminClient
 
+from crmstream.metrics import get_metrics
+
 log = logging.getLogger(__name__)
 
 _IDLE_BACKOFF = timedelta(milliseconds=20)
+STALL_SECONDS = 5.0
 
 
 class RawMessage(NamedTuple):
@@ -94,6 +98,8 @@ class _KafkaPartition(StatefulSourcePartition[RawMessage, int]):
         self._reported_end = False
         self._idle = False
         self._ended = False
+        self._last_data = time.monotonic()
+        self._stalled = False
 
     def next_batch(self) -> list[RawMessage]:
         if self._ended:
@@ -131,6 +137,7 @@ class _KafkaPartition(StatefulSourcePartition[RawMessage, int]):
                     self._step,
                 )
             )
+        self._watch_stall(bool(batch))
         if batch:
             self._next_offset = batch[-1].offset + 1
             self._reported_end = False  # new data: report the end again when reached
@@ -148,6 +155,31 @@ class _KafkaPartition(StatefulSourcePartition[RawMessage, int]):
             self._ended = True  # emit nothing more; StopIteration on the next call
         self._idle = not batch
         return batch
+
+    def _watch_stall(self, got_data: bool) -> None:
+        """Say so when a partition not yet read to its end delivers nothing for a while."""
+        now = time.monotonic()
+        if got_data or self._at_end:
+            if self._stalled:
+                log.warning(
+                    "%s[%d]: data again after %.1f s",
+                    self._topic,
+                    self._partition,
+                    now - self._last_data,
+                )
+                self._stalled = False
+            self._last_data = now
+        elif not self._stalled and now - self._last_data >= STALL_SECONDS:
+            self._stalled = True
+            get_metrics().source_stalls.labels(self._topic).inc()
+            log.warning(
+                "%s[%d]: no data for %.0f s although not read to its end at offset %d: "
+                "is the broker reachable?",
+                self._topic,
+                self._partition,
+                now - self._last_data,
+                self._next_offset,
+            )
 
     def next_awake(self) -> datetime | None:
         # An idle partition is polled every 20 ms instead of spinning a core.

@@ -29,7 +29,7 @@ from redis.backoff import ExponentialWithJitterBackoff
 from redis.retry import Retry
 
 from crmstream.config.schema import RedisConfig
-from crmstream.metrics import get_metrics
+from crmstream.metrics import get_metrics, observe_redis
 from crmstream.state.timers import SEP, TimerStore
 
 if TYPE_CHECKING:
@@ -67,13 +67,27 @@ class StateStoreError(RuntimeError):
     """Redis refused the store's request for a reason a retry will not fix."""
 
 
+class ObservedRetry(Retry):
+    """redis-py's retry with jittered backoff that also logs and counts each failure."""
+
+    def call_with_retry(self, do, fail, is_retryable=None, with_failure_count=False):
+        def observed(error: Exception, *count: int) -> object:
+            get_metrics().redis_errors.labels(type(error).__name__).inc()
+            log.warning(
+                "Redis call failed (%s: %s); retrying with backoff", type(error).__name__, error
+            )
+            return fail(error, *count)
+
+        return super().call_with_retry(do, observed, is_retryable, with_failure_count)
+
+
 def connect(url: str, config: RedisConfig) -> redis.Redis:
     """A client that retries transient errors with jittered backoff and fails fast otherwise.
 
     Connection loss, timeouts and a loading replica are retried; authentication
     and configuration errors (``AuthenticationError``, ``ResponseError``) are not.
     """
-    retry = Retry(
+    retry = ObservedRetry(
         ExponentialWithJitterBackoff(base=config.retry_base_seconds, cap=config.retry_max_seconds),
         retries=config.retry_attempts,
         supported_errors=(
@@ -144,7 +158,7 @@ class StateStore:
         for customer in with_promises:
             pipe.hgetall(self.promises_key(customer))
         blobs, tombs, *raw = pipe.execute()
-        get_metrics().redis_seconds.labels("load").observe(time.perf_counter() - started)
+        observe_redis("load", started)
         promises = {
             c: {k.decode(): int(v) for k, v in orders.items()}
             for c, orders in zip(with_promises, raw, strict=True)
@@ -211,7 +225,7 @@ class StateStore:
                 mapping={f"{t}|{p}": rec.encode() for (t, p), rec in progress.items()},
             )
         pipe.execute()
-        get_metrics().redis_seconds.labels("commit").observe(time.perf_counter() - started)
+        observe_redis("commit", started)
 
     def load_profiles(self, customer_ids: list[str]) -> dict[str, dict[str, str]]:
         """The readable profile hashes of these customers, one round trip."""

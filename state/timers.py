@@ -12,9 +12,12 @@ customers.
 
 from __future__ import annotations
 
+import time
 from typing import NamedTuple
 
 import redis
+
+from crmstream.metrics import observe_redis
 
 SEP = "\x1f"
 
@@ -52,9 +55,11 @@ class TimerStore:
 
     def due(self, shard: int, watermark_ms: int, limit: int) -> list[Timer]:
         """Up to ``limit`` timers of the shard due at or before the watermark, earliest first."""
+        started = time.perf_counter()
         raw = self._client.zrangebyscore(
             self.key(shard), "-inf", watermark_ms, start=0, num=limit, withscores=True
         )
+        observe_redis("timers", started)
         return [parse_member(member, score) for member, score in raw]
 
     def pending(self, shard: int) -> int:

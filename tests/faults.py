@@ -35,7 +35,10 @@ def run_sets(stack: Endpoints, inputs: str, outputs: str, prefix: str, *extra: s
 
 
 def flow_command(sets: list[str], *args: str) -> list[str]:
-    cmd = [CRMSTREAM, "run", "--until-end", *args]
+    """``crmstream run``; ``args`` may include ``--until-end`` or ``--no-until-end``."""
+    if "--no-until-end" not in args:
+        args = ("--until-end", *args)
+    cmd = [CRMSTREAM, "run", *args]
     for s in sets:
         cmd += ["--set", s]
     return cmd
@@ -67,3 +70,93 @@ def run_to_end(sets: list[str], log: Path, timeout_s: float = 600, *args: str) -
 
 def ids_of(records: list[dict[str, Any]], key: str = "trigger_id") -> list[str]:
     return [r[key] for r in records]
+
+
+class Server:
+    """A dedicated redis-server or Tansu broker for one fault test, restartable in place."""
+
+    def __init__(self, kind: str, workdir: Path, *extra: str):
+        from crmstream.embedded import free_port
+
+        self.kind = kind
+        self.port = free_port()
+        self.workdir = workdir
+        self.extra = extra
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def args(self) -> list[str]:
+        from crmstream.embedded import redis_server_binary, tansu_binary
+
+        if self.kind == "redis":
+            return [
+                str(redis_server_binary()),
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--dir",
+                str(self.workdir),
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+                "--save",
+                "",
+                *self.extra,
+            ]
+        url = f"tcp://127.0.0.1:{self.port}"
+        return [
+            str(tansu_binary()),
+            "broker",
+            "--listener-url",
+            url,
+            "--advertised-listener-url",
+            url,
+        ]
+
+    def start(self) -> Server:
+        from crmstream.embedded import spawn, wait_for_port
+
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.proc = spawn(self.args(), self.workdir / f"{self.kind}.log")
+        wait_for_port(self.port, self.proc, self.kind, 30)
+        return self
+
+    def stop(self) -> None:
+        from crmstream.embedded import stop_process
+
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                os.kill(self.proc.pid, signal.SIGCONT)  # a frozen process cannot stop
+            stop_process(self.proc)
+            self.proc = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+
+def rss_mb(pid: int) -> float:
+    """Resident set size of a process (Linux /proc), in MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def committed(client: Any, prefix: str) -> int:
+    """Input messages applied so far: per partition, the furthest shard's next offset."""
+    furthest: dict[bytes, int] = {}
+    for key in client.scan_iter(match=f"{prefix}:progress:*"):
+        for field, value in client.hgetall(key).items():
+            offset = int(value.split(b":")[0]) + 1
+            furthest[field] = max(furthest.get(field, 0), offset)
+    return sum(furthest.values())
+
+
+def wait_until(condition: Any, timeout_s: float, what: str, interval_s: float = 0.05) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s:g} s waiting for {what}")
+        time.sleep(interval_s)

@@ -25,7 +25,7 @@ from crmstream.config import load_config
 from crmstream.state.dump import canonical_dump, differences, digest
 from crmstream.topics import create_topics
 from tests.conftest import read_topic
-from tests.faults import flow_process, ids_of, run_sets, run_to_end
+from tests.faults import committed, flow_process, ids_of, run_sets, run_to_end
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -38,16 +38,6 @@ def _dead_letter_positions(records):
     return Counter(
         (r["source"]["topic"], r["source"]["partition"], r["source"]["offset"]) for r in records
     )
-
-
-def _committed(client: redis.Redis, prefix: str) -> int:
-    """Input messages applied so far: per partition, the furthest shard's next offset."""
-    furthest: dict[bytes, int] = {}
-    for key in client.scan_iter(match=f"{prefix}:progress:*"):
-        for field, value in client.hgetall(key).items():
-            offset = int(value.split(b":")[0]) + 1
-            furthest[field] = max(furthest.get(field, 0), offset)
-    return sum(furthest.values())
 
 
 def test_kill_9_at_five_random_points_equals_an_uninterrupted_run(stack, tmp_path):
@@ -80,15 +70,15 @@ def test_kill_9_at_five_random_points_equals_an_uninterrupted_run(stack, tmp_pat
     for share in kill_at:
         with flow_process(crash, tmp_path / "crash.log", "-r", str(recovery)) as proc:
             deadline = time.monotonic() + 300
-            start = _committed(client, f"{tag}k")
+            start = committed(client, f"{tag}k")
             while proc.poll() is None and time.monotonic() < deadline:
-                done = _committed(client, f"{tag}k")
+                done = committed(client, f"{tag}k")
                 if done > start and done >= share * EVENTS:
                     time.sleep(rng.uniform(0, 0.3))  # land anywhere in the next step
                     proc.send_signal(signal.SIGKILL)
                     proc.wait()
                     killed += 1
-                    seen_at_kill.append(_committed(client, f"{tag}k"))
+                    seen_at_kill.append(committed(client, f"{tag}k"))
                     break
                 time.sleep(0.02)
     run_to_end(crash, tmp_path / "crash.log", 600, "-r", str(recovery))
