@@ -23,7 +23,10 @@ from pydantic import ValidationError
 from crmstream.config.schema import CrmConfig
 
 ENV_PREFIX = "CRMSTREAM__"
-_SECRET_KEY = re.compile(r"(password|passwd|secret|token|credential|ssl\.key\.pem)", re.IGNORECASE)
+_SECRET_KEY = re.compile(
+    r"(password|passwd|secret|token|credential|salt|ssl\.key\.pem)", re.IGNORECASE
+)
+_REFERENCE = re.compile(r"^\$\{(env|file):([^}]+)\}$")
 
 
 class ConfigError(ValueError):
@@ -118,10 +121,39 @@ def load_config(
         _set_dotted(tree, dotted.strip(), _parse_scalar(raw))
         origin[dotted.strip()] = "--set"
 
+    tree = _resolve_references(tree, origin, source, env)
     try:
         return CrmConfig.model_validate(tree)
     except ValidationError as exc:
         raise ConfigError(_describe(exc, tree, source, origin)) from None
+
+
+def _resolve_references(
+    tree: Any, origin: Mapping[str, str], source: str, env: Mapping[str, str], dotted: str = ""
+) -> Any:
+    """Replace ``${env:NAME}`` and ``${file:/path}`` values (secrets kept out of files)."""
+    if isinstance(tree, dict):
+        return {
+            k: _resolve_references(v, origin, source, env, f"{dotted}.{k}" if dotted else str(k))
+            for k, v in tree.items()
+        }
+    if isinstance(tree, list):
+        return [_resolve_references(v, origin, source, env, dotted) for v in tree]
+    match = _REFERENCE.match(tree) if isinstance(tree, str) else None
+    if match is None:
+        return tree
+    kind, ref = match.groups()
+    where = origin.get(dotted, source)
+    if kind == "env":
+        if ref not in env:
+            raise ConfigError(f"{dotted} refers to env {ref}, which is not set (from {where})")
+        return env[ref]
+    try:
+        return Path(ref).read_text("utf-8").rstrip("\n")
+    except OSError as exc:
+        raise ConfigError(
+            f"{dotted} refers to file {ref!r}, which cannot be read: {exc.strerror} (from {where})"
+        ) from None
 
 
 def _describe(
@@ -131,7 +163,7 @@ def _describe(
     for err in exc.errors():
         loc = [p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-"))]
         dotted = ".".join(str(p) for p in loc) or "<root>"
-        value = _get_dotted(tree, loc)
+        value = "***" if _SECRET_KEY.search(dotted) else _get_dotted(tree, loc)
         where = next(
             (origin[k] for k in sorted(origin, key=len, reverse=True) if dotted.startswith(k)),
             source,

@@ -102,6 +102,15 @@ class KafkaConfig(_Frozen):
 
 class RedisConfig(_Frozen):
     url: str | None = None
+    # AUTH: an ACL user (Redis 6+) or just the password (requirepass). Prefer
+    # ${env:NAME} or ${file:/run/secrets/...} to a literal password.
+    username: str | None = None
+    password: str | None = None
+    # TLS (with a rediss:// URL): CA bundle to verify the server, and a client
+    # certificate and key when the server asks for one.
+    tls_ca_file: str | None = None
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
     key_prefix: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,32}$")] = "crm"
     socket_timeout_seconds: PositiveFloat = 10.0
     retry_attempts: PositiveInt = 30
@@ -114,6 +123,13 @@ class RedisConfig(_Frozen):
         if value is not None and not value.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError(f"must start with redis://, rediss:// or unix://, got {value!r}")
         return value
+
+    @model_validator(mode="after")
+    def _tls_needs_rediss(self) -> RedisConfig:
+        tls = [f"tls_{n}_file" for n in ("ca", "cert", "key") if getattr(self, f"tls_{n}_file")]
+        if tls and self.url is not None and not self.url.startswith("rediss://"):
+            raise ValueError(f"{', '.join(tls)} set but url {self.url!r} is not rediss://")
+        return self
 
 
 class ProcessingConfig(_Frozen):
@@ -145,6 +161,13 @@ class MetricsConfig(_Frozen):
     enabled: bool = True
     bind_address: str = "127.0.0.1"
     port: Annotated[int, Field(ge=0, le=65535)] = 9464
+
+
+class PrivacyConfig(_Frozen):
+    # Key of the keyed hash (BLAKE2b) that replaces e-mail and phone on ingest.
+    # Set it per deployment, from ${env:...} or ${file:...}; keep it stable, or
+    # the hashes of the same address stop matching.
+    pii_salt: Annotated[str, Field(min_length=8)] = "crmstream-dev-pii-salt"
 
 
 class CurrencyConfig(_Frozen):
@@ -506,6 +529,7 @@ class CrmConfig(_Frozen):
     redis: RedisConfig = RedisConfig()
     processing: ProcessingConfig = ProcessingConfig()
     metrics: MetricsConfig = MetricsConfig()
+    privacy: PrivacyConfig = PrivacyConfig()
     currency: CurrencyConfig = CurrencyConfig()
     taxonomy: TaxonomyConfig
     rules: RulesConfig = RulesConfig()

@@ -173,9 +173,10 @@ def route_batch(runtime: Runtime, batch: list[RawMessage]) -> list[tuple[str, Sh
     return out
 
 
-def dead_letter_record(bad: InvalidEvent) -> bytes:
-    """The dead-letter envelope: reason, field, source position and the original bytes."""
-    original = bad.value or b""
+def dead_letter_record(bad: InvalidEvent, redact: Callable[[bytes], bytes]) -> bytes:
+    """The dead-letter envelope: reason, field, source position and the original bytes,
+    with e-mail addresses and phone numbers replaced by their keyed hashes."""
+    original = redact(bad.value or b"")
     try:
         text: str | None = original.decode("utf-8") if len(original) <= 4096 else None
     except UnicodeDecodeError:
@@ -183,7 +184,7 @@ def dead_letter_record(bad: InvalidEvent) -> bytes:
     return orjson.dumps(
         {
             "schema_version": DEAD_LETTER_SCHEMA_VERSION,
-            "reason": bad.reason,
+            "reason": redact(bad.reason.encode()).decode("utf-8", "replace"),
             "field": bad.field,
             "customer_id": bad.customer_id,
             "source": {"topic": bad.topic, "partition": bad.partition, "offset": bad.offset},
@@ -419,7 +420,9 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, dict[str, int], None]):
         for bad in invalid:
             metrics.invalid_events.labels(bad.topic, bad.field or "message").inc()
             self._rt.producer.produce(
-                self._rt.config.kafka.topics.dead_letter, bad.key, dead_letter_record(bad)
+                self._rt.config.kafka.topics.dead_letter,
+                bad.key,
+                dead_letter_record(bad, self._rt.validator.redact),
             )
         changes = self._apply(events, due, now_ms)
         if changes.triggers or invalid:

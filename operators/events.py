@@ -9,7 +9,9 @@ table of checks with no per-event allocation beyond the result tuple.
 
 from __future__ import annotations
 
+import hashlib
 import math
+import re
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, NamedTuple
@@ -69,6 +71,9 @@ LOGISTICS_STATUSES = frozenset(LOGISTICS_STATUS_CODE)
 MAX_ORDER_ITEMS = 500
 # Data minimisation: never kept in state or emitted.
 PII_FIELDS = frozenset({"email", "phone"})
+_EMAIL = re.compile(rb"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+")
+_PHONE_FIELD = re.compile(rb'("phone"\s*:\s*)("[^"]*"|[0-9+() .-]+)')
+_PHONE_INTL = re.compile(rb"\+\d[\d ()./-]{6,}\d")  # +CC ... anywhere else
 
 MAX_ID_LEN = 128
 
@@ -209,6 +214,35 @@ class EventValidator:
         self._max_bytes = config.processing.max_event_bytes
         self._min_time_ms = config.processing.min_event_time_ms
         self._max_skew_ms = config.processing.max_future_skew_seconds * 1000
+        self._pii_key = hashlib.blake2b(config.privacy.pii_salt.encode()).digest()[:64]
+
+    def redact(self, raw: bytes) -> bytes:
+        """A rejected message with its e-mail addresses and phone fields hashed, for the
+        dead-letter topic: parseable JSON field by field, anything else by pattern
+        (addresses; phone numbers in a "phone" field or in +international form)."""
+        try:
+            obj = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            obj = None
+        if type(obj) is dict and PII_FIELDS.intersection(obj):
+            for name in PII_FIELDS.intersection(obj):
+                value = obj.pop(name)
+                obj[f"{name}_hash"] = self.pii_hash(name, str(value))
+            raw = orjson.dumps(obj)
+        raw = _PHONE_FIELD.sub(lambda m: m[1] + self._hash_text("phone", m[2]), raw)
+        raw = _PHONE_INTL.sub(lambda m: self._hash_text("phone", m[0]), raw)
+        return _EMAIL.sub(lambda m: self._hash_text("email", m[0]), raw)
+
+    def _hash_text(self, field: str, raw: bytes) -> bytes:
+        text = raw.decode("utf-8", "replace")
+        return f"<{field}_hash:{self.pii_hash(field, text)}>".encode()
+
+    def pii_hash(self, field: str, value: Any) -> str:
+        """Keyed BLAKE2b-128 of a normalised e-mail (trimmed, lower case) or phone (digits)."""
+        if type(value) is not str:
+            raise _Invalid(field, f"field {field!r} must be a string")
+        text = value.strip().lower() if field == "email" else "".join(filter(str.isdigit, value))
+        return hashlib.blake2b(text.encode(), key=self._pii_key, digest_size=16).hexdigest()
 
     def parse(
         self,
@@ -285,7 +319,11 @@ class EventValidator:
                 f"field 'event_time' is out of the accepted range, got {_show(obj['event_time'])}",
             )
         for name in PII_FIELDS.intersection(obj):
-            del obj[name]  # data minimisation: PII never reaches state or outputs
+            # Data minimisation: e-mail and phone never reach state or outputs in
+            # clear; a keyed hash stays so that systems holding the key can match.
+            value = obj.pop(name)
+            if value is not None:
+                obj[f"{name}_hash"] = self.pii_hash(name, value)
         if "channel" in spec.required:  # consent events name a contact channel
             _choice(obj, "channel", CONTACT_CHANNELS, required=True)
         else:  # elsewhere it is the surface the customer used

@@ -19,7 +19,15 @@ from crmstream.config import CrmConfig
 from crmstream.operators.kernels import COL, SIGNALS
 from crmstream.state.encoding import CHURN_LEVELS, SEGMENTS, STAGES, TIERS
 
-PROFILE_ATTRIBUTES = ("country", "timezone", "language", "birthday", "preferred_channel")
+PROFILE_ATTRIBUTES = (
+    "country",
+    "timezone",
+    "language",
+    "birthday",
+    "preferred_channel",
+    "email_hash",  # keyed hashes, never the address or number (privacy.pii_salt)
+    "phone_hash",
+)
 
 
 def iso_s(epoch_ms: int) -> str:

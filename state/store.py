@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import redis
 from redis.backoff import ExponentialWithJitterBackoff
+from redis.exceptions import AuthorizationError
 from redis.retry import Retry
 
 from crmstream.config.schema import RedisConfig
@@ -78,7 +79,19 @@ class ObservedRetry(Retry):
             )
             return fail(error, *count)
 
-        return super().call_with_retry(do, observed, is_retryable, with_failure_count)
+        def retryable(error: Exception) -> bool:
+            if _permanent(error):
+                return False
+            return is_retryable(error) if is_retryable is not None else True
+
+        return super().call_with_retry(do, observed, retryable, with_failure_count)
+
+
+def _permanent(error: Exception) -> bool:
+    """Errors no retry fixes: bad credentials, missing permissions, an untrusted certificate."""
+    if isinstance(error, redis.AuthenticationError | AuthorizationError):
+        return True
+    return "certificate verify failed" in str(error) or "WRONGPASS" in str(error)
 
 
 def connect(url: str, config: RedisConfig) -> redis.Redis:
@@ -96,8 +109,22 @@ def connect(url: str, config: RedisConfig) -> redis.Redis:
             redis.BusyLoadingError,
         ),
     )
+    auth: dict[str, str] = {}
+    if config.username:
+        auth["username"] = config.username
+    if config.password:
+        auth["password"] = config.password
+    if url.startswith("rediss://"):
+        for option, path in (
+            ("ssl_ca_certs", config.tls_ca_file),
+            ("ssl_certfile", config.tls_cert_file),
+            ("ssl_keyfile", config.tls_key_file),
+        ):
+            if path:
+                auth[option] = path
     client = redis.Redis.from_url(
         url,
+        **auth,
         socket_timeout=config.socket_timeout_seconds,
         socket_connect_timeout=config.socket_timeout_seconds,
         retry=retry,
@@ -105,10 +132,12 @@ def connect(url: str, config: RedisConfig) -> redis.Redis:
     )
     try:
         client.ping()
-    except redis.AuthenticationError as exc:
+    except (redis.AuthenticationError, AuthorizationError) as exc:
         raise StateStoreError(f"Redis at {_safe_url(url)} refused authentication: {exc}") from None
     except redis.ConnectionError as exc:
         raise StateStoreError(f"cannot reach Redis at {_safe_url(url)}: {exc}") from None
+    except redis.ResponseError as exc:  # e.g. NOAUTH, or WRONGPASS for an ACL user
+        raise StateStoreError(f"Redis at {_safe_url(url)} refused the client: {exc}") from None
     return client
 
 
