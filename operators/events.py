@@ -71,7 +71,8 @@ LOGISTICS_STATUSES = frozenset(LOGISTICS_STATUS_CODE)
 MAX_ORDER_ITEMS = 500
 # Data minimisation: never kept in state or emitted.
 PII_FIELDS = frozenset({"email", "phone"})
-_EMAIL = re.compile(rb"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+")
+# Starts only where a run of address characters starts: linear time on long runs.
+_EMAIL = re.compile(rb"(?<![A-Za-z0-9._%+-])[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+")
 _PHONE_FIELD = re.compile(rb'("phone"\s*:\s*)("[^"]*"|[0-9+() .-]+)')
 _PHONE_INTL = re.compile(rb"\+\d[\d ()./-]{6,}\d")  # +CC ... anywhere else
 
