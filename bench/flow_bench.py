@@ -32,6 +32,7 @@ from crmstream.flows.crm import run_in_process
 from crmstream.flows.runtime import Endpoints, Runtime
 from crmstream.metrics import counter_total, get_metrics
 from crmstream.operators.kernels import warm_up
+from crmstream.topics import create_topics
 
 
 def raw_consume_parse(endpoints: Endpoints, config: CrmConfig) -> tuple[int, float]:
@@ -93,6 +94,11 @@ def main() -> None:
     parser.add_argument("--customers", type=int, default=20_000)
     parser.add_argument("--partitions", type=int, default=4)
     parser.add_argument("--out", type=Path, default=Path("bench/out/flow.json"))
+    parser.add_argument(
+        "--exactly-once-cost",
+        action="store_true",
+        help="also run the flow with processing.exactly_once=false (fresh state) and compare",
+    )
     args = parser.parse_args()
     console = Console()
     config = load_config(None, [f"kafka.partitions={args.partitions}"])
@@ -106,6 +112,22 @@ def main() -> None:
         raw_n, raw_s = raw_consume_parse(endpoints, config)
         console.print("crmstream flow ...")
         flow_n, flow_s = flow_run(endpoints, config)
+        loose = None
+        if args.exactly_once_cost:
+            console.print("crmstream flow without the exactly-once machinery ...")
+            loose_config = load_config(
+                None,
+                [
+                    f"kafka.partitions={args.partitions}",
+                    "redis.key_prefix=at-least-once",
+                    "kafka.topics.triggers=triggers-alo",
+                    "kafka.topics.suppressions=suppressions-alo",
+                    "kafka.topics.dead_letter=dead-letter-alo",
+                    "processing.exactly_once=false",
+                ],
+            )
+            create_topics(endpoints.brokers, loose_config)
+            loose = flow_run(endpoints, loose_config)
     raw_rate, flow_rate = raw_n / raw_s, flow_n / flow_s
     table = Table(title=f"foundation benchmark: {stats.events:,} events, 1 process")
     for col in ("contender", "messages", "seconds", "events/s", "ratio to ceiling"):
@@ -118,7 +140,21 @@ def main() -> None:
         f"{flow_rate:,.0f}",
         f"{flow_rate / raw_rate:.3f}",
     )
+    if loose is not None:
+        loose_rate = loose[0] / loose[1]
+        table.add_row(
+            "crmstream, at-least-once",
+            f"{loose[0]:,}",
+            f"{loose[1]:.2f}",
+            f"{loose_rate:,.0f}",
+            f"{loose_rate / raw_rate:.3f}",
+        )
     console.print(table)
+    if loose is not None:
+        console.print(
+            f"exactly-once costs {1 - flow_rate / loose_rate:.1%} of at-least-once throughput "
+            f"(exactly-once / at-least-once = {flow_rate / loose_rate:.3f})"
+        )
     result = {
         "events": stats.events,
         "customers": args.customers,
@@ -130,6 +166,8 @@ def main() -> None:
         "ceiling_messages": raw_n,
         "machine": f"{platform.machine()} {platform.python_version()}",
     }
+    if loose is not None:
+        result["at_least_once_events_per_s"] = round(loose[0] / loose[1])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode())
     if flow_n != raw_n:

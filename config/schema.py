@@ -138,6 +138,10 @@ class ProcessingConfig(_Frozen):
     # Processing steps: input is applied in buckets of this many ms of Kafka
     # message time, so a replay after a crash cuts it the same way (guarantees.md).
     step_ms: Annotated[int, Field(ge=1)] = 1000
+    # false: at-least-once state (no per-customer offset and duplicate checks, no
+    # MULTI/EXEC, no delivery wait before the commit). For measuring what
+    # exactly-once costs (bench); a crash then double-counts. Keep it true.
+    exactly_once: bool = True
     # Duplicates: an event whose event_id matches one of the customer's last 8
     # (``state.encoding.DEDUP_IDS``) within this much event time is dropped.
     dedup_horizon_seconds: Annotated[int, Field(ge=0)] = 86400

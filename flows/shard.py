@@ -280,6 +280,7 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, dict[str, int], None]):
         self._policies = PolicyEngine(runtime.config)
         self._timers_cfg = runtime.config.timers
         self._dedup_horizon_ms = runtime.config.processing.dedup_horizon_seconds * 1000
+        self._exactly_once = runtime.config.processing.exactly_once
         self._shard = -1
         self._progress: dict[Position, Progress] = {}
         self._unsaved: dict[Position, Progress] = {}
@@ -425,7 +426,9 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, dict[str, int], None]):
                 dead_letter_record(bad, self._rt.validator.redact),
             )
         changes = self._apply(events, due, now_ms)
-        if changes.triggers or invalid:
+        if not self._exactly_once:
+            self._rt.producer.poll()
+        elif changes.triggers or invalid:
             self._rt.producer.flush()  # delivery confirmed before the state commit
         self._commit(changes, now_ms)
         for record in changes.triggers:
@@ -451,6 +454,7 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, dict[str, int], None]):
             changes.plan,
             changes.fired,
             changes.erase,
+            atomic=self._exactly_once,
         )
         self._progress.update(self._unsaved)
         self._unsaved = {}
@@ -671,6 +675,16 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, dict[str, int], None]):
     ) -> list[ParsedEvent]:
         """Drop events at or below the offsets each customer's state already holds, and
         duplicates: an event_id among the customer's last ``DEDUP_IDS`` within the horizon."""
+        fresh = self._checked(events, records, index) if self._exactly_once else events
+        accepted = Counter((ev.topic, ev.type_code) for ev in fresh)
+        metrics = get_metrics()
+        for (topic, code), count in accepted.items():
+            metrics.events_in.labels(topic, EVENT_TYPES[code]).inc(count)
+        return fresh
+
+    def _checked(
+        self, events: list[ParsedEvent], records: np.ndarray, index: dict[str, int]
+    ) -> list[ParsedEvent]:
         metrics = get_metrics()
         applied_part = records["applied_partition"]
         applied_off = records["applied_offset"]
@@ -681,7 +695,6 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, dict[str, int], None]):
         )
         horizon_s = self._dedup_horizon_ms // 1000
         fresh: list[ParsedEvent] = []
-        accepted: Counter[tuple[str, int]] = Counter()
         for ev in events:
             c, role = index[ev.customer_id], ROLE_INDEX[self._rt.validator.role(ev.topic)]
             if applied_part[c, role] == ev.partition and ev.offset <= applied_off[c, role]:
@@ -703,9 +716,6 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, dict[str, int], None]):
             else:
                 applied_off[c, role] = max(applied_off[c, role], ev.offset)
             fresh.append(ev)
-            accepted[ev.topic, ev.type_code] += 1
-        for (topic, code), count in accepted.items():
-            metrics.events_in.labels(topic, EVENT_TYPES[code]).inc(count)
         return fresh
 
     def _emit(

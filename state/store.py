@@ -213,6 +213,7 @@ class StateStore:
         plan: TimerPlan | None = None,
         fired: list[str] = (),
         erase: list[tuple[str, list[str], dict[str, str], int, int]] = (),
+        atomic: bool = True,
     ) -> None:
         """Write states, profiles, timers and the shard's progress in one MULTI/EXEC.
 
@@ -222,7 +223,7 @@ class StateStore:
         timer of the customer goes, and the audit stream gets the entry.
         """
         started = time.perf_counter()
-        pipe = self._client.pipeline(transaction=True)
+        pipe = self._client.pipeline(transaction=atomic)
         if states:
             pipe.mset({self.state_key(c): blob for c, blob in states.items()})
         for customer_id, fields in profiles.items():
