@@ -95,7 +95,7 @@ class CrmMetrics:
         )
         self.redis_seconds = Histogram(
             "crmstream_redis_roundtrip_seconds",
-            "Seconds per Redis round trip, by operation (load, commit, timers).",
+            "Seconds per Redis round trip, by operation (load, commit, timers, profiles).",
             ["operation"],
             buckets=_REDIS_BUCKETS,
             registry=registry,

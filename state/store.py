@@ -259,12 +259,15 @@ class StateStore:
 
     def load_profiles(self, customer_ids: list[str]) -> dict[str, dict[str, str]]:
         """The readable profile hashes of these customers, one round trip."""
+        started = time.perf_counter()
         pipe = self._client.pipeline(transaction=False)
         for customer in customer_ids:
             pipe.hgetall(self.profile_key(customer))
+        raw_profiles = pipe.execute()
+        observe_redis("profiles", started)
         return {
             c: {k.decode(): v.decode() for k, v in raw.items()}
-            for c, raw in zip(customer_ids, pipe.execute(), strict=True)
+            for c, raw in zip(customer_ids, raw_profiles, strict=True)
         }
 
     def timer_members_of(self, shard: int, customer_id: str) -> list[str]:
