@@ -165,6 +165,10 @@ class MetricsConfig(_Frozen):
     enabled: bool = True
     bind_address: str = "127.0.0.1"
     port: Annotated[int, Field(ge=0, le=65535)] = 9464
+    # Bytewax's own dataflow metrics (bytewax_*), re-served on our endpoint. They
+    # come from Bytewax's API server on this port, which listens on all
+    # interfaces (Bytewax's choice); 0 turns it off.
+    bytewax_api_port: Annotated[int, Field(ge=0, le=65535)] = 3030
 
 
 class PrivacyConfig(_Frozen):

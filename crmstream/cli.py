@@ -163,7 +163,7 @@ def run(
     """
     from crmstream.flows.crm import run_cluster_process
     from crmstream.flows.runtime import Endpoints, Runtime
-    from crmstream.metrics import serve
+    from crmstream.metrics import expose_bytewax_metrics, serve
 
     _setup_logging(verbose)
     cfg = _config(config, set_, brokers, redis_url)
@@ -175,6 +175,8 @@ def run(
         port = cfg.metrics.port + (process_id or 0) if cfg.metrics.port else 0
         bound = serve(cfg.metrics.bind_address, port)
         err_console.print(f"metrics on http://{cfg.metrics.bind_address}:{bound}/metrics")
+        if cfg.metrics.bytewax_api_port:
+            expose_bytewax_metrics(cfg.metrics.bytewax_api_port + (process_id or 0))
     runtime = Runtime(cfg, Endpoints(list(cfg.kafka.brokers), cfg.redis.url))
     run_cluster_process(
         runtime,

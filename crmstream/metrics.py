@@ -12,7 +12,14 @@ import logging
 import threading
 import time
 
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import (
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    start_http_server,
+)
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 _BATCH_BUCKETS = (1, 10, 50, 100, 250, 500, 1000, 2500, 5000, 10000)
@@ -100,6 +107,36 @@ class CrmMetrics:
             buckets=_REDIS_BUCKETS,
             registry=registry,
         )
+        self.consumer_lag = Gauge(
+            "crmstream_consumer_lag_messages",
+            "Messages between the partition's high watermark and the next offset read.",
+            ["topic", "partition"],
+            registry=registry,
+        )
+        self.watermark_lag = Gauge(
+            "crmstream_watermark_lag_seconds",
+            "Wall clock minus the shard's event-time watermark at its last step.",
+            ["shard"],
+            registry=registry,
+        )
+        self.pending_timers = Gauge(
+            "crmstream_pending_timers",
+            "Timers waiting in the shard's sorted set after its last commit.",
+            ["shard"],
+            registry=registry,
+        )
+        self.customers = Gauge(
+            "crmstream_customers",
+            "Customers with state in Redis, per shard (sum over shards for the total).",
+            ["shard"],
+            registry=registry,
+        )
+        self.timer_lateness_seconds = Histogram(
+            "crmstream_timer_lateness_seconds",
+            "Wall-clock seconds from a timer's due time to its firing (live input).",
+            buckets=_LATENCY_BUCKETS,
+            registry=registry,
+        )
         self.delivery_waits = Counter(
             "crmstream_delivery_waits_total",
             "5-second periods a flush spent waiting for the broker's acknowledgements.",
@@ -169,8 +206,59 @@ def observe_redis(operation: str, started: float) -> None:
         log.warning("Redis %s took %.1f s (consumer lag grows meanwhile)", operation, seconds)
 
 
+class BytewaxMetrics:
+    """A collector that re-serves Bytewax's own ``bytewax_*`` metrics from its API server."""
+
+    def __init__(self, port: int):
+        self._url = f"http://127.0.0.1:{port}/metrics"
+
+    def collect(self):  # prometheus_client calls this on every scrape
+        from urllib.request import urlopen
+
+        from prometheus_client.parser import text_string_to_metric_families
+
+        try:
+            with urlopen(self._url, timeout=1) as response:
+                text = response.read().decode()
+        except OSError:
+            return  # the dataflow is not running (yet): nothing to add
+        for family in text_string_to_metric_families(text):
+            if family.name.startswith("bytewax_"):
+                yield family
+
+
+class _Endpoint:
+    """What our endpoint serves: the process registry plus re-served collectors.
+
+    Bytewax's API server itself serves the process registry too, so collectors
+    that read from it must not be in that registry (each scrape would recurse).
+    """
+
+    def __init__(self) -> None:
+        self.extra: list[BytewaxMetrics] = []
+
+    def collect(self):  # prometheus_client calls this on every scrape
+        yield from REGISTRY.collect()
+        for collector in self.extra:
+            yield from collector.collect()
+
+
+_endpoint = _Endpoint()
+
+
+def expose_bytewax_metrics(port: int) -> None:
+    """Turn on Bytewax's API server on ``port`` and re-serve its metrics on ours."""
+    import os
+
+    os.environ["BYTEWAX_DATAFLOW_API_ENABLED"] = "true"
+    os.environ["BYTEWAX_DATAFLOW_API_PORT"] = str(port)
+    _endpoint.extra.append(BytewaxMetrics(port))
+
+
 def serve(bind_address: str, port: int) -> int:
     """Serve /metrics for this process; returns the bound port (``port=0`` picks one)."""
     get_metrics()
-    server, _thread = start_http_server(port, addr=bind_address, registry=REGISTRY)
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_endpoint)
+    server, _thread = start_http_server(port, addr=bind_address, registry=registry)
     return server.server_address[1]

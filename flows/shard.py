@@ -406,6 +406,9 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, dict[str, int], None]):
         mark = self._watermark.value(
             self._holds, self._live, now_ms, self._timers_cfg.idle_watermark_ms
         )
+        metrics = get_metrics()
+        if mark is not None:
+            metrics.watermark_lag.labels(str(self._shard)).set(max(0, now_ms - mark) / 1000)
         due: list[Timer] = []
         if mark is not None and mark > self._checked_until:
             due = self._rt.store.timers.due(self._shard, mark, self._timers_cfg.fire_batch)
@@ -417,7 +420,9 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, dict[str, int], None]):
                 self._commit(Changes.none(), now_ms)
             return {"events": 0, "invalid": 0, "triggers": 0, "timers": 0, "again": 0}
 
-        metrics = get_metrics()
+        if self._live:
+            for timer in due:
+                metrics.timer_lateness_seconds.observe(max(0, now_ms - timer.due_ms) / 1000)
         for bad in invalid:
             metrics.invalid_events.labels(bad.topic, bad.field or "message").inc()
             self._rt.producer.produce(
@@ -455,6 +460,7 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, dict[str, int], None]):
             changes.fired,
             changes.erase,
             atomic=self._exactly_once,
+            customers_delta=changes.customers_delta,
         )
         self._progress.update(self._unsaved)
         self._unsaved = {}
@@ -559,7 +565,9 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, dict[str, int], None]):
             if c in touched
         }
         erase = self._erase(erased, states, profiles, plan, now_ms)
-        return Changes(states, profiles, plan, fired, triggers, erase)
+        delta = sum(blobs[index[c]] is None for c in states)
+        delta -= sum(blobs[index[c]] is not None for c in erased)
+        return Changes(states, profiles, plan, fired, triggers, erase, delta)
 
     def _policy(
         self,
@@ -781,6 +789,7 @@ class Changes(NamedTuple):
     fired: list[str]
     triggers: list[dict[str, Any]]
     erase: list[tuple[str, list[str], dict[str, str], int, int]]
+    customers_delta: int = 0  # new customers minus erased ones
 
     @classmethod
     def none(cls) -> Changes:

@@ -100,6 +100,8 @@ class _KafkaPartition(StatefulSourcePartition[RawMessage, int]):
         self._ended = False
         self._last_data = time.monotonic()
         self._stalled = False
+        self._lag_checked = 0.0
+        self._lag = get_metrics().consumer_lag.labels(topic, str(partition))
 
     def next_batch(self) -> list[RawMessage]:
         if self._ended:
@@ -138,6 +140,7 @@ class _KafkaPartition(StatefulSourcePartition[RawMessage, int]):
                 )
             )
         self._watch_stall(bool(batch))
+        self._report_lag()
         if batch:
             self._next_offset = batch[-1].offset + 1
             self._reported_end = False  # new data: report the end again when reached
@@ -155,6 +158,17 @@ class _KafkaPartition(StatefulSourcePartition[RawMessage, int]):
             self._ended = True  # emit nothing more; StopIteration on the next call
         self._idle = not batch
         return batch
+
+    def _report_lag(self) -> None:
+        """Consumer lag from the high watermark of the last fetch response, once a second."""
+        now = time.monotonic()
+        if now - self._lag_checked < 1.0:
+            return
+        self._lag_checked = now
+        tp = TopicPartition(self._topic, self._partition)
+        _low, high = self._consumer.get_watermark_offsets(tp, cached=True)
+        if high >= 0:
+            self._lag.set(max(0, high - self._next_offset))
 
     def _watch_stall(self, got_data: bool) -> None:
         """Say so when a partition not yet read to its end delivers nothing for a while."""

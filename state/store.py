@@ -214,6 +214,7 @@ class StateStore:
         fired: list[str] = (),
         erase: list[tuple[str, list[str], dict[str, str], int, int]] = (),
         atomic: bool = True,
+        customers_delta: int = 0,
     ) -> None:
         """Write states, profiles, timers and the shard's progress in one MULTI/EXEC.
 
@@ -221,6 +222,8 @@ class StateStore:
         that fired and was scheduled again in the same step stays scheduled.
         ``erase`` holds (customer, timer members, audit entry): every key and
         timer of the customer goes, and the audit stream gets the entry.
+        ``customers_delta`` (new customers minus erased ones) keeps the shard's
+        customer count; it and the shard's pending timers feed two gauges.
         """
         started = time.perf_counter()
         pipe = self._client.pipeline(transaction=atomic)
@@ -254,8 +257,16 @@ class StateStore:
                 self.progress_key(shard),
                 mapping={f"{t}|{p}": rec.encode() for (t, p), rec in progress.items()},
             )
-        pipe.execute()
+        pipe.hincrby(self.customers_key(), str(shard), customers_delta)
+        pipe.zcard(timers_key)
+        *_, customers, pending = pipe.execute()
         observe_redis("commit", started)
+        metrics = get_metrics()
+        metrics.customers.labels(str(shard)).set(customers)
+        metrics.pending_timers.labels(str(shard)).set(pending)
+
+    def customers_key(self) -> str:
+        return f"{self._prefix}:customers"
 
     def load_profiles(self, customer_ids: list[str]) -> dict[str, dict[str, str]]:
         """The readable profile hashes of these customers, one round trip."""
