@@ -102,6 +102,9 @@ class KafkaConfig(_Frozen):
 
 class RedisConfig(_Frozen):
     url: str | None = None
+    # Redis Cluster: url names any node. Each customer's keys share a slot ({id}
+    # hash tag); a shard's commit is then per-customer atomic (docs/guarantees.md).
+    cluster: bool = False
     # AUTH: an ACL user (Redis 6+) or just the password (requirepass). Prefer
     # ${env:NAME} or ${file:/run/secrets/...} to a literal password.
     username: str | None = None

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import redis
 from redis.backoff import ExponentialWithJitterBackoff
+from redis.cluster import RedisCluster
 from redis.exceptions import AuthorizationError
 from redis.retry import Retry
 
@@ -122,14 +123,16 @@ def connect(url: str, config: RedisConfig) -> redis.Redis:
         ):
             if path:
                 auth[option] = path
-    client = redis.Redis.from_url(
-        url,
+    options: dict[str, object] = {
         **auth,
-        socket_timeout=config.socket_timeout_seconds,
-        socket_connect_timeout=config.socket_timeout_seconds,
-        retry=retry,
-        health_check_interval=30,
-    )
+        "socket_timeout": config.socket_timeout_seconds,
+        "socket_connect_timeout": config.socket_timeout_seconds,
+        "retry": retry,
+    }
+    if config.cluster:  # any node's address: the client discovers the others
+        client = RedisCluster.from_url(url, **options)
+    else:
+        client = redis.Redis.from_url(url, **options, health_check_interval=30)
     try:
         client.ping()
     except (redis.AuthenticationError, AuthorizationError) as exc:
@@ -153,6 +156,9 @@ class StateStore:
         self._client = client
         self._prefix = prefix
         self._salt = salt.encode()[:64]
+        # Redis Cluster: no multi-key commands across slots, no MULTI/EXEC across
+        # customers; each customer's keys share a slot through the {customer} tag.
+        self._cluster = isinstance(client, RedisCluster)
         self.timers = TimerStore(client, prefix)
         # Erasure tombstones (customer -> erasure event time) seen by the last load_states.
         self.last_tombstones: dict[str, int] = {}
@@ -182,11 +188,22 @@ class StateStore:
             return [], {}
         started = time.perf_counter()
         pipe = self._client.pipeline(transaction=False)
-        pipe.mget([self.state_key(c) for c in customer_ids])
-        pipe.mget([self.tombstone_key(c) for c in customer_ids])
+        n = len(customer_ids)
+        if self._cluster:
+            for key in [self.state_key(c) for c in customer_ids]:
+                pipe.get(key)
+            for key in [self.tombstone_key(c) for c in customer_ids]:
+                pipe.get(key)
+        else:
+            pipe.mget([self.state_key(c) for c in customer_ids])
+            pipe.mget([self.tombstone_key(c) for c in customer_ids])
         for customer in with_promises:
             pipe.hgetall(self.promises_key(customer))
-        blobs, tombs, *raw = pipe.execute()
+        results = pipe.execute()
+        if self._cluster:
+            blobs, tombs, raw = results[:n], results[n : 2 * n], results[2 * n :]
+        else:
+            (blobs, tombs), raw = results[:2], results[2:]
         observe_redis("load", started)
         promises = {
             c: {k.decode(): int(v) for k, v in orders.items()}
@@ -226,8 +243,12 @@ class StateStore:
         customer count; it and the shard's pending timers feed two gauges.
         """
         started = time.perf_counter()
+        atomic = atomic and not self._cluster
         pipe = self._client.pipeline(transaction=atomic)
-        if states:
+        if self._cluster:
+            for customer, blob in states.items():
+                pipe.set(self.state_key(customer), blob)
+        elif states:
             pipe.mset({self.state_key(c): blob for c, blob in states.items()})
         for customer_id, fields in profiles.items():
             if fields:
@@ -252,14 +273,20 @@ class StateStore:
                 pipe.zrem(timers_key, *members)
             pipe.xadd(self.audit_key(), audit)
             pipe.set(self.tombstone_key(customer), tombstone_ms, ex=ttl_s)
+        pipe.hincrby(self.customers_key(), str(shard), customers_delta)
+        pipe.zcard(timers_key)
+        if not atomic:  # progress only after the state it covers is written
+            *_, customers, pending = pipe.execute()
+            pipe = self._client.pipeline(transaction=False)
         if progress:
             pipe.hset(
                 self.progress_key(shard),
                 mapping={f"{t}|{p}": rec.encode() for (t, p), rec in progress.items()},
             )
-        pipe.hincrby(self.customers_key(), str(shard), customers_delta)
-        pipe.zcard(timers_key)
-        *_, customers, pending = pipe.execute()
+        if atomic:
+            *_, customers, pending = pipe.execute()
+        elif progress:
+            pipe.execute()
         observe_redis("commit", started)
         metrics = get_metrics()
         metrics.customers.labels(str(shard)).set(customers)
