@@ -8,6 +8,7 @@ traceback.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 from datetime import UTC, datetime
@@ -400,6 +401,68 @@ def replay(
                 console.print_json(
                     data={k: view[k] for k in ("customer_id", "as_of", "bgnbd", "rfm", "lifecycle")}
                 )
+
+
+@app.command()
+def triggers(
+    follow: Annotated[
+        bool, typer.Option("--follow", "-f", help="Keep the table live as triggers arrive.")
+    ] = False,
+    trigger_type: Annotated[
+        list[str] | None, typer.Option("--type", "-t", help="Only this trigger type (repeatable).")
+    ] = None,
+    customer: Annotated[str | None, typer.Option(help="Only this customer id.")] = None,
+    last: Annotated[int, typer.Option(help="Rows to show.")] = 20,
+    limit: Annotated[
+        int | None, typer.Option(help="Stop after this many matching triggers.")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON record per line.")] = False,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    brokers: BrokersOpt = None,
+) -> None:
+    """Show the latest triggers on the trigger topic as a table; --follow tails it live.
+
+    Reads with no consumer group, so subscribers' offsets are untouched.
+
+    Example: crmstream triggers --brokers kafka:9092 --follow --type cart_abandoned
+
+      crmstream triggers --brokers kafka:9092 --customer c000123 --json
+    """
+    from crmstream.ops import tail_triggers
+
+    cfg = _config(config, set_, brokers)
+    if not cfg.kafka.brokers:
+        raise _fail("triggers needs kafka.brokers (--brokers host:port)")
+    known = set(cfg.rules.model_fields)
+    unknown = sorted(set(trigger_type or []) - known)
+    if unknown:
+        raise _fail(f"unknown trigger type(s) {unknown}; known: {sorted(known)}")
+    with contextlib.suppress(KeyboardInterrupt):
+        tail_triggers(
+            cfg, console, follow, list(trigger_type or []), customer, last, limit, as_json
+        )
+
+
+@app.command()
+def explain(
+    trigger_id: Annotated[str, typer.Argument(help="The trigger_id of a trigger or suppression.")],
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    brokers: BrokersOpt = None,
+) -> None:
+    """Why a trigger fired (rule, values against thresholds, causal event, delivery), or
+    which policy suppressed it and why. Exit code 1 when the id is not found.
+
+    Example: crmstream explain 3f9c0a... --brokers kafka:9092
+    """
+    from crmstream.ops import explain as explain_trigger
+
+    cfg = _config(config, set_, brokers)
+    if not cfg.kafka.brokers:
+        raise _fail("explain needs kafka.brokers (--brokers host:port)")
+    if not explain_trigger(cfg, trigger_id, console):
+        raise typer.Exit(1)
 
 
 @topics_app.command("create")

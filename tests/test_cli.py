@@ -14,7 +14,7 @@ import orjson
 import pytest
 
 from crmstream.config.schema import TopicsConfig
-from tests.conftest import read_topic
+from tests.conftest import read_topic, run_flow
 
 pytestmark = pytest.mark.integration
 CLI = [sys.executable, "-m", "crmstream"]
@@ -46,13 +46,18 @@ def _stack_ports(output: str) -> list[int]:
 
 def test_help_lists_every_command_with_examples():
     out = crm("--help").stdout
-    for command in ("demo", "run", "generate", "profile", "topics", "config"):
+    for command in (
+        "demo", "run", "generate", "profile", "replay", "triggers", "explain", "topics", "config"
+    ):  # fmt: skip
         assert command in out
     for command in (
         ["demo"],
         ["run"],
         ["generate"],
         ["profile"],
+        ["replay"],
+        ["triggers"],
+        ["explain"],
         ["topics", "create"],
         ["config", "show"],
         ["config", "validate"],
@@ -229,3 +234,76 @@ def test_generate_to_a_file_and_replay_it_with_progress(isolated_config, stack, 
     assert read_topic(stack, config.kafka.topics.triggers)
     missing = crm("replay", str(tmp_path / "nope.jsonl"))
     assert missing.returncode == 2 and "no such replay file" in missing.stderr
+
+
+def test_triggers_table_filters_and_follow_and_explain(isolated_config, script, stack):
+    """`triggers` shows (and `--follow` tails) the trigger topic; `explain` says why."""
+    config = isolated_config()
+    s = script(config)
+    for customer in ("ta", "tb"):
+        for i in range(3):
+            s.view(customer, "garden", i)
+    s.flush()
+    run_flow(config, stack)
+    sent = read_topic(stack, config.kafka.topics.triggers)
+    assert len(sent) == 2
+    brokers = ",".join(stack.brokers)
+    sets = []
+    for role in TopicsConfig.model_fields:
+        sets += ["--set", f"kafka.topics.{role}={getattr(config.kafka.topics, role)}"]
+
+    table = crm("triggers", "--brokers", brokers, "--customer", "tb", *sets)
+    assert table.returncode == 0, table.stderr
+    assert "tb" in table.stdout and "browse_interest" in table.stdout
+    assert "│ ta " not in table.stdout
+    as_json = crm("triggers", "--brokers", brokers, "--json", "--type", "browse_interest", *sets)
+    assert sorted(orjson.loads(line)["customer_id"] for line in as_json.stdout.splitlines()) == [
+        "ta",
+        "tb",
+    ]
+    bad = crm("triggers", "--brokers", brokers, "--type", "nope", *sets)
+    assert bad.returncode == 2 and "unknown trigger type(s) ['nope']" in bad.stderr
+
+    # --follow: a trigger produced after the tail started shows up in the live table
+    follower = subprocess.Popen(
+        [*CLI, "triggers", "--brokers", brokers, "--follow", "--json", "--limit", "3", *sets],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+    time.sleep(3)
+    for i in range(3):
+        s.view("tc", "garden", 10 + i)
+    s.flush()
+    run_flow(config, stack)
+    out, err = follower.communicate(timeout=60)
+    assert follower.returncode == 0, err
+    assert [orjson.loads(line)["customer_id"] for line in out.splitlines()][-1] == "tc"
+
+    record = sent[0]
+    why = crm("explain", record["trigger_id"], "--brokers", brokers, *sets)
+    assert why.returncode == 0, why.stderr
+    assert "browse_interest" in why.stdout and "SENT" in why.stdout
+    assert "consecutive_views" in why.stdout and record["causal_event_id"] in why.stdout
+    missing = crm("explain", "0" * 32, "--brokers", brokers, *sets)
+    assert missing.returncode == 1 and "no trigger or suppression" in missing.stdout
+
+
+def test_explain_names_the_policy_that_suppressed_a_trigger(isolated_config, script, stack):
+    from tests.test_policies import TEN_AM, H, _views
+
+    config = isolated_config(policies=True)
+    s = script(config)
+    _views(s, "cal", "beauty", TEN_AM)
+    _views(s, "cal", "shoes", TEN_AM + 2 * H)  # cooling down: suppressed
+    s.flush()
+    run_flow(config, stack)
+    (stopped,) = read_topic(stack, config.kafka.topics.suppressions)
+    sets = []
+    for role in TopicsConfig.model_fields:
+        sets += ["--set", f"kafka.topics.{role}={getattr(config.kafka.topics, role)}"]
+    why = crm("explain", stopped["trigger_id"], "--brokers", ",".join(stack.brokers), *sets)
+    assert why.returncode == 0, why.stderr
+    assert "SUPPRESSED by policy cooldown" in why.stdout
+    assert "shoes" in why.stdout  # the candidate's values
