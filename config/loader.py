@@ -109,8 +109,11 @@ def load_config(
         raise ConfigError(f"config file {source!r} is not valid YAML: {exc}") from exc
     if not isinstance(tree, dict):
         raise ConfigError(f"config file {source!r} must be a mapping, got {type(tree).__name__}")
-
     origin: dict[str, str] = {}
+    if path is not None:  # a file overrides the embedded default key by key
+        origin = {dotted: source for dotted in _leaves(tree)}
+        tree = _merged(yaml.safe_load(default_config_text()), tree)
+        source = "embedded default config"
     for dotted, raw in _env_overrides(env).items():
         _set_dotted(tree, dotted, _parse_scalar(raw))
         origin[dotted] = f"env {ENV_PREFIX}{dotted.upper().replace('.', '__')}"
@@ -126,6 +129,26 @@ def load_config(
         return CrmConfig.model_validate(tree)
     except ValidationError as exc:
         raise ConfigError(_describe(exc, tree, source, origin)) from None
+
+
+def _merged(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    """``base`` with ``over`` laid on top; mappings merge, everything else replaces."""
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = _merged(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _leaves(tree: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """Dotted names of every value in a mapping tree (for error messages' "from ...")."""
+    names = []
+    for key, value in tree.items():
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        names += _leaves(value, dotted) if isinstance(value, Mapping) and value else [dotted]
+    return names
 
 
 def _resolve_references(
@@ -164,6 +187,9 @@ def _describe(
         loc = [p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-"))]
         dotted = ".".join(str(p) for p in loc) or "<root>"
         value = "***" if _SECRET_KEY.search(dotted) else _get_dotted(tree, loc)
+        if not loc:  # a check across sections: the message names what is wrong
+            lines.append(f"  {err['msg'].removeprefix('Value error, ')} (from {source})")
+            continue
         where = next(
             (origin[k] for k in sorted(origin, key=len, reverse=True) if dotted.startswith(k)),
             source,

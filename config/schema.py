@@ -172,6 +172,9 @@ class MetricsConfig(_Frozen):
     # come from Bytewax's API server on this port, which listens on all
     # interfaces (Bytewax's choice); 0 turns it off.
     bytewax_api_port: Annotated[int, Field(ge=0, le=65535)] = 3030
+    # Process i of a cluster serves on port + i (processes sharing one host).
+    # false: every process on the same port (one process per pod/host).
+    offset_by_process: bool = True
 
 
 class PrivacyConfig(_Frozen):

@@ -173,11 +173,12 @@ def run(
             "run needs kafka.brokers and redis.url (or use `crmstream demo` for an embedded stack)"
         )
     if cfg.metrics.enabled:
-        port = cfg.metrics.port + (process_id or 0) if cfg.metrics.port else 0
+        offset = (process_id or 0) if cfg.metrics.offset_by_process else 0
+        port = cfg.metrics.port + offset if cfg.metrics.port else 0
         bound = serve(cfg.metrics.bind_address, port)
         err_console.print(f"metrics on http://{cfg.metrics.bind_address}:{bound}/metrics")
         if cfg.metrics.bytewax_api_port:
-            expose_bytewax_metrics(cfg.metrics.bytewax_api_port + (process_id or 0))
+            expose_bytewax_metrics(cfg.metrics.bytewax_api_port + offset)
     runtime = Runtime(cfg, Endpoints(list(cfg.kafka.brokers), cfg.redis.url))
     run_cluster_process(
         runtime,

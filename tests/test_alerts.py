@@ -49,3 +49,39 @@ def test_every_alert_is_unit_tested_and_has_a_runbook_entry():
         assert rule["alert"] in tested, f"{rule['alert']} has no firing unit test"
         anchor = rule["annotations"]["runbook"].split("#")[1]
         assert f"### {rule['alert'].lower()}" in runbook, f"no runbook entry for {anchor}"
+
+
+def test_every_metric_is_in_the_catalogue():
+    from crmstream.metrics import get_metrics
+
+    catalogue = (RULES.parent.parent / "docs" / "metrics.md").read_text()
+    for metric in vars(get_metrics()).values():
+        name = metric._name + ("_total" if type(metric).__name__ == "Counter" else "")
+        assert f"`{name}`" in catalogue, f"{name} is not in docs/metrics.md"
+
+
+DASHBOARD = RULES.parent / "grafana" / "crmstream.json"
+
+
+@needs_promtool
+def test_dashboard_queries_are_valid_promql_over_catalogued_metrics(tmp_path):
+    import json
+    import re
+
+    panels = json.loads(DASHBOARD.read_text())["panels"]
+    exprs = [t["expr"].replace("$job", ".+") for p in panels for t in p["targets"]]
+    rules = {"groups": [{"name": "dashboard", "rules": [
+        {"record": f"dashboard:panel{i}", "expr": e} for i, e in enumerate(exprs)
+    ]}]}  # fmt: skip
+    path = tmp_path / "dashboard_rules.yml"
+    path.write_text(yaml.safe_dump(rules))
+    out = subprocess.run([PROMTOOL, "check", "rules", str(path)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+    catalogue = (RULES.parent.parent / "docs" / "metrics.md").read_text()
+    titles = {p["title"] for p in panels}
+    for want in ("Throughput", "Consumer lag by topic", "Latency", "Triggers by type",
+                 "Suppressions by policy", "Dead letters by field", "State size"):  # fmt: skip
+        assert want in titles
+    for name in set(re.findall(r"\b(crmstream_[a-z_]+)", " ".join(exprs))):
+        base = re.sub(r"_(bucket|sum|count)$", "", name)
+        assert f"`{base}`" in catalogue, f"dashboard uses {name}, not in docs/metrics.md"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from crmstream.config import ConfigError, load_config, mask_secrets
@@ -19,7 +21,9 @@ def test_embedded_default_holds_the_business_defaults():
 
 def test_env_then_flags_override_the_file(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text("taxonomy: {categories: [a, b]}\nprocessing: {shards: 4}\n")
+    path.write_text(
+        "taxonomy: {categories: [a, b]}\npolicies: {seasons: []}\nprocessing: {shards: 4}\n"
+    )
     config = load_config(
         path,
         ["processing.shards=16"],
@@ -80,3 +84,17 @@ def test_secrets_are_masked():
     masked = str(mask_secrets(dump))
     assert "hunter2" not in masked
     assert "'acks': 'all'" in masked
+
+
+def test_a_config_file_overrides_the_default_key_by_key(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("processing: {shards: 4}\nrules: {browse_interest: {consecutive_views: 5}}\n")
+    config = load_config(path, env={})
+    assert config.processing.shards == 4
+    assert config.rules.browse_interest.consecutive_views == 5
+    assert config.rules.browse_interest.cooldown_hours == 24  # from the default
+    assert config.processing.step_ms == 1000
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("processing: {shards: 0}\n")
+    with pytest.raises(ConfigError, match=rf"processing.shards = 0 \(from {re.escape(str(bad))}\)"):
+        load_config(bad, env={})
