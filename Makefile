@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 ARGS   ?=
 
-.PHONY: setup demo test test-fast bench bench-state bench-timers bench-smoke lint clean
+.PHONY: setup demo test test-fast bench bench-all bench-state bench-timers bench-smoke lint clean
 
 SYSTEM_STAMP := $(VENV)/.system-stamp
 
@@ -54,8 +54,11 @@ bench-timers: setup  ## timer firing throughput with 1M pending timers
 bench-state: setup  ## kernels compiled vs interpreted; Redis bytes per customer
 	$(BIN)/python -m crmstream.bench.state_bench $(ARGS)
 
+bench-all: setup  ## crmstream vs ceiling, naive baseline and Quix Streams; 100k and 1M customers; table + PNG
+	$(BIN)/python -m crmstream.bench.harness $(ARGS)
+
 bench-smoke: setup
-	$(BIN)/python -m crmstream.bench.flow_bench --events 20000
+	$(BIN)/python -m crmstream.bench.harness --smoke
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .venv-quix .pytest_cache .ruff_cache .hypothesis

@@ -1,0 +1,725 @@
+"""The benchmark harness: crmstream against its ceiling, a naive baseline and Quix Streams.
+
+One command (``make bench-all``, or ``python -m crmstream.bench.harness``)
+writes one recorded shop workload to the input topics, then every contender
+reads that same topic on the same broker and Redis, one after another:
+
+1. ceiling: a raw confluent-kafka consume + orjson parse loop, as many
+   processes as crmstream uses;
+2. crmstream: the full flow (state model, triggers, policies), 1 process and
+   2 processes (Bytewax ``-i``/``-a``);
+3. naive: the tutorial-style Bytewax flow (``bench/naive.py``): ``key_on`` and a
+   per-event stateful step doing one Redis GET and one SET per event;
+4. Quix Streams (``bench/quix_job.py``) in its own virtualenv ``.venv-quix``.
+
+For each: events/s and the ratio to the ceiling, peak RSS per process, state
+bytes per customer; then p50/p99 event-to-trigger latency with the contender
+tailing live input offered at 25/50/75 % of crmstream's measured maximum.
+Writes ``<out>/harness.json``, ``<out>/harness.png`` and prints a table. Every
+figure is a ratio within one run; the machine is shared and noisy.
+``--smoke`` runs everything on a tiny input to keep the harness working (CI).
+
+Each contender also runs as ``python -m crmstream.bench.harness <role> ...``
+(a child process that prints one JSON line), so the harness can measure its
+resident memory and run several at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+ROOT = Path(__file__).resolve().parent.parent
+QUIX_VENV = ROOT / ".venv-quix"
+QUIX_VERSION = "3.28.1"
+
+
+# ---------------------------------------------------------------- child roles
+
+
+def role_ceiling(args: argparse.Namespace) -> dict[str, Any]:
+    """Consume + parse the input partitions with index % of == part; nothing else."""
+    from confluent_kafka import Consumer, KafkaError, TopicPartition
+
+    consumer = Consumer(
+        {
+            "bootstrap.servers": args.brokers,
+            "group.id": "bench-ceiling",
+            "enable.auto.commit": False,
+            "enable.partition.eof": True,
+            "fetch.wait.max.ms": 50,
+        }
+    )
+    parts = []
+    for topic in args.topics.split(","):
+        meta = consumer.list_topics(topic, timeout=30).topics[topic]
+        parts += [TopicPartition(topic, p, 0) for p in sorted(meta.partitions)]
+    parts = [p for i, p in enumerate(parts) if i % args.of == args.part]
+    consumer.assign(parts)
+    remaining, count = len(parts), 0
+    started = time.perf_counter()
+    while remaining:
+        for msg in consumer.consume(2000, 0.5):
+            err = msg.error()
+            if err is not None:
+                if err.code() == KafkaError._PARTITION_EOF:
+                    remaining -= 1
+                continue
+            try:  # noqa: SIM105 - a context manager per message would slow the ceiling
+                orjson.loads(msg.value())
+            except orjson.JSONDecodeError:
+                pass
+            count += 1
+    seconds = time.perf_counter() - started
+    consumer.close()
+    return {"events": count, "seconds": seconds}
+
+
+def role_crmstream(args: argparse.Namespace) -> dict[str, Any]:
+    """One crmstream process of ``args.of``, timed from after the kernels are loaded."""
+    from crmstream.config import load_config
+    from crmstream.flows.crm import run_cluster_process
+    from crmstream.flows.runtime import Endpoints, Runtime
+    from crmstream.metrics import counter_total, get_metrics
+    from crmstream.operators.kernels import warm_up
+
+    sets = orjson.loads(args.sets)
+    config = load_config(None, sets, env={})
+    warm_up(config)
+    runtime = Runtime(config, Endpoints(args.brokers.split(","), args.redis_url))
+    addresses = args.addresses.split(",") if args.of > 1 else None
+    metrics = get_metrics()
+    started = time.perf_counter()
+    run_cluster_process(runtime, 1, args.part if args.of > 1 else None, addresses, tail=args.tail)
+    seconds = time.perf_counter() - started
+    runtime.close()
+    handled = counter_total(metrics.events_in, metrics.invalid_events, metrics.skipped_events)
+    return {"events": int(handled), "seconds": seconds}
+
+
+def _child_main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="harness child")
+    parser.add_argument("role", choices=["ceiling", "crmstream"])
+    parser.add_argument("--brokers", required=True)
+    parser.add_argument("--topics", default="")
+    parser.add_argument("--redis-url", default="")
+    parser.add_argument("--sets", default="[]")
+    parser.add_argument("--part", type=int, default=0)
+    parser.add_argument("--of", type=int, default=1)
+    parser.add_argument("--addresses", default="")
+    parser.add_argument("--tail", action="store_true")
+    args = parser.parse_args(argv)
+    result = role_ceiling(args) if args.role == "ceiling" else role_crmstream(args)
+    sys.stdout.write(orjson.dumps(result).decode() + "\n")
+
+
+# ---------------------------------------------------------------- measuring
+
+
+@dataclass
+class Child:
+    """A contender process: its JSON report and its peak resident memory."""
+
+    cmd: list[str]
+    proc: subprocess.Popen[str] | None = None
+    peak_rss_mb: float = 0.0
+    _watch: threading.Thread | None = None
+    log: list[str] = field(default_factory=list)
+
+    def start(self) -> Child:
+        self.proc = subprocess.Popen(
+            self.cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT
+        )
+        self._watch = threading.Thread(target=self._rss, daemon=True)
+        self._watch.start()
+        return self
+
+    def _rss(self) -> None:
+        assert self.proc is not None
+        status = Path(f"/proc/{self.proc.pid}/status")
+        while self.proc.poll() is None:
+            try:
+                for line in status.read_text().splitlines():
+                    if line.startswith("VmHWM:"):  # the kernel's own peak RSS
+                        self.peak_rss_mb = max(self.peak_rss_mb, int(line.split()[1]) / 1024)
+            except OSError:
+                return
+            time.sleep(0.2)
+
+    def wait(self, timeout: float) -> dict[str, Any]:
+        assert self.proc is not None
+        out, err = self.proc.communicate(timeout=timeout)
+        if self.proc.returncode != 0:
+            raise RuntimeError(f"{self.cmd[:4]} failed ({self.proc.returncode}): {err[-3000:]}")
+        return orjson.loads(out.strip().splitlines()[-1])
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.communicate(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.communicate()
+
+
+def _me(*args: str) -> list[str]:
+    return [sys.executable, "-m", "crmstream.bench.harness", *args]
+
+
+def ensure_quix_venv(log: Any) -> Path | None:
+    """``.venv-quix`` with quixstreams (it pins confluent-kafka below crmstream's)."""
+    python = QUIX_VENV / "bin" / "python"
+    if python.exists():
+        return python
+    log(f"creating {QUIX_VENV.name} with quixstreams {QUIX_VERSION} ...")
+    try:
+        subprocess.run([sys.executable, "-m", "venv", str(QUIX_VENV)], check=True)
+        subprocess.run(
+            [str(python), "-m", "pip", "install", "--quiet", f"quixstreams=={QUIX_VERSION}"],
+            check=True,
+            timeout=600,
+        )
+    except (subprocess.SubprocessError, OSError) as exc:
+        log(f"[red]cannot install quixstreams: {exc}; Quix is left out[/]")
+        return None
+    return python
+
+
+@dataclass
+class Result:
+    name: str
+    processes: int
+    events: int
+    seconds: float
+    peak_rss_mb: list[float]
+    state_bytes_per_customer: float | None = None
+
+    @property
+    def rate(self) -> float:
+        return self.events / self.seconds if self.seconds > 0 else 0.0
+
+
+class Harness:
+    def __init__(self, args: argparse.Namespace):
+        from rich.console import Console
+
+        self.args = args
+        self.console = Console()
+        self.results: dict[str, Any] = {"runs": []}
+
+    def log(self, text: str) -> None:
+        self.console.print(text)
+
+    def run(self) -> None:
+        from crmstream.config import load_config
+        from crmstream.embedded import EmbeddedStack
+
+        config = load_config(None, [f"kafka.partitions={self.args.partitions}"], env={})
+        quix = ensure_quix_venv(self.log) if not self.args.no_quix else None
+        with EmbeddedStack(config) as stack:
+            assert stack.endpoints is not None
+            for customers in self.args.customers:
+                self.results["runs"].append(self.one_size(stack.endpoints, customers, quix))
+        self.results["machine"] = f"{platform.machine()}, {os.cpu_count()} cores, Python " + (
+            platform.python_version()
+        )
+        self.write()
+
+    # one workload size ----------------------------------------------------
+
+    def one_size(self, endpoints: Any, customers: int, quix: Path | None) -> dict[str, Any]:
+        import redis
+
+        from crmstream.bench.workload import Workload, WorkloadSpec, publish
+        from crmstream.config import load_config
+        from crmstream.topics import create_topics
+
+        tag = f"h{customers}"
+        events = self.args.events or customers * 2
+        base = [f"kafka.partitions={self.args.partitions}"]
+        inputs = [
+            f"kafka.topics.{r}={tag}.{r}"
+            for r in ("clickstream", "orders", "customers", "feedback")
+        ]
+        config = load_config(None, base + inputs, env={})
+        create_topics(endpoints.brokers, config)
+        self.log(f"[bold]{customers:,} customers[/]: writing {events:,} events ...")
+        publish(
+            endpoints.brokers,
+            config,
+            Workload(config, WorkloadSpec(customers=customers)),
+            max_events=events,
+        )
+        brokers = ",".join(endpoints.brokers)
+        topics = ",".join(config.kafka.topics.inputs)
+        client = redis.Redis.from_url(endpoints.redis_url)
+        out: dict[str, Any] = {"customers": customers, "events": events, "contenders": []}
+
+        def sets_for(name: str) -> list[str]:
+            return (
+                base
+                + inputs
+                + [
+                    f"kafka.topics.triggers={tag}.{name}.triggers",
+                    f"kafka.topics.suppressions={tag}.{name}.suppressions",
+                    f"kafka.topics.dead_letter={tag}.{name}.dead-letter",
+                    f"redis.key_prefix={tag}{name}",
+                    "metrics.enabled=false",
+                ]
+            )
+
+        def ceiling(n: int) -> Result:
+            children = [
+                Child(
+                    _me(
+                        "ceiling",
+                        "--brokers",
+                        brokers,
+                        "--topics",
+                        topics,
+                        "--part",
+                        str(i),
+                        "--of",
+                        str(n),
+                    )
+                ).start()
+                for i in range(n)
+            ]
+            reports = [c.wait(3600) for c in children]
+            return Result(
+                f"ceiling ({n} proc)",
+                n,
+                sum(r["events"] for r in reports),
+                max(r["seconds"] for r in reports),
+                [c.peak_rss_mb for c in children],
+            )
+
+        def crm(n: int) -> Result:
+            name = f"crm{n}"
+            sets = sets_for(name)
+            create_topics(endpoints.brokers, load_config(None, sets, env={}))
+            before = int(client.info("memory")["used_memory"])
+            from crmstream.embedded import free_port
+
+            addresses = ",".join(f"127.0.0.1:{free_port()}" for _ in range(n))
+            children = [
+                Child(
+                    _me(
+                        "crmstream",
+                        "--brokers",
+                        brokers,
+                        "--redis-url",
+                        endpoints.redis_url,
+                        "--sets",
+                        orjson.dumps(sets).decode(),
+                        "--part",
+                        str(i),
+                        "--of",
+                        str(n),
+                        "--addresses",
+                        addresses,
+                    )
+                ).start()
+                for i in range(n)
+            ]
+            reports = [c.wait(3600) for c in children]
+            used = int(client.info("memory")["used_memory"]) - before
+            states = sum(int(v) for v in client.hgetall(f"{tag}{name}:customers").values())
+            return Result(
+                f"crmstream ({n} proc)",
+                n,
+                sum(r["events"] for r in reports),
+                max(r["seconds"] for r in reports),
+                [c.peak_rss_mb for c in children],
+                used / max(states, 1),
+            )
+
+        def naive() -> Result:
+            sets = sets_for("naive")
+            create_topics(endpoints.brokers, load_config(None, sets, env={}))
+            before = int(client.info("memory")["used_memory"])
+            child = Child(
+                [
+                    sys.executable,
+                    "-m",
+                    "crmstream.bench.naive",
+                    "--brokers",
+                    brokers,
+                    "--redis-url",
+                    endpoints.redis_url,
+                    "--topics",
+                    topics,
+                    "--triggers",
+                    f"{tag}.naive.triggers",
+                    "--prefix",
+                    f"{tag}naive",
+                ]
+            ).start()
+            report = child.wait(7200)
+            used = int(client.info("memory")["used_memory"]) - before
+            keys = sum(1 for _ in client.scan_iter(match=f"{tag}naive:*", count=5000))
+            return Result(
+                "naive (1 proc)",
+                1,
+                report["events"],
+                report["seconds"],
+                [child.peak_rss_mb],
+                used / max(keys, 1),
+            )
+
+        def quix_run(python: Path) -> Result:
+            sets = sets_for("quix")
+            create_topics(endpoints.brokers, load_config(None, sets, env={}))
+            state = Path(self.args.out) / f"quix-state-{tag}"
+            child = Child(
+                [
+                    str(python),
+                    str(ROOT / "bench" / "quix_job.py"),
+                    "--brokers",
+                    brokers,
+                    "--topics",
+                    topics,
+                    "--triggers",
+                    f"{tag}.quix.triggers",
+                    "--state-dir",
+                    str(state),
+                    "--group",
+                    f"{tag}-quix",
+                    "--partitions",
+                    str(self.args.partitions),
+                ]
+            ).start()
+            report = child.wait(7200)
+            size = sum(f.stat().st_size for f in state.rglob("*") if f.is_file())
+            return Result(
+                "Quix Streams (1 proc)",
+                1,
+                report["events"],
+                report["seconds"],
+                [child.peak_rss_mb],
+                size / customers,
+            )
+
+        runs: list[Result] = []
+        for label, fn in (
+            ("ceiling, 1 process", lambda: ceiling(1)),
+            ("crmstream, 1 process", lambda: crm(1)),
+            ("ceiling, 2 processes", lambda: ceiling(2)),
+            ("crmstream, 2 processes", lambda: crm(2)),
+            ("naive baseline", naive),
+        ):
+            self.log(f"  {label} ...")
+            runs.append(fn())
+        if quix is not None:
+            self.log("  Quix Streams ...")
+            runs.append(quix_run(quix))
+        ceiling1, crm1, ceiling2, crm2 = runs[:4]
+        for r in runs:
+            ref = ceiling2 if r.processes == 2 else ceiling1
+            out["contenders"].append(
+                {
+                    "name": r.name,
+                    "processes": r.processes,
+                    "events": r.events,
+                    "seconds": round(r.seconds, 3),
+                    "events_per_s": round(r.rate),
+                    "ratio_to_ceiling": round(r.rate / ref.rate, 4),
+                    "peak_rss_mb": [round(m) for m in r.peak_rss_mb],
+                    "state_bytes_per_customer": (
+                        round(r.state_bytes_per_customer)
+                        if r.state_bytes_per_customer is not None
+                        else None
+                    ),
+                }
+            )
+        by = {r.name: r for r in runs}
+        out["ratios"] = {
+            "crmstream_vs_ceiling": round(crm1.rate / ceiling1.rate, 4),
+            "crmstream_vs_naive": round(crm1.rate / by["naive (1 proc)"].rate, 2),
+            "crmstream_2proc_vs_1proc": round(crm2.rate / crm1.rate, 3),
+        }
+        if "Quix Streams (1 proc)" in by:
+            out["ratios"]["crmstream_vs_quix"] = round(
+                crm1.rate / by["Quix Streams (1 proc)"].rate, 2
+            )
+        if not self.args.no_latency:
+            out["latency"] = self.latency(endpoints, customers, crm1.rate, quix)
+        return out
+
+    # latency under offered load --------------------------------------------
+
+    def latency(
+        self, endpoints: Any, customers: int, crm_max: float, quix: Path | None
+    ) -> list[dict[str, Any]]:
+        from crmstream.bench.workload import Workload, WorkloadSpec, publish
+        from crmstream.config import load_config
+        from crmstream.topics import create_topics
+
+        brokers = ",".join(endpoints.brokers)
+        rows = []
+        for load in self.args.loads:
+            rate = crm_max * load
+            contenders = ["crmstream", "naive"] + (["quix"] if quix is not None else [])
+            for name in contenders:
+                tag = f"l{customers}{name}{int(load * 100)}"
+                sets = [
+                    f"kafka.partitions={self.args.partitions}",
+                    *(
+                        f"kafka.topics.{r}={tag}.{r}"
+                        for r in (
+                            "clickstream",
+                            "orders",
+                            "customers",
+                            "feedback",
+                            "triggers",
+                            "suppressions",
+                            "dead_letter",
+                        )
+                    ),
+                    f"redis.key_prefix={tag}",
+                    "metrics.enabled=false",
+                    "policies.quiet_hours.start=00:00",
+                    "policies.quiet_hours.end=00:00",
+                ]
+                config = load_config(None, sets, env={})
+                create_topics(endpoints.brokers, config)
+                topics = ",".join(config.kafka.topics.inputs)
+                if name == "crmstream":
+                    child = Child(
+                        _me(
+                            "crmstream",
+                            "--brokers",
+                            brokers,
+                            "--redis-url",
+                            endpoints.redis_url,
+                            "--sets",
+                            orjson.dumps(sets).decode(),
+                            "--tail",
+                        )
+                    )
+                elif name == "naive":
+                    child = Child(
+                        [
+                            sys.executable,
+                            "-m",
+                            "crmstream.bench.naive",
+                            "--brokers",
+                            brokers,
+                            "--redis-url",
+                            endpoints.redis_url,
+                            "--topics",
+                            topics,
+                            "--triggers",
+                            config.kafka.topics.triggers,
+                            "--prefix",
+                            tag,
+                            "--tail",
+                        ]
+                    )
+                else:
+                    child = Child(
+                        [
+                            str(quix),
+                            str(ROOT / "bench" / "quix_job.py"),
+                            "--brokers",
+                            brokers,
+                            "--topics",
+                            topics,
+                            "--triggers",
+                            config.kafka.topics.triggers,
+                            "--state-dir",
+                            str(Path(self.args.out) / f"quix-state-{tag}"),
+                            "--group",
+                            tag,
+                            "--partitions",
+                            str(self.args.partitions),
+                            "--idle-timeout",
+                            "0",
+                        ]
+                    )
+                child.start()
+                time.sleep(self.args.startup_s)  # compile, join, assign
+                publish(
+                    endpoints.brokers,
+                    config,
+                    Workload(config, WorkloadSpec(customers=customers)),
+                    duration_s=self.args.load_seconds,
+                    rate=rate,
+                    live_time=True,
+                )
+                time.sleep(self.args.drain_s)
+                child.stop()
+                latencies = _trigger_latencies(endpoints, config.kafka.topics.triggers)
+                row = {
+                    "contender": name,
+                    "offered_load": load,
+                    "offered_events_per_s": round(rate),
+                    "triggers": len(latencies),
+                    "p50_ms": _pct(latencies, 0.50),
+                    "p99_ms": _pct(latencies, 0.99),
+                }
+                self.log(f"  latency {name} at {load:.0%} ({rate:,.0f}/s): {row}")
+                rows.append(row)
+        return rows
+
+    # output ------------------------------------------------------------------
+
+    def write(self) -> None:
+        from rich.table import Table
+
+        out = Path(self.args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "harness.json").write_text(
+            orjson.dumps(self.results, option=orjson.OPT_INDENT_2).decode()
+        )
+        for run in self.results["runs"]:
+            table = Table(title=f"{run['customers']:,} customers, {run['events']:,} events")
+            for col in (
+                "contender",
+                "events/s",
+                "ratio to ceiling",
+                "peak RSS MiB/proc",
+                "state B/customer",
+            ):
+                table.add_column(col, justify="right")
+            for c in run["contenders"]:
+                table.add_row(
+                    c["name"],
+                    f"{c['events_per_s']:,}",
+                    f"{c['ratio_to_ceiling']:.3f}",
+                    ",".join(map(str, c["peak_rss_mb"])),
+                    str(c["state_bytes_per_customer"] or "-"),
+                )
+            self.console.print(table)
+            self.console.print(f"ratios: {run['ratios']}")
+            if run.get("latency"):
+                lat = Table(title="event-to-trigger latency under offered load")
+                for col in ("contender", "offered", "events/s", "triggers", "p50 ms", "p99 ms"):
+                    lat.add_column(col, justify="right")
+                for r in run["latency"]:
+                    lat.add_row(
+                        r["contender"],
+                        f"{r['offered_load']:.0%}",
+                        f"{r['offered_events_per_s']:,}",
+                        str(r["triggers"]),
+                        str(r["p50_ms"]),
+                        str(r["p99_ms"]),
+                    )
+                self.console.print(lat)
+        _plot(self.results, out / "harness.png")
+        self.log(f"wrote {out / 'harness.json'} and {out / 'harness.png'}")
+
+
+def _trigger_latencies(endpoints: Any, topic: str) -> list[float]:
+    """emitted_at - event_time of every trigger on the topic (live input: event time =
+    the generator's wall clock when it produced the event), in ms."""
+    from datetime import datetime
+
+    from confluent_kafka import Consumer, KafkaError, TopicPartition
+
+    consumer = Consumer(
+        {
+            "bootstrap.servers": ",".join(endpoints.brokers),
+            "group.id": "lat",
+            "enable.partition.eof": True,
+            "enable.auto.commit": False,
+        }
+    )
+    meta = consumer.list_topics(topic, timeout=30).topics[topic]
+    parts = [TopicPartition(topic, p, 0) for p in meta.partitions]
+    consumer.assign(parts)
+    remaining, out = len(parts), []
+    deadline = time.monotonic() + 60
+    while remaining and time.monotonic() < deadline:
+        for msg in consumer.consume(1000, 0.5):
+            if msg.error() is not None:
+                if msg.error().code() == KafkaError._PARTITION_EOF:
+                    remaining -= 1
+                continue
+            record = orjson.loads(msg.value())
+            emitted = datetime.fromisoformat(record["emitted_at"]).timestamp()
+            at = datetime.fromisoformat(record["event_time"]).timestamp()
+            out.append((emitted - at) * 1000)
+    consumer.close()
+    return out
+
+
+def _pct(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 1)
+
+
+def _plot(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = results["runs"]
+    fig, axes = plt.subplots(len(runs), 2, figsize=(13, 4.5 * len(runs)), squeeze=False)
+    for row, run in zip(axes, runs, strict=True):
+        names = [c["name"] for c in run["contenders"]]
+        rates = [c["events_per_s"] for c in run["contenders"]]
+        row[0].barh(names, rates, color="#4477aa")
+        row[0].set_xlabel("events/s")
+        row[0].set_title(f"throughput, {run['customers']:,} customers")
+        row[0].invert_yaxis()
+        for contender in sorted({r["contender"] for r in run.get("latency", [])}):
+            points = [r for r in run["latency"] if r["contender"] == contender and r["p99_ms"]]
+            row[1].plot(
+                [p["offered_events_per_s"] for p in points],
+                [p["p99_ms"] for p in points],
+                marker="o",
+                label=f"{contender} p99",
+            )
+        row[1].axhline(500, color="grey", linestyle="--", label="500 ms target")
+        row[1].set_yscale("log")
+        row[1].set_xlabel("offered events/s")
+        row[1].set_ylabel("event → trigger, ms")
+        row[1].set_title("latency against offered load")
+        row[1].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("ceiling", "crmstream"):
+        _child_main(argv)
+        return
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--customers", type=int, nargs="+", default=[100_000, 1_000_000])
+    parser.add_argument("--events", type=int, default=None, help="default: 2 per customer")
+    parser.add_argument("--partitions", type=int, default=4)
+    parser.add_argument("--loads", type=float, nargs="+", default=[0.25, 0.5, 0.75])
+    parser.add_argument("--load-seconds", type=float, default=20)
+    parser.add_argument("--startup-s", type=float, default=8)
+    parser.add_argument("--drain-s", type=float, default=5)
+    parser.add_argument("--no-quix", action="store_true")
+    parser.add_argument("--no-latency", action="store_true")
+    parser.add_argument(
+        "--smoke", action="store_true", help="tiny sizes: keeps the harness working"
+    )
+    parser.add_argument("--out", default=str(ROOT / "bench" / "out"))
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.customers, args.events, args.loads = [2_000], 6_000, [0.5]
+        args.load_seconds, args.startup_s, args.drain_s = 4, 6, 3
+    Harness(args).run()
+
+
+if __name__ == "__main__":
+    main()
