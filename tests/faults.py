@@ -75,11 +75,13 @@ def ids_of(records: list[dict[str, Any]], key: str = "trigger_id") -> list[str]:
 class Server:
     """A dedicated redis-server or Tansu broker for one fault test, restartable in place."""
 
-    def __init__(self, kind: str, workdir: Path, *extra: str):
+    def __init__(self, kind: str, workdir: Path, *extra: str, below: int = 65536):
         from crmstream.embedded import free_port
 
         self.kind = kind
         self.port = free_port()
+        while self.port >= below:  # e.g. a cluster node needs port + 10000 for its bus
+            self.port = free_port()
         self.workdir = workdir
         self.extra = extra
         self.proc: subprocess.Popen[bytes] | None = None

@@ -67,7 +67,7 @@ def test_two_processes_on_four_partitions_equal_one_process(stack, tmp_path):
 def _redis_cluster(tmp_path, masters: int = 3) -> tuple[list[Server], list[int]]:
     servers = []
     for i in range(masters):
-        server = Server("redis", tmp_path / f"node{i}")
+        server = Server("redis", tmp_path / f"node{i}", below=55_000)  # bus: port + 10000
         server.extra = ("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf")
         servers.append(server.start())
     ports = [s.port for s in servers]
