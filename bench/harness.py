@@ -491,6 +491,7 @@ class Harness:
                     "metrics.enabled=false",
                     "policies.quiet_hours.start=00:00",
                     "policies.quiet_hours.end=00:00",
+                    *(self.args.crm_set if name == "crmstream" else []),
                 ]
                 config = load_config(None, sets, env={})
                 create_topics(endpoints.brokers, config)
@@ -708,6 +709,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--load-seconds", type=float, default=20)
     parser.add_argument("--startup-s", type=float, default=8)
     parser.add_argument("--drain-s", type=float, default=5)
+    parser.add_argument(
+        "--crm-set", action="append", default=[], help="extra crmstream config key=value"
+    )
     parser.add_argument("--no-quix", action="store_true")
     parser.add_argument("--no-latency", action="store_true")
     parser.add_argument(

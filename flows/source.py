@@ -109,7 +109,9 @@ class _KafkaPartition(StatefulSourcePartition[RawMessage, int]):
         if self._signals is not None and self._signals.stop.is_set():
             raise StopIteration
         batch: list[RawMessage] = []
-        for msg in self._consumer.consume(self._batch_size, 0.01):
+        # Non-blocking: Bytewax polls every partition in turn, so a wait here would
+        # delay all the others; an idle partition backs off through next_awake.
+        for msg in self._consumer.consume(self._batch_size, 0):
             err = msg.error()
             if err is not None:
                 if err.code() == KafkaError._PARTITION_EOF:
