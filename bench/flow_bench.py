@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 
 import orjson
-from confluent_kafka import Consumer, KafkaError, TopicPartition
 from rich.console import Console
 from rich.table import Table
 
@@ -37,38 +36,10 @@ from crmstream.topics import create_topics
 
 def raw_consume_parse(endpoints: Endpoints, config: CrmConfig) -> tuple[int, float]:
     """Read every input partition to its end, parsing each value; (messages, seconds)."""
-    consumer = Consumer(
-        {
-            "bootstrap.servers": ",".join(endpoints.brokers),
-            "group.id": "bench-ceiling",
-            "enable.auto.commit": False,
-            "enable.partition.eof": True,
-            "fetch.wait.max.ms": 50,
-        }
-    )
-    parts = []
-    for topic in config.kafka.topics.inputs:
-        meta = consumer.list_topics(topic, timeout=30).topics[topic]
-        parts += [TopicPartition(topic, p, 0) for p in meta.partitions]
-    consumer.assign(parts)
-    remaining = len(parts)
-    count = 0
-    started = time.perf_counter()
-    while remaining:
-        for msg in consumer.consume(config.kafka.batch_size, 0.5):
-            err = msg.error()
-            if err is not None:
-                if err.code() == KafkaError._PARTITION_EOF:
-                    remaining -= 1
-                continue
-            try:  # noqa: SIM105 - a context manager per message would slow the ceiling
-                orjson.loads(msg.value())
-            except orjson.JSONDecodeError:
-                pass
-            count += 1
-    seconds = time.perf_counter() - started
-    consumer.close()
-    return count, seconds
+    from crmstream.bench.harness import consume_and_parse
+
+    report = consume_and_parse(",".join(endpoints.brokers), list(config.kafka.topics.inputs))
+    return report["events"], report["seconds"]
 
 
 def flow_run(endpoints: Endpoints, config: CrmConfig) -> tuple[int, float]:

@@ -47,13 +47,14 @@ QUIX_VERSION = "3.28.1"
 # ---------------------------------------------------------------- child roles
 
 
-def role_ceiling(args: argparse.Namespace) -> dict[str, Any]:
-    """Consume + parse the input partitions with index % of == part; nothing else."""
+def consume_and_parse(brokers: str, topics: list[str], part: int = 0, of: int = 1) -> dict:
+    """The ceiling: consume + parse every input partition with index % of == part, to its
+    end, nothing else; {"events": n, "seconds": s}."""
     from confluent_kafka import Consumer, KafkaError, TopicPartition
 
     consumer = Consumer(
         {
-            "bootstrap.servers": args.brokers,
+            "bootstrap.servers": brokers,
             "group.id": "bench-ceiling",
             "enable.auto.commit": False,
             "enable.partition.eof": True,
@@ -61,10 +62,10 @@ def role_ceiling(args: argparse.Namespace) -> dict[str, Any]:
         }
     )
     parts = []
-    for topic in args.topics.split(","):
+    for topic in topics:
         meta = consumer.list_topics(topic, timeout=30).topics[topic]
         parts += [TopicPartition(topic, p, 0) for p in sorted(meta.partitions)]
-    parts = [p for i, p in enumerate(parts) if i % args.of == args.part]
+    parts = [p for i, p in enumerate(parts) if i % of == part]
     consumer.assign(parts)
     remaining, count = len(parts), 0
     started = time.perf_counter()
@@ -83,6 +84,10 @@ def role_ceiling(args: argparse.Namespace) -> dict[str, Any]:
     seconds = time.perf_counter() - started
     consumer.close()
     return {"events": count, "seconds": seconds}
+
+
+def role_ceiling(args: argparse.Namespace) -> dict[str, Any]:
+    return consume_and_parse(args.brokers, args.topics.split(","), args.part, args.of)
 
 
 def role_crmstream(args: argparse.Namespace) -> dict[str, Any]:
@@ -175,6 +180,62 @@ class Child:
 
 def _me(*args: str) -> list[str]:
     return [sys.executable, "-m", "crmstream.bench.harness", *args]
+
+
+def _crm_cmd(brokers: str, redis_url: str, sets: list[str], *extra: str) -> list[str]:
+    return _me("crmstream", "--brokers", brokers, "--redis-url", redis_url, "--sets",
+               orjson.dumps(sets).decode(), *extra)  # fmt: skip
+
+
+def _naive_cmd(
+    brokers: str, redis_url: str, topics: str, triggers: str, prefix: str, tail: bool = False
+) -> list[str]:
+    cmd = [
+        sys.executable,
+        "-m",
+        "crmstream.bench.naive",
+        "--brokers",
+        brokers,
+        "--redis-url",
+        redis_url,
+        "--topics",
+        topics,
+        "--triggers",
+        triggers,
+        "--prefix",
+        prefix,
+    ]
+    return [*cmd, "--tail"] if tail else cmd
+
+
+def _quix_cmd(
+    python: Path,
+    brokers: str,
+    topics: str,
+    triggers: str,
+    state: Path,
+    group: str,
+    partitions: int,
+    idle_s: float = 5.0,
+) -> list[str]:
+    return [
+        str(python),
+        str(ROOT / "bench" / "quix_job.py"),
+        "--brokers",
+        brokers,
+        "--topics",
+        topics,
+        "--triggers",
+        triggers,
+        "--state-dir",
+        str(state),
+        "--group",
+        group,
+        "--partitions",
+        str(partitions),
+        "--idle-timeout",
+        str(idle_s),
+    ]
 
 
 def ensure_quix_venv(log: Any) -> Path | None:
@@ -276,6 +337,7 @@ class Harness:
                     f"kafka.topics.dead_letter={tag}.{name}.dead-letter",
                     f"redis.key_prefix={tag}{name}",
                     "metrics.enabled=false",
+                    *self.args.crm_set,
                 ]
             )
 
@@ -315,14 +377,10 @@ class Harness:
             addresses = ",".join(f"127.0.0.1:{free_port()}" for _ in range(n))
             children = [
                 Child(
-                    _me(
-                        "crmstream",
-                        "--brokers",
+                    _crm_cmd(
                         brokers,
-                        "--redis-url",
                         endpoints.redis_url,
-                        "--sets",
-                        orjson.dumps(sets).decode(),
+                        sets,
                         "--part",
                         str(i),
                         "--of",
@@ -350,21 +408,9 @@ class Harness:
             create_topics(endpoints.brokers, load_config(None, sets, env={}))
             before = int(client.info("memory")["used_memory"])
             child = Child(
-                [
-                    sys.executable,
-                    "-m",
-                    "crmstream.bench.naive",
-                    "--brokers",
-                    brokers,
-                    "--redis-url",
-                    endpoints.redis_url,
-                    "--topics",
-                    topics,
-                    "--triggers",
-                    f"{tag}.naive.triggers",
-                    "--prefix",
-                    f"{tag}naive",
-                ]
+                _naive_cmd(
+                    brokers, endpoints.redis_url, topics, f"{tag}.naive.triggers", f"{tag}naive"
+                )
             ).start()
             report = child.wait(7200)
             used = int(client.info("memory")["used_memory"]) - before
@@ -383,22 +429,15 @@ class Harness:
             create_topics(endpoints.brokers, load_config(None, sets, env={}))
             state = Path(self.args.out) / f"quix-state-{tag}"
             child = Child(
-                [
-                    str(python),
-                    str(ROOT / "bench" / "quix_job.py"),
-                    "--brokers",
+                _quix_cmd(
+                    python,
                     brokers,
-                    "--topics",
                     topics,
-                    "--triggers",
                     f"{tag}.quix.triggers",
-                    "--state-dir",
-                    str(state),
-                    "--group",
+                    state,
                     f"{tag}-quix",
-                    "--partitions",
-                    str(self.args.partitions),
-                ]
+                    self.args.partitions,
+                )
             ).start()
             report = child.wait(7200)
             size = sum(f.stat().st_size for f in state.rglob("*") if f.is_file())
@@ -497,57 +536,31 @@ class Harness:
                 create_topics(endpoints.brokers, config)
                 topics = ",".join(config.kafka.topics.inputs)
                 if name == "crmstream":
-                    child = Child(
-                        _me(
-                            "crmstream",
-                            "--brokers",
-                            brokers,
-                            "--redis-url",
-                            endpoints.redis_url,
-                            "--sets",
-                            orjson.dumps(sets).decode(),
-                            "--tail",
-                        )
-                    )
+                    child = Child(_crm_cmd(brokers, endpoints.redis_url, sets, "--tail"))
                 elif name == "naive":
                     child = Child(
-                        [
-                            sys.executable,
-                            "-m",
-                            "crmstream.bench.naive",
-                            "--brokers",
+                        _naive_cmd(
                             brokers,
-                            "--redis-url",
                             endpoints.redis_url,
-                            "--topics",
                             topics,
-                            "--triggers",
                             config.kafka.topics.triggers,
-                            "--prefix",
                             tag,
-                            "--tail",
-                        ]
+                            tail=True,
+                        )
                     )
                 else:
+                    state = Path(self.args.out) / f"quix-state-{tag}"
                     child = Child(
-                        [
-                            str(quix),
-                            str(ROOT / "bench" / "quix_job.py"),
-                            "--brokers",
+                        _quix_cmd(
+                            quix,
                             brokers,
-                            "--topics",
                             topics,
-                            "--triggers",
                             config.kafka.topics.triggers,
-                            "--state-dir",
-                            str(Path(self.args.out) / f"quix-state-{tag}"),
-                            "--group",
+                            state,
                             tag,
-                            "--partitions",
-                            str(self.args.partitions),
-                            "--idle-timeout",
-                            "0",
-                        ]
+                            self.args.partitions,
+                            idle_s=0,
+                        )
                     )
                 child.start()
                 time.sleep(self.args.startup_s)  # compile, join, assign
