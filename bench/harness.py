@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import threading
@@ -183,8 +184,16 @@ def _me(*args: str) -> list[str]:
 
 
 def _crm_cmd(brokers: str, redis_url: str, sets: list[str], *extra: str) -> list[str]:
-    return _me("crmstream", "--brokers", brokers, "--redis-url", redis_url, "--sets",
-               orjson.dumps(sets).decode(), *extra)  # fmt: skip
+    return _me(
+        "crmstream",
+        "--brokers",
+        brokers,
+        "--redis-url",
+        redis_url,
+        "--sets",
+        orjson.dumps(sets).decode(),
+        *extra,
+    )
 
 
 def _naive_cmd(
@@ -633,6 +642,58 @@ class Harness:
                 self.console.print(lat)
         _plot(self.results, out / "harness.png")
         self.log(f"wrote {out / 'harness.json'} and {out / 'harness.png'}")
+        if not self.args.smoke and self.args.results:
+            _write_results_md(self.results, Path(self.args.results))
+            shutil.copyfile(out / "harness.png", Path(self.args.results).with_name("harness.png"))
+            self.log(f"updated {self.args.results} and bench/harness.png")
+
+
+RESULTS_START, RESULTS_END = "<!-- harness:start -->", "<!-- harness:end -->"
+
+
+def _write_results_md(results: dict[str, Any], path: Path) -> None:
+    """Replace the harness section of bench/RESULTS.md with this run's tables."""
+    lines = [
+        RESULTS_START,
+        "### Latest harness run (written by the harness)",
+        "",
+        f"Command: `python -m crmstream.bench.harness {' '.join(sys.argv[1:])}`; "
+        f"machine: {results['machine']}; plot: `bench/harness.png`.",
+    ]
+    for run in results["runs"]:
+        lines += ["", f"{run['customers']:,} customers, {run['events']:,} events:", ""]
+        lines += [
+            "| contender | events/s | ratio to ceiling | peak RSS MiB/proc | state B/customer |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for c in run["contenders"]:
+            rss = ", ".join(map(str, c["peak_rss_mb"]))
+            lines.append(
+                f"| {c['name']} | {c['events_per_s']:,} | {c['ratio_to_ceiling']:.3f} | "
+                f"{rss} | {c['state_bytes_per_customer'] or ''} |"
+            )
+        lines += ["", f"Ratios: {run['ratios']}"]
+        if run.get("latency"):
+            lines += [
+                "",
+                "| contender | offered | events/s | triggers | p50 ms | p99 ms |",
+                "|---|---:|---:|---:|---:|---:|",
+            ]
+            for r in run["latency"]:
+                lines.append(
+                    f"| {r['contender']} | {r['offered_load']:.0%} | "
+                    f"{r['offered_events_per_s']:,} | {r['triggers']} | {r['p50_ms']} | "
+                    f"{r['p99_ms']} |"
+                )
+    lines.append(RESULTS_END)
+    text = path.read_text() if path.exists() else "# Benchmark results\n"
+    block = "\n".join(lines)
+    if RESULTS_START in text and RESULTS_END in text:
+        head, rest = text.split(RESULTS_START, 1)
+        text = head + block + rest.split(RESULTS_END, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    path.write_text(text)
 
 
 def _trigger_latencies(endpoints: Any, topic: str) -> list[float]:
@@ -731,6 +792,11 @@ def main(argv: list[str] | None = None) -> None:
         "--smoke", action="store_true", help="tiny sizes: keeps the harness working"
     )
     parser.add_argument("--out", default=str(ROOT / "bench" / "out"))
+    parser.add_argument(
+        "--results",
+        default=str(ROOT / "bench" / "RESULTS.md"),
+        help="Markdown file whose harness section is replaced (empty: leave it alone)",
+    )
     args = parser.parse_args(argv)
     if args.smoke:
         args.customers, args.events, args.loads = [2_000], 6_000, [0.5]
