@@ -249,9 +249,12 @@ _endpoint = _Endpoint()
 def expose_bytewax_metrics(port: int) -> None:
     """Turn on Bytewax's API server on ``port`` and re-serve its metrics on ours."""
     import os
+    import tempfile
 
     os.environ["BYTEWAX_DATAFLOW_API_ENABLED"] = "true"
     os.environ["BYTEWAX_DATAFLOW_API_PORT"] = str(port)
+    # Bytewax writes dataflow.json where this says (default: the working directory).
+    os.environ.setdefault("BYTEWAX_DATAFLOW_API_CACHE_PATH", tempfile.mkdtemp(prefix="bytewax-"))
     _endpoint.extra.append(BytewaxMetrics(port))
 
 
