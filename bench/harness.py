@@ -701,32 +701,14 @@ def _trigger_latencies(endpoints: Any, topic: str) -> list[float]:
     the generator's wall clock when it produced the event), in ms."""
     from datetime import datetime
 
-    from confluent_kafka import Consumer, KafkaError, TopicPartition
+    from crmstream.ops import read_records
 
-    consumer = Consumer(
-        {
-            "bootstrap.servers": ",".join(endpoints.brokers),
-            "group.id": "lat",
-            "enable.partition.eof": True,
-            "enable.auto.commit": False,
-        }
-    )
-    meta = consumer.list_topics(topic, timeout=30).topics[topic]
-    parts = [TopicPartition(topic, p, 0) for p in meta.partitions]
-    consumer.assign(parts)
-    remaining, out = len(parts), []
-    deadline = time.monotonic() + 60
-    while remaining and time.monotonic() < deadline:
-        for msg in consumer.consume(1000, 0.5):
-            if msg.error() is not None:
-                if msg.error().code() == KafkaError._PARTITION_EOF:
-                    remaining -= 1
-                continue
-            record = orjson.loads(msg.value())
+    out = []
+    for _topic, record in read_records(list(endpoints.brokers), {}, [topic], follow=False):
+        if record is not None:
             emitted = datetime.fromisoformat(record["emitted_at"]).timestamp()
             at = datetime.fromisoformat(record["event_time"]).timestamp()
             out.append((emitted - at) * 1000)
-    consumer.close()
     return out
 
 

@@ -74,6 +74,36 @@ def redis_server_binary() -> Path:
     return found
 
 
+def tansu_args(port: int) -> list[str]:
+    """The Tansu broker's command line on a loopback port (memory storage)."""
+    url = f"tcp://127.0.0.1:{port}"
+    return [str(tansu_binary()), "broker", "--listener-url", url, "--advertised-listener-url", url]
+
+
+def redis_args(port: int, workdir: Path, persistent: bool = False, *extra: str) -> list[str]:
+    """redis-server's command line on a loopback port; ``persistent``: AOF, fsync always."""
+    aof = (
+        ["--appendonly", "yes", "--appendfsync", "always"] if persistent else ["--appendonly", "no"]
+    )
+    return [
+        str(redis_server_binary()),
+        "--port",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        *aof,
+        "--dir",
+        str(workdir),
+        "--daemonize",
+        "no",
+        "--protected-mode",
+        "yes",
+        *extra,
+    ]
+
+
 def _die_with_parent() -> None:
     """In the child: ask the kernel for SIGTERM when the parent dies (Linux)."""
     with contextlib.suppress(OSError, AttributeError):
@@ -154,18 +184,7 @@ class EmbeddedStack:
 
     def _start_tansu(self) -> str:
         port = free_port()
-        url = f"tcp://127.0.0.1:{port}"
-        proc = spawn(
-            [
-                str(tansu_binary()),
-                "broker",
-                "--listener-url",
-                url,
-                "--advertised-listener-url",
-                url,
-            ],
-            self.workdir / "tansu.log",
-        )
+        proc = spawn(tansu_args(port), self.workdir / "tansu.log")
         self.processes.append(("tansu", proc))
         wait_for_port(port, proc, "Tansu broker", 30)
         log.info("embedded Tansu broker on 127.0.0.1:%d (pid %d)", port, proc.pid)
@@ -173,23 +192,7 @@ class EmbeddedStack:
 
     def _start_redis(self) -> str:
         port = free_port()
-        args = [
-            str(redis_server_binary()),
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(self.workdir),
-            "--daemonize",
-            "no",
-            "--protected-mode",
-            "yes",
-        ]
+        args = redis_args(port, self.workdir)
         proc = spawn(args, self.workdir / "redis.log")
         self.processes.append(("redis-server", proc))
         wait_for_port(port, proc, "redis-server", 30)

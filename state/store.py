@@ -92,7 +92,7 @@ def _permanent(error: Exception) -> bool:
     """Errors no retry fixes: bad credentials, missing permissions, an untrusted certificate."""
     if isinstance(error, redis.AuthenticationError | AuthorizationError):
         return True
-    return "certificate verify failed" in str(error) or "WRONGPASS" in str(error)
+    return "certificate verify failed" in str(error)
 
 
 def connect(url: str, config: RedisConfig) -> redis.Redis:

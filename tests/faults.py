@@ -87,34 +87,11 @@ class Server:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def args(self) -> list[str]:
-        from crmstream.embedded import redis_server_binary, tansu_binary
+        from crmstream.embedded import redis_args, tansu_args
 
         if self.kind == "redis":
-            return [
-                str(redis_server_binary()),
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--dir",
-                str(self.workdir),
-                "--appendonly",
-                "yes",
-                "--appendfsync",
-                "always",
-                "--save",
-                "",
-                *self.extra,
-            ]
-        url = f"tcp://127.0.0.1:{self.port}"
-        return [
-            str(tansu_binary()),
-            "broker",
-            "--listener-url",
-            url,
-            "--advertised-listener-url",
-            url,
-        ]
+            return redis_args(self.port, self.workdir, True, *self.extra)
+        return tansu_args(self.port)
 
     def start(self) -> Server:
         from crmstream.embedded import spawn, wait_for_port
@@ -148,10 +125,12 @@ def rss_mb(pid: int) -> float:
 
 def committed(client: Any, prefix: str) -> int:
     """Input messages applied so far: per partition, the furthest shard's next offset."""
+    from crmstream.state.store import Progress
+
     furthest: dict[bytes, int] = {}
     for key in client.scan_iter(match=f"{prefix}:progress:*"):
         for field, value in client.hgetall(key).items():
-            offset = int(value.split(b":")[0]) + 1
+            offset = Progress.decode(value).offset + 1
             furthest[field] = max(furthest.get(field, 0), offset)
     return sum(furthest.values())
 

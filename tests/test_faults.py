@@ -14,6 +14,7 @@ import re
 import signal
 import threading
 import time
+from contextlib import contextmanager
 
 import pytest
 import redis
@@ -54,12 +55,25 @@ def _prepare(endpoints: Endpoints, tag: str, events: int = EVENTS):
     return clean, fault, clean_cfg, fault_cfg
 
 
-def _compare(endpoints, tag, clean_cfg, fault_cfg):
+@contextmanager
+def _fault_run(endpoints: Endpoints, tag: str, tmp_path):
+    """Run the flow uninterrupted over the input, then start the faulted run and yield it
+    (process, Redis client, log) once 30 % of the input is committed."""
+    clean, fault, _clean_cfg, _fault_cfg = _prepare(endpoints, tag)
+    run_to_end(clean, tmp_path / "clean.log")
+    client = redis.Redis.from_url(endpoints.redis_url)
+    log = tmp_path / "fault.log"
+    with flow_process(fault, log) as proc:
+        wait_until(lambda: committed(client, f"{tag}f") >= EVENTS * 0.3, 120, "30 % done")
+        yield proc, client, log
+
+
+def _compare(endpoints, tag):
     client = redis.Redis.from_url(endpoints.redis_url)
     clean_dump, fault_dump = canonical_dump(client, f"{tag}c"), canonical_dump(client, f"{tag}f")
     diff = differences(clean_dump, fault_dump)
-    clean_ids = ids_of(read_topic(endpoints, clean_cfg.kafka.topics.triggers))
-    fault_ids = ids_of(read_topic(endpoints, fault_cfg.kafka.topics.triggers))
+    clean_ids = ids_of(read_topic(endpoints, f"{tag}.clean.triggers"))  # run_sets' naming
+    fault_ids = ids_of(read_topic(endpoints, f"{tag}.fault.triggers"))
     return clean_dump, diff, clean_ids, fault_ids
 
 
@@ -69,12 +83,7 @@ def test_redis_restarted_mid_run_loses_nothing(stack, tmp_path):
     try:
         endpoints = Endpoints(list(stack.brokers), f"redis://{server.address}/0")
         tag = f"rr{next(_runs)}x{os.getpid()}"
-        clean, fault, clean_cfg, fault_cfg = _prepare(endpoints, tag)
-        run_to_end(clean, tmp_path / "clean.log")
-        client = redis.Redis.from_url(endpoints.redis_url)
-        log = tmp_path / "fault.log"
-        with flow_process(fault, log) as proc:
-            wait_until(lambda: committed(client, f"{tag}f") >= EVENTS * 0.3, 120, "30 % done")
+        with _fault_run(endpoints, tag, tmp_path) as (proc, client, log):
             at = committed(client, f"{tag}f")
             server.stop()  # SIGTERM: Redis flushes its AOF and exits
             time.sleep(3)
@@ -82,7 +91,7 @@ def test_redis_restarted_mid_run_loses_nothing(stack, tmp_path):
             rc = proc.wait(timeout=300)
         text = log.read_text()
         retries = text.count("Redis call failed")
-        dump, diff, clean_ids, fault_ids = _compare(endpoints, tag, clean_cfg, fault_cfg)
+        dump, diff, clean_ids, fault_ids = _compare(endpoints, tag)
         print(
             f"redis restart: {EVENTS:,} events; outage at {at:,} committed, 3 s down; "
             f"flow exit {rc}; {retries} logged retries; {len(dump):,} keys, {len(diff)} differ; "
@@ -104,19 +113,14 @@ def test_broker_frozen_for_20_s_then_back_loses_nothing(tmp_path):
     try:
         endpoints = Endpoints([broker.address], f"redis://{redis_server.address}/0")
         tag = f"bf{next(_runs)}x{os.getpid()}"
-        clean, fault, clean_cfg, fault_cfg = _prepare(endpoints, tag)
-        run_to_end(clean, tmp_path / "clean.log")
-        client = redis.Redis.from_url(endpoints.redis_url)
-        log = tmp_path / "fault.log"
-        with flow_process(fault, log) as proc:
-            wait_until(lambda: committed(client, f"{tag}f") >= EVENTS * 0.3, 120, "30 % done")
+        with _fault_run(endpoints, tag, tmp_path) as (proc, client, log):
             os.kill(broker.proc.pid, signal.SIGSTOP)
             frozen_at = committed(client, f"{tag}f")
             time.sleep(20)
             during = committed(client, f"{tag}f")
             os.kill(broker.proc.pid, signal.SIGCONT)
             rc = proc.wait(timeout=300)
-        dump, diff, clean_ids, fault_ids = _compare(endpoints, tag, clean_cfg, fault_cfg)
+        dump, diff, clean_ids, fault_ids = _compare(endpoints, tag)
         text = log.read_text()
         print(
             f"broker freeze: {EVENTS:,} events; frozen 20 s at {frozen_at:,} committed "
