@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import orjson
@@ -30,6 +31,7 @@ from crmstream.config import CrmConfig, load_config
 from crmstream.operators.events import EventValidator, ParsedEvent
 from crmstream.operators.kernels import BatchEvents, apply_batch, derive_batch, params_from
 from crmstream.state.encoding import STATE_BYTES, fresh_records
+from crmstream.state.timers import SEP
 
 BATCH = 2000
 
@@ -106,14 +108,40 @@ def bytes_per_customer(config: CrmConfig, events: int, customers: int, sample: i
         picked = keys[:sample]
         state = [client.memory_usage(k, samples=0) for k in picked]
         profile = [client.memory_usage(k[:-1] + "p", samples=0) for k in picked]
+        breakdown = key_memory_by_kind(client, prefix)
+        timer_kinds: dict[str, int] = {}
+        for key in client.scan_iter(f"{prefix}:timers:*", count=100):
+            for member, _ in client.zscan_iter(key, count=1000):
+                kind = member.split(SEP.encode())[1].decode()
+                timer_kinds[kind] = timer_kinds.get(kind, 0) + 1
         return {
             "customers_in_state": len(keys),
+            **{f"{kind}_bytes_per_customer": b / len(keys) for kind, b in breakdown.items()},
+            **{f"{kind}_timers_per_customer": n / len(keys) for kind, n in timer_kinds.items()},
             "state_key_bytes": float(np.mean(state)),
             "profile_key_bytes": float(np.mean(profile)),
             "total_bytes": float(np.mean(state) + np.mean(profile)),
             "redis_used_memory_per_customer": client.info("memory")["used_memory"] / len(keys),
             "flow_events_per_s": events / flow_seconds,
         }
+
+
+def key_memory_by_kind(client: Any, prefix: str) -> dict[str, int]:
+    """``MEMORY USAGE`` of every key, summed by kind: the suffix of a customer key
+    (``s`` state, ``p`` profile, ``o`` open orders) or the name after the prefix
+    (``timers``, ``progress``, ``customers``, ...)."""
+    totals: dict[str, int] = {}
+    keys = [k.decode() for k in client.scan_iter(f"{prefix}:*", count=1000)]
+    for start in range(0, len(keys), 1000):
+        chunk = keys[start : start + 1000]
+        pipe = client.pipeline(transaction=False)
+        for key in chunk:
+            pipe.memory_usage(key, samples=0)
+        for key, used in zip(chunk, pipe.execute(), strict=True):
+            rest = key[len(prefix) + 1 :]
+            kind = rest.rsplit(":", 1)[1] if rest.startswith("{") else rest.split(":", 1)[0]
+            totals[kind] = totals.get(kind, 0) + int(used or 0)
+    return totals
 
 
 def main() -> None:
@@ -123,6 +151,9 @@ def main() -> None:
     parser.add_argument("--customers", type=int, default=20_000)
     parser.add_argument("--sample", type=int, default=2000)
     parser.add_argument("--kernels-only", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--memory-only", action="store_true", help="only the Redis bytes per customer"
+    )
     parser.add_argument("--out", type=Path, default=Path("bench/out/state.json"))
     args = parser.parse_args()
     config = load_config()
@@ -130,6 +161,17 @@ def main() -> None:
         print(orjson.dumps(time_kernels(config, args.events, args.customers)).decode())
         return
     console = Console()
+    if args.memory_only:
+        console.print(f"flow + Redis bytes per customer over {args.events:,} events ...")
+        memory = bytes_per_customer(config, args.events, args.customers, args.sample)
+        table = Table(title="Redis bytes per customer")
+        table.add_column("measure")
+        table.add_column("value", justify="right")
+        table.add_row("binary state layout, bytes", f"{STATE_BYTES}")
+        for key, value in memory.items():
+            table.add_row(key.replace("_", " "), f"{value:,.2f}" if value < 10 else f"{value:,.0f}")
+        console.print(table)
+        return
     console.print(f"kernels: compiled over {args.events:,} events ...")
     jit_n, jit_s = time_kernels(config, args.events, args.customers)
     console.print(f"kernels: interpreted over {args.interpreted_events:,} events ...")
@@ -163,7 +205,7 @@ def main() -> None:
     table.add_row("speed-up", f"{jit_rate / py_rate:,.1f}x")
     table.add_row("binary state layout, bytes", f"{STATE_BYTES}")
     for key, value in memory.items():
-        table.add_row(key.replace("_", " "), f"{value:,.0f}")
+        table.add_row(key.replace("_", " "), f"{value:,.2f}" if value < 10 else f"{value:,.0f}")
     console.print(table)
     result = {
         "kernel_compiled_events_per_s": jit_rate,

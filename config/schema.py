@@ -416,9 +416,47 @@ class TimersConfig(_Frozen):
     fire_batch: Annotated[int, Field(ge=1)] = 5000
 
 
+PROFILE_FIELD_CHOICES = (
+    "stage",
+    "stage_since",
+    "segment",
+    "tier",
+    "churn_level",
+    "churn_score",
+    "churn_top",
+    "p_alive",
+    "expected_30d",
+    "expected_90d",
+    "rfm",
+    "top_categories",
+    "interest_shift",
+    "last_seen",
+)
+
+
 class StateConfig(_Frozen):
     # Events older than this behind the customer's newest event update lifetime totals only.
     allowed_lateness_seconds: Annotated[int, Field(ge=0, le=7 * 86400)] = 3600
+    # Derived fields written to the readable profile hash (each costs Redis memory
+    # per customer; `crmstream profile` shows all of them from the binary state).
+    profile_fields: tuple[str, ...] = (
+        "stage",
+        "segment",
+        "tier",
+        "churn_level",
+        "top_categories",
+    )
+
+    @field_validator("profile_fields")
+    @classmethod
+    def _known_profile_fields(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        unknown = [name for name in value if name not in PROFILE_FIELD_CHOICES]
+        if unknown:
+            raise ValueError(
+                f"unknown profile field(s) {', '.join(map(repr, unknown))}; "
+                f"choose from {', '.join(PROFILE_FIELD_CHOICES)}"
+            )
+        return tuple(dict.fromkeys(value))
 
 
 class PreferencesConfig(_Frozen):

@@ -125,6 +125,12 @@ class CrmMetrics:
             ["shard"],
             registry=registry,
         )
+        self.outbox_records = Gauge(
+            "crmstream_outbox_records",
+            "Records committed to the shard's outbox and not yet trimmed as delivered.",
+            ["shard"],
+            registry=registry,
+        )
         self.customers = Gauge(
             "crmstream_customers",
             "Customers with state in Redis, per shard (sum over shards for the total).",

@@ -11,10 +11,14 @@ every shard learns how far each input partition has been read.
 2. loads the batch's customers with one MGET and drops, per customer, events
    at or below the offsets recorded in that customer's state (replay);
 3. runs the Numba kernel over the whole batch;
-4. produces triggers and dead letters and waits for their delivery reports;
-5. commits states, profiles and the shard's progress in one MULTI/EXEC.
-Delivery before commit makes triggers at-least-once with stable ids; the
-offsets inside the committed state make the state's effect exactly-once.
+4. commits states, profiles, the outgoing records (triggers, suppressions,
+   dead letters) into the shard's outbox and the shard's progress in one
+   MULTI/EXEC;
+5. produces the outgoing records without waiting; a later commit trims the
+   ones the broker acknowledged (``flows.sink.Outbox``).
+The outbox makes triggers at-least-once with stable ids and keeps the broker
+out of the step's critical path; the offsets inside the committed state make
+the state's effect exactly-once.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import orjson
 from bytewax.operators import StatefulBatchLogic
 
 from crmstream.flows.runtime import Runtime
+from crmstream.flows.sink import Outbox, Outgoing, decode_outgoing, encode_outgoing
 from crmstream.flows.source import CAUGHT_UP_OFFSET, RawMessage
 from crmstream.metrics import get_metrics
 from crmstream.operators.catalog import (
@@ -45,15 +50,17 @@ from crmstream.operators.catalog import (
 from crmstream.operators.events import EVENT_CODE, EVENT_TYPES, InvalidEvent, ParsedEvent
 from crmstream.operators.kernels import (
     COL,
+    FRESH,
+    REPLAYED,
     BatchEvents,
     apply_batch,
+    check_batch,
     derive_batch,
     params_from,
 )
 from crmstream.operators.policies import PolicyEngine
 from crmstream.operators.rules import iso_ms
 from crmstream.state.encoding import (
-    DEDUP_IDS,
     ROLE_INDEX,
     STAGES,
     decode_batch,
@@ -99,9 +106,10 @@ class ShardBatch(NamedTuple):
 NO_STEP = -1
 
 
-def event_id_hash(event_id: str) -> int:
-    """A stable 64-bit hash of an event id (the duplicate ring keeps these, not the ids)."""
-    return int.from_bytes(hashlib.blake2b(event_id.encode(), digest_size=8).digest(), "little")
+def event_id_digest(event_id: str) -> bytes:
+    """A stable 64-bit hash of an event id, 8 bytes little-endian (the duplicate ring
+    keeps these, not the ids)."""
+    return hashlib.blake2b(event_id.encode(), digest_size=8).digest()
 
 
 def shard_of(customer_id: str, shards: int) -> int:
@@ -295,6 +303,7 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, dict[str, int], None]):
         # pending step got its first data (see _passed).
         self._end_seen_ms: dict[Position, int] = {}
         self._step_opened_ms: dict[int, int] = {}
+        self._outbox = Outbox(runtime.producer)
 
     def snapshot(self) -> None:
         return None
@@ -314,6 +323,9 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, dict[str, int], None]):
         for step in sorted(self._pending):
             summaries += self._apply_step(step)
         summaries += self._run([], [], {})
+        if self._exactly_once and self._outbox.pending():
+            self._rt.producer.flush()
+            self._commit(Changes.none(), self._rt.clock_ms())  # trims the outbox
         return summaries, StatefulBatchLogic.RETAIN
 
     def on_batch(self, items: list[ShardBatch]) -> tuple[Iterable[dict[str, int]], bool]:
@@ -322,6 +334,7 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, dict[str, int], None]):
             self._progress = self._rt.store.load_progress(self._shard)
             for pos, rec in self._progress.items():
                 self._watermark.seed(pos, rec.max_event_ms)
+            self._resend_outbox()
         wall_ms = self._rt.clock_ms()
         for item in items:
             if item.step != NO_STEP:
@@ -346,6 +359,18 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, dict[str, int], None]):
                 break
             summaries += self._apply_step(step)
         return summaries, StatefulBatchLogic.RETAIN
+
+    def _resend_outbox(self) -> None:
+        """Produce what an earlier run committed to the outbox and did not see delivered."""
+        left = self._rt.store.load_outbox(self._shard)
+        if left:
+            log.warning(
+                "shard %d: sending %d record(s) left in the outbox by an earlier run "
+                "(at-least-once: same ids)",
+                self._shard,
+                len(left),
+            )
+            self._outbox.send(decode_outgoing(entry) for entry in left)
 
     def _passed(self, pos: Position, step: int) -> bool:
         """The partition will bring nothing more for this step.
@@ -434,27 +459,32 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, dict[str, int], None]):
             if len(due) < self._timers_cfg.fire_batch:
                 self._checked_until = mark
         if not events and not invalid and not due:
+            self._rt.producer.poll()  # delivery reports
             since_write = now_ms - self._last_progress_write_ms
-            if self._unsaved and since_write >= PROGRESS_WRITE_INTERVAL_MS:
+            idle_write = self._unsaved or self._outbox.done()
+            if idle_write and since_write >= PROGRESS_WRITE_INTERVAL_MS:
                 self._commit(Changes.none(), now_ms)
             return {"events": 0, "invalid": 0, "triggers": 0, "timers": 0, "again": 0}
 
         if self._live:
             for timer in due:
                 metrics.timer_lateness_seconds.observe(max(0, now_ms - timer.due_ms) / 1000)
+        dead_letters = self._rt.config.kafka.topics.dead_letter
+        outgoing = []
         for bad in invalid:
             metrics.invalid_events.labels(bad.topic, bad.field or "message").inc()
-            self._rt.producer.produce(
-                self._rt.config.kafka.topics.dead_letter,
-                bad.key,
-                dead_letter_record(bad, self._rt.validator.redact),
-            )
+            record = dead_letter_record(bad, self._rt.validator.redact)
+            outgoing.append(Outgoing(dead_letters, bad.key, record))
         changes = self._apply(events, due, now_ms)
-        if not self._exactly_once:
-            self._rt.producer.poll()
-        elif changes.triggers or invalid:
-            self._rt.producer.flush()  # delivery confirmed before the state commit
-        self._commit(changes, now_ms)
+        outgoing += changes.outgoing
+        if self._exactly_once:
+            self._commit(changes, now_ms, outgoing)
+            self._outbox.send(outgoing)
+        else:
+            for record in outgoing:
+                self._rt.producer.produce(*record)
+            self._commit(changes, now_ms)
+        self._rt.producer.poll()
         for record in changes.triggers:
             metrics.triggers.labels(record["trigger_type"]).inc()
         again = len(due) >= self._timers_cfg.fire_batch
@@ -469,7 +499,7 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, dict[str, int], None]):
             "again": int(again),
         }
 
-    def _commit(self, changes: Changes, now_ms: int) -> None:
+    def _commit(self, changes: Changes, now_ms: int, outgoing: list[Outgoing] = ()) -> None:
         self._rt.store.commit(
             self._shard,
             changes.states,
@@ -480,6 +510,11 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, dict[str, int], None]):
             changes.erase,
             atomic=self._exactly_once,
             customers_delta=changes.customers_delta,
+            outbox=[encode_outgoing(record) for record in outgoing],
+            outbox_trim=self._outbox.take_done(),
+        )
+        get_metrics().outbox_records.labels(str(self._shard)).set(
+            self._outbox.pending() + len(outgoing)
         )
         self._progress.update(self._unsaved)
         self._unsaved = {}
@@ -577,7 +612,7 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, dict[str, int], None]):
             candidates, records, index, profiles, erased, plan, now_ms
         )
         triggers = self._emit(approved + held, fresh)
-        self._suppress(suppressions)
+        outgoing = self._outgoing(triggers, suppressions)
         states = {
             c: blob
             for c, blob in zip(customers, encode_records(records), strict=True)
@@ -586,7 +621,7 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, dict[str, int], None]):
         erase = self._erase(erased, states, profiles, plan, now_ms)
         delta = sum(blobs[index[c]] is None for c in states)
         delta -= sum(blobs[index[c]] is not None for c in erased)
-        return Changes(states, profiles, plan, fired, triggers, erase, delta)
+        return Changes(states, profiles, plan, fired, triggers, erase, outgoing, delta)
 
     def _policy(
         self,
@@ -641,13 +676,21 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, dict[str, int], None]):
                 )
         return approved, suppressions
 
-    def _suppress(self, suppressions: list[dict[str, Any]]) -> None:
-        topic = self._rt.config.kafka.topics.suppressions
+    def _outgoing(
+        self, triggers: list[dict[str, Any]], suppressions: list[dict[str, Any]]
+    ) -> list[Outgoing]:
+        """The trigger and suppression records to send."""
+        topics = self._rt.config.kafka.topics
+        out = [
+            Outgoing(topics.triggers, record["customer_id"].encode(), orjson.dumps(record))
+            for record in triggers
+        ]
         metrics = get_metrics()
         for record in suppressions:
             metrics.suppressions.labels(record["trigger_type"], record["policy"]).inc()
             key = None if record["customer_id"] == "erased" else record["customer_id"].encode()
-            self._rt.producer.produce(topic, key, orjson.dumps(record))
+            out.append(Outgoing(topics.suppressions, key, orjson.dumps(record)))
+        return out
 
     @staticmethod
     def _drop_erased(
@@ -712,44 +755,39 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, dict[str, int], None]):
     def _checked(
         self, events: list[ParsedEvent], records: np.ndarray, index: dict[str, int]
     ) -> list[ParsedEvent]:
-        metrics = get_metrics()
-        applied_part = records["applied_partition"]
-        applied_off = records["applied_offset"]
-        recent_ids, recent_s, recent_next = (
-            records["recent_ids"],
-            records["recent_s"],
-            records["recent_next"],
-        )
+        n = len(events)
+        if not n:
+            return events
+        roles = {t: ROLE_INDEX[self._rt.validator.role(t)] for t in {ev.topic for ev in events}}
         horizon_s = self._dedup_horizon_ms // 1000
-        fresh: list[ParsedEvent] = []
-        for ev in events:
-            c, role = index[ev.customer_id], ROLE_INDEX[self._rt.validator.role(ev.topic)]
-            if applied_part[c, role] == ev.partition and ev.offset <= applied_off[c, role]:
-                metrics.skipped_events.labels(ev.topic).inc()
-                continue
-            if horizon_s:
-                digest = event_id_hash(ev.event_id)
-                seconds = ev.event_time_ms // 1000
-                slots = np.flatnonzero(recent_ids[c] == digest)
-                if slots.size and abs(seconds - int(recent_s[c, slots[0]])) <= horizon_s:
-                    metrics.duplicate_events.labels(ev.topic).inc()
-                    continue
-                slot = recent_next[c]
-                recent_ids[c, slot], recent_s[c, slot] = digest, seconds
-                recent_next[c] = (slot + 1) % DEDUP_IDS
-            if applied_part[c, role] != ev.partition:  # first event, or re-partitioned
-                applied_part[c, role] = ev.partition
-                applied_off[c, role] = ev.offset
-            else:
-                applied_off[c, role] = max(applied_off[c, role], ev.offset)
-            fresh.append(ev)
-        return fresh
+        digests = (
+            np.frombuffer(b"".join(event_id_digest(ev.event_id) for ev in events), np.uint64)
+            if horizon_s
+            else np.zeros(n, np.uint64)
+        )
+        verdict = check_batch(
+            records,
+            np.fromiter((index[ev.customer_id] for ev in events), np.int32, n),
+            np.fromiter((roles[ev.topic] for ev in events), np.int8, n),
+            np.fromiter((ev.partition for ev in events), np.int32, n),
+            np.fromiter((ev.offset for ev in events), np.int64, n),
+            digests,
+            np.fromiter((ev.event_time_ms // 1000 for ev in events), np.int64, n),
+            horizon_s,
+        )
+        dropped = np.flatnonzero(verdict != FRESH)
+        if not dropped.size:
+            return events
+        metrics = get_metrics()
+        for i in dropped:
+            counter = metrics.skipped_events if verdict[i] == REPLAYED else metrics.duplicate_events
+            counter.labels(events[i].topic).inc()
+        return [ev for ev, v in zip(events, verdict, strict=True) if v == FRESH]
 
     def _emit(
         self, records: list[dict[str, Any]], fresh: list[ParsedEvent]
     ) -> list[dict[str, Any]]:
-        """Produce trigger records (delivery is confirmed before the state commit)."""
-        topic = self._rt.config.kafka.topics.triggers
+        """Stamp trigger records with their emission time and observe their latency."""
         metrics = get_metrics()
         wanted = {record["causal_event_id"] for record in records}
         ingest = (
@@ -767,7 +805,6 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, dict[str, int], None]):
                 metrics.ingest_to_emit_seconds.labels(kind).observe(
                     max(0, emitted_ms - ingest[record["causal_event_id"]]) / 1000
                 )
-            self._rt.producer.produce(topic, record["customer_id"].encode(), orjson.dumps(record))
         return records
 
     @staticmethod
@@ -808,8 +845,9 @@ class Changes(NamedTuple):
     fired: list[str]
     triggers: list[dict[str, Any]]
     erase: list[tuple[str, list[str], dict[str, str], int, int]]
+    outgoing: list[Outgoing]  # trigger and suppression records
     customers_delta: int = 0  # new customers minus erased ones
 
     @classmethod
     def none(cls) -> Changes:
-        return cls({}, {}, TimerPlan([], [], {}, {}), [], [], [])
+        return cls({}, {}, TimerPlan([], [], {}, {}), [], [], [], [])

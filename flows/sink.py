@@ -4,16 +4,26 @@ This module owns how records leave crmstream. ``DeliveryCheckedProducer``
 produces with idempotence and ``acks=all``, applies backpressure when the local
 queue is full (instead of raising ``BufferError`` as Bytewax's KafkaSink can),
 records every failed delivery report and raises it on the next ``produce`` or
-``flush``. A shard commits its Redis state only after ``flush`` confirmed that
-every trigger and dead letter of the batch reached the broker.
+``flush``.
+
+``Outbox`` is a shard's side of the transactional outbox: the records of a
+step (triggers, suppressions, dead letters) are written to the shard's outbox
+list in Redis in the same MULTI/EXEC as the state they follow from, and only
+then produced, without waiting. Entries whose delivery the broker confirmed
+are trimmed from the list's head by a later commit. After a crash, the next
+run produces what the list still holds, so no record is lost and none waits
+on the broker inside a step (``encode_outgoing`` is the entry format).
 """
 
 from __future__ import annotations
 
 import logging
+import struct
 import threading
 import time
-from typing import Any
+from collections import deque
+from collections.abc import Callable, Iterable
+from typing import Any, NamedTuple
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
@@ -64,13 +74,25 @@ class DeliveryCheckedProducer:
         key: bytes | None,
         value: bytes,
         headers: list[tuple[str, bytes]] | None = None,
+        on_acked: Callable[[], None] | None = None,
     ) -> None:
-        """Queue one record; waits for room when the local queue is full."""
+        """Queue one record; waits for room when the local queue is full.
+        ``on_acked`` is called once the broker acknowledged it."""
         self._raise_failures()
+        if on_acked is None:
+            report = self._on_delivery
+        else:
+
+            def report(err: KafkaError | None, msg: Message) -> None:
+                if err is None:
+                    on_acked()
+                else:
+                    self._on_delivery(err, msg)
+
         while True:
             try:
                 self._producer.produce(
-                    topic, value=value, key=key, headers=headers, on_delivery=self._on_delivery
+                    topic, value=value, key=key, headers=headers, on_delivery=report
                 )
                 return
             except BufferError:
@@ -104,3 +126,93 @@ class DeliveryCheckedProducer:
 
     def poll(self) -> None:
         self._producer.poll(0)
+
+
+class Outgoing(NamedTuple):
+    """One record bound for a topic."""
+
+    topic: str
+    key: bytes | None
+    value: bytes
+
+
+_HEAD = struct.Struct(">Hi")  # topic length, key length (-1: no key)
+
+
+def encode_outgoing(record: Outgoing) -> bytes:
+    """An outbox entry: a 6-byte head, the topic, the key and the value."""
+    topic = record.topic.encode()
+    key = record.key
+    return (
+        _HEAD.pack(len(topic), -1 if key is None else len(key))
+        + topic
+        + (key or b"")
+        + record.value
+    )
+
+
+def decode_outgoing(entry: bytes) -> Outgoing:
+    topic_len, key_len = _HEAD.unpack_from(entry)
+    at = _HEAD.size + topic_len
+    topic = entry[_HEAD.size : at].decode()
+    if key_len < 0:
+        return Outgoing(topic, None, entry[at:])
+    return Outgoing(topic, entry[at : at + key_len], entry[at + key_len :])
+
+
+class _Chunk:
+    __slots__ = ("left", "size")
+
+    def __init__(self, size: int):
+        self.size = size
+        self.left = size
+
+
+class Outbox:
+    """What one shard has committed to its outbox and produced, in outbox order.
+
+    Records are sent in chunks (one per commit); a chunk is done when the broker
+    has acknowledged all of its records. ``take_done`` hands over how many
+    entries at the head of the outbox are done, for the next commit to trim.
+    """
+
+    def __init__(self, producer: DeliveryCheckedProducer):
+        self._producer = producer
+        self._chunks: deque[_Chunk] = deque()
+        self._lock = threading.Lock()
+
+    def send(self, records: Iterable[Outgoing]) -> None:
+        records = list(records)
+        if not records:
+            return
+        chunk = _Chunk(len(records))
+        self._chunks.append(chunk)
+
+        def acked() -> None:
+            with self._lock:
+                chunk.left -= 1
+
+        for record in records:
+            self._producer.produce(record.topic, record.key, record.value, on_acked=acked)
+
+    def pending(self) -> int:
+        """Records sent and not yet trimmed from the outbox."""
+        return sum(chunk.size for chunk in self._chunks)
+
+    def done(self) -> int:
+        """Entries at the outbox's head whose delivery is confirmed."""
+        n = 0
+        with self._lock:
+            for chunk in self._chunks:
+                if chunk.left:
+                    break
+                n += chunk.size
+        return n
+
+    def take_done(self) -> int:
+        """``done()``, forgetting those entries (the caller trims them)."""
+        n = 0
+        with self._lock:
+            while self._chunks and not self._chunks[0].left:
+                n += self._chunks.popleft().size
+        return n

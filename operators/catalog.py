@@ -11,7 +11,8 @@ Timer kinds and what they check when due (``fire``):
   due time (first nudge after ``first_delay_minutes``, second after
   ``second_delay_hours``); a later cart add moves both.
 - ``dormant_<N>``: no order between the anchoring order (its time is the
-  timer's ref) and N days later; every order re-anchors them.
+  timer's ref) and N days later; every order re-anchors them. Only the next
+  step is pending: a step that fires schedules the following one.
 - ``delivery``: an order (the ref) not delivered ``hours_after_promise`` after
   its promised time (``customs_hours_after_promise`` once held in customs).
 """
@@ -178,11 +179,13 @@ class TriggerCatalog:
             plan.schedule.append(Timer(customer, "cart_2", "", second))
         if ORDER_PLACED in codes and rules.dormant_win_back.enabled:
             anchor = int(record["last_order_ms"])
-            for days in rules.dormant_win_back.days:
+            steps = sorted(rules.dormant_win_back.days)
+            for days in steps:
                 plan.cancel.append(timer_member(customer, f"dormant_{days}"))
-                plan.schedule.append(
-                    Timer(customer, f"dormant_{days}", str(anchor), anchor + days * MS_PER_DAY)
-                )
+            # One timer at a time: each step schedules the next when it fires.
+            plan.schedule.append(
+                Timer(customer, f"dormant_{steps[0]}", str(anchor), anchor + steps[0] * MS_PER_DAY)
+            )
         if not rules.delivery_delay.enabled:
             return out
         delay = rules.delivery_delay
@@ -524,6 +527,16 @@ class TriggerCatalog:
                 return None  # a non-buyer past the 90-day baseline: nothing left to change
             step = int(self._rules.churn_risk.recheck_days * MS_PER_DAY)
             return Timer(timer.customer, "recheck", "", timer.due_ms + step)
+        if timer.kind.startswith("dormant_"):
+            anchor, days = int(timer.ref), int(timer.kind.split("_", 1)[1])
+            if anchor < int(record["last_order_ms"]):
+                return None  # re-anchored by a later order, which set its own steps
+            later = [d for d in sorted(self._rules.dormant_win_back.days) if d > days]
+            if not later:
+                return None
+            return Timer(
+                timer.customer, f"dormant_{later[0]}", timer.ref, anchor + later[0] * MS_PER_DAY
+            )
         if timer.kind != "birthday":
             return None
         due = next_birthday_reminder(timer.ref, timer.due_ms, self._rules.birthday.days_before)

@@ -53,6 +53,8 @@ SERVICE_TICKET = EVENT_CODE["service_ticket"]
 PRODUCT_REVIEW = EVENT_CODE["product_review"]
 CONTACTED_TOO_OFTEN = EVENT_CODE["contacted_too_often"]
 
+FRESH, REPLAYED, DUPLICATE = 0, 1, 2  # check_events verdicts
+
 RULE_BROWSE_INTEREST = 0
 RULE_HIGH_INTENT = 1
 RULE_NAMES = ("browse_interest", "high_intent_no_purchase")
@@ -707,12 +709,81 @@ class BatchEvents(NamedTuple):
     aux: np.ndarray  # float64
 
 
+@njit(cache=True, nogil=True)
+def check_events(
+    applied_part, applied_off, recent_ids, recent_s, recent_next,
+    cust, role, partition, offset, digest, seconds, horizon_s, verdict,
+):  # fmt: skip
+    """Exactly-once checks of a batch's events in input order, updating the records.
+
+    ``verdict[i]`` becomes ``FRESH``, ``REPLAYED`` (at or below the offset the
+    customer's state already holds for the event's input role) or
+    ``DUPLICATE`` (its event-id hash is in the customer's ring of recent ids
+    within ``horizon_s`` seconds; 0 turns the duplicate check off).
+    """
+    ring = recent_ids.shape[1]
+    for i in range(cust.shape[0]):
+        c, r = cust[i], role[i]
+        if applied_part[c, r] == partition[i] and offset[i] <= applied_off[c, r]:
+            verdict[i] = REPLAYED
+            continue
+        if horizon_s > 0:
+            duplicate = False
+            for k in range(ring):
+                if recent_ids[c, k] == digest[i]:
+                    duplicate = abs(seconds[i] - np.int64(recent_s[c, k])) <= horizon_s
+                    break
+            if duplicate:
+                verdict[i] = DUPLICATE
+                continue
+            slot = recent_next[c]
+            recent_ids[c, slot] = digest[i]
+            recent_s[c, slot] = seconds[i]
+            recent_next[c] = (slot + 1) % ring
+        if applied_part[c, r] != partition[i]:  # first event, or re-partitioned
+            applied_part[c, r] = partition[i]
+            applied_off[c, r] = offset[i]
+        elif offset[i] > applied_off[c, r]:
+            applied_off[c, r] = offset[i]
+        verdict[i] = FRESH
+
+
 def apply_batch(records: np.ndarray, events: BatchEvents, params: Params) -> tuple[Firings, int]:
     """Apply a batch to ``records`` in place; return the rule firings and late events."""
     n = events.cust_idx.shape[0]
     out = [np.empty(2 * n, d) for d in (np.int32, np.int8, np.int64, np.int64, np.int64)]
     n_out, n_late = apply_events(records, *events, params.kernel, params.pref_weights, *out)
     return Firings(*(column[:n_out] for column in out)), n_late
+
+
+def check_batch(
+    records: np.ndarray,
+    cust: np.ndarray,
+    role: np.ndarray,
+    partition: np.ndarray,
+    offset: np.ndarray,
+    digest: np.ndarray,
+    seconds: np.ndarray,
+    horizon_s: int,
+) -> np.ndarray:
+    """``check_events`` over a batch's event columns; returns the verdict per event."""
+    verdict = np.empty(cust.shape[0], np.int8)
+    check_events(
+        records["applied_partition"],
+        records["applied_offset"],
+        records["recent_ids"],
+        records["recent_s"],
+        records["recent_next"],
+        cust,
+        role,
+        partition,
+        offset,
+        digest,
+        seconds,
+        horizon_s,
+        verdict,
+    )
+    return verdict
 
 
 def derive_batch(records: np.ndarray, as_of_ms: np.ndarray, params: Params) -> np.ndarray:
@@ -744,12 +815,16 @@ def warm_up(config: CrmConfig) -> None:
     Loading pulls in NumPy/SciPy pieces and takes about a second; doing it at
     start-up keeps it out of the first trigger's latency.
     """
-    from crmstream.state.encoding import fresh_records
+    from crmstream.state.encoding import decode_batch, encode_records, fresh_records
 
     params = params_from(config)
     records = fresh_records(1)
     apply_batch(records, events_of([(0, ORDER_PLACED, 0, MS_PER_DAY, 1.0, 0.0)]), params)
     derive_batch(records, np.array([MS_PER_DAY], np.int64), params)
+    decode_batch(encode_records(records), ["warm-up"])
+    one = np.zeros(1, np.int64)
+    check_batch(records, one.astype(np.int32), one.astype(np.int8), one.astype(np.int32), one,
+                one.astype(np.uint64), one, 1)  # fmt: skip
 
 
 assert len(EVENT_TYPES) == NUM_EVENT_TYPES

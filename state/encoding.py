@@ -16,10 +16,11 @@ spend for 90 d / 365 d. Small counters saturate instead of wrapping.
 from __future__ import annotations
 
 import numpy as np
+from numba import njit
 
 from crmstream.operators.events import NUM_EVENT_TYPES
 
-LAYOUT_VERSION = 3
+LAYOUT_VERSION = 4
 # Input roles whose applied positions each customer records (exactly-once).
 ROLES: tuple[str, ...] = ("clickstream", "orders", "customers", "feedback")
 ROLE_INDEX = {role: i for i, role in enumerate(ROLES)}
@@ -114,6 +115,7 @@ STATE_DTYPE = np.dtype(
 STATE_BYTES = STATE_DTYPE.itemsize
 DEDUP_IDS = 8
 
+# Layout 3: the same record as layout 4, stored unpacked (STATE_BYTES bytes).
 # Layout 2 (state model): layout 3 without the duplicate ring.
 STATE_DTYPE_V2 = np.dtype(
     [d for d in STATE_DTYPE.descr if d[0] not in ("recent_ids", "recent_s", "recent_next")]
@@ -140,6 +142,9 @@ STATE_DTYPE_V1 = np.dtype(
 )
 
 
+_VERSION_BYTE = bytes([LAYOUT_VERSION])
+
+
 class StateEncodingError(ValueError):
     """A stored state blob cannot be decoded."""
 
@@ -163,17 +168,121 @@ def fresh_records(n: int) -> np.ndarray:
     return records
 
 
+# Layout 4 stores a record packed: its bytes XOR a fresh record's (so a field
+# still at its initial value becomes zeros), then runs of zeros squeezed out.
+# Packed, after the version byte: tokens of (zeros, n, n literal bytes), each
+# count one byte; zeros after the last token are implied.
+_TEMPLATE = np.frombuffer(fresh_records(1).tobytes(), np.uint8)
+_MAX_PACKED = 1 + STATE_BYTES + 2 * (STATE_BYTES // 255 + 2)  # no zeros at all: worst case
+_MIN_ZERO_RUN = 3  # shorter zero runs stay inside a literal (a token costs 2 bytes)
+
+
+@njit(cache=True, nogil=True)
+def _pack(raw, template, out, ends):  # pragma: no cover - compiled
+    """Pack each row of ``raw`` (records as bytes) into ``out``; ``ends[i]`` is where row i ends."""
+    width = raw.shape[1]
+    pos = 0
+    for r in range(raw.shape[0]):
+        out[pos] = raw[r, 0]  # the version byte, kept as is
+        pos += 1
+        i = 1
+        while i < width:
+            start = i
+            while i < width and raw[r, i] == template[i]:
+                i += 1
+            if i == width:
+                break  # trailing zeros are implied
+            zeros = i - start
+            while zeros > 255:
+                out[pos] = 255
+                out[pos + 1] = 0
+                pos += 2
+                zeros -= 255
+            head = pos
+            pos += 2
+            n = 0
+            while i < width and n < 255:
+                run = 0  # a long enough zero run ends the literal
+                while i + run < width and run < _MIN_ZERO_RUN:
+                    if raw[r, i + run] != template[i + run]:
+                        break
+                    run += 1
+                if run == _MIN_ZERO_RUN or i + run == width:
+                    break
+                out[pos] = raw[r, i] ^ template[i]
+                pos += 1
+                n += 1
+                i += 1
+            out[head] = zeros
+            out[head + 1] = n
+        ends[r] = pos
+
+
+@njit(cache=True, nogil=True)
+def _unpack(buf, starts, ends, rows, template, into):  # pragma: no cover - compiled
+    """Unpack blobs ``buf[starts[k]:ends[k]]`` into ``into[rows[k]]``; returns the
+    first corrupt blob's position in ``rows``, or -1."""
+    width = into.shape[1]
+    for k in range(starts.shape[0]):
+        row = rows[k]
+        into[row, :] = template
+        into[row, 0] = buf[starts[k]]
+        pos, i, end = starts[k] + 1, 1, ends[k]
+        while pos < end:
+            if pos + 2 > end:
+                return k
+            i += buf[pos]
+            n = buf[pos + 1]
+            pos += 2
+            if i + n > width or pos + n > end:
+                return k
+            for j in range(n):
+                into[row, i + j] = buf[pos + j] ^ template[i + j]
+            i += n
+            pos += n
+    return -1
+
+
 def decode_batch(blobs: list[bytes | None], keys: list[str]) -> np.ndarray:
     """Decode a batch's blobs (None = new customer) into one structured array."""
     records = fresh_records(len(blobs))
+    packed: list[int] = []
     for i, blob in enumerate(blobs):
         if blob is None:
             continue
-        if len(blob) == STATE_BYTES and blob[0] == LAYOUT_VERSION:
+        if blob[:1] == _VERSION_BYTE:
+            packed.append(i)
+        elif len(blob) == STATE_BYTES and blob[0] == 3:
             records[i] = np.frombuffer(blob, dtype=STATE_DTYPE)[0]
+            records["version"][i] = LAYOUT_VERSION
         else:
             _migrate(blob, keys[i], records[i : i + 1])
+    if packed:
+        parts = [blobs[i] for i in packed]
+        ends = np.cumsum([len(p) for p in parts])
+        starts = ends - [len(p) for p in parts]
+        buf = np.frombuffer(b"".join(parts), np.uint8)
+        raw = records.view(np.uint8).reshape(len(records), STATE_BYTES)
+        bad = _unpack(buf, starts, ends, np.array(packed, np.int64), _TEMPLATE, raw)
+        if bad >= 0:
+            i = packed[bad]
+            raise StateEncodingError(
+                f"state at {keys[i]!r} is a corrupt layout-{LAYOUT_VERSION} blob "
+                f"({len(blobs[i])} bytes)"
+            )
     return records
+
+
+def encode_records(records: np.ndarray) -> list[bytes]:
+    """One packed blob per record."""
+    n = len(records)
+    raw = np.ascontiguousarray(records).view(np.uint8).reshape(n, STATE_BYTES)
+    out = np.empty(n * _MAX_PACKED, np.uint8)
+    ends = np.empty(n, np.int64)
+    _pack(raw, _TEMPLATE, out, ends)
+    data = out[: ends[-1]].tobytes() if n else b""
+    bounds = [0, *ends.tolist()]
+    return [data[bounds[i] : bounds[i + 1]] for i in range(n)]
 
 
 def _migrate(blob: bytes, key: str, into: np.ndarray) -> None:
@@ -213,11 +322,5 @@ def _migrate(blob: bytes, key: str, into: np.ndarray) -> None:
     version = blob[0] if blob else None
     raise StateEncodingError(
         f"state at {key!r} has layout version {version!r} and {len(blob)} bytes; "
-        f"this build reads layouts 1, 2 and {LAYOUT_VERSION} ({STATE_BYTES} bytes)"
+        f"this build reads layouts 1 to {LAYOUT_VERSION}"
     )
-
-
-def encode_records(records: np.ndarray) -> list[bytes]:
-    """One blob per record."""
-    raw = records.tobytes()
-    return [raw[i : i + STATE_BYTES] for i in range(0, len(raw), STATE_BYTES)]

@@ -2,20 +2,25 @@
 
 This module owns the format of ``{prefix}:{<customer>}:p``, the part of the
 state that downstream readers (customer 360, service desks) use without
-knowing the binary layout: lifecycle stage, value segment, tier, churn score,
-level and top contributing signals, P(alive), expected purchases, RFM and the
-top categories. Values are short strings; numbers have three decimals.
+knowing the binary layout. By default it holds lifecycle stage, value
+segment, tier, churn level and score, top categories and last seen
+(``state.profile_fields``; churn contributors, P(alive), expected purchases,
+RFM, stage since and interest shift can be added, and ``crmstream profile``
+shows them all from the binary state). Customer events add attributes and
+consent. Values are short strings; numbers have three decimals.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
 
 from crmstream.config import CrmConfig
+from crmstream.config.schema import PROFILE_FIELD_CHOICES
 from crmstream.operators.kernels import COL, SIGNALS
 from crmstream.state.encoding import CHURN_LEVELS, SEGMENTS, STAGES, TIERS
 
@@ -53,27 +58,39 @@ def churn_contributors(row: np.ndarray, weights: np.ndarray, k: int = 3) -> list
     return [SIGNALS[i] for i in order[:k] if contrib[i] > 0]
 
 
+_DERIVED_FIELDS: dict[str, Callable[[np.void, np.ndarray, CrmConfig, np.ndarray], str]] = {
+    "stage": lambda rec, row, cfg, w: STAGES[rec["stage"]],
+    "stage_since": lambda rec, row, cfg, w: (
+        iso_s(int(rec["stage_since_ms"])) if rec["stage_since_ms"] else ""
+    ),
+    "segment": lambda rec, row, cfg, w: SEGMENTS[rec["segment"]],
+    "tier": lambda rec, row, cfg, w: TIERS[rec["tier"]],
+    "churn_level": lambda rec, row, cfg, w: CHURN_LEVELS[rec["churn_level"]],
+    "churn_score": lambda rec, row, cfg, w: _num(row[COL["churn_score"]]),
+    "churn_top": lambda rec, row, cfg, w: ",".join(churn_contributors(row, w)),
+    "p_alive": lambda rec, row, cfg, w: _num(row[COL["p_alive"]]),
+    "expected_30d": lambda rec, row, cfg, w: _num(row[COL["expected_30d"]]),
+    "expected_90d": lambda rec, row, cfg, w: _num(row[COL["expected_90d"]]),
+    "rfm": lambda rec, row, cfg, w: "-".join(str(int(row[COL[x]])) for x in ("r", "f", "m")),
+    "top_categories": lambda rec, row, cfg, w: ",".join(
+        top_categories(rec["pref"], cfg.taxonomy.categories, cfg.preferences.top_k)
+    ),
+    "interest_shift": lambda rec, row, cfg, w: _num(row[COL["interest_shift"]]),
+    "last_seen": lambda rec, row, cfg, w: (
+        iso_s(int(rec["last_seen_ms"])) if rec["last_seen_ms"] > 0 else ""
+    ),
+}
+assert tuple(_DERIVED_FIELDS) == PROFILE_FIELD_CHOICES  # what the config may choose
+
+
 def profile_fields(
     record: np.void, row: np.ndarray, config: CrmConfig, churn_weights: np.ndarray
 ) -> dict[str, str]:
-    """The profile hash fields for one customer from its record and derived row."""
+    """The configured profile hash fields (``state.profile_fields``) for one customer
+    from its record and derived row."""
     return {
-        "stage": STAGES[record["stage"]],
-        "stage_since": iso_s(int(record["stage_since_ms"])) if record["stage_since_ms"] else "",
-        "segment": SEGMENTS[record["segment"]],
-        "tier": TIERS[record["tier"]],
-        "churn_level": CHURN_LEVELS[record["churn_level"]],
-        "churn_score": _num(row[COL["churn_score"]]),
-        "churn_top": ",".join(churn_contributors(row, churn_weights)),
-        "p_alive": _num(row[COL["p_alive"]]),
-        "expected_30d": _num(row[COL["expected_30d"]]),
-        "expected_90d": _num(row[COL["expected_90d"]]),
-        "rfm": "-".join(str(int(row[COL[x]])) for x in ("r", "f", "m")),
-        "top_categories": ",".join(
-            top_categories(record["pref"], config.taxonomy.categories, config.preferences.top_k)
-        ),
-        "interest_shift": _num(row[COL["interest_shift"]]),
-        "last_seen": iso_s(int(record["last_seen_ms"])) if record["last_seen_ms"] > 0 else "",
+        name: _DERIVED_FIELDS[name](record, row, config, churn_weights)
+        for name in config.state.profile_fields
     }
 
 

@@ -6,13 +6,15 @@ This module owns every Redis key crmstream writes and the order of writes:
   also records the input offsets applied to that customer;
 - ``{prefix}:{<customer>}:p``: the readable profile hash for downstream readers;
 - ``{prefix}:progress:<shard>``: per input partition, the highest offset the
-  shard has fully applied; the lower bound the source resumes from.
+  shard has fully applied; the lower bound the source resumes from;
+- ``{prefix}:outbox:<shard>``: records committed with the state and not yet
+  confirmed delivered (``flows.sink.Outbox``).
 
 A batch is loaded with one MGET and committed with one MULTI/EXEC that holds
-the states, the profiles and the shard's progress together. Customer keys carry
-the ``{customer}`` hash tag; because each state blob records its own applied
-offsets, a replay never double-counts even where the store cannot span slots in
-one transaction (Redis Cluster).
+the states, the profiles, the outgoing records and the shard's progress
+together. Customer keys carry the ``{customer}`` hash tag; because each state
+blob records its own applied offsets, a replay never double-counts even where
+the store cannot span slots in one transaction (Redis Cluster).
 """
 
 from __future__ import annotations
@@ -232,6 +234,8 @@ class StateStore:
         erase: list[tuple[str, list[str], dict[str, str], int, int]] = (),
         atomic: bool = True,
         customers_delta: int = 0,
+        outbox: list[bytes] = (),
+        outbox_trim: int = 0,
     ) -> None:
         """Write states, profiles, timers and the shard's progress in one MULTI/EXEC.
 
@@ -241,6 +245,8 @@ class StateStore:
         timer of the customer goes, and the audit stream gets the entry.
         ``customers_delta`` (new customers minus erased ones) keeps the shard's
         customer count; it and the shard's pending timers feed two gauges.
+        ``outbox`` entries (records to send) are appended to the shard's outbox
+        after its first ``outbox_trim`` entries (delivered) are removed.
         """
         started = time.perf_counter()
         atomic = atomic and not self._cluster
@@ -273,6 +279,10 @@ class StateStore:
                 pipe.zrem(timers_key, *members)
             pipe.xadd(self.audit_key(), audit)
             pipe.set(self.tombstone_key(customer), tombstone_ms, ex=ttl_s)
+        if outbox_trim:
+            pipe.ltrim(self.outbox_key(shard), outbox_trim, -1)
+        if outbox:
+            pipe.rpush(self.outbox_key(shard), *outbox)
         pipe.hincrby(self.customers_key(), str(shard), customers_delta)
         pipe.zcard(timers_key)
         if not atomic:  # progress only after the state it covers is written
@@ -291,6 +301,13 @@ class StateStore:
         metrics = get_metrics()
         metrics.customers.labels(str(shard)).set(customers)
         metrics.pending_timers.labels(str(shard)).set(pending)
+
+    def outbox_key(self, shard: int) -> str:
+        return f"{self._prefix}:outbox:{shard}"
+
+    def load_outbox(self, shard: int) -> list[bytes]:
+        """The shard's outbox entries not yet confirmed delivered, oldest first."""
+        return self._client.lrange(self.outbox_key(shard), 0, -1)
 
     def customers_key(self) -> str:
         return f"{self._prefix}:customers"

@@ -54,6 +54,7 @@ def test_booleans_from_env_are_parsed_explicitly(raw, expected):
         ("kafka.topics.triggers=crm.clickstream", "shared: ['crm.clickstream']"),
         ("redis.url=http://x", "redis.url = 'http://x'"),
         ("processing.shardz=3", "processing.shardz = 3 (from --set): unknown key"),
+        ("state.profile_fields=[stage,p_aliv]", "unknown profile field(s) 'p_aliv'"),
     ],
 )
 def test_bad_values_name_the_key_and_the_value(override, fragment):
@@ -98,3 +99,22 @@ def test_a_config_file_overrides_the_default_key_by_key(tmp_path):
     bad.write_text("processing: {shards: 0}\n")
     with pytest.raises(ConfigError, match=rf"processing.shards = 0 \(from {re.escape(str(bad))}\)"):
         load_config(bad, env={})
+
+
+def test_the_profile_hash_holds_the_configured_fields_only():
+    import numpy as np
+
+    from crmstream.operators.kernels import DERIVED, params_from
+    from crmstream.state.encoding import fresh_records
+    from crmstream.state.profile import profile_fields
+
+    record, row = fresh_records(1)[0], np.zeros(len(DERIVED))
+    default = load_config(env={})
+    weights = params_from(default).churn_weights
+    assert list(profile_fields(record, row, default, weights)) == list(default.state.profile_fields)
+    wider = load_config(None, ["state.profile_fields=[stage,p_alive,rfm]"], env={})
+    assert profile_fields(record, row, wider, weights) == {
+        "stage": "prospect",
+        "p_alive": "0.000",
+        "rfm": "0-0-0",
+    }

@@ -1,4 +1,5 @@
-"""The binary state layout: round trips, size, and clear errors for unknown layouts."""
+"""The binary state layout (round trips, size, clear errors for unknown layouts) and the
+outbox entry format."""
 
 from __future__ import annotations
 
@@ -17,6 +18,12 @@ from crmstream.state.encoding import (
 )
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _compiled():
+    """Compile (or load) the packing kernels once, outside hypothesis' deadlines."""
+    decode_batch(encode_records(fresh_records(1)), ["k"])
+
+
 def test_new_customers_decode_to_fresh_records():
     records = decode_batch([None, None], ["k1", "k2"])
     assert np.array_equal(records, fresh_records(2))
@@ -25,9 +32,64 @@ def test_new_customers_decode_to_fresh_records():
 
 @given(st.lists(st.binary(min_size=STATE_BYTES - 1, max_size=STATE_BYTES - 1), max_size=5))
 def test_round_trip_is_exact(payloads):
-    blobs = [bytes([LAYOUT_VERSION]) + p for p in payloads]
+    """Any record (here: arbitrary bytes read as layout 3) packs and unpacks to itself."""
+    blobs = [bytes([3]) + p for p in payloads]
     records = decode_batch(blobs, [f"k{i}" for i in range(len(blobs))])
-    assert encode_records(records) == blobs
+    packed = encode_records(records)
+    assert all(blob[0] == LAYOUT_VERSION for blob in packed)
+    again = decode_batch(packed, [f"k{i}" for i in range(len(packed))])
+    assert again.tobytes() == records.tobytes()
+    assert encode_records(again) == packed
+
+
+@given(
+    st.lists(
+        st.dictionaries(
+            st.integers(1, STATE_BYTES - 1), st.integers(0, 255), max_size=STATE_BYTES // 4
+        ),
+        min_size=1,
+        max_size=5,
+    )
+)
+def test_sparse_changes_pack_small_and_round_trip(changes):
+    """Records that differ from a fresh one in a few bytes (the usual customer) pack to
+    about those bytes, and unpack exactly."""
+    records = fresh_records(len(changes))
+    raw = records.view(np.uint8).reshape(len(changes), STATE_BYTES)
+    for row, edits in enumerate(changes):
+        for offset, value in edits.items():
+            raw[row, offset] = value
+    packed = encode_records(records)
+    for blob, edits in zip(packed, changes, strict=True):
+        assert len(blob) <= 1 + 3 * len(edits) + 2 * (STATE_BYTES // 255 + 1)
+    assert decode_batch(packed, ["k"] * len(packed)).tobytes() == records.tobytes()
+
+
+def test_a_fresh_record_packs_to_its_version_byte():
+    assert encode_records(fresh_records(2)) == [bytes([LAYOUT_VERSION])] * 2
+
+
+@given(st.binary(max_size=64))
+def test_any_layout_4_bytes_decode_or_raise_a_clear_error(payload):
+    blob = bytes([LAYOUT_VERSION]) + payload
+    try:
+        decode_batch([blob], ["crm:{c1}:s"])
+    except StateEncodingError as error:
+        assert "crm:{c1}:s" in str(error) and "corrupt" in str(error)
+
+
+def test_truncated_packed_state_names_the_key():
+    with pytest.raises(StateEncodingError, match=r"state at .crm:\{c1\}:s. is a corrupt layout-4"):
+        decode_batch([bytes([LAYOUT_VERSION, 0, 200, 1, 2])], ["crm:{c1}:s"])
+
+
+def test_layout_3_state_is_read_as_is():
+    current = fresh_records(1)
+    current["orders_total"] = 7
+    old = current.copy()
+    old["version"] = 3
+    (new,) = decode_batch([old.tobytes()], ["crm:{c1}:s"])
+    assert new["version"] == LAYOUT_VERSION and new["orders_total"] == 7
 
 
 def test_state_stays_small():
@@ -95,3 +157,11 @@ def test_layout_2_state_is_migrated_on_read_with_an_empty_duplicate_ring():
     assert (new["orders_total"], new["pref"][3]) == (7, 0.5)
     assert list(new["applied_offset"]) == [9, 3, -1, -1]
     assert not new["recent_ids"].any() and new["recent_next"] == 0
+
+
+@given(st.text(min_size=1, max_size=40), st.one_of(st.none(), st.binary(max_size=40)), st.binary())
+def test_outbox_entries_round_trip(topic, key, value):
+    from crmstream.flows.sink import Outgoing, decode_outgoing, encode_outgoing
+
+    record = Outgoing(topic, key, value)
+    assert decode_outgoing(encode_outgoing(record)) == record

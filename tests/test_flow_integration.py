@@ -338,3 +338,37 @@ def test_duplicate_check_can_be_switched_off(isolated_config, script, stack):
     run_flow(config, stack)
     store = StateStore(connect(stack.redis_url, config.redis), config.redis.key_prefix)
     assert customer_view(store, config, "ida")["event_counts"] == {"product_view": 2}
+
+
+def test_records_left_in_the_outbox_are_sent_by_the_next_run(isolated_config, script, stack):
+    """A crash after the commit and before the broker's acknowledgement leaves records in
+    the shard's outbox: the next run sends them, and a clean run leaves the outbox empty."""
+    from crmstream.flows.sink import Outgoing, encode_outgoing
+
+    config = isolated_config()
+    s = script(config)
+    s.view("gus", "pets", 0)
+    s.view("gus", "pets", 1)
+    s.view("gus", "pets", 2)
+    s.flush()
+    run_flow(config, stack)
+    store = StateStore(connect(stack.redis_url, config.redis), config.redis.key_prefix)
+    outboxes = [store.outbox_key(shard) for shard in range(config.processing.shards)]
+    assert store.client.exists(*outboxes) == 0
+    assert len(read_topic(stack, config.kafka.topics.triggers)) == 1
+
+    left = {"trigger_id": "left-by-a-crash", "customer_id": "hal", "trigger_type": "test"}
+    planted = [
+        Outgoing(config.kafka.topics.triggers, b"hal", orjson.dumps(left)),
+        Outgoing(config.kafka.topics.suppressions, None, orjson.dumps({"trigger_id": "s1"})),
+    ]
+    store.client.rpush(outboxes[3], *[encode_outgoing(r) for r in planted])
+    s.view("ivy", "toys", 3)  # any input starts every shard
+    s.flush()
+    run_flow(config, stack)
+
+    triggers = read_topic(stack, config.kafka.topics.triggers)
+    assert [t["trigger_id"] for t in triggers].count("left-by-a-crash") == 1
+    suppressions = read_topic(stack, config.kafka.topics.suppressions)
+    assert [r["trigger_id"] for r in suppressions] == ["s1"]
+    assert store.client.exists(*outboxes) == 0
