@@ -66,7 +66,7 @@ from crmstream.state.encoding import (
     decode_batch,
     encode_records,
 )
-from crmstream.state.profile import event_fields, profile_fields
+from crmstream.state.profile import event_fields, profile_changed, profile_fields
 from crmstream.state.store import Progress
 from crmstream.state.timers import Timer
 
@@ -538,6 +538,7 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, dict[str, int], None]):
         events, touched = self._drop_erased(events, due, store.last_tombstones)
 
         fresh = self._unapplied(events, records, index)
+        as_loaded = records.copy()
         orders_before = records["orders_total"].copy()
         deliveries_before = records["type_counts"][:, EVENT_CODE["order_delivered"]].copy()
         n = len(fresh)
@@ -607,7 +608,10 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, dict[str, int], None]):
                 plan.delivered.setdefault(timer.customer, []).append(timer.ref)
 
         erased = {ev.customer_id: ev for ev in fresh if ev.type_code == ERASURE_REQUESTED}
-        profiles = self._profiles(customers, records, derived, fresh, touched)
+        changed = profile_changed(as_loaded, records, self._rt.config)
+        changed |= np.array([blob is None for blob in blobs], bool)
+        rewrite = {c for c, flag in zip(customers, changed, strict=True) if flag} & touched
+        profiles = self._profiles(customers, records, derived, fresh, rewrite)
         approved, suppressions = self._policy(
             candidates, records, index, profiles, erased, plan, now_ms
         )
@@ -820,19 +824,22 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, dict[str, int], None]):
         records: np.ndarray,
         derived: np.ndarray,
         fresh: list[ParsedEvent],
-        touched: set[str],
+        rewrite: set[str],
     ) -> dict[str, dict[str, str]]:
-        """The readable profile fields of the batch's customers that get written."""
+        """The readable profile fields to write: the derived ones of ``rewrite`` (new
+        customers and those whose configured fields may have changed), and what
+        customer events set."""
         config, weights = self._rt.config, self._params.churn_weights
         profiles = {
             c: profile_fields(records[i], derived[i], config, weights)
             for i, c in enumerate(customers)
-            if c in touched
+            if c in rewrite
         }
         for ev in fresh:
             if ev.type_code in _PROFILE_EVENT_CODES:
                 kind = EVENT_TYPES[ev.type_code]
-                profiles[ev.customer_id].update(event_fields(kind, ev.fields, ev.event_time_ms))
+                fields = event_fields(kind, ev.fields, ev.event_time_ms)
+                profiles.setdefault(ev.customer_id, {}).update(fields)
         return profiles
 
 

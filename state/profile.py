@@ -83,6 +83,41 @@ _DERIVED_FIELDS: dict[str, Callable[[np.void, np.ndarray, CrmConfig, np.ndarray]
 assert tuple(_DERIVED_FIELDS) == PROFILE_FIELD_CHOICES  # what the config may choose
 
 
+# The record fields each profile field is computed from; None: from the derived
+# row (churn score, P(alive), ...), which moves with time, so always written.
+_SOURCES: dict[str, str | None] = {
+    "stage": "stage",
+    "stage_since": "stage_since_ms",
+    "segment": "segment",
+    "tier": "tier",
+    "churn_level": "churn_level",
+    "top_categories": "pref",
+    "last_seen": "last_seen_ms",
+}
+
+
+def _top_k(pref: np.ndarray, k: int) -> np.ndarray:
+    """Per row, the indexes of the top ``k`` positive affinities (-1 past the positive ones)."""
+    order = np.argsort(-pref, axis=1, kind="stable")[:, :k]
+    return np.where(np.take_along_axis(pref, order, 1) > 0, order, -1)
+
+
+def profile_changed(before: np.ndarray, after: np.ndarray, config: CrmConfig) -> np.ndarray:
+    """Per record, whether a configured profile field can differ between the two
+    versions (a hash write can be skipped where it cannot)."""
+    changed = np.zeros(len(after), bool)
+    for name in config.state.profile_fields:
+        source = _SOURCES.get(name)
+        if source is None:
+            return np.ones(len(after), bool)
+        if source == "pref":
+            k = config.preferences.top_k
+            changed |= (_top_k(before["pref"], k) != _top_k(after["pref"], k)).any(axis=1)
+        else:
+            changed |= before[source] != after[source]
+    return changed
+
+
 def profile_fields(
     record: np.void, row: np.ndarray, config: CrmConfig, churn_weights: np.ndarray
 ) -> dict[str, str]:

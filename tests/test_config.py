@@ -118,3 +118,22 @@ def test_the_profile_hash_holds_the_configured_fields_only():
         "p_alive": "0.000",
         "rfm": "0-0-0",
     }
+
+
+def test_the_profile_hash_is_rewritten_only_when_a_configured_field_can_change():
+    from crmstream.state.encoding import fresh_records
+    from crmstream.state.profile import profile_changed
+
+    config = load_config(env={})  # stage, segment, tier, churn_level, top_categories
+    before = fresh_records(4)
+    before["pref"][:, :3] = [0.9, 0.5, 0.1]
+    after = before.copy()
+    after["stage"][0] = 2  # a new stage
+    after["pref"][1] *= 0.5  # decay: same order, same top categories
+    after["pref"][2, 2] = 0.95  # a new favourite category
+    after["last_seen_ms"][3] = 123  # not a configured field
+    assert profile_changed(before, after, config).tolist() == [True, False, True, False]
+    with_seen = load_config(None, ["state.profile_fields=[stage,last_seen]"], env={})
+    assert profile_changed(before, after, with_seen).tolist() == [True, False, False, True]
+    derived = load_config(None, ["state.profile_fields=[stage,p_alive]"], env={})
+    assert profile_changed(before, after, derived).all()  # moves with time: always written
