@@ -42,10 +42,13 @@ from crmstream.flows.source import CAUGHT_UP_OFFSET, RawMessage
 from crmstream.metrics import get_metrics
 from crmstream.operators.catalog import (
     TIMER_EVENT_CODES,
+    WAKE,
     Before,
     Candidate,
     TimerPlan,
     TriggerCatalog,
+    expand_wake,
+    fold_wake,
 )
 from crmstream.operators.events import EVENT_CODE, EVENT_TYPES, InvalidEvent, ParsedEvent
 from crmstream.operators.kernels import (
@@ -303,7 +306,7 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, dict[str, int], None]):
         # pending step got its first data (see _passed).
         self._end_seen_ms: dict[Position, int] = {}
         self._step_opened_ms: dict[int, int] = {}
-        self._outbox = Outbox(runtime.producer)
+        self._outbox = Outbox(runtime.producer)  # named once the shard is known
 
     def snapshot(self) -> None:
         return None
@@ -334,6 +337,7 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, dict[str, int], None]):
             self._progress = self._rt.store.load_progress(self._shard)
             for pos, rec in self._progress.items():
                 self._watermark.seed(pos, rec.max_event_ms)
+            self._outbox = Outbox(self._rt.producer, f"shard {self._shard} outbox")
             self._resend_outbox()
         wall_ms = self._rt.clock_ms()
         for item in items:
@@ -459,7 +463,7 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, dict[str, int], None]):
             if len(due) < self._timers_cfg.fire_batch:
                 self._checked_until = mark
         if not events and not invalid and not due:
-            self._rt.producer.poll()  # delivery reports
+            self._outbox.watch()  # delivery reports
             since_write = now_ms - self._last_progress_write_ms
             idle_write = self._unsaved or self._outbox.done()
             if idle_write and since_write >= PROGRESS_WRITE_INTERVAL_MS:
@@ -484,7 +488,7 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, dict[str, int], None]):
             for record in outgoing:
                 self._rt.producer.produce(*record)
             self._commit(changes, now_ms)
-        self._rt.producer.poll()
+        self._outbox.watch()
         for record in changes.triggers:
             metrics.triggers.labels(record["trigger_type"]).inc()
         again = len(due) >= self._timers_cfg.fire_batch
@@ -535,6 +539,13 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, dict[str, int], None]):
         }
         blobs, promises = store.load_states(customers, sorted(needs_promises))
         records = decode_batch(blobs, [store.state_key(c) for c in customers])
+        fired = [t.member for t in due]
+        woke = {t.customer for t in due if t.kind == WAKE}
+        due = [
+            one
+            for t in due
+            for one in (expand_wake(t, records[index[t.customer]]) if t.kind == WAKE else (t,))
+        ]
         events, touched = self._drop_erased(events, due, store.last_tombstones)
 
         fresh = self._unapplied(events, records, index)
@@ -589,9 +600,8 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, dict[str, int], None]):
                 derived[rows[k]] = later[k]
                 candidates += self._catalog.from_derived(timer.customer, subset[k], later[k])
             records[rows] = subset  # after from_derived, which may set flags
-        fired, held = [], []
+        held = []
         for timer in due:
-            fired.append(timer.member)
             if blobs[index[timer.customer]] is None:
                 continue  # no state (erased): its timers are moot
             if timer.kind == "deferred":  # a trigger held through quiet hours: emit it now
@@ -615,6 +625,7 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, dict[str, int], None]):
         approved, suppressions = self._policy(
             candidates, records, index, profiles, erased, plan, now_ms
         )
+        fold_wake(plan, records, index, woke)
         triggers = self._emit(approved + held, fresh)
         outgoing = self._outgoing(triggers, suppressions)
         states = {

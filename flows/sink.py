@@ -125,7 +125,13 @@ class DeliveryCheckedProducer:
             )
 
     def poll(self) -> None:
+        """Serve delivery reports; raise if any record failed."""
         self._producer.poll(0)
+        self._raise_failures()
+
+    @property
+    def timeout_s(self) -> float:
+        return self._timeout_s
 
 
 class Outgoing(NamedTuple):
@@ -161,11 +167,12 @@ def decode_outgoing(entry: bytes) -> Outgoing:
 
 
 class _Chunk:
-    __slots__ = ("left", "size")
+    __slots__ = ("left", "sent", "size")
 
     def __init__(self, size: int):
         self.size = size
         self.left = size
+        self.sent = time.monotonic()
 
 
 class Outbox:
@@ -176,10 +183,12 @@ class Outbox:
     entries at the head of the outbox are done, for the next commit to trim.
     """
 
-    def __init__(self, producer: DeliveryCheckedProducer):
+    def __init__(self, producer: DeliveryCheckedProducer, name: str = "outbox"):
         self._producer = producer
+        self._name = name
         self._chunks: deque[_Chunk] = deque()
         self._lock = threading.Lock()
+        self._warned = 0.0
 
     def send(self, records: Iterable[Outgoing]) -> None:
         records = list(records)
@@ -194,6 +203,29 @@ class Outbox:
 
         for record in records:
             self._producer.produce(record.topic, record.key, record.value, on_acked=acked)
+
+    def watch(self) -> None:
+        """Serve delivery reports; every 5 s while records wait longer than that for the
+        broker's acknowledgement, log it and count a delivery wait. A record the broker
+        never acknowledges fails after ``kafka.delivery_timeout_seconds`` (raised here)."""
+        self._producer.poll()
+        with self._lock:
+            waiting = [chunk for chunk in self._chunks if chunk.left]
+        if not waiting:
+            return
+        now = time.monotonic()
+        age = now - waiting[0].sent
+        if age >= WAIT_WARNING_SECONDS and now - self._warned >= WAIT_WARNING_SECONDS:
+            self._warned = now
+            get_metrics().delivery_waits.inc()
+            log.warning(
+                "%s: %d record(s) still waiting for the broker's acknowledgement after %.0f s "
+                "(gives up after %g s): is the broker reachable?",
+                self._name,
+                sum(chunk.left for chunk in waiting),
+                age,
+                self._producer.timeout_s,
+            )
 
     def pending(self) -> int:
         """Records sent and not yet trimmed from the outbox."""

@@ -15,6 +15,12 @@ Timer kinds and what they check when due (``fire``):
   step is pending: a step that fires schedules the following one.
 - ``delivery``: an order (the ref) not delivered ``hours_after_promise`` after
   its promised time (``customs_hours_after_promise`` once held in customs).
+- ``recheck`` (churn re-derivation of a quiet customer) and ``birthday``: every
+  customer can have one of each pending, so both are kept in the customer's
+  state (``recheck_due_ms``, ``birthday_due_ms``) and one ``wake`` timer at the
+  earlier of the two stands for them in the timer set (``fold_wake``). When it
+  fires, ``expand_wake`` turns it back into the recheck and birthday timers
+  due by then, which fire and reschedule as their own kinds.
 """
 
 from __future__ import annotations
@@ -541,6 +547,51 @@ class TriggerCatalog:
             return None
         due = next_birthday_reminder(timer.ref, timer.due_ms, self._rules.birthday.days_before)
         return Timer(timer.customer, "birthday", timer.ref, due)
+
+
+WAKE = "wake"
+_WAKE_FIELDS = {"recheck": "recheck_due_ms", "birthday": "birthday_due_ms"}
+
+
+def expand_wake(timer: Timer, record: np.void) -> list[Timer]:
+    """The recheck and birthday timers a due ``wake`` stands for (those due by its
+    time), cleared from the record: what fires is rescheduled by ``reschedule``."""
+    out = []
+    recheck = int(record["recheck_due_ms"])
+    if recheck and recheck <= timer.due_ms:
+        out.append(Timer(timer.customer, "recheck", "", recheck))
+        record["recheck_due_ms"] = 0
+    birthday = int(record["birthday_due_ms"])
+    if birthday and birthday <= timer.due_ms:
+        month_day = int(record["birthday_md"])
+        ref = f"{month_day // 100:02d}-{month_day % 100:02d}"
+        out.append(Timer(timer.customer, "birthday", ref, birthday))
+        record["birthday_due_ms"] = 0
+    return out
+
+
+def fold_wake(plan: TimerPlan, records: np.ndarray, index: dict[str, int], woke: set[str]) -> None:
+    """Move the plan's recheck and birthday timers into the customers' records and
+    schedule one ``wake`` per customer at the earlier of the two (``woke``: customers
+    whose wake fired in this step, re-armed if anything is still pending)."""
+    owners = set(woke)
+    kept = []
+    for timer in plan.schedule:
+        field = _WAKE_FIELDS.get(timer.kind)
+        if field is None:
+            kept.append(timer)
+            continue
+        record = records[index[timer.customer]]
+        record[field] = timer.due_ms
+        if timer.kind == "birthday":
+            record["birthday_md"] = int(timer.ref[:2]) * 100 + int(timer.ref[3:])
+        owners.add(timer.customer)
+    for customer in sorted(owners):
+        record = records[index[customer]]
+        dues = [d for d in (int(record["recheck_due_ms"]), int(record["birthday_due_ms"])) if d]
+        if dues:
+            kept.append(Timer(customer, WAKE, "", min(dues)))
+    plan.schedule[:] = kept
 
 
 def next_birthday_reminder(month_day: str, after_ms: int, days_before: int) -> int:

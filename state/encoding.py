@@ -110,15 +110,27 @@ STATE_DTYPE = np.dtype(
         ("recent_ids", np.uint64, (8,)),
         ("recent_s", np.uint32, (8,)),
         ("recent_next", np.uint8),
+        # The customer's pending churn recheck and birthday reminder (0: none) and
+        # the birthday as month * 100 + day: one "wake" timer stands for both (layout 4).
+        ("recheck_due_ms", np.int64),
+        ("birthday_due_ms", np.int64),
+        ("birthday_md", np.uint16),
     ]
 )
 STATE_BYTES = STATE_DTYPE.itemsize
 DEDUP_IDS = 8
 
-# Layout 3: the same record as layout 4, stored unpacked (STATE_BYTES bytes).
+# Layout 3: layout 4 without the wake-up fields, stored unpacked.
+STATE_DTYPE_V3 = np.dtype(
+    [
+        d
+        for d in STATE_DTYPE.descr
+        if d[0] not in ("recheck_due_ms", "birthday_due_ms", "birthday_md")
+    ]
+)
 # Layout 2 (state model): layout 3 without the duplicate ring.
 STATE_DTYPE_V2 = np.dtype(
-    [d for d in STATE_DTYPE.descr if d[0] not in ("recent_ids", "recent_s", "recent_next")]
+    [d for d in STATE_DTYPE_V3.descr if d[0] not in ("recent_ids", "recent_s", "recent_next")]
 )
 
 # Layout 1 (foundation): kept to migrate blobs written before layout 2.
@@ -252,9 +264,6 @@ def decode_batch(blobs: list[bytes | None], keys: list[str]) -> np.ndarray:
             continue
         if blob[:1] == _VERSION_BYTE:
             packed.append(i)
-        elif len(blob) == STATE_BYTES and blob[0] == 3:
-            records[i] = np.frombuffer(blob, dtype=STATE_DTYPE)[0]
-            records["version"][i] = LAYOUT_VERSION
         else:
             _migrate(blob, keys[i], records[i : i + 1])
     if packed:
@@ -287,12 +296,13 @@ def encode_records(records: np.ndarray) -> list[bytes]:
 
 def _migrate(blob: bytes, key: str, into: np.ndarray) -> None:
     """Read an older layout into ``into`` (a fresh current record)."""
-    if len(blob) == STATE_DTYPE_V2.itemsize and blob[0] == 2:
-        old = np.frombuffer(blob, dtype=STATE_DTYPE_V2)[0]
-        for name in STATE_DTYPE_V2.names:
-            if name != "version":
-                into[name] = old[name]
-        return
+    for version, dtype in ((3, STATE_DTYPE_V3), (2, STATE_DTYPE_V2)):
+        if len(blob) == dtype.itemsize and blob[0] == version:
+            old = np.frombuffer(blob, dtype=dtype)[0]
+            for name in dtype.names:
+                if name != "version":
+                    into[name] = old[name]
+            return
     if len(blob) == STATE_DTYPE_V1.itemsize and blob[0] == 1:
         old = np.frombuffer(blob, dtype=STATE_DTYPE_V1)[0]
         for name in (

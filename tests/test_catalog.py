@@ -144,6 +144,39 @@ def test_birthday_three_days_before(isolated_config, script, stack):
     ]
 
 
+def test_recheck_and_birthday_share_one_wake_timer_per_customer(isolated_config, script, stack):
+    """Every customer can have a churn recheck and a birthday reminder pending: the
+    timer set holds one wake-up per customer for both, and each still fires."""
+    from crmstream.state.store import StateStore, connect
+    from crmstream.state.timers import SEP
+
+    config = isolated_config()
+    s = script(config)
+    s.event("customers", "max", "profile_updated", 0, birthday="01-10")
+    s.event("customers", "ned", "profile_updated", 0, birthday="02-20")
+    s.event("clickstream", "zed", "session_start", 8 * D)
+    s.flush()
+    run_flow(config, stack)
+    store = StateStore(connect(stack.redis_url, config.redis), config.redis.key_prefix)
+    members = [
+        m.decode().split(SEP)
+        for shard in range(config.processing.shards)
+        for m in store.client.zrange(store.timers.key(shard), 0, -1)
+    ]
+    assert sorted(m[:2] for m in members if m[0] in ("max", "ned")) == [
+        ["max", "wake"],
+        ["ned", "wake"],
+    ]
+    s.event("clickstream", "zed", "session_start", 50 * D)  # past ned's reminder
+    s.flush()
+    run_flow(config, stack)
+    bday = _of(read_topic(stack, config.kafka.topics.triggers), "birthday")
+    assert [(r["customer_id"], r["event_time"]) for r in bday] == [
+        ("max", "2026-01-07T00:00:00.000+00:00"),
+        ("ned", "2026-02-17T00:00:00.000+00:00"),
+    ]
+
+
 def test_service_recovery_only_for_high_value_customers(isolated_config, script, stack):
     config = isolated_config()
     s = script(config)

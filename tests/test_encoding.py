@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from crmstream.state.encoding import (
     LAYOUT_VERSION,
     STATE_BYTES,
+    STATE_DTYPE,
     StateEncodingError,
     decode_batch,
     encode_records,
@@ -30,11 +31,14 @@ def test_new_customers_decode_to_fresh_records():
     assert records["version"][0] == LAYOUT_VERSION
 
 
-@given(st.lists(st.binary(min_size=STATE_BYTES - 1, max_size=STATE_BYTES - 1), max_size=5))
+@given(
+    st.lists(st.binary(min_size=STATE_BYTES - 1, max_size=STATE_BYTES - 1), max_size=5),
+)
 def test_round_trip_is_exact(payloads):
-    """Any record (here: arbitrary bytes read as layout 3) packs and unpacks to itself."""
-    blobs = [bytes([3]) + p for p in payloads]
-    records = decode_batch(blobs, [f"k{i}" for i in range(len(blobs))])
+    """Any record (here: arbitrary bytes) packs and unpacks to itself."""
+    records = np.frombuffer(
+        b"".join(bytes([LAYOUT_VERSION]) + p for p in payloads), dtype=STATE_DTYPE
+    ).copy()
     packed = encode_records(records)
     assert all(blob[0] == LAYOUT_VERSION for blob in packed)
     again = decode_batch(packed, [f"k{i}" for i in range(len(packed))])
@@ -83,13 +87,20 @@ def test_truncated_packed_state_names_the_key():
         decode_batch([bytes([LAYOUT_VERSION, 0, 200, 1, 2])], ["crm:{c1}:s"])
 
 
-def test_layout_3_state_is_read_as_is():
+def test_layout_3_state_is_migrated_with_no_pending_wake_up():
+    from crmstream.state.encoding import STATE_DTYPE_V3
+
     current = fresh_records(1)
     current["orders_total"] = 7
-    old = current.copy()
+    current["recent_ids"][0, 0] = 99
+    old = np.zeros(1, dtype=STATE_DTYPE_V3)
+    for name in STATE_DTYPE_V3.names:
+        old[name] = current[name]
     old["version"] = 3
     (new,) = decode_batch([old.tobytes()], ["crm:{c1}:s"])
     assert new["version"] == LAYOUT_VERSION and new["orders_total"] == 7
+    assert new["recent_ids"][0] == 99
+    assert (new["recheck_due_ms"], new["birthday_due_ms"], new["birthday_md"]) == (0, 0, 0)
 
 
 def test_state_stays_small():
