@@ -90,6 +90,7 @@ class _KafkaPartition(StatefulSourcePartition[RawMessage, int]):
         self._consumer.assign([TopicPartition(topic, partition, start_offset)])
         self._topic = topic
         self._partition = partition
+        self._tp = TopicPartition(topic, partition)
         self._next_offset = start_offset
         self._batch_size = batch_size
         self._tail = tail
@@ -143,6 +144,13 @@ class _KafkaPartition(StatefulSourcePartition[RawMessage, int]):
             )
         self._watch_stall(bool(batch))
         self._report_lag()
+        if self._tail and not self._at_end and len(batch) < self._batch_size:
+            # Live input: a busy partition may never see an end-of-partition event
+            # (each fetch brings more); read up to the high watermark of the last
+            # fetch response is its end for now, so the shards' steps can close.
+            position = batch[-1].offset + 1 if batch else self._next_offset
+            _low, high = self._consumer.get_watermark_offsets(self._tp, cached=True)
+            self._at_end = 0 <= high <= position
         if batch:
             self._next_offset = batch[-1].offset + 1
             self._reported_end = False  # new data: report the end again when reached
@@ -167,8 +175,7 @@ class _KafkaPartition(StatefulSourcePartition[RawMessage, int]):
         if now - self._lag_checked < 1.0:
             return
         self._lag_checked = now
-        tp = TopicPartition(self._topic, self._partition)
-        _low, high = self._consumer.get_watermark_offsets(tp, cached=True)
+        _low, high = self._consumer.get_watermark_offsets(self._tp, cached=True)
         if high >= 0:
             self._lag.set(max(0, high - self._next_offset))
 
