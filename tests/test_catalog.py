@@ -130,7 +130,15 @@ def test_tier_upgrade_and_high_value_entry(isolated_config, script, stack):
     ] == [("lea", "priority", "tier")]
 
 
-def test_birthday_three_days_before(isolated_config, script, stack):
+def test_birthday_three_days_before_from_one_wake_timer_per_customer(
+    isolated_config, script, stack
+):
+    """Birthday reminders go out 3 days before. Every customer can have a churn recheck
+    and a birthday reminder pending: the timer set holds one wake-up per customer for
+    both, and each still fires."""
+    from crmstream.state.store import StateStore, connect
+    from crmstream.state.timers import SEP
+
     config = isolated_config()
     s = script(config)
     s.event("customers", "max", "profile_updated", 0, birthday="01-10")
@@ -142,21 +150,6 @@ def test_birthday_three_days_before(isolated_config, script, stack):
     assert [(r["customer_id"], r["event_time"]) for r in bday] == [
         ("max", "2026-01-07T00:00:00.000+00:00")
     ]
-
-
-def test_recheck_and_birthday_share_one_wake_timer_per_customer(isolated_config, script, stack):
-    """Every customer can have a churn recheck and a birthday reminder pending: the
-    timer set holds one wake-up per customer for both, and each still fires."""
-    from crmstream.state.store import StateStore, connect
-    from crmstream.state.timers import SEP
-
-    config = isolated_config()
-    s = script(config)
-    s.event("customers", "max", "profile_updated", 0, birthday="01-10")
-    s.event("customers", "ned", "profile_updated", 0, birthday="02-20")
-    s.event("clickstream", "zed", "session_start", 8 * D)
-    s.flush()
-    run_flow(config, stack)
     store = StateStore(connect(stack.redis_url, config.redis), config.redis.key_prefix)
     members = [
         m.decode().split(SEP)
