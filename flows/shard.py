@@ -548,16 +548,21 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, dict[str, int], None]):
         ]
         events, touched = self._drop_erased(events, due, store.last_tombstones)
 
-        fresh = self._unapplied(events, records, index)
+        # Columns read once per event, shared by the exactly-once checks and the kernel.
+        cust = np.fromiter((index[ev.customer_id] for ev in events), np.int32, len(events))
+        times = np.fromiter((ev.event_time_ms for ev in events), np.int64, len(events))
+        fresh, keep = self._unapplied(events, records, cust, times)
+        if keep is not None:
+            cust, times = cust[keep], times[keep]
         as_loaded = records.copy()
         orders_before = records["orders_total"].copy()
         deliveries_before = records["type_counts"][:, EVENT_CODE["order_delivered"]].copy()
         n = len(fresh)
         columns = (
-            np.fromiter((index[ev.customer_id] for ev in fresh), np.int32, n),
+            cust,
             np.fromiter((ev.type_code for ev in fresh), np.int8, n),
             np.fromiter((ev.category for ev in fresh), np.int16, n),
-            np.fromiter((ev.event_time_ms for ev in fresh), np.int64, n),
+            times,
             np.fromiter((ev.amount_base for ev in fresh), np.float64, n),
             np.fromiter((ev.aux for ev in fresh), np.float64, n),
         )
@@ -756,23 +761,24 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, dict[str, int], None]):
         return erase
 
     def _unapplied(
-        self, events: list[ParsedEvent], records: np.ndarray, index: dict[str, int]
-    ) -> list[ParsedEvent]:
+        self, events: list[ParsedEvent], records: np.ndarray, cust: np.ndarray, times: np.ndarray
+    ) -> tuple[list[ParsedEvent], np.ndarray | None]:
         """Drop events at or below the offsets each customer's state already holds, and
-        duplicates: an event_id among the customer's last ``DEDUP_IDS`` within the horizon."""
-        fresh = self._checked(events, records, index) if self._exactly_once else events
+        duplicates: an event_id among the customer's last ``DEDUP_IDS`` within the horizon.
+        Returns the events kept and, when some were dropped, the mask that kept them."""
+        fresh, keep = events, None
+        if self._exactly_once and events:
+            fresh, keep = self._checked(events, records, cust, times)
         accepted = Counter((ev.topic, ev.type_code) for ev in fresh)
         metrics = get_metrics()
         for (topic, code), count in accepted.items():
             metrics.events_in.labels(topic, EVENT_TYPES[code]).inc(count)
-        return fresh
+        return fresh, keep
 
     def _checked(
-        self, events: list[ParsedEvent], records: np.ndarray, index: dict[str, int]
-    ) -> list[ParsedEvent]:
+        self, events: list[ParsedEvent], records: np.ndarray, cust: np.ndarray, times: np.ndarray
+    ) -> tuple[list[ParsedEvent], np.ndarray | None]:
         n = len(events)
-        if not n:
-            return events
         roles = {t: ROLE_INDEX[self._rt.validator.role(t)] for t in {ev.topic for ev in events}}
         horizon_s = self._dedup_horizon_ms // 1000
         digests = (
@@ -782,22 +788,22 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, dict[str, int], None]):
         )
         verdict = check_batch(
             records,
-            np.fromiter((index[ev.customer_id] for ev in events), np.int32, n),
+            cust,
             np.fromiter((roles[ev.topic] for ev in events), np.int8, n),
             np.fromiter((ev.partition for ev in events), np.int32, n),
             np.fromiter((ev.offset for ev in events), np.int64, n),
             digests,
-            np.fromiter((ev.event_time_ms // 1000 for ev in events), np.int64, n),
+            times // 1000,
             horizon_s,
         )
-        dropped = np.flatnonzero(verdict != FRESH)
-        if not dropped.size:
-            return events
+        keep = verdict == FRESH
+        if keep.all():
+            return events, None
         metrics = get_metrics()
-        for i in dropped:
+        for i in np.flatnonzero(~keep):
             counter = metrics.skipped_events if verdict[i] == REPLAYED else metrics.duplicate_events
             counter.labels(events[i].topic).inc()
-        return [ev for ev, v in zip(events, verdict, strict=True) if v == FRESH]
+        return [ev for ev, k in zip(events, keep, strict=True) if k], keep
 
     def _emit(
         self, records: list[dict[str, Any]], fresh: list[ParsedEvent]

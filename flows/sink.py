@@ -243,8 +243,8 @@ class Outbox:
 
     def take_done(self) -> int:
         """``done()``, forgetting those entries (the caller trims them)."""
-        n = 0
-        with self._lock:
-            while self._chunks and not self._chunks[0].left:
-                n += self._chunks.popleft().size
+        n = self.done()
+        left = n
+        while left:  # only this shard's thread adds or removes chunks
+            left -= self._chunks.popleft().size
         return n

@@ -3,10 +3,10 @@
 This module owns the format of ``{prefix}:{<customer>}:p``, the part of the
 state that downstream readers (customer 360, service desks) use without
 knowing the binary layout. By default it holds lifecycle stage, value
-segment, tier, churn level and score, top categories and last seen
-(``state.profile_fields``; churn contributors, P(alive), expected purchases,
-RFM, stage since and interest shift can be added, and ``crmstream profile``
-shows them all from the binary state). Customer events add attributes and
+segment, tier, churn level and top categories (``state.profile_fields``;
+churn score and contributors, P(alive), expected purchases, RFM, stage since,
+interest shift and last seen can be added, and ``crmstream profile`` shows
+them all from the binary state). Customer events add attributes and
 consent. Values are short strings; numbers have three decimals.
 """
 
@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -58,42 +58,43 @@ def churn_contributors(row: np.ndarray, weights: np.ndarray, k: int = 3) -> list
     return [SIGNALS[i] for i in order[:k] if contrib[i] > 0]
 
 
-_DERIVED_FIELDS: dict[str, Callable[[np.void, np.ndarray, CrmConfig, np.ndarray], str]] = {
-    "stage": lambda rec, row, cfg, w: STAGES[rec["stage"]],
-    "stage_since": lambda rec, row, cfg, w: (
-        iso_s(int(rec["stage_since_ms"])) if rec["stage_since_ms"] else ""
-    ),
-    "segment": lambda rec, row, cfg, w: SEGMENTS[rec["segment"]],
-    "tier": lambda rec, row, cfg, w: TIERS[rec["tier"]],
-    "churn_level": lambda rec, row, cfg, w: CHURN_LEVELS[rec["churn_level"]],
-    "churn_score": lambda rec, row, cfg, w: _num(row[COL["churn_score"]]),
-    "churn_top": lambda rec, row, cfg, w: ",".join(churn_contributors(row, w)),
-    "p_alive": lambda rec, row, cfg, w: _num(row[COL["p_alive"]]),
-    "expected_30d": lambda rec, row, cfg, w: _num(row[COL["expected_30d"]]),
-    "expected_90d": lambda rec, row, cfg, w: _num(row[COL["expected_90d"]]),
-    "rfm": lambda rec, row, cfg, w: "-".join(str(int(row[COL[x]])) for x in ("r", "f", "m")),
-    "top_categories": lambda rec, row, cfg, w: ",".join(
-        top_categories(rec["pref"], cfg.taxonomy.categories, cfg.preferences.top_k)
-    ),
-    "interest_shift": lambda rec, row, cfg, w: _num(row[COL["interest_shift"]]),
-    "last_seen": lambda rec, row, cfg, w: (
-        iso_s(int(rec["last_seen_ms"])) if rec["last_seen_ms"] > 0 else ""
-    ),
-}
-assert tuple(_DERIVED_FIELDS) == PROFILE_FIELD_CHOICES  # what the config may choose
+class _Field(NamedTuple):
+    source: str | None  # the record field it is computed from; None: the derived row
+    value: Callable[[np.void, np.ndarray, CrmConfig, np.ndarray], str]
 
 
-# The record fields each profile field is computed from; None: from the derived
-# row (churn score, P(alive), ...), which moves with time, so always written.
-_SOURCES: dict[str, str | None] = {
-    "stage": "stage",
-    "stage_since": "stage_since_ms",
-    "segment": "segment",
-    "tier": "tier",
-    "churn_level": "churn_level",
-    "top_categories": "pref",
-    "last_seen": "last_seen_ms",
+# Fields computed from the derived row (churn score, P(alive), ...) move with time,
+# so they are always written; the others only when their record field changed.
+_FIELDS: dict[str, _Field] = {
+    "stage": _Field("stage", lambda rec, row, cfg, w: STAGES[rec["stage"]]),
+    "stage_since": _Field(
+        "stage_since_ms",
+        lambda rec, row, cfg, w: iso_s(int(rec["stage_since_ms"])) if rec["stage_since_ms"] else "",
+    ),
+    "segment": _Field("segment", lambda rec, row, cfg, w: SEGMENTS[rec["segment"]]),
+    "tier": _Field("tier", lambda rec, row, cfg, w: TIERS[rec["tier"]]),
+    "churn_level": _Field("churn_level", lambda rec, row, cfg, w: CHURN_LEVELS[rec["churn_level"]]),
+    "churn_score": _Field(None, lambda rec, row, cfg, w: _num(row[COL["churn_score"]])),
+    "churn_top": _Field(None, lambda rec, row, cfg, w: ",".join(churn_contributors(row, w))),
+    "p_alive": _Field(None, lambda rec, row, cfg, w: _num(row[COL["p_alive"]])),
+    "expected_30d": _Field(None, lambda rec, row, cfg, w: _num(row[COL["expected_30d"]])),
+    "expected_90d": _Field(None, lambda rec, row, cfg, w: _num(row[COL["expected_90d"]])),
+    "rfm": _Field(
+        None, lambda rec, row, cfg, w: "-".join(str(int(row[COL[x]])) for x in ("r", "f", "m"))
+    ),
+    "top_categories": _Field(
+        "pref",
+        lambda rec, row, cfg, w: ",".join(
+            top_categories(rec["pref"], cfg.taxonomy.categories, cfg.preferences.top_k)
+        ),
+    ),
+    "interest_shift": _Field(None, lambda rec, row, cfg, w: _num(row[COL["interest_shift"]])),
+    "last_seen": _Field(
+        "last_seen_ms",
+        lambda rec, row, cfg, w: iso_s(int(rec["last_seen_ms"])) if rec["last_seen_ms"] > 0 else "",
+    ),
 }
+assert tuple(_FIELDS) == PROFILE_FIELD_CHOICES  # what the config may choose
 
 
 def _top_k(pref: np.ndarray, k: int) -> np.ndarray:
@@ -107,7 +108,7 @@ def profile_changed(before: np.ndarray, after: np.ndarray, config: CrmConfig) ->
     versions (a hash write can be skipped where it cannot)."""
     changed = np.zeros(len(after), bool)
     for name in config.state.profile_fields:
-        source = _SOURCES.get(name)
+        source = _FIELDS[name].source
         if source is None:
             return np.ones(len(after), bool)
         if source == "pref":
@@ -124,7 +125,7 @@ def profile_fields(
     """The configured profile hash fields (``state.profile_fields``) for one customer
     from its record and derived row."""
     return {
-        name: _DERIVED_FIELDS[name](record, row, config, churn_weights)
+        name: _FIELDS[name].value(record, row, config, churn_weights)
         for name in config.state.profile_fields
     }
 
