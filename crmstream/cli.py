@@ -162,7 +162,7 @@ def run(
     Example: crmstream run --brokers kafka:9092 --redis-url redis://redis:6379/0 -i 0
     -a crm-0:2101 -a crm-1:2101
     """
-    from crmstream.flows.crm import run_cluster_process
+    from crmstream.flows.crm import RecoveryStoreError, run_cluster_process
     from crmstream.flows.runtime import Endpoints, Runtime
     from crmstream.metrics import expose_bytewax_metrics, serve
 
@@ -180,14 +180,17 @@ def run(
         if cfg.metrics.bytewax_api_port:
             expose_bytewax_metrics(cfg.metrics.bytewax_api_port + offset)
     runtime = Runtime(cfg, Endpoints(list(cfg.kafka.brokers), cfg.redis.url))
-    run_cluster_process(
-        runtime,
-        workers,
-        process_id,
-        addresses,
-        str(recovery_dir) if recovery_dir else None,
-        tail=not until_end,
-    )
+    try:
+        run_cluster_process(
+            runtime,
+            workers,
+            process_id,
+            addresses,
+            str(recovery_dir) if recovery_dir else None,
+            tail=not until_end,
+        )
+    except RecoveryStoreError as exc:
+        raise _fail(str(exc)) from None
 
 
 @app.command()

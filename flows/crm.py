@@ -8,6 +8,8 @@ used by ``crmstream run``).
 
 from __future__ import annotations
 
+import contextlib
+import sqlite3
 from datetime import timedelta
 from pathlib import Path
 
@@ -16,7 +18,8 @@ from bytewax.dataflow import Dataflow
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
 from bytewax.recovery import RecoveryConfig, init_db_dir
 
-from crmstream.flows.runtime import Runtime
+from crmstream.flows.routing import shard_keys
+from crmstream.flows.runtime import Runtime, tune_gc
 from crmstream.flows.shard import ShardLogic, route_batch
 from crmstream.flows.source import CrmKafkaSource, StopSignals
 from crmstream.operators.kernels import warm_up
@@ -34,8 +37,47 @@ class _DiscardSink(DynamicSink[object]):
         return _DiscardPartition()
 
 
-def build_flow(runtime: Runtime, tail: bool = True, signals: StopSignals | None = None) -> Dataflow:
-    """The CRM dataflow over the configured input topics."""
+INPUT_STEP = "kafka_in"
+
+
+class RecoveryStoreError(RuntimeError):
+    """A Bytewax recovery directory this flow cannot resume from."""
+
+
+def check_recovery_store(directory: Path, parts: list[str]) -> None:
+    """Fail clearly when the recovery store holds input partitions the flow no longer reads.
+
+    Bytewax would panic on them ("Key ... is not in this worker's routing map").
+    It happens after the input topics change, and with stores written before
+    partitions were named ``<topic>-<partition>`` (``routing.part_name``).
+    """
+    known = set(parts)
+    unknown: set[str] = set()
+    for db in sorted(directory.glob("*.sqlite3")):
+        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
+            try:
+                rows = conn.execute(
+                    "SELECT DISTINCT state_key FROM snaps WHERE step_id = ?",
+                    (f"crmstream.{INPUT_STEP}",),
+                ).fetchall()
+            except sqlite3.DatabaseError as exc:
+                raise RecoveryStoreError(f"recovery store {db} is not readable: {exc}") from None
+        unknown.update(key for (key,) in rows if key not in known)
+    if unknown:
+        shown = ", ".join(sorted(unknown)[:5]) + (" ..." if len(unknown) > 5 else "")
+        raise RecoveryStoreError(
+            f"recovery directory {directory} holds input partitions this flow does not read "
+            f"({shown}): the input topics changed, or an older crmstream wrote it. Redis "
+            f"holds the progress, so nothing is lost: remove the directory (or give a new "
+            f"one) and start again"
+        )
+
+
+def build_flow(
+    runtime: Runtime, tail: bool = True, signals: StopSignals | None = None, workers: int = 1
+) -> Dataflow:
+    """The CRM dataflow over the configured input topics, for ``workers`` Bytewax workers
+    in all (they decide the shard keys: each worker runs the same number of shards)."""
     cfg = runtime.config
     topics = cfg.kafka.topics
     warm_up(cfg)
@@ -54,13 +96,17 @@ def build_flow(runtime: Runtime, tail: bool = True, signals: StopSignals | None 
         signals=signals,
     )
     flow = Dataflow("crmstream")
-    raw = op.input("kafka_in", flow, source)
-    routed = op.flat_map_batch("parse_and_route", raw, lambda batch: route_batch(runtime, batch))
+    raw = op.input(INPUT_STEP, flow, source)
+    keys = shard_keys(cfg.processing.shards, workers)
+    routed = op.flat_map_batch(
+        "parse_and_route", raw, lambda batch: route_batch(runtime, batch, keys)
+    )
     partitions = source.positions()
     applied = op.stateful_batch(
         "shard_state", routed, lambda _resume: ShardLogic(runtime, tail, partitions)
     )
     op.output("done", applied, _DiscardSink())
+    tune_gc(cfg.processing.gc_young_threshold)
     return flow
 
 
@@ -84,21 +130,30 @@ def run_cluster_process(
     """Run this process's part of the flow (``bytewax.run`` semantics: -w, -i, -a, -r)."""
     from bytewax._bytewax import cli_main
 
+    processes = len(addresses) if addresses else 1
+    flow = build_flow(runtime, tail=tail, workers=workers_per_process * processes)
     recovery = None
     if recovery_dir:
         path = Path(recovery_dir)
         if not any(path.glob("*.sqlite3")):
             path.mkdir(parents=True, exist_ok=True)
             init_db_dir(path, 1)  # a new recovery store: one partition
+        else:
+            check_recovery_store(path, _input_parts(flow))
         recovery = RecoveryConfig(recovery_dir)
     cli_main(
-        build_flow(runtime, tail=tail),
+        flow,
         workers_per_process=workers_per_process,
         process_id=process_id,
         addresses=addresses,
         epoch_interval=_epoch(runtime),
         recovery_config=recovery,
     )
+
+
+def _input_parts(flow: Dataflow) -> list[str]:
+    source = next(s.source for s in flow.substeps if s.step_id == f"crmstream.{INPUT_STEP}")
+    return source.list_parts()
 
 
 def _epoch(runtime: Runtime) -> timedelta:

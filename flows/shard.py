@@ -120,10 +120,6 @@ def shard_of(customer_id: str, shards: int) -> int:
     return zlib.crc32(customer_id.encode()) % shards
 
 
-def shard_key(shard: int) -> str:
-    return f"{shard:04d}"
-
-
 class _StepParts:
     __slots__ = ("event_times", "events", "invalid", "positions")
 
@@ -134,8 +130,11 @@ class _StepParts:
         self.event_times: dict[Position, int] = {}
 
 
-def route_batch(runtime: Runtime, batch: list[RawMessage]) -> list[tuple[str, ShardBatch]]:
-    """Parse a batch and split it into one item per shard per processing step."""
+def route_batch(
+    runtime: Runtime, batch: list[RawMessage], keys: list[str]
+) -> list[tuple[str, ShardBatch]]:
+    """Parse a batch and split it into one item per shard per processing step, keyed by
+    ``keys[shard]`` (``routing.shard_keys``: the key decides the worker)."""
     shards = runtime.config.processing.shards
     validator = runtime.validator
     now_ms = runtime.clock_ms()
@@ -165,7 +164,7 @@ def route_batch(runtime: Runtime, batch: list[RawMessage]) -> list[tuple[str, Sh
     done = frozenset(caught_up)
     if not steps:
         return (
-            [(shard_key(s), ShardBatch(s, NO_STEP, [], [], {}, {}, done)) for s in range(shards)]
+            [(keys[s], ShardBatch(s, NO_STEP, [], [], {}, {}, done)) for s in range(shards)]
             if done
             else []
         )
@@ -176,7 +175,7 @@ def route_batch(runtime: Runtime, batch: list[RawMessage]) -> list[tuple[str, Sh
         flags = done if step == last else frozenset()
         out.extend(
             (
-                shard_key(s),
+                keys[s],
                 ShardBatch(s, step, p.events[s], p.invalid[s], p.positions, p.event_times, flags),
             )
             for s in range(shards)

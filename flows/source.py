@@ -28,6 +28,7 @@ from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 from confluent_kafka import Consumer, KafkaError, TopicPartition
 from confluent_kafka.admin import AdminClient
 
+from crmstream.flows.routing import parse_part_name, part_name
 from crmstream.metrics import get_metrics
 
 log = logging.getLogger(__name__)
@@ -65,10 +66,6 @@ class SourceError(RuntimeError):
 class StopSignals(NamedTuple):
     drain: threading.Event  # read to the current end, then stop
     stop: threading.Event  # stop now
-
-
-def _part_name(topic: str, partition: int) -> str:
-    return f"{partition}-{topic}"
 
 
 class _KafkaPartition(StatefulSourcePartition[RawMessage, int]):
@@ -253,16 +250,15 @@ class CrmKafkaSource(FixedPartitionedSource[RawMessage, int]):
                     f"input topic {topic!r} is not readable: {why} "
                     f"(create it with `crmstream topics create`)"
                 )
-            parts.extend(_part_name(topic, p) for p in sorted(meta.partitions))
+            parts.extend(part_name(topic, p) for p in sorted(meta.partitions))
         return parts
 
     def positions(self) -> list[tuple[str, int]]:
         """Every input (topic, partition), as ``list_parts`` names them."""
-        return [(topic, int(idx)) for idx, topic in (p.split("-", 1) for p in self.list_parts())]
+        return [parse_part_name(p) for p in self.list_parts()]
 
     def build_part(self, step_id: str, for_part: str, resume_state: int | None) -> _KafkaPartition:
-        idx, topic = for_part.split("-", 1)
-        partition = int(idx)
+        topic, partition = parse_part_name(for_part)
         # Redis, the state of record, says where to resume. A Bytewax recovery
         # snapshot may be ahead of it: shards hold read events until their step
         # is complete, and those are not in Redis yet.

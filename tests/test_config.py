@@ -55,6 +55,7 @@ def test_booleans_from_env_are_parsed_explicitly(raw, expected):
         ("redis.url=http://x", "redis.url = 'http://x'"),
         ("processing.shardz=3", "processing.shardz = 3 (from --set): unknown key"),
         ("state.profile_fields=[stage,p_aliv]", "unknown profile field(s) 'p_aliv'"),
+        ("processing.gc_young_threshold=-1", "processing.gc_young_threshold = -1 (from --set)"),
     ],
 )
 def test_bad_values_name_the_key_and_the_value(override, fragment):
@@ -137,3 +138,21 @@ def test_the_profile_hash_is_rewritten_only_when_a_configured_field_can_change()
     assert profile_changed(before, after, with_seen).tolist() == [True, False, False, True]
     derived = load_config(None, ["state.profile_fields=[stage,p_alive]"], env={})
     assert profile_changed(before, after, derived).all()  # moves with time: always written
+
+
+@pytest.mark.parametrize(
+    ("threshold", "expected"),
+    [(50_000, "50000 True"), (0, "700 False")],
+)
+def test_the_gc_policy_follows_processing_gc_young_threshold(threshold, expected):
+    """In a fresh interpreter: tune_gc freezes start-up objects and sets the young
+    threshold; 0 leaves Python's defaults."""
+    import subprocess
+    import sys
+
+    code = (
+        "import gc; from crmstream.flows.runtime import tune_gc; "
+        f"tune_gc({threshold}); print(gc.get_threshold()[0], gc.get_freeze_count() > 0)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == expected
