@@ -77,6 +77,7 @@ _PHONE_FIELD = re.compile(rb'("phone"\s*:\s*)("[^"]*"|[0-9+() .-]+)')
 _PHONE_INTL = re.compile(rb"\+\d[\d ()./-]{6,}\d")  # +CC ... anywhere else
 
 MAX_ID_LEN = 128
+_MAX_KNOWN_ZONES = 4096  # the IANA database has about 600 names
 
 
 class ParsedEvent(NamedTuple):
@@ -219,6 +220,7 @@ class EventValidator:
         self._min_time_ms = config.processing.min_event_time_ms
         self._max_skew_ms = config.processing.max_future_skew_seconds * 1000
         self._pii_key = hashlib.blake2b(config.privacy.pii_salt.encode()).digest()[:64]
+        self._zones: set[str] = set()  # time zone names found valid
 
     def redact(self, raw: bytes) -> bytes:
         """A rejected message with its e-mail addresses and phone fields hashed, for the
@@ -441,10 +443,9 @@ class EventValidator:
             )
         return rate
 
-    @staticmethod
-    def _check_profile(obj: dict[str, Any]) -> None:
+    def _check_profile(self, obj: dict[str, Any]) -> None:
         tz = obj.get("timezone")
-        if tz is not None:
+        if tz is not None and (type(tz) is not str or tz not in self._zones):
             try:
                 if type(tz) is not str:
                     raise ZoneInfoNotFoundError
@@ -453,6 +454,10 @@ class EventValidator:
                 raise _Invalid(
                     "timezone", f"field 'timezone' must be an IANA time zone, got {_show(tz)}"
                 ) from None
+            if len(self._zones) < _MAX_KNOWN_ZONES:
+                # ZoneInfo keeps only 8 zones strongly; past that, every check of
+                # another zone reloaded its file.
+                self._zones.add(tz)
         birthday = obj.get("birthday")
         if birthday is not None:
             ok = type(birthday) is str and len(birthday) == 5 and birthday[2] == "-"

@@ -161,3 +161,21 @@ def test_pii_is_dropped_at_ingest():
     parsed = parse(profile, CUSTOMERS)
     assert isinstance(parsed, ParsedEvent)
     assert "email" not in parsed.fields and "phone" not in parsed.fields
+
+
+def test_time_zones_are_checked_the_same_once_known():
+    profile = {
+        "event_id": "p",
+        "customer_id": "c",
+        "event_type": "profile_updated",
+        "event_time": NOW,
+    }
+    zones = ["Asia/Tokyo", "Europe/Paris", "America/Sao_Paulo"] * 4
+    for i, zone in enumerate(zones):  # the second time round, from the validator's cache
+        assert isinstance(
+            parse({**profile, "event_id": f"z{i}", "timezone": zone}, CUSTOMERS), ParsedEvent
+        )
+    for bad in ["Mars/Olympus", ["Asia/Tokyo"], {"zone": "UTC"}, 3, ""]:
+        result = parse({**profile, "timezone": bad}, CUSTOMERS)
+        assert isinstance(result, InvalidEvent) and result.field == "timezone", bad
+        assert "must be an IANA time zone" in result.reason
