@@ -9,15 +9,22 @@ twice on the same broker and Redis:
 2. crmstream: the full flow (parse, validate, route, Redis load, kernel,
    triggers, delivery-checked produce, atomic commit) to the end of input.
 
-It prints events/s for both and their ratio, and writes bench/out/flow.json.
+``--exactly-once-cost`` adds a run without the exactly-once machinery;
+``--gc-cost`` adds runs with Python's own garbage-collector settings, one
+before and one after the main run, and reports the seconds each spent in the
+collector. Every extra run has its own Redis prefix and output topics.
+
+It prints events/s for all and their ratio, and writes bench/out/flow.json.
 Figures are only comparable within one run; the machine is shared and noisy.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import platform
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import orjson
@@ -32,6 +39,8 @@ from crmstream.flows.runtime import Endpoints, Runtime
 from crmstream.metrics import counter_total, get_metrics
 from crmstream.operators.kernels import warm_up
 from crmstream.topics import create_topics
+
+DEFAULT_GC_THRESHOLDS = (700, 10, 10)  # CPython 3.11's
 
 
 def raw_consume_parse(endpoints: Endpoints, config: CrmConfig) -> tuple[int, float]:
@@ -59,6 +68,47 @@ def flow_run(endpoints: Endpoints, config: CrmConfig) -> tuple[int, float]:
     return int(handled() - before), seconds
 
 
+class CollectorClock:
+    """Seconds the cyclic garbage collector ran while installed (``gc.callbacks``)."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self._started = 0.0
+
+    def __call__(self, phase: str, _info: dict) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+        else:
+            self.seconds += time.perf_counter() - self._started
+
+    def timed(self, run: Callable[[], tuple[int, float]]) -> tuple[int, float, float]:
+        """(messages, seconds, seconds in the collector) of one run."""
+        self.seconds = 0.0
+        gc.callbacks.append(self)
+        try:
+            n, s = run()
+        finally:
+            gc.callbacks.remove(self)
+        return n, s, self.seconds
+
+
+def _variant(endpoints: Endpoints, partitions: int, name: str, *sets: str) -> CrmConfig:
+    """A configuration with its own key prefix and output topics (created), plus ``sets``."""
+    config = load_config(
+        None,
+        [
+            f"kafka.partitions={partitions}",
+            f"redis.key_prefix={name}",
+            f"kafka.topics.triggers=triggers-{name}",
+            f"kafka.topics.suppressions=suppressions-{name}",
+            f"kafka.topics.dead_letter=dead-letter-{name}",
+            *sets,
+        ],
+    )
+    create_topics(endpoints.brokers, config)
+    return config
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--events", type=int, default=200_000)
@@ -69,6 +119,12 @@ def main() -> None:
         "--exactly-once-cost",
         action="store_true",
         help="also run the flow with processing.exactly_once=false (fresh state) and compare",
+    )
+    parser.add_argument(
+        "--gc-cost",
+        action="store_true",
+        help="also run the flow with Python's own GC settings (processing.gc_young_threshold=0, "
+        "fresh state) before and after the main run, and compare",
     )
     args = parser.parse_args()
     console = Console()
@@ -81,23 +137,30 @@ def main() -> None:
         stats = publish(endpoints.brokers, config, workload, max_events=args.events)
         console.print("ceiling: raw consume + parse ...")
         raw_n, raw_s = raw_consume_parse(endpoints, config)
+        clock = CollectorClock()
+        untuned: list[tuple[int, float, float]] = []
+
+        def python_gc_run(label: str) -> None:
+            console.print(f"crmstream flow with Python's GC settings ({label}) ...")
+            gc.unfreeze()  # undo an earlier run's tune_gc: this run is Python's defaults
+            gc.set_threshold(*DEFAULT_GC_THRESHOLDS)
+            cfg = _variant(
+                endpoints, args.partitions, f"gc-{label}", "processing.gc_young_threshold=0"
+            )
+            untuned.append(clock.timed(lambda: flow_run(endpoints, cfg)))
+
+        if args.gc_cost:
+            python_gc_run("before")
         console.print("crmstream flow ...")
-        flow_n, flow_s = flow_run(endpoints, config)
+        flow_n, flow_s, flow_gc_s = clock.timed(lambda: flow_run(endpoints, config))
+        if args.gc_cost:
+            python_gc_run("after")
         loose = None
         if args.exactly_once_cost:
             console.print("crmstream flow without the exactly-once machinery ...")
-            loose_config = load_config(
-                None,
-                [
-                    f"kafka.partitions={args.partitions}",
-                    "redis.key_prefix=at-least-once",
-                    "kafka.topics.triggers=triggers-alo",
-                    "kafka.topics.suppressions=suppressions-alo",
-                    "kafka.topics.dead_letter=dead-letter-alo",
-                    "processing.exactly_once=false",
-                ],
+            loose_config = _variant(
+                endpoints, args.partitions, "at-least-once", "processing.exactly_once=false"
             )
-            create_topics(endpoints.brokers, loose_config)
             loose = flow_run(endpoints, loose_config)
     raw_rate, flow_rate = raw_n / raw_s, flow_n / flow_s
     table = Table(title=f"foundation benchmark: {stats.events:,} events, 1 process")
@@ -120,7 +183,22 @@ def main() -> None:
             f"{loose_rate:,.0f}",
             f"{loose_rate / raw_rate:.3f}",
         )
+    for label, (n, s, _) in zip(("before", "after"), untuned, strict=True):
+        table.add_row(
+            f"Python's GC settings ({label})",
+            f"{n:,}",
+            f"{s:.2f}",
+            f"{n / s:,.0f}",
+            f"{n / s / raw_rate:.3f}",
+        )
     console.print(table)
+    if untuned:
+        console.print(
+            f"seconds in the garbage collector: {flow_gc_s:.2f} with "
+            f"processing.gc_young_threshold={config.processing.gc_young_threshold}, "
+            + ", ".join(f"{g:.2f}" for _, _, g in untuned)
+            + " with Python's settings"
+        )
     if loose is not None:
         console.print(
             f"exactly-once costs {1 - flow_rate / loose_rate:.1%} of at-least-once throughput "
@@ -139,6 +217,10 @@ def main() -> None:
     }
     if loose is not None:
         result["at_least_once_events_per_s"] = round(loose[0] / loose[1])
+    result["flow_gc_seconds"] = round(flow_gc_s, 3)
+    if untuned:
+        result["python_gc_events_per_s"] = [round(n / s) for n, s, _ in untuned]
+        result["python_gc_seconds"] = [round(g, 3) for _, _, g in untuned]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode())
     if flow_n != raw_n:

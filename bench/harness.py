@@ -510,7 +510,7 @@ class Harness:
     def latency(
         self, endpoints: Any, customers: int, crm_max: float, quix: Path | None
     ) -> list[dict[str, Any]]:
-        from crmstream.bench.workload import Workload, WorkloadSpec, publish
+        from crmstream.bench.workload import Workload, WorkloadSpec, publish_scheduled
         from crmstream.config import load_config
         from crmstream.topics import create_topics
 
@@ -573,13 +573,12 @@ class Harness:
                     )
                 child.start()
                 time.sleep(self.args.startup_s)  # compile, join, assign
-                publish(
+                publish_scheduled(
                     endpoints.brokers,
                     config,
                     Workload(config, WorkloadSpec(customers=customers)),
-                    duration_s=self.args.load_seconds,
                     rate=rate,
-                    live_time=True,
+                    duration_s=self.args.load_seconds,
                 )
                 time.sleep(self.args.drain_s)
                 child.stop()
@@ -697,8 +696,8 @@ def _write_results_md(results: dict[str, Any], path: Path) -> None:
 
 
 def _trigger_latencies(endpoints: Any, topic: str) -> list[float]:
-    """emitted_at - event_time of every trigger on the topic (live input: event time =
-    the generator's wall clock when it produced the event), in ms."""
+    """emitted_at - event_time of every trigger on the topic, in ms (live input: the event
+    time is the event's planned send time, ``workload.publish_scheduled``)."""
     from datetime import datetime
 
     from crmstream.ops import read_records

@@ -1,8 +1,11 @@
 """Timer firing throughput with 1M pending timers, through the real shard path.
 
 This module owns the timer benchmark (``make bench-timers``). It writes state
-for N customers and ten timers each (cart, dormancy, delivery, birthday, ...:
-1M timers for 100k customers by default) into one shard of an embedded Redis,
+for N customers and the timers the flow keeps for an active customer with
+orders in flight (two cart nudges, the next dormancy step, one ``wake`` for
+the churn recheck and birthday held in the record, welcome, repurchase,
+potential no-repeat, and delivery checks for three orders: 10 each, so 1M
+timers for 100k customers by default) into one shard of an embedded Redis,
 then lets the shard's watermark pass the first three days' timers (cart nudges,
 welcomes) and measures how fast the real firing path drains them from the
 1M-member set: due-range read, one MGET of the customers, the catalogue's
@@ -22,6 +25,7 @@ from crmstream.config import load_config
 from crmstream.embedded import EmbeddedStack
 from crmstream.flows.runtime import Runtime
 from crmstream.flows.shard import ShardLogic, shard_of
+from crmstream.operators.catalog import WAKE
 from crmstream.operators.kernels import MS_PER_DAY, MS_PER_HOUR
 from crmstream.state.encoding import encode_records, fresh_records
 from crmstream.state.timers import timer_member
@@ -30,7 +34,8 @@ T0 = 1_767_225_600_000  # 2026-01-01T00:00Z
 
 
 def seed(runtime: Runtime, customers: int, shard: int) -> int:
-    """State and ten timers per customer, all in ``shard``; returns the timers written."""
+    """State and ten timers per customer (the module docstring lists them), all in
+    ``shard``; returns the timers written."""
     store = runtime.store
     client = store.client
     shards = runtime.config.processing.shards
@@ -50,6 +55,11 @@ def seed(runtime: Runtime, customers: int, shard: int) -> int:
         records["first_seen_ms"] = T0 + offsets
         records["last_cart_ms"] = T0 + offsets
         records["pref"][:, 3] = 2.0
+        # What fold_wake keeps in the record: the recheck (7 days) and the birthday
+        # reminder (40 days), both behind one wake member.
+        records["recheck_due_ms"] = T0 + offsets + 7 * MS_PER_DAY
+        records["birthday_due_ms"] = T0 + offsets + 40 * MS_PER_DAY
+        records["birthday_md"] = 215
         pipe = client.pipeline(transaction=False)
         pipe.mset(
             {store.state_key(c): b for c, b in zip(chunk, encode_records(records), strict=True)}
@@ -60,14 +70,14 @@ def seed(runtime: Runtime, customers: int, shard: int) -> int:
             for kind, due, ref in (
                 ("cart_1", base + 60 * 60_000, ""),
                 ("cart_2", base + 24 * MS_PER_HOUR, ""),
-                ("dormant_30", base + 30 * MS_PER_DAY, str(base)),
-                ("dormant_90", base + 90 * MS_PER_DAY, str(base)),
-                ("dormant_180", base + 180 * MS_PER_DAY, str(base)),
-                ("recheck", base + 7 * MS_PER_DAY, ""),
-                ("birthday", base + 40 * MS_PER_DAY, "02-15"),
+                ("dormant_30", base + 30 * MS_PER_DAY, str(base)),  # one step at a time
+                (WAKE, base + 7 * MS_PER_DAY, ""),
                 ("welcome", base + 2 * MS_PER_DAY, "e1"),
                 ("repurchase", base + 50 * MS_PER_DAY, str(base)),
                 ("potential", base + 30 * MS_PER_DAY + 1, str(base)),
+                ("delivery", base + 5 * MS_PER_DAY, f"o{i}a"),
+                ("delivery", base + 9 * MS_PER_DAY, f"o{i}b"),
+                ("delivery", base + 12 * MS_PER_DAY, f"o{i}c"),
             ):
                 timers[timer_member(c, kind, ref)] = due
         pipe.zadd(store.timers.key(shard), timers)

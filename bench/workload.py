@@ -21,6 +21,8 @@ from __future__ import annotations
 import bisect
 import itertools
 import random
+import re
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -409,3 +411,69 @@ def publish(
     if on_progress is not None:
         on_progress(sent)
     return PublishStats(sent, malformed, time.monotonic() - started)
+
+
+# Open-loop publishing (publish_scheduled): events are built with their times
+# counted from this base, then moved to the real schedule when sent. Every
+# absolute time in a generated event is a 13-digit integer JSON value.
+_SCHEDULE_BASE_MS = 1_000_000_000_000
+_TIME_VALUE = re.compile(rb"(?<=:)1\d{12}(?=[,}])")
+
+
+class _ScheduleClock:
+    """The workload's clock during building: event ``count``'s planned send time."""
+
+    def __init__(self, rate: float):
+        self.rate = rate
+        self.count = 0
+
+    def __call__(self) -> int:
+        return _SCHEDULE_BASE_MS + int(self.count * 1000 / self.rate)
+
+
+def publish_scheduled(
+    brokers: list[str],
+    config: CrmConfig,
+    workload: Workload,
+    rate: float,
+    duration_s: float,
+) -> PublishStats:
+    """Open-loop load at ``rate`` events/s for ``duration_s``, for latency measurements.
+
+    The events are built first, so the generator's own CPU stays out of the
+    measured window (the contender shares the machine with it). Then event i
+    is sent at ``t0 + i / rate`` and carries that time as its event time, with
+    its other times (promised delivery) moved by the same amount. Latency
+    measured from the planned time counts a sender that falls behind as
+    latency rather than hiding it.
+    """
+    from crmstream.flows.sink import DeliveryCheckedProducer
+
+    topics = config.kafka.topics.by_role
+    clock = _ScheduleClock(rate)
+    total = int(rate * duration_s)
+    built: list[tuple[str, bytes, bytes]] = []
+    malformed = 0
+    for event in workload.events(live_clock=clock):
+        built.append((topics[event.role], event.key, event.value))
+        malformed += not event.valid
+        clock.count += 1
+        if len(built) >= total:
+            break
+    producer = DeliveryCheckedProducer(brokers, dict(config.kafka.client), 60.0)
+    lead_s = 0.2
+    started = time.monotonic() + lead_s
+    shift = time.time_ns() // 1_000_000 + int(lead_s * 1000) - _SCHEDULE_BASE_MS
+
+    def moved(match: re.Match[bytes]) -> bytes:
+        return b"%d" % (int(match[0]) + shift)
+
+    for i, (topic, key, value) in enumerate(built):
+        ahead = started + i / rate - time.monotonic()
+        if ahead > 0.002:
+            time.sleep(ahead)
+        producer.produce(topic, key, _TIME_VALUE.sub(moved, value))
+        if i % 1000 == 0:
+            producer.poll()
+    producer.flush()
+    return PublishStats(len(built), malformed, time.monotonic() - started)

@@ -37,6 +37,7 @@ class _DiscardSink(DynamicSink[object]):
         return _DiscardPartition()
 
 
+FLOW_ID = "crmstream"
 INPUT_STEP = "kafka_in"
 
 
@@ -58,7 +59,7 @@ def check_recovery_store(directory: Path, parts: list[str]) -> None:
             try:
                 rows = conn.execute(
                     "SELECT DISTINCT state_key FROM snaps WHERE step_id = ?",
-                    (f"crmstream.{INPUT_STEP}",),
+                    (f"{FLOW_ID}.{INPUT_STEP}",),
                 ).fetchall()
             except sqlite3.DatabaseError as exc:
                 raise RecoveryStoreError(f"recovery store {db} is not readable: {exc}") from None
@@ -95,7 +96,7 @@ def build_flow(
         tail=tail,
         signals=signals,
     )
-    flow = Dataflow("crmstream")
+    flow = Dataflow(FLOW_ID)
     raw = op.input(INPUT_STEP, flow, source)
     keys = shard_keys(cfg.processing.shards, workers)
     routed = op.flat_map_batch(
@@ -152,7 +153,7 @@ def run_cluster_process(
 
 
 def _input_parts(flow: Dataflow) -> list[str]:
-    source = next(s.source for s in flow.substeps if s.step_id == f"crmstream.{INPUT_STEP}")
+    source = next(s.source for s in flow.substeps if s.step_id == f"{FLOW_ID}.{INPUT_STEP}")
     return source.list_parts()
 
 

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 
 import orjson
 import pytest
+
+from crmstream.bench.workload import Workload, WorkloadSpec, publish_scheduled
+from tests.conftest import read_topic
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -37,3 +41,40 @@ def test_harness_smoke_runs_every_contender_and_writes_the_table_and_plot(tmp_pa
     assert all(r["triggers"] > 0 for r in size["latency"])
     assert (tmp_path / "harness.png").stat().st_size > 10_000
     print(f"harness smoke: {size['ratios']}")
+
+
+def test_flow_bench_compares_the_exactly_once_and_gc_variants(tmp_path):
+    out = tmp_path / "flow.json"
+    run = subprocess.run(
+        [sys.executable, "-m", "crmstream.bench.flow_bench", "--events", "4000",
+         "--customers", "500", "--exactly-once-cost", "--gc-cost", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    result = orjson.loads(out.read_bytes())
+    assert result["flow_messages"] == result["ceiling_messages"] == 4000
+    for key in ("flow_events_per_s", "at_least_once_events_per_s"):
+        assert result[key] > 0, key
+    assert len(result["python_gc_events_per_s"]) == len(result["python_gc_seconds"]) == 2
+    assert "seconds in the garbage collector" in run.stdout
+    print(f"flow bench smoke: {result}")
+
+
+@pytest.mark.integration
+def test_scheduled_publishing_stamps_each_event_with_its_planned_send_time(isolated_config, stack):
+    config = isolated_config()
+    rate, seconds = 2_000, 1.5
+    workload = Workload(config, WorkloadSpec(customers=300, malformed_rate=0.0))
+    before_ms = time.time() * 1000
+    stats = publish_scheduled(list(stack.brokers), config, workload, rate, seconds)
+    after_ms = time.time() * 1000
+    events = [e for t in config.kafka.topics.inputs for e in read_topic(stack, t)]
+    times = sorted(e["event_time"] for e in events)
+    assert stats.events == len(events) == 3_000
+    # Planned times: t0 + i / rate, inside the send window, 0.5 ms apart.
+    assert before_ms <= times[0] and times[-1] <= after_ms, (before_ms, times[0], after_ms)
+    assert abs((times[-1] - times[0]) - (len(times) - 1) * 1000 / rate) <= 1
+    promised = [e["promised_delivery_time"] for e in events if "promised_delivery_time" in e]
+    assert all(p > before_ms for p in promised)
