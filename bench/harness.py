@@ -697,7 +697,7 @@ def _write_results_md(results: dict[str, Any], path: Path) -> None:
 
 def _trigger_latencies(endpoints: Any, topic: str) -> list[float]:
     """emitted_at - event_time of every trigger on the topic, in ms (live input: the event
-    time is the event's planned send time, ``workload.publish_scheduled``)."""
+    time is the wall clock when the generator sent it, ``workload.publish_scheduled``)."""
     from datetime import datetime
 
     from crmstream.ops import read_records

@@ -413,8 +413,8 @@ def publish(
     return PublishStats(sent, malformed, time.monotonic() - started)
 
 
-# Open-loop publishing (publish_scheduled): events are built with their times
-# counted from this base, then moved to the real schedule when sent. Every
+# Scheduled publishing (publish_scheduled): events are built with their times
+# counted from this base, then moved to the send time when sent. Every
 # absolute time in a generated event is a 13-digit integer JSON value.
 _SCHEDULE_BASE_MS = 1_000_000_000_000
 _TIME_VALUE = re.compile(rb"(?<=:)1\d{12}(?=[,}])")
@@ -438,42 +438,46 @@ def publish_scheduled(
     rate: float,
     duration_s: float,
 ) -> PublishStats:
-    """Open-loop load at ``rate`` events/s for ``duration_s``, for latency measurements.
+    """Live load at ``rate`` events/s for ``duration_s``, for latency measurements.
 
-    The events are built first, so the generator's own CPU stays out of the
-    measured window (the contender shares the machine with it). Then event i
-    is sent at ``t0 + i / rate`` and carries that time as its event time, with
-    its other times (promised delivery) moved by the same amount. Latency
-    measured from the planned time counts a sender that falls behind as
-    latency rather than hiding it.
+    The events are built first, so the generator's own Python work stays out
+    of the measured window (the contender shares the machine with it). Then
+    event i is sent at ``t0 + i / rate``, stamped with the wall clock as it
+    is sent (its other times, such as a promised delivery, move with it):
+    latency counts from the moment the event reaches the producer, as with
+    ``publish(live_time=True)``.
     """
+    import gc
+
     from crmstream.flows.sink import DeliveryCheckedProducer
 
     topics = config.kafka.topics.by_role
     clock = _ScheduleClock(rate)
     total = int(rate * duration_s)
-    built: list[tuple[str, bytes, bytes]] = []
+    built: list[tuple[str, bytes, bytes, int]] = []
     malformed = 0
     for event in workload.events(live_clock=clock):
-        built.append((topics[event.role], event.key, event.value))
+        built.append((topics[event.role], event.key, event.value, clock()))
         malformed += not event.valid
         clock.count += 1
         if len(built) >= total:
             break
     producer = DeliveryCheckedProducer(brokers, dict(config.kafka.client), 60.0)
-    lead_s = 0.2
-    started = time.monotonic() + lead_s
-    shift = time.time_ns() // 1_000_000 + int(lead_s * 1000) - _SCHEDULE_BASE_MS
-
-    def moved(match: re.Match[bytes]) -> bytes:
-        return b"%d" % (int(match[0]) + shift)
-
-    for i, (topic, key, value) in enumerate(built):
-        ahead = started + i / rate - time.monotonic()
-        if ahead > 0.002:
-            time.sleep(ahead)
-        producer.produce(topic, key, _TIME_VALUE.sub(moved, value))
-        if i % 1000 == 0:
-            producer.poll()
-    producer.flush()
+    gc.collect()
+    gc.freeze()  # no collector pauses over the built events while sending
+    started = time.monotonic()
+    try:
+        for i, (topic, key, value, planned_ms) in enumerate(built):
+            ahead = started + i / rate - time.monotonic()
+            if ahead > 0.002:
+                time.sleep(ahead)
+            shift = time.time_ns() // 1_000_000 - planned_ms
+            producer.produce(
+                topic, key, _TIME_VALUE.sub(lambda m, s=shift: b"%d" % (int(m[0]) + s), value)
+            )
+            if i % 1000 == 0:
+                producer.poll()
+        producer.flush()
+    finally:
+        gc.unfreeze()
     return PublishStats(len(built), malformed, time.monotonic() - started)

@@ -70,7 +70,7 @@ LOGISTICS_STATUS_CODE = {"in_transit": 0.0, "customs_hold": 1.0, "delay": 2.0}
 LOGISTICS_STATUSES = frozenset(LOGISTICS_STATUS_CODE)
 MAX_ORDER_ITEMS = 500
 # Data minimisation: never kept in state or emitted.
-PII_FIELDS = frozenset({"email", "phone"})  # _validate tests these two names inline
+PII_FIELDS = frozenset({"email", "phone"})
 # Starts only where a run of address characters starts: linear time on long runs.
 _EMAIL = re.compile(rb"(?<![A-Za-z0-9._%+-])[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+")
 _PHONE_FIELD = re.compile(rb'("phone"\s*:\s*)("[^"]*"|[0-9+() .-]+)')
@@ -324,7 +324,7 @@ class EventValidator:
                 "event_time",
                 f"field 'event_time' is out of the accepted range, got {_show(obj['event_time'])}",
             )
-        if "email" in obj or "phone" in obj:  # PII_FIELDS, without a set per event
+        if not PII_FIELDS.isdisjoint(obj):  # no set built per event, unlike intersection
             for name in PII_FIELDS.intersection(obj):
                 # Data minimisation: e-mail and phone never reach state or outputs in
                 # clear; a keyed hash stays so that systems holding the key can match.

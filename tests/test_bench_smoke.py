@@ -63,7 +63,7 @@ def test_flow_bench_compares_the_exactly_once_and_gc_variants(tmp_path):
 
 
 @pytest.mark.integration
-def test_scheduled_publishing_stamps_each_event_with_its_planned_send_time(isolated_config, stack):
+def test_scheduled_publishing_paces_events_and_stamps_their_send_time(isolated_config, stack):
     config = isolated_config()
     rate, seconds = 2_000, 1.5
     workload = Workload(config, WorkloadSpec(customers=300, malformed_rate=0.0))
@@ -73,8 +73,9 @@ def test_scheduled_publishing_stamps_each_event_with_its_planned_send_time(isola
     events = [e for t in config.kafka.topics.inputs for e in read_topic(stack, t)]
     times = sorted(e["event_time"] for e in events)
     assert stats.events == len(events) == 3_000
-    # Planned times: t0 + i / rate, inside the send window, 0.5 ms apart.
+    # Send times, inside the window; paced: the last is sent no earlier than (n-1)/rate
+    # after the first (the sender only ever waits, so no upper bound is implied).
     assert before_ms <= times[0] and times[-1] <= after_ms, (before_ms, times[0], after_ms)
-    assert abs((times[-1] - times[0]) - (len(times) - 1) * 1000 / rate) <= 1
+    assert times[-1] - times[0] >= (len(times) - 1) * 1000 / rate - 2
     promised = [e["promised_delivery_time"] for e in events if "promised_delivery_time" in e]
     assert all(p > before_ms for p in promised)
