@@ -441,11 +441,12 @@ def publish_scheduled(
     """Live load at ``rate`` events/s for ``duration_s``, for latency measurements.
 
     The events are built first, so the generator's own Python work stays out
-    of the measured window (the contender shares the machine with it). Then
-    event i is sent at ``t0 + i / rate``, stamped with the wall clock as it
-    is sent (its other times, such as a promised delivery, move with it):
-    latency counts from the moment the event reaches the producer, as with
-    ``publish(live_time=True)``.
+    of the measured window (the contender shares the machine with it). The
+    first event is sent alone and acknowledged, so the producer is connected
+    before the window opens. Then event i is sent at ``t0 + i / rate``,
+    stamped with the wall clock as it is sent (its other times, such as a
+    promised delivery, move with it): latency counts from the moment the
+    event reaches the producer, as with ``publish(live_time=True)``.
     """
     import gc
 
