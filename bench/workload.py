@@ -463,25 +463,27 @@ def publish_scheduled(
         clock.count += 1
         if len(built) >= total:
             break
+    if not built:
+        return PublishStats(0, 0, 0.0)
     producer = DeliveryCheckedProducer(brokers, dict(config.kafka.client), 60.0)
+
+    def send(topic: str, key: bytes, value: bytes, planned_ms: int) -> None:
+        shift = time.time_ns() // 1_000_000 - planned_ms  # planned time -> now
+        producer.produce(topic, key, _TIME_VALUE.sub(lambda m: b"%d" % (int(m[0]) + shift), value))
+
     # Connect (an idempotent producer first gets its producer id) before the
     # window opens: the first event is sent and acknowledged on its own.
-    topic, key, value, planned_ms = built[0]
-    shift = time.time_ns() // 1_000_000 - planned_ms
-    producer.produce(topic, key, _TIME_VALUE.sub(lambda m, s=shift: b"%d" % (int(m[0]) + s), value))
+    send(*built[0])
     producer.flush()
     gc.collect()
     gc.freeze()  # no collector pauses over the built events while sending
     started = time.monotonic()
     try:
-        for i, (topic, key, value, planned_ms) in enumerate(built[1:]):
+        for i, event in enumerate(itertools.islice(built, 1, None)):
             ahead = started + i / rate - time.monotonic()
             if ahead > 0.002:
                 time.sleep(ahead)
-            shift = time.time_ns() // 1_000_000 - planned_ms
-            producer.produce(
-                topic, key, _TIME_VALUE.sub(lambda m, s=shift: b"%d" % (int(m[0]) + s), value)
-            )
+            send(*event)
             if i % 1000 == 0:
                 producer.poll()
         producer.flush()
