@@ -40,7 +40,8 @@ from crmstream.metrics import counter_total, get_metrics
 from crmstream.operators.kernels import warm_up
 from crmstream.topics import create_topics
 
-DEFAULT_GC_THRESHOLDS = (700, 10, 10)  # CPython 3.11's
+# Python's own thresholds, read before any flow is built (build_flow applies tune_gc).
+PYTHON_GC_THRESHOLDS = gc.get_threshold()
 
 
 def raw_consume_parse(endpoints: Endpoints, config: CrmConfig) -> tuple[int, float]:
@@ -143,7 +144,7 @@ def main() -> None:
         def python_gc_run(label: str) -> None:
             console.print(f"crmstream flow with Python's GC settings ({label}) ...")
             gc.unfreeze()  # undo an earlier run's tune_gc: this run is Python's defaults
-            gc.set_threshold(*DEFAULT_GC_THRESHOLDS)
+            gc.set_threshold(*PYTHON_GC_THRESHOLDS)
             cfg = _variant(
                 endpoints, args.partitions, f"gc-{label}", "processing.gc_young_threshold=0"
             )
@@ -166,31 +167,17 @@ def main() -> None:
     table = Table(title=f"foundation benchmark: {stats.events:,} events, 1 process")
     for col in ("contender", "messages", "seconds", "events/s", "ratio to ceiling"):
         table.add_column(col, justify="right")
-    table.add_row("raw consume+parse", f"{raw_n:,}", f"{raw_s:.2f}", f"{raw_rate:,.0f}", "1.00")
-    table.add_row(
-        "crmstream flow",
-        f"{flow_n:,}",
-        f"{flow_s:.2f}",
-        f"{flow_rate:,.0f}",
-        f"{flow_rate / raw_rate:.3f}",
-    )
+
+    def add_row(label: str, n: int, seconds: float) -> None:
+        rate = n / seconds
+        table.add_row(label, f"{n:,}", f"{seconds:.2f}", f"{rate:,.0f}", f"{rate / raw_rate:.3f}")
+
+    add_row("raw consume+parse", raw_n, raw_s)
+    add_row("crmstream flow", flow_n, flow_s)
     if loose is not None:
-        loose_rate = loose[0] / loose[1]
-        table.add_row(
-            "crmstream, at-least-once",
-            f"{loose[0]:,}",
-            f"{loose[1]:.2f}",
-            f"{loose_rate:,.0f}",
-            f"{loose_rate / raw_rate:.3f}",
-        )
+        add_row("crmstream, at-least-once", *loose)
     for label, (n, s, _) in zip(("before", "after"), untuned, strict=True):
-        table.add_row(
-            f"Python's GC settings ({label})",
-            f"{n:,}",
-            f"{s:.2f}",
-            f"{n / s:,.0f}",
-            f"{n / s / raw_rate:.3f}",
-        )
+        add_row(f"Python's GC settings ({label})", n, s)
     console.print(table)
     if untuned:
         console.print(
@@ -200,6 +187,7 @@ def main() -> None:
             + " with Python's settings"
         )
     if loose is not None:
+        loose_rate = loose[0] / loose[1]
         console.print(
             f"exactly-once costs {1 - flow_rate / loose_rate:.1%} of at-least-once throughput "
             f"(exactly-once / at-least-once = {flow_rate / loose_rate:.3f})"

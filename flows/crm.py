@@ -39,6 +39,7 @@ class _DiscardSink(DynamicSink[object]):
 
 FLOW_ID = "crmstream"
 INPUT_STEP = "kafka_in"
+INPUT_STEP_ID = f"{FLOW_ID}.{INPUT_STEP}"  # Bytewax's id of the input step
 
 
 class RecoveryStoreError(RuntimeError):
@@ -59,7 +60,7 @@ def check_recovery_store(directory: Path, parts: list[str]) -> None:
             try:
                 rows = conn.execute(
                     "SELECT DISTINCT state_key FROM snaps WHERE step_id = ?",
-                    (f"{FLOW_ID}.{INPUT_STEP}",),
+                    (INPUT_STEP_ID,),
                 ).fetchall()
             except sqlite3.DatabaseError as exc:
                 raise RecoveryStoreError(f"recovery store {db} is not readable: {exc}") from None
@@ -153,7 +154,7 @@ def run_cluster_process(
 
 
 def _input_parts(flow: Dataflow) -> list[str]:
-    source = next(s.source for s in flow.substeps if s.step_id == f"{FLOW_ID}.{INPUT_STEP}")
+    source = next(s.source for s in flow.substeps if s.step_id == INPUT_STEP_ID)
     return source.list_parts()
 
 
