@@ -64,7 +64,10 @@ def test_kill_9_at_five_random_points_equals_an_uninterrupted_run(stack, tmp_pat
     # Kill points: random shares of the input, each kill once the committed progress
     # has passed its share (so every restarted process gets work done first).
     client = redis.Redis.from_url(stack.redis_url)
-    kill_at = sorted(rng.uniform(0.05, 0.95) for _ in range(KILLS))
+    # Up to 85 %: the flow commits its last steps in one go at the end of input,
+    # and since round 3 it is fast enough that a kill aimed past ~90 % could find
+    # the whole input committed (4 kills instead of 5 in two CI runs).
+    kill_at = sorted(rng.uniform(0.05, 0.85) for _ in range(KILLS))
     recovery = tmp_path / "recovery"
     killed, seen_at_kill = 0, []
     for share in kill_at:
