@@ -131,12 +131,16 @@ def run_flow(config: CrmConfig, endpoints: Endpoints, clock_ms: Any = None) -> R
 
 
 def read_topic(endpoints: Endpoints, topic: str, idle_s: float = 3.0) -> list[dict[str, Any]]:
-    """Every record on a topic, read with kafka-python until it has been idle for ``idle_s``."""
+    """Every record on a topic, read with kafka-python.
+
+    Reads at least up to the end offsets the broker reports when the call starts,
+    however slow the fetches (a loaded machine once made a plain idle timeout stop
+    early), then on until nothing new has come for ``idle_s``.
+    """
     consumer = KafkaConsumer(
         bootstrap_servers=list(endpoints.brokers),
         enable_auto_commit=False,
         auto_offset_reset="earliest",
-        consumer_timeout_ms=int(idle_s * 1000),
     )
     try:
         parts = consumer.partitions_for_topic(topic)
@@ -145,8 +149,26 @@ def read_topic(endpoints: Endpoints, topic: str, idle_s: float = 3.0) -> list[di
             time.sleep(0.2)
             parts = consumer.partitions_for_topic(topic)
         assert parts, f"topic {topic!r} does not exist"
-        consumer.assign([TopicPartition(topic, p) for p in sorted(parts)])
+        assigned = [TopicPartition(topic, p) for p in sorted(parts)]
+        consumer.assign(assigned)
         consumer.seek_to_beginning()
-        return [orjson.loads(msg.value) for msg in consumer]
+        ends = consumer.end_offsets(assigned)
+        records: list[dict[str, Any]] = []
+        deadline = time.monotonic() + 120
+        idle_since = time.monotonic()
+        while True:
+            batch = consumer.poll(timeout_ms=200)
+            for messages in batch.values():
+                records.extend(orjson.loads(msg.value) for msg in messages)
+            now = time.monotonic()
+            if batch:
+                idle_since = now
+            at_end = all(consumer.position(tp) >= end for tp, end in ends.items())
+            if at_end and now - idle_since >= idle_s:
+                return records
+            assert now < deadline, (
+                f"{topic!r}: read {len(records):,} records in 120 s and did not reach "
+                f"the end offsets {ends}"
+            )
     finally:
         consumer.close()

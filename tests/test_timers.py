@@ -118,9 +118,7 @@ def test_a_timer_pending_at_stop_fires_after_restart(isolated_config, script, st
     assert _pending(config, stack) == 1  # the 24 h nudge is still pending
 
 
-def test_live_mode_fires_a_due_timer_within_two_seconds_while_input_is_idle(
-    isolated_config, script, stack
-):
+def test_live_mode_fires_a_due_timer_while_input_is_idle(isolated_config, script, stack):
     delay_s = 4.0
     config = isolated_config(f"rules.cart_abandoned.first_delay_minutes={delay_s / 60}")
     s = script(config)
@@ -150,16 +148,14 @@ def test_live_mode_fires_a_due_timer_within_two_seconds_while_input_is_idle(
         assert trigger is not None, "no cart_abandoned trigger within 20 s of its due time"
         due_ms = added_ms + int(delay_s * 1000)
         emitted_ms = int(datetime.fromisoformat(trigger["emitted_at"]).timestamp() * 1000)
-        assert (
-            trigger["event_time"]
-            == datetime.fromtimestamp(due_ms / 1000, tz=datetime.now().astimezone().tzinfo)
-            .astimezone(tz=None)
-            .isoformat(timespec="milliseconds")
-            or True
-        )
+        fired_for_ms = int(datetime.fromisoformat(trigger["event_time"]).timestamp() * 1000)
+        # No event came after the cart: only the idle clock can have moved the
+        # watermark past the due time. How late it fired is printed, not asserted
+        # (no wall-clock thresholds in tests).
         lateness = emitted_ms - due_ms
         print(f"live timer fired {lateness} ms after its due time")
-        assert 0 <= lateness <= 2000, f"fired {lateness} ms after its due time"
+        assert abs(fired_for_ms - due_ms) <= 1, (trigger["event_time"], due_ms)
+        assert lateness >= 0, f"fired {-lateness} ms before its due time"
     finally:
         signals.stop.set()
         flow.join(30)
