@@ -176,7 +176,7 @@ def main() -> None:
     add_row("crmstream flow", flow_n, flow_s)
     if loose is not None:
         add_row("crmstream, at-least-once", *loose)
-    for label, (n, s, _) in zip(("before", "after"), untuned, strict=True):
+    for label, (n, s, _) in zip(("before", "after")[: len(untuned)], untuned, strict=True):
         add_row(f"Python's GC settings ({label})", n, s)
     console.print(table)
     if untuned:
