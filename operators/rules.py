@@ -26,9 +26,30 @@ def trigger_id(customer_id: str, trigger_type: str, rule_version: int, causal: s
     return hashlib.blake2b(identity.encode(), digest_size=16).hexdigest()
 
 
+_hours: dict[int, str] = {}  # hour number since the epoch -> "YYYY-MM-DDTHH:"
+_MAX_HOURS = 50_000  # about 6 years of distinct hours, a few MB
+
+
 def iso_ms(epoch_ms: int) -> str:
-    """Epoch milliseconds as ISO-8601 UTC with millisecond precision."""
-    return datetime.fromtimestamp(epoch_ms / 1000, tz=UTC).isoformat(timespec="milliseconds")
+    """Epoch milliseconds as ISO-8601 UTC with millisecond precision.
+
+    Same text as ``datetime.fromtimestamp(ms / 1000, tz=UTC).isoformat(
+    timespec="milliseconds")``. Integers (every caller on the hot path) take a
+    path that builds the date and hour once per hour and the rest with integer
+    arithmetic: the datetime route was 4 % of the flow's samples at 1M customers.
+    """
+    if type(epoch_ms) is not int:
+        return datetime.fromtimestamp(epoch_ms / 1000, tz=UTC).isoformat(timespec="milliseconds")
+    hour, rest = divmod(epoch_ms, 3_600_000)
+    prefix = _hours.get(hour)
+    if prefix is None:
+        start = datetime.fromtimestamp(hour * 3600, tz=UTC)
+        prefix = f"{start.date().isoformat()}T{start.hour:02d}:"
+        if len(_hours) < _MAX_HOURS:
+            _hours[hour] = prefix
+    minutes, rest = divmod(rest, 60_000)
+    # %-formatting: 0.7 µs here against 1.1-1.6 µs for the f-string (timeit)
+    return "%s%02d:%02d.%03d+00:00" % (prefix, minutes, rest // 1000, rest % 1000)  # noqa: UP031
 
 
 class TriggerBuilder:

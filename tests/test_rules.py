@@ -1,0 +1,43 @@
+"""Trigger record text: the fast ISO-8601 formatter and the policies' time-zone lookup."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from zoneinfo import ZoneInfo, available_timezones
+
+import numpy as np
+from hypothesis import given
+from hypothesis import strategies as st
+
+from crmstream.config import load_config
+from crmstream.operators.policies import PolicyEngine
+from crmstream.operators.rules import iso_ms
+
+
+def _reference(epoch_ms: float) -> str:
+    return datetime.fromtimestamp(epoch_ms / 1000, tz=UTC).isoformat(timespec="milliseconds")
+
+
+# 1900-01-01 .. 2200-01-01: negative epochs, leap days and century years included.
+@given(st.integers(min_value=-2_208_988_800_000, max_value=7_258_118_400_000))
+def test_iso_ms_writes_the_same_text_as_datetime(epoch_ms):
+    assert iso_ms(epoch_ms) == _reference(epoch_ms)
+
+
+def test_iso_ms_takes_other_number_types_the_datetime_way():
+    for value in (np.int64(1_767_225_600_123), 1_767_225_600_123.0, 1_709_164_799_999):
+        assert iso_ms(value) == _reference(value)
+    assert iso_ms(1_709_164_800_000) == "2024-02-29T00:00:00.000+00:00"
+    assert iso_ms(-1) == "1969-12-31T23:59:59.999+00:00"
+
+
+def test_policy_zones_are_kept_and_unknown_names_fall_back_to_the_default():
+    config = load_config()
+    engine = PolicyEngine(config)
+    names = sorted(available_timezones())[:50]  # far more than ZoneInfo keeps strongly
+    zones = [engine._zone(n) for n in names]
+    assert [z.key for z in zones] == names
+    assert all(engine._zone(n) is z for n, z in zip(names, zones, strict=True))
+    default = config.policies.quiet_hours.default_timezone
+    for bad in ("Mars/Olympus_Mons", "../etc/passwd", ""):
+        assert engine._zone(bad) == ZoneInfo(default), bad
