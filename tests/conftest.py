@@ -134,8 +134,8 @@ def read_topic(endpoints: Endpoints, topic: str, idle_s: float = 3.0) -> list[di
     """Every record on a topic, read with kafka-python.
 
     Reads at least up to the end offsets the broker reports when the call starts,
-    however slow the fetches (a loaded machine once made a plain idle timeout stop
-    early), then on until nothing new has come for ``idle_s``.
+    however slow the fetches (a plain idle timeout alone could stop early on a
+    loaded machine), then on until nothing new has come for ``idle_s``.
     """
     consumer = KafkaConsumer(
         bootstrap_servers=list(endpoints.brokers),
