@@ -66,7 +66,7 @@ def test_kill_9_at_five_random_points_equals_an_uninterrupted_run(stack, tmp_pat
     client = redis.Redis.from_url(stack.redis_url)
     # Up to 85 %: the flow commits its last steps in one go at the end of input,
     # and since round 3 it is fast enough that a kill aimed past ~90 % could find
-    # the whole input committed (4 kills instead of 5 in two CI runs).
+    # the whole input committed (a fresh-clone CI run counted 4 kills instead of 5).
     kill_at = sorted(rng.uniform(0.05, 0.85) for _ in range(KILLS))
     recovery = tmp_path / "recovery"
     killed, seen_at_kill = 0, []
