@@ -15,11 +15,11 @@ import re
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, NamedTuple
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import orjson
 
 from crmstream.config import CrmConfig
+from crmstream.operators.zones import find_zone
 
 # Dense, stable codes: state arrays are indexed by them, so never renumber;
 # append new types at the end and bump the state layout version.
@@ -77,7 +77,6 @@ _PHONE_FIELD = re.compile(rb'("phone"\s*:\s*)("[^"]*"|[0-9+() .-]+)')
 _PHONE_INTL = re.compile(rb"\+\d[\d ()./-]{6,}\d")  # +CC ... anywhere else
 
 MAX_ID_LEN = 128
-_MAX_KNOWN_ZONES = 4096  # the IANA database has about 600 names
 
 
 class ParsedEvent(NamedTuple):
@@ -220,7 +219,6 @@ class EventValidator:
         self._min_time_ms = config.processing.min_event_time_ms
         self._max_skew_ms = config.processing.max_future_skew_seconds * 1000
         self._pii_key = hashlib.blake2b(config.privacy.pii_salt.encode()).digest()[:64]
-        self._zones: set[str] = set()  # time zone names found valid
 
     def redact(self, raw: bytes) -> bytes:
         """A rejected message with its e-mail addresses and phone fields hashed, for the
@@ -446,19 +444,10 @@ class EventValidator:
 
     def _check_profile(self, obj: dict[str, Any]) -> None:
         tz = obj.get("timezone")
-        if tz is not None and (type(tz) is not str or tz not in self._zones):
-            try:
-                if type(tz) is not str:
-                    raise ZoneInfoNotFoundError
-                ZoneInfo(tz)
-            except (ZoneInfoNotFoundError, ValueError):
-                raise _Invalid(
-                    "timezone", f"field 'timezone' must be an IANA time zone, got {_show(tz)}"
-                ) from None
-            if len(self._zones) < _MAX_KNOWN_ZONES:
-                # ZoneInfo keeps only 8 zones strongly; past that, every check of
-                # another zone reloaded its file.
-                self._zones.add(tz)
+        if tz is not None and (type(tz) is not str or find_zone(tz) is None):
+            raise _Invalid(
+                "timezone", f"field 'timezone' must be an IANA time zone, got {_show(tz)}"
+            )
         birthday = obj.get("birthday")
         if birthday is not None:
             ok = type(birthday) is str and len(birthday) == 5 and birthday[2] == "-"

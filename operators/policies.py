@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, time, timedelta
 from typing import Any, NamedTuple
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from zoneinfo import ZoneInfo
 
 import numpy as np
 
@@ -29,6 +29,7 @@ from crmstream.config import CrmConfig
 from crmstream.operators.catalog import Candidate
 from crmstream.operators.kernels import MS_PER_DAY
 from crmstream.operators.rules import iso_ms
+from crmstream.operators.zones import find_zone
 
 TRIGGER_TYPES = (
     "browse_interest",
@@ -60,9 +61,6 @@ class Approved(NamedTuple):
     hold_until_ms: int | None  # quiet hours, "hold" mode: emit at this time
 
 
-_MAX_ZONES = 4096  # the IANA database has about 600 names; the rest fall back
-
-
 def _minutes(ms: int) -> int:
     return int(ms // 60_000)
 
@@ -78,7 +76,7 @@ class PolicyEngine:
         self._quiet_start = time.fromisoformat(quiet.start)
         self._quiet_end = time.fromisoformat(quiet.end)
         self._categories = config.taxonomy.categories
-        self._zones: dict[str, ZoneInfo] = {}  # by the name in the profile
+        self._default_zone = ZoneInfo(quiet.default_timezone)  # checked by the schema
 
     def apply(
         self,
@@ -227,7 +225,7 @@ class PolicyEngine:
     ) -> tuple[dict[str, Any], int | None]:
         """Channel, language, the local send window, and quiet-hours deferral."""
         quiet = self._policies.quiet_hours
-        tz = self._zone(profile.get("timezone") or quiet.default_timezone)
+        tz = find_zone(profile.get("timezone") or quiet.default_timezone) or self._default_zone
         extras: dict[str, Any] = {
             "channel": rule.channel
             or profile.get("preferred_channel")
@@ -249,22 +247,6 @@ class PolicyEngine:
             "local_time": local.isoformat(timespec="minutes"),
         }
         return extras, until_ms
-
-    def _zone(self, name: str) -> ZoneInfo:
-        """The customer's zone, or the default for a name the database does not know.
-
-        Kept here because ZoneInfo holds only 8 zones strongly and re-read the rest
-        from disk: a third of ``_delivery`` at 1M customers.
-        """
-        tz = self._zones.get(name)
-        if tz is None:
-            try:
-                tz = ZoneInfo(name)
-            except (ZoneInfoNotFoundError, ValueError):
-                tz = ZoneInfo(self._policies.quiet_hours.default_timezone)
-            if len(self._zones) < _MAX_ZONES:
-                self._zones[name] = tz
-        return tz
 
     def _in_quiet_hours(self, t: time) -> bool:
         start, end = self._quiet_start, self._quiet_end

@@ -1,17 +1,19 @@
-"""Trigger record text: the fast ISO-8601 formatter and the policies' time-zone lookup."""
+"""Trigger record text: the fast ISO-8601 formatter, and time zones by name."""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from zoneinfo import ZoneInfo, available_timezones
+from zoneinfo import available_timezones
 
 import numpy as np
 from hypothesis import given
 from hypothesis import strategies as st
 
 from crmstream.config import load_config
+from crmstream.operators.catalog import Candidate
 from crmstream.operators.policies import PolicyEngine
 from crmstream.operators.rules import iso_ms
+from crmstream.operators.zones import find_zone
 
 
 def _reference(epoch_ms: float) -> str:
@@ -31,13 +33,23 @@ def test_iso_ms_takes_other_number_types_the_datetime_way():
     assert iso_ms(-1) == "1969-12-31T23:59:59.999+00:00"
 
 
-def test_policy_zones_are_kept_and_unknown_names_fall_back_to_the_default():
+def test_zones_are_kept_and_unknown_names_are_none():
+    names = sorted(available_timezones())[:50]  # far more than ZoneInfo keeps strongly
+    zones = [find_zone(n) for n in names]
+    assert [z.key for z in zones] == names
+    assert all(find_zone(n) is z for n, z in zip(names, zones, strict=True))
+    for bad in ("Mars/Olympus_Mons", "../etc/passwd", ""):
+        assert find_zone(bad) is None, bad
+
+
+def test_policies_send_in_the_default_zone_when_the_profile_zone_is_unknown():
     config = load_config()
     engine = PolicyEngine(config)
-    names = sorted(available_timezones())[:50]  # far more than ZoneInfo keeps strongly
-    zones = [engine._zone(n) for n in names]
-    assert [z.key for z in zones] == names
-    assert all(engine._zone(n) is z for n, z in zip(names, zones, strict=True))
+    noon = 1_767_268_800_000  # 2026-01-01T12:00Z, outside the default quiet hours
+    cand = Candidate("c", "browse_interest", "e1", noon, {}, {}, None, {})
+    rule = config.rules.browse_interest
     default = config.policies.quiet_hours.default_timezone
-    for bad in ("Mars/Olympus_Mons", "../etc/passwd", ""):
-        assert engine._zone(bad) == ZoneInfo(default), bad
+    for profile, zone in (({"timezone": "Mars/Olympus_Mons"}, default),
+                          ({}, default), ({"timezone": "Asia/Tokyo"}, "Asia/Tokyo")):  # fmt: skip
+        extras, _ = engine._delivery(cand, rule, profile)
+        assert extras["send_window"]["timezone"] == zone, profile
