@@ -186,7 +186,7 @@ def _choice(obj: dict[str, Any], name: str, allowed: frozenset[str], required: b
     value = obj.get(name)
     if value is None and not required:
         return
-    if value not in allowed:
+    if type(value) is not str or value not in allowed:  # a list or object is unhashable
         raise _Invalid(name, f"field {name!r} must be one of {sorted(allowed)}, got {_show(value)}")
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from crmstream.config import load_config
 from crmstream.operators.events import (
@@ -179,3 +181,86 @@ def test_time_zones_are_checked_the_same_once_known():
         result = parse({**profile, "timezone": bad}, CUSTOMERS)
         assert isinstance(result, InvalidEvent) and result.field == "timezone", bad
         assert "must be an IANA time zone" in result.reason
+
+
+ROLE_TOPIC = {role: topic for topic, role in CONFIG.kafka.topics.inputs.items()}
+FIELDS = (
+    "event_id", "customer_id", "event_type", "event_time", "channel", "country",
+    "product_id", "category", "price", "currency", "amount", "items", "order_id",
+    "promised_delivery_time", "status", "sentiment", "rating", "timezone", "birthday",
+    "preferred_channel", "language", "email", "phone",
+)  # fmt: skip
+
+
+def full_event(event_type: str) -> dict:
+    """A valid event of the type carrying every field any type reads."""
+    consent = event_type.startswith("consent_")
+    return {
+        "event_id": "e1",
+        "customer_id": "c1",
+        "event_type": event_type,
+        "event_time": NOW,
+        "channel": "push" if consent else "web",
+        "country": "JP",
+        "product_id": "p1",
+        "category": "beauty",
+        "price": 5.0,
+        "currency": "EUR",
+        "amount": 10,
+        "items": [{"product_id": "p1", "price": 5.0, "category": "beauty"}],
+        "order_id": "o1",
+        "promised_delivery_time": NOW + 86_400_000,
+        "status": "delay",
+        "sentiment": 0.5,
+        "rating": 4,
+        "timezone": "Asia/Tokyo",
+        "birthday": "02-14",
+        "preferred_channel": "email",
+        "language": "en",
+        "email": "a@b.c",
+        "phone": "+1 555 0100",
+    }
+
+
+def topic_of(event_type: str) -> str:
+    role = next(r for r, types in TOPIC_ROLE_TYPES.items() if event_type in types)
+    return ROLE_TOPIC[role]
+
+
+@pytest.mark.parametrize("event_type", EVENT_TYPES)
+def test_the_full_event_of_every_type_is_valid(event_type):
+    result = parse(full_event(event_type), topic_of(event_type))
+    assert isinstance(result, ParsedEvent), result
+
+
+JSON_VALUES = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**63 - 1)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=8)
+    | st.sampled_from(["web", "push", "delay", "beauty", "EUR", "JP", "Asia/Tokyo", "02-14"]),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3)
+    ),
+    max_leaves=6,
+)
+
+
+@settings(max_examples=600, deadline=None)
+@given(
+    event_type=st.sampled_from(EVENT_TYPES),
+    changes=st.dictionaries(st.sampled_from(FIELDS), JSON_VALUES, max_size=4),
+    removed=st.sets(st.sampled_from(FIELDS), max_size=3),
+)
+def test_any_json_value_in_any_field_is_parsed_or_rejected_never_raised(
+    event_type, changes, removed
+):
+    """Any JSON value in a field is an event or a rejection naming a field: never an
+    exception, which would stop the flow instead of reaching the dead-letter topic."""
+    body = {k: v for k, v in full_event(event_type).items() if k not in removed}
+    body.update(changes)
+    result = parse(body, topic_of(event_type))
+    assert isinstance(result, ParsedEvent | InvalidEvent)
+    if isinstance(result, InvalidEvent):
+        assert result.field in (*FIELDS, None), result
