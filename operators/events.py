@@ -14,8 +14,9 @@ import math
 import re
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, NamedTuple
+from typing import Annotated, Any, Literal, NamedTuple
 
+import msgspec
 import orjson
 
 from crmstream.config import CrmConfig
@@ -208,11 +209,51 @@ def parse_time_ms(value: Any, name: str = "event_time") -> int:
     )
 
 
+# A namedtuple's own constructor is a Python function; tuple.__new__ is not. Per event
+# that is about 0.3 µs (ParsedEvent here, RawMessage in the source).
+_new = tuple.__new__
+
+_FastId = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_ID_LEN)]
+
+
+class _Click(msgspec.Struct, forbid_unknown_fields=True, gc=False):
+    """A clickstream event as the compiled fast path decodes it (see ``EventValidator.parse``).
+
+    The fields ``_validate`` reads for clickstream types, each with a type at
+    least as narrow as it accepts there. Unknown fields are refused rather than
+    skipped: msgspec skips a field without the checks orjson makes (UTF-8, a
+    number too large for a float), so a skipped field could let through what
+    the checked way rejects. A refused message goes the checked way, which
+    ignores unknown fields and words any rejection; so does one with ``email``
+    or ``phone``, which it hashes or rejects.
+    """
+
+    event_id: _FastId
+    customer_id: _FastId
+    event_type: Literal[EVENT_TYPES[0:9]]  # type: ignore[valid-type]
+    event_time: int  # ISO-8601 text goes the checked way
+    channel: Literal["app", "web", "mini_program"] | None = None
+    country: str | None = None
+    product_id: _FastId | None = None
+    category: str | None = None
+    price: Annotated[float, msgspec.Meta(ge=0.0, le=1e9)] | msgspec.UnsetType = msgspec.UNSET
+    currency: str | None = None
+    query: str | None = None  # search text: no rule reads it
+
+
+_CLICK_DECODER = msgspec.json.Decoder(_Click)
+_PRODUCT_CODES = frozenset(EVENT_CODE[t] for t, spec in _SPECS.items() if spec.product)
+_CATEGORY_CODES = frozenset(
+    EVENT_CODE[t] for t, spec in _SPECS.items() if spec.product or spec.optional_category
+)
+
+
 class EventValidator:
     """Strict parser for input messages, built once from the configuration."""
 
     def __init__(self, config: CrmConfig):
         self._roles = config.kafka.topics.inputs
+        self._click_topics = frozenset(t for t, r in self._roles.items() if r == "clickstream")
         self._category_index = {c: i for i, c in enumerate(config.taxonomy.categories)}
         self._rates = dict(config.currency.rates)
         self._max_bytes = config.processing.max_event_bytes
@@ -258,7 +299,87 @@ class EventValidator:
         timestamp_ms: int,
         now_ms: int,
     ) -> ParsedEvent | InvalidEvent:
-        """Validate one message; ``now_ms`` is the batch's wall clock, read once per batch."""
+        """Validate one message; ``now_ms`` is the batch's wall clock, read once per batch.
+
+        A clickstream message (nine events in ten) first tries the compiled fast
+        path: msgspec decodes and type-checks it in C into ``_Click`` and the few
+        checks left are made here. The fast path accepts only what
+        ``parse_checked`` accepts, with the same result (tests/test_events.py
+        holds them to that with hypothesis); what it does not accept goes the
+        checked way, which words the rejection.
+        """
+        if value is not None and topic in self._click_topics and len(value) <= self._max_bytes:
+            try:
+                click = _CLICK_DECODER.decode(value)
+            except msgspec.DecodeError:  # ValidationError too
+                pass
+            else:
+                fast = self._fast_click(click, topic, partition, offset, timestamp_ms, now_ms)
+                if fast is not None:
+                    return fast
+        return self.parse_checked(key, value, topic, partition, offset, timestamp_ms, now_ms)
+
+    def _fast_click(
+        self,
+        c: _Click,
+        topic: str,
+        partition: int,
+        offset: int,
+        timestamp_ms: int,
+        now_ms: int,
+    ) -> ParsedEvent | None:
+        """The checks ``_validate`` makes on a clickstream event that types cannot say;
+        None when one fails (the checked way then words it)."""
+        if not self._min_time_ms <= c.event_time <= now_ms + self._max_skew_ms:
+            return None
+        country = c.country
+        if country is not None and (len(country) != 2 or not country.isupper()):
+            return None
+        code = EVENT_CODE[c.event_type]
+        category = -1
+        if code in _CATEGORY_CODES:
+            product = code in _PRODUCT_CODES
+            if product and c.product_id is None:
+                return None
+            if product or c.category is not None:
+                category = self._category_index.get(c.category, -1)
+                if category < 0:
+                    return None
+        amount_base = 0.0
+        if c.price is not msgspec.UNSET:
+            rate = self._rates.get(c.currency)
+            if rate is None:
+                return None
+            amount_base = c.price * rate
+        return _new(
+            ParsedEvent,
+            (
+                c.customer_id,
+                c.event_id,
+                code,
+                c.event_time,
+                category,
+                amount_base,
+                topic,
+                partition,
+                offset,
+                timestamp_ms,
+                0.0,
+                {},
+            ),
+        )
+
+    def parse_checked(
+        self,
+        key: bytes | None,
+        value: bytes | None,
+        topic: str,
+        partition: int,
+        offset: int,
+        timestamp_ms: int,
+        now_ms: int,
+    ) -> ParsedEvent | InvalidEvent:
+        """``parse`` without the fast path: every check in Python, each rejection worded."""
         customer_id = None
         obj: Any = None
         try:
@@ -387,19 +508,22 @@ class EventValidator:
         if event_type == "profile_updated":
             self._check_profile(obj)
 
-        return ParsedEvent(
-            customer_id,
-            event_id,
-            EVENT_CODE[event_type],
-            event_time_ms,
-            category,
-            amount_base,
-            topic,
-            partition,
-            offset,
-            timestamp_ms,
-            aux,
-            {} if role == "clickstream" else obj,
+        return _new(
+            ParsedEvent,
+            (
+                customer_id,
+                event_id,
+                EVENT_CODE[event_type],
+                event_time_ms,
+                category,
+                amount_base,
+                topic,
+                partition,
+                offset,
+                timestamp_ms,
+                aux,
+                {} if role == "clickstream" else obj,
+            ),
         )
 
     def _primary_category(self, items: Any) -> int:

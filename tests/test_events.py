@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
+import json
+
 import orjson
 import pytest
 from hypothesis import given, settings
@@ -264,3 +267,135 @@ def test_any_json_value_in_any_field_is_parsed_or_rejected_never_raised(
     assert isinstance(result, ParsedEvent | InvalidEvent)
     if isinstance(result, InvalidEvent):
         assert result.field in (*FIELDS, None), result
+
+
+# ------------------------------------------------- the compiled fast path (clickstream)
+
+CLICK_TYPES = sorted(TOPIC_ROLE_TYPES["clickstream"])
+
+
+def both_ways(value: bytes, topic: str = CLICK):
+    """``parse`` (fast path first) and ``parse_checked`` on the same message."""
+    args = (b"k", value, topic, 3, 1042, NOW, NOW)
+    return VALIDATOR.parse(*args), VALIDATOR.parse_checked(*args)
+
+
+def click_event(event_type: str) -> dict:
+    return {
+        "event_id": "e1",
+        "customer_id": "c1",
+        "event_type": event_type,
+        "event_time": NOW - 5_000,
+        "channel": "app",
+        "country": "DE",
+        "product_id": "p1",
+        "category": "beauty",
+        "price": 23.5,
+        "currency": "EUR",
+    }
+
+
+FIELD_VALUES = st.one_of(
+    JSON_VALUES,
+    st.sampled_from(
+        [
+            "",
+            "x" * 128,
+            "x" * 129,
+            "é" * 3,
+            "A1",
+            "de",
+            "DEU",
+            "Ü" + "Ö",
+            "2026-01-01T00:00:00+00:00",
+            "2026-01-01T00:00:00",
+            "app",
+            "mini_program",
+            "push",
+            "fashion",
+            "no-such-category",
+            "JPY",
+            "XXX",
+            "a@b.c",
+            "+1 555 0100",
+            "\ud800",
+        ]
+    ),
+    st.sampled_from([0, -0.0, 1e9, 1e9 + 1, 1e-320, NOW, NOW - 1, NOW + 10**9, 2**70, 5]),
+    st.floats(0, 1e9),
+)
+
+
+@settings(max_examples=1500, deadline=None)
+@given(
+    event_type=st.sampled_from(CLICK_TYPES),
+    changes=st.dictionaries(
+        st.sampled_from((*FIELDS, "query", "session_id", "")), FIELD_VALUES, max_size=3
+    ),
+    removed=st.sets(st.sampled_from(FIELDS), max_size=3),
+    topic=st.sampled_from([CLICK, CLICK, ORDERS]),
+    ascii_only=st.booleans(),
+)
+def test_fast_path_gives_what_the_checked_way_gives(
+    event_type, changes, removed, topic, ascii_only
+):
+    body = {k: v for k, v in click_event(event_type).items() if k not in removed}
+    body.update(changes)
+    # json, not orjson: it writes integers past 64 bits and lone surrogates too.
+    value = json.dumps(body, ensure_ascii=ascii_only).encode("utf-8", "surrogatepass")
+    fast, checked = both_ways(value, topic)
+    assert fast == checked
+
+
+TOKENS = [
+    b"\xff", b"\xc3\xa9", b"\\", b'"', b"e", b"E", b"9", b"-", b".", b",", b":", b"}", b"{",
+    b"[", b"\x00", b"\t", b" ", b"\\u0000", b"\\ud800", b"1e999", b"NaN", b"null", b"true",
+    b'"x":1,', b'"price":-1,', b'"email":"a@b.c",', b"0" * 30,
+]  # fmt: skip
+
+
+@settings(max_examples=1500, deadline=None)
+@given(
+    event_type=st.sampled_from(CLICK_TYPES),
+    edits=st.lists(
+        st.tuples(st.floats(0, 1), st.integers(0, 3), st.sampled_from(TOKENS)),
+        min_size=1,
+        max_size=3,
+    ),
+)
+def test_fast_path_gives_what_the_checked_way_gives_on_damaged_bytes(event_type, edits):
+    """Bytes edited anywhere: grammar and encoding corner cases of the two decoders."""
+    raw = orjson.dumps(click_event(event_type))
+    for where, cut, token in edits:
+        at = int(where * len(raw))
+        raw = raw[:at] + token + raw[at + cut :]
+    fast, checked = both_ways(raw)
+    assert fast == checked
+
+
+def test_fast_path_takes_the_workload_clickstream(monkeypatch):
+    """Nearly all generated clickstream events pass the fast path, with the checked result."""
+    from crmstream.bench.workload import Workload, WorkloadSpec
+
+    events = [
+        e for e in itertools.islice(Workload(CONFIG, WorkloadSpec(customers=500)).events(), 3000)
+        if e.role == "clickstream"
+    ]  # fmt: skip
+    now = 2_000_000_000_000
+    checked = [
+        VALIDATOR.parse_checked(e.key, e.value, CLICK, 0, i, 0, now) for i, e in enumerate(events)
+    ]
+    slow = []
+    real = Validator.parse_checked
+    monkeypatch.setattr(
+        Validator, "parse_checked", lambda self, *a: slow.append(a[3]) or real(self, *a)
+    )
+    fast = [VALIDATOR.parse(e.key, e.value, CLICK, 0, i, 0, now) for i, e in enumerate(events)]
+    assert fast == checked
+    valid = sum(isinstance(r, ParsedEvent) for r in checked)
+    assert valid > 2000
+    searches = sum(
+        isinstance(r, ParsedEvent) and r.type_code == EVENT_CODE["search"] for r in checked
+    )
+    print(f"{len(events)} clickstream events, {valid} valid, {len(slow)} went the checked way")
+    assert len(slow) <= (len(events) - valid) + searches // 2
