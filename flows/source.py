@@ -56,6 +56,8 @@ def step_of(timestamp_ms: int, step_ms: int, previous: int) -> int:
     return max(timestamp_ms // step_ms, previous)
 
 
+_new = tuple.__new__
+
 CAUGHT_UP_OFFSET = -1  # a RawMessage with this offset says: the partition is read to its end
 
 
@@ -129,14 +131,17 @@ class _KafkaPartition(StatefulSourcePartition[RawMessage, int]):
             ts = ts if ts_type else 0
             self._step = step_of(ts, self._step_ms, self._step)
             batch.append(
-                RawMessage(
-                    msg.key(),
-                    msg.value(),
-                    self._topic,
-                    self._partition,
-                    msg.offset(),
-                    ts,
-                    self._step,
+                _new(  # RawMessage(...) without its Python-level constructor
+                    RawMessage,
+                    (
+                        msg.key(),
+                        msg.value(),
+                        self._topic,
+                        self._partition,
+                        msg.offset(),
+                        ts,
+                        self._step,
+                    ),
                 )
             )
         self._watch_stall(bool(batch))
