@@ -266,6 +266,13 @@ class _Step:
                 self.event_times[pos] = ts
 
 
+def _columns(events: list[ParsedEvent]) -> ParsedEvent:
+    """The events transposed: each field of the result is the tuple of that field's values."""
+    if not events:
+        return ParsedEvent._make(() for _ in ParsedEvent._fields)
+    return ParsedEvent._make(zip(*events, strict=True))
+
+
 def _input_order(ev: ParsedEvent | InvalidEvent) -> tuple[str, int, int]:
     return ev.topic, ev.partition, ev.offset
 
@@ -547,23 +554,27 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, dict[str, int], None]):
         ]
         events, touched = self._drop_erased(events, due, store.last_tombstones)
 
-        # Columns read once per event, shared by the exactly-once checks and the kernel.
-        cust = np.fromiter((index[ev.customer_id] for ev in events), np.int32, len(events))
-        times = np.fromiter((ev.event_time_ms for ev in events), np.int64, len(events))
-        fresh, keep = self._unapplied(events, records, cust, times)
-        if keep is not None:
-            cust, times = cust[keep], times[keep]
+        # The events' fields as columns, transposed once in C (not a generator per
+        # field), shared by the exactly-once checks and the kernel.
+        cols = _columns(events)
+        cust = np.fromiter(map(index.__getitem__, cols.customer_id), np.int32, len(events))
+        fresh, keep = self._unapplied(events, cols, records, cust)
+
+        def column(values: tuple[Any, ...], dtype: type) -> np.ndarray:
+            array = np.fromiter(values, dtype, len(events))
+            return array if keep is None else array[keep]
+
         as_loaded = records.copy()
         orders_before = records["orders_total"].copy()
         deliveries_before = records["type_counts"][:, EVENT_CODE["order_delivered"]].copy()
         n = len(fresh)
         columns = (
-            cust,
-            np.fromiter((ev.type_code for ev in fresh), np.int8, n),
-            np.fromiter((ev.category for ev in fresh), np.int16, n),
-            times,
-            np.fromiter((ev.amount_base for ev in fresh), np.float64, n),
-            np.fromiter((ev.aux for ev in fresh), np.float64, n),
+            cust if keep is None else cust[keep],
+            column(cols.type_code, np.int8),
+            column(cols.category, np.int16),
+            column(cols.event_time_ms, np.int64),
+            column(cols.amount_base, np.float64),
+            column(cols.aux, np.float64),
         )
         # Per customer, apply in event-time order; ties keep arrival order.
         order = np.lexsort((np.arange(n), columns[3], columns[0]))
@@ -760,39 +771,43 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, dict[str, int], None]):
         return erase
 
     def _unapplied(
-        self, events: list[ParsedEvent], records: np.ndarray, cust: np.ndarray, times: np.ndarray
+        self, events: list[ParsedEvent], cols: ParsedEvent, records: np.ndarray, cust: np.ndarray
     ) -> tuple[list[ParsedEvent], np.ndarray | None]:
         """Drop events at or below the offsets each customer's state already holds, and
         duplicates: an event_id among the customer's last ``DEDUP_IDS`` within the horizon.
         Returns the events kept and, when some were dropped, the mask that kept them."""
         fresh, keep = events, None
         if self._exactly_once and events:
-            fresh, keep = self._checked(events, records, cust, times)
-        accepted = Counter((ev.topic, ev.type_code) for ev in fresh)
+            fresh, keep = self._checked(events, cols, records, cust)
+        accepted = Counter(
+            zip(cols.topic, cols.type_code, strict=True)
+            if keep is None
+            else ((ev.topic, ev.type_code) for ev in fresh)
+        )
         metrics = get_metrics()
         for (topic, code), count in accepted.items():
             metrics.events_in.labels(topic, EVENT_TYPES[code]).inc(count)
         return fresh, keep
 
     def _checked(
-        self, events: list[ParsedEvent], records: np.ndarray, cust: np.ndarray, times: np.ndarray
+        self, events: list[ParsedEvent], cols: ParsedEvent, records: np.ndarray, cust: np.ndarray
     ) -> tuple[list[ParsedEvent], np.ndarray | None]:
         n = len(events)
-        roles = {t: ROLE_INDEX[self._rt.validator.role(t)] for t in {ev.topic for ev in events}}
+        roles = {t: ROLE_INDEX[self._rt.validator.role(t)] for t in set(cols.topic)}
         horizon_s = self._dedup_horizon_ms // 1000
         digests = (
-            np.frombuffer(b"".join(event_id_digest(ev.event_id) for ev in events), np.uint64)
+            np.frombuffer(b"".join(map(event_id_digest, cols.event_id)), np.uint64)
             if horizon_s
             else np.zeros(n, np.uint64)
         )
         verdict = check_batch(
             records,
             cust,
-            np.fromiter((roles[ev.topic] for ev in events), np.int8, n),
-            np.fromiter((ev.partition for ev in events), np.int32, n),
-            np.fromiter((ev.offset for ev in events), np.int64, n),
+            np.fromiter(map(roles.__getitem__, cols.topic), np.int8, n),
+            np.fromiter(cols.partition, np.int32, n),
+            np.fromiter(cols.offset, np.int64, n),
             digests,
-            times // 1000,
+            np.fromiter(cols.event_time_ms, np.int64, n) // 1000,
             horizon_s,
         )
         keep = verdict == FRESH
