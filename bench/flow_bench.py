@@ -14,7 +14,8 @@ twice on the same broker and Redis:
 before and one after the main run, and reports the seconds each spent in the
 collector. Every extra run has its own Redis prefix and output topics.
 
-It prints events/s for all and their ratio, and writes bench/out/flow.json.
+It prints events/s for all, their ratio, and the CPU time per event of the process
+(stable where wall-clock rates are not), and writes bench/out/flow.json.
 Figures are only comparable within one run; the machine is shared and noisy.
 """
 
@@ -26,6 +27,7 @@ import platform
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import orjson
 from rich.console import Console
@@ -44,16 +46,22 @@ from crmstream.topics import create_topics
 PYTHON_GC_THRESHOLDS = gc.get_threshold()
 
 
-def raw_consume_parse(endpoints: Endpoints, config: CrmConfig) -> tuple[int, float]:
-    """Read every input partition to its end, parsing each value; (messages, seconds)."""
+class Run(NamedTuple):
+    messages: int
+    seconds: float
+    cpu_seconds: float  # CPU time of this process (all its threads) while it ran
+
+
+def raw_consume_parse(endpoints: Endpoints, config: CrmConfig) -> Run:
+    """Read every input partition to its end, parsing each value."""
     from crmstream.bench.harness import consume_and_parse
 
     report = consume_and_parse(",".join(endpoints.brokers), list(config.kafka.topics.inputs))
-    return report["events"], report["seconds"]
+    return Run(report["events"], report["seconds"], report["cpu_seconds"])
 
 
-def flow_run(endpoints: Endpoints, config: CrmConfig) -> tuple[int, float]:
-    """Run the flow to the end of input; (messages handled, seconds)."""
+def flow_run(endpoints: Endpoints, config: CrmConfig) -> Run:
+    """Run the flow to the end of input."""
     metrics = get_metrics()
 
     def handled() -> float:
@@ -62,11 +70,11 @@ def flow_run(endpoints: Endpoints, config: CrmConfig) -> tuple[int, float]:
     before = handled()
     runtime = Runtime(config, endpoints)
     warm_up(config)  # compile/load kernels first: measure the steady state, not Numba's start-up
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     run_in_process(runtime, tail=False)
-    seconds = time.perf_counter() - started
+    seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
     runtime.close()
-    return int(handled() - before), seconds
+    return Run(int(handled() - before), seconds, cpu_seconds)
 
 
 class CollectorClock:
@@ -82,15 +90,15 @@ class CollectorClock:
         else:
             self.seconds += time.perf_counter() - self._started
 
-    def timed(self, run: Callable[[], tuple[int, float]]) -> tuple[int, float, float]:
-        """(messages, seconds, seconds in the collector) of one run."""
+    def timed(self, run: Callable[[], Run]) -> tuple[Run, float]:
+        """One run, and the seconds it spent in the collector."""
         self.seconds = 0.0
         gc.callbacks.append(self)
         try:
-            n, s = run()
+            result = run()
         finally:
             gc.callbacks.remove(self)
-        return n, s, self.seconds
+        return result, self.seconds
 
 
 def _variant(endpoints: Endpoints, partitions: int, name: str, *sets: str) -> CrmConfig:
@@ -137,9 +145,9 @@ def main() -> None:
         console.print(f"writing {args.events:,} events for {args.customers:,} customers ...")
         stats = publish(endpoints.brokers, config, workload, max_events=args.events)
         console.print("ceiling: raw consume + parse ...")
-        raw_n, raw_s = raw_consume_parse(endpoints, config)
+        raw = raw_consume_parse(endpoints, config)
         clock = CollectorClock()
-        untuned: list[tuple[int, float, float]] = []
+        untuned: list[tuple[Run, float]] = []
 
         def python_gc_run(label: str) -> None:
             console.print(f"crmstream flow with Python's GC settings ({label}) ...")
@@ -153,7 +161,7 @@ def main() -> None:
         if args.gc_cost:
             python_gc_run("before")
         console.print("crmstream flow ...")
-        flow_n, flow_s, flow_gc_s = clock.timed(lambda: flow_run(endpoints, config))
+        flow, flow_gc_s = clock.timed(lambda: flow_run(endpoints, config))
         if args.gc_cost:
             python_gc_run("after")
         loose = None
@@ -163,31 +171,43 @@ def main() -> None:
                 endpoints, args.partitions, "at-least-once", "processing.exactly_once=false"
             )
             loose = flow_run(endpoints, loose_config)
-    raw_rate, flow_rate = raw_n / raw_s, flow_n / flow_s
+    raw_rate, flow_rate = raw.messages / raw.seconds, flow.messages / flow.seconds
     table = Table(title=f"foundation benchmark: {stats.events:,} events, 1 process")
-    for col in ("contender", "messages", "seconds", "events/s", "ratio to ceiling"):
+    columns = ("contender", "messages", "seconds", "events/s", "ratio to ceiling", "CPU µs/event")
+    for col in columns:
         table.add_column(col, justify="right")
 
-    def add_row(label: str, n: int, seconds: float) -> None:
-        rate = n / seconds
-        table.add_row(label, f"{n:,}", f"{seconds:.2f}", f"{rate:,.0f}", f"{rate / raw_rate:.3f}")
+    def add_row(label: str, run: Run) -> None:
+        rate = run.messages / run.seconds
+        table.add_row(
+            label,
+            f"{run.messages:,}",
+            f"{run.seconds:.2f}",
+            f"{rate:,.0f}",
+            f"{rate / raw_rate:.3f}",
+            f"{run.cpu_seconds / run.messages * 1e6:.1f}",
+        )
 
-    add_row("raw consume+parse", raw_n, raw_s)
-    add_row("crmstream flow", flow_n, flow_s)
+    add_row("raw consume+parse", raw)
+    add_row("crmstream flow", flow)
     if loose is not None:
-        add_row("crmstream, at-least-once", *loose)
-    for label, (n, s, _) in zip(("before", "after")[: len(untuned)], untuned, strict=True):
-        add_row(f"Python's GC settings ({label})", n, s)
+        add_row("crmstream, at-least-once", loose)
+    for label, (run, _) in zip(("before", "after")[: len(untuned)], untuned, strict=True):
+        add_row(f"Python's GC settings ({label})", run)
     console.print(table)
+    console.print(
+        "CPU µs/event: CPU time of the process (librdkafka's and Bytewax's threads "
+        "included) per message; other tenants of the machine do not inflate it."
+    )
     if untuned:
         console.print(
             f"seconds in the garbage collector: {flow_gc_s:.2f} with "
             f"processing.gc_young_threshold={config.processing.gc_young_threshold}, "
-            + ", ".join(f"{g:.2f}" for _, _, g in untuned)
+            + ", ".join(f"{g:.2f}" for _, g in untuned)
             + " with Python's settings"
         )
     if loose is not None:
-        loose_rate = loose[0] / loose[1]
+        loose_rate = loose.messages / loose.seconds
         console.print(
             f"exactly-once costs {1 - flow_rate / loose_rate:.1%} of at-least-once throughput "
             f"(exactly-once / at-least-once = {flow_rate / loose_rate:.3f})"
@@ -199,20 +219,24 @@ def main() -> None:
         "ceiling_events_per_s": round(raw_rate),
         "flow_events_per_s": round(flow_rate),
         "ratio": round(flow_rate / raw_rate, 4),
-        "flow_messages": flow_n,
-        "ceiling_messages": raw_n,
+        "flow_messages": flow.messages,
+        "ceiling_messages": raw.messages,
+        "ceiling_cpu_us_per_event": round(raw.cpu_seconds / raw.messages * 1e6, 2),
+        "flow_cpu_us_per_event": round(flow.cpu_seconds / flow.messages * 1e6, 2),
         "machine": f"{platform.machine()} {platform.python_version()}",
     }
     if loose is not None:
-        result["at_least_once_events_per_s"] = round(loose[0] / loose[1])
+        result["at_least_once_events_per_s"] = round(loose.messages / loose.seconds)
     result["flow_gc_seconds"] = round(flow_gc_s, 3)
     if untuned:
-        result["python_gc_events_per_s"] = [round(n / s) for n, s, _ in untuned]
-        result["python_gc_seconds"] = [round(g, 3) for _, _, g in untuned]
+        result["python_gc_events_per_s"] = [round(r.messages / r.seconds) for r, _ in untuned]
+        result["python_gc_seconds"] = [round(g, 3) for _, g in untuned]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode())
-    if flow_n != raw_n:
-        raise SystemExit(f"flow handled {flow_n} messages but the topics hold {raw_n}")
+    if flow.messages != raw.messages:
+        raise SystemExit(
+            f"flow handled {flow.messages} messages but the topics hold {raw.messages}"
+        )
 
 
 if __name__ == "__main__":
