@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 ARGS   ?=
 
-.PHONY: setup demo test test-fast bench bench-all bench-state bench-timers bench-smoke lint clean
+.PHONY: setup demo test test-fast bench bench-all bench-state bench-timers bench-parse bench-smoke lint clean
 
 SYSTEM_STAMP := $(VENV)/.system-stamp
 
@@ -53,6 +53,9 @@ bench-timers: setup  ## timer firing throughput with 1M pending timers
 
 bench-state: setup  ## kernels compiled vs interpreted; Redis bytes per customer
 	$(BIN)/python -m crmstream.bench.state_bench $(ARGS)
+
+bench-parse: setup  ## validation: compiled fast path vs the checked way, same run
+	$(BIN)/python -m crmstream.bench.parse_bench $(ARGS)
 
 bench-all: setup  ## crmstream vs ceiling, naive baseline and Quix Streams; 100k and 1M customers; table + PNG
 	$(BIN)/python -m crmstream.bench.harness $(ARGS)

@@ -101,3 +101,19 @@ def test_timer_bench_fires_the_first_days_timers():
     # 10 timers per customer; the first three days fire 3 of them (two cart nudges, welcome).
     assert "timers written 20,000; fired 6,000" in text, text
     assert "left pending 14,000" in text, text
+
+
+def test_parse_bench_checks_both_ways_agree_and_reports_both(tmp_path):
+    out = tmp_path / "parse.json"
+    run = subprocess.run(
+        [sys.executable, "-m", "crmstream.bench.parse_bench", "--events", "3000",
+         "--customers", "500", "--repeat", "1", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    result = orjson.loads(out.read_bytes())
+    assert result["events"] == 3000 and result["differing"] == 0
+    assert result["clickstream"] > 2000
+    assert all(result[f"{k}_all_us"] > 0 for k in ("loads", "parse_checked", "parse"))
