@@ -15,14 +15,20 @@ from tests.conftest import read_topic
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
-def test_harness_smoke_runs_every_contender_and_writes_the_table_and_plot(tmp_path):
+def run_bench(module: str, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    """``python -m crmstream.bench.<module> args``; fails the test on a non-zero exit."""
     run = subprocess.run(
-        [sys.executable, "-m", "crmstream.bench.harness", "--smoke", "--out", str(tmp_path)],
+        [sys.executable, "-m", f"crmstream.bench.{module}", *args],
         capture_output=True,
         text=True,
-        timeout=1500,
+        timeout=timeout,
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    return run
+
+
+def test_harness_smoke_runs_every_contender_and_writes_the_table_and_plot(tmp_path):
+    run_bench("harness", "--smoke", "--out", str(tmp_path), timeout=1500)
     result = orjson.loads((tmp_path / "harness.json").read_bytes())
     (size,) = result["runs"]
     names = [c["name"] for c in size["contenders"]]
@@ -47,17 +53,13 @@ def test_harness_smoke_runs_every_contender_and_writes_the_table_and_plot(tmp_pa
 def test_flow_bench_runs_with_and_without_the_variants(tmp_path, variants):
     out = tmp_path / "flow.json"
     flags = ["--exactly-once-cost", "--gc-cost"] if variants else []
-    run = subprocess.run(
-        [sys.executable, "-m", "crmstream.bench.flow_bench", "--events", "4000",
-         "--customers", "500", *flags, "--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )  # fmt: skip
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    run = run_bench(
+        "flow_bench", "--events", "4000", "--customers", "500", *flags, "--out", str(out)
+    )
     result = orjson.loads(out.read_bytes())
     assert result["flow_messages"] == result["ceiling_messages"] == 4000
     assert result["flow_events_per_s"] > 0
+    assert result["flow_cpu_us_per_event"] > 0 and result["ceiling_cpu_us_per_event"] > 0
     assert "crmstream flow" in run.stdout
     if not variants:  # `make bench`: the plain comparison only
         assert "at_least_once_events_per_s" not in result
@@ -90,13 +92,7 @@ def test_scheduled_publishing_paces_events_and_stamps_their_send_time(isolated_c
 
 
 def test_timer_bench_fires_the_first_days_timers():
-    run = subprocess.run(
-        [sys.executable, "-m", "crmstream.bench.timer_bench", "--customers", "2000"],
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    run = run_bench("timer_bench", "--customers", "2000")
     text = " ".join(run.stdout.split())
     # 10 timers per customer; the first three days fire 3 of them (two cart nudges, welcome).
     assert "timers written 20,000; fired 6,000" in text, text
@@ -105,14 +101,10 @@ def test_timer_bench_fires_the_first_days_timers():
 
 def test_parse_bench_checks_both_ways_agree_and_reports_both(tmp_path):
     out = tmp_path / "parse.json"
-    run = subprocess.run(
-        [sys.executable, "-m", "crmstream.bench.parse_bench", "--events", "3000",
-         "--customers", "500", "--repeat", "1", "--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=300,
+    run_bench(
+        "parse_bench", "--events", "3000", "--customers", "500", "--repeat", "1",
+        "--out", str(out), timeout=300,
     )  # fmt: skip
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     result = orjson.loads(out.read_bytes())
     assert result["events"] == 3000 and result["differing"] == 0
     assert result["clickstream"] > 2000
