@@ -230,7 +230,7 @@ class _Click(msgspec.Struct, forbid_unknown_fields=True, gc=False):
 
     event_id: _FastId
     customer_id: _FastId
-    event_type: Literal[EVENT_TYPES[0:9]]  # type: ignore[valid-type]
+    event_type: Literal[tuple(sorted(TOPIC_ROLE_TYPES["clickstream"]))]  # type: ignore[valid-type]
     event_time: int  # ISO-8601 text goes the checked way
     channel: Literal["app", "web", "mini_program"] | None = None
     country: str | None = None
