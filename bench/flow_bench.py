@@ -14,8 +14,9 @@ twice on the same broker and Redis:
 before and one after the main run, and reports the seconds each spent in the
 collector. Every extra run has its own Redis prefix and output topics.
 
-It prints events/s for all, their ratio, and the CPU time per event of the process
-(stable where wall-clock rates are not), and writes bench/out/flow.json.
+It prints events/s for all, their ratio, and the CPU time per event of the
+process (time spent waiting for a shared CPU does not count in it), and writes
+bench/out/flow.json.
 Figures are only comparable within one run; the machine is shared and noisy.
 """
 
@@ -197,7 +198,7 @@ def main() -> None:
     console.print(table)
     console.print(
         "CPU µs/event: CPU time of the process (librdkafka's and Bytewax's threads "
-        "included) per message; other tenants of the machine do not inflate it."
+        "included) per message; time spent waiting for the CPU does not count."
     )
     if untuned:
         console.print(
