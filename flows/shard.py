@@ -30,6 +30,7 @@ import zlib
 from collections import Counter
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime, timedelta
+from itertools import compress
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -558,21 +559,24 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, dict[str, int], None]):
         # field), shared by the exactly-once checks and the kernel.
         cols = _columns(events)
         cust = np.fromiter(map(index.__getitem__, cols.customer_id), np.int32, len(events))
-        fresh, keep = self._unapplied(events, cols, records, cust)
+        times = np.fromiter(cols.event_time_ms, np.int64, len(events))
+        fresh, keep = self._unapplied(events, cols, records, cust, times)
+
+        def kept(array: np.ndarray) -> np.ndarray:
+            return array if keep is None else array[keep]
 
         def column(values: tuple[Any, ...], dtype: type) -> np.ndarray:
-            array = np.fromiter(values, dtype, len(events))
-            return array if keep is None else array[keep]
+            return kept(np.fromiter(values, dtype, len(events)))
 
         as_loaded = records.copy()
         orders_before = records["orders_total"].copy()
         deliveries_before = records["type_counts"][:, EVENT_CODE["order_delivered"]].copy()
         n = len(fresh)
         columns = (
-            cust if keep is None else cust[keep],
+            kept(cust),
             column(cols.type_code, np.int8),
             column(cols.category, np.int16),
-            column(cols.event_time_ms, np.int64),
+            kept(times),
             column(cols.amount_base, np.float64),
             column(cols.aux, np.float64),
         )
@@ -771,26 +775,33 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, dict[str, int], None]):
         return erase
 
     def _unapplied(
-        self, events: list[ParsedEvent], cols: ParsedEvent, records: np.ndarray, cust: np.ndarray
+        self,
+        events: list[ParsedEvent],
+        cols: ParsedEvent,
+        records: np.ndarray,
+        cust: np.ndarray,
+        times: np.ndarray,
     ) -> tuple[list[ParsedEvent], np.ndarray | None]:
         """Drop events at or below the offsets each customer's state already holds, and
         duplicates: an event_id among the customer's last ``DEDUP_IDS`` within the horizon.
         Returns the events kept and, when some were dropped, the mask that kept them."""
         fresh, keep = events, None
         if self._exactly_once and events:
-            fresh, keep = self._checked(events, cols, records, cust)
-        accepted = Counter(
-            zip(cols.topic, cols.type_code, strict=True)
-            if keep is None
-            else ((ev.topic, ev.type_code) for ev in fresh)
-        )
+            fresh, keep = self._checked(events, cols, records, cust, times)
+        pairs = zip(cols.topic, cols.type_code, strict=True)
+        accepted = Counter(pairs if keep is None else compress(pairs, keep))
         metrics = get_metrics()
         for (topic, code), count in accepted.items():
             metrics.events_in.labels(topic, EVENT_TYPES[code]).inc(count)
         return fresh, keep
 
     def _checked(
-        self, events: list[ParsedEvent], cols: ParsedEvent, records: np.ndarray, cust: np.ndarray
+        self,
+        events: list[ParsedEvent],
+        cols: ParsedEvent,
+        records: np.ndarray,
+        cust: np.ndarray,
+        times: np.ndarray,
     ) -> tuple[list[ParsedEvent], np.ndarray | None]:
         n = len(events)
         roles = {t: ROLE_INDEX[self._rt.validator.role(t)] for t in set(cols.topic)}
@@ -807,7 +818,7 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, dict[str, int], None]):
             np.fromiter(cols.partition, np.int32, n),
             np.fromiter(cols.offset, np.int64, n),
             digests,
-            np.fromiter(cols.event_time_ms, np.int64, n) // 1000,
+            times // 1000,
             horizon_s,
         )
         keep = verdict == FRESH

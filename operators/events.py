@@ -120,6 +120,11 @@ class _Invalid(Exception):
         self.message = message
 
 
+def _is_country(value: Any) -> bool:
+    """An ISO 3166 alpha-2 code as accepted: two upper-case characters."""
+    return type(value) is str and len(value) == 2 and value.isupper()
+
+
 def _show(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
@@ -319,6 +324,9 @@ class EventValidator:
                     return fast
         return self.parse_checked(key, value, topic, partition, offset, timestamp_ms, now_ms)
 
+    def _in_time_range(self, event_time_ms: int, now_ms: int) -> bool:
+        return self._min_time_ms <= event_time_ms <= now_ms + self._max_skew_ms
+
     def _fast_click(
         self,
         c: _Click,
@@ -330,10 +338,9 @@ class EventValidator:
     ) -> ParsedEvent | None:
         """The checks ``_validate`` makes on a clickstream event that types cannot say;
         None when one fails (the checked way then words it)."""
-        if not self._min_time_ms <= c.event_time <= now_ms + self._max_skew_ms:
+        if not self._in_time_range(c.event_time, now_ms):
             return None
-        country = c.country
-        if country is not None and (len(country) != 2 or not country.isupper()):
+        if c.country is not None and not _is_country(c.country):
             return None
         code = EVENT_CODE[c.event_type]
         category = -1
@@ -438,7 +445,7 @@ class EventValidator:
         if "event_time" not in obj:
             raise _Invalid("event_time", "field 'event_time' is required")
         event_time_ms = parse_time_ms(obj["event_time"])
-        if event_time_ms < self._min_time_ms or event_time_ms > now_ms + self._max_skew_ms:
+        if not self._in_time_range(event_time_ms, now_ms):
             raise _Invalid(
                 "event_time",
                 f"field 'event_time' is out of the accepted range, got {_show(obj['event_time'])}",
@@ -455,9 +462,7 @@ class EventValidator:
         else:  # elsewhere it is the surface the customer used
             _choice(obj, "channel", CHANNELS, required=False)
         country = obj.get("country")
-        if country is not None and (
-            type(country) is not str or len(country) != 2 or not country.isupper()
-        ):
+        if country is not None and not _is_country(country):
             raise _Invalid(
                 "country", f"field 'country' must be an ISO 3166 alpha-2 code, got {_show(country)}"
             )
