@@ -349,8 +349,10 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, dict[str, int], None]):
         wall_ms = self._rt.clock_ms()
         for item in items:
             if item.step != NO_STEP:
-                # Live input can bring more of a step already applied: it joins the next.
-                step = max(item.step, self._applied_step + 1)
+                # Live input can bring more of a step already applied: it is applied
+                # as more of that step. Never as a later one: step numbers follow the
+                # input's Kafka time, and a restart resumes from them (source.step_of).
+                step = max(item.step, self._applied_step)
                 pending = self._pending.get(step)
                 if pending is None:
                     pending = self._pending[step] = _Step()
@@ -390,8 +392,8 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, dict[str, int], None]):
         later step from the partition, or its end. Live input under steady load
         rarely has every partition at its end at once, so there a partition
         that reached its end since the step opened has passed it: what it
-        brings later joins the next step (latency over determinism; a
-        bounded replay of the same log is still deterministic).
+        brings later of this step is applied as more of it (latency over
+        determinism; a bounded replay of the same log is still deterministic).
         """
         if pos in self._caught_up or self._last_step.get(pos, NO_STEP) > step:
             return True

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import threading
+import time
+
 import orjson
 import pytest
 import redis
 
+from crmstream.flows.crm import run_in_process
 from crmstream.flows.runtime import Runtime
+from crmstream.flows.source import StopSignals
 from crmstream.profile import customer_view
 from crmstream.state.store import StateStore, connect
 from tests.conftest import read_topic, run_flow
@@ -372,3 +377,40 @@ def test_records_left_in_the_outbox_are_sent_by_the_next_run(isolated_config, sc
     suppressions = read_topic(stack, config.kafka.topics.suppressions)
     assert [r["trigger_id"] for r in suppressions] == ["s1"]
     assert store.client.exists(*outboxes) == 0
+
+
+def test_live_steps_never_run_ahead_of_the_input_time(isolated_config, script, stack):
+    """Live input applies a step once every partition has reached its end, then
+    more messages of that step come. The committed step numbers must still follow
+    the input's Kafka time: a restart resumes from them, and steps numbered ahead
+    of the input would leave a backlog no later step to close on."""
+    config = isolated_config()
+    s = script(config)
+    signals = StopSignals(threading.Event(), threading.Event())
+    runtime = Runtime(config, stack)
+    flow = threading.Thread(target=run_in_process, args=(runtime,),
+                            kwargs={"tail": True, "signals": signals}, daemon=True)  # fmt: skip
+    flow.start()
+    try:
+        time.sleep(2)  # the flow is up and tailing
+        for i in range(400):  # live input over about 4 s: many partial steps
+            s.view(f"c{i % 40}", "toys", i * 0.01)
+            if i % 10 == 9:
+                s.flush()
+                time.sleep(0.1)
+        s.flush()
+        last_step = int(time.time() * 1000) // config.processing.step_ms  # after every send
+        signals.drain.set()
+        flow.join(60)
+        assert not flow.is_alive(), "the flow did not drain"
+    finally:
+        signals.stop.set()
+        flow.join(30)
+        runtime.close()
+    store = StateStore(connect(stack.redis_url, config.redis), config.redis.key_prefix)
+    progress = [p for shard in range(config.processing.shards)
+                for p in store.load_progress(shard).values()]  # fmt: skip
+    assert sum(p.offset + 1 for p in progress if p.offset >= 0) > 0
+    steps = sorted(p.step for p in progress)
+    print(f"committed steps {steps[0]}..{steps[-1]}; input's last step {last_step}")
+    assert steps[-1] <= last_step, f"step {steps[-1]} runs {steps[-1] - last_step} ahead"
