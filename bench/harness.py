@@ -30,6 +30,7 @@ import argparse
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -52,24 +53,10 @@ def consume_and_parse(brokers: str, topics: list[str], part: int = 0, of: int = 
     """The ceiling: consume + parse every input partition with index % of == part, to its
     end, nothing else; {"events": n, "seconds": s, "cpu_seconds": CPU time of the process,
     librdkafka's threads included}."""
-    from confluent_kafka import Consumer, KafkaError, TopicPartition
+    from confluent_kafka import KafkaError
 
-    consumer = Consumer(
-        {
-            "bootstrap.servers": brokers,
-            "group.id": "bench-ceiling",
-            "enable.auto.commit": False,
-            "enable.partition.eof": True,
-            "fetch.wait.max.ms": 50,
-        }
-    )
-    parts = []
-    for topic in topics:
-        meta = consumer.list_topics(topic, timeout=30).topics[topic]
-        parts += [TopicPartition(topic, p, 0) for p in sorted(meta.partitions)]
-    parts = [p for i, p in enumerate(parts) if i % of == part]
-    consumer.assign(parts)
-    remaining, count = len(parts), 0
+    consumer, remaining = _raw_consumer(brokers, topics, "bench-ceiling", part, of)
+    count = 0
     started, cpu_started = time.perf_counter(), time.process_time()
     while remaining:
         for msg in consumer.consume(2000, 0.5):
@@ -86,6 +73,57 @@ def consume_and_parse(brokers: str, topics: list[str], part: int = 0, of: int = 
     seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
     consumer.close()
     return {"events": count, "seconds": seconds, "cpu_seconds": cpu_seconds}
+
+
+def _raw_consumer(
+    brokers: str, topics: list[str], group: str, part: int = 0, of: int = 1
+) -> tuple[Any, int]:
+    """A consumer assigned every input partition with index % of == part, from offset 0
+    (the flow's own fetch wait); and how many partitions that is."""
+    from confluent_kafka import Consumer, TopicPartition
+
+    consumer = Consumer(
+        {
+            "bootstrap.servers": brokers,
+            "group.id": group,
+            "enable.auto.commit": False,
+            "enable.partition.eof": True,
+            "fetch.wait.max.ms": 50,
+        }
+    )
+    parts = []
+    for topic in topics:
+        meta = consumer.list_topics(topic, timeout=30).topics[topic]
+        parts += [TopicPartition(topic, p, 0) for p in sorted(meta.partitions)]
+    parts = [p for i, p in enumerate(parts) if i % of == part]
+    consumer.assign(parts)
+    return consumer, len(parts)
+
+
+def kafka_floor(brokers: str, topics: list[str], stop: threading.Event) -> dict[str, Any]:
+    """The latency floor: a raw consumer tailing the input until ``stop``, doing nothing
+    but read each event's time. Receive time - event_time over every event, in ms: what
+    the broker, the client and the shared machine add before any processing."""
+    consumer, _ = _raw_consumer(brokers, topics, "bench-floor")
+    latencies = []
+    while not stop.is_set():
+        # What is there, else wait for the next message: a batch wait would age the batch.
+        for msg in consumer.consume(2000, 0) or consumer.consume(1, 0.1):
+            if msg.error() is not None:
+                continue
+            received_ms = time.time_ns() / 1e6
+            try:
+                at = orjson.loads(msg.value())["event_time"]
+            except (orjson.JSONDecodeError, KeyError, TypeError):
+                continue  # a malformed event of the workload
+            if isinstance(at, int):
+                latencies.append(received_ms - at)
+    consumer.close()
+    return {
+        "events": len(latencies),
+        "p50_ms": _pct(latencies, 0.5),
+        "p99_ms": _pct(latencies, 0.99),
+    }
 
 
 def role_ceiling(args: argparse.Namespace) -> dict[str, Any]:
@@ -116,7 +154,7 @@ def role_crmstream(args: argparse.Namespace) -> dict[str, Any]:
 
 def _child_main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="harness child")
-    parser.add_argument("role", choices=["ceiling", "crmstream"])
+    parser.add_argument("role", choices=["ceiling", "crmstream", "floor"])
     parser.add_argument("--brokers", required=True)
     parser.add_argument("--topics", default="")
     parser.add_argument("--redis-url", default="")
@@ -126,7 +164,12 @@ def _child_main(argv: list[str]) -> None:
     parser.add_argument("--addresses", default="")
     parser.add_argument("--tail", action="store_true")
     args = parser.parse_args(argv)
-    result = role_ceiling(args) if args.role == "ceiling" else role_crmstream(args)
+    if args.role == "floor":
+        stop = threading.Event()
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        result = kafka_floor(args.brokers, args.topics.split(","), stop)
+    else:
+        result = role_ceiling(args) if args.role == "ceiling" else role_crmstream(args)
     sys.stdout.write(orjson.dumps(result).decode() + "\n")
 
 
@@ -169,6 +212,12 @@ class Child:
         if self.proc.returncode != 0:
             raise RuntimeError(f"{self.cmd[:4]} failed ({self.proc.returncode}): {err[-3000:]}")
         return orjson.loads(out.strip().splitlines()[-1])
+
+    def finish(self) -> dict[str, Any]:
+        """Stop a tailing child (SIGTERM) and return the JSON it prints as it ends."""
+        assert self.proc is not None
+        self.proc.terminate()
+        return self.wait(timeout=60)
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -288,6 +337,7 @@ class Harness:
         self.args = args
         self.console = Console()
         self.results: dict[str, Any] = {"runs": []}
+        self.broker_pid: int | None = None  # the embedded broker, for its CPU use
 
     def log(self, text: str) -> None:
         self.console.print(text)
@@ -300,6 +350,7 @@ class Harness:
         quix = ensure_quix_venv(self.log) if not self.args.no_quix else None
         with EmbeddedStack(config) as stack:
             assert stack.endpoints is not None
+            self.broker_pid = next((p.pid for name, p in stack.processes if name == "tansu"), None)
             for customers in self.args.customers:
                 self.results["runs"].append(self.one_size(stack.endpoints, customers, quix))
         self.results["machine"] = f"{platform.machine()}, {os.cpu_count()} cores, Python " + (
@@ -511,90 +562,114 @@ class Harness:
     def latency(
         self, endpoints: Any, customers: int, crm_max: float, quix: Path | None
     ) -> list[dict[str, Any]]:
+        """Per offered load: the Kafka floor (a raw consumer, no processing), then each
+        contender tailing fresh topics; latency percentiles and CPU use in the window."""
+        rows = []
+        for load in self.args.loads:
+            rate = crm_max * load
+            contenders = ["floor", "crmstream", "naive"] + (["quix"] if quix is not None else [])
+            for name in contenders:
+                row = self._one_latency(endpoints, customers, name, load, rate, quix)
+                self.log(f"  latency {name} at {load:.0%} ({rate:,.0f}/s): {row}")
+                rows.append(row)
+        return rows
+
+    def _one_latency(
+        self,
+        endpoints: Any,
+        customers: int,
+        name: str,
+        load: float,
+        rate: float,
+        quix: Path | None,
+    ) -> dict[str, Any]:
         from crmstream.bench.workload import Workload, WorkloadSpec, publish_scheduled
         from crmstream.config import load_config
         from crmstream.topics import create_topics
 
         brokers = ",".join(endpoints.brokers)
-        rows = []
-        for load in self.args.loads:
-            rate = crm_max * load
-            contenders = ["crmstream", "naive"] + (["quix"] if quix is not None else [])
-            for name in contenders:
-                tag = f"l{customers}{name}{int(load * 100)}"
-                sets = [
-                    f"kafka.partitions={self.args.partitions}",
-                    *(
-                        f"kafka.topics.{r}={tag}.{r}"
-                        for r in (
-                            "clickstream",
-                            "orders",
-                            "customers",
-                            "feedback",
-                            "triggers",
-                            "suppressions",
-                            "dead_letter",
-                        )
-                    ),
-                    f"redis.key_prefix={tag}",
-                    "metrics.enabled=false",
-                    "policies.quiet_hours.start=00:00",
-                    "policies.quiet_hours.end=00:00",
-                    *(self.args.crm_set if name == "crmstream" else []),
-                ]
-                config = load_config(None, sets, env={})
-                create_topics(endpoints.brokers, config)
-                topics = ",".join(config.kafka.topics.inputs)
-                if name == "crmstream":
-                    child = Child(_crm_cmd(brokers, endpoints.redis_url, sets, "--tail"))
-                elif name == "naive":
-                    child = Child(
-                        _naive_cmd(
-                            brokers,
-                            endpoints.redis_url,
-                            topics,
-                            config.kafka.topics.triggers,
-                            tag,
-                            tail=True,
-                        )
-                    )
-                else:
-                    state = Path(self.args.out) / f"quix-state-{tag}"
-                    child = Child(
-                        _quix_cmd(
-                            quix,
-                            brokers,
-                            topics,
-                            config.kafka.topics.triggers,
-                            state,
-                            tag,
-                            self.args.partitions,
-                            idle_s=0,
-                        )
-                    )
-                child.start()
-                time.sleep(self.args.startup_s)  # compile, join, assign
-                publish_scheduled(
-                    endpoints.brokers,
-                    config,
-                    Workload(config, WorkloadSpec(customers=customers)),
-                    rate=rate,
-                    duration_s=self.args.load_seconds,
+        tag = f"l{customers}{name}{int(load * 100)}"
+        sets = [
+            f"kafka.partitions={self.args.partitions}",
+            *(
+                f"kafka.topics.{r}={tag}.{r}"
+                for r in (
+                    "clickstream",
+                    "orders",
+                    "customers",
+                    "feedback",
+                    "triggers",
+                    "suppressions",
+                    "dead_letter",
                 )
-                time.sleep(self.args.drain_s)
-                child.stop()
-                latencies = _trigger_latencies(endpoints, config.kafka.topics.triggers)
-                row = {
-                    "contender": name,
-                    "offered_load": load,
-                    "offered_events_per_s": round(rate),
-                    "triggers": len(latencies),
-                    "p50_ms": _pct(latencies, 0.50),
-                    "p99_ms": _pct(latencies, 0.99),
-                }
-                self.log(f"  latency {name} at {load:.0%} ({rate:,.0f}/s): {row}")
-                rows.append(row)
-        return rows
+            ),
+            f"redis.key_prefix={tag}",
+            "metrics.enabled=false",
+            "policies.quiet_hours.start=00:00",
+            "policies.quiet_hours.end=00:00",
+            *(self.args.crm_set if name == "crmstream" else []),
+        ]
+        config = load_config(None, sets, env={})
+        create_topics(endpoints.brokers, config)
+        topics = ",".join(config.kafka.topics.inputs)
+        triggers = config.kafka.topics.triggers
+        if name == "floor":
+            cmd = _me("floor", "--brokers", brokers, "--topics", topics)
+        elif name == "crmstream":
+            cmd = _crm_cmd(brokers, endpoints.redis_url, sets, "--tail")
+        elif name == "naive":
+            cmd = _naive_cmd(brokers, endpoints.redis_url, topics, triggers, tag, tail=True)
+        else:
+            assert quix is not None
+            state = Path(self.args.out) / f"quix-state-{tag}"
+            cmd = _quix_cmd(
+                quix, brokers, topics, triggers, state, tag, self.args.partitions, idle_s=0
+            )
+        child = Child(cmd).start()
+        assert child.proc is not None
+        pids = {"contender": child.proc.pid, "broker": self.broker_pid}
+        marks: dict[str, tuple[float, dict[str, float]]] = {}
+
+        def window(edge: str) -> None:
+            own = os.times()
+            cpu = {k: _cpu_seconds(pid) for k, pid in pids.items()}
+            marks[edge] = (time.monotonic(), {**cpu, "generator": own.user + own.system})
+
+        # The floor needs no start-up; the others compile, join and assign.
+        time.sleep(2 if name == "floor" else self.args.startup_s)
+        publish_scheduled(
+            endpoints.brokers,
+            config,
+            Workload(config, WorkloadSpec(customers=customers)),
+            rate=rate,
+            duration_s=self.args.load_seconds,
+            window=window,
+        )
+        time.sleep(2 if name == "floor" else self.args.drain_s)
+        if name == "floor":
+            floor = child.finish()
+            count, p50, p99 = floor["events"], floor["p50_ms"], floor["p99_ms"]
+        else:
+            child.stop()
+            latencies = _trigger_latencies(endpoints, triggers)
+            count, p50, p99 = len(latencies), _pct(latencies, 0.50), _pct(latencies, 0.99)
+        (opened, cpu0), (closed, cpu1) = marks["open"], marks["close"]
+        return {
+            "contender": "kafka floor" if name == "floor" else name,
+            "offered_load": load,
+            "offered_events_per_s": round(rate),
+            # the floor's latencies are over every input event, not triggers
+            "triggers": None if name == "floor" else count,
+            "events_read": count if name == "floor" else None,
+            "p50_ms": p50,
+            "p99_ms": p99,
+            # % of one core during the window: the contender, the broker, the generator
+            "cpu_pct": {
+                k: round(100 * (cpu1[k] - cpu0[k]) / (closed - opened))
+                for k in cpu0
+                if cpu0[k] is not None and cpu1[k] is not None
+            },
+        }
 
     # output ------------------------------------------------------------------
 
@@ -628,17 +703,10 @@ class Harness:
             self.console.print(f"ratios: {run['ratios']}")
             if run.get("latency"):
                 lat = Table(title="event-to-trigger latency under offered load")
-                for col in ("contender", "offered", "events/s", "triggers", "p50 ms", "p99 ms"):
+                for col in LATENCY_COLUMNS:
                     lat.add_column(col, justify="right")
                 for r in run["latency"]:
-                    lat.add_row(
-                        r["contender"],
-                        f"{r['offered_load']:.0%}",
-                        f"{r['offered_events_per_s']:,}",
-                        str(r["triggers"]),
-                        str(r["p50_ms"]),
-                        str(r["p99_ms"]),
-                    )
+                    lat.add_row(*_latency_cells(r))
                 self.console.print(lat)
         _plot(self.results, out / "harness.png")
         self.log(f"wrote {out / 'harness.json'} and {out / 'harness.png'}")
@@ -649,6 +717,35 @@ class Harness:
 
 
 RESULTS_START, RESULTS_END = "<!-- harness:start -->", "<!-- harness:end -->"
+LATENCY_COLUMNS = (
+    "contender",
+    "offered",
+    "events/s",
+    "triggers",
+    "p50 ms",
+    "p99 ms",
+    "CPU % contender / broker / generator",
+)
+LATENCY_NOTE = (
+    "The kafka floor is a raw consumer that only reads each event's time: its p50/p99 "
+    "are over every input event, what the broker and the shared machine add before any "
+    "processing. CPU is in % of one core over the sending window (the machine has "
+    f"{os.cpu_count()} cores)."
+)
+
+
+def _latency_cells(r: dict[str, Any]) -> list[str]:
+    """One row of the latency table, as text (the printed table and RESULTS.md)."""
+    cpu = r.get("cpu_pct", {})
+    return [
+        r["contender"],
+        f"{r['offered_load']:.0%}",
+        f"{r['offered_events_per_s']:,}",
+        "-" if r["triggers"] is None else str(r["triggers"]),
+        str(r["p50_ms"]),
+        str(r["p99_ms"]),
+        " / ".join(str(cpu.get(k, "-")) for k in ("contender", "broker", "generator")),
+    ]
 
 
 def _write_results_md(results: dict[str, Any], path: Path) -> None:
@@ -676,15 +773,11 @@ def _write_results_md(results: dict[str, Any], path: Path) -> None:
         if run.get("latency"):
             lines += [
                 "",
-                "| contender | offered | events/s | triggers | p50 ms | p99 ms |",
-                "|---|---:|---:|---:|---:|---:|",
+                "| " + " | ".join(LATENCY_COLUMNS) + " |",
+                "|---|" + "---:|" * (len(LATENCY_COLUMNS) - 1),
             ]
-            for r in run["latency"]:
-                lines.append(
-                    f"| {r['contender']} | {r['offered_load']:.0%} | "
-                    f"{r['offered_events_per_s']:,} | {r['triggers']} | {r['p50_ms']} | "
-                    f"{r['p99_ms']} |"
-                )
+            lines += ["| " + " | ".join(_latency_cells(r)) + " |" for r in run["latency"]]
+            lines += ["", LATENCY_NOTE]
     lines.append(RESULTS_END)
     text = path.read_text() if path.exists() else "# Benchmark results\n"
     block = "\n".join(lines)
@@ -710,6 +803,17 @@ def _trigger_latencies(endpoints: Any, topic: str) -> list[float]:
             at = datetime.fromisoformat(record["event_time"]).timestamp()
             out.append((emitted - at) * 1000)
     return out
+
+
+def _cpu_seconds(pid: int | None) -> float | None:
+    """CPU time (user + system, all threads) a live process has used, from /proc."""
+    if pid is None:
+        return None
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _pct(values: list[float], q: float) -> float | None:
@@ -754,7 +858,7 @@ def _plot(results: dict[str, Any], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in ("ceiling", "crmstream"):
+    if argv and argv[0] in ("ceiling", "crmstream", "floor"):
         _child_main(argv)
         return
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

@@ -43,8 +43,14 @@ def test_harness_smoke_runs_every_contender_and_writes_the_table_and_plot(tmp_pa
     for contender in size["contenders"]:
         assert contender["events"] == size["events"], contender  # everyone read all input
         assert all(m > 0 for m in contender["peak_rss_mb"])
-    assert {r["contender"] for r in size["latency"]} == {"crmstream", "naive", "quix"}
-    assert all(r["triggers"] > 0 for r in size["latency"])
+    latency = {r["contender"]: r for r in size["latency"]}
+    assert set(latency) == {"kafka floor", "crmstream", "naive", "quix"}
+    assert all(r["triggers"] > 0 for name, r in latency.items() if name != "kafka floor")
+    floor = latency["kafka floor"]
+    assert floor["triggers"] is None and floor["events_read"] > 0 and floor["p99_ms"] is not None
+    for r in latency.values():  # CPU use in the window: the contender, the broker, the sender
+        assert set(r["cpu_pct"]) == {"contender", "broker", "generator"}, r
+        assert r["cpu_pct"]["generator"] > 0, r
     assert (tmp_path / "harness.png").stat().st_size > 10_000
     print(f"harness smoke: {size['ratios']}")
 
