@@ -8,8 +8,10 @@ way a downstream subscriber would read them.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -24,6 +26,7 @@ from crmstream.embedded import EmbeddedStack
 from crmstream.flows.crm import run_in_process
 from crmstream.flows.runtime import Endpoints, Runtime
 from crmstream.flows.sink import DeliveryCheckedProducer
+from crmstream.flows.source import StopSignals
 from crmstream.topics import create_topics
 
 T0_MS = 1_767_225_600_000  # 2026-01-01T00:00:00Z: scripted events count from here
@@ -128,6 +131,25 @@ def run_flow(config: CrmConfig, endpoints: Endpoints, clock_ms: Any = None) -> R
     finally:
         runtime.close()
     return runtime
+
+
+@contextlib.contextmanager
+def live_flow(
+    config: CrmConfig, endpoints: Endpoints
+) -> Iterator[tuple[StopSignals, threading.Thread]]:
+    """The flow tailing its input in a thread, as ``crmstream run`` does; stopped and
+    closed on exit. Set the signals' ``drain`` to have it read to the end and stop."""
+    signals = StopSignals(threading.Event(), threading.Event())
+    runtime = Runtime(config, endpoints)
+    flow = threading.Thread(target=run_in_process, args=(runtime,),
+                            kwargs={"tail": True, "signals": signals}, daemon=True)  # fmt: skip
+    flow.start()
+    try:
+        yield signals, flow
+    finally:
+        signals.stop.set()
+        flow.join(30)
+        runtime.close()
 
 
 def read_topic(endpoints: Endpoints, topic: str, idle_s: float = 3.0) -> list[dict[str, Any]]:

@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import threading
 import time
 
 import orjson
 import pytest
 import redis
 
-from crmstream.flows.crm import run_in_process
 from crmstream.flows.runtime import Runtime
-from crmstream.flows.source import StopSignals
 from crmstream.profile import customer_view
 from crmstream.state.store import StateStore, connect
-from tests.conftest import read_topic, run_flow
+from tests.conftest import live_flow, read_topic, run_flow
 
 pytestmark = pytest.mark.integration
 
@@ -386,12 +383,7 @@ def test_live_steps_never_run_ahead_of_the_input_time(isolated_config, script, s
     of the input would leave a backlog no later step to close on."""
     config = isolated_config()
     s = script(config)
-    signals = StopSignals(threading.Event(), threading.Event())
-    runtime = Runtime(config, stack)
-    flow = threading.Thread(target=run_in_process, args=(runtime,),
-                            kwargs={"tail": True, "signals": signals}, daemon=True)  # fmt: skip
-    flow.start()
-    try:
+    with live_flow(config, stack) as (signals, flow):
         time.sleep(2)  # the flow is up and tailing
         for i in range(400):  # live input over about 4 s: many partial steps
             s.view(f"c{i % 40}", "toys", i * 0.01)
@@ -403,10 +395,6 @@ def test_live_steps_never_run_ahead_of_the_input_time(isolated_config, script, s
         signals.drain.set()
         flow.join(60)
         assert not flow.is_alive(), "the flow did not drain"
-    finally:
-        signals.stop.set()
-        flow.join(30)
-        runtime.close()
     store = StateStore(connect(stack.redis_url, config.redis), config.redis.key_prefix)
     progress = [p for shard in range(config.processing.shards)
                 for p in store.load_progress(shard).values()]  # fmt: skip

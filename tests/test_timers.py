@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import threading
+import contextlib
 import time
 from datetime import datetime
 
@@ -10,11 +10,8 @@ import orjson
 import pytest
 from kafka import KafkaConsumer, TopicPartition
 
-from crmstream.flows.crm import run_in_process
-from crmstream.flows.runtime import Runtime
-from crmstream.flows.source import StopSignals
 from crmstream.state.store import StateStore, connect
-from tests.conftest import read_topic, run_flow
+from tests.conftest import live_flow, read_topic, run_flow
 
 pytestmark = pytest.mark.integration
 H = 3600.0
@@ -122,14 +119,9 @@ def test_live_mode_fires_a_due_timer_while_input_is_idle(isolated_config, script
     delay_s = 4.0
     config = isolated_config(f"rules.cart_abandoned.first_delay_minutes={delay_s / 60}")
     s = script(config)
-    signals = StopSignals(threading.Event(), threading.Event())
-    runtime = Runtime(config, stack)
-    flow = threading.Thread(target=run_in_process, args=(runtime,),
-                            kwargs={"tail": True, "signals": signals}, daemon=True)  # fmt: skip
-    flow.start()
     consumer = KafkaConsumer(bootstrap_servers=list(stack.brokers), enable_auto_commit=False,
                              auto_offset_reset="earliest", consumer_timeout_ms=500)  # fmt: skip
-    try:
+    with live_flow(config, stack), contextlib.closing(consumer):
         time.sleep(2)  # the flow is up and idle
         added_ms = int(time.time() * 1000)
         s.event("clickstream", "liv", "add_to_cart", 0, event_time=added_ms, product_id="p",
@@ -156,8 +148,3 @@ def test_live_mode_fires_a_due_timer_while_input_is_idle(isolated_config, script
         print(f"live timer fired {lateness} ms after its due time")
         assert abs(fired_for_ms - due_ms) <= 1, (trigger["event_time"], due_ms)
         assert lateness >= 0, f"fired {-lateness} ms before its due time"
-    finally:
-        signals.stop.set()
-        flow.join(30)
-        consumer.close()
-        runtime.close()
