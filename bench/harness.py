@@ -14,7 +14,9 @@ reads that same topic on the same broker and Redis, one after another:
 
 For each: events/s and the ratio to the ceiling, peak RSS per process, state
 bytes per customer; then p50/p99 event-to-trigger latency with the contender
-tailing live input offered at 25/50/75 % of crmstream's measured maximum.
+tailing live input offered at 25/50/75 % of crmstream's measured maximum, next
+to a "kafka floor" (a raw consumer of the same live input, no processing), with
+the CPU the contender, the broker and the generator used meanwhile.
 Writes ``<out>/harness.json``, ``<out>/harness.png`` and prints a table. Every
 figure is a ratio within one run; the machine is shared and noisy.
 ``--smoke`` runs everything on a tiny input to keep the harness working (CI).
