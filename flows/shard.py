@@ -788,49 +788,38 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, dict[str, int], None]):
         duplicates: an event_id among the customer's last ``DEDUP_IDS`` within the horizon.
         Returns the events kept and, when some were dropped, the mask that kept them."""
         fresh, keep = events, None
+        metrics = get_metrics()
         if self._exactly_once and events:
-            fresh, keep = self._checked(events, cols, records, cust, times)
+            n = len(events)
+            roles = {t: ROLE_INDEX[self._rt.validator.role(t)] for t in set(cols.topic)}
+            horizon_s = self._dedup_horizon_ms // 1000
+            digests = (
+                np.frombuffer(b"".join(map(event_id_digest, cols.event_id)), np.uint64)
+                if horizon_s
+                else np.zeros(n, np.uint64)
+            )
+            verdict = check_batch(
+                records,
+                cust,
+                np.fromiter(map(roles.__getitem__, cols.topic), np.int8, n),
+                np.fromiter(cols.partition, np.int32, n),
+                np.fromiter(cols.offset, np.int64, n),
+                digests,
+                times // 1000,
+                horizon_s,
+            )
+            mask = verdict == FRESH
+            if not mask.all():
+                fresh, keep = list(compress(events, mask)), mask
+                for i in np.flatnonzero(~mask):
+                    replayed = verdict[i] == REPLAYED
+                    counter = metrics.skipped_events if replayed else metrics.duplicate_events
+                    counter.labels(events[i].topic).inc()
         pairs = zip(cols.topic, cols.type_code, strict=True)
         accepted = Counter(pairs if keep is None else compress(pairs, keep))
-        metrics = get_metrics()
         for (topic, code), count in accepted.items():
             metrics.events_in.labels(topic, EVENT_TYPES[code]).inc(count)
         return fresh, keep
-
-    def _checked(
-        self,
-        events: list[ParsedEvent],
-        cols: ParsedEvent,
-        records: np.ndarray,
-        cust: np.ndarray,
-        times: np.ndarray,
-    ) -> tuple[list[ParsedEvent], np.ndarray | None]:
-        n = len(events)
-        roles = {t: ROLE_INDEX[self._rt.validator.role(t)] for t in set(cols.topic)}
-        horizon_s = self._dedup_horizon_ms // 1000
-        digests = (
-            np.frombuffer(b"".join(map(event_id_digest, cols.event_id)), np.uint64)
-            if horizon_s
-            else np.zeros(n, np.uint64)
-        )
-        verdict = check_batch(
-            records,
-            cust,
-            np.fromiter(map(roles.__getitem__, cols.topic), np.int8, n),
-            np.fromiter(cols.partition, np.int32, n),
-            np.fromiter(cols.offset, np.int64, n),
-            digests,
-            times // 1000,
-            horizon_s,
-        )
-        keep = verdict == FRESH
-        if keep.all():
-            return events, None
-        metrics = get_metrics()
-        for i in np.flatnonzero(~keep):
-            counter = metrics.skipped_events if verdict[i] == REPLAYED else metrics.duplicate_events
-            counter.labels(events[i].topic).inc()
-        return [ev for ev, k in zip(events, keep, strict=True) if k], keep
 
     def _emit(
         self, records: list[dict[str, Any]], fresh: list[ParsedEvent]
