@@ -1,4 +1,4 @@
-"""Which Bytewax worker runs which shard, and how input partitions are named.
+"""Which Bytewax worker runs which shard and reads which input partitions, and their names.
 
 This module owns the two choices that decide how evenly a multi-worker run
 spreads its work. Neither affects correctness: any key on any worker gives
@@ -13,11 +13,11 @@ each or one gets most of it.
   number of shards. ``tests/test_routing.py`` checks the prediction
   against a real two-worker Bytewax run; should a Bytewax release change
   its hash, that test fails and the balance (not the results) is lost.
-- **Partition names.** Bytewax gives input partitions to workers in the
-  sorted order of their names, each to the worker with the fewest so far.
-  Named ``<topic>-<partition>`` (zero-padded), each topic's partitions
-  alternate between workers, so the busy clickstream topic is read and
-  parsed by all of them rather than by one.
+- **Partition shares.** Each worker reads every ``workers``-th input
+  partition in the sorted order of their names (``worker_share``). Named
+  ``<topic>-<partition>`` (zero-padded), each topic's partitions alternate
+  between workers, so the busy clickstream topic is read and parsed by all
+  of them rather than by one.
 
 A shard keeps no Bytewax snapshot (Redis is the state of record), so a key
 that changes with the worker count loses nothing on restart.
@@ -97,3 +97,8 @@ def parse_part_name(name: str) -> tuple[str, int]:
     if not sep or not topic or not idx.isdigit():
         raise ValueError(f"not an input partition name: {name!r}")
     return topic, int(idx)
+
+
+def worker_share(parts: list[str], worker_index: int, workers: int) -> list[tuple[str, int]]:
+    """The input partitions (by ``part_name``) that worker ``worker_index`` of ``workers`` reads."""
+    return [parse_part_name(p) for p in sorted(parts)[worker_index::workers]]

@@ -1,11 +1,12 @@
 """The input path: Kafka partitions as a Bytewax source that resumes from Redis.
 
-This module owns where reading starts and when it stops. Each Kafka partition
-of the input topics is one Bytewax source partition. It starts from the
-offsets committed in Redis (``StateStore.resume_offsets``), with or without
-Bytewax recovery, so a restart neither re-reads a topic from its start nor
-skips events a shard had read but not yet committed. Batches are lists of
-``RawMessage`` tuples; no per-message objects beyond that.
+This module owns where reading starts and when it stops. Each Bytewax worker
+reads its share of the input topics' partitions with one Kafka consumer,
+starting from the offsets committed in Redis (``StateStore.resume_offsets``),
+with or without Bytewax recovery, so a restart neither re-reads a topic from
+its start nor skips events a shard had read but not yet committed. Batches are
+lists of ``RawMessage`` tuples, from any of the worker's partitions; no
+per-message objects beyond that.
 
 Each message carries its processing step (``step_of``): shards apply input
 step by step, so the result does not depend on how reads were batched.
@@ -24,17 +25,20 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple
 
-from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
+from bytewax.inputs import DynamicSource, StatelessSourcePartition
 from confluent_kafka import Consumer, KafkaError, TopicPartition
 from confluent_kafka.admin import AdminClient
 
-from crmstream.flows.routing import parse_part_name, part_name
+from crmstream.flows.routing import parse_part_name, part_name, worker_share
 from crmstream.metrics import get_metrics
 
 log = logging.getLogger(__name__)
 
 _IDLE_BACKOFF = timedelta(milliseconds=20)
 STALL_SECONDS = 5.0
+
+
+Position = tuple[str, int]  # (topic, partition)
 
 
 class RawMessage(NamedTuple):
@@ -70,38 +74,68 @@ class StopSignals(NamedTuple):
     stop: threading.Event  # stop now
 
 
-class _KafkaPartition(StatefulSourcePartition[RawMessage, int]):
+class _Partition:
+    """What the reader knows of one input partition: its step, position, end and health."""
+
+    __slots__ = (
+        "at_end",
+        "lag",
+        "last_data",
+        "next_offset",
+        "partition",
+        "reported_end",
+        "stalled",
+        "step",
+        "topic",
+        "tp",
+    )
+
+    def __init__(self, topic: str, partition: int, start_offset: int, start_step: int):
+        self.topic = topic
+        self.partition = partition
+        self.tp = TopicPartition(topic, partition)
+        self.step = start_step
+        self.next_offset = start_offset
+        self.at_end = False
+        self.reported_end = False
+        self.last_data = time.monotonic()
+        self.stalled = False
+        self.lag = get_metrics().consumer_lag.labels(topic, str(partition))
+
+
+class _WorkerReader(StatelessSourcePartition[RawMessage]):
+    """One Kafka consumer for all the input partitions a worker reads.
+
+    One consumer per worker, not one per partition: each batch then spans the
+    partitions, so the steps after it get one item per shard per batch however
+    many partitions there are, and a worker runs one consumer's threads and
+    buffers instead of one set per partition (bench/RESULTS.md, round 7).
+    """
+
     def __init__(
         self,
         config: dict[str, Any],
-        topic: str,
-        partition: int,
-        start_offset: int,
-        start_step: int,
+        starts: dict[Position, tuple[int, int]],
         step_ms: int,
         batch_size: int,
         tail: bool,
         signals: StopSignals | None,
     ):
+        self._parts = {
+            pos: _Partition(pos[0], pos[1], offset, step) for pos, (offset, step) in starts.items()
+        }
         self._consumer = Consumer(config)
-        self._step = start_step
+        if self._parts:
+            self._consumer.assign(
+                [TopicPartition(t, p, offset) for (t, p), (offset, _step) in starts.items()]
+            )
         self._step_ms = step_ms
-        self._consumer.assign([TopicPartition(topic, partition, start_offset)])
-        self._topic = topic
-        self._partition = partition
-        self._tp = TopicPartition(topic, partition)
-        self._next_offset = start_offset
         self._batch_size = batch_size
         self._tail = tail
         self._signals = signals
-        self._at_end = False
-        self._reported_end = False
         self._idle = False
         self._ended = False
-        self._last_data = time.monotonic()
-        self._stalled = False
         self._lag_checked = 0.0
-        self._lag = get_metrics().consumer_lag.labels(topic, str(partition))
 
     def next_batch(self) -> list[RawMessage]:
         if self._ended:
@@ -109,123 +143,127 @@ class _KafkaPartition(StatefulSourcePartition[RawMessage, int]):
         if self._signals is not None and self._signals.stop.is_set():
             raise StopIteration
         batch: list[RawMessage] = []
-        # Non-blocking: Bytewax polls every partition in turn, so a wait here would
-        # delay all the others; an idle partition backs off through next_awake.
-        for msg in self._consumer.consume(self._batch_size, 0):
+        parts = self._parts
+        step_ms = self._step_ms
+        got: set[_Partition] = set()
+        # Non-blocking: Bytewax polls its inputs in turn, so a wait here would delay
+        # the rest of the worker; an idle reader backs off through next_awake.
+        for msg in self._consumer.consume(self._batch_size, 0) if parts else ():
             err = msg.error()
             if err is not None:
-                if err.code() == KafkaError._PARTITION_EOF:
-                    self._at_end = True
-                    continue
-                if err.fatal() or err.code() in (
-                    KafkaError.UNKNOWN_TOPIC_OR_PART,
-                    KafkaError.TOPIC_AUTHORIZATION_FAILED,
-                ):
-                    raise SourceError(f"cannot read {self._topic}[{self._partition}]: {err.str()}")
-                log.warning(
-                    "transient error reading %s[%d]: %s", self._topic, self._partition, err.str()
-                )
+                self._on_error(msg, err)
                 continue
-            self._at_end = False
+            part = parts[(msg.topic(), msg.partition())]
+            part.at_end = False
             ts_type, ts = msg.timestamp()
             ts = ts if ts_type else 0
-            self._step = step_of(ts, self._step_ms, self._step)
+            part.step = step = step_of(ts, step_ms, part.step)
+            offset = msg.offset()
+            part.next_offset = offset + 1
+            part.reported_end = False  # new data: report the end again when reached
+            got.add(part)
             batch.append(
                 _new(  # RawMessage(...) without its Python-level constructor
                     RawMessage,
-                    (
-                        msg.key(),
-                        msg.value(),
-                        self._topic,
-                        self._partition,
-                        msg.offset(),
-                        ts,
-                        self._step,
-                    ),
+                    (msg.key(), msg.value(), part.topic, part.partition, offset, ts, step),
                 )
             )
-        self._watch_stall(bool(batch))
-        self._report_lag()
-        if self._tail and not self._at_end and len(batch) < self._batch_size:
-            # Live input: a busy partition may never see an end-of-partition event
-            # (each fetch brings more); read up to the high watermark of the last
-            # fetch response is its end for now, so the shards' steps can close.
-            position = batch[-1].offset + 1 if batch else self._next_offset
-            _low, high = self._consumer.get_watermark_offsets(self._tp, cached=True)
-            self._at_end = 0 <= high <= position
-        if batch:
-            self._next_offset = batch[-1].offset + 1
-            self._reported_end = False  # new data: report the end again when reached
-        if self._at_end and not self._reported_end:
-            # Tell the shards this partition holds nothing more for now: it stops
-            # holding their event-time watermark back.
-            batch.append(
-                RawMessage(
-                    None, None, self._topic, self._partition, CAUGHT_UP_OFFSET, 0, self._step
+        now = time.monotonic()
+        short = len(batch) < self._batch_size
+        for part in parts.values():
+            self._watch_stall(part, part in got, now)
+            if self._tail and short and not part.at_end:
+                # Live input: a busy partition may never see an end-of-partition event
+                # (each fetch brings more); the high watermark of the last fetch
+                # response is its end for now, so the shards' steps can close.
+                _low, high = self._consumer.get_watermark_offsets(part.tp, cached=True)
+                part.at_end = 0 <= high <= part.next_offset
+            if part.at_end and not part.reported_end:
+                # Tell the shards this partition holds nothing more for now: it stops
+                # holding their event-time watermark back.
+                batch.append(
+                    RawMessage(
+                        None, None, part.topic, part.partition, CAUGHT_UP_OFFSET, 0, part.step
+                    )
                 )
-            )
-            self._reported_end = True
+                part.reported_end = True
+        self._report_lag(now)
         draining = not self._tail or (self._signals is not None and self._signals.drain.is_set())
-        if draining and self._at_end and not batch:
+        if draining and not batch and all(part.at_end for part in parts.values()):
             self._ended = True  # emit nothing more; StopIteration on the next call
         self._idle = not batch
         return batch
 
-    def _report_lag(self) -> None:
+    def _on_error(self, msg: Any, err: KafkaError) -> None:
+        pos = (msg.topic(), msg.partition())
+        if err.code() == KafkaError._PARTITION_EOF:
+            if pos in self._parts:
+                self._parts[pos].at_end = True
+            return
+        if err.fatal() or err.code() in (
+            KafkaError.UNKNOWN_TOPIC_OR_PART,
+            KafkaError.TOPIC_AUTHORIZATION_FAILED,
+        ):
+            raise SourceError(f"cannot read {pos[0]}[{pos[1]}]: {err.str()}")
+        log.warning("transient error reading %s[%s]: %s", pos[0], pos[1], err.str())
+
+    def _report_lag(self, now: float) -> None:
         """Consumer lag from the high watermark of the last fetch response, once a second."""
-        now = time.monotonic()
         if now - self._lag_checked < 1.0:
             return
         self._lag_checked = now
-        _low, high = self._consumer.get_watermark_offsets(self._tp, cached=True)
-        if high >= 0:
-            self._lag.set(max(0, high - self._next_offset))
+        for part in self._parts.values():
+            _low, high = self._consumer.get_watermark_offsets(part.tp, cached=True)
+            if high >= 0:
+                part.lag.set(max(0, high - part.next_offset))
 
-    def _watch_stall(self, got_data: bool) -> None:
+    @staticmethod
+    def _watch_stall(part: _Partition, got_data: bool, now: float) -> None:
         """Say so when a partition not yet read to its end delivers nothing for a while."""
-        now = time.monotonic()
-        if got_data or self._at_end:
-            if self._stalled:
+        if got_data or part.at_end:
+            if part.stalled:
                 log.warning(
                     "%s[%d]: data again after %.1f s",
-                    self._topic,
-                    self._partition,
-                    now - self._last_data,
+                    part.topic,
+                    part.partition,
+                    now - part.last_data,
                 )
-                self._stalled = False
-            self._last_data = now
-        elif not self._stalled and now - self._last_data >= STALL_SECONDS:
-            self._stalled = True
-            get_metrics().source_stalls.labels(self._topic).inc()
+                part.stalled = False
+            part.last_data = now
+        elif not part.stalled and now - part.last_data >= STALL_SECONDS:
+            part.stalled = True
+            get_metrics().source_stalls.labels(part.topic).inc()
             log.warning(
                 "%s[%d]: no data for %.0f s although not read to its end at offset %d: "
                 "is the broker reachable?",
-                self._topic,
-                self._partition,
-                now - self._last_data,
-                self._next_offset,
+                part.topic,
+                part.partition,
+                now - part.last_data,
+                part.next_offset,
             )
 
     def next_awake(self) -> datetime | None:
-        # An idle partition is polled every 20 ms instead of spinning a core.
+        # An idle reader is polled every 20 ms instead of spinning a core.
         return datetime.now(UTC) + _IDLE_BACKOFF if self._idle else None
-
-    def snapshot(self) -> int:
-        return self._next_offset
 
     def close(self) -> None:
         self._consumer.close()
 
 
-class CrmKafkaSource(FixedPartitionedSource[RawMessage, int]):
-    """Every partition of the input topics, resuming from Bytewax recovery or Redis."""
+class CrmKafkaSource(DynamicSource[RawMessage]):
+    """Every partition of the input topics, read from the offsets Redis holds.
+
+    Each worker reads its share of the partitions (``routing.worker_share``)
+    with one consumer. Bytewax keeps no
+    resume state for it: Redis, the state of record, says where to start.
+    """
 
     def __init__(
         self,
         brokers: list[str],
         topics: list[str],
         client_config: dict[str, Any],
-        resume_offsets: Callable[[list[tuple[str, int]]], dict[tuple[str, int], tuple[int, int]]],
+        resume_offsets: Callable[[list[Position]], dict[Position, tuple[int, int]]],
         batch_size: int,
         step_ms: int,
         tail: bool,
@@ -239,12 +277,12 @@ class CrmKafkaSource(FixedPartitionedSource[RawMessage, int]):
         self._step_ms = step_ms
         self._tail = tail
         self._signals = signals
-        self._resume_cache: dict[tuple[str, int], tuple[int, int]] | None = None
 
     def _base_config(self) -> dict[str, Any]:
         return {"bootstrap.servers": ",".join(self._brokers), **self._client_config}
 
     def list_parts(self) -> list[str]:
+        """Every input partition's name, sorted (``routing.part_name``)."""
         admin = AdminClient(self._base_config())
         parts = []
         for topic in self._topics:
@@ -256,29 +294,17 @@ class CrmKafkaSource(FixedPartitionedSource[RawMessage, int]):
                     f"(create it with `crmstream topics create`)"
                 )
             parts.extend(part_name(topic, p) for p in sorted(meta.partitions))
-        return parts
+        return sorted(parts)
 
-    def positions(self) -> list[tuple[str, int]]:
+    def positions(self) -> list[Position]:
         """Every input (topic, partition), as ``list_parts`` names them."""
         return [parse_part_name(p) for p in self.list_parts()]
 
-    def build_part(self, step_id: str, for_part: str, resume_state: int | None) -> _KafkaPartition:
-        topic, partition = parse_part_name(for_part)
-        # Redis, the state of record, says where to resume. A Bytewax recovery
-        # snapshot may be ahead of it: shards hold read events until their step
-        # is complete, and those are not in Redis yet.
-        if self._resume_cache is None or (topic, partition) not in self._resume_cache:
-            self._resume_cache = self._resume_offsets([(topic, partition)])
-        start, step = self._resume_cache[(topic, partition)]
-        if resume_state is not None and resume_state != start:
-            log.info(
-                "%s[%d]: recovery snapshot says offset %d, Redis progress says %d; using Redis",
-                topic,
-                partition,
-                resume_state,
-                start,
-            )
-        log.info("reading %s[%d] from offset %d", topic, partition, start)
+    def build(self, step_id: str, worker_index: int, worker_count: int) -> _WorkerReader:
+        mine = worker_share(self.list_parts(), worker_index, worker_count)
+        starts = self._resume_offsets(mine) if mine else {}
+        for (topic, partition), (offset, _step) in starts.items():
+            log.info("reading %s[%d] from offset %d", topic, partition, offset)
         config = {
             **self._base_config(),
             "group.id": "crmstream-source",  # required by librdkafka; assign() never joins
@@ -288,14 +314,6 @@ class CrmKafkaSource(FixedPartitionedSource[RawMessage, int]):
             "fetch.wait.max.ms": 50,
             "logger": logging.getLogger("librdkafka"),
         }
-        return _KafkaPartition(
-            config,
-            topic,
-            partition,
-            start,
-            step,
-            self._step_ms,
-            self._batch_size,
-            self._tail,
-            self._signals,
+        return _WorkerReader(
+            config, starts, self._step_ms, self._batch_size, self._tail, self._signals
         )

@@ -1,4 +1,4 @@
-"""Work placement across Bytewax workers: shard keys, partition names, recovery stores.
+"""Work placement across Bytewax workers: shard keys, partition shares, recovery stores.
 
 The routing module predicts where Bytewax puts things. These tests hold the
 predictions against real multi-worker Bytewax runs, so a Bytewax release
@@ -16,7 +16,12 @@ import bytewax.operators as op
 import pytest
 from bytewax._bytewax import cli_main
 from bytewax.dataflow import Dataflow
-from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
+from bytewax.inputs import (
+    DynamicSource,
+    FixedPartitionedSource,
+    StatefulSourcePartition,
+    StatelessSourcePartition,
+)
 from bytewax.recovery import RecoveryConfig, init_db_dir
 from bytewax.testing import TestingSource, run_main
 from hypothesis import given
@@ -29,6 +34,7 @@ from crmstream.flows.routing import (
     part_name,
     shard_keys,
     siphash13,
+    worker_share,
 )
 
 
@@ -99,41 +105,16 @@ def _quiet(_step: str, _item: object) -> None:
     pass
 
 
-class _Part(StatefulSourcePartition[str, int]):
-    def __init__(self, name: str, owners: dict[str, int]):
-        self._name, self._owners, self._done = name, owners, False
-        owners[name] = threading.get_ident()
-
-    def next_batch(self) -> list[str]:
-        if self._done:
-            raise StopIteration
-        self._done = True
-        return [self._name]
-
-    def snapshot(self) -> int:
-        return 1
-
-
-class _Parts(FixedPartitionedSource[str, int]):
-    def __init__(self, names: list[str]):
-        self.names, self.owners = names, {}
-
-    def list_parts(self) -> list[str]:
-        return self.names
-
-    def build_part(self, step_id: str, for_part: str, resume_state: int | None) -> _Part:
-        return _Part(for_part, self.owners)
-
-
-def test_each_topic_s_partitions_alternate_between_real_bytewax_workers():
+@pytest.mark.parametrize("workers", [1, 2, 3])
+def test_each_topic_s_partitions_are_shared_out_between_workers(workers):
     topics = ["shop.clickstream", "shop.customers", "shop-feedback", "shop.orders"]
-    source = _Parts([part_name(t, p) for t in topics for p in range(4)])
-    flow = Dataflow("parts")
-    op.inspect("seen", op.input("in", flow, source), _quiet)
-    _run(flow, 2)
+    parts = [part_name(t, p) for t in reversed(topics) for p in range(4)]
+    shares = [worker_share(parts, w, workers) for w in range(workers)]
+    every = sorted(pos for share in shares for pos in share)
+    assert every == sorted((t, p) for t in topics for p in range(4))  # each read once
     for topic in topics:
-        owners = [source.owners[part_name(topic, p)] for p in range(4)]
-        assert len(set(owners)) == 2 and owners.count(owners[0]) == 2, (topic, owners)
+        counts = [sum(1 for t, _p in share if t == topic) for share in shares]
+        assert max(counts) - min(counts) <= 1, (topic, counts)
 
 
 @given(st.from_regex(r"[A-Za-z0-9._-]{1,60}", fullmatch=True), st.integers(0, 99_999))
@@ -147,20 +128,77 @@ def test_a_foreign_part_name_is_refused_by_name(name):
         parse_part_name(name)
 
 
-def test_a_recovery_store_with_unknown_input_partitions_fails_clearly(tmp_path):
+class _OldPart(StatefulSourcePartition[str, int]):
+    """An input partition as releases before the one-consumer source kept it: with a snapshot."""
+
+    def __init__(self, name: str):
+        self._name, self._done = name, False
+
+    def next_batch(self) -> list[str]:
+        if self._done:
+            raise StopIteration
+        self._done = True
+        return [self._name]
+
+    def snapshot(self) -> int:
+        return 1
+
+
+class _OldParts(FixedPartitionedSource[str, int]):
+    def __init__(self, names: list[str]):
+        self.names = names
+
+    def list_parts(self) -> list[str]:
+        return self.names
+
+    def build_part(self, step_id: str, for_part: str, resume_state: int | None) -> _OldPart:
+        return _OldPart(for_part)
+
+
+class _Reader(StatelessSourcePartition[str]):
+    def __init__(self, seen: list[str]):
+        self._seen, self._done = seen, False
+
+    def next_batch(self) -> list[str]:
+        if self._done:
+            raise StopIteration
+        self._done = True
+        self._seen.append("read")
+        return ["read"]
+
+
+class _Readers(DynamicSource[str]):
+    def __init__(self) -> None:
+        self.seen: list[str] = []
+
+    def build(self, step_id: str, worker_index: int, worker_count: int) -> _Reader:
+        return _Reader(self.seen)
+
+
+def test_a_recovery_store_with_old_input_snapshots_still_resumes(tmp_path):
+    """Older releases kept input positions in the store, under names this flow may not read."""
     init_db_dir(tmp_path, 1)
     old = ["0-clickstream", "1-clickstream"]  # names written before part_name existed
     flow = Dataflow("crmstream")
-    op.inspect("seen", op.input(INPUT_STEP, flow, _Parts(old)), _quiet)
+    op.inspect("seen", op.input(INPUT_STEP, flow, _OldParts(old)), _quiet)
     run_main(flow, epoch_interval=timedelta(seconds=1), recovery_config=RecoveryConfig(tmp_path))
     (db,) = tmp_path.glob("*.sqlite3")
     with sqlite3.connect(db) as conn:
         stored = {k for (k,) in conn.execute("SELECT state_key FROM snaps")}
     assert set(old) <= stored
 
-    check_recovery_store(tmp_path, old)  # the same partitions: resumable
-    new = [part_name("clickstream", p) for p in range(2)]
+    check_recovery_store(tmp_path)
+    readers = _Readers()
+    flow = Dataflow("crmstream")
+    op.inspect("seen", op.input(INPUT_STEP, flow, readers), _quiet)
+    run_main(flow, epoch_interval=timedelta(seconds=1), recovery_config=RecoveryConfig(tmp_path))
+    assert readers.seen == ["read"]
+
+
+def test_an_unreadable_recovery_store_fails_clearly(tmp_path):
+    init_db_dir(tmp_path, 1)
+    (db,) = tmp_path.glob("*.sqlite3")
+    db.write_bytes(b"not a database" * 100)
     with pytest.raises(RecoveryStoreError) as err:
-        check_recovery_store(tmp_path, new)
-    assert "0-clickstream, 1-clickstream" in str(err.value)
-    assert str(tmp_path) in str(err.value) and "remove the directory" in str(err.value)
+        check_recovery_store(tmp_path)
+    assert str(db) in str(err.value) and "remove the directory" in str(err.value)
