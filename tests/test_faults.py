@@ -119,7 +119,7 @@ def test_broker_frozen_for_20_s_then_back_loses_nothing(tmp_path):
             time.sleep(20)
             during = committed(client, f"{tag}f")
             # the step does not wait for the broker: what it emits waits in the outbox
-            held = sum(client.llen(k) for k in client.scan_iter(f"{tag}f:outbox:*"))
+            held = sum(client.llen(k) for k in client.scan_iter(f"{tag}f:outbox:*", count=10_000))
             os.kill(broker.proc.pid, signal.SIGCONT)
             rc = proc.wait(timeout=300)
         dump, diff, clean_ids, fault_ids = _compare(endpoints, tag)
