@@ -11,9 +11,10 @@ per-message objects beyond that.
 Each message carries its processing step (``step_of``): shards apply input
 step by step, so the result does not depend on how reads were batched.
 
-Stopping: with ``tail=False`` a partition ends at its end offset (bounded runs,
-tests, benchmarks). A ``drain`` event set by the caller makes a tailing source
-read up to the end and stop; a ``stop`` event stops it at once.
+Stopping: with ``tail=False`` a worker's reader ends once each of its
+partitions is read to its end offset (bounded runs, tests, benchmarks). A
+``drain`` event set by the caller makes a tailing source read up to the end
+and stop; a ``stop`` event stops it at once.
 """
 
 from __future__ import annotations
