@@ -71,12 +71,11 @@ from crmstream.state.encoding import (
     encode_records,
 )
 from crmstream.state.profile import event_fields, profile_changed, profile_fields
-from crmstream.state.store import Progress
+from crmstream.state.store import Position, Progress
 from crmstream.state.timers import Timer
 
 log = logging.getLogger(__name__)
 
-Position = tuple[str, int]
 PROGRESS_WRITE_INTERVAL_MS = 1000
 ERASURE_REQUESTED = EVENT_CODE["erasure_requested"]
 DELIVERY_EVENT_CODES = frozenset(

@@ -32,14 +32,12 @@ from confluent_kafka.admin import AdminClient
 
 from crmstream.flows.routing import parse_part_name, part_name, worker_share
 from crmstream.metrics import get_metrics
+from crmstream.state.store import Position
 
 log = logging.getLogger(__name__)
 
 _IDLE_BACKOFF = timedelta(milliseconds=20)
 STALL_SECONDS = 5.0
-
-
-Position = tuple[str, int]  # (topic, partition)
 
 
 class RawMessage(NamedTuple):
