@@ -24,10 +24,11 @@ from rich.console import Console
 from crmstream.config import load_config
 from crmstream.embedded import EmbeddedStack
 from crmstream.flows.runtime import Runtime
-from crmstream.flows.shard import ShardLogic, shard_of
+from crmstream.flows.shard import ShardLogic
 from crmstream.operators.catalog import WAKE
 from crmstream.operators.kernels import MS_PER_DAY, MS_PER_HOUR
 from crmstream.state.encoding import encode_records, fresh_records
+from crmstream.state.layout import shard_of
 from crmstream.state.timers import timer_member
 
 T0 = 1_767_225_600_000  # 2026-01-01T00:00Z

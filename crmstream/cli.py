@@ -1,4 +1,4 @@
-"""The ``crmstream`` command line: demo, run, generate, profile, topics, config.
+"""The ``crmstream`` command line: demo, run, generate, profile, reshard, replay, topics, config.
 
 This module owns argument parsing and error presentation only; each command
 calls into the module that does the work. Errors a user can fix (bad config,
@@ -165,6 +165,7 @@ def run(
     from crmstream.flows.crm import RecoveryStoreError, run_cluster_process
     from crmstream.flows.runtime import Endpoints, Runtime
     from crmstream.metrics import expose_bytewax_metrics, serve
+    from crmstream.state.layout import LayoutError
 
     _setup_logging(verbose)
     cfg = _config(config, set_, brokers, redis_url)
@@ -189,7 +190,7 @@ def run(
             str(recovery_dir) if recovery_dir else None,
             tail=not until_end,
         )
-    except RecoveryStoreError as exc:
+    except (RecoveryStoreError, LayoutError) as exc:
         raise _fail(str(exc)) from None
 
 
@@ -304,6 +305,76 @@ def profile(
 
 
 @app.command()
+def reshard(
+    shards: Annotated[
+        int | None, typer.Option(help="New processing.shards (default: the configured one).")
+    ] = None,
+    step_ms: Annotated[
+        int | None, typer.Option(help="New processing.step_ms (default: the configured one).")
+    ] = None,
+    yes: Annotated[bool, typer.Option("--yes", help="Do not ask for confirmation.")] = False,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    redis_url: RedisOpt = None,
+) -> None:
+    """Rewrite the Redis state's per-shard keys for new shard settings.
+
+    Stop the producers, let the flow drain (lag 0) and stop it first. Timers and
+    undelivered outbox records move to their new shards; nothing else is
+    rewritten. Interrupted, run it again: it finishes the same move. A state
+    written before the layout was recorded is taken to have the configured step_ms.
+
+    Example: crmstream reshard --shards 4 --redis-url redis://redis:6379/0
+    """
+    from rich.progress import Progress
+
+    from crmstream.state.layout import Layout, LayoutError, stored_layout
+    from crmstream.state.layout import reshard as do_reshard
+    from crmstream.state.store import StateStore, StateStoreError, connect
+
+    cfg = _config(config, set_, redis_url=redis_url)
+    if not cfg.redis.url:
+        raise _fail("reshard needs redis.url (--redis-url redis://host:6379/0)")
+    target = Layout(shards or cfg.processing.shards, step_ms or cfg.processing.step_ms)
+    if not 1 <= target.shards <= 4096 or target.step_ms < 1:
+        raise _fail(
+            f"shards must be 1..4096 and step_ms >= 1, got {target.shards}, {target.step_ms}"
+        )
+    try:
+        store = StateStore(connect(cfg.redis.url, cfg.redis), cfg.redis.key_prefix)
+        source, unfinished = stored_layout(store, cfg.processing.step_ms)
+        if source is None:
+            raise _fail(f"no state under key prefix {cfg.redis.key_prefix!r}: nothing to reshard")
+        if source == target and unfinished is None:
+            console.print(f"the state already has {source.shards} shards, step_ms {source.step_ms}")
+            return
+        console.print(
+            f"{cfg.redis.key_prefix!r}: {source.shards} shards, step_ms {source.step_ms} -> "
+            f"{target.shards} shards, step_ms {target.step_ms}"
+            + (" (finishing an interrupted reshard)" if unfinished else "")
+        )
+        if not yes and not typer.confirm("Is the flow stopped and drained?"):
+            raise typer.Exit(1)
+        with Progress(console=err_console, transient=True) as bar:
+            tasks: dict[str, int] = {}
+
+            def advance(what: str, n: int) -> None:
+                if what not in tasks:
+                    tasks[what] = bar.add_task(f"moving {what}", total=None)
+                bar.advance(tasks[what], n)
+
+            report = do_reshard(store, target, cfg.processing.step_ms, advance)
+    except (LayoutError, StateStoreError) as exc:
+        raise _fail(str(exc)) from None
+    console.print(
+        f"resharded: {report.timers:,} timers and {report.outbox:,} outbox records moved; "
+        f"{report.positions} input partitions' progress merged; "
+        f"{report.customers:,} customers counted. Start the flow with processing.shards="
+        f"{target.shards} and processing.step_ms={target.step_ms}."
+    )
+
+
+@app.command()
 def replay(
     source: Annotated[
         str,
@@ -345,6 +416,7 @@ def replay(
         read_cdnow,
     )
     from crmstream.profile import customer_view
+    from crmstream.state.layout import LayoutError
     from crmstream.state.store import StateStore, connect
 
     _setup_logging(verbose)
@@ -390,7 +462,10 @@ def replay(
                     tasks[stage] = progress.add_task(stage, total=total)
                 progress.update(tasks[stage], completed=done)
 
-            seconds = replay_mod.replay(endpoints, cfg, events, on_progress)
+            try:
+                seconds = replay_mod.replay(endpoints, cfg, events, on_progress)
+            except LayoutError as exc:
+                raise _fail(str(exc)) from None
         console.print(
             f"replayed {len(events):,} events in {seconds:.1f} s "
             f"({len(events) / seconds:,.0f} events/s)"

@@ -23,6 +23,7 @@ from crmstream.flows.runtime import Runtime, tune_gc
 from crmstream.flows.shard import ShardLogic, route_batch
 from crmstream.flows.source import CrmKafkaSource, StopSignals
 from crmstream.operators.kernels import warm_up
+from crmstream.state.layout import check_layout
 
 
 class _DiscardPartition(StatelessSinkPartition[object]):
@@ -100,12 +101,22 @@ def build_flow(
     return flow
 
 
+def check_state_layout(runtime: Runtime) -> None:
+    """Stop before reading input if Redis holds state cut by other shard settings.
+
+    :raises LayoutError: naming the configured and the stored settings.
+    """
+    processing = runtime.config.processing
+    check_layout(runtime.store, processing.shards, processing.step_ms)
+
+
 def run_in_process(
     runtime: Runtime, tail: bool = False, signals: StopSignals | None = None
 ) -> None:
     """Run the flow with one worker in this thread until the input ends or is stopped."""
     from bytewax.testing import run_main
 
+    check_state_layout(runtime)
     run_main(build_flow(runtime, tail=tail, signals=signals), epoch_interval=_epoch(runtime))
 
 
@@ -121,6 +132,7 @@ def run_cluster_process(
     from bytewax._bytewax import cli_main
 
     processes = len(addresses) if addresses else 1
+    check_state_layout(runtime)
     flow = build_flow(runtime, tail=tail, workers=workers_per_process * processes)
     recovery = None
     if recovery_dir:

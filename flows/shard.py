@@ -26,7 +26,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import logging
-import zlib
 from collections import Counter
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime, timedelta
@@ -70,6 +69,7 @@ from crmstream.state.encoding import (
     decode_batch,
     encode_records,
 )
+from crmstream.state.layout import shard_of
 from crmstream.state.profile import event_fields, profile_changed, profile_fields
 from crmstream.state.store import Position, Progress
 from crmstream.state.timers import Timer
@@ -113,11 +113,6 @@ def event_id_digest(event_id: str) -> bytes:
     """A stable 64-bit hash of an event id, 8 bytes little-endian (the duplicate ring
     keeps these, not the ids)."""
     return hashlib.blake2b(event_id.encode(), digest_size=8).digest()
-
-
-def shard_of(customer_id: str, shards: int) -> int:
-    """Stable shard of a customer (CRC-32, the same in every process and run)."""
-    return zlib.crc32(customer_id.encode()) % shards
 
 
 class _StepParts:

@@ -169,6 +169,10 @@ class StateStore:
     def client(self) -> redis.Redis:
         return self._client
 
+    @property
+    def prefix(self) -> str:
+        return self._prefix
+
     def state_key(self, customer_id: str) -> str:
         return f"{self._prefix}:{{{customer_id}}}:s"
 
@@ -291,7 +295,7 @@ class StateStore:
         if progress:
             pipe.hset(
                 self.progress_key(shard),
-                mapping={f"{t}|{p}": rec.encode() for (t, p), rec in progress.items()},
+                mapping=encode_progress(progress),
             )
         if atomic:
             *_, customers, pending = pipe.execute()
@@ -337,8 +341,7 @@ class StateStore:
 
     def load_progress(self, shard: int) -> dict[Position, Progress]:
         """The shard's applied high-water marks per input partition."""
-        raw = self._client.hgetall(self.progress_key(shard))
-        return {_parse_position(k.decode()): Progress.decode(v) for k, v in raw.items()}
+        return decode_progress(self._client.hgetall(self.progress_key(shard)))
 
     def resume_offsets(
         self, shards: int, positions: Iterable[Position]
@@ -352,10 +355,7 @@ class StateStore:
         pipe = self._client.pipeline(transaction=False)
         for shard in range(shards):
             pipe.hgetall(self.progress_key(shard))
-        per_shard = [
-            {_parse_position(k.decode()): Progress.decode(v) for k, v in raw.items()}
-            for raw in pipe.execute()
-        ]
+        per_shard = [decode_progress(raw) for raw in pipe.execute()]
         start = Progress(-1, -1, -1)
         resume = {}
         for pos in positions:
@@ -372,6 +372,15 @@ class StateStore:
         return blob, {k.decode(): v.decode() for k, v in profile.items()}
 
 
-def _parse_position(field: str) -> Position:
-    topic, _, partition = field.rpartition("|")
-    return topic, int(partition)
+def encode_progress(progress: Mapping[Position, Progress]) -> dict[str, str]:
+    """A progress hash's fields: ``<topic>|<partition>`` -> ``Progress.encode``."""
+    return {f"{t}|{p}": rec.encode() for (t, p), rec in progress.items()}
+
+
+def decode_progress(raw: Mapping[bytes, bytes]) -> dict[Position, Progress]:
+    """A progress hash as read from Redis."""
+    result = {}
+    for field, value in raw.items():
+        topic, _, partition = field.decode().rpartition("|")
+        result[topic, int(partition)] = Progress.decode(value)
+    return result

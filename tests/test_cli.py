@@ -47,7 +47,8 @@ def _stack_ports(output: str) -> list[int]:
 def test_help_lists_every_command_with_examples():
     out = crm("--help").stdout
     for command in (
-        "demo", "run", "generate", "profile", "replay", "triggers", "explain", "topics", "config"
+        "demo", "run", "generate", "profile", "reshard", "replay", "triggers", "explain", "topics",
+        "config",
     ):  # fmt: skip
         assert command in out
     for command in (
@@ -55,6 +56,7 @@ def test_help_lists_every_command_with_examples():
         ["run"],
         ["generate"],
         ["profile"],
+        ["reshard"],
         ["replay"],
         ["triggers"],
         ["explain"],

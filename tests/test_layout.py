@@ -1,0 +1,166 @@
+"""The shard layout guard and ``reshard``, against the real flow, broker and Redis."""
+
+from __future__ import annotations
+
+import pytest
+
+from crmstream.flows.sink import Outgoing, encode_outgoing
+from crmstream.state import layout
+from crmstream.state.layout import Layout, LayoutError, check_layout, reshard, shard_of
+from crmstream.state.store import StateStore, connect
+from tests.conftest import read_topic, run_flow
+from tests.test_cli import crm
+
+pytestmark = pytest.mark.integration
+H = 3600.0
+CUSTOMERS = [f"c{i:02d}" for i in range(40)]
+
+
+def _store(config, stack) -> StateStore:
+    return StateStore(connect(stack.redis_url, config.redis), config.redis.key_prefix)
+
+
+def _with(config, shards: int, step_ms: int):
+    processing = config.processing.model_copy(update={"shards": shards, "step_ms": step_ms})
+    return config.model_copy(update={"processing": processing})
+
+
+def _timers(store: StateStore, shards: int) -> dict[bytes, tuple[int, float]]:
+    """Every pending timer: member -> (shard, due)."""
+    found = {}
+    for shard in range(shards):
+        for member, due in store.client.zrange(store.timers.key(shard), 0, -1, withscores=True):
+            assert member not in found, f"timer {member!r} in two shards"
+            found[member] = (shard, due)
+    return found
+
+
+def _carts_pending(config, stack, script):
+    """A flow run with 8 shards that leaves a cart timer per customer (due at 60 min) and an
+    undelivered outbox record (as a crash between commit and delivery leaves one)."""
+    s = script(config)
+    for i, customer in enumerate(CUSTOMERS):
+        s.event("clickstream", customer, "add_to_cart", i, product_id="p", category="shoes")
+    s.event("clickstream", "zz", "session_start", 0.5 * H)  # the clock moves, no nudge due
+    s.flush()
+    run_flow(config, stack)
+    store = _store(config, stack)
+    marker = Outgoing(config.kafka.topics.triggers, b"m", b'{"marker": "outbox of shard 5"}')
+    store.client.rpush(store.outbox_key(5), encode_outgoing(marker))
+    return store
+
+
+def test_a_changed_shard_count_stops_the_flow_before_it_reads(isolated_config, stack, script):
+    config = isolated_config("processing.shards=8")
+    store = _carts_pending(config, stack, script)
+    assert check_layout(store, 8, 1000) == Layout(8, 1000)  # the first run recorded it
+    progress = store.client.hgetall(store.progress_key(0))
+    with pytest.raises(LayoutError) as err:
+        run_flow(_with(config, 4, 1000), stack)
+    text = str(err.value)
+    assert "processing.shards=4" in text and "shards=8" in text
+    assert "crmstream reshard --shards 4 --step-ms 1000" in text
+    assert store.client.hgetall(store.progress_key(0)) == progress
+    with pytest.raises(LayoutError, match=r"processing\.step_ms=500.*step_ms=1000"):
+        check_layout(store, 8, 500)
+    # A state written before the layout key existed: its shards come from the counts.
+    store.client.delete(layout.layout_key(store))
+    with pytest.raises(LayoutError, match="written with shards=8"):
+        check_layout(store, 4, 1000)
+    assert check_layout(store, 8, 1000) == Layout(8, 1000)
+
+
+def test_reshard_moves_timers_and_outbox_and_the_flow_goes_on(isolated_config, stack, script):
+    config = isolated_config("processing.shards=8")
+    store = _carts_pending(config, stack, script)
+    before = _timers(store, 8)
+    carts = {m for m in before if m.split(b"\x1f")[1] == b"cart_1"}
+    assert len(carts) == len(CUSTOMERS)
+    assert len({shard for shard, _ in before.values()}) > 3  # spread over the old shards
+    progress = [store.load_progress(shard) for shard in range(8)]
+
+    report = reshard(store, Layout(3, 500), legacy_step_ms=1000)
+
+    assert (report.timers, report.outbox) == (len(before), 1)
+    after = _timers(store, 8)
+    assert {m: due for m, (_, due) in after.items()} == {m: due for m, (_, due) in before.items()}
+    for member, (shard, _) in after.items():
+        assert shard == shard_of(member.split(b"\x1f")[0].decode(), 3)
+    for shard in range(3, 8):
+        for key in (store.progress_key(shard), store.outbox_key(shard)):
+            assert not store.client.exists(key)
+    assert not list(store.client.scan_iter(match=f"{store.prefix}:reshard:*"))
+    assert store.load_outbox(5 % 3) and sum(len(store.load_outbox(s)) for s in range(3)) == 1
+    for shard in range(3):
+        merged = store.load_progress(shard)
+        assert set(merged) == set(progress[0])
+        for pos, rec in merged.items():
+            lowest = min((p[pos] for p in progress), key=lambda r: r.offset)
+            assert (rec.offset, rec.max_event_ms) == (lowest.offset, lowest.max_event_ms)
+            assert rec.step == lowest.step * 2  # the same time bucket in 500 ms steps
+    counts = {int(k): int(v) for k, v in store.client.hgetall(store.customers_key()).items()}
+    assert sum(counts.values()) == report.customers == len(CUSTOMERS) + 1
+    assert counts == {s: sum(shard_of(c, 3) == s for c in [*CUSTOMERS, "zz"]) for s in range(3)}
+    assert check_layout(store, 3, 500) == Layout(3, 500)
+
+    # The flow goes on with the new layout: every moved cart timer fires once, the
+    # moved outbox record is sent, and no event is applied twice.
+    resharded = _with(config, 3, 500)
+    s = script(resharded)
+    s.event("clickstream", "zz", "session_start", 3 * H)  # past every first nudge
+    s.flush()
+    run_flow(resharded, stack)
+    records = read_topic(stack, config.kafka.topics.triggers)
+    nudged = sorted(
+        r["customer_id"]
+        for r in records
+        if r.get("trigger_type") == "cart_abandoned" and r["payload"]["nudge"] == 1
+    )
+    assert nudged == CUSTOMERS
+    assert [r for r in records if "marker" in r] == [{"marker": "outbox of shard 5"}]
+    assert not store.load_outbox(2)
+    profile = store.client.hgetall(store.profile_key("c07"))
+    assert profile, "c07's profile is still there"
+
+
+def test_an_interrupted_reshard_blocks_the_flow_and_finishes_when_run_again(
+    isolated_config, stack, script, monkeypatch
+):
+    config = isolated_config("processing.shards=8")
+    store = _carts_pending(config, stack, script)
+    before = {m: due for m, (_, due) in _timers(store, 8).items()}
+    monkeypatch.setattr(layout, "_CHUNK", 3)
+    calls = []
+
+    def crash(what: str, n: int) -> None:
+        calls.append((what, n))
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        reshard(store, Layout(2, 1000), legacy_step_ms=1000, progress=crash)
+    with pytest.raises(LayoutError, match=r"did not finish.*--shards 2 --step-ms 1000"):
+        check_layout(store, 2, 1000)
+    with pytest.raises(LayoutError, match="finish it first"):
+        reshard(store, Layout(4, 1000), legacy_step_ms=1000)
+
+    report = reshard(store, Layout(2, 1000), legacy_step_ms=1000)
+
+    assert report.timers == len(before) - 12  # the four chunks moved before the crash
+    assert {m: due for m, (_, due) in _timers(store, 8).items()} == before
+    assert sum(len(store.load_outbox(s)) for s in range(8)) == 1
+    assert check_layout(store, 2, 1000) == Layout(2, 1000)
+
+
+def test_reshard_command(isolated_config, stack, script):
+    config = isolated_config("processing.shards=8")
+    _carts_pending(config, stack, script)
+    sets = ["--set", f"redis.key_prefix={config.redis.key_prefix}"]
+    result = crm("reshard", "--shards", "2", "--yes", "--redis-url", stack.redis_url, *sets)
+    assert result.returncode == 0, result.stderr
+    assert "8 shards, step_ms 1000 -> 2 shards, step_ms 1000" in result.stdout
+    assert f"{len(CUSTOMERS) + 1} customers counted" in result.stdout
+    again = crm("reshard", "--shards", "2", "--yes", "--redis-url", stack.redis_url, *sets)
+    assert again.returncode == 0 and "already has 2 shards" in again.stdout
+    empty = crm("reshard", "--yes", "--redis-url", stack.redis_url, "--set", "redis.key_prefix=empty")
+    assert empty.returncode == 2 and "no state under key prefix 'empty'" in empty.stderr
