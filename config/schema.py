@@ -136,7 +136,7 @@ class RedisConfig(_Frozen):
 
 
 class ProcessingConfig(_Frozen):
-    shards: Annotated[int, Field(ge=1, le=4096)] = 8
+    shards: Annotated[int, Field(ge=1, le=4096)] = 2
     epoch_interval_seconds: PositiveFloat = 2.0
     # Processing steps: input is applied in buckets of this many ms of Kafka
     # message time, so a replay after a crash cuts it the same way (guarantees.md).

@@ -162,5 +162,5 @@ def test_reshard_command(isolated_config, stack, script):
     assert f"{len(CUSTOMERS) + 1} customers counted" in result.stdout
     again = crm("reshard", "--shards", "2", "--yes", "--redis-url", stack.redis_url, *sets)
     assert again.returncode == 0 and "already has 2 shards" in again.stdout
-    empty = crm("reshard", "--yes", "--redis-url", stack.redis_url, "--set", "redis.key_prefix=empty")
-    assert empty.returncode == 2 and "no state under key prefix 'empty'" in empty.stderr
+    empty = crm("reshard", "--yes", "--redis-url", stack.redis_url, "--set", "redis.key_prefix=e")
+    assert empty.returncode == 2 and "no state under key prefix 'e'" in empty.stderr
