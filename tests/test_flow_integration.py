@@ -364,7 +364,7 @@ def test_records_left_in_the_outbox_are_sent_by_the_next_run(isolated_config, sc
         Outgoing(config.kafka.topics.triggers, b"hal", orjson.dumps(left)),
         Outgoing(config.kafka.topics.suppressions, None, orjson.dumps({"trigger_id": "s1"})),
     ]
-    store.client.rpush(outboxes[3], *[encode_outgoing(r) for r in planted])
+    store.client.rpush(outboxes[-1], *[encode_outgoing(r) for r in planted])
     s.view("ivy", "toys", 3)  # any input starts every shard
     s.flush()
     run_flow(config, stack)
