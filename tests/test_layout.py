@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
-import pytest
+import itertools
 
-from crmstream.flows.sink import Outgoing, encode_outgoing
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from crmstream.config.schema import RedisConfig
+from crmstream.flows.sink import Outgoing, decode_outgoing, encode_outgoing
 from crmstream.state import layout
 from crmstream.state.layout import Layout, LayoutError, check_layout, reshard, shard_of
-from crmstream.state.store import StateStore, connect
+from crmstream.state.store import Progress, StateStore, connect, encode_progress
 from tests.conftest import read_topic, run_flow
 from tests.test_cli import crm
 
@@ -164,3 +169,72 @@ def test_reshard_command(isolated_config, stack, script):
     assert again.returncode == 0 and "already has 2 shards" in again.stdout
     empty = crm("reshard", "--yes", "--redis-url", stack.redis_url, "--set", "redis.key_prefix=e")
     assert empty.returncode == 2 and "no state under key prefix 'e'" in empty.stderr
+
+
+_ids = itertools.count()
+_customer = st.text(st.characters(codec="utf-8", exclude_characters="\x1f"), min_size=1, max_size=6)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    old=st.integers(1, 9),
+    new=st.integers(1, 9),
+    steps=st.sampled_from([(1000, 1000), (1000, 250), (1000, 3000), (700, 1000)]),
+    timers=st.dictionaries(
+        st.tuples(_customer, st.sampled_from(["cart_1", "recheck", "wake"])),
+        st.integers(0, 2**40),
+        max_size=60,
+    ),
+    outbox=st.lists(st.binary(max_size=8), max_size=12, unique=True),
+    progress=st.lists(
+        st.dictionaries(
+            st.sampled_from([("clicks", 0), ("clicks", 1), ("orders", 0)]),
+            st.tuples(st.integers(0, 10**6), st.integers(-1, 10**6), st.integers(-1, 2**40)),
+            max_size=3,
+        ),
+        min_size=9,
+        max_size=9,
+    ),
+)
+def test_reshard_keeps_every_timer_and_record_and_the_lowest_progress(
+    stack, old, new, steps, timers, outbox, progress
+):
+    """Any old and new shard count: every timer once, in its customer's new shard, with its
+    due time; every outbox record once, in order per old shard; per partition the lowest
+    progress of the old shards (none where one of them had none), its step renumbered."""
+    store = StateStore(connect(stack.redis_url, RedisConfig()), f"prop{next(_ids)}")
+    client = store.client
+    layout._record(store, Layout(old, steps[0]))
+    for (customer, kind), due in timers.items():
+        client.zadd(store.timers.key(shard_of(customer, old)), {f"{customer}\x1f{kind}\x1f": due})
+    for i, record in enumerate(outbox):
+        client.rpush(store.outbox_key(i % old), encode_outgoing(Outgoing("t", None, record)))
+    olds = [{pos: Progress(*rec) for pos, rec in p.items()} for p in progress[:old]]
+    for shard, records in enumerate(olds):
+        if records:
+            client.hset(store.progress_key(shard), mapping=encode_progress(records))
+
+    report = reshard(store, Layout(new, steps[1]), legacy_step_ms=1000)
+
+    assert report.timers == len(timers) and report.outbox == len(outbox)
+    found = _timers(store, max(old, new))
+    assert {m.decode(): due for m, (_, due) in found.items()} == {
+        f"{c}\x1f{k}\x1f": due for (c, k), due in timers.items()
+    }
+    for member, (shard, _) in found.items():
+        assert shard == shard_of(member.decode().split("\x1f")[0], new)
+    for shard in range(new):
+        moved = [r for s in range(shard, old, new) for i, r in enumerate(outbox) if i % old == s]
+        assert [decode_outgoing(e).value for e in store.load_outbox(shard)] == moved
+    expected = {}
+    for pos in set.intersection(*(set(p) for p in olds)):
+        low = min((p[pos] for p in olds), key=lambda r: r.offset)
+        step = low.step * steps[0] // steps[1] if low.step >= 0 else low.step
+        expected[pos] = Progress(low.offset, step, low.max_event_ms)
+    for shard in range(new):
+        assert store.load_progress(shard) == expected
+    for shard in range(new, old):
+        assert not client.exists(store.progress_key(shard), store.outbox_key(shard))
+    assert check_layout(store, new, steps[1]) == Layout(new, steps[1])
+    assert not list(client.scan_iter(match=f"{store.prefix}:reshard:*"))
+    client.close()
