@@ -8,7 +8,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from crmstream.config.schema import RedisConfig
+from crmstream.config.schema import RedisConfig, TopicsConfig
 from crmstream.flows.sink import Outgoing, decode_outgoing, encode_outgoing
 from crmstream.state import layout
 from crmstream.state.layout import Layout, LayoutError, check_layout, reshard, shard_of
@@ -169,6 +169,15 @@ def test_reshard_command(isolated_config, stack, script):
     assert again.returncode == 0 and "already has 2 shards" in again.stdout
     empty = crm("reshard", "--yes", "--redis-url", stack.redis_url, "--set", "redis.key_prefix=e")
     assert empty.returncode == 2 and "no state under key prefix 'e'" in empty.stderr
+
+    # `crmstream run` with the old shard count now: the layout error, exit 2, no traceback.
+    sets += ["--set", "metrics.port=0", "--set", "processing.shards=8"]
+    for role in TopicsConfig.model_fields:
+        sets += ["--set", f"kafka.topics.{role}={getattr(config.kafka.topics, role)}"]
+    brokers = ",".join(stack.brokers)
+    ran = crm("run", "--brokers", brokers, "--redis-url", stack.redis_url, "--until-end", *sets)
+    assert ran.returncode == 2 and "Traceback" not in ran.stderr
+    assert "processing.shards=8" in ran.stderr and "written with shards=2" in ran.stderr
 
 
 _ids = itertools.count()
