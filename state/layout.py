@@ -10,7 +10,8 @@ A flow process checks the layout before it reads any input
 outbox records in shards nobody runs, so the process stops with an error that
 names both values instead. The first process on an empty prefix records the
 layout. A state written before the layout key existed is recognised by the
-shard numbers in its customer-count hash.
+shard numbers in its customer-count hash, and recorded once a process
+configured the same way starts.
 
 ``reshard`` rewrites the per-shard keys for new settings. It stages the old
 per-shard keys under ``{prefix}:reshard:*`` (RENAME), then moves timers and
@@ -108,6 +109,8 @@ def check_layout(store: StateStore, shards: int, step_ms: int) -> Layout:
             f"flow drain, stop it and run `crmstream reshard --shards {shards} "
             f'--step-ms {step_ms}` (docs/operations.md, "Changing shards")'
         )
+    if not store.client.exists(layout_key(store)):
+        _record(store, wanted)  # a state from before the layout key: recognised, now recorded
     return found
 
 

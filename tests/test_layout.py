@@ -72,7 +72,9 @@ def test_a_changed_shard_count_stops_the_flow_before_it_reads(isolated_config, s
     store.client.delete(layout.layout_key(store))
     with pytest.raises(LayoutError, match="written with shards=8"):
         check_layout(store, 4, 1000)
+    assert not store.client.exists(layout.layout_key(store))
     assert check_layout(store, 8, 1000) == Layout(8, 1000)
+    assert store.client.hgetall(layout.layout_key(store)) == {b"shards": b"8", b"step_ms": b"1000"}
 
 
 def test_reshard_moves_timers_and_outbox_and_the_flow_goes_on(isolated_config, stack, script):
