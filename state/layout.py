@@ -36,8 +36,9 @@ from crmstream.state.store import (
     StateStore,
     decode_progress,
     encode_progress,
+    lowest_progress,
 )
-from crmstream.state.timers import SEP
+from crmstream.state.timers import parse_member
 
 _CHUNK = 5_000
 
@@ -201,7 +202,7 @@ def _move_timers(
         while chunk := store.client.zrange(staged, 0, _CHUNK - 1, withscores=True):
             by_shard: dict[int, dict[bytes, float]] = {}
             for member, due in chunk:
-                customer = member.split(SEP.encode(), 1)[0].decode()
+                customer = parse_member(member, due).customer
                 by_shard.setdefault(shard_of(customer, target.shards), {})[member] = due
             pipe = store.client.pipeline(transaction=True)
             for new, members in by_shard.items():
@@ -237,17 +238,12 @@ def _merge_progress(store: StateStore, source: Layout, target: Layout) -> int:
     client = store.client
     staged = [_staged(store, "progress", shard) for shard in range(source.shards)]
     per_shard = [decode_progress(client.hgetall(s)) for s in staged]
-    if not any(per_shard):
-        merged: dict[Position, Progress] = {}  # already merged by an interrupted run
-    else:
-        common = set.intersection(*(set(p) for p in per_shard))
-        merged = {}
-        for pos in common:
-            low = min((p[pos] for p in per_shard), key=lambda rec: rec.offset)
-            step = low.step * source.step_ms // target.step_ms if low.step >= 0 else low.step
-            merged[pos] = Progress(low.offset, step, low.max_event_ms)
+    merged: dict[Position, Progress] = {}  # stays empty when an interrupted run merged them
     pipe = client.pipeline(transaction=True)
     if any(per_shard):
+        for pos, low in lowest_progress(per_shard).items():
+            step = low.step * source.step_ms // target.step_ms if low.step >= 0 else low.step
+            merged[pos] = low._replace(step=step)
         for shard in range(target.shards):
             pipe.delete(store.progress_key(shard))
             if merged:

@@ -23,7 +23,7 @@ import hashlib
 import logging
 import re
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, NamedTuple
 
 import redis
@@ -355,12 +355,12 @@ class StateStore:
         pipe = self._client.pipeline(transaction=False)
         for shard in range(shards):
             pipe.hgetall(self.progress_key(shard))
-        per_shard = [decode_progress(raw) for raw in pipe.execute()]
+        lowest = lowest_progress([decode_progress(raw) for raw in pipe.execute()])
         start = Progress(-1, -1, -1)
         resume = {}
         for pos in positions:
-            lowest = min((p.get(pos, start) for p in per_shard), key=lambda r: r.offset)
-            resume[pos] = (lowest.offset + 1, lowest.step)
+            rec = lowest.get(pos, start)
+            resume[pos] = (rec.offset + 1, rec.step)
         return resume
 
     def read_customer(self, customer_id: str) -> tuple[bytes | None, dict[str, str]]:
@@ -375,6 +375,15 @@ class StateStore:
 def encode_progress(progress: Mapping[Position, Progress]) -> dict[str, str]:
     """A progress hash's fields: ``<topic>|<partition>`` -> ``Progress.encode``."""
     return {f"{t}|{p}": rec.encode() for (t, p), rec in progress.items()}
+
+
+def lowest_progress(per_shard: Sequence[Mapping[Position, Progress]]) -> dict[Position, Progress]:
+    """Per input partition, the lowest progress (by offset) over the shards. A partition
+    some shard has no record of is left out: that shard has applied nothing from it."""
+    if not per_shard:
+        return {}
+    common = set(per_shard[0]).intersection(*per_shard[1:])
+    return {pos: min((p[pos] for p in per_shard), key=lambda r: r.offset) for pos in common}
 
 
 def decode_progress(raw: Mapping[bytes, bytes]) -> dict[Position, Progress]:
