@@ -637,8 +637,9 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, dict[str, int], None]):
         changed |= np.array([blob is None for blob in blobs], bool)
         rewrite = {c for c, flag in zip(customers, changed, strict=True) if flag} & touched
         profiles = self._profiles(customers, records, derived, fresh, rewrite)
+        stateless = {c for c, blob in zip(customers, blobs, strict=True) if blob is None}
         approved, suppressions = self._policy(
-            candidates, records, index, profiles, erased, plan, now_ms
+            candidates, records, index, profiles, erased, plan, stateless
         )
         fold_wake(plan, records, index, woke)
         triggers = self._emit(approved + held, fresh)
@@ -661,13 +662,19 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, dict[str, int], None]):
         profiles: dict[str, dict[str, str]],
         erased: dict[str, ParsedEvent],
         plan: TimerPlan,
-        now_ms: int,
+        stateless: set[str],
     ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-        """Run candidates through the contact policies: records to emit, and suppressions."""
+        """Run candidates through the contact policies: records to emit, and suppressions.
+
+        A customer's stored profile is read only when the customer had a stored
+        state: both are written in the same commit and deleted together on
+        erasure, so a customer new in this step has no stored profile (Redis
+        must not evict keys: docs/operations.md)."""
         by_customer: dict[str, list[Candidate]] = {}
         for cand in candidates:
             by_customer.setdefault(cand.customer, []).append(cand)
-        stored = self._rt.store.load_profiles(sorted(by_customer)) if by_customer else {}
+        known = sorted(c for c in by_customer if c not in stateless)
+        stored = self._rt.store.load_profiles(known) if known else {}
         approved, suppressions = [], []
         for customer, own in by_customer.items():
             profile = {**stored.get(customer, {}), **profiles.get(customer, {})}

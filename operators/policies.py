@@ -61,6 +61,9 @@ class Approved(NamedTuple):
     hold_until_ms: int | None  # quiet hours, "hold" mode: emit at this time
 
 
+_MAX_CACHED_WEIGHTS = 4096  # (country, day) pairs: a few days of every country
+
+
 def _minutes(ms: int) -> int:
     return int(ms // 60_000)
 
@@ -70,13 +73,19 @@ class PolicyEngine:
 
     def __init__(self, config: CrmConfig):
         self._config = config
-        self._rules = config.rules
         self._policies = config.policies
         quiet = config.policies.quiet_hours
         self._quiet_start = time.fromisoformat(quiet.start)
         self._quiet_end = time.fromisoformat(quiet.end)
         self._categories = config.taxonomy.categories
         self._default_zone = ZoneInfo(quiet.default_timezone)  # checked by the schema
+        # Looked up per candidate: resolved once here, not by getattr on the config.
+        self._rule = {name: getattr(config.rules, name) for name in TRIGGER_TYPES}
+        self._excluded = {
+            country: frozenset(region.exclude_categories)
+            for country, region in config.policies.regions.items()
+        }
+        self._weights: dict[tuple[str, int], dict[str, float]] = {}  # (country, epoch day)
 
     def apply(
         self,
@@ -94,9 +103,11 @@ class PolicyEngine:
             alive = [c for c in group if self._admit(c, record, profile, erased, suppressed)]
             if not alive:
                 continue
-            alive.sort(key=lambda c: -getattr(self._rules, c.trigger_type).priority)
+            rules = self._rule
+            alive.sort(key=lambda c: -rules[c.trigger_type].priority)
             winner = alive[0]
-            top = getattr(self._rules, winner.trigger_type).priority
+            rule = rules[winner.trigger_type]
+            top = rule.priority
             for loser in alive[1:]:
                 suppressed.append(
                     Suppressed(
@@ -105,7 +116,6 @@ class PolicyEngine:
                         f"{winner.trigger_type} (priority {top}) fired at the same time",
                     )
                 )
-            rule = getattr(self._rules, winner.trigger_type)
             capped = self._capped(winner, record) if rule.marketing else None
             if capped:
                 suppressed.append(Suppressed(winner, "frequency_cap", capped))
@@ -140,7 +150,7 @@ class PolicyEngine:
         suppressed: list[Suppressed],
     ) -> bool:
         """Consent, erasure and cooldown; False (with the reason recorded) stops the candidate."""
-        rule = getattr(self._rules, cand.trigger_type)
+        rule = self._rule[cand.trigger_type]
         channel = rule.channel or profile.get("preferred_channel") or self._policies.default_channel
         consent = profile.get(f"consent.{channel}", self._policies.consent_default)
         if rule.marketing and (consent.startswith("withdrawn") or consent == "denied"):
@@ -174,7 +184,7 @@ class PolicyEngine:
     def _capped(self, cand: Candidate, record: np.void) -> str | None:
         caps = self._policies.caps
         now = _minutes(cand.event_time_ms)
-        sends = [int(m) for m in record["sent_min"] if m]
+        sends = [m for m in record["sent_min"].tolist() if m]
         day = sum(1 for m in sends if now - m < 1440)
         week = sum(1 for m in sends if now - m < 10080)
         too_often_day = int(record["too_often_day"])
@@ -193,8 +203,7 @@ class PolicyEngine:
     def _regional(self, cand: Candidate, profile: dict[str, str]) -> Candidate | str:
         """The candidate with its payload's categories adjusted, or why it is suppressed."""
         country = profile.get("country", "")
-        region = self._policies.regions.get(country)
-        excluded = set(region.exclude_categories) if region else set()
+        excluded = self._excluded.get(country, frozenset())
         payload = dict(cand.payload)
         if payload.get("category") in excluded:
             return f"category {payload['category']!r} is excluded in {country}"
@@ -208,6 +217,17 @@ class PolicyEngine:
         return cand._replace(payload=payload)
 
     def _season_weights(self, country: str, at_ms: int) -> dict[str, float]:
+        if not self._policies.seasons:
+            return {}
+        key = (country, at_ms // MS_PER_DAY)  # seasons are whole UTC days
+        weights = self._weights.get(key)
+        if weights is None:
+            if len(self._weights) >= _MAX_CACHED_WEIGHTS:
+                self._weights.clear()
+            weights = self._weights[key] = self._compute_weights(country, at_ms)
+        return weights
+
+    def _compute_weights(self, country: str, at_ms: int) -> dict[str, float]:
         month_day = datetime.fromtimestamp(at_ms / 1000, tz=UTC).strftime("%m-%d")
         weights: dict[str, float] = {}
         for season in self._policies.seasons:
@@ -266,4 +286,5 @@ class PolicyEngine:
         record["trigger_last_min"][TRIGGER_INDEX[cand.trigger_type]] = now
         if rule.marketing:
             sends = record["sent_min"]
-            sends[int(np.argmin(sends))] = now  # replace the oldest of the last sends
+            listed = sends.tolist()
+            sends[listed.index(min(listed))] = now  # replace the oldest of the last sends

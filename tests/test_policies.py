@@ -42,6 +42,25 @@ def test_consent_withdrawal_suppresses_at_once_on_that_channel(isolated_config, 
     assert _stopped(stack, config) == [("ann", "browse_interest", "consent")]
 
 
+def test_consent_withdrawn_in_an_earlier_run_still_suppresses(isolated_config, script, stack):
+    """The stored profile (read for customers with a stored state) carries the consent."""
+    config = isolated_config(policies=True)
+    s = script(config)
+    for cust, withdrawn in (("ann", "email"), ("bea", "push")):
+        s.event("customers", cust, "profile_updated", 0, preferred_channel="email")
+        s.event("customers", cust, "consent_withdrawn", 60, channel=withdrawn)
+    s.flush()
+    run_flow(config, stack)
+    assert _triggers(stack, config) == [] and _stopped(stack, config) == []
+    for cust in ("ann", "bea"):
+        _views(s, cust, "beauty", TEN_AM)
+    s.flush()
+    run_flow(config, stack)  # a new run: nothing of the first one is left in memory
+    sent = _triggers(stack, config, "browse_interest")
+    assert [(r["customer_id"], r["channel"]) for r in sent] == [("bea", "email")]
+    assert _stopped(stack, config) == [("ann", "browse_interest", "consent")]
+
+
 def test_erasure_deletes_every_key_and_timer_and_nothing_fires_after_it(
     isolated_config, script, stack
 ):
@@ -179,3 +198,36 @@ def test_regional_category_exclusion(isolated_config, script, stack):
     run_flow(config, stack)
     assert [r["customer_id"] for r in _triggers(stack, config, "browse_interest")] == ["sam"]
     assert _stopped(stack, config) == [("sal", "browse_interest", "regional")]
+
+
+def test_seasonal_weights_follow_the_utc_day_of_each_candidate():
+    """Weights are worked out once per country and UTC day; a candidate a millisecond
+    either side of a season's edge gets its own day's weights, in any order."""
+    from datetime import UTC, datetime
+
+    from crmstream.config import load_config
+    from crmstream.operators.catalog import Candidate
+    from crmstream.operators.policies import PolicyEngine
+
+    config = load_config(
+        None,
+        ["policies.seasons=[{name: s, start: '11-01', end: '11-11', countries: [CN], "
+         "weights: {beauty: 9.0}}]"],
+        env={},
+    )  # fmt: skip
+    engine = PolicyEngine(config)
+    edge = int(datetime(2026, 11, 1, tzinfo=UTC).timestamp() * 1000)
+
+    def tops(at_ms: int, country: str = "CN") -> list[str]:
+        payload = {"top_categories": ["electronics", "beauty"]}
+        cand = Candidate("c", "browse_interest", "e", at_ms, {}, {}, None, payload)
+        result = engine._regional(cand, {"country": country})
+        return result.payload["top_categories"]
+
+    inside, outside = ["beauty", "electronics"], ["electronics", "beauty"]
+    for _ in range(2):  # the second round is answered from the cache
+        assert tops(edge) == inside
+        assert tops(edge - 1) == outside
+        assert tops(edge + 11 * 86_400_000 - 1) == inside  # 11-11 23:59:59.999
+        assert tops(edge + 11 * 86_400_000) == outside  # 11-12
+        assert tops(edge, "US") == outside
