@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
-from confluent_kafka import Consumer, KafkaError, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
@@ -51,6 +51,9 @@ class _Tally:
     dead_letters: int = 0
 
 
+METADATA_TIMEOUT_S = 30.0
+
+
 def _output_consumer(brokers: list[str], config: CrmConfig) -> Consumer:
     consumer = Consumer(
         {
@@ -63,11 +66,36 @@ def _output_consumer(brokers: list[str], config: CrmConfig) -> Consumer:
     )
     topics = [config.kafka.topics.triggers, config.kafka.topics.dead_letter]
     parts = []
-    for topic in topics:
-        meta = consumer.list_topics(topic, timeout=30).topics[topic]
-        parts += [TopicPartition(topic, p, 0) for p in meta.partitions]
-    consumer.assign(parts)
+    try:
+        for topic in topics:
+            parts += [TopicPartition(topic, p, 0) for p in _partitions(consumer, topic, brokers)]
+        consumer.assign(parts)
+    except BaseException:
+        consumer.close()
+        raise
     return consumer
+
+
+def _partitions(consumer: Consumer, topic: str, brokers: list[str]) -> list[int]:
+    """The topic's partitions, asked for a second at a time for up to 30 s: Ctrl-C is
+    handled between the asks, never held up by a broker that is slow to answer."""
+    deadline = time.monotonic() + METADATA_TIMEOUT_S
+    while True:
+        try:
+            meta = consumer.list_topics(topic, timeout=1.0).topics.get(topic)
+        except KafkaException as exc:
+            if time.monotonic() >= deadline:
+                raise RuntimeError(
+                    f"no metadata for topic {topic!r} from {','.join(brokers)} within "
+                    f"{METADATA_TIMEOUT_S:.0f} s: {exc.args[0].str()}"
+                ) from None
+            continue
+        if meta is not None and meta.partitions:
+            return sorted(meta.partitions)
+        if time.monotonic() >= deadline:
+            why = meta.error.str() if meta is not None and meta.error else "no partitions"
+            raise RuntimeError(f"topic {topic!r} is not readable: {why}")
+        time.sleep(0.2)
 
 
 def _drain_outputs(consumer: Consumer, config: CrmConfig, tally: _Tally, wait_s: float) -> int:

@@ -18,6 +18,15 @@ from tests.conftest import read_topic, run_flow
 
 pytestmark = pytest.mark.integration
 CLI = [sys.executable, "-m", "crmstream"]
+# For Ctrl-C tests. A process started with SIGINT ignored (a job sent to the background
+# by a shell without job control) passes that on, and Python then installs no
+# KeyboardInterrupt handler; the child restores the handler a terminal would give it.
+INTERRUPTIBLE_CLI = [
+    sys.executable,
+    "-c",
+    "import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+    "sys.argv[0] = 'crmstream'; runpy.run_module('crmstream', run_name='__main__')",
+]
 
 
 def crm(*args: str, timeout: float = 300, env: dict[str, str] | None = None):
@@ -188,7 +197,7 @@ def test_demo_runs_to_the_end_and_leaves_no_servers():
 
 def test_demo_interrupted_with_ctrl_c_leaves_no_servers():
     proc = subprocess.Popen(
-        [*CLI, "demo", "--duration", "120"],
+        [*INTERRUPTIBLE_CLI, "demo", "--duration", "120"],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -204,6 +213,33 @@ def test_demo_interrupted_with_ctrl_c_leaves_no_servers():
     assert proc.returncode != 0
     for port in ports:
         assert not _port_open(port), f"port {port} still open after Ctrl-C"
+
+
+def test_demo_interrupted_while_the_broker_does_not_answer_stops_at_once(stack, tmp_path):
+    """Ctrl-C while the demo waits for the broker's metadata: it used to wait in one
+    30-second call per output topic; it now asks a second at a time."""
+    from tests.faults import Server
+
+    broker = Server("tansu", tmp_path / "tansu").start()
+    try:
+        os.kill(broker.proc.pid, signal.SIGSTOP)  # accepts connections, answers nothing
+        proc = subprocess.Popen(
+            [*INTERRUPTIBLE_CLI, "demo", "--duration", "120", "--brokers", broker.address,
+             "--redis-url", stack.redis_url, "--set", "metrics.enabled=false"],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env={**os.environ, "COLUMNS": "200"},
+        )  # fmt: skip
+        assert proc.stdout is not None
+        first = proc.stdout.readline()
+        assert broker.address in first, first
+        time.sleep(3)  # in the metadata wait: the frozen broker answers nothing
+        proc.send_signal(signal.SIGINT)
+        # The old code returned to Python only after 2 x 30 s.
+        out, _ = proc.communicate(timeout=25)
+        assert proc.returncode != 0, out
+        print(f"demo output after Ctrl-C: {out[-300:]!r}")
+    finally:
+        broker.stop()
 
 
 def test_generate_to_a_file_and_replay_it_with_progress(isolated_config, stack, tmp_path):
