@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
-from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
+from confluent_kafka import Consumer, KafkaError, TopicPartition
 from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
@@ -31,6 +31,7 @@ from crmstream.flows.runtime import Runtime
 from crmstream.flows.source import StopSignals
 from crmstream.metrics import counter_total, get_metrics, serve
 from crmstream.profile import customer_view, render
+from crmstream.topics import topic_metadata
 
 
 @dataclass
@@ -68,34 +69,16 @@ def _output_consumer(brokers: list[str], config: CrmConfig) -> Consumer:
     parts = []
     try:
         for topic in topics:
-            parts += [TopicPartition(topic, p, 0) for p in _partitions(consumer, topic, brokers)]
+            meta = topic_metadata(consumer, topic, METADATA_TIMEOUT_S)
+            if meta is None or meta.error is not None or not meta.partitions:
+                why = meta.error.str() if meta is not None and meta.error else "no partitions"
+                raise RuntimeError(f"topic {topic!r} is not readable: {why}")
+            parts += [TopicPartition(topic, p, 0) for p in sorted(meta.partitions)]
         consumer.assign(parts)
     except BaseException:
         consumer.close()
         raise
     return consumer
-
-
-def _partitions(consumer: Consumer, topic: str, brokers: list[str]) -> list[int]:
-    """The topic's partitions, asked for a second at a time for up to 30 s: Ctrl-C is
-    handled between the asks, never held up by a broker that is slow to answer."""
-    deadline = time.monotonic() + METADATA_TIMEOUT_S
-    while True:
-        try:
-            meta = consumer.list_topics(topic, timeout=1.0).topics.get(topic)
-        except KafkaException as exc:
-            if time.monotonic() >= deadline:
-                raise RuntimeError(
-                    f"no metadata for topic {topic!r} from {','.join(brokers)} within "
-                    f"{METADATA_TIMEOUT_S:.0f} s: {exc.args[0].str()}"
-                ) from None
-            continue
-        if meta is not None and meta.partitions:
-            return sorted(meta.partitions)
-        if time.monotonic() >= deadline:
-            why = meta.error.str() if meta is not None and meta.error else "no partitions"
-            raise RuntimeError(f"topic {topic!r} is not readable: {why}")
-        time.sleep(0.2)
 
 
 def _drain_outputs(consumer: Consumer, config: CrmConfig, tally: _Tally, wait_s: float) -> int:

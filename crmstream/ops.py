@@ -19,6 +19,7 @@ from rich.live import Live
 from rich.table import Table
 
 from crmstream.config import CrmConfig
+from crmstream.topics import topic_metadata
 
 
 def read_records(
@@ -42,7 +43,7 @@ def read_records(
     try:
         parts = []
         for topic in topics:
-            meta = consumer.list_topics(topic, timeout=15).topics.get(topic)
+            meta = topic_metadata(consumer, topic, 15)
             if meta is None or meta.error is not None:
                 raise SystemExit(f"topic {topic!r} is not readable")
             parts += [TopicPartition(topic, p, 0) for p in sorted(meta.partitions)]

@@ -7,6 +7,9 @@ because some brokers, Tansu among them, return no defaults for them.
 
 from __future__ import annotations
 
+import time
+from typing import Any
+
 from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
 
@@ -15,6 +18,21 @@ from crmstream.config import CrmConfig
 
 class TopicError(RuntimeError):
     """A topic could not be created."""
+
+
+def topic_metadata(client: Any, topic: str, timeout_s: float) -> Any:
+    """The topic's metadata (None when the broker does not list it) from a Consumer or
+    AdminClient, asked for a second at a time: Ctrl-C is handled between the asks,
+    where one long ``list_topics`` call would hold it off. Raises the client's
+    KafkaException when the broker has not answered within ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        wait_s = min(1.0, max(0.1, deadline - time.monotonic()))
+        try:
+            return client.list_topics(topic, timeout=wait_s).topics.get(topic)
+        except KafkaException:
+            if time.monotonic() >= deadline:
+                raise
 
 
 def create_topics(

@@ -634,10 +634,10 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, dict[str, int], None]):
 
         erased = {ev.customer_id: ev for ev in fresh if ev.type_code == ERASURE_REQUESTED}
         changed = profile_changed(as_loaded, records, self._rt.config)
-        changed |= np.array([blob is None for blob in blobs], bool)
+        stateless = {c for c, blob in zip(customers, blobs, strict=True) if blob is None}
+        changed |= np.fromiter((c in stateless for c in customers), bool, len(customers))
         rewrite = {c for c, flag in zip(customers, changed, strict=True) if flag} & touched
         profiles = self._profiles(customers, records, derived, fresh, rewrite)
-        stateless = {c for c, blob in zip(customers, blobs, strict=True) if blob is None}
         approved, suppressions = self._policy(
             candidates, records, index, profiles, erased, plan, stateless
         )
@@ -650,8 +650,8 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, dict[str, int], None]):
             if c in touched
         }
         erase = self._erase(erased, states, profiles, plan, now_ms)
-        delta = sum(blobs[index[c]] is None for c in states)
-        delta -= sum(blobs[index[c]] is not None for c in erased)
+        delta = sum(c in stateless for c in states)
+        delta -= sum(c not in stateless for c in erased)
         return Changes(states, profiles, plan, fired, triggers, erase, outgoing, delta)
 
     def _policy(

@@ -33,6 +33,7 @@ from confluent_kafka.admin import AdminClient
 from crmstream.flows.routing import parse_part_name, part_name, worker_share
 from crmstream.metrics import get_metrics
 from crmstream.state.store import Position
+from crmstream.topics import topic_metadata
 
 log = logging.getLogger(__name__)
 
@@ -285,7 +286,7 @@ class CrmKafkaSource(DynamicSource[RawMessage]):
         admin = AdminClient(self._base_config())
         parts = []
         for topic in self._topics:
-            meta = admin.list_topics(topic, timeout=30).topics.get(topic)
+            meta = topic_metadata(admin, topic, 30)
             if meta is None or meta.error is not None or not meta.partitions:
                 why = meta.error.str() if meta is not None and meta.error else "no partitions"
                 raise SourceError(

@@ -77,7 +77,6 @@ class PolicyEngine:
         quiet = config.policies.quiet_hours
         self._quiet_start = time.fromisoformat(quiet.start)
         self._quiet_end = time.fromisoformat(quiet.end)
-        self._categories = config.taxonomy.categories
         self._default_zone = ZoneInfo(quiet.default_timezone)  # checked by the schema
         # Looked up per candidate: resolved once here, not by getattr on the config.
         self._rule = {name: getattr(config.rules, name) for name in TRIGGER_TYPES}
