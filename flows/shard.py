@@ -26,10 +26,12 @@ from __future__ import annotations
 import base64
 import hashlib
 import logging
+from bisect import bisect_left, bisect_right
 from collections import Counter
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime, timedelta
 from itertools import compress
+from operator import attrgetter
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -125,37 +127,54 @@ class _StepParts:
         self.event_times: dict[Position, int] = {}
 
 
+def _end_run(parts: _StepParts, pos: Position, last_offset: int, newest: int) -> None:
+    if last_offset > parts.positions.get(pos, -1):
+        parts.positions[pos] = last_offset
+    if newest > parts.event_times.get(pos, -1):
+        parts.event_times[pos] = newest
+
+
 def route_batch(
     runtime: Runtime, batch: list[RawMessage], keys: list[str]
 ) -> list[tuple[str, ShardBatch]]:
     """Parse a batch and split it into one item per shard per processing step, keyed by
     ``keys[shard]`` (``routing.shard_keys``: the key decides the worker)."""
     shards = runtime.config.processing.shards
-    validator = runtime.validator
+    parse = runtime.validator.parse
     now_ms = runtime.clock_ms()
     steps: dict[int, _StepParts] = {}
     caught_up = set()
-    for msg in batch:
-        pos = (msg.topic, msg.partition)
-        if msg.offset == CAUGHT_UP_OFFSET:
-            caught_up.add(pos)
-            continue
-        caught_up.discard(pos)
-        parts = steps.get(msg.step)
-        if parts is None:
-            parts = steps[msg.step] = _StepParts(shards)
-        result = validator.parse(
-            msg.key, msg.value, msg.topic, msg.partition, msg.offset, msg.timestamp_ms, now_ms
-        )
+    # Messages come in runs of one partition and step (source.RawMessage): a run's
+    # last offset and newest event time are recorded when it ends, not per message.
+    parts: _StepParts | None = None
+    run: tuple[int, int, str] = (-1, NO_STEP, "")  # partition, step, topic
+    last_offset = newest = -1
+    for key, value, topic, partition, offset, timestamp_ms, step in batch:
+        if offset == CAUGHT_UP_OFFSET or (partition, step, topic) != run:
+            if parts is not None:
+                _end_run(parts, (run[2], run[0]), last_offset, newest)
+                parts = None
+            if offset == CAUGHT_UP_OFFSET:
+                caught_up.add((topic, partition))
+                run = (-1, NO_STEP, "")
+                continue
+            caught_up.discard((topic, partition))
+            run, newest = (partition, step, topic), -1
+            parts = steps.get(step)
+            if parts is None:
+                parts = steps[step] = _StepParts(shards)
+            events, invalid = parts.events, parts.invalid
+        result = parse(key, value, topic, partition, offset, timestamp_ms, now_ms)
         if type(result) is ParsedEvent:
-            parts.events[shard_of(result.customer_id, shards)].append(result)
-            if result.event_time_ms > parts.event_times.get(pos, -1):
-                parts.event_times[pos] = result.event_time_ms
+            events[shard_of(result.customer_id, shards)].append(result)
+            if result.event_time_ms > newest:
+                newest = result.event_time_ms
         else:
-            owner = result.customer_id or f"{msg.topic}|{msg.partition}"
-            parts.invalid[shard_of(owner, shards)].append(result)
-        if msg.offset > parts.positions.get(pos, -1):
-            parts.positions[pos] = msg.offset
+            owner = result.customer_id or f"{topic}|{partition}"
+            invalid[shard_of(owner, shards)].append(result)
+        last_offset = offset
+    if parts is not None:
+        _end_run(parts, (run[2], run[0]), last_offset, newest)
     done = frozenset(caught_up)
     if not steps:
         return (
@@ -268,14 +287,14 @@ def _columns(events: list[ParsedEvent]) -> ParsedEvent:
     return ParsedEvent._make(zip(*events, strict=True))
 
 
-def _input_order(ev: ParsedEvent | InvalidEvent) -> tuple[str, int, int]:
-    return ev.topic, ev.partition, ev.offset
+# An event's place in the input: (topic, partition, offset).
+_input_order = attrgetter("topic", "partition", "offset")
 
 
 class ShardLogic(StatefulBatchLogic[ShardBatch, dict[str, int], None]):
     """One state shard. Its durable state is in Redis; Bytewax snapshots hold nothing.
 
-    Input is applied one processing step at a time (``source.step_of``). A
+    Input is applied one processing step at a time (``source.RawMessage.step``). A
     step is applied once every input partition has delivered a later step or
     is read to its end, with its events in (topic, partition, offset) order:
     what a step holds, and so the state, the triggers and the timers, follow
@@ -345,7 +364,7 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, dict[str, int], None]):
             if item.step != NO_STEP:
                 # Live input can bring more of a step already applied: it is applied
                 # as more of that step. Never as a later one: step numbers follow the
-                # input's Kafka time, and a restart resumes from them (source.step_of).
+                # input's Kafka time, and a restart resumes from them (RawMessage.step).
                 step = max(item.step, self._applied_step)
                 pending = self._pending.get(step)
                 if pending is None:
@@ -402,29 +421,32 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, dict[str, int], None]):
         self._step_opened_ms.pop(step, None)
         self._applied_step = step
         self._watermark.observe(pending.event_times, self._rt.clock_ms())
-        metrics = get_metrics()
-        events: list[ParsedEvent] = []
-        for ev in pending.events:
-            if ev.offset > self._progress.get((ev.topic, ev.partition), _NOTHING).offset:
-                events.append(ev)
-            else:
-                metrics.skipped_events.labels(ev.topic).inc()
-        invalid = [
-            bad
-            for bad in pending.invalid
-            if bad.offset > self._progress.get((bad.topic, bad.partition), _NOTHING).offset
-        ]
+        floors = {pos: self._progress.get(pos, _NOTHING).offset for pos in pending.positions}
         positions = {
             pos: Progress(off, step, self._watermark.newest(pos))
             for pos, off in pending.positions.items()
-            if off > self._progress.get(pos, _NOTHING).offset
+            if off > floors[pos]
         }
         if not positions:
             # Applied and committed before a restart: the timers it fired are gone
             # from Redis, and firing later ones now would run ahead of the input.
             return []
+        events, invalid = pending.events, pending.invalid
         events.sort(key=_input_order)
         invalid.sort(key=_input_order)
+        # Drop what a restart re-read and this shard had already applied: per input
+        # partition, the events at or below its committed offset, found by bisection.
+        metrics = get_metrics()
+        for (topic, partition), floor in floors.items():
+            if floor < 0:
+                continue
+            lo = bisect_left(events, (topic, partition, -1), key=_input_order)
+            hi = bisect_right(events, (topic, partition, floor), key=_input_order)
+            if hi > lo:
+                del events[lo:hi]
+                metrics.skipped_events.labels(topic).inc(hi - lo)
+            lo = bisect_left(invalid, (topic, partition, -1), key=_input_order)
+            del invalid[lo : bisect_right(invalid, (topic, partition, floor), key=_input_order)]
         return self._run(events, invalid, positions)
 
     def _run(
@@ -599,8 +621,7 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, dict[str, int], None]):
             candidates += self._catalog.plan(
                 customer, records[i], own, promises.setdefault(customer, {}), plan, before
             )
-        for i, customer in enumerate(customers):
-            candidates += self._catalog.from_derived(customer, records[i], derived[i])
+        candidates += self._catalog.from_derived_batch(customers, records, derived)
         # Quiet customers: re-derive as of their recheck time (absence raises churn risk).
         rechecks = [
             t

@@ -8,8 +8,9 @@ its start nor skips events a shard had read but not yet committed. Batches are
 lists of ``RawMessage`` tuples, from any of the worker's partitions; no
 per-message objects beyond that.
 
-Each message carries its processing step (``step_of``): shards apply input
-step by step, so the result does not depend on how reads were batched.
+Each message carries its processing step (its Kafka timestamp's bucket, never
+below its predecessor's; ``_WorkerReader.next_batch``): shards apply input step
+by step, so the result does not depend on how reads were batched.
 
 Stopping: with ``tail=False`` a worker's reader ends once each of its
 partitions is read to its end offset (bounded runs, tests, benchmarks). A
@@ -48,16 +49,7 @@ class RawMessage(NamedTuple):
     partition: int
     offset: int
     timestamp_ms: int
-    step: int  # the processing step the message belongs to (see ``step_of``)
-
-
-def step_of(timestamp_ms: int, step_ms: int, previous: int) -> int:
-    """A message's processing step: its Kafka timestamp's bucket, never below its predecessor's.
-
-    Steps are a function of the partition's log alone, so a replay cuts the
-    input into the same steps however the reads are batched (docs/guarantees.md).
-    """
-    return max(timestamp_ms // step_ms, previous)
+    step: int  # the processing step the message belongs to (see ``_WorkerReader.next_batch``)
 
 
 _new = tuple.__new__
@@ -146,28 +138,42 @@ class _WorkerReader(StatelessSourcePartition[RawMessage]):
         parts = self._parts
         step_ms = self._step_ms
         got: set[_Partition] = set()
+        append = batch.append
+        # Messages come in runs of one partition: its bookkeeping is looked up when a
+        # run starts and written back when it ends, not per message.
+        part: _Partition | None = None
+        topic, partition, step, offset = "", -1, 0, -1
         # Non-blocking: Bytewax polls its inputs in turn, so a wait here would delay
         # the rest of the worker; an idle reader backs off through next_awake.
         for msg in self._consumer.consume(self._batch_size, 0) if parts else ():
             err = msg.error()
             if err is not None:
+                if part is not None:
+                    part.step, part.next_offset, part = step, offset + 1, None
+                    partition = -1
                 self._on_error(msg, err)
                 continue
-            part = parts[(msg.topic(), msg.partition())]
-            part.at_end = False
+            if msg.partition() != partition or msg.topic() != topic:
+                if part is not None:
+                    part.step, part.next_offset = step, offset + 1
+                part = parts[(msg.topic(), msg.partition())]
+                topic, partition, step = part.topic, part.partition, part.step
+                part.at_end = False
+                part.reported_end = False  # new data: report the end again when reached
+                got.add(part)
             ts_type, ts = msg.timestamp()
             ts = ts if ts_type else 0
-            part.step = step = step_of(ts, step_ms, part.step)
+            # The message's processing step: its Kafka timestamp's bucket, never below
+            # its predecessor's. Steps are a function of the partition's log alone, so
+            # a replay cuts the input into the same steps however the reads are
+            # batched (docs/guarantees.md).
+            if ts // step_ms > step:
+                step = ts // step_ms
             offset = msg.offset()
-            part.next_offset = offset + 1
-            part.reported_end = False  # new data: report the end again when reached
-            got.add(part)
-            batch.append(
-                _new(  # RawMessage(...) without its Python-level constructor
-                    RawMessage,
-                    (msg.key(), msg.value(), part.topic, part.partition, offset, ts, step),
-                )
-            )
+            # RawMessage(...) without its Python-level constructor
+            append(_new(RawMessage, (msg.key(), msg.value(), topic, partition, offset, ts, step)))
+        if part is not None:
+            part.step, part.next_offset = step, offset + 1
         now = time.monotonic()
         short = len(batch) < self._batch_size
         for part in parts.values():

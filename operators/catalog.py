@@ -297,6 +297,31 @@ class TriggerCatalog:
                     )
         return out
 
+    def from_derived_batch(
+        self, customers: list[str], records: np.ndarray, derived: np.ndarray
+    ) -> list[Candidate]:
+        """``from_derived`` of every customer, in order. Which customers' labels changed
+        in a way a rule looks at is found for the whole batch at once; only those go
+        through ``from_derived``, which decides. The others would give nothing."""
+        rules = self._rules
+        maybe = np.zeros(len(customers), bool)
+        if rules.churn_risk.enabled:
+            maybe |= (records["churn_level"] == 2) & (derived[:, COL["old_churn_level"]] < 2)
+        if rules.tier_upgrade.enabled:
+            maybe |= records["tier"] > derived[:, COL["old_tier"]].astype(np.int64)
+            maybe |= (records["segment"] == HIGH_VALUE) & (
+                derived[:, COL["old_segment"]].astype(np.int64) != HIGH_VALUE
+            )
+        rule = rules.interest_shift
+        if rule.enabled:
+            maybe |= (derived[:, COL["interest_shift"]] >= rule.min_distance) & (
+                (records["rule_flags"] & FLAG_SHIFT_FIRED) == 0
+            )
+        out: list[Candidate] = []
+        for i in np.flatnonzero(maybe).tolist():
+            out += self.from_derived(customers[i], records[i], derived[i])
+        return out
+
     def from_derived(self, customer: str, record: np.void, row: np.ndarray) -> list[Candidate]:
         """Triggers on changes of the derived labels: churn risk, tier upgrade, interest shift."""
         rules, out = self._rules, []
