@@ -24,7 +24,6 @@ the state's effect exactly-once.
 from __future__ import annotations
 
 import base64
-import hashlib
 import logging
 from bisect import bisect_left, bisect_right
 from collections import Counter
@@ -53,6 +52,7 @@ from crmstream.operators.catalog import (
     fold_wake,
 )
 from crmstream.operators.events import EVENT_CODE, EVENT_TYPES, InvalidEvent, ParsedEvent
+from crmstream.operators.hashing import event_id_digests
 from crmstream.operators.kernels import (
     COL,
     FRESH,
@@ -109,12 +109,6 @@ class ShardBatch(NamedTuple):
 
 
 NO_STEP = -1
-
-
-def event_id_digest(event_id: str) -> bytes:
-    """A stable 64-bit hash of an event id, 8 bytes little-endian (the duplicate ring
-    keeps these, not the ids)."""
-    return hashlib.blake2b(event_id.encode(), digest_size=8).digest()
 
 
 class _StepParts:
@@ -663,7 +657,10 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, dict[str, int], None]):
             candidates, records, index, profiles, erased, plan, stateless
         )
         fold_wake(plan, records, index, woke)
-        triggers = self._emit(approved + held, fresh)
+        ids, ingest = cols.event_id, cols.ingest_ms
+        if keep is not None:
+            ids, ingest = compress(ids, keep), compress(ingest, keep)
+        triggers = self._emit(approved + held, ids, ingest)
         outgoing = self._outgoing(triggers, suppressions)
         states = {
             c: blob
@@ -815,11 +812,7 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, dict[str, int], None]):
             n = len(events)
             roles = {t: ROLE_INDEX[self._rt.validator.role(t)] for t in set(cols.topic)}
             horizon_s = self._dedup_horizon_ms // 1000
-            digests = (
-                np.frombuffer(b"".join(map(event_id_digest, cols.event_id)), np.uint64)
-                if horizon_s
-                else np.zeros(n, np.uint64)
-            )
+            digests = event_id_digests(cols.event_id) if horizon_s else np.zeros(n, np.uint64)
             verdict = check_batch(
                 records,
                 cust,
@@ -844,14 +837,12 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, dict[str, int], None]):
         return fresh, keep
 
     def _emit(
-        self, records: list[dict[str, Any]], fresh: list[ParsedEvent]
+        self, records: list[dict[str, Any]], ids: Iterable[str], ingest_ms: Iterable[int]
     ) -> list[dict[str, Any]]:
-        """Stamp trigger records with their emission time and observe their latency."""
+        """Stamp trigger records with their emission time and observe their latency
+        (``ids`` and ``ingest_ms``: the fresh events' ids and Kafka times)."""
         metrics = get_metrics()
-        wanted = {record["causal_event_id"] for record in records}
-        ingest = (
-            {ev.event_id: ev.ingest_ms for ev in fresh if ev.event_id in wanted} if wanted else {}
-        )
+        ingest = dict(zip(ids, ingest_ms, strict=True)) if records else {}
         for record in records:
             emitted_ms = self._rt.clock_ms()
             record["emitted_at"] = iso_ms(emitted_ms)

@@ -815,6 +815,7 @@ def warm_up(config: CrmConfig) -> None:
     Loading pulls in NumPy/SciPy pieces and takes about a second; doing it at
     start-up keeps it out of the first trigger's latency.
     """
+    from crmstream.operators.hashing import event_id_digests
     from crmstream.state.encoding import decode_batch, encode_records, fresh_records
 
     params = params_from(config)
@@ -825,6 +826,7 @@ def warm_up(config: CrmConfig) -> None:
     one = np.zeros(1, np.int64)
     check_batch(records, one.astype(np.int32), one.astype(np.int8), one.astype(np.int32), one,
                 one.astype(np.uint64), one, 1)  # fmt: skip
+    event_id_digests(["warm-up"])
 
 
 assert len(EVENT_TYPES) == NUM_EVENT_TYPES
