@@ -10,6 +10,7 @@ import redis
 
 from crmstream.flows.runtime import Runtime
 from crmstream.profile import customer_view
+from crmstream.state.layout import shard_of
 from crmstream.state.store import StateStore, connect
 from tests.conftest import live_flow, read_topic, run_flow
 
@@ -202,6 +203,31 @@ def test_state_replayed_under_a_lost_progress_record_is_not_counted_twice(
     store = StateStore(client, config.redis.key_prefix)
     view = customer_view(store, config, "gus")
     assert view["event_counts"] == {"product_view": 2}
+
+
+def test_a_shard_that_reads_again_what_it_applied_skips_only_that(isolated_config, script, stack):
+    """One shard's progress is lost, so the partition is read again from its start; the
+    other shard drops what it had applied (up to its own committed offset) and no more."""
+    config = isolated_config("processing.shards=2", partitions=1)
+    names = [f"c{i}" for i in range(20)]
+    amy = next(c for c in names if shard_of(c, 2) == 0)
+    bob = next(c for c in names if shard_of(c, 2) == 1)
+    s = script(config)
+    for at in (0, 1):  # offsets 0..3, interleaved
+        s.view(amy, "pets", at)
+        s.view(bob, "books", at)
+    s.flush()
+    run_flow(config, stack)
+    client = redis.Redis.from_url(stack.redis_url)
+    store = StateStore(client, config.redis.key_prefix)
+    assert client.delete(store.progress_key(0)) == 1
+    s.view(bob, "books", 2)  # offset 4: the first one past bob's shard's committed offset
+    s.view(amy, "pets", 2)
+    s.flush()
+    run_flow(config, stack)  # reads offsets 0..5 again
+    for customer in (amy, bob):
+        view = customer_view(store, config, customer)
+        assert view["event_counts"] == {"product_view": 3}, customer
 
 
 def test_profile_keeps_attributes_but_never_pii(isolated_config, script, stack):
