@@ -31,7 +31,7 @@ from crmstream.flows.runtime import Runtime
 from crmstream.flows.source import StopSignals
 from crmstream.metrics import counter_total, get_metrics, serve
 from crmstream.profile import customer_view, render
-from crmstream.topics import topic_metadata
+from crmstream.topics import partitions_of
 
 
 @dataclass
@@ -69,11 +69,8 @@ def _output_consumer(brokers: list[str], config: CrmConfig) -> Consumer:
     parts = []
     try:
         for topic in topics:
-            meta = topic_metadata(consumer, topic, METADATA_TIMEOUT_S)
-            if meta is None or meta.error is not None or not meta.partitions:
-                why = meta.error.str() if meta is not None and meta.error else "no partitions"
-                raise RuntimeError(f"topic {topic!r} is not readable: {why}")
-            parts += [TopicPartition(topic, p, 0) for p in sorted(meta.partitions)]
+            ids = partitions_of(consumer, topic, METADATA_TIMEOUT_S)
+            parts += [TopicPartition(topic, p, 0) for p in ids]
         consumer.assign(parts)
     except BaseException:
         consumer.close()

@@ -19,7 +19,7 @@ from rich.live import Live
 from rich.table import Table
 
 from crmstream.config import CrmConfig
-from crmstream.topics import topic_metadata
+from crmstream.topics import TopicError, partitions_of
 
 
 def read_records(
@@ -43,10 +43,11 @@ def read_records(
     try:
         parts = []
         for topic in topics:
-            meta = topic_metadata(consumer, topic, 15)
-            if meta is None or meta.error is not None:
-                raise SystemExit(f"topic {topic!r} is not readable")
-            parts += [TopicPartition(topic, p, 0) for p in sorted(meta.partitions)]
+            try:
+                ids = partitions_of(consumer, topic, 15)
+            except TopicError as exc:
+                raise SystemExit(str(exc)) from None
+            parts += [TopicPartition(topic, p, 0) for p in ids]
         consumer.assign(parts)
         pending = {(p.topic, p.partition) for p in parts}
         caught_up = False

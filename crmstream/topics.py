@@ -35,6 +35,17 @@ def topic_metadata(client: Any, topic: str, timeout_s: float) -> Any:
                 raise
 
 
+def partitions_of(client: Any, topic: str, timeout_s: float) -> list[int]:
+    """The topic's partition ids, sorted (``topic_metadata``); TopicError names the topic
+    and why when the broker does not list it, reports an error for it, or lists no
+    partitions."""
+    meta = topic_metadata(client, topic, timeout_s)
+    if meta is None or meta.error is not None or not meta.partitions:
+        why = meta.error.str() if meta is not None and meta.error else "no partitions"
+        raise TopicError(f"topic {topic!r} is not readable: {why}")
+    return sorted(meta.partitions)
+
+
 def create_topics(
     brokers: list[str],
     config: CrmConfig,

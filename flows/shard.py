@@ -626,10 +626,10 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, dict[str, int], None]):
             rows = np.array([index[t.customer] for t in rechecks])
             subset = records[rows]
             later = derive_batch(subset, np.array([t.due_ms for t in rechecks]), self._params)
-            for k, timer in enumerate(rechecks):
-                derived[rows[k]] = later[k]
-                candidates += self._catalog.from_derived(timer.customer, subset[k], later[k])
-            records[rows] = subset  # after from_derived, which may set flags
+            derived[rows] = later
+            quiet = [t.customer for t in rechecks]
+            candidates += self._catalog.from_derived_batch(quiet, subset, later)
+            records[rows] = subset  # after from_derived_batch, which may set flags
         held = []
         for timer in due:
             if blobs[index[timer.customer]] is None:

@@ -34,7 +34,7 @@ from confluent_kafka.admin import AdminClient
 from crmstream.flows.routing import parse_part_name, part_name, worker_share
 from crmstream.metrics import get_metrics
 from crmstream.state.store import Position
-from crmstream.topics import topic_metadata
+from crmstream.topics import TopicError, partitions_of
 
 log = logging.getLogger(__name__)
 
@@ -148,9 +148,7 @@ class _WorkerReader(StatelessSourcePartition[RawMessage]):
         for msg in self._consumer.consume(self._batch_size, 0) if parts else ():
             err = msg.error()
             if err is not None:
-                if part is not None:
-                    part.step, part.next_offset, part = step, offset + 1, None
-                    partition = -1
+                partition = -1  # the next message starts a run: end flags are set again
                 self._on_error(msg, err)
                 continue
             if msg.partition() != partition or msg.topic() != topic:
@@ -292,14 +290,13 @@ class CrmKafkaSource(DynamicSource[RawMessage]):
         admin = AdminClient(self._base_config())
         parts = []
         for topic in self._topics:
-            meta = topic_metadata(admin, topic, 30)
-            if meta is None or meta.error is not None or not meta.partitions:
-                why = meta.error.str() if meta is not None and meta.error else "no partitions"
+            try:
+                ids = partitions_of(admin, topic, 30)
+            except TopicError as exc:
                 raise SourceError(
-                    f"input topic {topic!r} is not readable: {why} "
-                    f"(create it with `crmstream topics create`)"
-                )
-            parts.extend(part_name(topic, p) for p in sorted(meta.partitions))
+                    f"input {exc} (create it with `crmstream topics create`)"
+                ) from None
+            parts.extend(part_name(topic, p) for p in ids)
         return sorted(parts)
 
     def positions(self) -> list[Position]:
