@@ -4,7 +4,9 @@ This module owns the comparison form of the state: two runs over the same
 input must produce byte-identical dumps (docs/guarantees.md). Each key maps to
 one canonical byte string: strings as stored, hashes and sorted sets sorted,
 streams as their entries' fields without the entry ids and without
-``applied_at`` (both are wall-clock times of the write, not state).
+``applied_at`` (both are wall-clock times of the write, not state). The
+shards' ``commit:<shard>`` keys are left out: each holds a token of the last
+transaction (``StateStore.transact_once``), unique to the run by design.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import orjson
 import redis
 
 WALL_CLOCK_FIELDS = frozenset({b"applied_at"})
+NOT_STATE = "commit:"  # key names (after the prefix) that are transaction tokens
 
 
 def canonical_dump(client: redis.Redis, prefix: str) -> dict[str, bytes]:
@@ -22,6 +25,8 @@ def canonical_dump(client: redis.Redis, prefix: str) -> dict[str, bytes]:
     dump: dict[str, bytes] = {}
     for key in sorted(client.scan_iter(match=f"{prefix}:*", count=1000)):
         name = key.decode()[len(prefix) + 1 :]
+        if name.startswith(NOT_STATE):
+            continue
         kind = client.type(key).decode()
         if kind == "string":
             value = client.get(key)

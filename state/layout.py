@@ -26,8 +26,10 @@ from __future__ import annotations
 import zlib
 from collections import Counter
 from collections.abc import Callable
+from functools import partial
 from typing import NamedTuple
 
+import redis
 from redis.cluster import RedisCluster
 
 from crmstream.state.store import (
@@ -187,7 +189,7 @@ def reshard(
     positions = _merge_progress(store, source, target)
     customers = _recount(store, target, progress)
     pipe = client.pipeline(transaction=True)
-    pipe.delete(key)
+    pipe.delete(key, *(store.commit_key(shard) for shard in range(source.shards)))
     pipe.hset(key, mapping={"shards": target.shards, "step_ms": target.step_ms})
     pipe.execute()
     return ReshardReport(source, target, timers, outbox, positions, customers)
@@ -223,13 +225,16 @@ def _move_outbox(
         staged = _staged(store, "outbox", shard)
         new = store.outbox_key(shard % target.shards)
         while chunk := store.client.lrange(staged, 0, _CHUNK - 1):
-            pipe = store.client.pipeline(transaction=True)
-            pipe.rpush(new, *chunk)
-            pipe.ltrim(staged, len(chunk), -1)
-            pipe.execute()
+            # once, even when the reply is lost: a second trim would drop unmoved records
+            store.transact_once(shard, partial(_move_head, source=staged, to=new, chunk=chunk))
             moved += len(chunk)
             progress("outbox", len(chunk))
     return moved
+
+
+def _move_head(pipe: redis.client.Pipeline, source: str, to: str, chunk: list[bytes]) -> None:
+    pipe.rpush(to, *chunk)
+    pipe.ltrim(source, len(chunk), -1)
 
 
 def _merge_progress(store: StateStore, source: Layout, target: Layout) -> int:

@@ -8,7 +8,9 @@ This module owns every Redis key crmstream writes and the order of writes:
 - ``{prefix}:progress:<shard>``: per input partition, the highest offset the
   shard has fully applied; the lower bound the source resumes from;
 - ``{prefix}:outbox:<shard>``: records committed with the state and not yet
-  confirmed delivered (``flows.sink.Outbox``).
+  confirmed delivered (``flows.sink.Outbox``);
+- ``{prefix}:commit:<shard>``: the token of the shard's last transaction, which
+  keeps a retried commit from running twice (``StateStore.transact_once``).
 
 A batch is loaded with one MGET and committed with one MULTI/EXEC that holds
 the states, the profiles, the outgoing records and the shard's progress
@@ -20,14 +22,16 @@ the store cannot span slots in one transaction (Redis Cluster).
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import re
+import secrets
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, NamedTuple
 
 import redis
-from redis.backoff import ExponentialWithJitterBackoff
+from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
 from redis.cluster import RedisCluster
 from redis.exceptions import AuthorizationError
 from redis.retry import Retry
@@ -146,6 +150,16 @@ def connect(url: str, config: RedisConfig) -> redis.Redis:
     return client
 
 
+def _single_attempt(client: redis.Redis) -> redis.Redis:
+    """A client on the same server, credentials and TLS as ``client`` whose calls fail
+    at the first error instead of retrying."""
+    pool = client.connection_pool
+    kwargs = {**pool.connection_kwargs, "retry": Retry(NoBackoff(), 0)}
+    return redis.Redis(
+        connection_pool=redis.ConnectionPool(connection_class=pool.connection_class, **kwargs)
+    )
+
+
 def _safe_url(url: str) -> str:
     _head, sep, tail = url.rpartition("@")
     return f"{url.split('://')[0]}://***@{tail}" if sep else url
@@ -162,6 +176,15 @@ class StateStore:
         # customers; each customer's keys share a slot through the {customer} tag.
         self._cluster = isinstance(client, RedisCluster)
         self.timers = TimerStore(client, prefix)
+        # Transactions go through a client that never retries by itself:
+        # transact_once decides whether a broken one is sent again.
+        self._retry: Retry | None = None
+        self._single_attempt: redis.Redis | None = None
+        if not self._cluster:
+            self._retry = client.get_retry() or Retry(NoBackoff(), 0)
+            self._single_attempt = _single_attempt(client)
+        self._run_id = secrets.token_hex(6)
+        self._transactions = itertools.count(1)
         # Erasure tombstones (customer -> erasure event time) seen by the last load_states.
         self.last_tombstones: dict[str, int] = {}
 
@@ -254,57 +277,103 @@ class StateStore:
         """
         started = time.perf_counter()
         atomic = atomic and not self._cluster
-        pipe = self._client.pipeline(transaction=atomic)
-        if self._cluster:
-            for customer, blob in states.items():
-                pipe.set(self.state_key(customer), blob)
-        elif states:
-            pipe.mset({self.state_key(c): blob for c, blob in states.items()})
-        for customer_id, fields in profiles.items():
-            if fields:
-                pipe.hset(self.profile_key(customer_id), mapping=dict(fields))
         timers_key = self.timers.key(shard)
-        if fired:
-            pipe.zrem(timers_key, *fired)
-        if plan is not None:
-            if plan.cancel:
-                pipe.zrem(timers_key, *plan.cancel)
-            if plan.schedule:
-                pipe.zadd(timers_key, {t.member: t.due_ms for t in plan.schedule})
-            for customer, orders in plan.promises.items():
-                pipe.hset(self.promises_key(customer), mapping=orders)
-            for customer, order_ids in plan.delivered.items():
-                pipe.hdel(self.promises_key(customer), *order_ids)
-        for customer, members, audit, tombstone_ms, ttl_s in erase:
-            pipe.delete(
-                self.state_key(customer), self.profile_key(customer), self.promises_key(customer)
-            )
-            if members:
-                pipe.zrem(timers_key, *members)
-            pipe.xadd(self.audit_key(), audit)
-            pipe.set(self.tombstone_key(customer), tombstone_ms, ex=ttl_s)
-        if outbox_trim:
-            pipe.ltrim(self.outbox_key(shard), outbox_trim, -1)
-        if outbox:
-            pipe.rpush(self.outbox_key(shard), *outbox)
-        pipe.hincrby(self.customers_key(), str(shard), customers_delta)
-        pipe.zcard(timers_key)
-        if not atomic:  # progress only after the state it covers is written
-            *_, customers, pending = pipe.execute()
-            pipe = self._client.pipeline(transaction=False)
-        if progress:
-            pipe.hset(
-                self.progress_key(shard),
-                mapping=encode_progress(progress),
-            )
+
+        def stage(pipe: redis.client.Pipeline) -> None:
+            """Queue the step's writes, and last the two gauge reads."""
+            if self._cluster:
+                for customer, blob in states.items():
+                    pipe.set(self.state_key(customer), blob)
+            elif states:
+                pipe.mset({self.state_key(c): blob for c, blob in states.items()})
+            for customer_id, fields in profiles.items():
+                if fields:
+                    pipe.hset(self.profile_key(customer_id), mapping=dict(fields))
+            if fired:
+                pipe.zrem(timers_key, *fired)
+            if plan is not None:
+                if plan.cancel:
+                    pipe.zrem(timers_key, *plan.cancel)
+                if plan.schedule:
+                    pipe.zadd(timers_key, {t.member: t.due_ms for t in plan.schedule})
+                for customer, orders in plan.promises.items():
+                    pipe.hset(self.promises_key(customer), mapping=orders)
+                for customer, order_ids in plan.delivered.items():
+                    pipe.hdel(self.promises_key(customer), *order_ids)
+            for customer, members, audit, tombstone_ms, ttl_s in erase:
+                pipe.delete(
+                    self.state_key(customer),
+                    self.profile_key(customer),
+                    self.promises_key(customer),
+                )
+                if members:
+                    pipe.zrem(timers_key, *members)
+                pipe.xadd(self.audit_key(), audit)
+                pipe.set(self.tombstone_key(customer), tombstone_ms, ex=ttl_s)
+            if outbox_trim:
+                pipe.ltrim(self.outbox_key(shard), outbox_trim, -1)
+            if outbox:
+                pipe.rpush(self.outbox_key(shard), *outbox)
+            if atomic and progress:
+                pipe.hset(self.progress_key(shard), mapping=encode_progress(progress))
+            pipe.hincrby(self.customers_key(), str(shard), customers_delta)
+            pipe.zcard(timers_key)
+
         if atomic:
+            results = self.transact_once(shard, stage)
+            if results is None:  # ran on an earlier attempt whose reply was lost
+                customers = int(self._client.hget(self.customers_key(), str(shard)) or 0)
+                pending = self._client.zcard(timers_key)
+            else:
+                *_, customers, pending = results
+        else:
+            pipe = self._client.pipeline(transaction=False)
+            stage(pipe)
             *_, customers, pending = pipe.execute()
-        elif progress:
-            pipe.execute()
+            if progress:  # only after the state it covers is written
+                self._client.hset(self.progress_key(shard), mapping=encode_progress(progress))
         observe_redis("commit", started)
         metrics = get_metrics()
         metrics.customers.labels(str(shard)).set(customers)
         metrics.pending_timers.labels(str(shard)).set(pending)
+
+    def commit_key(self, shard: int) -> str:
+        return f"{self._prefix}:commit:{shard}"
+
+    def transact_once(
+        self, shard: int, stage: Callable[[redis.client.Pipeline], None]
+    ) -> list | None:
+        """Run the commands ``stage`` queues as one MULTI/EXEC, exactly once.
+
+        A connection lost after EXEC was sent leaves it unknown whether Redis ran
+        the transaction; a plain retry would run it again, and trimming or
+        appending to the outbox or adding to a count twice is not idempotent.
+        So each transaction also writes a token of its own to the shard's
+        ``commit`` key, and a retry first reads that key: if it holds the token,
+        the transaction ran and is not sent again (None is returned). Otherwise
+        the transaction is sent again, with the client's backoff.
+        """
+        once, retry = self._single_attempt, self._retry
+        if once is None or retry is None:
+            raise StateStoreError(
+                "one transaction over a shard's keys needs a single Redis primary"
+            )
+        token = f"{self._run_id}:{next(self._transactions)}".encode()
+        fence = self.commit_key(shard)
+        attempts = 0
+
+        def attempt() -> list | None:  # each call one try: the backoff below paces them
+            nonlocal attempts
+            attempts += 1
+            if attempts > 1 and once.get(fence) == token:
+                log.warning("shard %d: Redis had run the transaction whose reply was lost", shard)
+                return None
+            pipe = once.pipeline(transaction=True)
+            stage(pipe)
+            pipe.set(fence, token)
+            return pipe.execute()[:-1]
+
+        return retry.call_with_retry(attempt, lambda _error: None)
 
     def outbox_key(self, shard: int) -> str:
         return f"{self._prefix}:outbox:{shard}"

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+import selectors
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -143,3 +146,86 @@ def wait_until(condition: Any, timeout_s: float, what: str, interval_s: float = 
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout_s:g} s waiting for {what}")
         time.sleep(interval_s)
+
+
+class TransactionFaultProxy:
+    """A TCP relay in front of a redis-server that can break one transaction's connection.
+
+    ``lose_next("reply")``: the next ``EXEC`` goes on to Redis; once Redis answers
+    (the transaction has run) the answer is thrown away and the client's
+    connection closed. The client sees the connection lost without knowing
+    whether its transaction ran. ``lose_next("request")``: the data holding the
+    next ``EXEC`` is not passed on and the connection is closed, so Redis never
+    runs that transaction. Everything else is relayed as is; ``lost`` counts the
+    faults made.
+    """
+
+    def __init__(self, target: str):
+        host, _, port = target.rpartition(":")
+        self._target = (host, int(port))
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.address = f"127.0.0.1:{self._listener.getsockname()[1]}"
+        self._armed: str | None = None
+        self.lost = 0
+        self._lock = threading.Lock()
+        self._open: list[socket.socket] = []
+
+    def start(self) -> TransactionFaultProxy:
+        threading.Thread(target=self._accept, daemon=True).start()
+        return self
+
+    def lose_next(self, what: str) -> None:
+        assert what in ("reply", "request"), what
+        with self._lock:
+            self._armed = what
+
+    def close(self) -> None:
+        self._listener.close()
+        with self._lock:
+            for sock in self._open:
+                with suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return  # closed
+            server = socket.create_connection(self._target)
+            with self._lock:
+                self._open += [client, server]
+            threading.Thread(target=self._relay, args=(client, server), daemon=True).start()
+
+    def _relay(self, client: socket.socket, server: socket.socket) -> None:
+        selector = selectors.DefaultSelector()
+        selector.register(client, selectors.EVENT_READ)
+        selector.register(server, selectors.EVENT_READ)
+        exec_sent = False
+        try:
+            while True:
+                for key, _ in selector.select():
+                    data = key.fileobj.recv(65536)
+                    if not data:
+                        return
+                    if key.fileobj is client:
+                        with self._lock:
+                            fault, armed = None, self._armed
+                            if armed and b"EXEC\r\n" in data:
+                                fault, self._armed = armed, None
+                        if fault == "request":
+                            self.lost += 1
+                            return
+                        exec_sent = exec_sent or fault == "reply"
+                        server.sendall(data)
+                    elif exec_sent:  # Redis has run the transaction: lose its answer
+                        self.lost += 1
+                        return
+                    else:
+                        client.sendall(data)
+        except OSError:
+            return
+        finally:
+            selector.close()
+            client.close()
+            server.close()
