@@ -59,7 +59,7 @@ def consume_and_parse(brokers: str, topics: list[str], part: int = 0, of: int = 
 
     consumer, remaining = _raw_consumer(brokers, topics, "bench-ceiling", part, of)
     count = 0
-    started, cpu_started = time.perf_counter(), time.process_time()
+    started, cpu_started, started_at = time.perf_counter(), time.process_time(), time.time()
     while remaining:
         for msg in consumer.consume(2000, 0.5):
             err = msg.error()
@@ -74,13 +74,12 @@ def consume_and_parse(brokers: str, topics: list[str], part: int = 0, of: int = 
             count += 1
     seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
     consumer.close()
-    ended_at = time.time()
     return {
         "events": count,
         "seconds": seconds,
         "cpu_seconds": cpu_seconds,
-        "started_at": ended_at - seconds,
-        "ended_at": ended_at,
+        "started_at": started_at,
+        "ended_at": started_at + seconds,
     }
 
 

@@ -178,11 +178,10 @@ class StateStore:
         self.timers = TimerStore(client, prefix)
         # Transactions go through a client that never retries by itself:
         # transact_once decides whether a broken one is sent again.
-        self._retry: Retry | None = None
-        self._single_attempt: redis.Redis | None = None
+        self._transactions_via: tuple[redis.Redis, Retry] | None = None
         if not self._cluster:
-            self._retry = client.get_retry() or Retry(NoBackoff(), 0)
-            self._single_attempt = _single_attempt(client)
+            retry = client.get_retry() or Retry(NoBackoff(), 0)
+            self._transactions_via = (_single_attempt(client), retry)
         self._run_id = secrets.token_hex(6)
         self._transactions = itertools.count(1)
         # Erasure tombstones (customer -> erasure event time) seen by the last load_states.
@@ -353,11 +352,11 @@ class StateStore:
         the transaction ran and is not sent again (None is returned). Otherwise
         the transaction is sent again, with the client's backoff.
         """
-        once, retry = self._single_attempt, self._retry
-        if once is None or retry is None:
+        if self._transactions_via is None:
             raise StateStoreError(
                 "one transaction over a shard's keys needs a single Redis primary"
             )
+        once, retry = self._transactions_via
         token = f"{self._run_id}:{next(self._transactions)}".encode()
         fence = self.commit_key(shard)
         attempts = 0

@@ -10,6 +10,7 @@ EXEC itself.
 from __future__ import annotations
 
 import itertools
+from urllib.parse import urlsplit
 
 import pytest
 import redis
@@ -25,7 +26,7 @@ _ids = itertools.count()
 
 @pytest.fixture
 def relayed(stack):
-    proxy = TransactionFaultProxy(stack.redis_url.split("//", 1)[1].split("/", 1)[0]).start()
+    proxy = TransactionFaultProxy(urlsplit(stack.redis_url).netloc).start()
     config = RedisConfig(retry_base_seconds=0.01, retry_max_seconds=0.05, retry_attempts=5)
     store = StateStore(connect(f"redis://{proxy.address}/0", config), f"ack{next(_ids)}")
     yield proxy, store, redis.Redis.from_url(stack.redis_url)
