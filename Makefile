@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 ARGS   ?=
 
-.PHONY: setup demo test test-fast bench bench-all bench-state bench-timers bench-parse bench-smoke lint clean
+.PHONY: setup demo test test-default test-fast bench bench-all bench-state bench-timers bench-parse bench-smoke lint clean
 
 SYSTEM_STAMP := $(VENV)/.system-stamp
 
@@ -36,8 +36,18 @@ setup: $(STAMP)  ## create .venv with crmstream, the embedded servers and the de
 demo: setup  ## run the whole system locally and show triggers live (ARGS="--duration 60")
 	$(BIN)/crmstream demo $(ARGS)
 
+# The whole suite: the default suite (kept under 15 minutes), then the slow fault and
+# scale suites. Both run even when the first fails; the target fails if either did.
 test: setup lint  ## the whole test suite (what .ci/run calls)
-	$(BIN)/python -m pytest -p no:cacheprovider
+	@status=0; \
+	echo "== default suite (not slow) =="; \
+	$(BIN)/python -m pytest -p no:cacheprovider -m "not slow" --durations=5 || status=1; \
+	echo "== slow suites: faults, crash, cluster, fuzz, harness smoke =="; \
+	$(BIN)/python -m pytest -p no:cacheprovider -m slow --durations=5 || status=1; \
+	exit $$status
+
+test-default: setup  ## the default suite only: everything but the slow fault and scale suites
+	$(BIN)/python -m pytest -p no:cacheprovider -m "not slow"
 
 test-fast: setup  ## unit tests only, no servers
 	$(BIN)/python -m pytest -p no:cacheprovider -m "not integration and not slow"
