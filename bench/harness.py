@@ -152,14 +152,15 @@ def role_crmstream(args: argparse.Namespace) -> dict[str, Any]:
     runtime = Runtime(config, Endpoints(args.brokers.split(","), args.redis_url))
     addresses = args.addresses.split(",") if args.of > 1 else None
     metrics = get_metrics()
-    started, started_at = time.perf_counter(), time.time()
+    started, cpu_started, started_at = time.perf_counter(), time.process_time(), time.time()
     run_cluster_process(runtime, 1, args.part if args.of > 1 else None, addresses, tail=args.tail)
-    seconds = time.perf_counter() - started
+    seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
     runtime.close()
     handled = counter_total(metrics.events_in, metrics.invalid_events, metrics.skipped_events)
     return {
         "events": int(handled),
         "seconds": seconds,
+        "cpu_seconds": cpu_seconds,
         "started_at": started_at,
         "ended_at": started_at + seconds,
     }
@@ -337,6 +338,75 @@ def ensure_quix_venv(log: Any) -> Path | None:
     return python
 
 
+class CpuWatch:
+    """Samples the CPU time of the broker and of redis-server, and the machine's idle time,
+    in a thread, so that their share of a contender's timed window can be read afterwards."""
+
+    def __init__(self, broker_pid: int | None, redis_client: Any, every_s: float = 0.05):
+        self._broker_pid, self._redis, self._every = broker_pid, redis_client, every_s
+        self._samples: list[tuple[float, dict[str, float | None]]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _sample(self) -> None:
+        cpu = self._redis.info("cpu")
+        self._samples.append(
+            (
+                time.time(),
+                {
+                    "broker": _cpu_seconds(self._broker_pid),
+                    "redis": float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"]),
+                    "idle": _idle_seconds(),
+                },
+            )
+        )
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self._every):
+            self._sample()
+
+    def __enter__(self) -> CpuWatch:
+        self._sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+    def pct(self, start: float, end: float) -> dict[str, int]:
+        """% of one core each used from the last sample at or before ``start`` to the first
+        at or after ``end`` (the window rounded out to the samples; the first and last are
+        taken on entry and exit, so they bracket any window inside the ``with``)."""
+        first = max((s for s in self._samples if s[0] <= start), key=lambda s: s[0])
+        last = min((s for s in self._samples if s[0] >= end), key=lambda s: s[0])
+        return {
+            k: round(100 * (last[1][k] - v) / (last[0] - first[0]))
+            for k, v in first[1].items()
+            if v is not None and last[1][k] is not None
+        }
+
+
+def cpu_of(reports: list[dict[str, Any]], watch: CpuWatch) -> dict[str, Any]:
+    """Each process's CPU over its own timed window and the broker's and Redis's over the
+    window ``together`` times, all in % of one core."""
+    start = max(r["started_at"] for r in reports)
+    end = max(r["ended_at"] for r in reports)
+    return {
+        "processes": [round(100 * r["cpu_seconds"] / r["seconds"]) for r in reports],
+        **watch.pct(start, end),
+    }
+
+
+def _cpu_cell(cpu: dict[str, Any] | None) -> str:
+    if not cpu:
+        return ""
+    procs = "+".join(map(str, cpu["processes"]))
+    rest = " / ".join(str(cpu.get(k, "-")) for k in ("broker", "redis", "idle"))
+    return f"{procs} / {rest}"
+
+
 @dataclass
 class Result:
     name: str
@@ -345,6 +415,7 @@ class Result:
     seconds: float
     peak_rss_mb: list[float]
     state_bytes_per_customer: float | None = None
+    cpu_pct: dict[str, Any] | None = None  # % of one core: "processes" (list), broker, redis
 
     @property
     def rate(self) -> float:
@@ -441,13 +512,15 @@ class Harness:
                 ).start()
                 for i in range(n)
             ]
-            reports = [c.wait(3600) for c in children]
+            with CpuWatch(self.broker_pid, client) as watch:
+                reports = [c.wait(3600) for c in children]
             return Result(
                 f"ceiling ({n} proc)",
                 n,
                 sum(r["events"] for r in reports),
                 together(reports),
                 [c.peak_rss_mb for c in children],
+                cpu_pct=cpu_of(reports, watch),
             )
 
         def crm(n: int) -> Result:
@@ -474,13 +547,16 @@ class Harness:
                 ).start()
                 for i in range(n)
             ]
-            reports = [c.wait(3600) for c in children]
+            with CpuWatch(self.broker_pid, client) as watch:
+                reports = [c.wait(3600) for c in children]
             used = int(client.info("memory")["used_memory"]) - before
             states = sum(int(v) for v in client.hgetall(f"{tag}{name}:customers").values())
             ready = [r["started_at"] for r in reports]
+            cpu = cpu_of(reports, watch)
             self.log(
                 f"    own times {[round(r['seconds'], 2) for r in reports]} s, ready "
-                f"{max(ready) - min(ready):.2f} s apart, {together(reports):.2f} s together"
+                f"{max(ready) - min(ready):.2f} s apart, {together(reports):.2f} s together; "
+                f"CPU % of a core, processes / broker / redis / machine idle: {_cpu_cell(cpu)}"
             )
             return Result(
                 f"crmstream ({n} proc)",
@@ -489,6 +565,7 @@ class Harness:
                 together(reports),
                 [c.peak_rss_mb for c in children],
                 used / max(states, 1),
+                cpu,
             )
 
         def naive() -> Result:
@@ -568,6 +645,7 @@ class Harness:
                         if r.state_bytes_per_customer is not None
                         else None
                     ),
+                    "cpu_pct": r.cpu_pct,
                 }
             )
         by = {r.name: r for r in runs}
@@ -717,6 +795,7 @@ class Harness:
                 "ratio to ceiling",
                 "peak RSS MiB/proc",
                 "state B/customer",
+                CPU_COLUMN,
             ):
                 table.add_column(col, justify="right")
             for c in run["contenders"]:
@@ -726,6 +805,7 @@ class Harness:
                     f"{c['ratio_to_ceiling']:.3f}",
                     ",".join(map(str, c["peak_rss_mb"])),
                     str(c["state_bytes_per_customer"] or "-"),
+                    _cpu_cell(c.get("cpu_pct")) or "-",
                 )
             self.console.print(table)
             self.console.print(f"ratios: {run['ratios']}")
@@ -745,6 +825,13 @@ class Harness:
 
 
 RESULTS_START, RESULTS_END = "<!-- harness:start -->", "<!-- harness:end -->"
+CPU_COLUMN = "CPU % processes / broker / redis / idle"
+CPU_NOTE = (
+    "CPU is in % of one core: each process's own over its timed window (`+` between "
+    "processes), the broker's and redis-server's over the window the rate is timed on, "
+    "sampled every 0.05 s; idle is the machine's idle time over that window (all cores "
+    f"together: at most {100 * (os.cpu_count() or 1)})."
+)
 LATENCY_COLUMNS = (
     "contender",
     "offered",
@@ -788,16 +875,17 @@ def _write_results_md(results: dict[str, Any], path: Path) -> None:
     for run in results["runs"]:
         lines += ["", f"{run['customers']:,} customers, {run['events']:,} events:", ""]
         lines += [
-            "| contender | events/s | ratio to ceiling | peak RSS MiB/proc | state B/customer |",
-            "|---|---:|---:|---:|---:|",
+            "| contender | events/s | ratio to ceiling | peak RSS MiB/proc | state B/customer "
+            f"| {CPU_COLUMN} |",
+            "|---|---:|---:|---:|---:|---:|",
         ]
         for c in run["contenders"]:
             rss = ", ".join(map(str, c["peak_rss_mb"]))
             lines.append(
                 f"| {c['name']} | {c['events_per_s']:,} | {c['ratio_to_ceiling']:.3f} | "
-                f"{rss} | {c['state_bytes_per_customer'] or ''} |"
+                f"{rss} | {c['state_bytes_per_customer'] or ''} | {_cpu_cell(c.get('cpu_pct'))} |"
             )
-        lines += ["", f"Ratios: {run['ratios']}"]
+        lines += ["", f"Ratios: {run['ratios']}", "", CPU_NOTE]
         if run.get("latency"):
             lines += [
                 "",
@@ -847,6 +935,15 @@ def _cpu_seconds(pid: int | None) -> float | None:
     except OSError:
         return None
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _idle_seconds() -> float | None:
+    """Idle time of all the machine's cores together (idle + iowait), from /proc/stat."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+    except OSError:
+        return None
+    return (int(fields[4]) + int(fields[5])) / os.sysconf("SC_CLK_TCK")
 
 
 def _pct(values: list[float], q: float) -> float | None:
