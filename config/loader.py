@@ -33,6 +33,50 @@ class ConfigError(ValueError):
     """A configuration value is missing, malformed or out of range."""
 
 
+class _ConfigYamlLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2's plain scalars: only ``true`` and ``false`` are
+    booleans, and numbers have no base-60 or leading-zero octal forms.
+
+    PyYAML follows YAML 1.1, where the country code ``NO`` (Norway) and ``off`` are
+    False and ``22:00`` is the integer 1320: a region keyed ``NO``, a season's
+    ``countries: [NO, SE]`` or ``start: 22:00`` would fail to validate with values the
+    operator never wrote. Those stay text now; a boolean setting given as ``no`` or
+    ``off`` (``--set metrics.enabled=off``) is still read as False, by the schema.
+    """
+
+
+_IMPLICIT = {"tag:yaml.org,2002:bool", "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"}
+_ConfigYamlLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag not in _IMPLICIT]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_ConfigYamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+_ConfigYamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:int",
+    re.compile(r"^(?:[-+]?(?:0|[1-9][0-9_]*)|[-+]?0x[0-9a-fA-F_]+)$"),
+    list("-+0123456789"),
+)
+_ConfigYamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?\.[0-9][0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+def load_yaml(text: str) -> Any:
+    """Parse configuration YAML (``_ConfigYamlLoader``: YAML 1.2 booleans and numbers)."""
+    return yaml.load(text, Loader=_ConfigYamlLoader)  # a SafeLoader: no arbitrary objects
+
+
 def default_config_text() -> str:
     """The embedded default configuration (config/default.yaml)."""
     return resources.files("crmstream.config").joinpath("default.yaml").read_text("utf-8")
@@ -41,11 +85,12 @@ def default_config_text() -> str:
 def _parse_scalar(text: str) -> Any:
     """Parse an env/CLI value as a YAML scalar or flow collection.
 
-    "0", "false", "no" and "off" become False-y values explicitly (YAML rules),
-    "3" an int, "[a, b]" a list; anything YAML cannot parse stays a string.
+    "false" becomes False, "3" an int, "[a, b]" a list; "no", "off" and "NO" stay
+    text (the schema reads "no" and "off" as False where it wants a boolean);
+    anything YAML cannot parse stays a string.
     """
     try:
-        return yaml.safe_load(text) if text.strip() else None
+        return load_yaml(text) if text.strip() else None
     except yaml.YAMLError:
         return text
 
@@ -104,7 +149,7 @@ def load_config(
         except OSError as exc:
             raise ConfigError(f"cannot read config file {source!r}: {exc.strerror}") from exc
     try:
-        tree = yaml.safe_load(text) or {}
+        tree = load_yaml(text) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {source!r} is not valid YAML: {exc}") from exc
     if not isinstance(tree, dict):
@@ -112,7 +157,7 @@ def load_config(
     origin: dict[str, str] = {}
     if path is not None:  # a file overrides the embedded default key by key
         origin = {dotted: source for dotted in _leaves(tree)}
-        tree = _merged(yaml.safe_load(default_config_text()), tree)
+        tree = _merged(load_yaml(default_config_text()), tree)
         source = "embedded default config"
     for dotted, raw in _env_overrides(env).items():
         _set_dotted(tree, dotted, _parse_scalar(raw))

@@ -35,11 +35,33 @@ def test_env_then_flags_override_the_file(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "raw, expected", [("0", False), ("false", False), ("no", False), ("1", True), ("true", True)]
+    "raw, expected",
+    [("0", False), ("false", False), ("no", False), ("off", False), ("1", True), ("true", True)],
 )
 def test_booleans_from_env_are_parsed_explicitly(raw, expected):
     config = load_config(env={"CRMSTREAM__METRICS__ENABLED": raw})
     assert config.metrics.enabled is expected
+    assert load_config(overrides=[f"metrics.enabled={raw}"], env={}).metrics.enabled is expected
+
+
+def test_country_code_no_and_clock_times_stay_text(tmp_path):
+    """YAML 1.1 reads NO (Norway) as False and 22:00 as 1320: the config reads what was written."""
+    path = tmp_path / "nordic.yaml"
+    path.write_text(
+        "policies:\n"
+        "  quiet_hours: {start: 22:00, end: 07:30}\n"
+        "  regions: {NO: {exclude_categories: [fragrance]}, 'ON': {exclude_categories: []}}\n"
+        "  seasons:\n"
+        "    - {name: jul, start: 12-01, end: 12-24, countries: [NO, SE, Y], weights: {toys: 2}}\n"
+    )
+    config = load_config(path, ["processing.shards=0x10"], env={})
+    policies = config.policies
+    assert (policies.quiet_hours.start, policies.quiet_hours.end) == ("22:00", "07:30")
+    assert set(policies.regions) == {"NO", "ON"}
+    assert policies.seasons[0].countries == ["NO", "SE", "Y"]
+    assert config.processing.shards == 16  # numbers are still numbers
+    with pytest.raises(ConfigError, match=r"default_timezone = 'no' \(from --set\)"):
+        load_config(overrides=["policies.quiet_hours.default_timezone=no"], env={})
 
 
 @pytest.mark.parametrize(
