@@ -621,7 +621,7 @@ class Harness:
             ("crmstream, 1 process", lambda: crm(1)),
             ("ceiling, 2 processes", lambda: ceiling(2)),
             ("crmstream, 2 processes", lambda: crm(2)),
-            ("naive baseline", naive),
+            *([] if self.args.no_naive else [("naive baseline", naive)]),
         ):
             self.log(f"  {label} ...")
             runs.append(fn())
@@ -651,9 +651,10 @@ class Harness:
         by = {r.name: r for r in runs}
         out["ratios"] = {
             "crmstream_vs_ceiling": round(crm1.rate / ceiling1.rate, 4),
-            "crmstream_vs_naive": round(crm1.rate / by["naive (1 proc)"].rate, 2),
             "crmstream_2proc_vs_1proc": round(crm2.rate / crm1.rate, 3),
         }
+        if "naive (1 proc)" in by:
+            out["ratios"]["crmstream_vs_naive"] = round(crm1.rate / by["naive (1 proc)"].rate, 2)
         if "Quix Streams (1 proc)" in by:
             out["ratios"]["crmstream_vs_quix"] = round(
                 crm1.rate / by["Quix Streams (1 proc)"].rate, 2
@@ -672,7 +673,8 @@ class Harness:
         rows = []
         for load in self.args.loads:
             rate = crm_max * load
-            contenders = ["floor", "crmstream", "naive"] + (["quix"] if quix is not None else [])
+            contenders = ["floor", "crmstream"] + ([] if self.args.no_naive else ["naive"])
+            contenders += ["quix"] if quix is not None else []
             for name in contenders:
                 row = self._one_latency(endpoints, customers, name, load, rate, quix)
                 self.log(f"  latency {name} at {load:.0%} ({rate:,.0f}/s): {row}")
@@ -1009,6 +1011,9 @@ def main(argv: list[str] | None = None) -> None:
         "--crm-set", action="append", default=[], help="extra crmstream config key=value"
     )
     parser.add_argument("--no-quix", action="store_true")
+    parser.add_argument(
+        "--no-naive", action="store_true", help="leave the naive baseline out (quicker A/B runs)"
+    )
     parser.add_argument("--no-latency", action="store_true")
     parser.add_argument(
         "--smoke", action="store_true", help="tiny sizes: keeps the harness working"

@@ -51,7 +51,13 @@ from crmstream.operators.catalog import (
     expand_wake,
     fold_wake,
 )
-from crmstream.operators.events import EVENT_CODE, EVENT_TYPES, InvalidEvent, ParsedEvent
+from crmstream.operators.events import (
+    EVENT_CODE,
+    EVENT_TYPES,
+    InvalidEvent,
+    ParsedEvent,
+    new_tuple,
+)
 from crmstream.operators.hashing import event_id_digests
 from crmstream.operators.kernels import (
     COL,
@@ -106,6 +112,42 @@ class ShardBatch(NamedTuple):
     positions: dict[Position, int]  # last offset read per input partition in this step
     event_times: dict[Position, int]  # newest valid event time per input partition
     caught_up: frozenset[Position]  # partitions read to their end (after this item's data)
+
+    def __reduce__(self) -> tuple[Callable[..., ShardBatch], tuple[Any, ...]]:
+        """Pickled (by Bytewax, for a shard on another worker process) with its events as
+        plain tuples. Pickle writes a namedtuple as its class and a call per instance:
+        about 4 µs per event to dump and 1.6 to load, against 0.9 and 1.2 for a tuple
+        (bench/RESULTS.md, round 12)."""
+        return _shard_batch, (
+            self.shard,
+            self.step,
+            [tuple(ev) for ev in self.events],
+            [tuple(bad) for bad in self.invalid],
+            self.positions,
+            self.event_times,
+            self.caught_up,
+        )
+
+
+def _shard_batch(
+    shard: int,
+    step: int,
+    events: list[tuple[Any, ...]],
+    invalid: list[tuple[Any, ...]],
+    positions: dict[Position, int],
+    event_times: dict[Position, int],
+    caught_up: frozenset[Position],
+) -> ShardBatch:
+    """A pickled ``ShardBatch`` back (``ShardBatch.__reduce__``)."""
+    return ShardBatch(
+        shard,
+        step,
+        [new_tuple(ParsedEvent, ev) for ev in events],
+        [new_tuple(InvalidEvent, bad) for bad in invalid],
+        positions,
+        event_times,
+        caught_up,
+    )
 
 
 NO_STEP = -1

@@ -33,6 +33,7 @@ from confluent_kafka.admin import AdminClient
 
 from crmstream.flows.routing import parse_part_name, part_name, worker_share
 from crmstream.metrics import get_metrics
+from crmstream.operators.events import new_tuple
 from crmstream.state.store import Position
 from crmstream.topics import TopicError, partitions_of
 
@@ -51,8 +52,6 @@ class RawMessage(NamedTuple):
     timestamp_ms: int
     step: int  # the processing step the message belongs to (see ``_WorkerReader.next_batch``)
 
-
-_new = tuple.__new__
 
 CAUGHT_UP_OFFSET = -1  # a RawMessage with this offset says: the partition is read to its end
 
@@ -169,7 +168,9 @@ class _WorkerReader(StatelessSourcePartition[RawMessage]):
                 step = ts // step_ms
             offset = msg.offset()
             # RawMessage(...) without its Python-level constructor
-            append(_new(RawMessage, (msg.key(), msg.value(), topic, partition, offset, ts, step)))
+            append(
+                new_tuple(RawMessage, (msg.key(), msg.value(), topic, partition, offset, ts, step))
+            )
         if part is not None:
             part.step, part.next_offset = step, offset + 1
         now = time.monotonic()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 from types import SimpleNamespace
 
 import orjson
@@ -11,7 +12,7 @@ from hypothesis import strategies as st
 from crmstream.config import load_config
 from crmstream.flows.shard import NO_STEP, route_batch
 from crmstream.flows.source import CAUGHT_UP_OFFSET, RawMessage
-from crmstream.operators.events import EventValidator, ParsedEvent
+from crmstream.operators.events import EventValidator, InvalidEvent, ParsedEvent
 from crmstream.state.layout import shard_of
 
 CONFIG = load_config(env={}, overrides=["processing.shards=3"])
@@ -106,3 +107,11 @@ def test_each_shard_and_step_gets_what_each_message_adds(runs):
         assert item.positions == step["positions"]
         assert item.event_times == step["times"]
         assert item.caught_up == (caught_up if item.step == max(want) else frozenset())
+        # As Bytewax sends it to a shard on another worker process: the same item, with
+        # typed events, pickled as plain tuples (ShardBatch.__reduce__).
+        sent = pickle.loads(pickle.dumps(item))
+        assert sent == item and type(sent) is type(item)
+        assert all(type(ev) is ParsedEvent for ev in sent.events)
+        assert all(type(bad) is InvalidEvent for bad in sent.invalid)
+        _, args = item.__reduce__()
+        assert all(type(ev) is tuple for ev in args[2] + args[3])
