@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 ARGS   ?=
 
-.PHONY: setup demo test test-default test-fast bench bench-all bench-state bench-timers bench-parse bench-smoke lint clean
+.PHONY: setup demo test test-default test-fast bench bench-all bench-state bench-timers bench-parse bench-exchange bench-smoke lint clean
 
 SYSTEM_STAMP := $(VENV)/.system-stamp
 
@@ -66,6 +66,9 @@ bench-state: setup  ## kernels compiled vs interpreted; Redis bytes per customer
 
 bench-parse: setup  ## validation: compiled fast path vs the checked way, same run
 	$(BIN)/python -m crmstream.bench.parse_bench $(ARGS)
+
+bench-exchange: setup  ## what an item costs to pickle for another worker process, before/after
+	$(BIN)/python -m crmstream.bench.exchange_bench $(ARGS)
 
 bench-all: setup  ## crmstream vs ceiling, naive baseline and Quix Streams; 100k and 1M customers; table + PNG
 	$(BIN)/python -m crmstream.bench.harness $(ARGS)

@@ -119,3 +119,15 @@ def test_parse_bench_checks_both_ways_agree_and_reports_both(tmp_path):
     assert result["events"] == 3000 and result["differing"] == 0
     assert result["clickstream"] > 2000
     assert all(result[f"{k}_all_us"] > 0 for k in ("loads", "parse_checked", "parse"))
+
+
+def test_exchange_bench_round_trips_the_items_both_ways(tmp_path):
+    out = tmp_path / "exchange.json"
+    run = run_bench(
+        "exchange_bench", "--events", "3000", "--customers", "500", "--repeat", "1",
+        "--out", str(out), timeout=300,
+    )  # fmt: skip
+    result = orjson.loads(out.read_bytes())
+    assert 2900 < result["events"] <= 3000 and result["items"] >= 2  # malformed ones are not
+    assert all(v["dump"] > 0 and v["load"] > 0 for v in result["us_per_event"].values())
+    assert "ratio before/after" in run.stdout
