@@ -95,8 +95,25 @@ def _parse_scalar(text: str) -> Any:
         return text
 
 
-def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+# Mappings whose keys are dotted property names (librdkafka's ``linger.ms``): after
+# their path, the rest of a dotted key is one key. Environment variable names cannot
+# hold dots, so there ``_`` stands for ``.`` (librdkafka's names have no ``_``).
+_FLAT_MAPS = (("kafka", "client"),)
+
+
+def _path(dotted: str, from_env: bool = False) -> list[str]:
+    """The keys of a dotted override, ``kafka.client.linger.ms`` as
+    ``["kafka", "client", "linger.ms"]``."""
     parts = dotted.split(".")
+    for prefix in _FLAT_MAPS:
+        n = len(prefix)
+        if tuple(parts[:n]) == prefix and len(parts) > n:
+            rest = ".".join(parts[n:])
+            return [*prefix, rest.replace("_", ".") if from_env else rest]
+    return parts
+
+
+def _set_dotted(tree: dict[str, Any], parts: list[str], value: Any) -> None:
     node = tree
     for part in parts[:-1]:
         child = node.get(part)
@@ -160,14 +177,16 @@ def load_config(
         tree = _merged(load_yaml(default_config_text()), tree)
         source = "embedded default config"
     for dotted, raw in _env_overrides(env).items():
-        _set_dotted(tree, dotted, _parse_scalar(raw))
-        origin[dotted] = f"env {ENV_PREFIX}{dotted.upper().replace('.', '__')}"
+        path = _path(dotted, from_env=True)
+        _set_dotted(tree, path, _parse_scalar(raw))
+        origin[".".join(path)] = f"env {ENV_PREFIX}{dotted.upper().replace('.', '__')}"
     for item in overrides:
         dotted, sep, raw = item.partition("=")
         if not sep or not dotted.strip():
             raise ConfigError(f"--set takes key=value, got {item!r}")
-        _set_dotted(tree, dotted.strip(), _parse_scalar(raw))
-        origin[dotted.strip()] = "--set"
+        path = _path(dotted.strip())
+        _set_dotted(tree, path, _parse_scalar(raw))
+        origin[".".join(path)] = "--set"
 
     tree = _resolve_references(tree, origin, source, env)
     try:
@@ -224,23 +243,54 @@ def _resolve_references(
         ) from None
 
 
+_UNION_TAGS = frozenset({"str", "int", "float", "bool"})
+
+
+def _errors(exc: ValidationError, tree: Mapping[str, Any]) -> list[tuple[list[Any], str, str]]:
+    """(key path, message, error type) per wrong value. A value that no member of a union
+    type took (``kafka.client``'s) is one error, not one per member tried: pydantic ends
+    its path with the member's name (``str``, ``int``, ...), which is not a key."""
+    found: list[tuple[list[Any], str, str]] = []
+    tried: dict[tuple[Any, ...], list[str]] = {}
+    for err in exc.errors():
+        loc = [p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-"))]
+        if (
+            loc
+            and loc[-1] in _UNION_TAGS
+            and _get_dotted(tree, loc) == "<missing>"
+            and _get_dotted(tree, loc[:-1]) != "<missing>"
+        ):
+            kinds = tried.setdefault(tuple(loc[:-1]), [])
+            if not kinds:
+                found.append((loc[:-1], "", "union"))
+            kinds.append(err["msg"].removeprefix("Input should be a valid "))
+            continue
+        found.append((loc, err["msg"].removeprefix("Value error, "), err["type"]))
+
+    def message(loc: list[Any], msg: str, kind: str) -> str:
+        if kind != "union":
+            return msg
+        *others, last = tried[tuple(loc)]
+        return f"Input should be a valid {', '.join(others) + ' or ' if others else ''}{last}"
+
+    return [(loc, message(loc, msg, kind), kind) for loc, msg, kind in found]
+
+
 def _describe(
     exc: ValidationError, tree: Mapping[str, Any], source: str, origin: Mapping[str, str]
 ) -> str:
     lines = []
-    for err in exc.errors():
-        loc = [p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-"))]
-        dotted = ".".join(str(p) for p in loc) or "<root>"
-        value = "***" if _SECRET_KEY.search(dotted) else _get_dotted(tree, loc)
+    for loc, msg, kind in _errors(exc, tree):
         if not loc:  # a check across sections: the message names what is wrong
-            lines.append(f"  {err['msg'].removeprefix('Value error, ')} (from {source})")
+            lines.append(f"  {msg} (from {source})")
             continue
+        dotted = ".".join(str(p) for p in loc)
+        value = "***" if _SECRET_KEY.search(dotted) else _get_dotted(tree, loc)
         where = next(
             (origin[k] for k in sorted(origin, key=len, reverse=True) if dotted.startswith(k)),
             source,
         )
-        msg = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
+        if kind == "extra_forbidden":
             msg = "unknown key (check the spelling against config/default.yaml)"
         lines.append(f"  {dotted} = {value!r} (from {where}): {msg}")
     return "invalid configuration:\n" + "\n".join(lines)

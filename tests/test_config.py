@@ -178,3 +178,27 @@ def test_the_gc_policy_follows_processing_gc_young_threshold(threshold, expected
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == expected
+
+
+def test_librdkafka_properties_keep_their_dots_from_flags_and_env():
+    config = load_config(
+        overrides=["kafka.client.linger.ms=5", "kafka.client.enable.idempotence=true"],
+        env={
+            "CRMSTREAM__KAFKA__CLIENT__SECURITY_PROTOCOL": "SASL_SSL",
+            "CRMSTREAM__KAFKA__CLIENT__SASL_PASSWORD": "s3cret",
+        },
+    )
+    assert config.kafka.client == {
+        "linger.ms": 5,
+        "enable.idempotence": True,
+        "security.protocol": "SASL_SSL",
+        "sasl.password": "s3cret",
+    }
+    with pytest.raises(ConfigError) as bad:
+        load_config(overrides=["kafka.client.linger.ms=[1, 2]"], env={})
+    assert str(bad.value).splitlines()[1:] == [
+        "  kafka.client.linger.ms = [1, 2] (from --set): "
+        "Input should be a valid string, integer, number or boolean"
+    ]
+    with pytest.raises(ConfigError, match=r"sasl\.password = '\*\*\*' \(from env CRMSTREAM__"):
+        load_config(env={"CRMSTREAM__KAFKA__CLIENT__SASL_PASSWORD": "[x]"})
