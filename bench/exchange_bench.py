@@ -19,7 +19,6 @@ bench/RESULTS.md, round 12.
 from __future__ import annotations
 
 import argparse
-import itertools
 import pickle
 import timeit
 from pathlib import Path
@@ -29,7 +28,7 @@ import orjson
 from rich.console import Console
 from rich.table import Table
 
-from crmstream.bench.workload import Workload, WorkloadSpec
+from crmstream.bench.workload import recorded_messages
 from crmstream.config import load_config
 from crmstream.flows.routing import shard_keys
 from crmstream.flows.shard import ShardBatch, route_batch
@@ -54,12 +53,10 @@ def main() -> None:
     args = parser.parse_args()
     console = Console()
     config = load_config(None, [], env={})
-    topic_of = {role: topic for topic, role in config.kafka.topics.inputs.items()}
-    workload = Workload(config, WorkloadSpec(customers=args.customers))
     console.print(f"building {args.events:,} events for {args.customers:,} customers ...")
     messages = [
-        RawMessage(e.key, e.value, topic_of[e.role], 0, offset, NOW_MS, 0)
-        for offset, e in enumerate(itertools.islice(workload.events(), args.events))
+        RawMessage(m.key, m.value, m.topic, 0, m.offset, NOW_MS, 0)
+        for m in recorded_messages(config, args.customers, args.events)
     ]
     runtime = SimpleNamespace(
         config=config, validator=EventValidator(config), clock_ms=lambda: NOW_MS

@@ -415,7 +415,7 @@ class Result:
     seconds: float
     peak_rss_mb: list[float]
     state_bytes_per_customer: float | None = None
-    cpu_pct: dict[str, Any] | None = None  # % of one core: "processes" (list), broker, redis
+    cpu_pct: dict[str, Any] | None = None  # % of a core: "processes" (list), broker, redis, idle
 
     @property
     def rate(self) -> float:

@@ -18,7 +18,6 @@ the machine is shared and noisy.
 from __future__ import annotations
 
 import argparse
-import itertools
 import timeit
 from collections.abc import Callable
 from pathlib import Path
@@ -27,7 +26,7 @@ import orjson
 from rich.console import Console
 from rich.table import Table
 
-from crmstream.bench.workload import Workload, WorkloadSpec
+from crmstream.bench.workload import recorded_messages
 from crmstream.config import load_config
 from crmstream.operators.events import EventValidator
 
@@ -43,12 +42,10 @@ def main() -> None:
     args = parser.parse_args()
     console = Console()
     config = load_config(None, [], env={})
-    topic_of = {role: topic for topic, role in config.kafka.topics.inputs.items()}
-    workload = Workload(config, WorkloadSpec(customers=args.customers))
     console.print(f"building {args.events:,} events for {args.customers:,} customers ...")
     messages = [
-        (e.key, e.value, topic_of[e.role], 0, offset, 0, NOW_MS)
-        for offset, e in enumerate(itertools.islice(workload.events(), args.events))
+        (m.key, m.value, m.topic, 0, m.offset, 0, NOW_MS)
+        for m in recorded_messages(config, args.customers, args.events)
     ]
     click = [m for m in messages if m[2] == config.kafka.topics.clickstream]
     validator = EventValidator(config)

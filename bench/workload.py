@@ -353,6 +353,26 @@ class Workload:
         return GeneratedEvent(event.role, event.key, value, False)
 
 
+class RecordedMessage(NamedTuple):
+    """A workload event as the in-process benchmarks read it: one partition, in order."""
+
+    key: bytes | None
+    value: bytes
+    topic: str
+    offset: int
+
+
+def recorded_messages(config: CrmConfig, customers: int, events: int) -> list[RecordedMessage]:
+    """The first ``events`` events of the recorded workload for ``customers``, each with the
+    input topic of its role and its offset in one partition."""
+    topic_of = {role: topic for topic, role in config.kafka.topics.inputs.items()}
+    workload = Workload(config, WorkloadSpec(customers=customers))
+    return [
+        RecordedMessage(e.key, e.value, topic_of[e.role], offset)
+        for offset, e in enumerate(itertools.islice(workload.events(), events))
+    ]
+
+
 class PublishStats(NamedTuple):
     events: int
     malformed: int

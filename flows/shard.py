@@ -116,8 +116,8 @@ class ShardBatch(NamedTuple):
     def __reduce__(self) -> tuple[Callable[..., ShardBatch], tuple[Any, ...]]:
         """Pickled (by Bytewax, for a shard on another worker process) with its events as
         plain tuples. Pickle writes a namedtuple as its class and a call per instance:
-        about 4 µs per event to dump and 1.6 to load, against 0.9 and 1.2 for a tuple
-        (bench/RESULTS.md, round 12)."""
+        2.9 µs per event to dump and 1.2 to load, against 1.0 and 1.1 as tuples
+        (``make bench-exchange``; bench/RESULTS.md, round 12)."""
         return _shard_batch, (
             self.shard,
             self.step,
