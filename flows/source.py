@@ -176,7 +176,7 @@ class _WorkerReader(StatelessSourcePartition[RawMessage]):
         now = time.monotonic()
         short = len(batch) < self._batch_size
         for part in parts.values():
-            self._watch_stall(part, part in got, now)
+            self._watch_stall(part, part in got, now, bool(got))
             if self._tail and short and not part.at_end:
                 # Live input: a busy partition may never see an end-of-partition event
                 # (each fetch brings more); the high watermark of the last fetch
@@ -223,8 +223,13 @@ class _WorkerReader(StatelessSourcePartition[RawMessage]):
                 part.lag.set(max(0, high - part.next_offset))
 
     @staticmethod
-    def _watch_stall(part: _Partition, got_data: bool, now: float) -> None:
-        """Say so when a partition not yet read to its end delivers nothing for a while."""
+    def _watch_stall(part: _Partition, got_data: bool, now: float, others_got_data: bool) -> None:
+        """Say so when a partition not yet read to its end delivers nothing for a while.
+
+        While other partitions of the same reader deliver, the broker is reachable:
+        the partition may wait behind them (catching up, librdkafka's fetch queue is
+        shared), or its own leader may be down; the warning says both.
+        """
         if got_data or part.at_end:
             if part.stalled:
                 log.warning(
@@ -239,12 +244,15 @@ class _WorkerReader(StatelessSourcePartition[RawMessage]):
             part.stalled = True
             get_metrics().source_stalls.labels(part.topic).inc()
             log.warning(
-                "%s[%d]: no data for %.0f s although not read to its end at offset %d: "
-                "is the broker reachable?",
+                "%s[%d]: no data for %.0f s although not read to its end at offset %d: %s",
                 part.topic,
                 part.partition,
                 now - part.last_data,
                 part.next_offset,
+                "other partitions are delivering, so it waits behind them (catching up) "
+                "or its leader broker is unreachable"
+                if others_got_data
+                else "is the broker reachable?",
             )
 
     def next_awake(self) -> datetime | None:
