@@ -51,6 +51,31 @@ QUIX_VERSION = "3.28.1"
 # ---------------------------------------------------------------- child roles
 
 
+class Stopwatch:
+    """Wall time and CPU time (all threads) of a block, and the wall-clock time it began:
+    a child's report (``together`` lines processes up by ``started_at``)."""
+
+    def __enter__(self) -> Stopwatch:
+        self.started_at = time.time()
+        self._wall, self._cpu = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.seconds = time.perf_counter() - self._wall
+        self.cpu_seconds = time.process_time() - self._cpu
+
+    def report(self) -> dict[str, float]:
+        return {
+            "seconds": self.seconds,
+            "cpu_seconds": self.cpu_seconds,
+            "started_at": self.started_at,
+        }
+
+
+def _ended_at(report: dict[str, Any]) -> float:
+    return report["started_at"] + report["seconds"]
+
+
 def consume_and_parse(brokers: str, topics: list[str], part: int = 0, of: int = 1) -> dict:
     """The ceiling: consume + parse every input partition with index % of == part, to its
     end, nothing else; {"events": n, "seconds": s, "cpu_seconds": CPU time of the process,
@@ -59,28 +84,21 @@ def consume_and_parse(brokers: str, topics: list[str], part: int = 0, of: int = 
 
     consumer, remaining = _raw_consumer(brokers, topics, "bench-ceiling", part, of)
     count = 0
-    started, cpu_started, started_at = time.perf_counter(), time.process_time(), time.time()
-    while remaining:
-        for msg in consumer.consume(2000, 0.5):
-            err = msg.error()
-            if err is not None:
-                if err.code() == KafkaError._PARTITION_EOF:
-                    remaining -= 1
-                continue
-            try:  # noqa: SIM105 - a context manager per message would slow the ceiling
-                orjson.loads(msg.value())
-            except orjson.JSONDecodeError:
-                pass
-            count += 1
-    seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
+    with Stopwatch() as watch:
+        while remaining:
+            for msg in consumer.consume(2000, 0.5):
+                err = msg.error()
+                if err is not None:
+                    if err.code() == KafkaError._PARTITION_EOF:
+                        remaining -= 1
+                    continue
+                try:  # noqa: SIM105 - a context manager per message would slow the ceiling
+                    orjson.loads(msg.value())
+                except orjson.JSONDecodeError:
+                    pass
+                count += 1
     consumer.close()
-    return {
-        "events": count,
-        "seconds": seconds,
-        "cpu_seconds": cpu_seconds,
-        "started_at": started_at,
-        "ended_at": started_at + seconds,
-    }
+    return {"events": count, **watch.report()}
 
 
 def _raw_consumer(
@@ -152,18 +170,12 @@ def role_crmstream(args: argparse.Namespace) -> dict[str, Any]:
     runtime = Runtime(config, Endpoints(args.brokers.split(","), args.redis_url))
     addresses = args.addresses.split(",") if args.of > 1 else None
     metrics = get_metrics()
-    started, cpu_started, started_at = time.perf_counter(), time.process_time(), time.time()
-    run_cluster_process(runtime, 1, args.part if args.of > 1 else None, addresses, tail=args.tail)
-    seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
+    part = args.part if args.of > 1 else None
+    with Stopwatch() as watch:
+        run_cluster_process(runtime, 1, part, addresses, tail=args.tail)
     runtime.close()
     handled = counter_total(metrics.events_in, metrics.invalid_events, metrics.skipped_events)
-    return {
-        "events": int(handled),
-        "seconds": seconds,
-        "cpu_seconds": cpu_seconds,
-        "started_at": started_at,
-        "ended_at": started_at + seconds,
-    }
+    return {"events": int(handled), **watch.report()}
 
 
 def together(reports: list[dict[str, Any]]) -> float:
@@ -171,7 +183,7 @@ def together(reports: list[dict[str, Any]]) -> float:
     crmstream) until the last one finished. Processes of a Bytewax cluster wait for each
     other before the dataflow starts, so an earlier-ready process's wait for a slower
     start-up is not work; the slowest process's own time would count it."""
-    return max(r["ended_at"] for r in reports) - max(r["started_at"] for r in reports)
+    return max(map(_ended_at, reports)) - max(r["started_at"] for r in reports)
 
 
 def _child_main(argv: list[str]) -> None:
@@ -392,7 +404,7 @@ def cpu_of(reports: list[dict[str, Any]], watch: CpuWatch) -> dict[str, Any]:
     """Each process's CPU over its own timed window and the broker's and Redis's over the
     window ``together`` times, all in % of one core."""
     start = max(r["started_at"] for r in reports)
-    end = max(r["ended_at"] for r in reports)
+    end = max(map(_ended_at, reports))
     return {
         "processes": [round(100 * r["cpu_seconds"] / r["seconds"]) for r in reports],
         **watch.pct(start, end),
