@@ -156,8 +156,42 @@ def role_ceiling(args: argparse.Namespace) -> dict[str, Any]:
     return consume_and_parse(args.brokers, args.topics.split(","), args.part, args.of)
 
 
+def _listening(port: int) -> bool:
+    """Whether a socket on this machine listens on TCP ``port`` (Linux: /proc/net/tcp*)."""
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            local, state = row.split()[1:4:2]
+            if state == "0A" and int(local.rsplit(":", 1)[1], 16) == port:  # 0A: LISTEN
+                return True
+    return False
+
+
+def await_peers(addresses: list[str], part: int, timeout_s: float = 60.0) -> float:
+    """Wait until the cluster's processes before ``part`` listen; the seconds waited.
+
+    Under Bytewax, timely has process i connect to processes 0 .. i-1, and when a
+    connect is refused it sleeps a whole second before trying again. Started
+    together, process 1 often tried before process 0 listened: a 2-process run
+    then began with a 1 s pause, a third of a 3 s run at 100k customers
+    (bench/RESULTS.md, round 13). A deployment pays that once per start; the
+    harness, which times the run, waits for the listener instead. After
+    ``timeout_s`` it goes on, and timely's own retries take over."""
+    started = time.perf_counter()
+    deadline = time.monotonic() + timeout_s
+    for address in addresses[:part]:
+        port = int(address.rsplit(":", 1)[1])
+        while not _listening(port) and time.monotonic() < deadline:
+            time.sleep(0.005)
+    return time.perf_counter() - started
+
+
 def role_crmstream(args: argparse.Namespace) -> dict[str, Any]:
-    """One crmstream process of ``args.of``, timed from after the kernels are loaded."""
+    """One crmstream process of ``args.of``, timed from after the kernels are loaded and
+    the processes it connects to listen."""
     from crmstream.config import load_config
     from crmstream.flows.crm import run_cluster_process
     from crmstream.flows.runtime import Endpoints, Runtime
@@ -171,11 +205,12 @@ def role_crmstream(args: argparse.Namespace) -> dict[str, Any]:
     addresses = args.addresses.split(",") if args.of > 1 else None
     metrics = get_metrics()
     part = args.part if args.of > 1 else None
+    waited = await_peers(addresses, args.part) if addresses else 0.0
     with Stopwatch() as watch:
         run_cluster_process(runtime, 1, part, addresses, tail=args.tail)
     runtime.close()
     handled = counter_total(metrics.events_in, metrics.invalid_events, metrics.skipped_events)
-    return {"events": int(handled), **watch.report()}
+    return {"events": int(handled), "peer_wait_seconds": waited, **watch.report()}
 
 
 def together(reports: list[dict[str, Any]]) -> float:
@@ -565,10 +600,13 @@ class Harness:
             states = sum(int(v) for v in client.hgetall(f"{tag}{name}:customers").values())
             ready = [r["started_at"] for r in reports]
             cpu = cpu_of(reports, watch)
+            waits = [round(r["peer_wait_seconds"], 2) for r in reports]
+            waited = f", waited {waits} s for the processes before each to listen" if n > 1 else ""
             self.log(
                 f"    own times {[round(r['seconds'], 2) for r in reports]} s, ready "
-                f"{max(ready) - min(ready):.2f} s apart, {together(reports):.2f} s together; "
-                f"CPU % of a core, processes / broker / redis / machine idle: {_cpu_cell(cpu)}"
+                f"{max(ready) - min(ready):.2f} s apart, {together(reports):.2f} s together"
+                f"{waited}; CPU % of a core, processes / broker / redis / machine idle: "
+                f"{_cpu_cell(cpu)}"
             )
             return Result(
                 f"crmstream ({n} proc)",
