@@ -20,7 +20,7 @@ from typing import NamedTuple
 import orjson
 
 from crmstream.config import CrmConfig
-from crmstream.flows.crm import run_in_process
+from crmstream.flows.crm import check_state_layout, run_in_process
 from crmstream.flows.runtime import Endpoints, Runtime
 from crmstream.flows.sink import DeliveryCheckedProducer
 from crmstream.metrics import counter_total, get_metrics
@@ -124,8 +124,28 @@ def replay(
     events: list[tuple[str, bytes | None, bytes]],
     on_progress: Callable[[str, int, int], None] | None = None,
 ) -> float:
-    """Produce (topic, key, value) events and run the flow until it has read them; seconds."""
+    """Produce (topic, key, value) events and run the flow until it has read them; seconds.
+
+    :raises LayoutError: before producing anything, when Redis holds state cut by other
+        shard settings (the flow would refuse to read what was produced).
+    """
     started = time.monotonic()
+    runtime = Runtime(config, endpoints)
+    try:
+        check_state_layout(runtime)
+        _produce(endpoints, config, events, on_progress)
+        _run(runtime, len(events), on_progress)
+    finally:
+        runtime.close()
+    return time.monotonic() - started
+
+
+def _produce(
+    endpoints: Endpoints,
+    config: CrmConfig,
+    events: list[tuple[str, bytes | None, bytes]],
+    on_progress: Callable[[str, int, int], None] | None,
+) -> None:
     producer = DeliveryCheckedProducer(list(endpoints.brokers), dict(config.kafka.client), 60.0)
     for i, (topic, key, value) in enumerate(events, start=1):
         producer.produce(topic, key, value)
@@ -137,6 +157,9 @@ def replay(
     if on_progress:
         on_progress("producing", len(events), len(events))
 
+
+def _run(runtime: Runtime, total: int, on_progress: Callable[[str, int, int], None] | None) -> None:
+    """Run the flow to the end of its input, reporting how many events it handled."""
     metrics = get_metrics()
 
     def handled() -> float:
@@ -148,17 +171,14 @@ def replay(
     def report() -> None:
         while not done.wait(0.5):
             if on_progress:
-                on_progress("processing", min(int(handled() - before), len(events)), len(events))
+                on_progress("processing", min(int(handled() - before), total), total)
 
     reporter = threading.Thread(target=report, daemon=True)
     reporter.start()
-    runtime = Runtime(config, endpoints)
     try:
         run_in_process(runtime, tail=False)
     finally:
         done.set()
         reporter.join()
-        runtime.close()
     if on_progress:
-        on_progress("processing", len(events), len(events))
-    return time.monotonic() - started
+        on_progress("processing", total, total)

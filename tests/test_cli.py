@@ -12,6 +12,7 @@ import time
 
 import orjson
 import pytest
+from kafka import KafkaConsumer, TopicPartition
 
 from crmstream.config.schema import TopicsConfig
 from tests.conftest import read_topic, run_flow
@@ -45,6 +46,26 @@ def _port_open(port: int) -> bool:
         return True
     except OSError:
         return False
+
+
+def _records_on(stack, topics: list[str], at_least: int, idle_s: float = 3.0) -> int:
+    """How many records the topics hold: read until ``at_least`` came, then until nothing
+    more comes for ``idle_s`` (Tansu's ListOffsets high watermark is wrong:
+    docs/architecture.md)."""
+    consumer = KafkaConsumer(bootstrap_servers=list(stack.brokers))
+    try:
+        parts = [TopicPartition(t, p) for t in topics for p in consumer.partitions_for_topic(t)]
+        consumer.assign(parts)
+        consumer.seek_to_beginning()
+        count, deadline, idle_since = 0, time.monotonic() + 120, time.monotonic()
+        while count < at_least or time.monotonic() - idle_since < idle_s:
+            assert time.monotonic() < deadline, f"read {count} of at least {at_least} records"
+            got = sum(len(m) for m in consumer.poll(timeout_ms=200).values())
+            if got:
+                count, idle_since = count + got, time.monotonic()
+        return count
+    finally:
+        consumer.close()
 
 
 def _stack_ports(output: str) -> list[int]:
@@ -259,7 +280,20 @@ def test_generate_to_a_file_and_replay_it_with_progress(isolated_config, stack, 
     assert "processing" in replayed.stderr  # the progress bar
     dead = read_topic(stack, config.kafka.topics.dead_letter)
     assert dead and all(d["source"]["topic"] for d in dead)
-    assert read_topic(stack, config.kafka.topics.triggers)
+    before = read_topic(stack, config.kafka.topics.triggers)
+    assert before
+    inputs = list(config.kafka.topics.inputs)
+    # The same state read with another shard count: a clear error, no traceback, and
+    # nothing written: not the input (which that flow would refuse to read), no triggers.
+    other = crm("replay", str(recorded), "--brokers", ",".join(stack.brokers),
+                "--redis-url", stack.redis_url, "--show", "0", *sets,
+                "--set", "processing.shards=4")  # fmt: skip
+    assert other.returncode == 2, other.stdout[-2000:] + other.stderr[-2000:]
+    said = " ".join(other.stderr.split())  # the message may be wrapped
+    assert "processing.shards=4" in said and "written with shards=2" in said, said
+    assert "Traceback" not in other.stderr
+    assert _records_on(stack, inputs, at_least=4000) == 4000
+    assert read_topic(stack, config.kafka.topics.triggers) == before
     missing = crm("replay", str(tmp_path / "nope.jsonl"))
     assert missing.returncode == 2 and "no such replay file" in missing.stderr
 
