@@ -601,7 +601,12 @@ class Harness:
             ready = [r["started_at"] for r in reports]
             cpu = cpu_of(reports, watch)
             waits = [round(r["peer_wait_seconds"], 2) for r in reports]
-            waited = f", waited {waits} s for the processes before each to listen" if n > 1 else ""
+            split = [f"{r['events']:,}" for r in reports]  # the skew: a customer has one shard
+            waited = (
+                f", waited {waits} s for the processes before each to listen, events {split}"
+                if n > 1
+                else ""
+            )
             self.log(
                 f"    own times {[round(r['seconds'], 2) for r in reports]} s, ready "
                 f"{max(ready) - min(ready):.2f} s apart, {together(reports):.2f} s together"
