@@ -105,8 +105,10 @@ def _raw_consumer(
     brokers: str, topics: list[str], group: str, part: int = 0, of: int = 1
 ) -> tuple[Any, int]:
     """A consumer assigned every input partition with index % of == part, from offset 0
-    (the flow's own fetch wait); and how many partitions that is."""
+    (with the flow's own fetch settings); and how many partitions that is."""
     from confluent_kafka import Consumer, TopicPartition
+
+    from crmstream.flows.source import FETCH_DEFAULTS
 
     consumer = Consumer(
         {
@@ -114,7 +116,7 @@ def _raw_consumer(
             "group.id": group,
             "enable.auto.commit": False,
             "enable.partition.eof": True,
-            "fetch.wait.max.ms": 50,
+            **FETCH_DEFAULTS,
         }
     )
     parts = []

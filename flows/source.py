@@ -41,6 +41,14 @@ log = logging.getLogger(__name__)
 
 _IDLE_BACKOFF = timedelta(milliseconds=20)
 STALL_SECONDS = 5.0
+# The source consumer's fetching (``kafka.client`` overrides either):
+# - fetch.wait.max.ms: how long the broker may hold a fetch for new data (latency).
+# - fetch.queue.backoff.ms: once librdkafka's local queue is over its limits
+#   (queued.max.messages.kbytes, 64 MB, is passed within a second while catching
+#   up), it fetches that partition again only after this long. librdkafka's 1000 ms
+#   default let the flow drain the queue and then wait, for up to 0.7 s of a 6 s
+#   catch-up run (bench/RESULTS.md, round 13).
+FETCH_DEFAULTS = {"fetch.wait.max.ms": 50, "fetch.queue.backoff.ms": 20}
 
 
 class RawMessage(NamedTuple):
@@ -317,15 +325,25 @@ class CrmKafkaSource(DynamicSource[RawMessage]):
         starts = self._resume_offsets(mine) if mine else {}
         for (topic, partition), (offset, _step) in starts.items():
             log.info("reading %s[%d] from offset %d", topic, partition, offset)
-        config = {
-            **self._base_config(),
+        return _WorkerReader(
+            self.consumer_config(),
+            starts,
+            self._step_ms,
+            self._batch_size,
+            self._tail,
+            self._signals,
+        )
+
+    def consumer_config(self) -> dict[str, Any]:
+        """A worker's consumer: ``kafka.client`` over the fetch defaults; it never joins a
+        group (partitions are assigned) and reports each partition's end."""
+        return {
+            "bootstrap.servers": ",".join(self._brokers),
+            **FETCH_DEFAULTS,
+            **self._client_config,
             "group.id": "crmstream-source",  # required by librdkafka; assign() never joins
             "enable.auto.commit": False,
             "enable.partition.eof": True,
             "auto.offset.reset": "earliest",
-            "fetch.wait.max.ms": 50,
             "logger": logging.getLogger("librdkafka"),
         }
-        return _WorkerReader(
-            config, starts, self._step_ms, self._batch_size, self._tail, self._signals
-        )
