@@ -44,10 +44,10 @@ STALL_SECONDS = 5.0
 # The source consumer's fetching (``kafka.client`` overrides either):
 # - fetch.wait.max.ms: how long the broker may hold a fetch for new data (latency).
 # - fetch.queue.backoff.ms: once librdkafka's local queue is over its limits
-#   (queued.max.messages.kbytes, 64 MB, is passed within a second while catching
-#   up), it fetches that partition again only after this long. librdkafka's 1000 ms
-#   default let the flow drain the queue and then wait, for up to 0.7 s of a 6 s
-#   catch-up run (bench/RESULTS.md, round 13).
+#   (queued.min.messages, queued.max.messages.kbytes: 64 MB, which a backlog
+#   passes), it fetches that partition again only after this long. With
+#   librdkafka's 1000 ms the flow emptied the queue and then waited, up to 0.7 s
+#   of a 6 s catch-up run (bench/RESULTS.md, round 13).
 FETCH_DEFAULTS = {"fetch.wait.max.ms": 50, "fetch.queue.backoff.ms": 20}
 
 
