@@ -21,7 +21,9 @@ def test_await_peers_waits_until_the_earlier_process_listens():
         waited = await_peers([f"127.0.0.1:{port}", "127.0.0.1:1"], part=1, timeout_s=120)
         opens.join()
         assert _listening(port)
-        assert 0.3 <= waited < 120  # returned because it listened, not at the deadline
+        # It waited for the listener (the timer ran from just before the call), and
+        # returned because of it, not at the deadline.
+        assert 0.2 <= waited < 120
     assert not _listening(port)
 
 
