@@ -183,8 +183,9 @@ class _WorkerReader(StatelessSourcePartition[RawMessage]):
             part.step, part.next_offset = step, offset + 1
         now = time.monotonic()
         short = len(batch) < self._batch_size
+        delivered = bool(got)
         for part in parts.values():
-            self._watch_stall(part, part in got, now, bool(got))
+            self._watch_stall(part, part in got, now, delivered)
             if self._tail and short and not part.at_end:
                 # Live input: a busy partition may never see an end-of-partition event
                 # (each fetch brings more); the high watermark of the last fetch
@@ -338,9 +339,8 @@ class CrmKafkaSource(DynamicSource[RawMessage]):
         """A worker's consumer: ``kafka.client`` over the fetch defaults; it never joins a
         group (partitions are assigned) and reports each partition's end."""
         return {
-            "bootstrap.servers": ",".join(self._brokers),
             **FETCH_DEFAULTS,
-            **self._client_config,
+            **self._base_config(),  # brokers and kafka.client, which may set either default
             "group.id": "crmstream-source",  # required by librdkafka; assign() never joins
             "enable.auto.commit": False,
             "enable.partition.eof": True,
