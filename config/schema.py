@@ -151,10 +151,11 @@ class ProcessingConfig(_Frozen):
     max_event_bytes: Annotated[int, Field(ge=256)] = 65536
     max_future_skew_seconds: Annotated[int, Field(ge=0)] = 86400
     min_event_time: datetime = datetime.fromisoformat("2000-01-01T00:00:00+00:00")
-    # Python's cyclic garbage collector: allocations between young-generation
-    # collections (Python's default is 700), and start-up objects frozen out of
-    # its scans (``flows.runtime.tune_gc``). 0 keeps Python's own settings.
-    gc_young_threshold: Annotated[int, Field(ge=0)] = 50_000
+    # Python's cyclic garbage collector: tracked objects allocated, net of those
+    # freed, between young-generation collections (Python's default is 700), and
+    # start-up objects frozen out of its scans (``flows.runtime.tune_gc``).
+    # 0 keeps Python's own settings.
+    gc_young_threshold: Annotated[int, Field(ge=0)] = 500_000
 
     @field_validator("min_event_time")
     @classmethod

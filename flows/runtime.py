@@ -27,9 +27,10 @@ def tune_gc(young_threshold: int) -> None:
     The flow's per-event objects (messages, parsed events, their dicts) hold no
     reference cycles, so the collector finds nothing in them, but with Python's
     defaults it scans them thousands of times a second, and a step of a
-    backfill holds hundreds of thousands of them. Collect young objects every
-    ``young_threshold`` allocations instead of 700, and freeze what start-up
-    built (modules, Numba's compiled kernels, the configuration) so that no
+    backfill holds hundreds of thousands of them. Collect young objects once
+    ``young_threshold`` tracked objects were allocated, net of those freed,
+    since the last collection (700 by default), and freeze what start-up built
+    (modules, Numba's compiled kernels, the configuration) so that no
     collection scans it again. 0 leaves Python's settings alone.
     """
     if young_threshold <= 0:

@@ -164,7 +164,7 @@ def test_the_profile_hash_is_rewritten_only_when_a_configured_field_can_change()
 
 @pytest.mark.parametrize(
     ("threshold", "expected"),
-    [(50_000, "50000 True"), (0, "700 False")],
+    [(500_000, "500000 True"), (0, "700 False")],
 )
 def test_the_gc_policy_follows_processing_gc_young_threshold(threshold, expected):
     """In a fresh interpreter: tune_gc freezes start-up objects and sets the young
