@@ -455,6 +455,11 @@ def _cpu_cell(cpu: dict[str, Any] | None) -> str:
     return f"{procs} / {rest}"
 
 
+def median_run(runs: list[Result]) -> Result:
+    """The run with the median rate (of an even number, the lower of the middle two)."""
+    return sorted(runs, key=lambda r: r.rate)[(len(runs) - 1) // 2]
+
+
 @dataclass
 class Result:
     name: str
@@ -571,8 +576,8 @@ class Harness:
                 cpu_pct=cpu_of(reports, watch),
             )
 
-        def crm(n: int) -> Result:
-            name = f"crm{n}"
+        def crm(n: int, repeat: int) -> Result:
+            name = f"crm{n}" + (f"r{repeat}" if repeat else "")
             sets = sets_for(name)
             create_topics(endpoints.brokers, load_config(None, sets, env={}))
             before = int(client.info("memory")["used_memory"])
@@ -614,6 +619,9 @@ class Harness:
                 f"{waited}; CPU % of a core, processes / broker / redis / machine idle: "
                 f"{_cpu_cell(cpu)}"
             )
+            # Every repeat starts from an empty Redis, as the first did (the others'
+            # keys would change its memory and hash-table growth).
+            client.flushdb()
             return Result(
                 f"crmstream ({n} proc)",
                 n,
@@ -671,20 +679,31 @@ class Harness:
                 size / customers,
             )
 
-        runs: list[Result] = []
-        for label, fn in (
-            ("ceiling, 1 process", lambda: ceiling(1)),
-            ("crmstream, 1 process", lambda: crm(1)),
-            ("ceiling, 2 processes", lambda: ceiling(2)),
-            ("crmstream, 2 processes", lambda: crm(2)),
-            *([] if self.args.no_naive else [("naive baseline", naive)]),
-        ):
-            self.log(f"  {label} ...")
-            runs.append(fn())
+        # The four quick contenders run ``--repeats`` times, in turn, and each is
+        # reported by its median run: one run's rate moved by a third between
+        # harness runs on this shared machine (bench/RESULTS.md, round 13).
+        repeats = self.args.repeats
+        rounds: list[list[Result]] = []
+        for repeat in range(repeats):
+            rounds.append([])
+            of = f" (run {repeat + 1} of {repeats})" if repeats > 1 else ""
+            for label, fn in (
+                ("ceiling, 1 process", lambda: ceiling(1)),
+                ("crmstream, 1 process", lambda r=repeat: crm(1, r)),
+                ("ceiling, 2 processes", lambda: ceiling(2)),
+                ("crmstream, 2 processes", lambda r=repeat: crm(2, r)),
+            ):
+                self.log(f"  {label}{of} ...")
+                rounds[-1].append(fn())
+        runs = [median_run([each[i] for each in rounds]) for i in range(4)]
+        if not self.args.no_naive:
+            self.log("  naive baseline ...")
+            runs.append(naive())
         if quix is not None:
             self.log("  Quix Streams ...")
             runs.append(quix_run(quix))
         ceiling1, crm1, ceiling2, crm2 = runs[:4]
+        every = {r.name: [round(each[i].rate) for each in rounds] for i, r in enumerate(runs[:4])}
         for r in runs:
             ref = ceiling2 if r.processes == 2 else ceiling1
             out["contenders"].append(
@@ -702,6 +721,7 @@ class Harness:
                         else None
                     ),
                     "cpu_pct": r.cpu_pct,
+                    "runs_events_per_s": every.get(r.name, [round(r.rate)]),
                 }
             )
         by = {r.name: r for r in runs}
@@ -850,6 +870,7 @@ class Harness:
             for col in (
                 "contender",
                 "events/s",
+                RUNS_COLUMN,
                 "ratio to ceiling",
                 "peak RSS MiB/proc",
                 "state B/customer",
@@ -860,6 +881,7 @@ class Harness:
                 table.add_row(
                     c["name"],
                     f"{c['events_per_s']:,}",
+                    _runs_cell(c),
                     f"{c['ratio_to_ceiling']:.3f}",
                     ",".join(map(str, c["peak_rss_mb"])),
                     str(c["state_bytes_per_customer"] or "-"),
@@ -883,6 +905,13 @@ class Harness:
 
 
 RESULTS_START, RESULTS_END = "<!-- harness:start -->", "<!-- harness:end -->"
+RUNS_COLUMN = "events/s of each run"
+RUNS_NOTE = (
+    "The ceiling and crmstream rows are each contender's median run of those listed "
+    "(taken in turn: ceiling, crmstream, ceiling with 2 processes, crmstream with 2, "
+    "then again); the ratios are those of the median runs. The naive baseline and Quix "
+    "Streams run once."
+)
 CPU_COLUMN = "CPU % processes / broker / redis / idle"
 CPU_NOTE = (
     "CPU is in % of one core: each process's own over its timed window (`+` between "
@@ -905,6 +934,12 @@ LATENCY_NOTE = (
     "processing. CPU is in % of one core over the sending window (the machine has "
     f"{os.cpu_count()} cores)."
 )
+
+
+def _runs_cell(contender: dict[str, Any]) -> str:
+    """The rates of a contender's runs, when it ran more than once."""
+    rates = contender.get("runs_events_per_s", [])
+    return ", ".join(f"{r:,}" for r in rates) if len(rates) > 1 else "-"
 
 
 def _latency_cells(r: dict[str, Any]) -> list[str]:
@@ -933,17 +968,21 @@ def _write_results_md(results: dict[str, Any], path: Path) -> None:
     for run in results["runs"]:
         lines += ["", f"{run['customers']:,} customers, {run['events']:,} events:", ""]
         lines += [
-            "| contender | events/s | ratio to ceiling | peak RSS MiB/proc | state B/customer "
-            f"| {CPU_COLUMN} |",
-            "|---|---:|---:|---:|---:|---:|",
+            f"| contender | events/s | {RUNS_COLUMN} | ratio to ceiling | peak RSS MiB/proc "
+            f"| state B/customer | {CPU_COLUMN} |",
+            "|---|---:|---:|---:|---:|---:|---:|",
         ]
         for c in run["contenders"]:
             rss = ", ".join(map(str, c["peak_rss_mb"]))
             lines.append(
-                f"| {c['name']} | {c['events_per_s']:,} | {c['ratio_to_ceiling']:.3f} | "
-                f"{rss} | {c['state_bytes_per_customer'] or ''} | {_cpu_cell(c.get('cpu_pct'))} |"
+                f"| {c['name']} | {c['events_per_s']:,} | {_runs_cell(c)} | "
+                f"{c['ratio_to_ceiling']:.3f} | {rss} | {c['state_bytes_per_customer'] or ''} "
+                f"| {_cpu_cell(c.get('cpu_pct'))} |"
             )
-        lines += ["", f"Ratios: {run['ratios']}", "", CPU_NOTE]
+        lines += ["", f"Ratios: {run['ratios']}", ""]
+        if any(len(c.get("runs_events_per_s", [])) > 1 for c in run["contenders"]):
+            lines += [RUNS_NOTE, ""]
+        lines.append(CPU_NOTE)
         if run.get("latency"):
             lines += [
                 "",
@@ -1072,6 +1111,13 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--no-latency", action="store_true")
     parser.add_argument(
+        "--repeats",
+        type=int,
+        default=3,
+        help="runs of each ceiling and crmstream contender, in turn; each is reported by "
+        "its median run (the naive baseline and Quix Streams run once)",
+    )
+    parser.add_argument(
         "--smoke", action="store_true", help="tiny sizes: keeps the harness working"
     )
     parser.add_argument("--out", default=str(ROOT / "bench" / "out"))
@@ -1081,8 +1127,10 @@ def main(argv: list[str] | None = None) -> None:
         help="Markdown file whose harness section is replaced (empty: leave it alone)",
     )
     args = parser.parse_args(argv)
+    if args.repeats < 1:
+        parser.error(f"--repeats must be at least 1, got {args.repeats}")
     if args.smoke:
-        args.customers, args.events, args.loads = [2_000], 6_000, [0.5]
+        args.customers, args.events, args.loads, args.repeats = [2_000], 6_000, [0.5], 2
         args.load_seconds, args.startup_s, args.drain_s = 4, 6, 3
     Harness(args).run()
 

@@ -44,9 +44,14 @@ def test_harness_smoke_runs_every_contender_and_writes_the_table_and_plot(tmp_pa
         assert contender["events"] == size["events"], contender  # everyone read all input
         assert all(m > 0 for m in contender["peak_rss_mb"])
     for contender in size["contenders"][:4]:  # CPU in the timed window: each process, servers
+        # --smoke runs each of these twice, in turn, and reports the lower (median) run
+        rates = contender["runs_events_per_s"]
+        assert len(rates) == 2 and contender["events_per_s"] == min(rates), contender
         cpu = contender["cpu_pct"]
         assert len(cpu["processes"]) == contender["processes"], contender
         assert all(p > 0 for p in cpu["processes"]) and set(cpu) >= {"broker", "redis", "idle"}, cpu
+    for contender in size["contenders"][4:]:  # the naive baseline and Quix run once
+        assert contender["runs_events_per_s"] == [contender["events_per_s"]], contender
     latency = {r["contender"]: r for r in size["latency"]}
     assert set(latency) == {"kafka floor", "crmstream", "naive", "quix"}
     assert all(r["triggers"] > 0 for name, r in latency.items() if name != "kafka floor")
