@@ -590,9 +590,8 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, dict[str, int], None]):
         metrics = get_metrics()
         if events:
             metrics.batch_events.observe(len(events))
-        customers = list(
-            dict.fromkeys([ev.customer_id for ev in events] + [t.customer for t in due])
-        )
+        with_events = dict.fromkeys([ev.customer_id for ev in events])
+        customers = list(with_events | dict.fromkeys([t.customer for t in due]))
         index = {c: i for i, c in enumerate(customers)}
         store = self._rt.store
         needs_promises = {t.customer for t in due if t.kind == "delivery"} | {
@@ -607,7 +606,7 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, dict[str, int], None]):
             for t in due
             for one in (expand_wake(t, records[index[t.customer]]) if t.kind == WAKE else (t,))
         ]
-        events, touched = self._drop_erased(events, due, store.last_tombstones)
+        events, touched = self._drop_erased(events, with_events, due, store.last_tombstones)
 
         # The events' fields as columns, transposed once in C (not a generator per
         # field), shared by the exactly-once checks and the kernel.
@@ -791,10 +790,14 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, dict[str, int], None]):
 
     @staticmethod
     def _drop_erased(
-        events: list[ParsedEvent], due: list[Timer], tombstones: dict[str, int]
+        events: list[ParsedEvent],
+        with_events: Iterable[str],
+        due: list[Timer],
+        tombstones: dict[str, int],
     ) -> tuple[list[ParsedEvent], set[str]]:
         """Drop events of erased customers up to their erasure's time (late arrivals from
-        other topics must not bring the customer back); return the customers to write."""
+        other topics must not bring the customer back); return the customers to write:
+        those with an event left or a due timer (``with_events``: the events' customers)."""
         if tombstones:
             kept = [
                 ev
@@ -803,8 +806,8 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, dict[str, int], None]):
             ]
             if len(kept) < len(events):
                 get_metrics().erased_events_dropped.inc(len(events) - len(kept))
-            events = kept
-        return events, {ev.customer_id for ev in events} | {t.customer for t in due}
+                events, with_events = kept, {ev.customer_id for ev in kept}
+        return events, set(with_events).union([t.customer for t in due])
 
     def _erase(
         self,

@@ -67,6 +67,7 @@ class TriggerBuilder:
         """
         rule = getattr(self._rules, candidate.trigger_type)
         name = candidate.trigger_type
+        event_time = iso_ms(candidate.event_time_ms)
         return {
             "schema_version": TRIGGER_SCHEMA_VERSION,
             "trigger_id": trigger_id(candidate.customer, name, rule.version, candidate.causal),
@@ -79,7 +80,7 @@ class TriggerBuilder:
                 "window": candidate.window,
             },
             "causal_event_id": candidate.causal,
-            "event_time": iso_ms(candidate.event_time_ms),
-            "detected_at": iso_ms(candidate.event_time_ms),
+            "event_time": event_time,
+            "detected_at": event_time,
             "payload": {**candidate.payload, "offer_template": rule.offer_template},
         }

@@ -81,3 +81,37 @@ def test_a_commit_whose_connection_broke_before_exec_is_applied(relayed):
     assert direct.lrange(store.outbox_key(0), 0, -1) == [b"r1"]
     assert store.load_progress(0) == {pos: Progress(9, 2, 200)}
     assert (_gauge("customers"), _gauge("pending_timers")) == (2, 0)
+
+
+def test_profiles_a_commit_writes_are_the_hashes_load_profiles_reads(stack):
+    """A step's profiles, whatever each one's field count and however its customer id
+    is spelled, land as one hash per customer with the commit, and load_profiles
+    reads them back (an empty dict for a customer without one)."""
+    direct = redis.Redis.from_url(stack.redis_url)
+    store = StateStore(direct, f"prof{next(_ids)}")
+    profiles = {
+        "c1": {"stage": "active", "segment": "vip", "top_categories": "shoes,bags"},
+        "c{2}": {"country": "DE", "language": "de", "consent.email": "granted@2026"},
+        'c"3': {"timezone": "Europe/Zürich"},
+        "c4": {},  # nothing to write: no key
+    }
+    pos = ("in", 0)
+    store.commit(0, {"c1": b"s1"}, profiles, {pos: Progress(3, 1, 100)}, customers_delta=1)
+    for customer, fields in profiles.items():
+        raw = direct.hgetall(store.profile_key(customer))
+        assert {k.decode(): v.decode() for k, v in raw.items()} == fields, customer
+    assert store.load_profiles(list(profiles) + ["never-seen"]) == {
+        **profiles,
+        "never-seen": {},
+    }
+    assert store.load_profiles([]) == {}
+    # A later commit adds and overwrites fields; it leaves the others as they were.
+    store.commit(0, {}, {"c1": {"stage": "at_risk", "churn_level": "high"}}, {})
+    assert store.load_profiles(["c1"])["c1"] == {
+        "stage": "at_risk",
+        "segment": "vip",
+        "top_categories": "shoes,bags",
+        "churn_level": "high",
+    }
+    assert store.load_progress(0) == {pos: Progress(3, 1, 100)}
+    assert direct.get(store.state_key("c1")) == b"s1"
