@@ -939,7 +939,7 @@ LATENCY_NOTE = (
 def _runs_cell(contender: dict[str, Any]) -> str:
     """The rates of a contender's runs, when it ran more than once."""
     rates = contender.get("runs_events_per_s", [])
-    return ", ".join(f"{r:,}" for r in rates) if len(rates) > 1 else "-"
+    return "; ".join(f"{r:,}" for r in rates) if len(rates) > 1 else "-"
 
 
 def _latency_cells(r: dict[str, Any]) -> list[str]:

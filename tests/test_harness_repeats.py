@@ -23,7 +23,7 @@ def test_the_median_run_is_the_middle_rate_whatever_the_order():
 
 
 def test_the_runs_cell_lists_every_run_only_when_there_were_several():
-    assert _runs_cell({"runs_events_per_s": [70_923, 65_001, 72_400]}) == "70,923, 65,001, 72,400"
+    assert _runs_cell({"runs_events_per_s": [70_923, 65_001, 72_400]}) == "70,923; 65,001; 72,400"
     assert _runs_cell({"runs_events_per_s": [3_085]}) == "-"
     assert _runs_cell({}) == "-"
 
