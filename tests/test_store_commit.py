@@ -100,7 +100,7 @@ def test_profiles_a_commit_writes_are_the_hashes_load_profiles_reads(stack):
     for customer, fields in profiles.items():
         raw = direct.hgetall(store.profile_key(customer))
         assert {k.decode(): v.decode() for k, v in raw.items()} == fields, customer
-    assert store.load_profiles(list(profiles) + ["never-seen"]) == {
+    assert store.load_profiles([*profiles, "never-seen"]) == {
         **profiles,
         "never-seen": {},
     }
