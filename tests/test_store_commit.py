@@ -1,4 +1,5 @@
-"""A step's commit is applied once even when Redis ran it and its reply was lost.
+"""A step's commit against a real redis-server: applied once even when Redis ran it
+and its reply was lost, and the profiles it writes are what load_profiles reads.
 
 redis-py retries a pipeline whose connection broke. For a MULTI/EXEC whose EXEC
 reached Redis, that runs the transaction a second time: the outbox trim and
