@@ -695,16 +695,16 @@ class Harness:
             ):
                 self.log(f"  {label}{of} ...")
                 rounds[-1].append(fn())
-        runs = [median_run([each[i] for each in rounds]) for i in range(4)]
+        tries = [[each[i] for each in rounds] for i in range(4)]  # every run of each contender
         if not self.args.no_naive:
             self.log("  naive baseline ...")
-            runs.append(naive())
+            tries.append([naive()])
         if quix is not None:
             self.log("  Quix Streams ...")
-            runs.append(quix_run(quix))
+            tries.append([quix_run(quix)])
+        runs = [median_run(own) for own in tries]
         ceiling1, crm1, ceiling2, crm2 = runs[:4]
-        every = {r.name: [round(each[i].rate) for each in rounds] for i, r in enumerate(runs[:4])}
-        for r in runs:
+        for r, own in zip(runs, tries, strict=True):
             ref = ceiling2 if r.processes == 2 else ceiling1
             out["contenders"].append(
                 {
@@ -721,7 +721,7 @@ class Harness:
                         else None
                     ),
                     "cpu_pct": r.cpu_pct,
-                    "runs_events_per_s": every.get(r.name, [round(r.rate)]),
+                    "runs_events_per_s": [round(one.rate) for one in own],
                 }
             )
         by = {r.name: r for r in runs}
