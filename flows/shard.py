@@ -550,8 +550,8 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, dict[str, int], None]):
                 self._rt.producer.produce(*record)
             self._commit(changes, now_ms)
         self._outbox.watch()
-        for record in changes.triggers:
-            metrics.triggers.labels(record["trigger_type"]).inc()
+        for kind, count in Counter(r["trigger_type"] for r in changes.triggers).items():
+            metrics.triggers.labels(kind).inc(count)
         again = len(due) >= self._timers_cfg.fire_batch
         if mark is not None and any(t.due_ms <= mark for t in changes.plan.schedule):
             self._checked_until = -1  # a new timer is already due
@@ -694,14 +694,15 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, dict[str, int], None]):
         changed |= np.fromiter((c in stateless for c in customers), bool, len(customers))
         rewrite = {c for c, flag in zip(customers, changed, strict=True) if flag} & touched
         profiles = self._profiles(customers, records, derived, fresh, rewrite)
-        approved, suppressions = self._policy(
+        approved, approved_ms, suppressions = self._policy(
             candidates, records, index, profiles, erased, plan, stateless
         )
         fold_wake(plan, records, index, woke)
         ids, ingest = cols.event_id, cols.ingest_ms
         if keep is not None:
             ids, ingest = compress(ids, keep), compress(ingest, keep)
-        triggers = self._emit(approved + held, ids, ingest)
+        held_ms = [_epoch_ms(record["event_time"]) for record in held]
+        triggers = self._emit(approved + held, approved_ms + held_ms, ids, ingest)
         outgoing = self._outgoing(triggers, suppressions)
         states = {
             c: blob
@@ -722,8 +723,9 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, dict[str, int], None]):
         erased: dict[str, ParsedEvent],
         plan: TimerPlan,
         stateless: set[str],
-    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-        """Run candidates through the contact policies: records to emit, and suppressions.
+    ) -> tuple[list[dict[str, Any]], list[int], list[dict[str, Any]]]:
+        """Run candidates through the contact policies: records to emit (and the epoch ms
+        of their event times), and suppressions.
 
         A customer's stored profile is read only when the customer had a stored
         state: both are written in the same commit and deleted together on
@@ -733,8 +735,9 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, dict[str, int], None]):
         for cand in candidates:
             by_customer.setdefault(cand.customer, []).append(cand)
         known = sorted(c for c in by_customer if c not in stateless)
-        stored = self._rt.store.load_profiles(known) if known else {}
-        approved, suppressions = [], []
+        fields = self._policies.profile_fields
+        stored = self._rt.store.load_profiles(known, fields) if known else {}
+        approved, approved_ms, suppressions = [], [], []
         for customer, own in by_customer.items():
             profile = {**stored.get(customer, {}), **profiles.get(customer, {})}
             ok, stopped = self._policies.apply(
@@ -745,6 +748,7 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, dict[str, int], None]):
                 record.update(decision.extras)
                 if decision.hold_until_ms is None:
                     approved.append(record)
+                    approved_ms.append(decision.candidate.event_time_ms)
                 else:  # quiet hours: held as a durable timer, emitted at the window's end
                     plan.schedule.append(
                         Timer(
@@ -770,7 +774,7 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, dict[str, int], None]):
                         "detected_at": record["detected_at"],
                     }
                 )
-        return approved, suppressions
+        return approved, approved_ms, suppressions
 
     def _outgoing(
         self, triggers: list[dict[str, Any]], suppressions: list[dict[str, Any]]
@@ -781,11 +785,13 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, dict[str, int], None]):
             Outgoing(topics.triggers, record["customer_id"].encode(), orjson.dumps(record))
             for record in triggers
         ]
-        metrics = get_metrics()
         for record in suppressions:
-            metrics.suppressions.labels(record["trigger_type"], record["policy"]).inc()
             key = None if record["customer_id"] == "erased" else record["customer_id"].encode()
             out.append(Outgoing(topics.suppressions, key, orjson.dumps(record)))
+        metrics = get_metrics()
+        stopped = Counter((r["trigger_type"], r["policy"]) for r in suppressions)
+        for labels, count in stopped.items():
+            metrics.suppressions.labels(*labels).inc(count)
         return out
 
     @staticmethod
@@ -882,24 +888,38 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, dict[str, int], None]):
         return fresh, keep
 
     def _emit(
-        self, records: list[dict[str, Any]], ids: Iterable[str], ingest_ms: Iterable[int]
+        self,
+        records: list[dict[str, Any]],
+        event_ms: list[int],
+        ids: Iterable[str],
+        ingest_ms: Iterable[int],
     ) -> list[dict[str, Any]]:
         """Stamp trigger records with their emission time and observe their latency
-        (``ids`` and ``ingest_ms``: the fresh events' ids and Kafka times)."""
+        (``event_ms``: the records' event times; ``ids`` and ``ingest_ms``: the fresh
+        events' ids and Kafka times)."""
+        if not records:
+            return records
         metrics = get_metrics()
-        ingest = dict(zip(ids, ingest_ms, strict=True)) if records else {}
-        for record in records:
-            emitted_ms = self._rt.clock_ms()
-            record["emitted_at"] = iso_ms(emitted_ms)
+        ingest = dict(zip(ids, ingest_ms, strict=True))
+        emitted_ms = self._rt.clock_ms()  # one step's records go out together
+        emitted_at = iso_ms(emitted_ms)
+        since_event: dict[str, list[float]] = {}
+        since_ingest: dict[str, list[float]] = {}
+        for record, event in zip(records, event_ms, strict=True):
+            record["emitted_at"] = emitted_at
             kind = record["trigger_type"]
-            event_ms = int(datetime.fromisoformat(record["event_time"]).timestamp() * 1000)
-            metrics.event_to_trigger_seconds.labels(kind).observe(
-                max(0, emitted_ms - event_ms) / 1000
-            )
-            if record["causal_event_id"] in ingest:
-                metrics.ingest_to_emit_seconds.labels(kind).observe(
-                    max(0, emitted_ms - ingest[record["causal_event_id"]]) / 1000
-                )
+            since_event.setdefault(kind, []).append(max(0, emitted_ms - event) / 1000)
+            ingested = ingest.get(record["causal_event_id"])
+            if ingested is not None:
+                since_ingest.setdefault(kind, []).append(max(0, emitted_ms - ingested) / 1000)
+        for histogram, by_kind in (
+            (metrics.event_to_trigger_seconds, since_event),
+            (metrics.ingest_to_emit_seconds, since_ingest),
+        ):
+            for kind, seconds in by_kind.items():
+                observe = histogram.labels(kind).observe
+                for value in seconds:
+                    observe(value)
         return records
 
     @staticmethod
@@ -932,6 +952,11 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, dict[str, int], None]):
                 fields = event_fields(kind, ev.fields, ev.event_time_ms)
                 profiles.setdefault(ev.customer_id, {}).update(fields)
         return profiles
+
+
+def _epoch_ms(iso: str) -> int:
+    """Epoch milliseconds of an ISO-8601 time with its offset (a record's event_time)."""
+    return int(datetime.fromisoformat(iso).timestamp() * 1000)
 
 
 class Changes(NamedTuple):

@@ -27,6 +27,7 @@ import numpy as np
 
 from crmstream.config import CrmConfig
 from crmstream.operators.catalog import Candidate
+from crmstream.operators.events import CONTACT_CHANNELS
 from crmstream.operators.kernels import MS_PER_DAY
 from crmstream.operators.rules import iso_ms
 from crmstream.operators.zones import find_zone
@@ -85,6 +86,12 @@ class PolicyEngine:
             for country, region in config.policies.regions.items()
         }
         self._weights: dict[tuple[str, int], dict[str, float]] = {}  # (country, epoch day)
+        # The profile fields the policies read, and all a step loads of stored profiles.
+        # A channel comes from a rule, the default, or a validated preferred_channel.
+        channels = {rule.channel for rule in self._rule.values() if rule.channel}
+        channels |= CONTACT_CHANNELS | {self._policies.default_channel}
+        consents = [f"consent.{channel}" for channel in sorted(channels)]
+        self.profile_fields = ("preferred_channel", "country", "timezone", "language", *consents)
 
     def apply(
         self,
@@ -98,12 +105,16 @@ class PolicyEngine:
         arbitration group at a time; updates the record's cooldown and send history."""
         suppressed: list[Suppressed] = []
         approved: list[Approved] = []
+        # The record's send history as Python lists, read once and written back once:
+        # a field of a numpy record costs a view and a scalar per access.
+        history = _History(record["trigger_last_min"].tolist(), record["sent_min"].tolist())
+        rules = self._rule
         for group in self._groups(candidates):
-            alive = [c for c in group if self._admit(c, record, profile, erased, suppressed)]
+            alive = [c for c in group if self._admit(c, history, profile, erased, suppressed)]
             if not alive:
                 continue
-            rules = self._rule
-            alive.sort(key=lambda c: -rules[c.trigger_type].priority)
+            if len(alive) > 1:
+                alive.sort(key=lambda c: -rules[c.trigger_type].priority)
             winner = alive[0]
             rule = rules[winner.trigger_type]
             top = rule.priority
@@ -115,7 +126,7 @@ class PolicyEngine:
                         f"{winner.trigger_type} (priority {top}) fired at the same time",
                     )
                 )
-            capped = self._capped(winner, record) if rule.marketing else None
+            capped = self._capped(winner, history, record) if rule.marketing else None
             if capped:
                 suppressed.append(Suppressed(winner, "frequency_cap", capped))
                 continue
@@ -124,12 +135,17 @@ class PolicyEngine:
                 suppressed.append(Suppressed(winner, "regional", regional))
                 continue
             extras, hold = self._delivery(winner, rule, profile)
-            self._record_sent(winner, rule, record)
+            self._record_sent(winner, rule, history)
             approved.append(Approved(regional, extras, hold))
+        if history.changed:
+            record["trigger_last_min"] = history.last_min
+            record["sent_min"] = history.sends
         return approved, suppressed
 
     def _groups(self, candidates: list[Candidate]) -> list[list[Candidate]]:
         """Candidates in event-time order, grouped when within the arbitration window."""
+        if len(candidates) == 1:
+            return [candidates]
         window_ms = self._policies.arbitration_window_seconds * 1000
         ordered = sorted(candidates, key=lambda c: (c.event_time_ms, c.trigger_type, c.causal))
         groups: list[list[Candidate]] = []
@@ -143,7 +159,7 @@ class PolicyEngine:
     def _admit(
         self,
         cand: Candidate,
-        record: np.void,
+        history: _History,
         profile: dict[str, str],
         erased: bool,
         suppressed: list[Suppressed],
@@ -158,8 +174,8 @@ class PolicyEngine:
         if erased:
             suppressed.append(Suppressed(cand, "erasure", "the customer asked to be erased"))
             return False
-        if self._cooling(cand, rule, record):
-            last = int(record["trigger_last_min"][TRIGGER_INDEX[cand.trigger_type]])
+        if self._cooling(cand, rule, history):
+            last = history.last_min[TRIGGER_INDEX[cand.trigger_type]]
             suppressed.append(
                 Suppressed(
                     cand,
@@ -172,18 +188,19 @@ class PolicyEngine:
         return True
 
     # -- individual policies ----------------------------------------------------
-    def _cooling(self, cand: Candidate, rule: Any, record: np.void) -> bool:
-        last = int(record["trigger_last_min"][TRIGGER_INDEX[cand.trigger_type]])
+    @staticmethod
+    def _cooling(cand: Candidate, rule: Any, history: _History) -> bool:
+        last = history.last_min[TRIGGER_INDEX[cand.trigger_type]]
         return bool(
             rule.cooldown_hours
             and last
             and _minutes(cand.event_time_ms) - last < rule.cooldown_hours * 60
         )
 
-    def _capped(self, cand: Candidate, record: np.void) -> str | None:
+    def _capped(self, cand: Candidate, history: _History, record: np.void) -> str | None:
         caps = self._policies.caps
         now = _minutes(cand.event_time_ms)
-        sends = [m for m in record["sent_min"].tolist() if m]
+        sends = [m for m in history.sends if m]
         day = sum(1 for m in sends if now - m < 1440)
         week = sum(1 for m in sends if now - m < 10080)
         too_often_day = int(record["too_often_day"])
@@ -203,16 +220,18 @@ class PolicyEngine:
         """The candidate with its payload's categories adjusted, or why it is suppressed."""
         country = profile.get("country", "")
         excluded = self._excluded.get(country, frozenset())
-        payload = dict(cand.payload)
+        payload = cand.payload
         if payload.get("category") in excluded:
             return f"category {payload['category']!r} is excluded in {country}"
-        if "top_categories" in payload:
-            tops = [c for c in payload["top_categories"] if c not in excluded]
-            weights = self._season_weights(country, cand.event_time_ms)
-            if weights:
-                rank = {c: (-(weights.get(c, 1.0)) / (i + 1)) for i, c in enumerate(tops)}
-                tops.sort(key=lambda c: rank[c])
-            payload["top_categories"] = tops
+        if "top_categories" not in payload:
+            return cand
+        payload = dict(payload)
+        tops = [c for c in payload["top_categories"] if c not in excluded]
+        weights = self._season_weights(country, cand.event_time_ms)
+        if weights:
+            rank = {c: (-(weights.get(c, 1.0)) / (i + 1)) for i, c in enumerate(tops)}
+            tops.sort(key=lambda c: rank[c])
+        payload["top_categories"] = tops
         return cand._replace(payload=payload)
 
     def _season_weights(self, country: str, at_ms: int) -> dict[str, float]:
@@ -280,10 +299,21 @@ class PolicyEngine:
         return naive.replace(tzinfo=tz)  # zoneinfo resolves the offset of that wall time
 
     @staticmethod
-    def _record_sent(cand: Candidate, rule: Any, record: np.void) -> None:
+    def _record_sent(cand: Candidate, rule: Any, history: _History) -> None:
         now = _minutes(cand.event_time_ms)
-        record["trigger_last_min"][TRIGGER_INDEX[cand.trigger_type]] = now
+        history.last_min[TRIGGER_INDEX[cand.trigger_type]] = now
         if rule.marketing:
-            sends = record["sent_min"]
-            listed = sends.tolist()
-            sends[listed.index(min(listed))] = now  # replace the oldest of the last sends
+            sends = history.sends
+            sends[sends.index(min(sends))] = now  # replace the oldest of the last sends
+        history.changed = True
+
+
+class _History:
+    """One customer's send history from its record, as lists (written back if changed)."""
+
+    __slots__ = ("changed", "last_min", "sends")
+
+    def __init__(self, last_min: list[int], sends: list[int]):
+        self.last_min = last_min  # per trigger type, the minute it last went out (0: never)
+        self.sends = sends  # the minutes of the last marketing sends (0: free slot)
+        self.changed = False

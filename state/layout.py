@@ -29,9 +29,9 @@ from collections.abc import Callable
 from functools import partial
 from typing import NamedTuple
 
-import redis
 from redis.cluster import RedisCluster
 
+from crmstream.state.commands import CommandBatch
 from crmstream.state.store import (
     Position,
     Progress,
@@ -232,7 +232,7 @@ def _move_outbox(
     return moved
 
 
-def _move_head(pipe: redis.client.Pipeline, source: str, to: str, chunk: list[bytes]) -> None:
+def _move_head(pipe: CommandBatch, source: str, to: str, chunk: list[bytes]) -> None:
     pipe.rpush(to, *chunk)
     pipe.ltrim(source, len(chunk), -1)
 

@@ -38,6 +38,7 @@ from redis.retry import Retry
 
 from crmstream.config.schema import RedisConfig
 from crmstream.metrics import get_metrics, observe_redis
+from crmstream.state.commands import CommandBatch
 from crmstream.state.timers import SEP, TimerStore
 
 if TYPE_CHECKING:
@@ -179,9 +180,9 @@ class StateStore:
         # Transactions go through a client that never retries by itself:
         # transact_once decides whether a broken one is sent again.
         self._transactions_via: tuple[redis.Redis, Retry] | None = None
+        self._retry = client.get_retry() or Retry(NoBackoff(), 0)  # for command batches
         if not self._cluster:
-            retry = client.get_retry() or Retry(NoBackoff(), 0)
-            self._transactions_via = (_single_attempt(client), retry)
+            self._transactions_via = (_single_attempt(client), self._retry)
         self._run_id = secrets.token_hex(6)
         self._transactions = itertools.count(1)
         # Erasure tombstones (customer -> erasure event time) seen by the last load_states.
@@ -278,7 +279,7 @@ class StateStore:
         atomic = atomic and not self._cluster
         timers_key = self.timers.key(shard)
 
-        def stage(pipe: redis.client.Pipeline) -> None:
+        def stage(pipe: CommandBatch | redis.client.Pipeline) -> None:
             """Queue the step's writes, and last the two gauge reads."""
             if self._cluster:
                 for customer, blob in states.items():
@@ -339,9 +340,7 @@ class StateStore:
     def commit_key(self, shard: int) -> str:
         return f"{self._prefix}:commit:{shard}"
 
-    def transact_once(
-        self, shard: int, stage: Callable[[redis.client.Pipeline], None]
-    ) -> list | None:
+    def transact_once(self, shard: int, stage: Callable[[CommandBatch], None]) -> list | None:
         """Run the commands ``stage`` queues as one MULTI/EXEC, exactly once.
 
         A connection lost after EXEC was sent leaves it unknown whether Redis ran
@@ -367,10 +366,10 @@ class StateStore:
             if attempts > 1 and once.get(fence) == token:
                 log.warning("shard %d: Redis had run the transaction whose reply was lost", shard)
                 return None
-            pipe = once.pipeline(transaction=True)
-            stage(pipe)
-            pipe.set(fence, token)
-            return pipe.execute()[:-1]
+            batch = CommandBatch()
+            stage(batch)
+            batch.set(fence, token)
+            return batch.execute(once, transaction=True)[:-1]
 
         return retry.call_with_retry(attempt, lambda _error: None)
 
@@ -384,16 +383,28 @@ class StateStore:
     def customers_key(self) -> str:
         return f"{self._prefix}:customers"
 
-    def load_profiles(self, customer_ids: list[str]) -> dict[str, dict[str, str]]:
-        """The readable profile hashes of these customers, one round trip."""
+    def load_profiles(
+        self, customer_ids: list[str], fields: Sequence[str]
+    ) -> dict[str, dict[str, str]]:
+        """These ``fields`` of the customers' readable profile hashes (those present),
+        one round trip."""
         started = time.perf_counter()
-        pipe = self._client.pipeline(transaction=False)
-        for customer in customer_ids:
-            pipe.hgetall(self.profile_key(customer))
-        raw_profiles = pipe.execute()
+        keys = [self.profile_key(c) for c in customer_ids]
+        if self._cluster:
+            pipe = self._client.pipeline(transaction=False)
+            for key in keys:
+                pipe.hmget(key, fields)
+            raw_profiles = pipe.execute()
+        else:
+            batch = CommandBatch()
+            for key in keys:
+                batch.command("HMGET", key, *fields)
+            raw_profiles = self._retry.call_with_retry(
+                lambda: batch.execute(self._client), lambda _error: None
+            )
         observe_redis("profiles", started)
         return {
-            c: {k.decode(): v.decode() for k, v in raw.items()}
+            c: {name: value.decode() for name, value in zip(fields, raw, strict=True) if value}
             for c, raw in zip(customer_ids, raw_profiles, strict=True)
         }
 

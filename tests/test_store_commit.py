@@ -87,7 +87,7 @@ def test_a_commit_whose_connection_broke_before_exec_is_applied(relayed):
 def test_profiles_a_commit_writes_are_the_hashes_load_profiles_reads(stack):
     """A step's profiles, whatever each one's field count and however its customer id
     is spelled, land as one hash per customer with the commit, and load_profiles
-    reads them back (an empty dict for a customer without one)."""
+    reads back the fields asked for (an empty dict for a customer without any)."""
     direct = redis.Redis.from_url(stack.redis_url)
     store = StateStore(direct, f"prof{next(_ids)}")
     profiles = {
@@ -101,14 +101,21 @@ def test_profiles_a_commit_writes_are_the_hashes_load_profiles_reads(stack):
     for customer, fields in profiles.items():
         raw = direct.hgetall(store.profile_key(customer))
         assert {k.decode(): v.decode() for k, v in raw.items()} == fields, customer
-    assert store.load_profiles([*profiles, "never-seen"]) == {
+    every = ("stage", "segment", "top_categories", "country", "language", "consent.email")
+    every += ("timezone", "churn_level")
+    assert store.load_profiles([*profiles, "never-seen"], every) == {
         **profiles,
         "never-seen": {},
     }
-    assert store.load_profiles([]) == {}
+    assert store.load_profiles([], every) == {}
+    # Only the fields asked for, those present.
+    assert store.load_profiles(["c1", "c{2}"], ("segment", "language", "timezone")) == {
+        "c1": {"segment": "vip"},
+        "c{2}": {"language": "de"},
+    }
     # A later commit adds and overwrites fields; it leaves the others as they were.
     store.commit(0, {}, {"c1": {"stage": "at_risk", "churn_level": "high"}}, {})
-    assert store.load_profiles(["c1"])["c1"] == {
+    assert store.load_profiles(["c1"], every)["c1"] == {
         "stage": "at_risk",
         "segment": "vip",
         "top_categories": "shoes,bags",
