@@ -613,7 +613,8 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, dict[str, int], None]):
         cols = _columns(events)
         cust = np.fromiter(map(index.__getitem__, cols.customer_id), np.int32, len(events))
         times = np.fromiter(cols.event_time_ms, np.int64, len(events))
-        fresh, keep = self._unapplied(events, cols, records, cust, times)
+        type_codes = np.fromiter(cols.type_code, np.int8, len(events))
+        fresh, keep = self._unapplied(events, cols, records, cust, times, type_codes)
 
         def kept(array: np.ndarray) -> np.ndarray:
             return array if keep is None else array[keep]
@@ -627,7 +628,7 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, dict[str, int], None]):
         n = len(fresh)
         columns = (
             kept(cust),
-            column(cols.type_code, np.int8),
+            kept(type_codes),
             column(cols.category, np.int16),
             kept(times),
             column(cols.amount_base, np.float64),
@@ -853,21 +854,26 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, dict[str, int], None]):
         records: np.ndarray,
         cust: np.ndarray,
         times: np.ndarray,
+        type_codes: np.ndarray,
     ) -> tuple[list[ParsedEvent], np.ndarray | None]:
         """Drop events at or below the offsets each customer's state already holds, and
         duplicates: an event_id among the customer's last ``DEDUP_IDS`` within the horizon.
         Returns the events kept and, when some were dropped, the mask that kept them."""
         fresh, keep = events, None
         metrics = get_metrics()
+        n = len(events)
+        names = list(dict.fromkeys(cols.topic))  # the step's topics, numbered
+        topic_index = np.fromiter(
+            map({t: i for i, t in enumerate(names)}.__getitem__, cols.topic), np.int32, n
+        )
         if self._exactly_once and events:
-            n = len(events)
-            roles = {t: ROLE_INDEX[self._rt.validator.role(t)] for t in set(cols.topic)}
+            roles = np.array([ROLE_INDEX[self._rt.validator.role(t)] for t in names], np.int8)
             horizon_s = self._dedup_horizon_ms // 1000
             digests = event_id_digests(cols.event_id) if horizon_s else np.zeros(n, np.uint64)
             verdict = check_batch(
                 records,
                 cust,
-                np.fromiter(map(roles.__getitem__, cols.topic), np.int8, n),
+                roles[topic_index],
                 np.fromiter(cols.partition, np.int32, n),
                 np.fromiter(cols.offset, np.int64, n),
                 digests,
@@ -881,10 +887,12 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, dict[str, int], None]):
                     replayed = verdict[i] == REPLAYED
                     counter = metrics.skipped_events if replayed else metrics.duplicate_events
                     counter.labels(events[i].topic).inc()
-        pairs = zip(cols.topic, cols.type_code, strict=True)
-        accepted = Counter(pairs if keep is None else compress(pairs, keep))
-        for (topic, code), count in accepted.items():
-            metrics.events_in.labels(topic, EVENT_TYPES[code]).inc(count)
+        # Accepted events per (topic, type), counted as one number each: topic * 256 + type.
+        pairs = topic_index * 256 + type_codes
+        accepted = np.bincount(pairs if keep is None else pairs[keep])
+        for pair in np.flatnonzero(accepted):
+            topic, code = divmod(int(pair), 256)
+            metrics.events_in.labels(names[topic], EVENT_TYPES[code]).inc(int(accepted[pair]))
         return fresh, keep
 
     def _emit(

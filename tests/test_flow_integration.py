@@ -282,8 +282,9 @@ def test_metrics_endpoint_counts_what_the_flow_did(isolated_config, script, stac
     topic = config.kafka.topics.clickstream
     before = scrape()
     s = script(config)
-    for i in range(3):
-        s.view("ivy", "watches", i)
+    views = [s.view("ivy", "watches", i) for i in range(3)]
+    s.view("ivy", "watches", 4, event_id=views[0])  # the first view again: a duplicate
+    s.event("orders", "ivy", "order_cancelled", 5, order_id="o-1")
     s.raw("clickstream", b"nope")
     s.flush()
     run_flow(config, stack)
@@ -293,6 +294,11 @@ def test_metrics_endpoint_counts_what_the_flow_did(isolated_config, script, stac
         return _sample(after, name, **labels) - _sample(before, name, **labels)
 
     assert delta("crmstream_events_in_total", topic=topic, event_type="product_view") == 3
+    assert delta("crmstream_duplicate_events_total", topic=topic) == 1
+    orders = config.kafka.topics.orders
+    assert delta("crmstream_events_in_total", topic=orders, event_type="order_cancelled") == 1
+    assert delta("crmstream_events_in_total", topic=topic, event_type="order_cancelled") == 0
+    assert delta("crmstream_events_in_total", topic=orders, event_type="product_view") == 0
     assert delta("crmstream_invalid_events_total", topic=topic, field="message") == 1
     assert delta("crmstream_triggers_total", trigger_type="browse_interest") == 1
     assert delta("crmstream_event_to_trigger_seconds_count", trigger_type="browse_interest") == 1
