@@ -78,7 +78,7 @@ from crmstream.state.encoding import (
     encode_records,
 )
 from crmstream.state.layout import shard_of
-from crmstream.state.profile import event_fields, profile_changed, profile_fields
+from crmstream.state.profile import event_fields, profile_changed, profile_rows
 from crmstream.state.store import Position, Progress
 from crmstream.state.timers import Timer
 
@@ -949,11 +949,9 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, dict[str, int], None]):
         customers and those whose configured fields may have changed), and what
         customer events set."""
         config, weights = self._rt.config, self._params.churn_weights
-        profiles = {
-            c: profile_fields(records[i], derived[i], config, weights)
-            for i, c in enumerate(customers)
-            if c in rewrite
-        }
+        rows = [i for i, c in enumerate(customers) if c in rewrite]
+        fields = profile_rows(records[rows], derived[rows], config, weights) if rows else []
+        profiles = dict(zip([customers[i] for i in rows], fields, strict=True))
         for ev in fresh:
             if ev.type_code in _PROFILE_EVENT_CODES:
                 kind = EVENT_TYPES[ev.type_code]

@@ -130,6 +130,46 @@ def profile_fields(
     }
 
 
+def _named(names: tuple[str, ...], field: str) -> Callable[[np.ndarray, CrmConfig], list[str]]:
+    return lambda records, config: [names[code] for code in records[field].tolist()]
+
+
+def _top_names(records: np.ndarray, config: CrmConfig) -> list[str]:
+    names = config.taxonomy.categories
+    top = _top_k(records["pref"], config.preferences.top_k).tolist()
+    return [",".join([names[i] for i in row if 0 <= i < len(names)]) for row in top]
+
+
+# Fields computed for many records at once (the others go one record at a time).
+_COLUMNS: dict[str, Callable[[np.ndarray, CrmConfig], list[str]]] = {
+    "stage": _named(STAGES, "stage"),
+    "segment": _named(SEGMENTS, "segment"),
+    "tier": _named(TIERS, "tier"),
+    "churn_level": _named(CHURN_LEVELS, "churn_level"),
+    "top_categories": _top_names,
+}
+
+
+def profile_rows(
+    records: np.ndarray, derived: np.ndarray, config: CrmConfig, churn_weights: np.ndarray
+) -> list[dict[str, str]]:
+    """``profile_fields`` for every record of a batch (and its derived row), with the
+    default fields computed per field over the whole batch."""
+    columns = []
+    for name in config.state.profile_fields:
+        batch = _COLUMNS.get(name)
+        if batch is not None:
+            columns.append(batch(records, config))
+        else:
+            value = _FIELDS[name].value
+            pairs = zip(records, derived, strict=True)
+            columns.append([value(rec, row, config, churn_weights) for rec, row in pairs])
+    names = config.state.profile_fields
+    if not names:
+        return [{} for _ in range(len(records))]
+    return [dict(zip(names, values, strict=True)) for values in zip(*columns, strict=True)]
+
+
 def event_fields(event_type: str, fields: dict[str, Any], event_time_ms: int) -> dict[str, str]:
     """Profile fields set directly by a customer event (attributes, consent per channel)."""
     if event_type == "profile_updated":

@@ -143,6 +143,47 @@ def test_the_profile_hash_holds_the_configured_fields_only():
     }
 
 
+@pytest.mark.parametrize("fields", ["all", "default", "none"])
+def test_profile_rows_gives_each_record_what_profile_fields_gives_it(fields):
+    """The batch form of the profile hash against the per-record one, on records with
+    every stage, segment, tier and churn level, and affinities with ties, zeros and
+    negatives (the top categories take only positive ones, ties in category order)."""
+    import numpy as np
+
+    from crmstream.config.schema import PROFILE_FIELD_CHOICES
+    from crmstream.operators.kernels import DERIVED, params_from
+    from crmstream.state.encoding import CHURN_LEVELS, SEGMENTS, STAGES, TIERS, fresh_records
+    from crmstream.state.profile import profile_fields, profile_rows
+
+    chosen = {"all": PROFILE_FIELD_CHOICES, "default": None, "none": ()}[fields]
+    sets = [] if chosen is None else [f"state.profile_fields=[{','.join(chosen)}]"]
+    config = load_config(None, sets, env={})
+    rng = np.random.default_rng(7)
+    n = 300
+    records = fresh_records(n)
+    for name, values in (
+        ("stage", STAGES),
+        ("segment", SEGMENTS),
+        ("tier", TIERS),
+        ("churn_level", CHURN_LEVELS),
+    ):
+        records[name] = rng.integers(0, len(values), n)
+    width = records["pref"].shape[1]
+    records["pref"] = rng.choice([-0.5, 0.0, 0.0, 0.25, 0.25, 0.7, 1.0], (n, width))
+    few = n // 3  # a third with fewer positive affinities than top_k: 0, 1 or 2
+    records["pref"][:few] = np.minimum(records["pref"][:few], 0)
+    for i in range(few):
+        records["pref"][i, rng.choice(width, i % 3, replace=False)] = rng.random(i % 3) + 0.1
+    records["last_seen_ms"][: n // 2] = rng.integers(1, 2_000_000_000_000, n // 2)
+    derived = rng.random((n, len(DERIVED)))
+    weights = params_from(config).churn_weights
+    rows = profile_rows(records, derived, config, weights)
+    expected = [profile_fields(records[i], derived[i], config, weights) for i in range(n)]
+    assert rows == expected
+    assert len({r.get("top_categories") for r in rows}) > (n // 3 if fields != "none" else 0)
+    assert profile_rows(records[:0], derived[:0], config, weights) == []
+
+
 def test_the_profile_hash_is_rewritten_only_when_a_configured_field_can_change():
     from crmstream.state.encoding import fresh_records
     from crmstream.state.profile import profile_changed
