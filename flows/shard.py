@@ -759,21 +759,10 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, dict[str, int], None]):
                             decision.hold_until_ms,
                         )
                     )
+            shown = "erased" if customer in erased else customer
             for item in stopped:
-                record = self._rt.triggers.build(item.candidate)
                 suppressions.append(
-                    {
-                        "schema_version": record["schema_version"],
-                        "trigger_id": record["trigger_id"],
-                        "trigger_type": record["trigger_type"],
-                        "customer_id": "erased" if customer in erased else customer,
-                        "policy": item.policy,
-                        "reason": item.reason,
-                        "rule": record["rule"],
-                        "candidate": record["reason"],
-                        "event_time": record["event_time"],
-                        "detected_at": record["detected_at"],
-                    }
+                    self._rt.triggers.suppression(item.candidate, shown, item.policy, item.reason)
                 )
         return approved, approved_ms, suppressions
 

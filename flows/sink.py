@@ -79,16 +79,38 @@ class DeliveryCheckedProducer:
         """Queue one record; waits for room when the local queue is full.
         ``on_acked`` is called once the broker acknowledged it."""
         self._raise_failures()
-        if on_acked is None:
-            report = self._on_delivery
-        else:
+        report = self._on_delivery if on_acked is None else self._reporter(on_acked)
+        self._queue(topic, key, value, headers, report)
 
-            def report(err: KafkaError | None, msg: Message) -> None:
-                if err is None:
-                    on_acked()
-                else:
-                    self._on_delivery(err, msg)
+    def produce_all(
+        self, records: Iterable[tuple[str, bytes | None, bytes]], on_acked: Callable[[], None]
+    ) -> None:
+        """Queue (topic, key, value) records as ``produce`` does, one delivery callback for
+        all; ``on_acked`` is called once per record the broker acknowledged."""
+        self._raise_failures()
+        report = self._reporter(on_acked)
+        for topic, key, value in records:
+            self._queue(topic, key, value, None, report)
 
+    def _reporter(
+        self, on_acked: Callable[[], None]
+    ) -> Callable[[KafkaError | None, Message], None]:
+        def report(err: KafkaError | None, msg: Message) -> None:
+            if err is None:
+                on_acked()
+            else:
+                self._on_delivery(err, msg)
+
+        return report
+
+    def _queue(
+        self,
+        topic: str,
+        key: bytes | None,
+        value: bytes,
+        headers: list[tuple[str, bytes]] | None,
+        report: Callable[[KafkaError | None, Message], None],
+    ) -> None:
         while True:
             try:
                 self._producer.produce(
@@ -201,8 +223,7 @@ class Outbox:
             with self._lock:
                 chunk.left -= 1
 
-        for record in records:
-            self._producer.produce(record.topic, record.key, record.value, on_acked=acked)
+        self._producer.produce_all(records, acked)
 
     def watch(self) -> None:
         """Serve delivery reports; every 5 s while records wait longer than that for the

@@ -84,3 +84,29 @@ class TriggerBuilder:
             "detected_at": event_time,
             "payload": {**candidate.payload, "offer_template": rule.offer_template},
         }
+
+    def suppression(
+        self, candidate: Candidate, customer_id: str, policy: str, reason: str
+    ) -> dict[str, Any]:
+        """The record of a candidate a contact policy stopped (docs/events.md,
+        "suppressions"): the trigger's id, type, rule, reason and times as ``build``
+        gives them, ``customer_id`` as shown ("erased" after an erasure)."""
+        rule = getattr(self._rules, candidate.trigger_type)
+        name = candidate.trigger_type
+        event_time = iso_ms(candidate.event_time_ms)
+        return {
+            "schema_version": TRIGGER_SCHEMA_VERSION,
+            "trigger_id": trigger_id(candidate.customer, name, rule.version, candidate.causal),
+            "trigger_type": name,
+            "customer_id": customer_id,
+            "policy": policy,
+            "reason": reason,
+            "rule": {"name": name, "version": rule.version},
+            "candidate": {
+                "values": candidate.values,
+                "thresholds": candidate.thresholds,
+                "window": candidate.window,
+            },
+            "event_time": event_time,
+            "detected_at": event_time,
+        }

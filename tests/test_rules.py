@@ -1,4 +1,4 @@
-"""Trigger record text: the fast ISO-8601 formatter, and time zones by name."""
+"""Trigger record text: the fast ISO-8601 formatter, time zones by name, suppression records."""
 
 from __future__ import annotations
 
@@ -53,3 +53,42 @@ def test_policies_send_in_the_default_zone_when_the_profile_zone_is_unknown():
                           ({}, default), ({"timezone": "Asia/Tokyo"}, "Asia/Tokyo")):  # fmt: skip
         extras, _ = engine._delivery(cand, rule, profile)
         assert extras["send_window"]["timezone"] == zone, profile
+
+
+def test_a_suppression_record_carries_the_trigger_id_rule_and_reason_build_gives():
+    """What a subscriber to the suppression topic joins on (trigger id, rule, times)
+    is the same as in the trigger record the candidate would have become."""
+    from crmstream.operators.rules import TriggerBuilder
+
+    builder = TriggerBuilder(load_config(env={}))
+    cand = Candidate(
+        "c{1}",
+        "cart_abandoned",
+        "timer:cart:c{1}:1767225600000",
+        1_767_225_600_123,
+        {"cart_value": 42.5},
+        {"cart_abandon_minutes": 30},
+        {"from": "2026-01-01T00:00:00Z"},
+        {"category": "shoes"},
+    )
+    built = builder.build(cand)
+    record = builder.suppression(cand, "erased", "cooldown", "went out at ...")
+    assert record == {
+        "schema_version": built["schema_version"],
+        "trigger_id": built["trigger_id"],
+        "trigger_type": "cart_abandoned",
+        "customer_id": "erased",
+        "policy": "cooldown",
+        "reason": "went out at ...",
+        "rule": built["rule"],
+        "candidate": built["reason"],
+        "event_time": "2026-01-01T00:00:00.123+00:00",
+        "detected_at": built["detected_at"],
+    }
+    assert list(record)[:5] == [
+        "schema_version",
+        "trigger_id",
+        "trigger_type",
+        "customer_id",
+        "policy",
+    ]
