@@ -180,8 +180,9 @@ class StateStore:
         # Transactions go through a client that never retries by itself:
         # transact_once decides whether a broken one is sent again.
         self._transactions_via: tuple[redis.Redis, Retry] | None = None
-        self._retry = client.get_retry() or Retry(NoBackoff(), 0)  # for command batches
+        self._retry = Retry(NoBackoff(), 0)  # for command batches (a single server only)
         if not self._cluster:
+            self._retry = client.get_retry() or self._retry
             self._transactions_via = (_single_attempt(client), self._retry)
         self._run_id = secrets.token_hex(6)
         self._transactions = itertools.count(1)
