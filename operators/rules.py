@@ -65,20 +65,12 @@ class TriggerBuilder:
         causal event, or the timer's due time), so a replay of the same input builds
         byte-identical records; only ``emitted_at`` carries the wall clock.
         """
-        rule = getattr(self._rules, candidate.trigger_type)
-        name = candidate.trigger_type
-        event_time = iso_ms(candidate.event_time_ms)
+        rule, identity, event_time = self._identity(candidate)
         return {
-            "schema_version": TRIGGER_SCHEMA_VERSION,
-            "trigger_id": trigger_id(candidate.customer, name, rule.version, candidate.causal),
-            "trigger_type": name,
+            **identity,
             "customer_id": candidate.customer,
-            "rule": {"name": name, "version": rule.version},
-            "reason": {
-                "values": candidate.values,
-                "thresholds": candidate.thresholds,
-                "window": candidate.window,
-            },
+            "rule": {"name": candidate.trigger_type, "version": rule.version},
+            "reason": _why(candidate),
             "causal_event_id": candidate.causal,
             "event_time": event_time,
             "detected_at": event_time,
@@ -91,22 +83,35 @@ class TriggerBuilder:
         """The record of a candidate a contact policy stopped (docs/events.md,
         "suppressions"): the trigger's id, type, rule, reason and times as ``build``
         gives them, ``customer_id`` as shown ("erased" after an erasure)."""
-        rule = getattr(self._rules, candidate.trigger_type)
-        name = candidate.trigger_type
-        event_time = iso_ms(candidate.event_time_ms)
+        rule, identity, event_time = self._identity(candidate)
         return {
-            "schema_version": TRIGGER_SCHEMA_VERSION,
-            "trigger_id": trigger_id(candidate.customer, name, rule.version, candidate.causal),
-            "trigger_type": name,
+            **identity,
             "customer_id": customer_id,
             "policy": policy,
             "reason": reason,
-            "rule": {"name": name, "version": rule.version},
-            "candidate": {
-                "values": candidate.values,
-                "thresholds": candidate.thresholds,
-                "window": candidate.window,
-            },
+            "rule": {"name": candidate.trigger_type, "version": rule.version},
+            "candidate": _why(candidate),
             "event_time": event_time,
             "detected_at": event_time,
         }
+
+    def _identity(self, candidate: Candidate) -> tuple[Any, dict[str, Any], str]:
+        """The candidate's rule; the schema version, trigger id and type that lead both
+        records; and its event time as text."""
+        rule = getattr(self._rules, candidate.trigger_type)
+        name = candidate.trigger_type
+        identity = {
+            "schema_version": TRIGGER_SCHEMA_VERSION,
+            "trigger_id": trigger_id(candidate.customer, name, rule.version, candidate.causal),
+            "trigger_type": name,
+        }
+        return rule, identity, iso_ms(candidate.event_time_ms)
+
+
+def _why(candidate: Candidate) -> dict[str, Any]:
+    """What fired the candidate, against which thresholds, over which window."""
+    return {
+        "values": candidate.values,
+        "thresholds": candidate.thresholds,
+        "window": candidate.window,
+    }
