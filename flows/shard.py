@@ -57,6 +57,7 @@ from crmstream.operators.events import (
     InvalidEvent,
     ParsedEvent,
     new_tuple,
+    parse_time_ms,
 )
 from crmstream.operators.hashing import event_id_digests
 from crmstream.operators.kernels import (
@@ -702,7 +703,7 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, dict[str, int], None]):
         ids, ingest = cols.event_id, cols.ingest_ms
         if keep is not None:
             ids, ingest = compress(ids, keep), compress(ingest, keep)
-        held_ms = [_epoch_ms(record["event_time"]) for record in held]
+        held_ms = [parse_time_ms(record["event_time"]) for record in held]
         triggers = self._emit(approved + held, approved_ms + held_ms, ids, ingest)
         outgoing = self._outgoing(triggers, suppressions)
         states = {
@@ -947,11 +948,6 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, dict[str, int], None]):
                 fields = event_fields(kind, ev.fields, ev.event_time_ms)
                 profiles.setdefault(ev.customer_id, {}).update(fields)
         return profiles
-
-
-def _epoch_ms(iso: str) -> int:
-    """Epoch milliseconds of an ISO-8601 time with its offset (a record's event_time)."""
-    return int(datetime.fromisoformat(iso).timestamp() * 1000)
 
 
 class Changes(NamedTuple):
