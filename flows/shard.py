@@ -27,7 +27,7 @@ import base64
 import logging
 from bisect import bisect_left, bisect_right
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 from itertools import compress
 from operator import attrgetter
@@ -96,6 +96,12 @@ _PROFILE_EVENT_CODES = frozenset(
 DEAD_LETTER_SCHEMA_VERSION = 1
 _NOTHING = Progress(-1, -1, -1)
 _MAX_TIMER_ROUNDS = 10_000
+# Timer kinds a step fires from its own plan when they are already due (see
+# ShardLogic._fire_ready): those that need only the customer's record. Delivery
+# timers need the stored promises, and rechecks and birthdays fold into a wake
+# timer: they wait for the next round. Quiet-hours holds are made by the policies,
+# which let those already over go out at once (ShardLogic._policy).
+_NOT_IN_STEP = frozenset({"delivery", "recheck", "birthday", WAKE, "deferred"})
 
 
 class ShardBatch(NamedTuple):
@@ -532,17 +538,17 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, dict[str, int], None]):
                 self._commit(Changes.none(), now_ms)
             return {"events": 0, "invalid": 0, "triggers": 0, "timers": 0, "again": 0}
 
-        if self._live:
-            for timer in due:
-                metrics.timer_lateness_seconds.observe(max(0, now_ms - timer.due_ms) / 1000)
         dead_letters = self._rt.config.kafka.topics.dead_letter
         outgoing = []
         for bad in invalid:
             metrics.invalid_events.labels(bad.topic, bad.field or "message").inc()
             record = dead_letter_record(bad, self._rt.validator.redact)
             outgoing.append(Outgoing(dead_letters, bad.key, record))
-        changes = self._apply(events, due, now_ms)
+        changes = self._apply(events, due, now_ms, mark)
         outgoing += changes.outgoing
+        if self._live:
+            for timer in (*due, *changes.chained):
+                metrics.timer_lateness_seconds.observe(max(0, now_ms - timer.due_ms) / 1000)
         if self._exactly_once:
             self._commit(changes, now_ms, outgoing)
             self._outbox.send(outgoing)
@@ -561,7 +567,7 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, dict[str, int], None]):
             "events": len(events),
             "invalid": len(invalid),
             "triggers": len(changes.triggers),
-            "timers": len(due),
+            "timers": len(due) + len(changes.chained),
             "again": int(again),
         }
 
@@ -586,8 +592,11 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, dict[str, int], None]):
         self._unsaved = {}
         self._last_progress_write_ms = now_ms
 
-    def _apply(self, events: list[ParsedEvent], due: list[Timer], now_ms: int) -> Changes:
-        """Load, update and encode the customers of the events and due timers."""
+    def _apply(
+        self, events: list[ParsedEvent], due: list[Timer], now_ms: int, mark: int | None
+    ) -> Changes:
+        """Load, update and encode the customers of the events and due timers
+        (``mark``: the watermark, up to which timers are due)."""
         metrics = get_metrics()
         if events:
             metrics.batch_events.observe(len(events))
@@ -673,31 +682,20 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, dict[str, int], None]):
             quiet = [t.customer for t in rechecks]
             candidates += self._catalog.from_derived_batch(quiet, subset, later)
             records[rows] = subset  # after from_derived_batch, which may set flags
-        held = []
-        for timer in due:
-            if blobs[index[timer.customer]] is None:
-                continue  # no state (erased): its timers are moot
-            if timer.kind == "deferred":  # a trigger held through quiet hours: emit it now
-                held.append(orjson.loads(timer.ref))
-                continue
-            own = promises.get(timer.customer, {})
-            candidate = self._catalog.fire(timer, records[index[timer.customer]], own)
-            if candidate is not None:
-                candidates.append(candidate)
-            again = self._catalog.reschedule(timer, records[index[timer.customer]])
-            if again is not None:
-                plan.schedule.append(again)
-            if timer.kind == "delivery" and timer.ref in own:
-                plan.delivered.setdefault(timer.customer, []).append(timer.ref)
-
+        held: list[dict[str, Any]] = []
+        # No state (erased): its timers are moot.
+        live_due = [t for t in due if blobs[index[t.customer]] is not None]
+        candidates += self._fire(live_due, records, index, promises, plan, held)
         erased = {ev.customer_id: ev for ev in fresh if ev.type_code == ERASURE_REQUESTED}
+        chained = self._fire_ready(mark, records, index, promises, plan, erased, candidates)
+        fired += [t.member for t in chained]
         changed = profile_changed(as_loaded, records, self._rt.config)
         stateless = {c for c, blob in zip(customers, blobs, strict=True) if blob is None}
         changed |= np.fromiter((c in stateless for c in customers), bool, len(customers))
         rewrite = {c for c, flag in zip(customers, changed, strict=True) if flag} & touched
         profiles = self._profiles(customers, records, derived, fresh, rewrite)
         approved, approved_ms, suppressions = self._policy(
-            candidates, records, index, profiles, erased, plan, stateless
+            candidates, records, index, profiles, erased, plan, stateless, mark
         )
         fold_wake(plan, records, index, woke)
         ids, ingest = cols.event_id, cols.ingest_ms
@@ -714,7 +712,70 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, dict[str, int], None]):
         erase = self._erase(erased, states, profiles, plan, now_ms)
         delta = sum(c in stateless for c in states)
         delta -= sum(c not in stateless for c in erased)
-        return Changes(states, profiles, plan, fired, triggers, erase, outgoing, delta)
+        return Changes(states, profiles, plan, fired, triggers, erase, outgoing, delta, chained)
+
+    def _fire(
+        self,
+        timers: list[Timer],
+        records: np.ndarray,
+        index: dict[str, int],
+        promises: dict[str, dict[str, int]],
+        plan: TimerPlan,
+        held: list[dict[str, Any]],
+    ) -> list[Candidate]:
+        """The candidates of due timers; their next occurrences go into ``plan`` and the
+        triggers they held through quiet hours into ``held``."""
+        out = []
+        for timer in timers:
+            if timer.kind == "deferred":  # a trigger held through quiet hours: emit it now
+                held.append(orjson.loads(timer.ref))
+                continue
+            record = records[index[timer.customer]]
+            own = promises.get(timer.customer, {})
+            candidate = self._catalog.fire(timer, record, own)
+            if candidate is not None:
+                out.append(candidate)
+            again = self._catalog.reschedule(timer, record)
+            if again is not None:
+                plan.schedule.append(again)
+            if timer.kind == "delivery" and timer.ref in own:
+                plan.delivered.setdefault(timer.customer, []).append(timer.ref)
+        return out
+
+    def _fire_ready(
+        self,
+        mark: int | None,
+        records: np.ndarray,
+        index: dict[str, int],
+        promises: dict[str, dict[str, int]],
+        plan: TimerPlan,
+        erased: dict[str, ParsedEvent],
+        candidates: list[Candidate],
+    ) -> list[Timer]:
+        """Fire the timers this step scheduled that the watermark has already passed (a
+        backfill's step can span hours of event time), instead of writing them to
+        Redis and reading them back in another round with its own load and commit.
+        Their candidates join the step's, so the policies see them in event-time
+        order. Returns the timers fired; the kinds in ``_NOT_IN_STEP`` are left to the
+        next round."""
+        chained: list[Timer] = []
+        if mark is None:
+            return chained
+        for _ in range(_MAX_TIMER_ROUNDS):  # a fired timer can schedule its next step
+            ready, waiting = [], []
+            for timer in plan.schedule:
+                now = (
+                    timer.due_ms <= mark
+                    and timer.kind not in _NOT_IN_STEP
+                    and timer.customer not in erased
+                )
+                (ready if now else waiting).append(timer)
+            if not ready:
+                break
+            plan.schedule[:] = waiting
+            chained += ready
+            candidates += self._fire(ready, records, index, promises, plan, [])
+        return chained
 
     def _policy(
         self,
@@ -725,9 +786,11 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, dict[str, int], None]):
         erased: dict[str, ParsedEvent],
         plan: TimerPlan,
         stateless: set[str],
+        mark: int | None,
     ) -> tuple[list[dict[str, Any]], list[int], list[dict[str, Any]]]:
         """Run candidates through the contact policies: records to emit (and the epoch ms
-        of their event times), and suppressions.
+        of their event times), and suppressions. A trigger held through quiet hours
+        that end at or before the watermark ``mark`` goes out now.
 
         A customer's stored profile is read only when the customer had a stored
         state: both are written in the same commit and deleted together on
@@ -748,7 +811,8 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, dict[str, int], None]):
             for decision in ok:
                 record = self._rt.triggers.build(decision.candidate)
                 record.update(decision.extras)
-                if decision.hold_until_ms is None:
+                hold = decision.hold_until_ms
+                if hold is None or (mark is not None and hold <= mark):
                     approved.append(record)
                     approved_ms.append(decision.candidate.event_time_ms)
                 else:  # quiet hours: held as a durable timer, emitted at the window's end
@@ -757,7 +821,7 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, dict[str, int], None]):
                             customer,
                             "deferred",
                             orjson.dumps(record).decode(),
-                            decision.hold_until_ms,
+                            hold,
                         )
                     )
             shown = "erased" if customer in erased else customer
@@ -961,6 +1025,7 @@ class Changes(NamedTuple):
     erase: list[tuple[str, list[str], dict[str, str], int, int]]
     outgoing: list[Outgoing]  # trigger and suppression records
     customers_delta: int = 0  # new customers minus erased ones
+    chained: Sequence[Timer] = ()  # scheduled and fired in the same step, never written
 
     @classmethod
     def none(cls) -> Changes:

@@ -148,3 +148,61 @@ def test_live_mode_fires_a_due_timer_while_input_is_idle(isolated_config, script
         print(f"live timer fired {lateness} ms after its due time")
         assert abs(fired_for_ms - due_ms) <= 1, (trigger["event_time"], due_ms)
         assert lateness >= 0, f"fired {-lateness} ms before its due time"
+
+
+def test_timers_a_step_passes_fire_in_it_with_the_triggers_redis_would_give(
+    isolated_config, script, stack, monkeypatch
+):
+    """A step that spans the cart delays, two win-back steps and the end of quiet hours
+    fires those timers itself: none is read back from Redis. Its triggers are the ones
+    two runs give, the second firing them from Redis."""
+    from crmstream.state.timers import TimerStore
+
+    read_back: list[str] = []
+    due = TimerStore.due
+
+    def spy(self, shard, watermark_ms, limit):  # the real Redis answers; kinds are noted
+        timers = due(self, shard, watermark_ms, limit)
+        read_back.extend(t.kind for t in timers)
+        return timers
+
+    monkeypatch.setattr(TimerStore, "due", spy)
+    in_step = ("cart_1", "cart_2", "dormant_30", "dormant_90", "potential", "deferred")
+
+    def run(split: bool) -> list[dict]:
+        # Quiet hours on (policies=True): every trigger below falls in them and is held.
+        config = isolated_config(
+            "processing.step_ms=600000", "rules.churn_risk.enabled=false", policies=True
+        )
+        s = script(config)
+        s.event("clickstream", "ann", "add_to_cart", 0, product_id="p", category="shoes")
+        s.event("orders", "ben", "order_placed", 0, order_id="b1", amount=10, currency="USD")
+        if split:
+            s.flush()
+            run_flow(config, stack)  # the watermark is at T0: every timer waits in Redis
+        s.event("clickstream", "zed", "session_start", 95 * D)
+        s.flush()
+        read_back.clear()
+        run_flow(config, stack)
+        assert _pending(config, stack, kinds=in_step) == 0
+        assert _pending(config, stack, kinds=("dormant_180",)) == 1
+        records = read_topic(stack, config.kafka.topics.triggers)
+        for record in records:
+            del record["emitted_at"]
+        return sorted(records, key=lambda r: r["trigger_id"])
+
+    one_step = run(split=False)
+    assert not set(read_back) & set(in_step), read_back
+    two_runs = run(split=True)
+    # The second run read them back; dormant_90 is scheduled there when dormant_30 fires.
+    assert set(in_step) - {"dormant_90"} <= set(read_back), read_back
+    assert one_step == two_runs
+    got = sorted((r["customer_id"], r["trigger_type"], r["event_time"]) for r in one_step)
+    assert got == [
+        ("ann", "cart_abandoned", "2026-01-01T01:00:00.000+00:00"),
+        ("ann", "cart_abandoned", "2026-01-02T00:00:00.000+00:00"),
+        ("ben", "dormant_win_back", "2026-01-31T00:00:00.000+00:00"),
+        ("ben", "dormant_win_back", "2026-04-01T00:00:00.000+00:00"),
+        ("ben", "first_order_welcome", "2026-01-01T00:00:00.000+00:00"),
+    ]
+    assert all(r["deferred"]["policy"] == "quiet_hours" for r in one_step)
