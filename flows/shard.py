@@ -682,10 +682,11 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, dict[str, int], None]):
             quiet = [t.customer for t in rechecks]
             candidates += self._catalog.from_derived_batch(quiet, subset, later)
             records[rows] = subset  # after from_derived_batch, which may set flags
-        held: list[dict[str, Any]] = []
-        # No state (erased): its timers are moot.
+        # No state (erased): its timers are moot. A trigger held through quiet hours
+        # goes out now, as it was built then.
         live_due = [t for t in due if blobs[index[t.customer]] is not None]
-        candidates += self._fire(live_due, records, index, promises, plan, held)
+        held = [orjson.loads(t.ref) for t in live_due if t.kind == "deferred"]
+        candidates += self._fire(live_due, records, index, promises, plan)
         erased = {ev.customer_id: ev for ev in fresh if ev.type_code == ERASURE_REQUESTED}
         chained = self._fire_ready(mark, records, index, promises, plan, erased, candidates)
         fired += [t.member for t in chained]
@@ -721,14 +722,12 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, dict[str, int], None]):
         index: dict[str, int],
         promises: dict[str, dict[str, int]],
         plan: TimerPlan,
-        held: list[dict[str, Any]],
     ) -> list[Candidate]:
-        """The candidates of due timers; their next occurrences go into ``plan`` and the
-        triggers they held through quiet hours into ``held``."""
+        """The candidates of due timers; their next occurrences go into ``plan``. Held
+        triggers (``deferred``) are the caller's: they are emitted as they are."""
         out = []
         for timer in timers:
-            if timer.kind == "deferred":  # a trigger held through quiet hours: emit it now
-                held.append(orjson.loads(timer.ref))
+            if timer.kind == "deferred":
                 continue
             record = records[index[timer.customer]]
             own = promises.get(timer.customer, {})
@@ -761,20 +760,27 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, dict[str, int], None]):
         chained: list[Timer] = []
         if mark is None:
             return chained
+        todo = plan.schedule[:]
+        del plan.schedule[:]
+        # Each timer is looked at once: a pass sees only what the last one scheduled.
         for _ in range(_MAX_TIMER_ROUNDS):  # a fired timer can schedule its next step
-            ready, waiting = [], []
-            for timer in plan.schedule:
+            ready = []
+            for timer in todo:
                 now = (
                     timer.due_ms <= mark
                     and timer.kind not in _NOT_IN_STEP
                     and timer.customer not in erased
                 )
-                (ready if now else waiting).append(timer)
+                (ready if now else plan.schedule).append(timer)
             if not ready:
                 break
-            plan.schedule[:] = waiting
             chained += ready
-            candidates += self._fire(ready, records, index, promises, plan, [])
+            start = len(plan.schedule)
+            candidates += self._fire(ready, records, index, promises, plan)
+            todo = plan.schedule[start:]
+            del plan.schedule[start:]
+        else:
+            plan.schedule += todo  # cut off: written, fired by a later round
         return chained
 
     def _policy(
