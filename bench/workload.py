@@ -10,7 +10,9 @@ CRM engine, and how they are modelled:
 - sessions run a funnel: product views -> cart adds (~9 % of views) ->
   checkout (~55 % of carts) -> order (~70 % of checkouts);
 - orders go through paid -> shipped (with a promised delivery time) ->
-  delivered, with customs holds, delays, returns and refunds;
+  delivered, with customs holds, delays, returns and refunds, each sent when
+  it happens (event time never runs ahead of the stream by more than a
+  session);
 - customers live in regions with their own currency, time zone and language;
 - a configurable share of messages is malformed in the ways real producers
   get it wrong, to exercise the dead-letter path.
@@ -304,27 +306,33 @@ class Workload:
             elif kind == "deliver":
                 (amount,) = extra
                 yield self._event("orders", cust, "order_delivered", due, order_id=order_id)
+                # What follows a delivery is sent when it happens, as a shop's systems
+                # send it, not ahead with a future event time.
                 if rng.random() < 0.06:
                     ret = due + rng.randint(24, 240) * 3_600_000
-                    yield self._event("orders", cust, "order_returned", ret, order_id=order_id)
-                    yield self._event(
-                        "orders",
-                        cust,
-                        "order_refunded",
-                        ret + 86_400_000,
-                        order_id=order_id,
-                        amount=amount,
-                        currency=cust.region[1],
-                    )
+                    self._schedule(ret, "return", cust, order_id, amount)
                 if rng.random() < 0.05:
-                    yield self._event(
-                        "feedback",
-                        cust,
-                        "product_review",
-                        due + 86_400_000,
-                        product_id="p000001",
-                        rating=rng.randint(1, 5),
-                    )
+                    self._schedule(due + 86_400_000, "review", cust, order_id, rng.randint(1, 5))
+            elif kind == "return":
+                (amount,) = extra
+                yield self._event("orders", cust, "order_returned", due, order_id=order_id)
+                self._schedule(due + 86_400_000, "refund", cust, order_id, amount)
+            elif kind == "refund":
+                (amount,) = extra
+                yield self._event(
+                    "orders",
+                    cust,
+                    "order_refunded",
+                    due,
+                    order_id=order_id,
+                    amount=amount,
+                    currency=cust.region[1],
+                )
+            elif kind == "review":
+                (rating,) = extra
+                yield self._event(
+                    "feedback", cust, "product_review", due, product_id="p000001", rating=rating
+                )
 
     def _malform(self, event: GeneratedEvent) -> GeneratedEvent:
         """Damage an event the way real producers do."""
