@@ -48,8 +48,6 @@ from crmstream.operators.catalog import (
     Candidate,
     TimerPlan,
     TriggerCatalog,
-    expand_wake,
-    fold_wake,
 )
 from crmstream.operators.events import (
     EVENT_CODE,
@@ -81,7 +79,7 @@ from crmstream.state.encoding import (
 from crmstream.state.layout import shard_of
 from crmstream.state.profile import event_fields, profile_changed, profile_rows
 from crmstream.state.store import Position, Progress
-from crmstream.state.timers import Timer
+from crmstream.state.timers import SEP, Timer
 
 log = logging.getLogger(__name__)
 
@@ -98,8 +96,8 @@ _NOTHING = Progress(-1, -1, -1)
 _MAX_TIMER_ROUNDS = 10_000
 # Timer kinds a step fires from its own plan when they are already due (see
 # ShardLogic._fire_ready): those that need only the customer's record. Delivery
-# timers need the stored promises, and rechecks and birthdays fold into a wake
-# timer: they wait for the next round. Quiet-hours holds are made by the policies,
+# timers need the stored promises, and rechecks (a re-derivation) and birthdays
+# wait for the next round, in the customer's wake. Quiet-hours holds are made by the policies,
 # which let those already over go out at once (ShardLogic._policy).
 _NOT_IN_STEP = frozenset({"delivery", "recheck", "birthday", WAKE, "deferred"})
 
@@ -610,12 +608,12 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, dict[str, int], None]):
         blobs, promises = store.load_states(customers, sorted(needs_promises))
         records = decode_batch(blobs, [store.state_key(c) for c in customers])
         fired = [t.member for t in due]
-        woke = {t.customer for t in due if t.kind == WAKE}
-        due = [
-            one
-            for t in due
-            for one in (expand_wake(t, records[index[t.customer]]) if t.kind == WAKE else (t,))
-        ]
+        wakes = [t for t in due if t.kind == WAKE]
+        woke = {t.customer for t in wakes}
+        if wakes:
+            bounds = [t.due_ms if mark is None else mark for t in wakes]
+            stood = self._catalog.expand_wakes(wakes, records, index, bounds)
+            due = [one for t in due for one in (stood[t.customer] if t.kind == WAKE else (t,))]
         events, touched = self._drop_erased(events, with_events, due, store.last_tombstones)
 
         # The events' fields as columns, transposed once in C (not a generator per
@@ -698,7 +696,7 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, dict[str, int], None]):
         approved, approved_ms, suppressions = self._policy(
             candidates, records, index, profiles, erased, plan, stateless, mark
         )
-        fold_wake(plan, records, index, woke)
+        self._catalog.fold_wake(plan, records, index, woke, chained)
         ids, ingest = cols.event_id, cols.ingest_ms
         if keep is not None:
             ids, ingest = compress(ids, keep), compress(ingest, keep)
@@ -710,7 +708,7 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, dict[str, int], None]):
             for c, blob in zip(customers, encode_records(records), strict=True)
             if c in touched
         }
-        erase = self._erase(erased, states, profiles, plan, now_ms)
+        erase = self._erase(erased, states, profiles, plan, now_ms, records, index)
         delta = sum(c in stateless for c in states)
         delta -= sum(c not in stateless for c in erased)
         return Changes(states, profiles, plan, fired, triggers, erase, outgoing, delta, chained)
@@ -883,9 +881,13 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, dict[str, int], None]):
         profiles: dict[str, dict[str, str]],
         plan: TimerPlan,
         now_ms: int,
+        records: np.ndarray,
+        index: dict[str, int],
     ) -> list[tuple[str, list[str], dict[str, str], int, int]]:
         """Right to be forgotten: drop the customer's writes, list keys and timers to delete,
-        and an audit entry that holds no personal data (a salted hash of the id)."""
+        and an audit entry that holds no personal data (a salted hash of the id). The
+        audit counts the timers pending: the set's members but ``wake``, and those the
+        record kept (``FOLDED``)."""
         erase = []
         store = self._rt.store
         ttl_s = int(self._rt.config.policies.erasure_tombstone_days * 86400)
@@ -896,12 +898,15 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, dict[str, int], None]):
             plan.delivered.pop(customer, None)
             plan.schedule[:] = [t for t in plan.schedule if t.customer != customer]
             members = store.timer_members_of(self._shard, customer)
+            pending = sum(m.split(SEP, 2)[1] != WAKE for m in members)
+            row = index[customer]
+            pending += len(self._catalog.folded_timers([customer], records[row : row + 1])[0])
             audit = {
                 "action": "erasure",
                 "subject": store.subject(customer),
                 "requested_at": iso_ms(ev.event_time_ms),
                 "applied_at": iso_ms(now_ms),
-                "timers_removed": str(len(members)),
+                "timers_removed": str(pending),
             }
             erase.append((customer, members, audit, ev.event_time_ms, ttl_s))
             get_metrics().erasures.inc()

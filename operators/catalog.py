@@ -15,12 +15,21 @@ Timer kinds and what they check when due (``fire``):
   step is pending: a step that fires schedules the following one.
 - ``delivery``: an order (the ref) not delivered ``hours_after_promise`` after
   its promised time (``customs_hours_after_promise`` once held in customs).
-- ``recheck`` (churn re-derivation of a quiet customer) and ``birthday``: every
-  customer can have one of each pending, so both are kept in the customer's
-  state (``recheck_due_ms``, ``birthday_due_ms``) and one ``wake`` timer at the
-  earlier of the two stands for them in the timer set (``fold_wake``). When it
-  fires, ``expand_wake`` turns it back into the recheck and birthday timers
-  due by then, which fire and reschedule as their own kinds.
+- ``recheck`` (churn re-derivation of a quiet customer), ``birthday``,
+  ``potential``, ``repurchase``, ``welcome``: see ``fire``.
+
+A timer set member costs about 130 bytes of Redis, and most customers have a
+churn recheck pending, many a win-back step, a cart nudge or a potential
+no-repeat. Those kinds (``_FOLDED``) are kept in the customer's state instead,
+as what their due time and ref follow from: the recheck's and birthday's due
+times, bits for the cart nudges (due at ``last_cart_ms`` plus the delay), the
+win-back step (anchored at ``last_order_ms``) and the first order's time. One
+``wake`` member, due at the earliest of them, stands for them in the timer set
+(``fold_wake``). When it fires, ``expand_wake`` turns it back into the timers
+due by the watermark, which fire and reschedule as their own kinds. Scheduling
+a kind again replaces its pending timer, as scheduling the same member again
+moves it in the set; a timer the state cannot give back exactly stays a
+member. A pending cart nudge or potential no-repeat follows a changed delay.
 """
 
 from __future__ import annotations
@@ -50,6 +59,8 @@ from crmstream.operators.kernels import (
 )
 from crmstream.operators.rules import iso_ms
 from crmstream.state.encoding import (
+    FLAG_CART_1,
+    FLAG_CART_2,
     FLAG_SHIFT_FIRED,
     KIND_ACTIVITY,
     SEGMENTS,
@@ -186,9 +197,8 @@ class TriggerCatalog:
         if ORDER_PLACED in codes and rules.dormant_win_back.enabled:
             anchor = int(record["last_order_ms"])
             steps = sorted(rules.dormant_win_back.days)
-            for days in steps:
-                plan.cancel.append(timer_member(customer, f"dormant_{days}"))
-            # One timer at a time: each step schedules the next when it fires.
+            # One timer at a time: each step schedules the next when it fires. It
+            # replaces the pending step of an earlier anchor (fold_wake).
             plan.schedule.append(
                 Timer(customer, f"dormant_{steps[0]}", str(anchor), anchor + steps[0] * MS_PER_DAY)
             )
@@ -548,6 +558,167 @@ class TriggerCatalog:
             )
         return None
 
+    # -- timers kept in the record -------------------------------------------------
+    def _folded_due(self, kind: str, record: np.void) -> int:
+        """The due time of the ``kind`` timer kept in ``record`` (0: none pending)."""
+        rules = self._rules
+        if kind == "recheck":
+            return int(record["recheck_due_ms"])
+        if kind == "birthday":
+            return int(record["birthday_due_ms"])
+        if kind in ("cart_1", "cart_2"):
+            if not record["rule_flags"] & _CART_FLAGS[kind]:
+                return 0
+            rule = rules.cart_abandoned
+            delay = (
+                rule.first_delay_minutes * 60_000
+                if kind == "cart_1"
+                else rule.second_delay_hours * MS_PER_HOUR
+            )
+            return int(record["last_cart_ms"]) + int(delay)
+        if kind == "dormant":
+            days = int(record["dormant_days"])
+            return int(record["last_order_ms"]) + days * MS_PER_DAY if days else 0
+        ref = int(record["potential_ref_ms"])
+        return ref + rules.potential_no_repeat.days * MS_PER_DAY if ref else 0
+
+    def folded_timers(
+        self, customers: list[str], records: np.ndarray, upto_ms: np.ndarray | None = None
+    ) -> list[list[Timer]]:
+        """Per record, the timers it keeps (only those due by ``upto_ms``, one bound per
+        record, when given), earliest first."""
+        dues = self.due_columns(records)
+        hit = dues > 0
+        if upto_ms is not None:
+            hit &= dues <= np.asarray(upto_ms, np.int64)[:, None]
+        out: list[list[Timer]] = [[] for _ in customers]
+        rows, cols = np.nonzero(hit)
+        for row, col, due in zip(
+            rows.tolist(), cols.tolist(), dues[rows, cols].tolist(), strict=True
+        ):
+            record, kind, ref = records[row], _FOLDED[col], ""
+            if kind == "birthday":
+                month_day = int(record["birthday_md"])
+                ref = f"{month_day // 100:02d}-{month_day % 100:02d}"
+            elif kind == "dormant":
+                kind, ref = f"dormant_{int(record['dormant_days'])}", str(record["last_order_ms"])
+            elif kind == "potential":
+                ref = str(int(record["potential_ref_ms"]))
+            out[row].append(Timer(customers[row], kind, ref, due))
+        for timers in out:
+            timers.sort(key=lambda t: t.due_ms)
+        return out
+
+    def expand_wakes(
+        self, wakes: list[Timer], records: np.ndarray, index: dict[str, int], upto_ms: list[int]
+    ) -> dict[str, list[Timer]]:
+        """Per customer, the timers its due ``wake`` stands for that are due by its bound
+        in ``upto_ms`` (the watermark), cleared from its record: what fires is
+        rescheduled by ``reschedule``."""
+        rows = [index[t.customer] for t in wakes]
+        customers = [t.customer for t in wakes]
+        expanded = self.folded_timers(customers, records[rows], np.array(upto_ms, np.int64))
+        for row, timers in zip(rows, expanded, strict=True):
+            for timer in timers:
+                _clear(timer.kind, records[row])
+        return dict(zip(customers, expanded, strict=True))
+
+    def fold_wake(
+        self,
+        plan: TimerPlan,
+        records: np.ndarray,
+        index: dict[str, int],
+        woke: set[str],
+        fired: list[Timer],
+    ) -> None:
+        """Keep the plan's timers of the folded kinds in the customers' records and
+        schedule one ``wake`` per customer at the earliest pending (``woke``: customers
+        whose wake fired in this step, re-armed if anything is still pending). ``fired``:
+        timers the step fired from its own plan; a pending timer of the same kind is
+        cleared, as their members are removed from the set. A timer whose due time or
+        ref the record cannot give back stays a member of the set."""
+        owners = set(woke)
+        for timer in fired:
+            if _slot(timer.kind) is not None:
+                _clear(timer.kind, records[index[timer.customer]])
+                owners.add(timer.customer)
+        kept = []
+        for timer in plan.schedule:
+            kind = _slot(timer.kind)
+            record = records[index[timer.customer]] if kind is not None else None
+            if kind is None or not self._keep(kind, timer, record):
+                kept.append(timer)
+                continue
+            owners.add(timer.customer)
+        woken = sorted(owners)
+        dues = self.due_columns(records[[index[c] for c in woken]])
+        earliest = np.where(dues > 0, dues, _NEVER).min(axis=1, initial=_NEVER)
+        for customer, due in zip(woken, earliest.tolist(), strict=True):
+            if due != _NEVER:
+                kept.append(Timer(customer, WAKE, "", due))
+        plan.schedule[:] = kept
+
+    def due_columns(self, records: np.ndarray) -> np.ndarray:
+        """``_folded_due`` of every kind (columns in ``_FOLDED`` order) for every record
+        at once: the wake's due times, for a step's customers."""
+        rules = self._rules
+        cart = rules.cart_abandoned
+        flags, days = records["rule_flags"], records["dormant_days"].astype(np.int64)
+        ref = records["potential_ref_ms"]
+        return np.stack(
+            [
+                records["recheck_due_ms"],
+                records["birthday_due_ms"],
+                np.where(
+                    flags & FLAG_CART_1,
+                    records["last_cart_ms"] + int(cart.first_delay_minutes * 60_000),
+                    0,
+                ),
+                np.where(
+                    flags & FLAG_CART_2,
+                    records["last_cart_ms"] + int(cart.second_delay_hours * MS_PER_HOUR),
+                    0,
+                ),
+                np.where(days > 0, records["last_order_ms"] + days * MS_PER_DAY, 0),
+                np.where(ref != 0, ref + rules.potential_no_repeat.days * MS_PER_DAY, 0),
+            ],
+            axis=1,
+        ).reshape(len(records), len(_FOLDED))
+
+    def _keep(self, kind: str, timer: Timer, record: np.void) -> bool:
+        """Put ``timer`` into ``record`` if the record gives back its due time and ref
+        exactly; whether it did."""
+        if kind == "recheck":
+            record["recheck_due_ms"] = timer.due_ms
+            return True
+        if kind == "birthday":
+            record["birthday_due_ms"] = timer.due_ms
+            record["birthday_md"] = int(timer.ref[:2]) * 100 + int(timer.ref[3:])
+            return True
+        if kind in ("cart_1", "cart_2"):
+            flags = record["rule_flags"]
+            record["rule_flags"] = flags | _CART_FLAGS[kind]
+            if self._folded_due(kind, record) == timer.due_ms:
+                return True
+            record["rule_flags"] = flags
+            return False
+        if kind == "dormant":
+            days = int(timer.kind.split("_", 1)[1])
+            if days > 65535 or timer.ref != str(int(record["last_order_ms"])):
+                return False
+            was = int(record["dormant_days"])
+            record["dormant_days"] = days
+            if self._folded_due(kind, record) == timer.due_ms:
+                return True
+            record["dormant_days"] = was
+            return False
+        was = int(record["potential_ref_ms"])
+        record["potential_ref_ms"] = int(timer.ref)
+        if self._folded_due(kind, record) == timer.due_ms:
+            return True
+        record["potential_ref_ms"] = was
+        return False
+
     def reschedule(self, timer: Timer, record: np.void) -> Timer | None:
         """The next occurrence of a recurring timer that just fired."""
         if timer.kind == "recheck":
@@ -575,48 +746,34 @@ class TriggerCatalog:
 
 
 WAKE = "wake"
-_WAKE_FIELDS = {"recheck": "recheck_due_ms", "birthday": "birthday_due_ms"}
+# Timer kinds the record keeps (a dormant step under ``dormant``), in the order
+# they are listed.
+_FOLDED = ("recheck", "birthday", "cart_1", "cart_2", "dormant", "potential")
+_CART_FLAGS = {"cart_1": FLAG_CART_1, "cart_2": FLAG_CART_2}
+_NEVER = np.iinfo(np.int64).max
+_CLEAR = {
+    "recheck": ("recheck_due_ms",),
+    "birthday": ("birthday_due_ms",),
+    "dormant": ("dormant_days",),
+    "potential": ("potential_ref_ms",),
+}
 
 
-def expand_wake(timer: Timer, record: np.void) -> list[Timer]:
-    """The recheck and birthday timers a due ``wake`` stands for (those due by its
-    time), cleared from the record: what fires is rescheduled by ``reschedule``."""
-    out = []
-    recheck = int(record["recheck_due_ms"])
-    if recheck and recheck <= timer.due_ms:
-        out.append(Timer(timer.customer, "recheck", "", recheck))
-        record["recheck_due_ms"] = 0
-    birthday = int(record["birthday_due_ms"])
-    if birthday and birthday <= timer.due_ms:
-        month_day = int(record["birthday_md"])
-        ref = f"{month_day // 100:02d}-{month_day % 100:02d}"
-        out.append(Timer(timer.customer, "birthday", ref, birthday))
-        record["birthday_due_ms"] = 0
-    return out
+def _slot(kind: str) -> str | None:
+    """The folded kind a timer kind is kept under, or None (a member of the timer set)."""
+    if kind.startswith("dormant_"):
+        return "dormant"
+    return kind if kind in _FOLDED else None
 
 
-def fold_wake(plan: TimerPlan, records: np.ndarray, index: dict[str, int], woke: set[str]) -> None:
-    """Move the plan's recheck and birthday timers into the customers' records and
-    schedule one ``wake`` per customer at the earlier of the two (``woke``: customers
-    whose wake fired in this step, re-armed if anything is still pending)."""
-    owners = set(woke)
-    kept = []
-    for timer in plan.schedule:
-        field = _WAKE_FIELDS.get(timer.kind)
-        if field is None:
-            kept.append(timer)
-            continue
-        record = records[index[timer.customer]]
-        record[field] = timer.due_ms
-        if timer.kind == "birthday":
-            record["birthday_md"] = int(timer.ref[:2]) * 100 + int(timer.ref[3:])
-        owners.add(timer.customer)
-    for customer in sorted(owners):
-        record = records[index[customer]]
-        dues = [d for d in (int(record["recheck_due_ms"]), int(record["birthday_due_ms"])) if d]
-        if dues:
-            kept.append(Timer(customer, WAKE, "", min(dues)))
-    plan.schedule[:] = kept
+def _clear(kind: str, record: np.void) -> None:
+    """Forget the record's pending timer of ``kind``."""
+    slot = _slot(kind)
+    if slot in _CART_FLAGS:
+        record["rule_flags"] &= ~np.uint8(_CART_FLAGS[slot])
+    else:
+        for field in _CLEAR[slot]:
+            record[field] = 0
 
 
 def next_birthday_reminder(month_day: str, after_ms: int, days_before: int) -> int:

@@ -20,7 +20,7 @@ from numba import njit
 
 from crmstream.operators.events import NUM_EVENT_TYPES
 
-LAYOUT_VERSION = 4
+LAYOUT_VERSION = 5
 # Input roles whose applied positions each customer records (exactly-once).
 ROLES: tuple[str, ...] = ("clickstream", "orders", "customers", "feedback")
 ROLE_INDEX = {role: i for i, role in enumerate(ROLES)}
@@ -52,6 +52,8 @@ CHURN_LEVELS = ("low", "medium", "high")
 FLAG_HIGH_INTENT = 1  # the high-intent condition held at the last event
 FLAG_CHURN_HIGH = 2  # churn is in the high band (with hysteresis)
 FLAG_SHIFT_FIRED = 4  # interest shift fired since the last preference snapshot
+FLAG_CART_1 = 8  # the first cart nudge is pending (due: last_cart_ms + its delay)
+FLAG_CART_2 = 16  # the second cart nudge is pending
 
 EMPTY_BASE = np.iinfo(np.int32).min
 
@@ -115,16 +117,23 @@ STATE_DTYPE = np.dtype(
         ("recheck_due_ms", np.int64),
         ("birthday_due_ms", np.int64),
         ("birthday_md", np.uint16),
+        # Layout 5: the win-back step pending (N of dormant_<N>, anchored at
+        # last_order_ms; 0: none) and the first order's time while potential
+        # no-repeat is pending (0: none); pending cart nudges are FLAG_CART_* bits.
+        ("dormant_days", np.uint16),
+        ("potential_ref_ms", np.int64),
     ]
 )
 STATE_BYTES = STATE_DTYPE.itemsize
 DEDUP_IDS = 8
 
+# Layout 4: layout 5 without the fields after ``birthday_md`` and the cart bits.
+STATE_DTYPE_V4 = np.dtype(STATE_DTYPE.descr[: STATE_DTYPE.names.index("birthday_md") + 1])
 # Layout 3: layout 4 without the wake-up fields, stored unpacked.
 STATE_DTYPE_V3 = np.dtype(
     [
         d
-        for d in STATE_DTYPE.descr
+        for d in STATE_DTYPE_V4.descr
         if d[0] not in ("recheck_due_ms", "birthday_due_ms", "birthday_md")
     ]
 )
@@ -155,6 +164,9 @@ STATE_DTYPE_V1 = np.dtype(
 
 
 _VERSION_BYTE = bytes([LAYOUT_VERSION])
+# Layout 4 is a prefix of layout 5 with the same initial values, so its packed
+# blobs unpack into a layout-5 record as they are (the new fields stay at 0).
+_PACKED = (_VERSION_BYTE, bytes([4]))
 
 
 class StateEncodingError(ValueError):
@@ -180,7 +192,7 @@ def fresh_records(n: int) -> np.ndarray:
     return records
 
 
-# Layout 4 stores a record packed: its bytes XOR a fresh record's (so a field
+# Layouts 4 and 5 store a record packed: its bytes XOR a fresh record's (so a field
 # still at its initial value becomes zeros), then runs of zeros squeezed out.
 # Packed, after the version byte: tokens of (zeros, n, n literal bytes), each
 # count one byte; zeros after the last token are implied.
@@ -262,7 +274,7 @@ def decode_batch(blobs: list[bytes | None], keys: list[str]) -> np.ndarray:
     for i, blob in enumerate(blobs):
         if blob is None:
             continue
-        if blob[:1] == _VERSION_BYTE:
+        if blob[:1] in _PACKED:
             packed.append(i)
         else:
             _migrate(blob, keys[i], records[i : i + 1])
@@ -276,9 +288,10 @@ def decode_batch(blobs: list[bytes | None], keys: list[str]) -> np.ndarray:
         if bad >= 0:
             i = packed[bad]
             raise StateEncodingError(
-                f"state at {keys[i]!r} is a corrupt layout-{LAYOUT_VERSION} blob "
+                f"state at {keys[i]!r} is a corrupt layout-{blobs[i][0]} blob "
                 f"({len(blobs[i])} bytes)"
             )
+        records["version"][packed] = LAYOUT_VERSION
     return records
 
 

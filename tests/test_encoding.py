@@ -73,18 +73,64 @@ def test_a_fresh_record_packs_to_its_version_byte():
     assert encode_records(fresh_records(2)) == [bytes([LAYOUT_VERSION])] * 2
 
 
-@given(st.binary(max_size=64))
-def test_any_layout_4_bytes_decode_or_raise_a_clear_error(payload):
-    blob = bytes([LAYOUT_VERSION]) + payload
+@given(st.sampled_from([4, LAYOUT_VERSION]), st.binary(max_size=64))
+def test_any_packed_bytes_decode_or_raise_a_clear_error(version, payload):
+    blob = bytes([version]) + payload
     try:
         decode_batch([blob], ["crm:{c1}:s"])
     except StateEncodingError as error:
         assert "crm:{c1}:s" in str(error) and "corrupt" in str(error)
 
 
-def test_truncated_packed_state_names_the_key():
-    with pytest.raises(StateEncodingError, match=r"state at .crm:\{c1\}:s. is a corrupt layout-4"):
-        decode_batch([bytes([LAYOUT_VERSION, 0, 200, 1, 2])], ["crm:{c1}:s"])
+@pytest.mark.parametrize("version", [4, LAYOUT_VERSION])
+def test_truncated_packed_state_names_the_key(version):
+    with pytest.raises(
+        StateEncodingError, match=rf"state at .crm:\{{c1\}}:s. is a corrupt layout-{version}"
+    ):
+        decode_batch([bytes([version, 0, 200, 1, 2])], ["crm:{c1}:s"])
+
+
+def _pack_by_the_docs(raw: bytes, template: bytes) -> bytes:
+    """The packed format as documented, one token per changed byte: (zeros skipped,
+    1, byte XOR template), a skip over 255 split into (255, 0) tokens."""
+    out, last = bytearray(raw[:1]), 0
+    for i in range(1, len(raw)):
+        if raw[i] == template[i]:
+            continue
+        gap = i - last - 1
+        while gap > 255:
+            out += bytes([255, 0])
+            gap -= 255
+        out += bytes([gap, 1, raw[i] ^ template[i]])
+        last = i
+    return bytes(out)
+
+
+def test_layout_4_state_is_read_with_no_timers_in_the_record():
+    """A layout-4 blob (packed against the layout-4 fresh record) decodes to the same
+    fields, layout 5's new timer fields at 0, and is written back as layout 5."""
+    from crmstream.state.encoding import STATE_DTYPE_V4
+
+    current = fresh_records(1)
+    current["orders_total"] = 7
+    current["recent_ids"][0, 0] = 99
+    current["recheck_due_ms"] = 1_767_000_000_000
+    current["birthday_md"] = 1224
+    old = np.zeros(1, dtype=STATE_DTYPE_V4)
+    template = np.zeros(1, dtype=STATE_DTYPE_V4)
+    for name in STATE_DTYPE_V4.names:
+        old[name] = current[name]
+        template[name] = fresh_records(1)[name]
+    old["version"] = 4
+    blob = _pack_by_the_docs(old.tobytes(), template.tobytes())
+    (new,) = decode_batch([blob], ["crm:{c1}:s"])
+    assert new["version"] == LAYOUT_VERSION
+    for name in STATE_DTYPE_V4.names:
+        if name != "version":
+            assert np.array_equal(new[name], current[0][name]), name
+    for name in STATE_DTYPE.names[len(STATE_DTYPE_V4.names) :]:
+        assert new[name] == 0, name
+    assert encode_records(new.reshape(1))[0][0] == LAYOUT_VERSION
 
 
 def test_layout_3_state_is_migrated_with_no_pending_wake_up():

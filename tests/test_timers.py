@@ -25,12 +25,26 @@ def _fired(records, kind):
 
 
 def _pending(config, stack, kinds=("cart_1", "cart_2", "delivery")):
-    """Pending timers of these kinds, over every shard."""
+    """Pending timers of these kinds, over every shard: members of the timer sets and
+    those kept in the customers' states (each under a ``wake`` member)."""
+    from crmstream.operators.catalog import WAKE, TriggerCatalog
+    from crmstream.operators.kernels import params_from
+    from crmstream.state.encoding import decode_batch
+
     store = StateStore(connect(stack.redis_url, config.redis), config.redis.key_prefix)
-    found = 0
+    catalog = TriggerCatalog(config, params_from(config).churn_weights)
+    found, woken = 0, set()
     for shard in range(config.processing.shards):
-        members = store.client.zrange(store.timers.key(shard), 0, -1)
-        found += sum(1 for m in members if m.decode().split("\x1f")[1] in kinds)
+        for member in store.client.zrange(store.timers.key(shard), 0, -1):
+            customer, kind, _ = member.decode().split("\x1f", 2)
+            found += kind in kinds
+            if kind == WAKE:
+                woken.add(customer)
+    customers = sorted(woken)
+    keys = [store.state_key(c) for c in customers]
+    records = decode_batch([store.client.get(k) for k in keys], keys)
+    for timers in catalog.folded_timers(customers, records):
+        found += sum(t.kind in kinds for t in timers)
     return found
 
 
@@ -156,17 +170,24 @@ def test_timers_a_step_passes_fire_in_it_with_the_triggers_redis_would_give(
     """A step that spans the cart delays, two win-back steps and the end of quiet hours
     fires those timers itself: none is read back from Redis. Its triggers are the ones
     two runs give, the second firing them from Redis."""
+    from crmstream.operators.catalog import TriggerCatalog
     from crmstream.state.timers import TimerStore
 
     read_back: list[str] = []
-    due = TimerStore.due
+    due, expand = TimerStore.due, TriggerCatalog.expand_wakes
 
     def spy(self, shard, watermark_ms, limit):  # the real Redis answers; kinds are noted
         timers = due(self, shard, watermark_ms, limit)
         read_back.extend(t.kind for t in timers)
         return timers
 
+    def expand_spy(self, wakes, records, index, upto_ms):  # and the kinds wakes stood for
+        stood = expand(self, wakes, records, index, upto_ms)
+        read_back.extend(t.kind for timers in stood.values() for t in timers)
+        return stood
+
     monkeypatch.setattr(TimerStore, "due", spy)
+    monkeypatch.setattr(TriggerCatalog, "expand_wakes", expand_spy)
     in_step = ("cart_1", "cart_2", "dormant_30", "dormant_90", "potential", "deferred")
 
     def run(split: bool) -> list[dict]:
