@@ -121,7 +121,8 @@ class CrmMetrics:
         )
         self.pending_timers = Gauge(
             "crmstream_pending_timers",
-            "Timers waiting in the shard's sorted set after its last commit.",
+            "Members waiting in the shard's timer set after its last commit (a customer's "
+            "one wake member stands for the timers its state keeps).",
             ["shard"],
             registry=registry,
         )
