@@ -559,28 +559,26 @@ class TriggerCatalog:
         return None
 
     # -- timers kept in the record -------------------------------------------------
-    def _folded_due(self, kind: str, record: np.void) -> int:
-        """The due time of the ``kind`` timer kept in ``record`` (0: none pending)."""
+    def _due_of(self, kind: str, records: Any) -> Any:
+        """The due time of the ``kind`` timer kept in each record (0: none pending):
+        ``records`` is one record or an array of them (NumPy either way)."""
         rules = self._rules
-        if kind == "recheck":
-            return int(record["recheck_due_ms"])
-        if kind == "birthday":
-            return int(record["birthday_due_ms"])
+        if kind in ("recheck", "birthday"):
+            return records[f"{kind}_due_ms"]
         if kind in ("cart_1", "cart_2"):
-            if not record["rule_flags"] & _CART_FLAGS[kind]:
-                return 0
             rule = rules.cart_abandoned
             delay = (
                 rule.first_delay_minutes * 60_000
                 if kind == "cart_1"
                 else rule.second_delay_hours * MS_PER_HOUR
             )
-            return int(record["last_cart_ms"]) + int(delay)
+            pending = records["rule_flags"] & _CART_FLAGS[kind]
+            return np.where(pending, records["last_cart_ms"] + int(delay), 0)
         if kind == "dormant":
-            days = int(record["dormant_days"])
-            return int(record["last_order_ms"]) + days * MS_PER_DAY if days else 0
-        ref = int(record["potential_ref_ms"])
-        return ref + rules.potential_no_repeat.days * MS_PER_DAY if ref else 0
+            days = records["dormant_days"].astype(np.int64)
+            return np.where(days > 0, records["last_order_ms"] + days * MS_PER_DAY, 0)
+        ref = records["potential_ref_ms"]
+        return np.where(ref != 0, ref + rules.potential_no_repeat.days * MS_PER_DAY, 0)
 
     def folded_timers(
         self, customers: list[str], records: np.ndarray, upto_ms: np.ndarray | None = None
@@ -659,31 +657,10 @@ class TriggerCatalog:
         plan.schedule[:] = kept
 
     def due_columns(self, records: np.ndarray) -> np.ndarray:
-        """``_folded_due`` of every kind (columns in ``_FOLDED`` order) for every record
-        at once: the wake's due times, for a step's customers."""
-        rules = self._rules
-        cart = rules.cart_abandoned
-        flags, days = records["rule_flags"], records["dormant_days"].astype(np.int64)
-        ref = records["potential_ref_ms"]
-        return np.stack(
-            [
-                records["recheck_due_ms"],
-                records["birthday_due_ms"],
-                np.where(
-                    flags & FLAG_CART_1,
-                    records["last_cart_ms"] + int(cart.first_delay_minutes * 60_000),
-                    0,
-                ),
-                np.where(
-                    flags & FLAG_CART_2,
-                    records["last_cart_ms"] + int(cart.second_delay_hours * MS_PER_HOUR),
-                    0,
-                ),
-                np.where(days > 0, records["last_order_ms"] + days * MS_PER_DAY, 0),
-                np.where(ref != 0, ref + rules.potential_no_repeat.days * MS_PER_DAY, 0),
-            ],
-            axis=1,
-        ).reshape(len(records), len(_FOLDED))
+        """``_due_of`` every kind (columns in ``_FOLDED`` order) for every record at once:
+        the wake's due times, for a step's customers."""
+        columns = [self._due_of(kind, records) for kind in _FOLDED]
+        return np.stack(columns, axis=1).reshape(len(records), len(_FOLDED))
 
     def _keep(self, kind: str, timer: Timer, record: np.void) -> bool:
         """Put ``timer`` into ``record`` if the record gives back its due time and ref
@@ -695,28 +672,20 @@ class TriggerCatalog:
             record["birthday_due_ms"] = timer.due_ms
             record["birthday_md"] = int(timer.ref[:2]) * 100 + int(timer.ref[3:])
             return True
-        if kind in ("cart_1", "cart_2"):
-            flags = record["rule_flags"]
-            record["rule_flags"] = flags | _CART_FLAGS[kind]
-            if self._folded_due(kind, record) == timer.due_ms:
-                return True
-            record["rule_flags"] = flags
-            return False
         if kind == "dormant":
             days = int(timer.kind.split("_", 1)[1])
             if days > 65535 or timer.ref != str(int(record["last_order_ms"])):
                 return False
-            was = int(record["dormant_days"])
-            record["dormant_days"] = days
-            if self._folded_due(kind, record) == timer.due_ms:
-                return True
-            record["dormant_days"] = was
-            return False
-        was = int(record["potential_ref_ms"])
-        record["potential_ref_ms"] = int(timer.ref)
-        if self._folded_due(kind, record) == timer.due_ms:
+            field, value = "dormant_days", days
+        elif kind == "potential":
+            field, value = "potential_ref_ms", int(timer.ref)
+        else:  # a cart nudge
+            field, value = "rule_flags", record["rule_flags"] | _CART_FLAGS[kind]
+        was = record[field]
+        record[field] = value
+        if int(self._due_of(kind, record)) == timer.due_ms:
             return True
-        record["potential_ref_ms"] = was
+        record[field] = was
         return False
 
     def reschedule(self, timer: Timer, record: np.void) -> Timer | None:
