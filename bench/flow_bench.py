@@ -12,7 +12,11 @@ twice on the same broker and Redis:
 ``--exactly-once-cost`` adds a run without the exactly-once machinery;
 ``--gc-cost`` adds runs with Python's own garbage-collector settings, one
 before and one after the main run, and reports the seconds each spent in the
-collector. Every extra run has its own Redis prefix and output topics.
+collector. ``--front-only`` adds a run of the flow's front half alone: it
+reads, validates and routes as the flow does and hands each shard its steps,
+which the shard drops instead of applying. That is what the flow could reach
+if the state step cost nothing. Every extra run has its own Redis prefix and
+output topics.
 
 It prints events/s for all, their ratio, and the CPU time per event of the
 process (time spent waiting for a shared CPU does not count in it), and writes
@@ -39,6 +43,7 @@ from crmstream.config import CrmConfig, load_config
 from crmstream.embedded import EmbeddedStack
 from crmstream.flows.crm import run_in_process
 from crmstream.flows.runtime import Endpoints, Runtime
+from crmstream.flows.shard import ShardLogic
 from crmstream.metrics import counter_total, get_metrics
 from crmstream.operators.kernels import warm_up
 from crmstream.topics import create_topics
@@ -76,6 +81,25 @@ def flow_run(endpoints: Endpoints, config: CrmConfig) -> Run:
     seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
     runtime.close()
     return Run(int(handled() - before), seconds, cpu_seconds)
+
+
+def front_run(endpoints: Endpoints, config: CrmConfig) -> Run:
+    """The flow with each shard dropping its steps (counted) instead of applying them."""
+    dropped = 0
+    apply_step = ShardLogic._apply_step
+
+    def drop(shard: ShardLogic, step: int) -> list[dict[str, int]]:
+        nonlocal dropped
+        pending = shard._close_step(step)
+        dropped += len(pending.events) + len(pending.invalid)
+        return []
+
+    ShardLogic._apply_step = drop  # type: ignore[method-assign]
+    try:
+        run = flow_run(endpoints, config)
+    finally:
+        ShardLogic._apply_step = apply_step  # type: ignore[method-assign]
+    return run._replace(messages=dropped)
 
 
 class CollectorClock:
@@ -136,6 +160,12 @@ def main() -> None:
         help="also run the flow with Python's own GC settings (processing.gc_young_threshold=0, "
         "fresh state) before and after the main run, and compare",
     )
+    parser.add_argument(
+        "--front-only",
+        action="store_true",
+        help="also run the flow's front half alone (read, validate, route; each shard drops "
+        "its steps): the bound a free state step would leave",
+    )
     args = parser.parse_args()
     console = Console()
     config = load_config(None, [f"kafka.partitions={args.partitions}"])
@@ -172,6 +202,10 @@ def main() -> None:
                 endpoints, args.partitions, "at-least-once", "processing.exactly_once=false"
             )
             loose = flow_run(endpoints, loose_config)
+        front = None
+        if args.front_only:
+            console.print("the flow's front half alone (each shard drops its steps) ...")
+            front = front_run(endpoints, _variant(endpoints, args.partitions, "front"))
     raw_rate, flow_rate = raw.messages / raw.seconds, flow.messages / flow.seconds
     table = Table(title=f"foundation benchmark: {stats.events:,} events, 1 process")
     columns = ("contender", "messages", "seconds", "events/s", "ratio to ceiling", "CPU µs/event")
@@ -193,6 +227,8 @@ def main() -> None:
     add_row("crmstream flow", flow)
     if loose is not None:
         add_row("crmstream, at-least-once", loose)
+    if front is not None:
+        add_row("front half alone", front)
     for label, (run, _) in zip(("before", "after")[: len(untuned)], untuned, strict=True):
         add_row(f"Python's GC settings ({label})", run)
     console.print(table)
@@ -228,16 +264,20 @@ def main() -> None:
     }
     if loose is not None:
         result["at_least_once_events_per_s"] = round(loose.messages / loose.seconds)
+    if front is not None:
+        result["front_events_per_s"] = round(front.messages / front.seconds)
+        result["front_cpu_us_per_event"] = round(front.cpu_seconds / front.messages * 1e6, 2)
     result["flow_gc_seconds"] = round(flow_gc_s, 3)
     if untuned:
         result["python_gc_events_per_s"] = [round(r.messages / r.seconds) for r, _ in untuned]
         result["python_gc_seconds"] = [round(g, 3) for _, g in untuned]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode())
-    if flow.messages != raw.messages:
-        raise SystemExit(
-            f"flow handled {flow.messages} messages but the topics hold {raw.messages}"
-        )
+    for label, run in (("flow", flow), ("front half", front)):
+        if run is not None and run.messages != raw.messages:
+            raise SystemExit(
+                f"{label} handled {run.messages} messages but the topics hold {raw.messages}"
+            )
 
 
 if __name__ == "__main__":

@@ -457,10 +457,15 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, dict[str, int], None]):
         """The partition holds the watermark back: it has more to deliver after this step."""
         return pos not in self._caught_up or self._last_step.get(pos, NO_STEP) > self._applied_step
 
-    def _apply_step(self, step: int) -> list[dict[str, int]]:
+    def _close_step(self, step: int) -> _Step:
+        """Take a step's input out of the pending ones; it is the step applied now."""
         pending = self._pending.pop(step)
         self._step_opened_ms.pop(step, None)
         self._applied_step = step
+        return pending
+
+    def _apply_step(self, step: int) -> list[dict[str, int]]:
+        pending = self._close_step(step)
         self._watermark.observe(pending.event_times, self._rt.clock_ms())
         floors = {pos: self._progress.get(pos, _NOTHING).offset for pos in pending.positions}
         positions = {
