@@ -316,66 +316,56 @@ class EventValidator:
         """
         if value is not None and topic in self._click_topics and len(value) <= self._max_bytes:
             try:
-                click = _CLICK_DECODER.decode(value)
+                c = _CLICK_DECODER.decode(value)
             except msgspec.DecodeError:  # ValidationError too
                 pass
             else:
-                fast = self._fast_click(click, topic, partition, offset, timestamp_ms, now_ms)
-                if fast is not None:
-                    return fast
+                # The checks ``_validate`` makes on a clickstream event that types cannot
+                # say, in line (a call per message is a tenth of the fast path); one
+                # failing leaves it to the checked way, which words it.
+                ok = (
+                    self._min_time_ms <= c.event_time <= now_ms + self._max_skew_ms
+                    # msgspec typed it str: _is_country's other checks
+                    and (c.country is None or (len(c.country) == 2 and c.country.isupper()))
+                )
+                code = EVENT_CODE[c.event_type]
+                category = -1
+                if ok and code in _CATEGORY_CODES:
+                    product = code in _PRODUCT_CODES
+                    if product and c.product_id is None:
+                        ok = False
+                    elif product or c.category is not None:
+                        category = self._category_index.get(c.category, -1)
+                        ok = category >= 0
+                amount_base = 0.0
+                if ok and c.price is not msgspec.UNSET:
+                    rate = self._rates.get(c.currency)
+                    if rate is None:
+                        ok = False
+                    else:
+                        amount_base = c.price * rate
+                if ok:
+                    return new_tuple(
+                        ParsedEvent,
+                        (
+                            c.customer_id,
+                            c.event_id,
+                            code,
+                            c.event_time,
+                            category,
+                            amount_base,
+                            topic,
+                            partition,
+                            offset,
+                            timestamp_ms,
+                            0.0,
+                            {},
+                        ),
+                    )
         return self.parse_checked(key, value, topic, partition, offset, timestamp_ms, now_ms)
 
     def _in_time_range(self, event_time_ms: int, now_ms: int) -> bool:
         return self._min_time_ms <= event_time_ms <= now_ms + self._max_skew_ms
-
-    def _fast_click(
-        self,
-        c: _Click,
-        topic: str,
-        partition: int,
-        offset: int,
-        timestamp_ms: int,
-        now_ms: int,
-    ) -> ParsedEvent | None:
-        """The checks ``_validate`` makes on a clickstream event that types cannot say;
-        None when one fails (the checked way then words it)."""
-        if not self._in_time_range(c.event_time, now_ms):
-            return None
-        if c.country is not None and not _is_country(c.country):
-            return None
-        code = EVENT_CODE[c.event_type]
-        category = -1
-        if code in _CATEGORY_CODES:
-            product = code in _PRODUCT_CODES
-            if product and c.product_id is None:
-                return None
-            if product or c.category is not None:
-                category = self._category_index.get(c.category, -1)
-                if category < 0:
-                    return None
-        amount_base = 0.0
-        if c.price is not msgspec.UNSET:
-            rate = self._rates.get(c.currency)
-            if rate is None:
-                return None
-            amount_base = c.price * rate
-        return new_tuple(
-            ParsedEvent,
-            (
-                c.customer_id,
-                c.event_id,
-                code,
-                c.event_time,
-                category,
-                amount_base,
-                topic,
-                partition,
-                offset,
-                timestamp_ms,
-                0.0,
-                {},
-            ),
-        )
 
     def parse_checked(
         self,
