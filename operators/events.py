@@ -321,8 +321,8 @@ class EventValidator:
                 pass
             else:
                 # The checks ``_validate`` makes on a clickstream event that types cannot
-                # say, in line (a call per message is a tenth of the fast path); one
-                # failing leaves it to the checked way, which words it.
+                # say, in line (no second call per message); one failing leaves the
+                # message to the checked way, which words the rejection.
                 ok = (
                     self._min_time_ms <= c.event_time <= now_ms + self._max_skew_ms
                     # msgspec typed it str: _is_country's other checks
