@@ -659,8 +659,7 @@ class TriggerCatalog:
     def due_columns(self, records: np.ndarray) -> np.ndarray:
         """``_due_of`` every kind (columns in ``_FOLDED`` order) for every record at once:
         the wake's due times, for a step's customers."""
-        columns = [self._due_of(kind, records) for kind in _FOLDED]
-        return np.stack(columns, axis=1).reshape(len(records), len(_FOLDED))
+        return np.stack([self._due_of(kind, records) for kind in _FOLDED], axis=1)
 
     def _keep(self, kind: str, timer: Timer, record: np.void) -> bool:
         """Put ``timer`` into ``record`` if the record gives back its due time and ref
