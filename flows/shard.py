@@ -86,9 +86,12 @@ log = logging.getLogger(__name__)
 
 PROGRESS_WRITE_INTERVAL_MS = 1000
 ERASURE_REQUESTED = EVENT_CODE["erasure_requested"]
-DELIVERY_EVENT_CODES = frozenset(
-    EVENT_CODE[k] for k in ("order_shipped", "order_delivered", "logistics_update")
+# Type codes as arrays, for np.isin over a step's events: those whose customer's open
+# orders a step loads, and those that schedule timers or fire event-driven triggers.
+_DELIVERY_CODES = np.array(
+    [EVENT_CODE[k] for k in ("order_shipped", "order_delivered", "logistics_update")], np.int8
 )
+_TIMER_CODES = np.array(sorted(TIMER_EVENT_CODES), np.int8)
 _PROFILE_EVENT_CODES = frozenset(
     EVENT_CODE[k] for k in ("profile_updated", "consent_granted", "consent_withdrawn")
 )
@@ -611,13 +614,16 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, dict[str, int], None]):
         metrics = get_metrics()
         if events:
             metrics.batch_events.observe(len(events))
-        with_events = dict.fromkeys([ev.customer_id for ev in events])
+        # The events' fields as columns, transposed once in C (not a generator per
+        # field), shared by the exactly-once checks and the kernel.
+        cols = _columns(events)
+        type_codes = np.fromiter(cols.type_code, np.int8, len(events))
+        with_events = dict.fromkeys(cols.customer_id)
         customers = list(with_events | dict.fromkeys([t.customer for t in due]))
         index = {c: i for i, c in enumerate(customers)}
         store = self._rt.store
-        needs_promises = {t.customer for t in due if t.kind == "delivery"} | {
-            ev.customer_id for ev in events if ev.type_code in DELIVERY_EVENT_CODES
-        }
+        needs_promises = {t.customer for t in due if t.kind == "delivery"}
+        needs_promises.update(compress(cols.customer_id, np.isin(type_codes, _DELIVERY_CODES)))
         blobs, promises = store.load_states(customers, sorted(needs_promises))
         records = decode_batch(blobs, [store.state_key(c) for c in customers])
         fired = [t.member for t in due]
@@ -627,14 +633,13 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, dict[str, int], None]):
             bounds = [t.due_ms if mark is None else mark for t in wakes]
             stood = self._catalog.expand_wakes(wakes, records, index, bounds)
             due = [one for t in due for one in (stood[t.customer] if t.kind == WAKE else (t,))]
+        n_read = len(events)
         events, touched = self._drop_erased(events, with_events, due, store.last_tombstones)
-
-        # The events' fields as columns, transposed once in C (not a generator per
-        # field), shared by the exactly-once checks and the kernel.
-        cols = _columns(events)
+        if len(events) < n_read:  # an erased customer's late events
+            cols = _columns(events)
+            type_codes = np.fromiter(cols.type_code, np.int8, len(events))
         cust = np.fromiter(map(index.__getitem__, cols.customer_id), np.int32, len(events))
         times = np.fromiter(cols.event_time_ms, np.int64, len(events))
-        type_codes = np.fromiter(cols.type_code, np.int8, len(events))
         fresh, keep = self._unapplied(events, cols, records, cust, times, type_codes)
 
         def kept(array: np.ndarray) -> np.ndarray:
@@ -668,9 +673,9 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, dict[str, int], None]):
 
         plan = TimerPlan([], [], {}, {})
         by_customer: dict[str, list[ParsedEvent]] = {}
-        for ev in fresh:
-            if ev.type_code in TIMER_EVENT_CODES:
-                by_customer.setdefault(ev.customer_id, []).append(ev)
+        for i in np.flatnonzero(np.isin(kept(type_codes), _TIMER_CODES)).tolist():
+            ev = fresh[i]
+            by_customer.setdefault(ev.customer_id, []).append(ev)
         candidates = self._catalog.from_firings(fresh, order, firings)
         for customer, own in by_customer.items():
             i = index[customer]
@@ -698,7 +703,8 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, dict[str, int], None]):
         live_due = [t for t in due if blobs[index[t.customer]] is not None]
         held = [orjson.loads(t.ref) for t in live_due if t.kind == "deferred"]
         candidates += self._fire(live_due, records, index, promises, plan)
-        erased = {ev.customer_id: ev for ev in fresh if ev.type_code == ERASURE_REQUESTED}
+        erasures = np.flatnonzero(kept(type_codes) == ERASURE_REQUESTED).tolist()
+        erased = {fresh[i].customer_id: fresh[i] for i in erasures}
         chained = self._fire_ready(mark, records, index, promises, plan, erased, candidates)
         fired += [t.member for t in chained]
         changed = profile_changed(as_loaded, records, self._rt.config)

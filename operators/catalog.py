@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import calendar
 from datetime import UTC, datetime, timedelta
+from itertools import compress
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -616,9 +617,10 @@ class TriggerCatalog:
         rows = [index[t.customer] for t in wakes]
         customers = [t.customer for t in wakes]
         expanded = self.folded_timers(customers, records[rows], np.array(upto_ms, np.int64))
-        for row, timers in zip(rows, expanded, strict=True):
-            for timer in timers:
-                _clear(timer.kind, records[row])
+        fire = [
+            (timer, row) for row, timers in zip(rows, expanded, strict=True) for timer in timers
+        ]
+        _clear([timer for timer, _ in fire], records, [row for _, row in fire])
         return dict(zip(customers, expanded, strict=True))
 
     def fold_wake(
@@ -636,56 +638,72 @@ class TriggerCatalog:
         cleared, as their members are removed from the set. A timer whose due time or
         ref the record cannot give back stays a member of the set."""
         owners = set(woke)
-        for timer in fired:
-            if _slot(timer.kind) is not None:
-                _clear(timer.kind, records[index[timer.customer]])
-                owners.add(timer.customer)
-        kept = []
-        for timer in plan.schedule:
-            kind = _slot(timer.kind)
-            record = records[index[timer.customer]] if kind is not None else None
-            if kind is None or not self._keep(kind, timer, record):
-                kept.append(timer)
-                continue
-            owners.add(timer.customer)
+        cleared = [t for t in fired if _slot(t.kind) is not None]
+        _clear(cleared, records, [index[t.customer] for t in cleared])
+        owners.update(t.customer for t in cleared)
+        schedule = plan.schedule
+        kinds = [t.kind for t in schedule]
+        slots = {kind: _slot(kind) for kind in set(kinds)}
+        by_kind: dict[str, list[int]] = {}  # folded kind -> positions in the plan
+        for position, kind in enumerate(map(slots.__getitem__, kinds)):
+            if kind is not None:
+                by_kind.setdefault(kind, []).append(position)
+        folded = np.zeros(len(schedule), bool)
+        for kind, positions in by_kind.items():
+            timers = [schedule[p] for p in positions]
+            rows = np.fromiter(map(index.__getitem__, [t.customer for t in timers]), np.intp)
+            kept = self._keep(kind, timers, rows, records)
+            folded[positions] = kept
+            owners.update(t.customer for t, k in zip(timers, kept.tolist(), strict=True) if k)
+        kept_timers = list(compress(schedule, ~folded)) if folded.any() else list(schedule)
         woken = sorted(owners)
         dues = self.due_columns(records[[index[c] for c in woken]])
         earliest = np.where(dues > 0, dues, _NEVER).min(axis=1, initial=_NEVER)
         for customer, due in zip(woken, earliest.tolist(), strict=True):
             if due != _NEVER:
-                kept.append(Timer(customer, WAKE, "", due))
-        plan.schedule[:] = kept
+                kept_timers.append(Timer(customer, WAKE, "", due))
+        plan.schedule[:] = kept_timers
 
     def due_columns(self, records: np.ndarray) -> np.ndarray:
         """``_due_of`` every kind (columns in ``_FOLDED`` order) for every record at once:
         the wake's due times, for a step's customers."""
         return np.stack([self._due_of(kind, records) for kind in _FOLDED], axis=1)
 
-    def _keep(self, kind: str, timer: Timer, record: np.void) -> bool:
-        """Put ``timer`` into ``record`` if the record gives back its due time and ref
-        exactly; whether it did."""
+    def _keep(
+        self, kind: str, timers: list[Timer], rows: np.ndarray, records: np.ndarray
+    ) -> np.ndarray:
+        """Put the ``kind`` timers (of the records at ``rows``, in plan order) into the
+        records where a record gives back a timer's due time and ref exactly; which
+        did. Of several kept for one record, the last in the plan is the one kept:
+        the outcome of putting them in one at a time."""
+        due = np.fromiter([t.due_ms for t in timers], np.int64, len(timers))
+        trial = records[rows]  # a copy: each timer tried against its own record
+        ok = np.ones(len(timers), bool)
         if kind == "recheck":
-            record["recheck_due_ms"] = timer.due_ms
-            return True
-        if kind == "birthday":
-            record["birthday_due_ms"] = timer.due_ms
-            record["birthday_md"] = int(timer.ref[:2]) * 100 + int(timer.ref[3:])
-            return True
-        if kind == "dormant":
-            days = int(timer.kind.split("_", 1)[1])
-            if days > 65535 or timer.ref != str(int(record["last_order_ms"])):
-                return False
-            field, value = "dormant_days", days
-        elif kind == "potential":
-            field, value = "potential_ref_ms", int(timer.ref)
-        else:  # a cart nudge
-            field, value = "rule_flags", record["rule_flags"] | _CART_FLAGS[kind]
-        was = record[field]
-        record[field] = value
-        if int(self._due_of(kind, record)) == timer.due_ms:
-            return True
-        record[field] = was
-        return False
+            field, values = "recheck_due_ms", due
+        elif kind == "birthday":
+            md = np.array([int(t.ref[:2]) * 100 + int(t.ref[3:]) for t in timers], np.int64)
+            last = _last_of(rows)
+            records["birthday_md"][rows[last]] = md[last]
+            field, values = "birthday_due_ms", due
+        elif kind in _CART_FLAGS:
+            field = "rule_flags"
+            values = trial[field] | np.uint8(_CART_FLAGS[kind])
+        elif kind == "dormant":
+            days = np.fromiter([int(t.kind.split("_", 1)[1]) for t in timers], np.int64)
+            anchors = [str(a) for a in trial["last_order_ms"].tolist()]
+            ok = (days <= 65535) & np.array(
+                [t.ref == a for t, a in zip(timers, anchors, strict=True)], bool
+            )
+            field, values = "dormant_days", np.where(ok, days, 0)
+        else:  # potential
+            field, values = "potential_ref_ms", np.array([int(t.ref) for t in timers], np.int64)
+        if kind not in ("recheck", "birthday"):
+            trial[field] = values
+            ok &= self._due_of(kind, trial) == due
+        last = _last_of(rows[ok])
+        records[field][rows[ok][last]] = values[ok][last]
+        return ok
 
     def reschedule(self, timer: Timer, record: np.void) -> Timer | None:
         """The next occurrence of a recurring timer that just fired."""
@@ -727,6 +745,13 @@ _CLEAR = {
 }
 
 
+def _last_of(rows: np.ndarray) -> np.ndarray:
+    """The positions of each row's last occurrence in ``rows`` (NumPy does not say which
+    of repeated indices an assignment keeps)."""
+    reverse_first = np.unique(rows[::-1], return_index=True)[1]
+    return len(rows) - 1 - reverse_first
+
+
 def _slot(kind: str) -> str | None:
     """The folded kind a timer kind is kept under, or None (a member of the timer set)."""
     if kind.startswith("dormant_"):
@@ -734,14 +759,18 @@ def _slot(kind: str) -> str | None:
     return kind if kind in _FOLDED else None
 
 
-def _clear(kind: str, record: np.void) -> None:
-    """Forget the record's pending timer of ``kind``."""
-    slot = _slot(kind)
-    if slot in _CART_FLAGS:
-        record["rule_flags"] &= ~np.uint8(_CART_FLAGS[slot])
-    else:
-        for field in _CLEAR[slot]:
-            record[field] = 0
+def _clear(timers: list[Timer], records: np.ndarray, rows: list[int]) -> None:
+    """Forget the pending timers of the kinds of ``timers`` in the records at ``rows``
+    (one row per timer)."""
+    by_slot: dict[str, list[int]] = {}
+    for timer, row in zip(timers, rows, strict=True):
+        by_slot.setdefault(_slot(timer.kind), []).append(row)
+    for slot, of_slot in by_slot.items():
+        if slot in _CART_FLAGS:
+            records["rule_flags"][of_slot] &= ~np.uint8(_CART_FLAGS[slot])
+        else:
+            for field in _CLEAR[slot]:
+                records[field][of_slot] = 0
 
 
 def next_birthday_reminder(month_day: str, after_ms: int, days_before: int) -> int:

@@ -10,7 +10,13 @@ from hypothesis import strategies as st
 from crmstream.config import load_config
 from crmstream.operators import kernels as K
 from crmstream.operators.catalog import WAKE, TimerPlan, TriggerCatalog
-from crmstream.state.encoding import decode_batch, encode_records, fresh_records
+from crmstream.state.encoding import (
+    FLAG_CART_1,
+    FLAG_CART_2,
+    decode_batch,
+    encode_records,
+    fresh_records,
+)
 from crmstream.state.timers import Timer
 
 CONFIG = load_config(None, [], env={})
@@ -127,3 +133,100 @@ def test_a_timer_the_step_fired_itself_clears_the_pending_one_of_its_kind():
     CATALOG.fold_wake(plan, records, {"di": 0}, set(), fired_in_step)
     assert [t.kind for t in CATALOG.folded_timers(["di"], records)[0]] == ["cart_2"]
     assert plan.schedule == [Timer("di", WAKE, "", T0 + CART_2)]
+
+
+def _fold_one_at_a_time(plan: TimerPlan, records: np.ndarray, index: dict[str, int]) -> None:
+    """The model ``fold_wake`` must match: each of the plan's timers put into its record
+    on its own, in plan order, and taken back out when the record does not give back
+    its due time and ref."""
+    kept, owners = [], set()
+    for timer in plan.schedule:
+        kind = "dormant" if timer.kind.startswith("dormant_") else timer.kind
+        if kind not in ("recheck", "birthday", "cart_1", "cart_2", "dormant", "potential"):
+            kept.append(timer)
+            continue
+        record = records[index[timer.customer] : index[timer.customer] + 1]
+        was = record.copy()
+        if kind == "birthday":
+            record["birthday_md"] = int(timer.ref[:2]) * 100 + int(timer.ref[3:])
+        if kind in ("recheck", "birthday"):
+            record[f"{kind}_due_ms"] = timer.due_ms
+        elif kind.startswith("cart"):
+            record["rule_flags"] |= FLAG_CART_1 if kind == "cart_1" else FLAG_CART_2
+        elif kind == "dormant":
+            days = int(timer.kind.split("_")[1])
+            if days > 65535 or timer.ref != str(int(record["last_order_ms"][0])):
+                kept.append(timer)
+                continue
+            record["dormant_days"] = days
+        else:
+            record["potential_ref_ms"] = int(timer.ref)
+        if int(CATALOG._due_of(kind, record)[0]) != timer.due_ms:
+            record[...] = was
+            kept.append(timer)
+            continue
+        owners.add(timer.customer)
+    for customer in sorted(owners):
+        dues = CATALOG.due_columns(records[index[customer] : index[customer] + 1])[0]
+        if (dues > 0).any():
+            kept.append(Timer(customer, WAKE, "", int(dues[dues > 0].min())))
+    plan.schedule[:] = kept
+
+
+@st.composite
+def _plans(draw):
+    """Several customers' records and a plan mixing every kind, kinds repeated for one
+    customer, timers a record gives back and timers it does not."""
+    customers = ["ann", "bo", "cy"]
+    records = fresh_records(len(customers))
+    for i in range(len(customers)):
+        records["last_cart_ms"][i] = draw(_times)
+        records["last_order_ms"][i] = draw(_times)
+    timers = []
+    for _ in range(draw(st.integers(0, 14))):
+        i = draw(st.integers(0, len(customers) - 1))
+        cart, order = int(records["last_cart_ms"][i]), int(records["last_order_ms"][i])
+        exact = draw(st.booleans())
+        off = 0 if exact else draw(st.integers(-2 * DAY, 2 * DAY))
+        step = draw(st.sampled_from([*RULES.dormant_win_back.days, 70_000]))
+        first = draw(_times)
+        anchor = order if exact or draw(st.booleans()) else order - DAY
+        timers.append(
+            draw(
+                st.sampled_from(
+                    [
+                        Timer(customers[i], "cart_1", "", cart + CART_1 + off),
+                        Timer(customers[i], "cart_2", "", cart + CART_2 + off),
+                        Timer(customers[i], f"dormant_{step}", str(anchor), anchor + step * DAY),
+                        Timer(
+                            customers[i],
+                            "potential",
+                            str(first),
+                            first + RULES.potential_no_repeat.days * DAY + off,
+                        ),
+                        Timer(customers[i], "recheck", "", first),
+                        Timer(
+                            customers[i],
+                            "birthday",
+                            draw(st.sampled_from(["02-29", "12-24"])),
+                            first,
+                        ),
+                        Timer(customers[i], "delivery", "o-1", first),
+                    ]
+                )
+            )
+        )
+    return customers, records, timers
+
+
+@settings(max_examples=300, deadline=None)
+@given(_plans())
+def test_fold_keeps_what_putting_the_timers_in_one_at_a_time_keeps(case):
+    customers, records, timers = case
+    index = {c: i for i, c in enumerate(customers)}
+    expected_records, expected = records.copy(), TimerPlan(list(timers), [], {}, {})
+    _fold_one_at_a_time(expected, expected_records, index)
+    plan = TimerPlan(list(timers), [], {}, {})
+    CATALOG.fold_wake(plan, records, index, set(), [])
+    assert plan.schedule == expected.schedule
+    assert records.tobytes() == expected_records.tobytes()
