@@ -63,6 +63,8 @@ class Approved(NamedTuple):
 
 
 _MAX_CACHED_WEIGHTS = 4096  # (country, day) pairs: a few days of every country
+_MAX_CACHED_HOURS = 65_536  # entries of each quiet-hours cache: a few MB
+_EPOCH = datetime(1970, 1, 1)  # naive: local days and hours count from it
 
 
 def _minutes(ms: int) -> int:
@@ -78,6 +80,15 @@ class PolicyEngine:
         quiet = config.policies.quiet_hours
         self._quiet_start = time.fromisoformat(quiet.start)
         self._quiet_end = time.fromisoformat(quiet.end)
+        self._quiet_minutes = (
+            self._quiet_start.hour * 60 + self._quiet_start.minute,
+            self._quiet_end.hour * 60 + self._quiet_end.minute,
+        )
+        # Per (zone, UTC hour): the offset; per (zone, local day): the window's end;
+        # per local hour: its "YYYY-MM-DDTHH:" text.
+        self._offsets: dict[tuple[ZoneInfo, int], int | None] = {}
+        self._ends: dict[tuple[ZoneInfo, int], int] = {}
+        self._local_hours: dict[int, str] = {}
         self._default_zone = ZoneInfo(quiet.default_timezone)  # checked by the schema
         # Looked up per candidate: resolved once here, not by getattr on the config.
         self._rule = {name: getattr(config.rules, name) for name in TRIGGER_TYPES}
@@ -86,6 +97,11 @@ class PolicyEngine:
             for country, region in config.policies.regions.items()
         }
         self._weights: dict[tuple[str, int], dict[str, float]] = {}  # (country, epoch day)
+        caps = config.policies.caps
+        self._lowest_caps = (
+            min(caps.per_day, caps.too_often_per_day),
+            min(caps.per_week, caps.too_often_per_week),
+        )
         # The profile fields the policies read, and all a step loads of stored profiles.
         # A channel comes from a rule, the default, or a validated preferred_channel.
         channels = {rule.channel for rule in self._rule.values() if rule.channel}
@@ -203,6 +219,8 @@ class PolicyEngine:
         sends = [m for m in history.sends if m]
         day = sum(1 for m in sends if now - m < 1440)
         week = sum(1 for m in sends if now - m < 10080)
+        if day < self._lowest_caps[0] and week < self._lowest_caps[1]:
+            return None  # under either pair of caps: no need to read which applies
         too_often_day = int(record["too_often_day"])
         cand_day = cand.event_time_ms // MS_PER_DAY
         if too_often_day > 0 and cand_day - too_often_day <= self._config.churn.too_often_days:
@@ -271,20 +289,94 @@ class PolicyEngine:
             "language": profile.get("language"),
             "send_window": {"timezone": tz.key, "from": quiet.end, "until": quiet.start},
         }
-        local = datetime.fromtimestamp(cand.event_time_ms / 1000, tz=tz)
-        if not self._in_quiet_hours(local.time()):
+        quiet_until = self._quiet_until(cand.event_time_ms, tz)
+        if quiet_until is None:
             return extras, None
-        allowed = self._next_allowed(local, tz)
-        until_ms = int(allowed.timestamp() * 1000)
+        until_ms, local_time = quiet_until
         if quiet.mode == "not_before":
             extras["not_before"] = iso_ms(until_ms)
             return extras, None
         extras["deferred"] = {
             "policy": "quiet_hours",
             "until": iso_ms(until_ms),
-            "local_time": local.isoformat(timespec="minutes"),
+            "local_time": local_time,
         }
         return extras, until_ms
+
+    def _quiet_until(self, at_ms: int, tz: ZoneInfo) -> tuple[int, str] | None:
+        """If ``at_ms`` is within quiet hours in ``tz``: when they end (epoch ms) and
+        the local time as ISO 8601 to the minute with its offset; else None.
+
+        The zone's offset is looked up once per UTC hour and the local time follows
+        by arithmetic (the window's bounds are whole minutes: the schema says so).
+        An hour in which the offset changes, or an offset that is not whole minutes,
+        takes ``_quiet_until_exact``, which tests/test_policies.py holds this equal to.
+        """
+        offset = self._offset_ms(tz, at_ms)
+        if offset is None:
+            return self._quiet_until_exact(at_ms, tz)
+        local_ms = at_ms + offset
+        minute = local_ms // 60_000 % 1440
+        start, end = self._quiet_minutes
+        if not ((start <= minute or minute < end) if start > end else (start <= minute < end)):
+            return None
+        day = local_ms // MS_PER_DAY + (1 if start > end and minute >= start else 0)
+        until_ms = self._window_end(tz, day)
+        hour = local_ms // 3_600_000
+        prefix = self._local_hours.get(hour)
+        if prefix is None:
+            if len(self._local_hours) >= _MAX_CACHED_HOURS:
+                self._local_hours.clear()
+            naive = _EPOCH + timedelta(hours=hour)
+            prefix = self._local_hours[hour] = naive.isoformat(timespec="hours") + ":"
+        sign, size = ("-", -offset) if offset < 0 else ("+", offset)
+        hours, minutes = divmod(size // 60_000, 60)
+        return until_ms, "%s%02d%s%02d:%02d" % (  # noqa: UP031
+            prefix,
+            local_ms // 60_000 % 60,
+            sign,
+            hours,
+            minutes,
+        )
+
+    def _quiet_until_exact(self, at_ms: int, tz: ZoneInfo) -> tuple[int, str] | None:
+        """``_quiet_until`` through ``datetime`` and the zone at the instant itself."""
+        local = datetime.fromtimestamp(at_ms / 1000, tz=tz)
+        if not self._in_quiet_hours(local.time()):
+            return None
+        allowed = self._next_allowed(local, tz)
+        return int(allowed.timestamp() * 1000), local.isoformat(timespec="minutes")
+
+    def _offset_ms(self, tz: ZoneInfo, at_ms: int) -> int | None:
+        """The zone's UTC offset in ms through the UTC hour of ``at_ms``; None if it
+        changes within that hour or is not whole minutes."""
+        key = (tz, at_ms // 3_600_000)
+        try:
+            return self._offsets[key]
+        except KeyError:
+            pass
+        start = datetime.fromtimestamp(key[1] * 3600, tz=tz).utcoffset()
+        last = datetime.fromtimestamp(key[1] * 3600 + 3599, tz=tz).utcoffset()
+        offset = None
+        if start == last and start is not None and not start % timedelta(minutes=1):
+            offset = start // timedelta(milliseconds=1)
+        if len(self._offsets) >= _MAX_CACHED_HOURS:
+            self._offsets.clear()
+        self._offsets[key] = offset
+        return offset
+
+    def _window_end(self, tz: ZoneInfo, day: int) -> int:
+        """Epoch ms of the quiet window's end on local day ``day`` (days since
+        1970-01-01) in ``tz``, as ``_next_allowed`` resolves it."""
+        key = (tz, day)
+        until = self._ends.get(key)
+        if until is None:
+            naive = datetime.combine(_EPOCH.date() + timedelta(days=day), self._quiet_end)
+            until = int(naive.replace(tzinfo=tz).timestamp() * 1000)
+            if len(self._ends) >= _MAX_CACHED_HOURS:
+                self._ends.clear()
+            self._ends[key] = until
+        return until
 
     def _in_quiet_hours(self, t: time) -> bool:
         start, end = self._quiet_start, self._quiet_end
