@@ -35,7 +35,8 @@ member. A pending cart nudge or potential no-repeat follows a changed delay.
 from __future__ import annotations
 
 import calendar
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
+from functools import lru_cache
 from itertools import compress
 from typing import Any, NamedTuple
 
@@ -775,15 +776,29 @@ def _clear(timers: list[Timer], records: np.ndarray, rows: list[int]) -> None:
 
 def next_birthday_reminder(month_day: str, after_ms: int, days_before: int) -> int:
     """The first "birthday minus ``days_before``" (00:00 UTC) strictly after ``after_ms``."""
-    month, day = int(month_day[:2]), int(month_day[3:])
-    year = datetime.fromtimestamp(after_ms / 1000, tz=UTC).year
-    for y in (year, year + 1, year + 2):
-        d = day if (month, day) != (2, 29) or calendar.isleap(y) else 28
-        reminder = datetime(y, month, d, tzinfo=UTC) - timedelta(days=days_before)
-        due = int(reminder.timestamp() * 1000)
+    for due in _birthday_reminders(month_day, _utc_year(after_ms // MS_PER_DAY), days_before):
         if due > after_ms:
             return due
     raise AssertionError("unreachable: a birthday recurs within two years")
+
+
+@lru_cache(maxsize=4096)
+def _birthday_reminders(month_day: str, year: int, days_before: int) -> tuple[int, ...]:
+    """Epoch ms of "birthday minus ``days_before``" in ``year`` and the two years after
+    (29 February on the 28th in other years)."""
+    month, day = int(month_day[:2]), int(month_day[3:])
+    out = []
+    for y in (year, year + 1, year + 2):
+        d = day if (month, day) != (2, 29) or calendar.isleap(y) else 28
+        reminder = datetime(y, month, d, tzinfo=UTC) - timedelta(days=days_before)
+        out.append(int(reminder.timestamp() * 1000))
+    return tuple(out)
+
+
+@lru_cache(maxsize=65_536)
+def _utc_year(day: int) -> int:
+    """The UTC year of day ``day`` since 1970-01-01."""
+    return (date(1970, 1, 1) + timedelta(days=day)).year
 
 
 def _promised_ms(ev: ParsedEvent) -> int:
