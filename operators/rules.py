@@ -41,15 +41,25 @@ def iso_ms(epoch_ms: int) -> str:
     if type(epoch_ms) is not int:
         return datetime.fromtimestamp(epoch_ms / 1000, tz=UTC).isoformat(timespec="milliseconds")
     hour, rest = divmod(epoch_ms, 3_600_000)
+    minutes, rest = divmod(rest, 60_000)
+    # %-formatting: 0.7 µs here against 1.1-1.6 µs for the f-string (timeit)
+    return "%s%02d:%02d.%03d+00:00" % (  # noqa: UP031
+        hour_prefix(hour),
+        minutes,
+        rest // 1000,
+        rest % 1000,
+    )
+
+
+def hour_prefix(hour: int) -> str:
+    """``"YYYY-MM-DDTHH:"`` of UTC hour ``hour`` since the epoch, built once per hour."""
     prefix = _hours.get(hour)
     if prefix is None:
         start = datetime.fromtimestamp(hour * 3600, tz=UTC)
         prefix = f"{start.date().isoformat()}T{start.hour:02d}:"
         if len(_hours) < _MAX_HOURS:
             _hours[hour] = prefix
-    minutes, rest = divmod(rest, 60_000)
-    # %-formatting: 0.7 µs here against 1.1-1.6 µs for the f-string (timeit)
-    return "%s%02d:%02d.%03d+00:00" % (prefix, minutes, rest // 1000, rest % 1000)  # noqa: UP031
+    return prefix
 
 
 class TriggerBuilder:

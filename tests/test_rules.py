@@ -14,6 +14,7 @@ from crmstream.operators.catalog import Candidate
 from crmstream.operators.policies import PolicyEngine
 from crmstream.operators.rules import iso_ms
 from crmstream.operators.zones import find_zone
+from crmstream.state.profile import iso_s
 
 
 def _reference(epoch_ms: float) -> str:
@@ -24,6 +25,12 @@ def _reference(epoch_ms: float) -> str:
 @given(st.integers(min_value=-2_208_988_800_000, max_value=7_258_118_400_000))
 def test_iso_ms_writes_the_same_text_as_datetime(epoch_ms):
     assert iso_ms(epoch_ms) == _reference(epoch_ms)
+
+
+@given(st.integers(min_value=-2_208_988_800_000, max_value=7_258_118_400_000))
+def test_iso_s_writes_the_same_text_as_strftime(epoch_ms):
+    expected = datetime.fromtimestamp(epoch_ms // 1000, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    assert iso_s(epoch_ms) == expected
 
 
 def test_iso_ms_takes_other_number_types_the_datetime_way():
