@@ -310,7 +310,7 @@ class PolicyEngine:
         The zone's offset is looked up once per UTC hour and the local time follows
         by arithmetic (the window's bounds are whole minutes: the schema says so).
         An hour in which the offset changes, or an offset that is not whole minutes,
-        takes ``_quiet_until_exact``, which tests/test_policies.py holds this equal to.
+        takes ``_quiet_until_exact``, which tests/test_quiet_hours.py holds this equal to.
         """
         offset = self._offset_ms(tz, at_ms)
         if offset is None:

@@ -44,7 +44,7 @@ def iso_ms(epoch_ms: int) -> str:
     minutes, rest = divmod(rest, 60_000)
     # %-formatting: 0.7 µs here against 1.1-1.6 µs for the f-string (timeit)
     return "%s%02d:%02d.%03d+00:00" % (  # noqa: UP031
-        hour_prefix(hour),
+        _hours.get(hour) or hour_prefix(hour),  # no call per record once the hour is known
         minutes,
         rest // 1000,
         rest % 1000,
