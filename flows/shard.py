@@ -652,9 +652,10 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, dict[str, int], None]):
         orders_before = records["orders_total"].copy()
         deliveries_before = records["type_counts"][:, EVENT_CODE["order_delivered"]].copy()
         n = len(fresh)
+        fresh_codes = kept(type_codes)
         columns = (
             kept(cust),
-            kept(type_codes),
+            fresh_codes,
             column(cols.category, np.int16),
             kept(times),
             column(cols.amount_base, np.float64),
@@ -673,7 +674,7 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, dict[str, int], None]):
 
         plan = TimerPlan([], [], {}, {})
         by_customer: dict[str, list[ParsedEvent]] = {}
-        for i in np.flatnonzero(np.isin(kept(type_codes), _TIMER_CODES)).tolist():
+        for i in np.flatnonzero(np.isin(fresh_codes, _TIMER_CODES)).tolist():
             ev = fresh[i]
             by_customer.setdefault(ev.customer_id, []).append(ev)
         candidates = self._catalog.from_firings(fresh, order, firings)
@@ -703,7 +704,7 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, dict[str, int], None]):
         live_due = [t for t in due if blobs[index[t.customer]] is not None]
         held = [orjson.loads(t.ref) for t in live_due if t.kind == "deferred"]
         candidates += self._fire(live_due, records, index, promises, plan)
-        erasures = np.flatnonzero(kept(type_codes) == ERASURE_REQUESTED).tolist()
+        erasures = np.flatnonzero(fresh_codes == ERASURE_REQUESTED).tolist()
         erased = {fresh[i].customer_id: fresh[i] for i in erasures}
         chained = self._fire_ready(mark, records, index, promises, plan, erased, candidates)
         fired += [t.member for t in chained]

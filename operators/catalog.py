@@ -656,7 +656,7 @@ class TriggerCatalog:
             kept = self._keep(kind, timers, rows, records)
             folded[positions] = kept
             owners.update(t.customer for t, k in zip(timers, kept.tolist(), strict=True) if k)
-        kept_timers = list(compress(schedule, ~folded)) if folded.any() else list(schedule)
+        kept_timers = list(compress(schedule, ~folded))
         woken = sorted(owners)
         dues = self.due_columns(records[[index[c] for c in woken]])
         earliest = np.where(dues > 0, dues, _NEVER).min(axis=1, initial=_NEVER)
@@ -678,8 +678,11 @@ class TriggerCatalog:
         did. Of several kept for one record, the last in the plan is the one kept:
         the outcome of putting them in one at a time."""
         due = np.fromiter([t.due_ms for t in timers], np.int64, len(timers))
-        trial = records[rows]  # a copy: each timer tried against its own record
         ok = np.ones(len(timers), bool)
+        # Recheck and birthday are always kept; the other kinds are each tried on a copy
+        # of the timer's own record.
+        checked = kind not in ("recheck", "birthday")
+        trial = records[rows] if checked else None
         if kind == "recheck":
             field, values = "recheck_due_ms", due
         elif kind == "birthday":
@@ -699,7 +702,7 @@ class TriggerCatalog:
             field, values = "dormant_days", np.where(ok, days, 0)
         else:  # potential
             field, values = "potential_ref_ms", np.array([int(t.ref) for t in timers], np.int64)
-        if kind not in ("recheck", "birthday"):
+        if checked:
             trial[field] = values
             ok &= self._due_of(kind, trial) == due
         last = _last_of(rows[ok])

@@ -29,7 +29,7 @@ from crmstream.config import CrmConfig
 from crmstream.operators.catalog import Candidate
 from crmstream.operators.events import CONTACT_CHANNELS
 from crmstream.operators.kernels import MS_PER_DAY
-from crmstream.operators.rules import iso_ms
+from crmstream.operators.rules import hour_prefix, iso_ms
 from crmstream.operators.zones import find_zone
 
 TRIGGER_TYPES = (
@@ -63,8 +63,8 @@ class Approved(NamedTuple):
 
 
 _MAX_CACHED_WEIGHTS = 4096  # (country, day) pairs: a few days of every country
-_MAX_CACHED_HOURS = 65_536  # entries of each quiet-hours cache: a few MB
-_EPOCH = datetime(1970, 1, 1)  # naive: local days and hours count from it
+_MAX_CACHED_HOURS = 65_536  # entries of each of the two quiet-hours caches: a few MB
+_EPOCH = datetime(1970, 1, 1)  # naive: local days count from it
 
 
 def _minutes(ms: int) -> int:
@@ -84,11 +84,9 @@ class PolicyEngine:
             self._quiet_start.hour * 60 + self._quiet_start.minute,
             self._quiet_end.hour * 60 + self._quiet_end.minute,
         )
-        # Per (zone, UTC hour): the offset; per (zone, local day): the window's end;
-        # per local hour: its "YYYY-MM-DDTHH:" text.
+        # Per (zone, UTC hour): the offset; per (zone, local day): the window's end.
         self._offsets: dict[tuple[ZoneInfo, int], int | None] = {}
         self._ends: dict[tuple[ZoneInfo, int], int] = {}
-        self._local_hours: dict[int, str] = {}
         self._default_zone = ZoneInfo(quiet.default_timezone)  # checked by the schema
         # Looked up per candidate: resolved once here, not by getattr on the config.
         self._rule = {name: getattr(config.rules, name) for name in TRIGGER_TYPES}
@@ -322,13 +320,9 @@ class PolicyEngine:
             return None
         day = local_ms // MS_PER_DAY + (1 if start > end and minute >= start else 0)
         until_ms = self._window_end(tz, day)
-        hour = local_ms // 3_600_000
-        prefix = self._local_hours.get(hour)
-        if prefix is None:
-            if len(self._local_hours) >= _MAX_CACHED_HOURS:
-                self._local_hours.clear()
-            naive = _EPOCH + timedelta(hours=hour)
-            prefix = self._local_hours[hour] = naive.isoformat(timespec="hours") + ":"
+        # The local wall time's date and hour: the text hour_prefix gives for that hour
+        # number read as UTC (and caches).
+        prefix = hour_prefix(local_ms // 3_600_000)
         sign, size = ("-", -offset) if offset < 0 else ("+", offset)
         hours, minutes = divmod(size // 60_000, 60)
         return until_ms, "%s%02d%s%02d:%02d" % (  # noqa: UP031
@@ -358,7 +352,7 @@ class PolicyEngine:
         start = datetime.fromtimestamp(key[1] * 3600, tz=tz).utcoffset()
         last = datetime.fromtimestamp(key[1] * 3600 + 3599, tz=tz).utcoffset()
         offset = None
-        if start == last and start is not None and not start % timedelta(minutes=1):
+        if start == last and not start % timedelta(minutes=1):
             offset = start // timedelta(milliseconds=1)
         if len(self._offsets) >= _MAX_CACHED_HOURS:
             self._offsets.clear()
