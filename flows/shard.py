@@ -860,13 +860,16 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, dict[str, int], None]):
     ) -> list[Outgoing]:
         """The trigger and suppression records to send."""
         topics = self._rt.config.kafka.topics
+        to_triggers, to_suppressions = topics.triggers, topics.suppressions
+        dumps = orjson.dumps
+        # new_tuple: without the namedtuple's Python-level constructor, per record
         out = [
-            Outgoing(topics.triggers, record["customer_id"].encode(), orjson.dumps(record))
+            new_tuple(Outgoing, (to_triggers, record["customer_id"].encode(), dumps(record)))
             for record in triggers
         ]
         for record in suppressions:
             key = None if record["customer_id"] == "erased" else record["customer_id"].encode()
-            out.append(Outgoing(topics.suppressions, key, orjson.dumps(record)))
+            out.append(new_tuple(Outgoing, (to_suppressions, key, dumps(record))))
         metrics = get_metrics()
         stopped = Counter((r["trigger_type"], r["policy"]) for r in suppressions)
         for labels, count in stopped.items():

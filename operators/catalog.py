@@ -43,7 +43,13 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from crmstream.config import CrmConfig
-from crmstream.operators.events import EVENT_CODE, EVENT_TYPES, ParsedEvent, parse_time_ms
+from crmstream.operators.events import (
+    EVENT_CODE,
+    EVENT_TYPES,
+    ParsedEvent,
+    new_tuple,
+    parse_time_ms,
+)
 from crmstream.operators.kernels import (
     ADD_TO_CART,
     COL,
@@ -137,42 +143,47 @@ class TriggerCatalog:
         self, events: list[ParsedEvent], order: np.ndarray, firings: Firings
     ) -> list[Candidate]:
         """Candidates for the kernel's rule firings (browse interest, high intent)."""
-        out = []
-        for k in range(len(firings.event)):
-            ev = events[order[firings.event[k]]]
-            a, b, c = int(firings.a[k]), int(firings.b[k]), int(firings.c[k])
-            if int(firings.rule[k]) == RULE_BROWSE_INTEREST:
+        out: list[Candidate] = []
+        if not len(firings.event):
+            return out
+        browse = self._rules.browse_interest.consecutive_views
+        intent = self._rules.high_intent_no_purchase
+        # The firings as Python lists, read once: a numpy scalar per field and firing
+        # cost more than the candidate.
+        rows = order[firings.event].tolist()
+        columns = (firings.rule.tolist(), firings.a.tolist(), firings.b.tolist())
+        for row, kind, a, b, c in zip(rows, *columns, firings.c.tolist(), strict=True):
+            ev = events[row]
+            if kind == RULE_BROWSE_INTEREST:
                 category = self._categories[a]
-                out.append(
-                    Candidate(
-                        ev.customer_id,
-                        "browse_interest",
-                        ev.event_id,
-                        ev.event_time_ms,
-                        {"category": category, "consecutive_views": b},
-                        {"consecutive_views": self._rules.browse_interest.consecutive_views},
-                        None,
-                        {"category": category},
-                    )
+                fields: tuple[Any, ...] = (
+                    ev.customer_id,
+                    "browse_interest",
+                    ev.event_id,
+                    ev.event_time_ms,
+                    {"category": category, "consecutive_views": b},
+                    {"consecutive_views": browse},
+                    None,
+                    {"category": category},
                 )
-            elif int(firings.rule[k]) == RULE_HIGH_INTENT:
-                rule = self._rules.high_intent_no_purchase
-                out.append(
-                    Candidate(
-                        ev.customer_id,
-                        "high_intent_no_purchase",
-                        ev.event_id,
-                        ev.event_time_ms,
-                        {"views": a, "cart_adds": b, "orders": c},
-                        {
-                            "min_views": rule.min_views,
-                            "min_cart_adds": rule.min_cart_adds,
-                            "max_orders": 0,
-                        },
-                        {"days": rule.window_days, "end": iso_ms(ev.event_time_ms)},
-                        {},
-                    )
+            elif kind == RULE_HIGH_INTENT:
+                fields = (
+                    ev.customer_id,
+                    "high_intent_no_purchase",
+                    ev.event_id,
+                    ev.event_time_ms,
+                    {"views": a, "cart_adds": b, "orders": c},
+                    {
+                        "min_views": intent.min_views,
+                        "min_cart_adds": intent.min_cart_adds,
+                        "max_orders": 0,
+                    },
+                    {"days": intent.window_days, "end": iso_ms(ev.event_time_ms)},
+                    {},
                 )
+            else:
+                continue
+            out.append(new_tuple(Candidate, fields))
         return out
 
     # -- timers -----------------------------------------------------------------

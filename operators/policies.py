@@ -27,7 +27,7 @@ import numpy as np
 
 from crmstream.config import CrmConfig
 from crmstream.operators.catalog import Candidate
-from crmstream.operators.events import CONTACT_CHANNELS
+from crmstream.operators.events import CONTACT_CHANNELS, new_tuple
 from crmstream.operators.kernels import MS_PER_DAY
 from crmstream.operators.rules import hour_prefix, iso_ms
 from crmstream.operators.zones import find_zone
@@ -106,6 +106,10 @@ class PolicyEngine:
         channels |= CONTACT_CHANNELS | {self._policies.default_channel}
         consents = [f"consent.{channel}" for channel in sorted(channels)]
         self.profile_fields = ("preferred_channel", "country", "timezone", "language", *consents)
+        self._consent_field = {channel: f"consent.{channel}" for channel in channels}
+        # (trigger type, minute it last went out) -> the cooldown's reason: one customer's
+        # repeated candidates in one cooldown give the same text.
+        self._cooldown_reasons: dict[tuple[str, int], str] = {}
 
     def apply(
         self,
@@ -133,24 +137,19 @@ class PolicyEngine:
             rule = rules[winner.trigger_type]
             top = rule.priority
             for loser in alive[1:]:
-                suppressed.append(
-                    Suppressed(
-                        loser,
-                        "priority",
-                        f"{winner.trigger_type} (priority {top}) fired at the same time",
-                    )
-                )
+                why = f"{winner.trigger_type} (priority {top}) fired at the same time"
+                suppressed.append(new_tuple(Suppressed, (loser, "priority", why)))
             capped = self._capped(winner, history, record) if rule.marketing else None
             if capped:
-                suppressed.append(Suppressed(winner, "frequency_cap", capped))
+                suppressed.append(new_tuple(Suppressed, (winner, "frequency_cap", capped)))
                 continue
             regional = self._regional(winner, profile)
             if isinstance(regional, str):
-                suppressed.append(Suppressed(winner, "regional", regional))
+                suppressed.append(new_tuple(Suppressed, (winner, "regional", regional)))
                 continue
             extras, hold = self._delivery(winner, rule, profile)
             self._record_sent(winner, rule, history)
-            approved.append(Approved(regional, extras, hold))
+            approved.append(new_tuple(Approved, (regional, extras, hold)))
         if history.changed:
             record["trigger_last_min"] = history.last_min
             record["sent_min"] = history.sends
@@ -179,44 +178,48 @@ class PolicyEngine:
         suppressed: list[Suppressed],
     ) -> bool:
         """Consent, erasure and cooldown; False (with the reason recorded) stops the candidate."""
-        rule = self._rule[cand.trigger_type]
-        channel = rule.channel or profile.get("preferred_channel") or self._policies.default_channel
-        consent = profile.get(f"consent.{channel}", self._policies.consent_default)
-        if rule.marketing and (consent.startswith("withdrawn") or consent == "denied"):
-            suppressed.append(Suppressed(cand, "consent", f"no consent for channel {channel!r}"))
-            return False
-        if erased:
-            suppressed.append(Suppressed(cand, "erasure", "the customer asked to be erased"))
-            return False
-        if self._cooling(cand, rule, history):
-            last = history.last_min[TRIGGER_INDEX[cand.trigger_type]]
-            suppressed.append(
-                Suppressed(
-                    cand,
-                    "cooldown",
-                    f"{cand.trigger_type} went out at {iso_ms(last * 60_000)}, "
-                    f"within its {rule.cooldown_hours:g} h cooldown",
-                )
+        name = cand.trigger_type
+        rule = self._rule[name]
+        if rule.marketing:
+            channel = (
+                rule.channel or profile.get("preferred_channel") or self._policies.default_channel
             )
+            field = self._consent_field.get(channel) or f"consent.{channel}"
+            consent = profile.get(field, self._policies.consent_default)
+            if consent.startswith("withdrawn") or consent == "denied":
+                why = f"no consent for channel {channel!r}"
+                suppressed.append(new_tuple(Suppressed, (cand, "consent", why)))
+                return False
+        if erased:
+            why = "the customer asked to be erased"
+            suppressed.append(new_tuple(Suppressed, (cand, "erasure", why)))
+            return False
+        hours = rule.cooldown_hours
+        last = history.last_min[TRIGGER_INDEX[name]]
+        if hours and last and _minutes(cand.event_time_ms) - last < hours * 60:
+            why = self._cooldown_reasons.get((name, last)) or self._cooldown_reason(name, last)
+            suppressed.append(new_tuple(Suppressed, (cand, "cooldown", why)))
             return False
         return True
 
-    # -- individual policies ----------------------------------------------------
-    @staticmethod
-    def _cooling(cand: Candidate, rule: Any, history: _History) -> bool:
-        last = history.last_min[TRIGGER_INDEX[cand.trigger_type]]
-        return bool(
-            rule.cooldown_hours
-            and last
-            and _minutes(cand.event_time_ms) - last < rule.cooldown_hours * 60
-        )
+    def _cooldown_reason(self, name: str, last: int) -> str:
+        """Why a candidate of type ``name`` is cooling: it went out at minute ``last``."""
+        hours = self._rule[name].cooldown_hours
+        why = f"{name} went out at {iso_ms(last * 60_000)}, within its {hours:g} h cooldown"
+        if len(self._cooldown_reasons) >= _MAX_CACHED_HOURS:
+            self._cooldown_reasons.clear()
+        self._cooldown_reasons[(name, last)] = why
+        return why
 
+    # -- individual policies ----------------------------------------------------
     def _capped(self, cand: Candidate, history: _History, record: np.void) -> str | None:
         caps = self._policies.caps
         now = _minutes(cand.event_time_ms)
-        sends = [m for m in history.sends if m]
-        day = sum(1 for m in sends if now - m < 1440)
-        week = sum(1 for m in sends if now - m < 10080)
+        day = week = 0
+        for m in history.sends:  # a few slots; 0 is a free one
+            if m and now - m < 10080:
+                week += 1
+                day += now - m < 1440
         if day < self._lowest_caps[0] and week < self._lowest_caps[1]:
             return None  # under either pair of caps: no need to read which applies
         too_often_day = int(record["too_often_day"])

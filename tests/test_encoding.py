@@ -222,3 +222,13 @@ def test_outbox_entries_round_trip(topic, key, value):
 
     record = Outgoing(topic, key, value)
     assert decode_outgoing(encode_outgoing(record)) == record
+
+
+def test_outbox_entries_keep_their_bytes():
+    """Entries an earlier version left in Redis must still decode: the layout is pinned."""
+    from crmstream.flows.sink import Outgoing, encode_outgoing
+
+    entry = encode_outgoing(Outgoing("t.ü", b"k1", b"{}"))
+    assert entry == b"\x00\x04\x00\x00\x00\x02t.\xc3\xbck1{}"
+    assert encode_outgoing(Outgoing("t", None, b"v")) == b"\x00\x01\xff\xff\xff\xfftv"
+    assert encode_outgoing(Outgoing("t", b"", b"v")) == b"\x00\x01\x00\x00\x00\x00tv"

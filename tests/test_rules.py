@@ -62,6 +62,44 @@ def test_policies_send_in_the_default_zone_when_the_profile_zone_is_unknown():
         assert extras["send_window"]["timezone"] == zone, profile
 
 
+def test_trigger_and_suppression_records_keep_their_bytes():
+    """The records' JSON, key order included, as subscribers have received it (a replay
+    must give byte-identical records: docs/guarantees.md). Pinned as text, so a
+    faster way of building them cannot change what goes out."""
+    import orjson
+
+    from crmstream.operators.rules import TriggerBuilder
+
+    builder = TriggerBuilder(load_config(env={}))
+    cand = Candidate(
+        "c{1}",
+        "cart_abandoned",
+        "timer:cart:c{1}:1767225600000",
+        1_767_225_600_123,
+        {"cart_value": 42.5},
+        {"cart_abandon_minutes": 30},
+        {"from": "2026-01-01T00:00:00Z"},
+        {"category": "shoes"},
+    )
+    head = '{"schema_version":1,"trigger_id":"2dbaef5b5446e7171930467b2dfcc308",'
+    head += '"trigger_type":"cart_abandoned",'
+    rule = '"rule":{"name":"cart_abandoned","version":1},'
+    why = '{"values":{"cart_value":42.5},"thresholds":{"cart_abandon_minutes":30},'
+    why += '"window":{"from":"2026-01-01T00:00:00Z"}}'
+    times = '"event_time":"2026-01-01T00:00:00.123+00:00",'
+    times += '"detected_at":"2026-01-01T00:00:00.123+00:00"'
+    assert orjson.dumps(builder.build(cand)).decode() == (
+        f'{head}"customer_id":"c{{1}}",{rule}"reason":{why},'
+        f'"causal_event_id":"timer:cart:c{{1}}:1767225600000",{times},'
+        '"payload":{"category":"shoes","offer_template":"cart_reminder"}}'
+    )
+    record = builder.suppression(cand, "erased", "cooldown", "went out at ...")
+    assert orjson.dumps(record).decode() == (
+        f'{head}"customer_id":"erased","policy":"cooldown","reason":"went out at ...",'
+        f'{rule}"candidate":{why},{times}}}'
+    )
+
+
 def test_a_suppression_record_carries_the_trigger_id_rule_and_reason_build_gives():
     """What a subscriber to the suppression topic joins on (trigger id, rule, times)
     is the same as in the trigger record the candidate would have become."""

@@ -1,0 +1,86 @@
+"""The contact policies one candidate at a time, without the flow (operators/policies.py):
+the cooldown's and the frequency caps' decisions and texts, held to the way they are
+worded in docs/triggers.md, over many records in one engine (its caches shared)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from crmstream.config import load_config
+from crmstream.operators.catalog import Candidate
+from crmstream.operators.kernels import MS_PER_DAY
+from crmstream.operators.policies import TRIGGER_INDEX, PolicyEngine
+from crmstream.state.encoding import fresh_records
+
+CONFIG = load_config(None, [], env={})
+ENGINE = PolicyEngine(CONFIG)  # one engine for every example: its caches fill up
+NOON = 1_767_268_800_000  # 2026-01-01T12:00Z
+NOW_MIN = NOON // 60_000
+
+
+def _browse(at_ms: int = NOON) -> Candidate:
+    return Candidate("c", "browse_interest", "e1", at_ms, {}, {}, None, {"category": "books"})
+
+
+def _iso(minute: int) -> str:
+    return datetime.fromtimestamp(minute * 60, tz=UTC).isoformat(timespec="milliseconds")
+
+
+@settings(max_examples=200)
+@given(st.lists(st.integers(1, 24 * 60 - 1), min_size=1, max_size=20))
+def test_a_cooling_candidate_names_the_send_it_cools_from(minutes_ago):
+    """Each customer's text names its own last send, also when the texts of earlier
+    customers (other minutes, or the same one) are already known to the engine."""
+    hours = CONFIG.rules.browse_interest.cooldown_hours
+    for ago in minutes_ago:
+        record = fresh_records(1)[0]
+        record["trigger_last_min"][TRIGGER_INDEX["browse_interest"]] = NOW_MIN - ago
+        ok, stopped = ENGINE.apply("c", [_browse()], record, {}, False)
+        why = f"browse_interest went out at {_iso(NOW_MIN - ago)}, within its {hours:g} h cooldown"
+        assert ok == []
+        assert [(s.policy, s.reason) for s in stopped] == [("cooldown", why)]
+
+
+def test_a_candidate_past_its_cooldown_goes_out():
+    record = fresh_records(1)[0]
+    last = NOW_MIN - int(CONFIG.rules.browse_interest.cooldown_hours * 60)
+    record["trigger_last_min"][TRIGGER_INDEX["browse_interest"]] = last
+    ok, stopped = ENGINE.apply("c", [_browse()], record, {}, False)
+    assert stopped == [] and len(ok) == 1
+    assert record["trigger_last_min"][TRIGGER_INDEX["browse_interest"]] == NOW_MIN
+
+
+@settings(max_examples=300)
+@given(
+    st.lists(st.integers(-100, 12_000), max_size=8),  # minutes before the candidate
+    st.booleans(),
+)
+def test_frequency_caps_count_the_sends_of_the_last_day_and_week(ages, too_often):
+    """Sends less than 24 h (1,440 min) and 7 d (10,080 min) old count against the
+    caps, lowered for 90 days after "contacted too often"; free slots (0) do not."""
+    record = fresh_records(1)[0]
+    sends = [NOW_MIN - age for age in ages]
+    record["sent_min"] = sends + [0] * (len(record["sent_min"]) - len(sends))
+    if too_often:
+        record["too_often_day"] = NOON // MS_PER_DAY - 1
+    ok, stopped = ENGINE.apply("c", [_browse()], record, {}, False)
+
+    caps = CONFIG.policies.caps
+    day = sum(1 for age in ages if age < 1440)
+    week = sum(1 for age in ages if age < 10080)
+    per_day, per_week = (caps.per_day, caps.per_week)
+    who = ""
+    if too_often:
+        per_day, per_week = caps.too_often_per_day, caps.too_often_per_week
+        who = " (lowered: the customer said contacted too often)"
+    if day >= per_day:
+        why = f"{day} marketing triggers in the last 24 h, cap {per_day}{who}"
+    elif week >= per_week:
+        why = f"{week} marketing triggers in the last 7 d, cap {per_week}{who}"
+    else:
+        assert stopped == [] and len(ok) == 1
+        return
+    assert ok == [] and [(s.policy, s.reason) for s in stopped] == [("frequency_cap", why)]
