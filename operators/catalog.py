@@ -148,8 +148,7 @@ class TriggerCatalog:
             return out
         browse = self._rules.browse_interest.consecutive_views
         intent = self._rules.high_intent_no_purchase
-        # The firings as Python lists, read once: a numpy scalar per field and firing
-        # cost more than the candidate.
+        # The firings as Python lists, read once: not a NumPy scalar per field and firing.
         rows = order[firings.event].tolist()
         columns = (firings.rule.tolist(), firings.a.tolist(), firings.b.tolist())
         for row, kind, a, b, c in zip(rows, *columns, firings.c.tolist(), strict=True):

@@ -64,6 +64,7 @@ class Approved(NamedTuple):
 
 _MAX_CACHED_WEIGHTS = 4096  # (country, day) pairs: a few days of every country
 _MAX_CACHED_HOURS = 65_536  # entries of each of the two quiet-hours caches: a few MB
+_MAX_CACHED_REASONS = 65_536  # cooldown reasons: a few MB
 _EPOCH = datetime(1970, 1, 1)  # naive: local days count from it
 
 
@@ -206,7 +207,7 @@ class PolicyEngine:
         """Why a candidate of type ``name`` is cooling: it went out at minute ``last``."""
         hours = self._rule[name].cooldown_hours
         why = f"{name} went out at {iso_ms(last * 60_000)}, within its {hours:g} h cooldown"
-        if len(self._cooldown_reasons) >= _MAX_CACHED_HOURS:
+        if len(self._cooldown_reasons) >= _MAX_CACHED_REASONS:
             self._cooldown_reasons.clear()
         self._cooldown_reasons[(name, last)] = why
         return why

@@ -1,6 +1,6 @@
 """The contact policies one candidate at a time, without the flow (operators/policies.py):
-the cooldown's and the frequency caps' decisions and texts, held to the way they are
-worded in docs/triggers.md, over many records in one engine (its caches shared)."""
+the cooldown's and the frequency caps' decisions and reasons, held to a model of the
+rules in docs/triggers.md, over many records in one engine (its caches shared)."""
 
 from __future__ import annotations
 

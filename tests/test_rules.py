@@ -62,6 +62,19 @@ def test_policies_send_in_the_default_zone_when_the_profile_zone_is_unknown():
         assert extras["send_window"]["timezone"] == zone, profile
 
 
+# A cart-abandonment timer's candidate.
+CART = Candidate(
+    "c{1}",
+    "cart_abandoned",
+    "timer:cart:c{1}:1767225600000",
+    1_767_225_600_123,
+    {"cart_value": 42.5},
+    {"cart_abandon_minutes": 30},
+    {"from": "2026-01-01T00:00:00Z"},
+    {"category": "shoes"},
+)
+
+
 def test_trigger_and_suppression_records_keep_their_bytes():
     """The records' JSON, key order included, as subscribers have received it (a replay
     must give byte-identical records: docs/guarantees.md). Pinned as text, so a
@@ -71,16 +84,7 @@ def test_trigger_and_suppression_records_keep_their_bytes():
     from crmstream.operators.rules import TriggerBuilder
 
     builder = TriggerBuilder(load_config(env={}))
-    cand = Candidate(
-        "c{1}",
-        "cart_abandoned",
-        "timer:cart:c{1}:1767225600000",
-        1_767_225_600_123,
-        {"cart_value": 42.5},
-        {"cart_abandon_minutes": 30},
-        {"from": "2026-01-01T00:00:00Z"},
-        {"category": "shoes"},
-    )
+    cand = CART
     head = '{"schema_version":1,"trigger_id":"2dbaef5b5446e7171930467b2dfcc308",'
     head += '"trigger_type":"cart_abandoned",'
     rule = '"rule":{"name":"cart_abandoned","version":1},'
@@ -106,16 +110,7 @@ def test_a_suppression_record_carries_the_trigger_id_rule_and_reason_build_gives
     from crmstream.operators.rules import TriggerBuilder
 
     builder = TriggerBuilder(load_config(env={}))
-    cand = Candidate(
-        "c{1}",
-        "cart_abandoned",
-        "timer:cart:c{1}:1767225600000",
-        1_767_225_600_123,
-        {"cart_value": 42.5},
-        {"cart_abandon_minutes": 30},
-        {"from": "2026-01-01T00:00:00Z"},
-        {"category": "shoes"},
-    )
+    cand = CART
     built = builder.build(cand)
     record = builder.suppression(cand, "erased", "cooldown", "went out at ...")
     assert record == {
