@@ -144,8 +144,6 @@ class TriggerCatalog:
     ) -> list[Candidate]:
         """Candidates for the kernel's rule firings (browse interest, high intent)."""
         out: list[Candidate] = []
-        if not len(firings.event):
-            return out
         browse = self._rules.browse_interest.consecutive_views
         intent = self._rules.high_intent_no_purchase
         # The firings as Python lists, read once: not a NumPy scalar per field and firing.

@@ -198,14 +198,16 @@ class PolicyEngine:
         hours = rule.cooldown_hours
         last = history.last_min[TRIGGER_INDEX[name]]
         if hours and last and _minutes(cand.event_time_ms) - last < hours * 60:
-            why = self._cooldown_reasons.get((name, last)) or self._cooldown_reason(name, last)
+            why = self._cooldown_reasons.get((name, last)) or self._cooldown_reason(
+                name, last, hours
+            )
             suppressed.append(new_tuple(Suppressed, (cand, "cooldown", why)))
             return False
         return True
 
-    def _cooldown_reason(self, name: str, last: int) -> str:
-        """Why a candidate of type ``name`` is cooling: it went out at minute ``last``."""
-        hours = self._rule[name].cooldown_hours
+    def _cooldown_reason(self, name: str, last: int, hours: float) -> str:
+        """Why a candidate of type ``name`` is cooling: it went out at minute ``last``,
+        within its cooldown of ``hours``."""
         why = f"{name} went out at {iso_ms(last * 60_000)}, within its {hours:g} h cooldown"
         if len(self._cooldown_reasons) >= _MAX_CACHED_REASONS:
             self._cooldown_reasons.clear()

@@ -66,8 +66,7 @@ class TriggerBuilder:
     """Builds trigger records for the rules in the configuration."""
 
     def __init__(self, config: CrmConfig):
-        self._rules = config.rules
-        self._by_type: dict[str, Any] = {}  # trigger type -> its rule, looked up once
+        self._by_type: dict[str, Any] = dict(config.rules)  # trigger type -> its rule
 
     def build(self, candidate: Candidate) -> dict[str, Any]:
         """One trigger record (without ``emitted_at``, which the sink stamps).
@@ -77,7 +76,7 @@ class TriggerBuilder:
         byte-identical records; only ``emitted_at`` carries the wall clock.
         """
         name = candidate.trigger_type
-        rule = self._by_type.get(name) or self._rule(name)
+        rule = self._by_type[name]
         event_time = iso_ms(candidate.event_time_ms)
         # One literal per record (no identity dict merged in): the keys in this order
         # are the record's bytes, which tests/test_rules.py pins.
@@ -101,7 +100,7 @@ class TriggerBuilder:
         "suppressions"): the trigger's id, type, rule, reason and times as ``build``
         gives them, ``customer_id`` as shown ("erased" after an erasure)."""
         name = candidate.trigger_type
-        rule = self._by_type.get(name) or self._rule(name)
+        rule = self._by_type[name]
         event_time = iso_ms(candidate.event_time_ms)
         return {
             "schema_version": TRIGGER_SCHEMA_VERSION,
@@ -115,10 +114,6 @@ class TriggerBuilder:
             "event_time": event_time,
             "detected_at": event_time,
         }
-
-    def _rule(self, name: str) -> Any:
-        rule = self._by_type[name] = getattr(self._rules, name)
-        return rule
 
 
 def _why(candidate: Candidate) -> dict[str, Any]:
