@@ -76,13 +76,15 @@ def _ended_at(report: dict[str, Any]) -> float:
     return report["started_at"] + report["seconds"]
 
 
-def consume_and_parse(brokers: str, topics: list[str], part: int = 0, of: int = 1) -> dict:
+def consume_and_parse(
+    brokers: str, topics: list[str], part: int = 0, of: int = 1, fetch_bytes: int = 0
+) -> dict:
     """The ceiling: consume + parse every input partition with index % of == part, to its
     end, nothing else; {"events": n, "seconds": s, "cpu_seconds": CPU time of the process,
     librdkafka's threads included}."""
     from confluent_kafka import KafkaError
 
-    consumer, remaining = _raw_consumer(brokers, topics, "bench-ceiling", part, of)
+    consumer, remaining = _raw_consumer(brokers, topics, "bench-ceiling", part, of, fetch_bytes)
     count = 0
     with Stopwatch() as watch:
         while remaining:
@@ -101,11 +103,24 @@ def consume_and_parse(brokers: str, topics: list[str], part: int = 0, of: int = 
     return {"events": count, **watch.report()}
 
 
+# The broker of these runs (Tansu) spends CPU per fetch that grows with the partition's
+# length: with librdkafka's 1 MiB per partition it took 4 to 4.5 µs per event to serve
+# a 2M-event input, with 8 MiB 2.5 (bench/RESULTS.md, round 22).
+BENCH_FETCH_BYTES = 8 << 20
+
+
+def fetch_config(fetch_bytes: int) -> dict[str, int]:
+    """The fetch size the harness gives every contender's consumer (``--fetch-bytes``;
+    0: librdkafka's own 1 MiB). bench/README.md says why."""
+    return {"max.partition.fetch.bytes": fetch_bytes} if fetch_bytes else {}
+
+
 def _raw_consumer(
-    brokers: str, topics: list[str], group: str, part: int = 0, of: int = 1
+    brokers: str, topics: list[str], group: str, part: int = 0, of: int = 1, fetch_bytes: int = 0
 ) -> tuple[Any, int]:
     """A consumer assigned every input partition with index % of == part, from offset 0
-    (with the flow's own fetch settings); and how many partitions that is."""
+    (with the flow's own fetch settings and the harness's fetch size); and how many
+    partitions that is."""
     from confluent_kafka import Consumer, TopicPartition
 
     from crmstream.flows.source import FETCH_DEFAULTS
@@ -117,6 +132,7 @@ def _raw_consumer(
             "enable.auto.commit": False,
             "enable.partition.eof": True,
             **FETCH_DEFAULTS,
+            **fetch_config(fetch_bytes),
         }
     )
     parts = []
@@ -128,11 +144,13 @@ def _raw_consumer(
     return consumer, len(parts)
 
 
-def kafka_floor(brokers: str, topics: list[str], stop: threading.Event) -> dict[str, Any]:
+def kafka_floor(
+    brokers: str, topics: list[str], stop: threading.Event, fetch_bytes: int = 0
+) -> dict[str, Any]:
     """The latency floor: a raw consumer tailing the input until ``stop``, doing nothing
     but read each event's time. Receive time - event_time over every event, in ms: what
     the broker, the client and the shared machine add before any processing."""
-    consumer, _ = _raw_consumer(brokers, topics, "bench-floor")
+    consumer, _ = _raw_consumer(brokers, topics, "bench-floor", fetch_bytes=fetch_bytes)
     latencies = []
     while not stop.is_set():
         # What is there, else wait for the next message: a batch wait would age the batch.
@@ -155,7 +173,9 @@ def kafka_floor(brokers: str, topics: list[str], stop: threading.Event) -> dict[
 
 
 def role_ceiling(args: argparse.Namespace) -> dict[str, Any]:
-    return consume_and_parse(args.brokers, args.topics.split(","), args.part, args.of)
+    return consume_and_parse(
+        args.brokers, args.topics.split(","), args.part, args.of, args.fetch_bytes
+    )
 
 
 def _listening(port: int) -> bool:
@@ -233,11 +253,12 @@ def _child_main(argv: list[str]) -> None:
     parser.add_argument("--of", type=int, default=1)
     parser.add_argument("--addresses", default="")
     parser.add_argument("--tail", action="store_true")
+    parser.add_argument("--fetch-bytes", type=int, default=0)
     args = parser.parse_args(argv)
     if args.role == "floor":
         stop = threading.Event()
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
-        result = kafka_floor(args.brokers, args.topics.split(","), stop)
+        result = kafka_floor(args.brokers, args.topics.split(","), stop, args.fetch_bytes)
     else:
         result = role_ceiling(args) if args.role == "ceiling" else role_crmstream(args)
     sys.stdout.write(orjson.dumps(result).decode() + "\n")
@@ -317,7 +338,13 @@ def _crm_cmd(brokers: str, redis_url: str, sets: list[str], *extra: str) -> list
 
 
 def _naive_cmd(
-    brokers: str, redis_url: str, topics: str, triggers: str, prefix: str, tail: bool = False
+    brokers: str,
+    redis_url: str,
+    topics: str,
+    triggers: str,
+    prefix: str,
+    fetch_bytes: int = 0,
+    tail: bool = False,
 ) -> list[str]:
     cmd = [
         sys.executable,
@@ -333,6 +360,8 @@ def _naive_cmd(
         triggers,
         "--prefix",
         prefix,
+        "--fetch-bytes",
+        str(fetch_bytes),
     ]
     return [*cmd, "--tail"] if tail else cmd
 
@@ -345,6 +374,7 @@ def _quix_cmd(
     state: Path,
     group: str,
     partitions: int,
+    fetch_bytes: int = 0,
     idle_s: float = 5.0,
 ) -> list[str]:
     return [
@@ -364,6 +394,8 @@ def _quix_cmd(
         str(partitions),
         "--idle-timeout",
         str(idle_s),
+        "--fetch-bytes",
+        str(fetch_bytes),
     ]
 
 
@@ -487,6 +519,13 @@ class Harness:
     def log(self, text: str) -> None:
         self.console.print(text)
 
+    def fetch_sets(self) -> list[str]:
+        """crmstream's part of ``--fetch-bytes``: its consumer's fetch size (``kafka.client``)."""
+        return [
+            f"kafka.client.{key}={value}"
+            for key, value in fetch_config(self.args.fetch_bytes).items()
+        ]
+
     def run(self) -> None:
         from crmstream.config import load_config
         from crmstream.embedded import EmbeddedStack
@@ -502,6 +541,7 @@ class Harness:
             platform.python_version()
         )
         self.results["generator_linger_ms"] = self.args.generator_linger_ms
+        self.results["fetch_bytes"] = self.args.fetch_bytes
         self.write()
 
     # one workload size ----------------------------------------------------
@@ -545,6 +585,7 @@ class Harness:
                     f"redis.key_prefix={tag}{name}",
                     "metrics.enabled=false",
                     *self.args.crm_set,
+                    *(self.fetch_sets() if name == "crmstream" else []),
                 ]
             )
 
@@ -561,6 +602,8 @@ class Harness:
                         str(i),
                         "--of",
                         str(n),
+                        "--fetch-bytes",
+                        str(self.args.fetch_bytes),
                     )
                 ).start()
                 for i in range(n)
@@ -638,7 +681,12 @@ class Harness:
             before = int(client.info("memory")["used_memory"])
             child = Child(
                 _naive_cmd(
-                    brokers, endpoints.redis_url, topics, f"{tag}.naive.triggers", f"{tag}naive"
+                    brokers,
+                    endpoints.redis_url,
+                    topics,
+                    f"{tag}.naive.triggers",
+                    f"{tag}naive",
+                    self.args.fetch_bytes,
                 )
             ).start()
             report = child.wait(7200)
@@ -666,6 +714,7 @@ class Harness:
                     state,
                     f"{tag}-quix",
                     self.args.partitions,
+                    self.args.fetch_bytes,
                 )
             ).start()
             report = child.wait(7200)
@@ -790,23 +839,41 @@ class Harness:
             "metrics.enabled=false",
             "policies.quiet_hours.start=00:00",
             "policies.quiet_hours.end=00:00",
-            *(self.args.crm_set if name == "crmstream" else []),
+            *(self.args.crm_set + self.fetch_sets() if name == "crmstream" else []),
         ]
         config = load_config(None, sets, env={})
         create_topics(endpoints.brokers, config)
         topics = ",".join(config.kafka.topics.inputs)
         triggers = config.kafka.topics.triggers
         if name == "floor":
-            cmd = _me("floor", "--brokers", brokers, "--topics", topics)
+            cmd = _me(
+                "floor",
+                "--brokers",
+                brokers,
+                "--topics",
+                topics,
+                "--fetch-bytes",
+                str(self.args.fetch_bytes),
+            )
         elif name == "crmstream":
             cmd = _crm_cmd(brokers, endpoints.redis_url, sets, "--tail")
         elif name == "naive":
-            cmd = _naive_cmd(brokers, endpoints.redis_url, topics, triggers, tag, tail=True)
+            cmd = _naive_cmd(
+                brokers, endpoints.redis_url, topics, triggers, tag, self.args.fetch_bytes, True
+            )
         else:
             assert quix is not None
             state = Path(self.args.out) / f"quix-state-{tag}"
             cmd = _quix_cmd(
-                quix, brokers, topics, triggers, state, tag, self.args.partitions, idle_s=0
+                quix,
+                brokers,
+                topics,
+                triggers,
+                state,
+                tag,
+                self.args.partitions,
+                self.args.fetch_bytes,
+                idle_s=0,
             )
         child = Child(cmd).start()
         assert child.proc is not None
@@ -956,6 +1023,16 @@ def _latency_cells(r: dict[str, Any]) -> list[str]:
     ]
 
 
+def _fetch_words(fetch_bytes: int | None) -> str:
+    if fetch_bytes is None:
+        return "an unrecorded size"
+    if not fetch_bytes:
+        return "librdkafka's own 1 MiB"
+    return (
+        f"{fetch_bytes / (1 << 20):g} MiB" if fetch_bytes % (1 << 10) == 0 else f"{fetch_bytes} B"
+    )
+
+
 def _write_results_md(results: dict[str, Any], path: Path) -> None:
     """Replace the harness section of bench/RESULTS.md with this run's tables."""
     lines = [
@@ -964,6 +1041,9 @@ def _write_results_md(results: dict[str, Any], path: Path) -> None:
         "",
         f"Command: `python -m crmstream.bench.harness {' '.join(sys.argv[1:])}`; "
         f"machine: {results['machine']}; plot: `bench/harness.png`.",
+        "",
+        f"Every contender's consumer fetched {_fetch_words(results.get('fetch_bytes'))} "
+        "per partition (`--fetch-bytes`, bench/README.md).",
     ]
     for run in results["runs"]:
         lines += ["", f"{run['customers']:,} customers, {run['events']:,} events:", ""]
@@ -1104,6 +1184,13 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument(
         "--crm-set", action="append", default=[], help="extra crmstream config key=value"
+    )
+    parser.add_argument(
+        "--fetch-bytes",
+        type=int,
+        default=BENCH_FETCH_BYTES,
+        help="max.partition.fetch.bytes of every contender's consumer, the ceiling's and "
+        "the latency floor's included (0: librdkafka's own 1 MiB; bench/README.md)",
     )
     parser.add_argument("--no-quix", action="store_true")
     parser.add_argument(

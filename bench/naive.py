@@ -90,7 +90,10 @@ def build(args: argparse.Namespace, counter: list[int]) -> Dataflow:
         args.brokers.split(","),
         args.topics.split(","),
         tail=args.tail,
-        add_config={"fetch.wait.max.ms": "50"},
+        add_config={
+            "fetch.wait.max.ms": "50",
+            **({"max.partition.fetch.bytes": str(args.fetch_bytes)} if args.fetch_bytes else {}),
+        },
     )
     messages = op.input("in", flow, source)
 
@@ -128,6 +131,9 @@ def main() -> None:
     parser.add_argument("--triggers", required=True)
     parser.add_argument("--prefix", default="naive")
     parser.add_argument("--tail", action="store_true")
+    parser.add_argument(
+        "--fetch-bytes", type=int, default=0, help="max.partition.fetch.bytes (0: librdkafka's)"
+    )
     args = parser.parse_args()
     from bytewax.testing import run_main
 

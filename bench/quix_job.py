@@ -102,6 +102,9 @@ def main() -> None:
     parser.add_argument("--group", default="quix-bench")
     parser.add_argument("--partitions", type=int, default=4)
     parser.add_argument("--idle-timeout", type=float, default=5.0, help="0: run until killed")
+    parser.add_argument(
+        "--fetch-bytes", type=int, default=0, help="max.partition.fetch.bytes (0: librdkafka's)"
+    )
     args = parser.parse_args()
 
     counter = [0]
@@ -116,7 +119,11 @@ def main() -> None:
         state_dir=args.state_dir,
         use_changelog_topics=False,
         auto_create_topics=False,
-        consumer_extra_config={"session.timeout.ms": 6000, "fetch.wait.max.ms": 50},
+        consumer_extra_config={
+            "session.timeout.ms": 6000,
+            "fetch.wait.max.ms": 50,
+            **({"max.partition.fetch.bytes": args.fetch_bytes} if args.fetch_bytes else {}),
+        },
         on_message_processed=processed,
         loglevel="WARNING",
     )
