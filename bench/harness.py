@@ -105,7 +105,7 @@ def consume_and_parse(
 
 # The broker of these runs (Tansu) spends CPU per fetch that grows with the partition's
 # length: with librdkafka's 1 MiB per partition it took 4 to 4.5 µs per event to serve
-# a 2M-event input, with 8 MiB 2.5 (bench/RESULTS.md, round 22).
+# a 2M-event input, with 8 MiB 2.5 to 2.6 (bench/RESULTS.md, round 22).
 BENCH_FETCH_BYTES = 8 << 20
 
 
