@@ -100,11 +100,11 @@ def consume_and_parse(
                     pass
                 count += 1
     consumer.close()
-    return {"events": count, **watch.report()}
+    return {"events": count, "fetch_bytes": fetch_bytes, **watch.report()}
 
 
 # The broker of these runs (Tansu) spends CPU per fetch that grows with the partition's
-# length: with librdkafka's 1 MiB per partition it took 4 to 4.5 µs per event to serve
+# length: with librdkafka's 1 MiB per partition it took 4.0 to 4.6 µs per event to serve
 # a 2M-event input, with 8 MiB 2.5 to 2.6 (bench/RESULTS.md, round 22).
 BENCH_FETCH_BYTES = 8 << 20
 
@@ -231,7 +231,12 @@ def role_crmstream(args: argparse.Namespace) -> dict[str, Any]:
         run_cluster_process(runtime, 1, part, addresses, tail=args.tail)
     runtime.close()
     handled = counter_total(metrics.events_in, metrics.invalid_events, metrics.skipped_events)
-    return {"events": int(handled), "peer_wait_seconds": waited, **watch.report()}
+    return {
+        "events": int(handled),
+        "peer_wait_seconds": waited,
+        "fetch_bytes": int(config.kafka.client.get("max.partition.fetch.bytes", 0)),
+        **watch.report(),
+    }
 
 
 def together(reports: list[dict[str, Any]]) -> float:
@@ -501,6 +506,7 @@ class Result:
     peak_rss_mb: list[float]
     state_bytes_per_customer: float | None = None
     cpu_pct: dict[str, Any] | None = None  # % of a core: "processes" (list), broker, redis, idle
+    fetch_bytes: list[int] = field(default_factory=list)  # each process's, as it reported it
 
     @property
     def rate(self) -> float:
@@ -585,7 +591,6 @@ class Harness:
                     f"redis.key_prefix={tag}{name}",
                     "metrics.enabled=false",
                     *self.args.crm_set,
-                    *(self.fetch_sets() if name == "crmstream" else []),
                 ]
             )
 
@@ -617,11 +622,12 @@ class Harness:
                 together(reports),
                 [c.peak_rss_mb for c in children],
                 cpu_pct=cpu_of(reports, watch),
+                fetch_bytes=[r["fetch_bytes"] for r in reports],
             )
 
         def crm(n: int, repeat: int) -> Result:
             name = f"crm{n}" + (f"r{repeat}" if repeat else "")
-            sets = sets_for(name)
+            sets = sets_for(name) + self.fetch_sets()
             create_topics(endpoints.brokers, load_config(None, sets, env={}))
             before = int(client.info("memory")["used_memory"])
             from crmstream.embedded import free_port
@@ -673,6 +679,7 @@ class Harness:
                 [c.peak_rss_mb for c in children],
                 used / max(states, 1),
                 cpu,
+                [r["fetch_bytes"] for r in reports],
             )
 
         def naive() -> Result:
@@ -699,6 +706,7 @@ class Harness:
                 report["seconds"],
                 [child.peak_rss_mb],
                 used / max(keys, 1),
+                fetch_bytes=[report["fetch_bytes"]],
             )
 
         def quix_run(python: Path) -> Result:
@@ -726,6 +734,7 @@ class Harness:
                 report["seconds"],
                 [child.peak_rss_mb],
                 size / customers,
+                fetch_bytes=[report["fetch_bytes"]],
             )
 
         # The four quick contenders run ``--repeats`` times, in turn, and each is
@@ -770,6 +779,7 @@ class Harness:
                         else None
                     ),
                     "cpu_pct": r.cpu_pct,
+                    "fetch_bytes": r.fetch_bytes,
                     "runs_events_per_s": [round(one.rate) for one in own],
                 }
             )

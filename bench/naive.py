@@ -83,6 +83,14 @@ def update(client: redis.Redis, prefix: str, event: dict) -> dict | None:
     }
 
 
+def consumer_config(args: argparse.Namespace) -> dict[str, str]:
+    """What the source's consumer gets over Bytewax's own settings."""
+    config = {"fetch.wait.max.ms": "50"}
+    if args.fetch_bytes:
+        config["max.partition.fetch.bytes"] = str(args.fetch_bytes)
+    return config
+
+
 def build(args: argparse.Namespace, counter: list[int]) -> Dataflow:
     client = redis.Redis.from_url(args.redis_url)
     flow = Dataflow("naive")
@@ -90,10 +98,7 @@ def build(args: argparse.Namespace, counter: list[int]) -> Dataflow:
         args.brokers.split(","),
         args.topics.split(","),
         tail=args.tail,
-        add_config={
-            "fetch.wait.max.ms": "50",
-            **({"max.partition.fetch.bytes": str(args.fetch_bytes)} if args.fetch_bytes else {}),
-        },
+        add_config=consumer_config(args),
     )
     messages = op.input("in", flow, source)
 
@@ -141,7 +146,9 @@ def main() -> None:
     started = time.perf_counter()
     run_main(build(args, counter))
     seconds = time.perf_counter() - started
-    sys.stdout.write(orjson.dumps({"events": counter[0], "seconds": seconds}).decode() + "\n")
+    fetch_bytes = int(consumer_config(args).get("max.partition.fetch.bytes", 0))
+    report = {"events": counter[0], "seconds": seconds, "fetch_bytes": fetch_bytes}
+    sys.stdout.write(orjson.dumps(report).decode() + "\n")
 
 
 if __name__ == "__main__":

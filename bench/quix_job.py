@@ -112,6 +112,9 @@ def main() -> None:
     def processed(topic: str, partition: int, offset: int) -> None:
         counter[0] += 1
 
+    consumer_config = {"session.timeout.ms": 6000, "fetch.wait.max.ms": 50}
+    if args.fetch_bytes:
+        consumer_config["max.partition.fetch.bytes"] = args.fetch_bytes
     app = Application(
         broker_address=args.brokers,
         consumer_group=args.group,
@@ -119,11 +122,7 @@ def main() -> None:
         state_dir=args.state_dir,
         use_changelog_topics=False,
         auto_create_topics=False,
-        consumer_extra_config={
-            "session.timeout.ms": 6000,
-            "fetch.wait.max.ms": 50,
-            **({"max.partition.fetch.bytes": args.fetch_bytes} if args.fetch_bytes else {}),
-        },
+        consumer_extra_config=consumer_config,
         on_message_processed=processed,
         loglevel="WARNING",
     )
@@ -145,7 +144,9 @@ def main() -> None:
     started = time.perf_counter()
     app.run(timeout=args.idle_timeout)
     seconds = time.perf_counter() - started - args.idle_timeout  # minus the final idle wait
-    sys.stdout.write(orjson.dumps({"events": counter[0], "seconds": seconds}).decode() + "\n")
+    fetch_bytes = consumer_config.get("max.partition.fetch.bytes", 0)
+    report = {"events": counter[0], "seconds": seconds, "fetch_bytes": fetch_bytes}
+    sys.stdout.write(orjson.dumps(report).decode() + "\n")
 
 
 if __name__ == "__main__":

@@ -40,8 +40,11 @@ def test_harness_smoke_runs_every_contender_and_writes_the_table_and_plot(tmp_pa
         "naive (1 proc)",
     ]
     assert "Quix Streams (1 proc)" in names
+    assert result["fetch_bytes"] == 8 << 20  # the harness's default (bench/README.md)
     for contender in size["contenders"]:
         assert contender["events"] == size["events"], contender  # everyone read all input
+        # every process of every contender read with the same fetch size, as it reported it
+        assert contender["fetch_bytes"] == [8 << 20] * contender["processes"], contender
         assert all(m > 0 for m in contender["peak_rss_mb"])
     for contender in size["contenders"][:4]:  # CPU in the timed window: each process, servers
         # --smoke runs each of these twice, in turn, and reports the lower (median) run
