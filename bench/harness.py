@@ -526,7 +526,9 @@ class Harness:
         self.console.print(text)
 
     def fetch_sets(self) -> list[str]:
-        """crmstream's part of ``--fetch-bytes``: its consumer's fetch size (``kafka.client``)."""
+        """crmstream's part of ``--fetch-bytes``: its consumer's fetch size (``kafka.client``).
+        Only for crmstream's own processes: librdkafka warns when a producer or an admin
+        client (the harness's topic creation and generator) is given a consumer property."""
         return [
             f"kafka.client.{key}={value}"
             for key, value in fetch_config(self.args.fetch_bytes).items()
@@ -627,8 +629,8 @@ class Harness:
 
         def crm(n: int, repeat: int) -> Result:
             name = f"crm{n}" + (f"r{repeat}" if repeat else "")
+            create_topics(endpoints.brokers, load_config(None, sets_for(name), env={}))
             sets = sets_for(name) + self.fetch_sets()
-            create_topics(endpoints.brokers, load_config(None, sets, env={}))
             before = int(client.info("memory")["used_memory"])
             from crmstream.embedded import free_port
 
@@ -849,7 +851,7 @@ class Harness:
             "metrics.enabled=false",
             "policies.quiet_hours.start=00:00",
             "policies.quiet_hours.end=00:00",
-            *(self.args.crm_set + self.fetch_sets() if name == "crmstream" else []),
+            *(self.args.crm_set if name == "crmstream" else []),
         ]
         config = load_config(None, sets, env={})
         create_topics(endpoints.brokers, config)
@@ -866,7 +868,7 @@ class Harness:
                 str(self.args.fetch_bytes),
             )
         elif name == "crmstream":
-            cmd = _crm_cmd(brokers, endpoints.redis_url, sets, "--tail")
+            cmd = _crm_cmd(brokers, endpoints.redis_url, sets + self.fetch_sets(), "--tail")
         elif name == "naive":
             cmd = _naive_cmd(
                 brokers, endpoints.redis_url, topics, triggers, tag, self.args.fetch_bytes, True
