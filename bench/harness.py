@@ -329,7 +329,13 @@ def _me(*args: str) -> list[str]:
     return [sys.executable, "-m", "crmstream.bench.harness", *args]
 
 
-def _crm_cmd(brokers: str, redis_url: str, sets: list[str], *extra: str) -> list[str]:
+def _crm_cmd(
+    brokers: str, redis_url: str, sets: list[str], fetch_bytes: int, *extra: str
+) -> list[str]:
+    """A crmstream process, its consumer given the fetch size through ``kafka.client``.
+    Only its own settings carry the size: librdkafka warns when a producer or an admin
+    client (the harness's topic creation and generator) is given a consumer property."""
+    fetch = [f"kafka.client.{key}={value}" for key, value in fetch_config(fetch_bytes).items()]
     return _me(
         "crmstream",
         "--brokers",
@@ -337,7 +343,7 @@ def _crm_cmd(brokers: str, redis_url: str, sets: list[str], *extra: str) -> list
         "--redis-url",
         redis_url,
         "--sets",
-        orjson.dumps(sets).decode(),
+        orjson.dumps(sets + fetch).decode(),
         *extra,
     )
 
@@ -525,15 +531,6 @@ class Harness:
     def log(self, text: str) -> None:
         self.console.print(text)
 
-    def fetch_sets(self) -> list[str]:
-        """crmstream's part of ``--fetch-bytes``: its consumer's fetch size (``kafka.client``).
-        Only for crmstream's own processes: librdkafka warns when a producer or an admin
-        client (the harness's topic creation and generator) is given a consumer property."""
-        return [
-            f"kafka.client.{key}={value}"
-            for key, value in fetch_config(self.args.fetch_bytes).items()
-        ]
-
     def run(self) -> None:
         from crmstream.config import load_config
         from crmstream.embedded import EmbeddedStack
@@ -629,8 +626,8 @@ class Harness:
 
         def crm(n: int, repeat: int) -> Result:
             name = f"crm{n}" + (f"r{repeat}" if repeat else "")
-            create_topics(endpoints.brokers, load_config(None, sets_for(name), env={}))
-            sets = sets_for(name) + self.fetch_sets()
+            sets = sets_for(name)
+            create_topics(endpoints.brokers, load_config(None, sets, env={}))
             before = int(client.info("memory")["used_memory"])
             from crmstream.embedded import free_port
 
@@ -641,6 +638,7 @@ class Harness:
                         brokers,
                         endpoints.redis_url,
                         sets,
+                        self.args.fetch_bytes,
                         "--part",
                         str(i),
                         "--of",
@@ -868,7 +866,7 @@ class Harness:
                 str(self.args.fetch_bytes),
             )
         elif name == "crmstream":
-            cmd = _crm_cmd(brokers, endpoints.redis_url, sets + self.fetch_sets(), "--tail")
+            cmd = _crm_cmd(brokers, endpoints.redis_url, sets, self.args.fetch_bytes, "--tail")
         elif name == "naive":
             cmd = _naive_cmd(
                 brokers, endpoints.redis_url, topics, triggers, tag, self.args.fetch_bytes, True

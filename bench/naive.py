@@ -26,6 +26,8 @@ import redis
 from bytewax.connectors.kafka import KafkaSink, KafkaSinkMessage, KafkaSource
 from bytewax.dataflow import Dataflow
 
+from crmstream.bench.harness import fetch_config
+
 DAY_MS = 86_400_000
 HALF_LIFE_DAYS = 7.0
 WEIGHTS = {"product_view": 1.0, "favourite": 2.0, "add_to_cart": 3.0, "order_placed": 5.0}
@@ -85,10 +87,8 @@ def update(client: redis.Redis, prefix: str, event: dict) -> dict | None:
 
 def consumer_config(args: argparse.Namespace) -> dict[str, str]:
     """What the source's consumer gets over Bytewax's own settings."""
-    config = {"fetch.wait.max.ms": "50"}
-    if args.fetch_bytes:
-        config["max.partition.fetch.bytes"] = str(args.fetch_bytes)
-    return config
+    fetch = {key: str(value) for key, value in fetch_config(args.fetch_bytes).items()}
+    return {"fetch.wait.max.ms": "50", **fetch}
 
 
 def build(args: argparse.Namespace, counter: list[int]) -> Dataflow:

@@ -6,12 +6,13 @@ the fetch size moves the ceiling as much as crmstream (bench/RESULTS.md, round 2
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
+
+import orjson
 
 from crmstream.bench.harness import (
     BENCH_FETCH_BYTES,
-    Harness,
+    _crm_cmd,
     _fetch_words,
     _naive_cmd,
     _quix_cmd,
@@ -30,16 +31,21 @@ def test_no_fetch_size_leaves_librdkafkas_own():
     assert fetch_config(BENCH_FETCH_BYTES) == {"max.partition.fetch.bytes": 8 << 20}
 
 
+def _crm_sets(fetch_bytes: int) -> list[str]:
+    cmd = _crm_cmd("b:1", "redis://r", ["redis.key_prefix=h"], fetch_bytes, "--tail")
+    assert cmd[-1] == "--tail"
+    return orjson.loads(_after(cmd, "--sets"))
+
+
 def test_crmstream_gets_the_fetch_size_through_its_client_config():
-    harness = Harness(argparse.Namespace(fetch_bytes=3 << 20))
-    sets = harness.fetch_sets()
-    assert sets == [f"kafka.client.max.partition.fetch.bytes={3 << 20}"]
+    sets = _crm_sets(3 << 20)
+    assert sets == ["redis.key_prefix=h", f"kafka.client.max.partition.fetch.bytes={3 << 20}"]
     config = load_config(None, sets, env={})
     assert config.kafka.client == {"max.partition.fetch.bytes": 3 << 20}
     source = CrmKafkaSource(["b:9092"], ["crm.clickstream"], dict(config.kafka.client), dict,
                             2000, 1000, False)  # fmt: skip
     assert source.consumer_config()["max.partition.fetch.bytes"] == 3 << 20
-    assert Harness(argparse.Namespace(fetch_bytes=0)).fetch_sets() == []
+    assert _crm_sets(0) == ["redis.key_prefix=h"]
 
 
 def test_the_baselines_get_the_same_fetch_size():
