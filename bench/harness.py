@@ -234,7 +234,7 @@ def role_crmstream(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "events": int(handled),
         "peer_wait_seconds": waited,
-        "fetch_bytes": int(config.kafka.client.get("max.partition.fetch.bytes", 0)),
+        "fetch_bytes": int(config.kafka.consumer_properties().get("max.partition.fetch.bytes", 0)),
         **watch.report(),
     }
 
@@ -280,7 +280,6 @@ class Child:
     proc: subprocess.Popen[str] | None = None
     peak_rss_mb: float = 0.0
     _watch: threading.Thread | None = None
-    log: list[str] = field(default_factory=list)
 
     def start(self) -> Child:
         self.proc = subprocess.Popen(
@@ -307,6 +306,9 @@ class Child:
         out, err = self.proc.communicate(timeout=timeout)
         if self.proc.returncode != 0:
             raise RuntimeError(f"{self.cmd[:4]} failed ({self.proc.returncode}): {err[-3000:]}")
+        for line in err.splitlines():  # a client given a setting it ignores: say so
+            if "CONFWARN" in line:
+                print(f"[{' '.join(self.cmd[1:4])}] {line}", file=sys.stderr)
         return orjson.loads(out.strip().splitlines()[-1])
 
     def finish(self) -> dict[str, Any]:
@@ -332,10 +334,10 @@ def _me(*args: str) -> list[str]:
 def _crm_cmd(
     brokers: str, redis_url: str, sets: list[str], fetch_bytes: int, *extra: str
 ) -> list[str]:
-    """A crmstream process, its consumer given the fetch size through ``kafka.client``.
-    Only its own settings carry the size: librdkafka warns when a producer or an admin
-    client (the harness's topic creation and generator) is given a consumer property."""
-    fetch = [f"kafka.client.{key}={value}" for key, value in fetch_config(fetch_bytes).items()]
+    """A crmstream process, its consumers given the fetch size through ``kafka.consumer``,
+    as a deployment would set it (``kafka.client`` would give it to the producers too,
+    and librdkafka warns about a consumer property on a producer)."""
+    fetch = [f"kafka.consumer.{key}={value}" for key, value in fetch_config(fetch_bytes).items()]
     return _me(
         "crmstream",
         "--brokers",

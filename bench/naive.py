@@ -91,14 +91,24 @@ def consumer_config(args: argparse.Namespace) -> dict[str, str]:
     return {"fetch.wait.max.ms": "50", **fetch}
 
 
+class _Source(KafkaSource):
+    """Bytewax's Kafka source, its partitions listed by a source without the consumer
+    settings: Bytewax gives ``add_config`` to its admin client too, and librdkafka
+    warns about each consumer-only property there."""
+
+    def __init__(self, brokers: list[str], topics: list[str], tail: bool, config: dict):
+        super().__init__(brokers, topics, tail=tail, add_config=config)
+        self._lister = KafkaSource(brokers, topics, tail=tail)
+
+    def list_parts(self) -> list[str]:
+        return self._lister.list_parts()
+
+
 def build(args: argparse.Namespace, counter: list[int]) -> Dataflow:
     client = redis.Redis.from_url(args.redis_url)
     flow = Dataflow("naive")
-    source = KafkaSource(
-        args.brokers.split(","),
-        args.topics.split(","),
-        tail=args.tail,
-        add_config=consumer_config(args),
+    source = _Source(
+        args.brokers.split(","), args.topics.split(","), args.tail, consumer_config(args)
     )
     messages = op.input("in", flow, source)
 

@@ -412,7 +412,7 @@ def publish(
     if max_events is None and duration_s is None:
         raise ValueError("publish needs max_events or duration_s")
     topics = config.kafka.topics.by_role
-    producer = DeliveryCheckedProducer(brokers, dict(config.kafka.client), 60.0)
+    producer = DeliveryCheckedProducer(brokers, config.kafka.producer_properties(), 60.0)
     clock = (lambda: time.time_ns() // 1_000_000) if live_time else None
     started = time.monotonic()
     sent = malformed = 0
@@ -501,7 +501,7 @@ def publish_scheduled(
             break
     if not built:
         return PublishStats(0, 0, 0.0)
-    client = dict(config.kafka.client)
+    client = config.kafka.producer_properties()
     if linger_ms is not None:
         client["linger.ms"] = linger_ms
     producer = DeliveryCheckedProducer(brokers, client, 60.0)

@@ -98,7 +98,7 @@ def _parse_scalar(text: str) -> Any:
 # Mappings whose keys are dotted property names (librdkafka's ``linger.ms``): after
 # their path, the rest of a dotted key is one key. Environment variable names cannot
 # hold dots, so there ``_`` stands for ``.`` (librdkafka's names have no ``_``).
-_FLAT_MAPS = (("kafka", "client"),)
+_FLAT_MAPS = (("kafka", "client"), ("kafka", "consumer"), ("kafka", "producer"))
 
 
 def _path(dotted: str, from_env: bool = False) -> list[str]:

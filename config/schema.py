@@ -74,14 +74,30 @@ class TopicsConfig(_Frozen):
         return self
 
 
+ClientProperties = dict[str, str | int | float | bool]
+
+
 class KafkaConfig(_Frozen):
     brokers: list[str] | None = None
-    client: dict[str, str | int | float | bool] = Field(default_factory=dict)
+    # librdkafka properties: ``client`` for every client, ``consumer`` and
+    # ``producer`` over it for the consumers or producers only (a property one kind
+    # of client does not know makes librdkafka warn, e.g. a fetch size on a producer).
+    client: ClientProperties = Field(default_factory=dict)
+    consumer: ClientProperties = Field(default_factory=dict)
+    producer: ClientProperties = Field(default_factory=dict)
     topics: TopicsConfig = TopicsConfig()
     partitions: PositiveInt = 4
     replication_factor: PositiveInt = 1
     batch_size: Annotated[int, Field(ge=1, le=100_000)] = 2000
     delivery_timeout_seconds: PositiveFloat = 30.0
+
+    def consumer_properties(self) -> ClientProperties:
+        """What a consumer is given: ``client``, then ``consumer`` over it."""
+        return {**self.client, **self.consumer}
+
+    def producer_properties(self) -> ClientProperties:
+        """What a producer is given: ``client``, then ``producer`` over it."""
+        return {**self.client, **self.producer}
 
     @field_validator("brokers", mode="before")
     @classmethod

@@ -62,7 +62,7 @@ def _output_consumer(brokers: list[str], config: CrmConfig) -> Consumer:
             "group.id": "crmstream-demo-viewer",
             "logger": logging.getLogger("librdkafka"),
             "enable.auto.commit": False,
-            **config.kafka.client,
+            **config.kafka.consumer_properties(),
         }
     )
     topics = [config.kafka.topics.triggers, config.kafka.topics.dead_letter]

@@ -120,7 +120,7 @@ def tail_triggers(
         return limit is not None and seen >= limit
 
     records = read_records(
-        list(config.kafka.brokers), dict(config.kafka.client), [topic], follow, done
+        list(config.kafka.brokers), config.kafka.consumer_properties(), [topic], follow, done
     )
     live: Live | None = None
     try:
@@ -156,7 +156,7 @@ def explain(config: CrmConfig, trigger_id: str, console: Console) -> bool:
     started = time.monotonic()
     for topic, record in read_records(
         list(config.kafka.brokers),
-        dict(config.kafka.client),
+        config.kafka.consumer_properties(),
         [topics.triggers, topics.suppressions],
         follow=False,
     ):

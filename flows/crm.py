@@ -64,28 +64,36 @@ def check_recovery_store(directory: Path) -> None:
                 ) from None
 
 
-def build_flow(
-    runtime: Runtime, tail: bool = True, signals: StopSignals | None = None, workers: int = 1
-) -> Dataflow:
-    """The CRM dataflow over the configured input topics, for ``workers`` Bytewax workers
-    in all (they decide the shard keys: each worker runs the same number of shards)."""
+def input_source(
+    runtime: Runtime, tail: bool = True, signals: StopSignals | None = None
+) -> CrmKafkaSource:
+    """The flow's input: every configured input topic, resumed from the offsets in Redis."""
     cfg = runtime.config
-    topics = cfg.kafka.topics
-    warm_up(cfg)
 
     def resume_offsets(positions: list[tuple[str, int]]) -> dict[tuple[str, int], tuple[int, int]]:
         return runtime.store.resume_offsets(cfg.processing.shards, positions)
 
-    source = CrmKafkaSource(
+    return CrmKafkaSource(
         brokers=runtime.endpoints.brokers,
-        topics=list(topics.inputs),
+        topics=list(cfg.kafka.topics.inputs),
         client_config=dict(cfg.kafka.client),
+        consumer_config=dict(cfg.kafka.consumer),
         resume_offsets=resume_offsets,
         batch_size=cfg.kafka.batch_size,
         step_ms=cfg.processing.step_ms,
         tail=tail,
         signals=signals,
     )
+
+
+def build_flow(
+    runtime: Runtime, tail: bool = True, signals: StopSignals | None = None, workers: int = 1
+) -> Dataflow:
+    """The CRM dataflow over the configured input topics, for ``workers`` Bytewax workers
+    in all (they decide the shard keys: each worker runs the same number of shards)."""
+    cfg = runtime.config
+    warm_up(cfg)
+    source = input_source(runtime, tail, signals)
     flow = Dataflow(FLOW_ID)
     raw = op.input(INPUT_STEP, flow, source)
     keys = shard_keys(cfg.processing.shards, workers)

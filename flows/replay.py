@@ -146,7 +146,9 @@ def _produce(
     events: list[tuple[str, bytes | None, bytes]],
     on_progress: Callable[[str, int, int], None] | None,
 ) -> None:
-    producer = DeliveryCheckedProducer(list(endpoints.brokers), dict(config.kafka.client), 60.0)
+    producer = DeliveryCheckedProducer(
+        list(endpoints.brokers), config.kafka.producer_properties(), 60.0
+    )
     for i, (topic, key, value) in enumerate(events, start=1):
         producer.produce(topic, key, value)
         if i % 5000 == 0:

@@ -70,7 +70,7 @@ class Runtime:
     def producer(self) -> DeliveryCheckedProducer:
         kafka = self.config.kafka
         return DeliveryCheckedProducer(
-            self.endpoints.brokers, dict(kafka.client), kafka.delivery_timeout_seconds
+            self.endpoints.brokers, kafka.producer_properties(), kafka.delivery_timeout_seconds
         )
 
     def close(self) -> None:

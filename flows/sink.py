@@ -50,6 +50,7 @@ class DeliveryCheckedProducer:
             "logger": logging.getLogger("librdkafka"),
             **client_config,
         }
+        self.properties = config  # what librdkafka was given, logger included
         self._producer = Producer(config)
         self._timeout_s = timeout_s
         self._lock = threading.Lock()

@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 
 _IDLE_BACKOFF = timedelta(milliseconds=20)
 STALL_SECONDS = 5.0
-# The source consumer's fetching (``kafka.client`` overrides either):
+# The source consumer's fetching (``kafka.client`` or ``kafka.consumer`` overrides either):
 # - fetch.wait.max.ms: how long the broker may hold a fetch for new data (latency).
 # - fetch.queue.backoff.ms: once librdkafka's local queue is over its limits
 #   (queued.min.messages, queued.max.messages.kbytes: 64 MB, which a backlog
@@ -290,10 +290,15 @@ class CrmKafkaSource(DynamicSource[RawMessage]):
         step_ms: int,
         tail: bool,
         signals: StopSignals | None = None,
+        consumer_config: dict[str, Any] | None = None,
     ):
+        """``client_config`` goes to every client the source makes (its metadata
+        lookups too), ``consumer_config`` over it to its consumers only (``kafka.client``
+        and ``kafka.consumer``)."""
         self._brokers = brokers
         self._topics = topics
         self._client_config = client_config
+        self._consumer_overrides = dict(consumer_config or {})
         self._resume_offsets = resume_offsets
         self._batch_size = batch_size
         self._step_ms = step_ms
@@ -336,11 +341,13 @@ class CrmKafkaSource(DynamicSource[RawMessage]):
         )
 
     def consumer_config(self) -> dict[str, Any]:
-        """A worker's consumer: ``kafka.client`` over the fetch defaults; it never joins a
-        group (partitions are assigned) and reports each partition's end."""
+        """A worker's consumer: ``kafka.client`` and ``kafka.consumer`` over the fetch
+        defaults; it never joins a group (partitions are assigned) and reports each
+        partition's end."""
         return {
             **FETCH_DEFAULTS,
             **self._base_config(),  # brokers and kafka.client, which may set either default
+            **self._consumer_overrides,  # kafka.consumer, likewise
             "group.id": "crmstream-source",  # required by librdkafka; assign() never joins
             "enable.auto.commit": False,
             "enable.partition.eof": True,

@@ -37,13 +37,16 @@ def _crm_sets(fetch_bytes: int) -> list[str]:
     return orjson.loads(_after(cmd, "--sets"))
 
 
-def test_crmstream_gets_the_fetch_size_through_its_client_config():
+def test_crmstream_gets_the_fetch_size_through_its_consumer_config():
     sets = _crm_sets(3 << 20)
-    assert sets == ["redis.key_prefix=h", f"kafka.client.max.partition.fetch.bytes={3 << 20}"]
+    assert sets == ["redis.key_prefix=h", f"kafka.consumer.max.partition.fetch.bytes={3 << 20}"]
     config = load_config(None, sets, env={})
-    assert config.kafka.client == {"max.partition.fetch.bytes": 3 << 20}
-    source = CrmKafkaSource(["b:9092"], ["crm.clickstream"], dict(config.kafka.client), dict,
-                            2000, 1000, False)  # fmt: skip
+    assert config.kafka.consumer == {"max.partition.fetch.bytes": 3 << 20}
+    assert config.kafka.client == {} and config.kafka.producer_properties() == {}
+    source = CrmKafkaSource(
+        ["b:9092"], ["crm.clickstream"], dict(config.kafka.client), dict, 2000, 1000, False,
+        consumer_config=dict(config.kafka.consumer),
+    )  # fmt: skip
     assert source.consumer_config()["max.partition.fetch.bytes"] == 3 << 20
     assert _crm_sets(0) == ["redis.key_prefix=h"]
 
