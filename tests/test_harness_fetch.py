@@ -19,7 +19,8 @@ from crmstream.bench.harness import (
     fetch_config,
 )
 from crmstream.config import load_config
-from crmstream.flows.source import CrmKafkaSource
+from crmstream.flows.crm import input_source
+from crmstream.flows.runtime import Endpoints, Runtime
 
 
 def _after(cmd: list[str], flag: str) -> str:
@@ -43,10 +44,7 @@ def test_crmstream_gets_the_fetch_size_through_its_consumer_config():
     config = load_config(None, sets, env={})
     assert config.kafka.consumer == {"max.partition.fetch.bytes": 3 << 20}
     assert config.kafka.client == {} and config.kafka.producer_properties() == {}
-    source = CrmKafkaSource(
-        ["b:9092"], ["crm.clickstream"], dict(config.kafka.client), dict, 2000, 1000, False,
-        consumer_config=dict(config.kafka.consumer),
-    )  # fmt: skip
+    source = input_source(Runtime(config, Endpoints(["b:9092"], "redis://r")), tail=False)
     assert source.consumer_config()["max.partition.fetch.bytes"] == 3 << 20
     assert _crm_sets(0) == ["redis.key_prefix=h"]
 
