@@ -15,8 +15,13 @@ before and one after the main run, and reports the seconds each spent in the
 collector. ``--front-only`` adds a run of the flow's front half alone: it
 reads, validates and routes as the flow does and hands each shard its steps,
 which the shard drops instead of applying. That is what the flow could reach
-if the state step cost nothing. Every extra run has its own Redis prefix and
-output topics.
+if the state step cost nothing. ``--io-floor`` adds a run in which each shard's
+step does only the Redis I/O that DESIGN.md's state of record asks of it: one
+load of the step's customers' state and one MULTI/EXEC writing it back with the
+shard's input positions (a new customer gets a fresh record), and nothing else:
+no kernels, timers, triggers, policies or profiles. That is what the flow could
+reach if all of its computing cost nothing. Every extra run has its own Redis
+prefix and output topics.
 
 It prints events/s for all, their ratio, and the CPU time per event of the
 process (time spent waiting for a shared CPU does not count in it), and writes
@@ -43,9 +48,11 @@ from crmstream.config import CrmConfig, load_config
 from crmstream.embedded import EmbeddedStack
 from crmstream.flows.crm import run_in_process
 from crmstream.flows.runtime import Endpoints, Runtime
-from crmstream.flows.shard import ShardLogic
+from crmstream.flows.shard import Changes, ShardLogic
 from crmstream.metrics import counter_total, get_metrics
+from crmstream.operators.catalog import TimerPlan
 from crmstream.operators.kernels import warm_up
+from crmstream.state.encoding import encode_records, fresh_records
 from crmstream.topics import create_topics
 
 # Python's own thresholds, read before any flow is built (build_flow applies tune_gc).
@@ -100,6 +107,47 @@ def front_run(endpoints: Endpoints, config: CrmConfig) -> Run:
     finally:
         ShardLogic._apply_step = apply_step  # type: ignore[method-assign]
     return run._replace(messages=dropped)
+
+
+def io_floor_run(endpoints: Endpoints, config: CrmConfig) -> Run:
+    """The flow with each shard's step reduced to its state's Redis round trips: load the
+    step's customers, write their state back with the positions in one MULTI/EXEC."""
+    applied, customers_seen = 0, set()
+    apply = ShardLogic._apply
+
+    def io_only(
+        shard: ShardLogic, events: list, due: list, now_ms: int, mark: int | None
+    ) -> Changes:
+        nonlocal applied
+        applied += len(events)
+        customers = list(dict.fromkeys([ev.customer_id for ev in events]))
+        customers_seen.update(customers)
+        blobs, _promises = shard._rt.store.load_states(customers)
+        new = sum(b is None for b in blobs)
+        fresh = iter(encode_records(fresh_records(new)))
+        states = {c: next(fresh) if b is None else b for c, b in zip(customers, blobs, strict=True)}
+        return Changes(states, {}, TimerPlan([], [], {}, {}), [], [], [], [], new)
+
+    ShardLogic._apply = io_only  # type: ignore[method-assign]
+    try:  # the run counts the invalid messages only: io_only counts no event in
+        run = flow_run(endpoints, config)
+    finally:
+        ShardLogic._apply = apply  # type: ignore[method-assign]
+    # Every customer's state was written, and counted once as new.
+    runtime = Runtime(config, endpoints)
+    store, keys = runtime.store, sorted(customers_seen)
+    written = sum(
+        store.client.exists(*[store.state_key(c) for c in keys[i : i + 10_000]])
+        for i in range(0, len(keys), 10_000)
+    )
+    counted = sum(int(n) for n in store.client.hvals(store.customers_key()))
+    runtime.close()
+    if not written == counted == len(keys):
+        raise SystemExit(
+            f"the I/O floor run saw {len(keys)} customers but wrote {written} states "
+            f"and counted {counted}"
+        )
+    return run._replace(messages=run.messages + applied)
 
 
 class CollectorClock:
@@ -166,6 +214,13 @@ def main() -> None:
         help="also run the flow's front half alone (read, validate, route; each shard drops "
         "its steps): the bound a free state step would leave",
     )
+    parser.add_argument(
+        "--io-floor",
+        action="store_true",
+        help="also run the flow with each shard's step doing only its state's Redis I/O "
+        "(load, then write back with the positions in one MULTI/EXEC): the bound if all "
+        "computing in the step cost nothing",
+    )
     args = parser.parse_args()
     console = Console()
     config = load_config(None, [f"kafka.partitions={args.partitions}"])
@@ -211,6 +266,17 @@ def main() -> None:
                     f"the front half dropped {front.messages} messages in its steps "
                     f"but the topics hold {raw.messages}"
                 )
+        io_floor = None
+        if args.io_floor:
+            console.print(
+                "the state I/O floor: the flow with only its state's Redis I/O in the step ..."
+            )
+            io_floor = io_floor_run(endpoints, _variant(endpoints, args.partitions, "io-floor"))
+            if io_floor.messages != raw.messages:
+                raise SystemExit(
+                    f"the I/O floor run handled {io_floor.messages} messages "
+                    f"but the topics hold {raw.messages}"
+                )
     raw_rate, flow_rate = raw.messages / raw.seconds, flow.messages / flow.seconds
     table = Table(title=f"foundation benchmark: {stats.events:,} events, 1 process")
     columns = ("contender", "messages", "seconds", "events/s", "ratio to ceiling", "CPU µs/event")
@@ -234,6 +300,8 @@ def main() -> None:
         add_row("crmstream, at-least-once", loose)
     if front is not None:
         add_row("front half alone", front)
+    if io_floor is not None:
+        add_row("state I/O floor", io_floor)
     for label, (run, _) in zip(("before", "after")[: len(untuned)], untuned, strict=True):
         add_row(f"Python's GC settings ({label})", run)
     console.print(table)
@@ -272,6 +340,11 @@ def main() -> None:
     if front is not None:
         result["front_events_per_s"] = round(front.messages / front.seconds)
         result["front_cpu_us_per_event"] = round(front.cpu_seconds / front.messages * 1e6, 2)
+    if io_floor is not None:
+        result["io_floor_events_per_s"] = round(io_floor.messages / io_floor.seconds)
+        result["io_floor_cpu_us_per_event"] = round(
+            io_floor.cpu_seconds / io_floor.messages * 1e6, 2
+        )
     result["flow_gc_seconds"] = round(flow_gc_s, 3)
     if untuned:
         result["python_gc_events_per_s"] = [round(r.messages / r.seconds) for r, _ in untuned]

@@ -72,7 +72,7 @@ def test_harness_smoke_runs_every_contender_and_writes_the_table_and_plot(tmp_pa
 @pytest.mark.parametrize("variants", [True, False], ids=["with-variants", "plain"])
 def test_flow_bench_runs_with_and_without_the_variants(tmp_path, variants):
     out = tmp_path / "flow.json"
-    flags = ["--exactly-once-cost", "--gc-cost", "--front-only"] if variants else []
+    flags = ["--exactly-once-cost", "--gc-cost", "--front-only", "--io-floor"] if variants else []
     run = run_bench(
         "flow_bench", "--events", "4000", "--customers", "500", *flags, "--out", str(out)
     )
@@ -86,6 +86,7 @@ def test_flow_bench_runs_with_and_without_the_variants(tmp_path, variants):
         assert "python_gc_events_per_s" not in result
         assert "Python's GC settings" not in run.stdout
         assert "front_events_per_s" not in result and "front half" not in run.stdout
+        assert "io_floor_events_per_s" not in result and "I/O floor" not in run.stdout
     else:
         assert result["at_least_once_events_per_s"] > 0
         assert len(result["python_gc_events_per_s"]) == len(result["python_gc_seconds"]) == 2
@@ -93,6 +94,10 @@ def test_flow_bench_runs_with_and_without_the_variants(tmp_path, variants):
         # the front half handled every message (checked by the bench) and is timed
         assert result["front_events_per_s"] > 0 and result["front_cpu_us_per_event"] > 0
         assert "front half alone" in run.stdout
+        # the I/O floor applied every message and wrote every customer's state (checked by
+        # the bench) and is timed
+        assert result["io_floor_events_per_s"] > 0 and result["io_floor_cpu_us_per_event"] > 0
+        assert "state I/O floor" in run.stdout
     print(f"flow bench smoke: {result}")
 
 
