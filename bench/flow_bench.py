@@ -69,7 +69,10 @@ def raw_consume_parse(endpoints: Endpoints, config: CrmConfig) -> Run:
     """Read every input partition to its end, parsing each value."""
     from crmstream.bench.harness import consume_and_parse
 
-    report = consume_and_parse(",".join(endpoints.brokers), list(config.kafka.topics.inputs))
+    fetch_bytes = int(config.kafka.consumer_properties().get("max.partition.fetch.bytes", 0))
+    report = consume_and_parse(
+        ",".join(endpoints.brokers), list(config.kafka.topics.inputs), fetch_bytes=fetch_bytes
+    )
     return Run(report["events"], report["seconds"], report["cpu_seconds"])
 
 
@@ -174,12 +177,13 @@ class CollectorClock:
         return result, self.seconds
 
 
-def _variant(endpoints: Endpoints, partitions: int, name: str, *sets: str) -> CrmConfig:
-    """A configuration with its own key prefix and output topics (created), plus ``sets``."""
+def _variant(endpoints: Endpoints, base: list[str], name: str, *sets: str) -> CrmConfig:
+    """The ``base`` configuration with its own key prefix and output topics (created), plus
+    ``sets``."""
     config = load_config(
         None,
         [
-            f"kafka.partitions={partitions}",
+            *base,
             f"redis.key_prefix={name}",
             f"kafka.topics.triggers=triggers-{name}",
             f"kafka.topics.suppressions=suppressions-{name}",
@@ -196,6 +200,13 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=200_000)
     parser.add_argument("--customers", type=int, default=20_000)
     parser.add_argument("--partitions", type=int, default=4)
+    parser.add_argument(
+        "--fetch-bytes",
+        type=int,
+        default=0,
+        help="max.partition.fetch.bytes of the ceiling's and every flow's consumer, as "
+        "`make bench-all` gives them (8388608); 0: librdkafka's default",
+    )
     parser.add_argument("--out", type=Path, default=Path("bench/out/flow.json"))
     parser.add_argument(
         "--exactly-once-cost",
@@ -223,7 +234,10 @@ def main() -> None:
     )
     args = parser.parse_args()
     console = Console()
-    config = load_config(None, [f"kafka.partitions={args.partitions}"])
+    base = [f"kafka.partitions={args.partitions}"]
+    if args.fetch_bytes:
+        base.append(f"kafka.consumer.max.partition.fetch.bytes={args.fetch_bytes}")
+    config = load_config(None, base)
     with EmbeddedStack(config) as stack:
         assert stack.endpoints is not None
         endpoints = stack.endpoints
@@ -239,9 +253,7 @@ def main() -> None:
             console.print(f"crmstream flow with Python's GC settings ({label}) ...")
             gc.unfreeze()  # undo an earlier run's tune_gc: this run is Python's defaults
             gc.set_threshold(*PYTHON_GC_THRESHOLDS)
-            cfg = _variant(
-                endpoints, args.partitions, f"gc-{label}", "processing.gc_young_threshold=0"
-            )
+            cfg = _variant(endpoints, base, f"gc-{label}", "processing.gc_young_threshold=0")
             untuned.append(clock.timed(lambda: flow_run(endpoints, cfg)))
 
         if args.gc_cost:
@@ -254,13 +266,13 @@ def main() -> None:
         if args.exactly_once_cost:
             console.print("crmstream flow without the exactly-once machinery ...")
             loose_config = _variant(
-                endpoints, args.partitions, "at-least-once", "processing.exactly_once=false"
+                endpoints, base, "at-least-once", "processing.exactly_once=false"
             )
             loose = flow_run(endpoints, loose_config)
         front = None
         if args.front_only:
             console.print("the flow's front half alone (each shard drops its steps) ...")
-            front = front_run(endpoints, _variant(endpoints, args.partitions, "front"))
+            front = front_run(endpoints, _variant(endpoints, base, "front"))
             if front.messages != raw.messages:
                 raise SystemExit(
                     f"the front half dropped {front.messages} messages in its steps "
@@ -271,7 +283,7 @@ def main() -> None:
             console.print(
                 "the state I/O floor: the flow with only its state's Redis I/O in the step ..."
             )
-            io_floor = io_floor_run(endpoints, _variant(endpoints, args.partitions, "io-floor"))
+            io_floor = io_floor_run(endpoints, _variant(endpoints, base, "io-floor"))
             if io_floor.messages != raw.messages:
                 raise SystemExit(
                     f"the I/O floor run handled {io_floor.messages} messages "
@@ -326,6 +338,7 @@ def main() -> None:
         "events": stats.events,
         "customers": args.customers,
         "partitions": args.partitions,
+        "fetch_bytes": args.fetch_bytes,
         "ceiling_events_per_s": round(raw_rate),
         "flow_events_per_s": round(flow_rate),
         "ratio": round(flow_rate / raw_rate, 4),

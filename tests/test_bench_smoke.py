@@ -73,6 +73,8 @@ def test_harness_smoke_runs_every_contender_and_writes_the_table_and_plot(tmp_pa
 def test_flow_bench_runs_with_and_without_the_variants(tmp_path, variants):
     out = tmp_path / "flow.json"
     flags = ["--exactly-once-cost", "--gc-cost", "--front-only", "--io-floor"] if variants else []
+    if variants:  # the harness's fetch size, to the consumers only: no librdkafka warning
+        flags += ["--fetch-bytes", str(8 << 20)]
     run = run_bench(
         "flow_bench", "--events", "4000", "--customers", "500", *flags, "--out", str(out)
     )
@@ -98,6 +100,8 @@ def test_flow_bench_runs_with_and_without_the_variants(tmp_path, variants):
         # the bench) and is timed
         assert result["io_floor_events_per_s"] > 0 and result["io_floor_cpu_us_per_event"] > 0
         assert "state I/O floor" in run.stdout
+        assert result["fetch_bytes"] == 8 << 20
+        assert "CONFWARN" not in run.stdout + run.stderr
     print(f"flow bench smoke: {result}")
 
 
