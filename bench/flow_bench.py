@@ -21,7 +21,8 @@ load of the step's customers' state and one MULTI/EXEC writing it back with the
 shard's input positions (a new customer gets a fresh record), and nothing else:
 no kernels, timers, triggers, policies or profiles. That is what the flow could
 reach if all of its computing cost nothing. Every extra run has its own Redis
-prefix and output topics.
+prefix and output topics. ``--fetch-bytes`` gives the ceiling's and every
+flow's consumer the fetch size ``make bench-all`` gives its contenders.
 
 It prints events/s for all, their ratio, and the CPU time per event of the
 process (time spent waiting for a shared CPU does not count in it), and writes
