@@ -7,6 +7,7 @@ disturbs downstream subscribers' offsets) and reads from the beginning.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -22,6 +23,19 @@ from crmstream.config import CrmConfig
 from crmstream.topics import TopicError, partitions_of
 
 
+def reader_config(brokers: list[str], client: dict[str, Any]) -> dict[str, Any]:
+    """The consumer configuration of ``read_records`` (``client``: the consumer's
+    librdkafka properties)."""
+    return {
+        "bootstrap.servers": ",".join(brokers),
+        "logger": logging.getLogger("librdkafka"),
+        **client,
+        "group.id": "crmstream-cli",  # required by librdkafka; assign() joins no group
+        "enable.auto.commit": False,
+        "enable.partition.eof": True,
+    }
+
+
 def read_records(
     brokers: list[str],
     client: dict[str, Any],
@@ -31,15 +45,7 @@ def read_records(
 ) -> Iterator[tuple[str, dict[str, Any] | None]]:
     """(topic, record) for every record of ``topics`` from the beginning; with ``follow``
     it then waits for new ones. A ``(topic, None)`` pair marks "all caught up"."""
-    consumer = Consumer(
-        {
-            "bootstrap.servers": ",".join(brokers),
-            **client,
-            "group.id": "crmstream-cli",  # required by librdkafka; assign() joins no group
-            "enable.auto.commit": False,
-            "enable.partition.eof": True,
-        }
-    )
+    consumer = Consumer(reader_config(brokers, client))
     try:
         parts = []
         for topic in topics:

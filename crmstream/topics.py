@@ -7,7 +7,9 @@ because some brokers, Tansu among them, return no defaults for them.
 
 from __future__ import annotations
 
+import logging
 import time
+from collections.abc import Mapping
 from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException
@@ -18,6 +20,19 @@ from crmstream.config import CrmConfig
 
 class TopicError(RuntimeError):
     """A topic could not be created."""
+
+
+def admin_client(brokers: list[str], client_properties: Mapping[str, Any]) -> AdminClient:
+    """An AdminClient with ``kafka.client``'s properties. Like every Kafka client of
+    crmstream it logs through Python's ``librdkafka`` logger: left to itself, librdkafka
+    writes its lines, informational ones included, straight to stderr."""
+    return AdminClient(
+        {
+            "bootstrap.servers": ",".join(brokers),
+            "logger": logging.getLogger("librdkafka"),
+            **client_properties,
+        }
+    )
 
 
 def topic_metadata(client: Any, topic: str, timeout_s: float) -> Any:
@@ -54,7 +69,7 @@ def create_topics(
 ) -> dict[str, str]:
     """Create every input and output topic; returns topic -> "created" | "exists"."""
     kafka = config.kafka
-    admin = AdminClient({"bootstrap.servers": ",".join(brokers), **kafka.client})
+    admin = admin_client(brokers, kafka.client)
     names = [*kafka.topics.inputs, *kafka.topics.outputs]
     new = [
         NewTopic(

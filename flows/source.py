@@ -29,13 +29,12 @@ from typing import Any, NamedTuple
 
 from bytewax.inputs import DynamicSource, StatelessSourcePartition
 from confluent_kafka import Consumer, KafkaError, TopicPartition
-from confluent_kafka.admin import AdminClient
 
 from crmstream.flows.routing import parse_part_name, part_name, worker_share
 from crmstream.metrics import get_metrics
 from crmstream.operators.events import new_tuple
 from crmstream.state.store import Position
-from crmstream.topics import TopicError, partitions_of
+from crmstream.topics import TopicError, admin_client, partitions_of
 
 log = logging.getLogger(__name__)
 
@@ -310,7 +309,7 @@ class CrmKafkaSource(DynamicSource[RawMessage]):
 
     def list_parts(self) -> list[str]:
         """Every input partition's name, sorted (``routing.part_name``)."""
-        admin = AdminClient(self._base_config())
+        admin = admin_client(self._brokers, self._client_config)
         parts = []
         for topic in self._topics:
             try:

@@ -17,6 +17,8 @@ from confluent_kafka import Consumer
 from crmstream.config import ConfigError, load_config
 from crmstream.flows.crm import input_source
 from crmstream.flows.runtime import Endpoints, Runtime
+from crmstream.ops import reader_config
+from crmstream.topics import admin_client
 
 # One consumer-only and one producer-only property, each with a value that is not
 # librdkafka's default.
@@ -82,3 +84,29 @@ def test_the_flows_clients_get_only_their_own_kinds_properties(caplog):
     warned = _warnings(caplog, common)
     assert any("consumer property" in w and "producer instance" in w for w in warned), warned
     assert any("producer property" in w and "consumer instance" in w for w in warned), warned
+
+
+def test_admin_clients_and_the_cli_reader_log_through_python_logging(caplog, capfd):
+    """librdkafka writes straight to stderr unless a client is given a logger: the demo
+    then opened with a raw ``%6|...|BGQUEUE|`` line from the topic creation's admin
+    client. Each client here is given a property of the other kind, so that it logs."""
+    consumer_set = f"{CONSUMER_ONLY[0]}={CONSUMER_ONLY[1]}"
+    producer_set = f"{PRODUCER_ONLY[0]}={PRODUCER_ONLY[1]}"
+    config = load_config(
+        overrides=[f"kafka.client.{consumer_set}", f"kafka.consumer.{producer_set}"], env={}
+    )
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="librdkafka"):
+        admin = admin_client(["127.0.0.1:9"], config.kafka.client)  # a producer-kind client
+        admin.poll(0.2)  # librdkafka's log lines reach Python when a client is polled
+        reader = Consumer(reader_config(["127.0.0.1:9"], config.kafka.consumer_properties()))
+        try:
+            reader.poll(0.2)
+        finally:
+            reader.close()
+        del admin
+    warned = [r.getMessage() for r in caplog.records if "CONFWARN" in r.getMessage()]
+    assert any("consumer property" in w and "producer instance" in w for w in warned), warned
+    assert any("producer property" in w and "consumer instance" in w for w in warned), warned
+    stderr = capfd.readouterr().err
+    assert "CONFWARN" not in stderr and "|BGQUEUE|" not in stderr, stderr
