@@ -10,7 +10,6 @@ flow is drained or stopped and the embedded servers are stopped.
 
 from __future__ import annotations
 
-import logging
 import threading
 import time
 from collections import Counter, deque
@@ -24,6 +23,7 @@ from rich.live import Live
 from rich.table import Table
 
 from crmstream.bench.workload import PublishStats, Workload, WorkloadSpec, publish
+from crmstream.clients import librdkafka_config
 from crmstream.config import CrmConfig
 from crmstream.embedded import infrastructure
 from crmstream.flows.crm import run_in_process
@@ -58,11 +58,9 @@ METADATA_TIMEOUT_S = 30.0
 def _output_consumer(brokers: list[str], config: CrmConfig) -> Consumer:
     consumer = Consumer(
         {
-            "bootstrap.servers": ",".join(brokers),
             "group.id": "crmstream-demo-viewer",
-            "logger": logging.getLogger("librdkafka"),
             "enable.auto.commit": False,
-            **config.kafka.consumer_properties(),
+            **librdkafka_config(brokers, config.kafka.consumer_properties()),
         }
     )
     topics = [config.kafka.topics.triggers, config.kafka.topics.dead_letter]

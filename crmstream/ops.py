@@ -7,7 +7,6 @@ disturbs downstream subscribers' offsets) and reads from the beginning.
 
 from __future__ import annotations
 
-import logging
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -19,6 +18,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from crmstream.clients import librdkafka_config
 from crmstream.config import CrmConfig
 from crmstream.topics import TopicError, partitions_of
 
@@ -27,9 +27,7 @@ def reader_config(brokers: list[str], client: dict[str, Any]) -> dict[str, Any]:
     """The consumer configuration of ``read_records`` (``client``: the consumer's
     librdkafka properties)."""
     return {
-        "bootstrap.servers": ",".join(brokers),
-        "logger": logging.getLogger("librdkafka"),
-        **client,
+        **librdkafka_config(brokers, client),
         "group.id": "crmstream-cli",  # required by librdkafka; assign() joins no group
         "enable.auto.commit": False,
         "enable.partition.eof": True,

@@ -7,7 +7,6 @@ because some brokers, Tansu among them, return no defaults for them.
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -15,6 +14,7 @@ from typing import Any
 from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
 
+from crmstream.clients import librdkafka_config
 from crmstream.config import CrmConfig
 
 
@@ -23,16 +23,8 @@ class TopicError(RuntimeError):
 
 
 def admin_client(brokers: list[str], client_properties: Mapping[str, Any]) -> AdminClient:
-    """An AdminClient with ``kafka.client``'s properties. Like every Kafka client of
-    crmstream it logs through Python's ``librdkafka`` logger: left to itself, librdkafka
-    writes its lines, informational ones included, straight to stderr."""
-    return AdminClient(
-        {
-            "bootstrap.servers": ",".join(brokers),
-            "logger": logging.getLogger("librdkafka"),
-            **client_properties,
-        }
-    )
+    """An AdminClient with ``kafka.client``'s properties (``clients.librdkafka_config``)."""
+    return AdminClient(librdkafka_config(brokers, client_properties))
 
 
 def topic_metadata(client: Any, topic: str, timeout_s: float) -> Any:

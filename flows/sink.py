@@ -27,6 +27,7 @@ from typing import Any, NamedTuple
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
+from crmstream.clients import librdkafka_config
 from crmstream.metrics import get_metrics
 
 log = logging.getLogger(__name__)
@@ -42,13 +43,11 @@ class DeliveryCheckedProducer:
 
     def __init__(self, brokers: list[str], client_config: dict[str, Any], timeout_s: float):
         config = {
-            "bootstrap.servers": ",".join(brokers),
             "enable.idempotence": True,
             "acks": "all",
             "linger.ms": 5,
             "message.timeout.ms": int(timeout_s * 1000),
-            "logger": logging.getLogger("librdkafka"),
-            **client_config,
+            **librdkafka_config(brokers, client_config),
         }
         self.properties = config  # what librdkafka was given, logger included
         self._producer = Producer(config)

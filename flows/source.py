@@ -30,6 +30,7 @@ from typing import Any, NamedTuple
 from bytewax.inputs import DynamicSource, StatelessSourcePartition
 from confluent_kafka import Consumer, KafkaError, TopicPartition
 
+from crmstream.clients import librdkafka_config
 from crmstream.flows.routing import parse_part_name, part_name, worker_share
 from crmstream.metrics import get_metrics
 from crmstream.operators.events import new_tuple
@@ -304,9 +305,6 @@ class CrmKafkaSource(DynamicSource[RawMessage]):
         self._tail = tail
         self._signals = signals
 
-    def _base_config(self) -> dict[str, Any]:
-        return {"bootstrap.servers": ",".join(self._brokers), **self._client_config}
-
     def list_parts(self) -> list[str]:
         """Every input partition's name, sorted (``routing.part_name``)."""
         admin = admin_client(self._brokers, self._client_config)
@@ -345,11 +343,10 @@ class CrmKafkaSource(DynamicSource[RawMessage]):
         partition's end."""
         return {
             **FETCH_DEFAULTS,
-            **self._base_config(),  # brokers and kafka.client, which may set either default
-            **self._consumer_overrides,  # kafka.consumer, likewise
+            # kafka.client, and kafka.consumer over it: either may set a fetch default
+            **librdkafka_config(self._brokers, {**self._client_config, **self._consumer_overrides}),
             "group.id": "crmstream-source",  # required by librdkafka; assign() never joins
             "enable.auto.commit": False,
             "enable.partition.eof": True,
             "auto.offset.reset": "earliest",
-            "logger": logging.getLogger("librdkafka"),
         }
