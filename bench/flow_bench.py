@@ -51,7 +51,6 @@ from crmstream.flows.crm import run_in_process
 from crmstream.flows.runtime import Endpoints, Runtime
 from crmstream.flows.shard import Changes, ShardLogic
 from crmstream.metrics import counter_total, get_metrics
-from crmstream.operators.catalog import TimerPlan
 from crmstream.operators.kernels import warm_up
 from crmstream.state.encoding import encode_records, fresh_records
 from crmstream.topics import create_topics
@@ -130,7 +129,7 @@ def io_floor_run(endpoints: Endpoints, config: CrmConfig) -> Run:
         new = sum(b is None for b in blobs)
         fresh = iter(encode_records(fresh_records(new)))
         states = {c: next(fresh) if b is None else b for c, b in zip(customers, blobs, strict=True)}
-        return Changes(states, {}, TimerPlan([], [], {}, {}), [], [], [], [], new)
+        return Changes.none()._replace(states=states, customers_delta=new)
 
     ShardLogic._apply = io_only  # type: ignore[method-assign]
     try:  # the run counts the invalid messages only: io_only counts no event in
