@@ -38,7 +38,7 @@ import platform
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import orjson
 from rich.console import Console
@@ -49,7 +49,9 @@ from crmstream.config import CrmConfig, load_config
 from crmstream.embedded import EmbeddedStack
 from crmstream.flows.crm import run_in_process
 from crmstream.flows.runtime import Endpoints, Runtime
-from crmstream.flows.shard import Changes, ShardLogic
+from crmstream.flows.sequencer import Step
+from crmstream.flows.shard import ShardLogic
+from crmstream.flows.shard_step import Changes, ShardStep
 from crmstream.metrics import counter_total, get_metrics
 from crmstream.operators.kernels import warm_up
 from crmstream.state.encoding import encode_records, fresh_records
@@ -96,19 +98,18 @@ def flow_run(endpoints: Endpoints, config: CrmConfig) -> Run:
 def front_run(endpoints: Endpoints, config: CrmConfig) -> Run:
     """The flow with each shard dropping its steps (counted) instead of applying them."""
     dropped = 0
-    apply_step = ShardLogic._apply_step
+    apply_step = ShardLogic._apply
 
-    def drop(shard: ShardLogic, step: int) -> list[dict[str, int]]:
+    def drop(shard: ShardLogic, step: Step) -> list[dict[str, int]]:
         nonlocal dropped
-        pending = shard._close_step(step)
-        dropped += len(pending.events) + len(pending.invalid)
+        dropped += len(step.events) + len(step.invalid)
         return []
 
-    ShardLogic._apply_step = drop  # type: ignore[method-assign]
+    ShardLogic._apply = drop  # type: ignore[method-assign]
     try:
         run = flow_run(endpoints, config)
     finally:
-        ShardLogic._apply_step = apply_step  # type: ignore[method-assign]
+        ShardLogic._apply = apply_step  # type: ignore[method-assign]
     return run._replace(messages=dropped)
 
 
@@ -116,11 +117,11 @@ def io_floor_run(endpoints: Endpoints, config: CrmConfig) -> Run:
     """The flow with each shard's step reduced to its state's Redis round trips: load the
     step's customers, write their state back with the positions in one MULTI/EXEC."""
     applied, customers_seen = 0, set()
-    apply = ShardLogic._apply
+    apply = ShardStep._apply
 
     def io_only(
-        shard: ShardLogic, events: list, due: list, now_ms: int, mark: int | None
-    ) -> Changes:
+        shard: ShardStep, events: list, with_events: list, members: list, *_ignored: Any
+    ) -> tuple[Changes, list, list]:
         nonlocal applied
         applied += len(events)
         customers = list(dict.fromkeys([ev.customer_id for ev in events]))
@@ -129,13 +130,13 @@ def io_floor_run(endpoints: Endpoints, config: CrmConfig) -> Run:
         new = sum(b is None for b in blobs)
         fresh = iter(encode_records(fresh_records(new)))
         states = {c: next(fresh) if b is None else b for c, b in zip(customers, blobs, strict=True)}
-        return Changes.none()._replace(states=states, customers_delta=new)
+        return Changes.none()._replace(states=states, customers_delta=new), [], []
 
-    ShardLogic._apply = io_only  # type: ignore[method-assign]
+    ShardStep._apply = io_only  # type: ignore[method-assign]
     try:  # the run counts the invalid messages only: io_only counts no event in
         run = flow_run(endpoints, config)
     finally:
-        ShardLogic._apply = apply  # type: ignore[method-assign]
+        ShardStep._apply = apply  # type: ignore[method-assign]
     # Every customer's state was written, and counted once as new.
     runtime = Runtime(config, endpoints)
     store, keys = runtime.store, sorted(customers_seen)

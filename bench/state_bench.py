@@ -28,9 +28,9 @@ from rich.table import Table
 
 from crmstream.bench.workload import Workload, WorkloadSpec, publish
 from crmstream.config import CrmConfig, load_config
-from crmstream.operators.catalog import TriggerCatalog
 from crmstream.operators.events import EventValidator, ParsedEvent
 from crmstream.operators.kernels import BatchEvents, apply_batch, derive_batch, params_from
+from crmstream.operators.timer_slots import TimerSlots
 from crmstream.state.encoding import STATE_BYTES, decode_batch, fresh_records
 from crmstream.state.timers import SEP
 
@@ -116,11 +116,11 @@ def bytes_per_customer(config: CrmConfig, events: int, customers: int, sample: i
                 kind = member.split(SEP.encode())[1].decode()
                 timer_kinds[kind] = timer_kinds.get(kind, 0) + 1
         # The timers kept in the states (under the wake members), by kind.
-        catalog = TriggerCatalog(config, params_from(config).churn_weights)
+        slots = TimerSlots(config)
         for start in range(0, len(keys), 5000):
             chunk = keys[start : start + 5000]
             records = decode_batch(client.mget(chunk), chunk)
-            for timers in catalog.folded_timers(chunk, records):
+            for timers in slots.timers_of(chunk, records):
                 for timer in timers:
                     kind = "in state: " + timer.kind
                     timer_kinds[kind] = timer_kinds.get(kind, 0) + 1

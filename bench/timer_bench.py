@@ -24,7 +24,8 @@ from rich.console import Console
 from crmstream.config import load_config
 from crmstream.embedded import EmbeddedStack
 from crmstream.flows.runtime import Runtime
-from crmstream.flows.shard import ShardLogic
+from crmstream.flows.shard_step import ShardStep
+from crmstream.flows.sink import Outbox
 from crmstream.operators.catalog import WAKE
 from crmstream.operators.kernels import MS_PER_DAY, MS_PER_HOUR
 from crmstream.state.encoding import encode_records, fresh_records
@@ -103,15 +104,14 @@ def main() -> None:
         written = seed(runtime, args.customers, shard)
         pending = runtime.store.timers.pending(shard)
         console.print(f"pending timers: {pending:,}")
-        logic = ShardLogic(runtime, live=False, partitions=[("bench", 0)])
-        logic._shard = shard
+        step = ShardStep(runtime, shard, live=False, outbox=Outbox(runtime.producer))
         # The first three days pass: cart nudges and welcomes fire while the set holds
         # every customer's later timers too (1M pending at the start).
-        logic._watermark._times[("bench", 0)] = T0 + 3 * MS_PER_DAY
+        mark = T0 + 3 * MS_PER_DAY
         fired = triggers = 0
         started = time.perf_counter()
         while True:
-            summary = logic._process([], [], {})
+            summary = step.round([], [], {}, lambda _now: mark)
             fired += summary["timers"]
             triggers += summary["triggers"]
             if summary["timers"] == 0:

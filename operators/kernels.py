@@ -57,7 +57,22 @@ FRESH, REPLAYED, DUPLICATE = 0, 1, 2  # check_events verdicts
 
 RULE_BROWSE_INTEREST = 0
 RULE_HIGH_INTENT = 1
-RULE_NAMES = ("browse_interest", "high_intent_no_purchase")
+# Derived-label firings: evaluated after every event and at every fired timer.
+RULE_CHURN_HIGH = 2  # the churn level entered "high"
+RULE_TIER_UP = 3  # the tier rose (a: old tier, b: new tier)
+RULE_HIGH_VALUE = 4  # the customer entered the high-value segment (a: old segment)
+RULE_INTEREST_SHIFT = 5  # the top category moved (a: was top, b: now top, c: snapshot day)
+RULE_NAMES = (
+    "browse_interest",
+    "high_intent_no_purchase",
+    "churn_risk",
+    "tier_upgrade",
+    "tier_upgrade",
+    "interest_shift",
+)
+MAX_TOP_K = 10
+_HIGH_VALUE = 3  # SEGMENTS.index("high_value")  # the schema's bound on preferences.top_k
+_FIRINGS_PER_EVENT = 6  # two event rules and four derived labels at most
 
 MIN_AFFINITY = 1e-6  # a decayed affinity below this is treated as none
 MS_PER_10M = 600_000
@@ -128,6 +143,11 @@ class KernelParams(NamedTuple):
     intent_window_days: int
     intent_min_views: int
     intent_min_carts: int
+    churn_enabled: bool
+    tier_enabled: bool
+    shift_enabled: bool
+    shift_min_distance: float
+    top_k: int
 
 
 class DeriveParams(NamedTuple):
@@ -187,6 +207,11 @@ def params_from(config: CrmConfig) -> Params:
         rules.high_intent_no_purchase.window_days,
         rules.high_intent_no_purchase.min_views,
         rules.high_intent_no_purchase.min_cart_adds,
+        rules.churn_risk.enabled,
+        rules.tier_upgrade.enabled,
+        rules.interest_shift.enabled,
+        rules.interest_shift.min_distance,
+        config.preferences.top_k,
     )
     derive_params = DeriveParams(
         churn.recent_days,
@@ -356,25 +381,23 @@ def _prefer(r, category, weight, ts, day, half_life_ms, snapshot_days):
 
 @njit(cache=True, nogil=True)
 def apply_events(
-    records,
-    cust_idx,
-    type_code,
-    category,
-    event_time_ms,
-    amount,
-    aux,
-    p,
-    pref_weights,
-    out_event,
-    out_rule,
-    out_a,
-    out_b,
-    out_c,
-):
-    """Apply events in order; return (rule firings written to ``out_*``, late events)."""
+    records, cust_idx, type_code, category, event_time_ms, amount, aux, start,
+    p, dp, pref_weights, churn_weights, r_cuts, f_cuts, m_cuts, scratch, outs,
+):  # fmt: skip
+    """Apply events ``start:`` in order, evaluating the derived labels after each one.
+
+    Firings (event rules and derived-label changes) go to ``out_*``. Returns
+    (the index of the first event not applied, firings written, late events):
+    the kernel stops before an event once the firing arrays might not hold all
+    it could fire, so the caller can take them and call again from there.
+    """
+    out_event, out_rule, out_a, out_b, out_c, out_time, out_top, out_row = outs
     n_out = 0
     n_late = 0
-    for i in range(cust_idx.shape[0]):
+    cap = out_event.shape[0]
+    for i in range(start, cust_idx.shape[0]):
+        if n_out + _FIRINGS_PER_EVENT > cap:
+            return i, n_out, n_late
         r = records[cust_idx[i]]
         t = type_code[i]
         ts = event_time_ms[i]
@@ -385,6 +408,8 @@ def apply_events(
             r.spend_total += amount[i]
         if r.last_seen_ms != INT64_MIN and r.last_seen_ms - ts > p.lateness_ms:
             n_late += 1  # too late for windows: lifetime totals only
+            n_out = _evaluate_labels(r, ts, i, p, dp, churn_weights, r_cuts, f_cuts, m_cuts,
+                                     scratch, outs, n_out)  # fmt: skip
             continue
         if ts > r.last_seen_ms:
             r.last_seen_ms = ts
@@ -454,6 +479,7 @@ def apply_events(
                 out_a[n_out] = category[i]
                 out_b[n_out] = r.streak_len
                 out_c[n_out] = 0
+                _event_firing(n_out, ts, r, p, out_time, out_top, out_row)
                 n_out += 1
 
         if p.intent_enabled and (t in (PRODUCT_VIEW, ADD_TO_CART, ORDER_PLACED)):
@@ -470,10 +496,117 @@ def apply_events(
                 out_a[n_out] = views
                 out_b[n_out] = carts
                 out_c[n_out] = orders
+                _event_firing(n_out, ts, r, p, out_time, out_top, out_row)
                 n_out += 1
             elif was and not holds:
                 r.rule_flags &= ~np.uint8(FLAG_HIGH_INTENT)
-    return n_out, n_late
+
+        n_out = _evaluate_labels(r, ts, i, p, dp, churn_weights, r_cuts, f_cuts, m_cuts,
+                                 scratch, outs, n_out)  # fmt: skip
+    return cust_idx.shape[0], n_out, n_late
+
+
+@njit(cache=True, nogil=True)
+def _top_categories(pref, k, into):
+    """The ``k`` highest positive affinities' indexes into ``into`` (-1 past them);
+    ties go to the lower index, as a stable descending sort gives."""
+    into[:] = -1
+    for slot in range(min(k, into.shape[0])):
+        best = -1
+        for c in range(pref.shape[0]):
+            if pref[c] <= 0:
+                continue
+            taken = False
+            for j in range(slot):
+                if into[j] == c:
+                    taken = True
+                    break
+            if not taken and (best < 0 or pref[c] > pref[best]):
+                best = c
+        if best < 0:
+            return
+        into[slot] = best
+
+
+@njit(cache=True, nogil=True)
+def _event_firing(n, ts, r, p, out_time, out_top, out_row):
+    """The time, top categories and (empty) derived row of an event rule's firing."""
+    out_time[n] = ts
+    out_row[n, :] = 0.0
+    _top_categories(r.pref, p.top_k, out_top[n])
+
+
+@njit(cache=True, nogil=True)
+def _argmax(values):
+    best = 0
+    for k in range(1, values.shape[0]):
+        if values[k] > values[best]:
+            best = k
+    return best
+
+
+@njit(cache=True, nogil=True)
+def _fire(n, event, rule, a, b, c, as_of, r, p, row, outs):
+    """Write one derived-label firing at ``outs[*][n]``; returns the next free index."""
+    out_event, out_rule, out_a, out_b, out_c, out_time, out_top, out_row = outs
+    out_event[n] = event
+    out_rule[n] = rule
+    out_a[n] = a
+    out_b[n] = b
+    out_c[n] = c
+    out_time[n] = as_of
+    out_row[n, :] = row
+    _top_categories(r.pref, p.top_k, out_top[n])
+    return n + 1
+
+
+@njit(cache=True, nogil=True)
+def _evaluate_labels(r, ts, event, p, dp, churn_weights, r_cuts, f_cuts, m_cuts, row, outs,
+                     n_out):  # fmt: skip
+    """Move the customer's clock to ``ts`` (never back), derive its labels as of the
+    clock and write a firing for each label change a rule looks at."""
+    if ts > r.clock_ms:
+        r.clock_ms = ts
+    as_of = r.clock_ms
+    derive_one(r, as_of, dp, churn_weights, r_cuts, f_cuts, m_cuts, row, False)
+    if p.churn_enabled and r.churn_level == 2 and row[_C_OLD_CHURN_LEVEL] < 2:
+        n_out = _fire(n_out, event, RULE_CHURN_HIGH, 0, 0, 0, as_of, r, p, row, outs)
+    if p.tier_enabled:
+        old_tier = np.int64(row[_C_OLD_TIER])
+        if r.tier > old_tier:
+            n_out = _fire(n_out, event, RULE_TIER_UP, old_tier, r.tier, 0, as_of, r, p, row, outs)
+        old_segment = np.int64(row[_C_OLD_SEGMENT])
+        if r.segment == _HIGH_VALUE and old_segment != _HIGH_VALUE:
+            n_out = _fire(
+                n_out, event, RULE_HIGH_VALUE, old_segment, r.segment, 0, as_of, r, p, row, outs
+            )
+    if (
+        p.shift_enabled
+        and row[_C_INTEREST_SHIFT] >= p.shift_min_distance
+        and not r.rule_flags & FLAG_SHIFT_FIRED
+    ):
+        now_top = _argmax(r.pref)
+        was_top = _argmax(r.pref_snap)
+        if now_top != was_top:
+            r.rule_flags |= FLAG_SHIFT_FIRED
+            n_out = _fire(n_out, event, RULE_INTEREST_SHIFT, was_top, now_top, r.pref_snap_day,
+                          as_of, r, p, row, outs)
+    return n_out
+
+
+@njit(cache=True, nogil=True)
+def evaluate_at(records, rows, as_of_ms, p, dp, churn_weights, r_cuts, f_cuts, m_cuts, scratch,
+                outs):  # fmt: skip
+    """``_evaluate_labels`` of ``records[rows[k]]`` as of ``as_of_ms[k]`` (fired timers),
+    in order; a firing's event is ``-1 - k``. Returns (rows done, firings written)."""
+    n_out = 0
+    cap = outs[0].shape[0]
+    for k in range(rows.shape[0]):
+        if n_out + 4 > cap:
+            return k, n_out
+        n_out = _evaluate_labels(records[rows[k]], as_of_ms[k], -1 - k, p, dp, churn_weights,
+                                 r_cuts, f_cuts, m_cuts, scratch, outs, n_out)  # fmt: skip
+    return rows.shape[0], n_out
 
 
 # -- BG/NBD --------------------------------------------------------------------
@@ -508,6 +641,14 @@ def bgnbd(x, t_x, big_t, horizon, r, alpha, a, b):
     tail = ((alpha + big_t) / (alpha + big_t + horizon)) ** (r + x)
     tail *= hyp2f1(r + x, b + x, a + b + x - 1.0, z)
     return p_alive, head * (1.0 - tail) / (1.0 + odds)
+
+
+@njit(cache=True, nogil=True)
+def p_alive_of(x, t_x, big_t, r, alpha, a, b):
+    """P(alive) of ``bgnbd`` alone, without the expected purchases' power series."""
+    ratio = ((alpha + big_t) / (alpha + t_x)) ** (r + x)
+    odds = a / (b + x - 1.0) * ratio if x > 0 else 0.0
+    return 1.0 / (1.0 + odds)
 
 
 # -- per-customer derivation -------------------------------------------------------
@@ -548,154 +689,198 @@ def _kind_drop(r, day, week, kind, dp):
 
 
 @njit(cache=True, nogil=True)
-def derive(records, as_of_ms, dp, churn_weights, r_cuts, f_cuts, m_cuts, out):
-    """Derive signals, scores and labels for each record as of ``as_of_ms[i]``.
+def derive_one(r, as_of, dp, churn_weights, r_cuts, f_cuts, m_cuts, row, expectations):
+    """Derive one record's signals, scores and labels as of ``as_of`` into ``row``.
 
-    Writes ``out[i, COL[...]]`` and updates stage, segment, tier, churn level
-    and flags in the records (the old values are kept in ``out``).
+    Updates stage, segment, tier, churn level and flags in the record (the old
+    values are kept in ``row``). ``expectations``: also the BG/NBD expected
+    purchases (a power series; the labels need only P(alive)).
     """
-    for i in range(records.shape[0]):
-        r = records[i]
-        day = as_of_ms[i] // MS_PER_DAY
-        week = week_of(day)
-        month = day // 30
-        row = out[i]
-        row[:] = 0.0
+    day = as_of // MS_PER_DAY
+    week = week_of(day)
+    month = day // 30
+    row[:] = 0.0
 
-        orders_90 = window_sum1(r.orders_30d, r.base_30d, month, 3)
-        spend_90 = window_sum1(r.spend_30d, r.base_30d, month, 3)
-        orders_365 = window_sum1(r.orders_30d, r.base_30d, month, 12)
-        spend_365 = window_sum1(r.spend_30d, r.base_30d, month, 12)
-        buyer = r.purchase_days > 0
-        since = float(day - r.last_purchase_day) if buyer else -1.0
-        n = r.purchase_days
-        mean = (r.last_purchase_day - r.first_purchase_day) / (n - 1.0) if n > 1 else 0.0
-        var = r.ipt_sq_sum / (n - 1.0) - mean * mean if n > 1 else 0.0
-        aov = r.spend_total / r.orders_total if r.orders_total > 0 else 0.0
+    orders_90 = window_sum1(r.orders_30d, r.base_30d, month, 3)
+    spend_90 = window_sum1(r.spend_30d, r.base_30d, month, 3)
+    orders_365 = window_sum1(r.orders_30d, r.base_30d, month, 12)
+    spend_365 = window_sum1(r.spend_30d, r.base_30d, month, 12)
+    buyer = r.purchase_days > 0
+    since = float(day - r.last_purchase_day) if buyer else -1.0
+    n = r.purchase_days
+    mean = (r.last_purchase_day - r.first_purchase_day) / (n - 1.0) if n > 1 else 0.0
+    var = r.ipt_sq_sum / (n - 1.0) - mean * mean if n > 1 else 0.0
+    aov = r.spend_total / r.orders_total if r.orders_total > 0 else 0.0
 
-        # BG/NBD with the model's conventions: x repeat purchase days, weeks since first.
-        p_alive = np.nan
-        if buyer:
-            x = n - 1.0
-            t_x = (r.last_purchase_day - r.first_purchase_day) / 7.0
-            big_t = max(day - r.first_purchase_day, 0) / 7.0
+    # BG/NBD with the model's conventions: x repeat purchase days, weeks since first.
+    p_alive = np.nan
+    if buyer:
+        x = n - 1.0
+        t_x = (r.last_purchase_day - r.first_purchase_day) / 7.0
+        big_t = max(day - r.first_purchase_day, 0) / 7.0
+        if expectations:
             p_alive, e30 = bgnbd(x, t_x, big_t, 30 / 7.0, dp.bg_r, dp.bg_alpha, dp.bg_a, dp.bg_b)
             _, e90 = bgnbd(x, t_x, big_t, 90 / 7.0, dp.bg_r, dp.bg_alpha, dp.bg_a, dp.bg_b)
             row[_C_EXPECTED_30D] = e30
             row[_C_EXPECTED_90D] = e90
-        row[_C_P_ALIVE] = p_alive
-
-        # The ten churn signals, each in [0, 1].
-        rd = dp.recent_days
-        sig = row[_SIG0 : _SIG0 + NUM_SIGNALS]
-        sig[0] = _kind_drop(r, day, week, KIND_ACTIVITY, dp)
-        sig[1] = _kind_drop(r, day, week, KIND_SESSIONS, dp)
-        carts = window_sum(r.win_1d, r.base_1d, day, 30, KIND_CARTS)
-        if carts >= 2:
-            rate = max(0.0, 1.0 - window_sum(r.win_1d, r.base_1d, day, 30, KIND_ORDERS) / carts)
-            sig[2] = rate if rate >= dp.cart_abandon_threshold else 0.0
-        if n > 1 and mean > 0:
-            sig[3] = min(max((since - mean) / mean, 0.0), 1.0)
-        if r.orders_total > 1 and aov > 0:
-            sig[4] = min(abs(r.last_order_amount - aov) / aov, 1.0)
-        if r.orders_total > 0:
-            returned = r.type_counts[ORDER_RETURNED] + r.type_counts[ORDER_REFUNDED]
-            sig[5] = min(returned / r.orders_total, 1.0)
-        sig[6] = min(r.neg_feedback / 2.0, 1.0)
-        sig[7] = min(r.delays / 2.0, 1.0)
-        if r.too_often_day != EMPTY_BASE and day - r.too_often_day <= dp.too_often_days:
-            sig[8] = 1.0
-        if buyer:
-            sig[9] = 1.0 - p_alive
-        logit = dp.churn_bias
-        for k in range(NUM_SIGNALS):
-            logit += churn_weights[k] * sig[k]
-        score = 1.0 / (1.0 + math.exp(-logit))
-        row[_C_CHURN_SCORE] = score
-        row[_C_OLD_CHURN_LEVEL] = r.churn_level
-        if r.rule_flags & FLAG_CHURN_HIGH:
-            if score < dp.churn_high - dp.churn_hysteresis:
-                r.rule_flags &= ~np.uint8(FLAG_CHURN_HIGH)
-        elif score >= dp.churn_high:
-            r.rule_flags |= FLAG_CHURN_HIGH
-        high = (r.rule_flags & FLAG_CHURN_HIGH) != 0
-        r.churn_level = 2 if high else (1 if score >= dp.churn_medium else 0)
-
-        if buyer:
-            row[_C_R] = _score(since, r_cuts, False)
-            row[_C_F] = _score(orders_365, f_cuts, True)
-            row[_C_M] = _score(spend_365, m_cuts, True)
-
-        # Lifecycle stage, value segment and tier.
-        row[_C_OLD_STAGE] = r.stage
-        row[_C_OLD_SEGMENT] = r.segment
-        row[_C_OLD_TIER] = r.tier
-        if not buyer:
-            stage = 0
-        elif since >= dp.lost_days:
-            stage = 6
-        elif since >= dp.dormant_days:
-            stage = 5
-        elif high:
-            stage = 4
-        elif day - r.first_purchase_day < dp.new_days:
-            stage = 1
-        elif orders_365 >= dp.loyal_min_orders:
-            stage = 3
         else:
-            stage = 2
-        if stage != r.stage:
-            r.prev_stage = r.stage
-            r.stage = stage
-            r.stage_since_ms = as_of_ms[i]
-        browsing = window_sum(r.win_1d, r.base_1d, day, rd, KIND_ACTIVITY) > 0
-        aov_90 = spend_90 / orders_90 if orders_90 > 0 else 0.0
-        if not buyer:
-            r.segment = 0
-        elif since >= dp.seg_dormant_days:
-            r.segment = 4
-        elif orders_90 >= dp.hv_min_orders and aov_90 > dp.hv_min_aov:
-            r.segment = 3
-        elif n == 1 and since >= dp.potential_days and browsing:
-            r.segment = 2
-        else:
-            r.segment = 1
-        r.tier = 2 if spend_365 >= dp.gold else (1 if spend_365 >= dp.silver else 0)
+            p_alive = p_alive_of(x, t_x, big_t, dp.bg_r, dp.bg_alpha, dp.bg_a, dp.bg_b)
+    row[_C_P_ALIVE] = p_alive
 
-        # Interest shift: cosine distance between now and the snapshot.
-        dot = 0.0
-        now2 = 0.0
-        snap2 = 0.0
-        for k in range(PREF_CATEGORIES):
-            v = max(r.pref[k], 0.0)
-            s = float(r.pref_snap[k])
-            dot += v * s
-            now2 += v * v
-            snap2 += s * s
-        if now2 > 0 and snap2 > 0:
-            row[_C_INTEREST_SHIFT] = 1.0 - dot / math.sqrt(now2 * snap2)
+    # The ten churn signals, each in [0, 1].
+    rd = dp.recent_days
+    sig = row[_SIG0 : _SIG0 + NUM_SIGNALS]
+    sig[0] = _kind_drop(r, day, week, KIND_ACTIVITY, dp)
+    sig[1] = _kind_drop(r, day, week, KIND_SESSIONS, dp)
+    carts = window_sum(r.win_1d, r.base_1d, day, 30, KIND_CARTS)
+    if carts >= 2:
+        rate = max(0.0, 1.0 - window_sum(r.win_1d, r.base_1d, day, 30, KIND_ORDERS) / carts)
+        sig[2] = rate if rate >= dp.cart_abandon_threshold else 0.0
+    if n > 1 and mean > 0:
+        sig[3] = min(max((since - mean) / mean, 0.0), 1.0)
+    if r.orders_total > 1 and aov > 0:
+        sig[4] = min(abs(r.last_order_amount - aov) / aov, 1.0)
+    if r.orders_total > 0:
+        returned = r.type_counts[ORDER_RETURNED] + r.type_counts[ORDER_REFUNDED]
+        sig[5] = min(returned / r.orders_total, 1.0)
+    sig[6] = min(r.neg_feedback / 2.0, 1.0)
+    sig[7] = min(r.delays / 2.0, 1.0)
+    if r.too_often_day != EMPTY_BASE and day - r.too_often_day <= dp.too_often_days:
+        sig[8] = 1.0
+    if buyer:
+        sig[9] = 1.0 - p_alive
+    logit = dp.churn_bias
+    for k in range(NUM_SIGNALS):
+        logit += churn_weights[k] * sig[k]
+    score = 1.0 / (1.0 + math.exp(-logit))
+    row[_C_CHURN_SCORE] = score
+    row[_C_OLD_CHURN_LEVEL] = r.churn_level
+    if r.rule_flags & FLAG_CHURN_HIGH:
+        if score < dp.churn_high - dp.churn_hysteresis:
+            r.rule_flags &= ~np.uint8(FLAG_CHURN_HIGH)
+    elif score >= dp.churn_high:
+        r.rule_flags |= FLAG_CHURN_HIGH
+    high = (r.rule_flags & FLAG_CHURN_HIGH) != 0
+    r.churn_level = 2 if high else (1 if score >= dp.churn_medium else 0)
 
-        row[_C_ORDERS_90D] = orders_90
-        row[_C_SPEND_90D] = spend_90
-        row[_C_ORDERS_365D] = orders_365
-        row[_C_SPEND_365D] = spend_365
-        row[_C_AOV] = aov
-        row[_C_DAYS_SINCE_PURCHASE] = since
-        row[_C_IPT_MEAN_DAYS] = mean
-        row[_C_IPT_STD_DAYS] = math.sqrt(max(var, 0.0))
+    if buyer:
+        row[_C_R] = _score(since, r_cuts, False)
+        row[_C_F] = _score(orders_365, f_cuts, True)
+        row[_C_M] = _score(spend_365, m_cuts, True)
+
+    # Lifecycle stage, value segment and tier.
+    row[_C_OLD_STAGE] = r.stage
+    row[_C_OLD_SEGMENT] = r.segment
+    row[_C_OLD_TIER] = r.tier
+    if not buyer:
+        stage = 0
+    elif since >= dp.lost_days:
+        stage = 6
+    elif since >= dp.dormant_days:
+        stage = 5
+    elif high:
+        stage = 4
+    elif day - r.first_purchase_day < dp.new_days:
+        stage = 1
+    elif orders_365 >= dp.loyal_min_orders:
+        stage = 3
+    else:
+        stage = 2
+    if stage != r.stage:
+        r.prev_stage = r.stage
+        r.stage = stage
+        r.stage_since_ms = as_of
+    browsing = window_sum(r.win_1d, r.base_1d, day, rd, KIND_ACTIVITY) > 0
+    aov_90 = spend_90 / orders_90 if orders_90 > 0 else 0.0
+    if not buyer:
+        r.segment = 0
+    elif since >= dp.seg_dormant_days:
+        r.segment = 4
+    elif orders_90 >= dp.hv_min_orders and aov_90 > dp.hv_min_aov:
+        r.segment = 3
+    elif n == 1 and since >= dp.potential_days and browsing:
+        r.segment = 2
+    else:
+        r.segment = 1
+    r.tier = 2 if spend_365 >= dp.gold else (1 if spend_365 >= dp.silver else 0)
+
+    # Interest shift: cosine distance between now and the snapshot.
+    dot = 0.0
+    now2 = 0.0
+    snap2 = 0.0
+    for k in range(PREF_CATEGORIES):
+        v = max(r.pref[k], 0.0)
+        s = float(r.pref_snap[k])
+        dot += v * s
+        now2 += v * v
+        snap2 += s * s
+    if now2 > 0 and snap2 > 0:
+        row[_C_INTEREST_SHIFT] = 1.0 - dot / math.sqrt(now2 * snap2)
+
+    row[_C_ORDERS_90D] = orders_90
+    row[_C_SPEND_90D] = spend_90
+    row[_C_ORDERS_365D] = orders_365
+    row[_C_SPEND_365D] = spend_365
+    row[_C_AOV] = aov
+    row[_C_DAYS_SINCE_PURCHASE] = since
+    row[_C_IPT_MEAN_DAYS] = mean
+    row[_C_IPT_STD_DAYS] = math.sqrt(max(var, 0.0))
+
+
+@njit(cache=True, nogil=True)
+def derive(records, as_of_ms, dp, churn_weights, r_cuts, f_cuts, m_cuts, out):
+    """``derive_one`` for each record as of ``as_of_ms[i]`` into ``out[i]``."""
+    for i in range(records.shape[0]):
+        derive_one(
+            records[i], as_of_ms[i], dp, churn_weights, r_cuts, f_cuts, m_cuts, out[i], True
+        )
 
 
 # -- batch entry points --------------------------------------------------------------
 
 
 class Firings(NamedTuple):
-    """Rule firings of one batch: row k fired on event ``event[k]``."""
+    """Rule firings of one batch: row k fired on event ``event[k]`` (``-1 - j``: at the
+    j-th evaluation time of ``evaluate_batch``), as of ``time[k]``."""
 
-    event: np.ndarray
-    rule: np.ndarray
-    a: np.ndarray
+    event: np.ndarray  # int32
+    rule: np.ndarray  # int8, RULE_*
+    a: np.ndarray  # int64, per rule (see RULE_*)
     b: np.ndarray
     c: np.ndarray
+    time: np.ndarray  # int64: the customer's clock when it fired
+    top: np.ndarray  # int8 (n, MAX_TOP_K): the top categories then, -1 past them
+    row: np.ndarray  # float64 (n, len(DERIVED)): the derived row then
+
+
+def _firing_arrays(cap: int) -> list[np.ndarray]:
+    return [
+        np.empty(cap, np.int32),
+        np.empty(cap, np.int8),
+        np.empty(cap, np.int64),
+        np.empty(cap, np.int64),
+        np.empty(cap, np.int64),
+        np.empty(cap, np.int64),
+        np.empty((cap, MAX_TOP_K), np.int8),
+        np.empty((cap, len(DERIVED)), np.float64),
+    ]
+
+
+def _collect(parts: list[list[np.ndarray]]) -> Firings:
+    if len(parts) == 1:
+        return Firings(*parts[0])
+    return Firings(*(np.concatenate(columns) for columns in zip(*parts, strict=True)))
+
+
+def _derive_args(params: Params) -> tuple:
+    return (
+        params.derive,
+        params.churn_weights,
+        params.recency_cuts,
+        params.frequency_cuts,
+        params.monetary_cuts,
+        np.zeros(len(DERIVED), np.float64),
+    )
 
 
 class BatchEvents(NamedTuple):
@@ -711,20 +896,23 @@ class BatchEvents(NamedTuple):
 
 @njit(cache=True, nogil=True)
 def check_events(
-    applied_part, applied_off, recent_ids, recent_s, recent_next,
-    cust, role, partition, offset, digest, seconds, horizon_s, verdict,
+    floor_part, floor_off, applied_part, applied_off, recent_ids, recent_s, recent_next,
+    cust, role, partition, offset, digest, seconds, repeated, horizon_s, verdict,
 ):  # fmt: skip
-    """Exactly-once checks of a batch's events in input order, updating the records.
+    """Exactly-once checks of a batch's events, in the customers' timeline order,
+    updating the records.
 
     ``verdict[i]`` becomes ``FRESH``, ``REPLAYED`` (at or below the offset the
-    customer's state already holds for the event's input role) or
-    ``DUPLICATE`` (its event-id hash is in the customer's ring of recent ids
-    within ``horizon_s`` seconds; 0 turns the duplicate check off).
+    customer's state held for the event's input role before the batch, ``floor_*``,
+    or ``repeated``: an input position already in the batch) or ``DUPLICATE`` (its
+    event-id hash is in the customer's ring of recent ids within ``horizon_s``
+    seconds; 0 turns the duplicate check off). The replay test reads the state as
+    loaded, so the order of the batch does not change it.
     """
     ring = recent_ids.shape[1]
     for i in range(cust.shape[0]):
         c, r = cust[i], role[i]
-        if applied_part[c, r] == partition[i] and offset[i] <= applied_off[c, r]:
+        if repeated[i] or (floor_part[c, r] == partition[i] and offset[i] <= floor_off[c, r]):
             verdict[i] = REPLAYED
             continue
         if horizon_s > 0:
@@ -749,11 +937,48 @@ def check_events(
 
 
 def apply_batch(records: np.ndarray, events: BatchEvents, params: Params) -> tuple[Firings, int]:
-    """Apply a batch to ``records`` in place; return the rule firings and late events."""
+    """Apply a batch to ``records`` in place, each customer's derived labels evaluated
+    after each of its events; return the firings and the number of late events."""
     n = events.cust_idx.shape[0]
-    out = [np.empty(2 * n, d) for d in (np.int32, np.int8, np.int64, np.int64, np.int64)]
-    n_out, n_late = apply_events(records, *events, params.kernel, params.pref_weights, *out)
-    return Firings(*(column[:n_out] for column in out)), n_late
+    derive_args = _derive_args(params)
+    cap = max(64, n // 8)
+    parts, late, start = [], 0, 0
+    while True:
+        out = _firing_arrays(cap)
+        start, n_out, n_late = apply_events(
+            records, *events, start, params.kernel, derive_args[0], params.pref_weights,
+            *derive_args[1:], tuple(out),
+        )  # fmt: skip
+        late += n_late
+        parts.append([column[:n_out] for column in out])
+        if start >= n:
+            return _collect(parts), late
+        cap *= 2
+
+
+def evaluate_batch(
+    records: np.ndarray, rows: np.ndarray, as_of_ms: np.ndarray, params: Params
+) -> Firings:
+    """Evaluate the derived labels of ``records[rows[k]]`` as of ``as_of_ms[k]`` (the due
+    times of fired timers), in order, moving each customer's clock; the firings' events
+    are ``-1 - k``."""
+    derive_args = _derive_args(params)
+    cap = max(16, 2 * len(rows))
+    parts, done = [], 0
+    rows = np.asarray(rows, np.int64)
+    as_of_ms = np.asarray(as_of_ms, np.int64)
+    while True:
+        out = _firing_arrays(cap)
+        k, n_out = evaluate_at(
+            records, rows[done:], as_of_ms[done:], params.kernel, *derive_args, tuple(out)
+        )
+        columns = [column[:n_out] for column in out]
+        columns[0] = np.where(columns[0] < 0, columns[0] - done, columns[0]).astype(np.int32)
+        parts.append(columns)
+        done += k
+        if done >= len(rows):
+            return _collect(parts)
+        cap *= 2
 
 
 def check_batch(
@@ -765,10 +990,16 @@ def check_batch(
     digest: np.ndarray,
     seconds: np.ndarray,
     horizon_s: int,
+    repeated: np.ndarray | None = None,
 ) -> np.ndarray:
-    """``check_events`` over a batch's event columns; returns the verdict per event."""
+    """``check_events`` over a batch's event columns (in the customers' timeline order);
+    returns the verdict per event. ``repeated``: input positions already in the batch."""
     verdict = np.empty(cust.shape[0], np.int8)
+    if repeated is None:
+        repeated = np.zeros(cust.shape[0], np.bool_)
     check_events(
+        records["applied_partition"].copy(),
+        records["applied_offset"].copy(),
         records["applied_partition"],
         records["applied_offset"],
         records["recent_ids"],
@@ -780,6 +1011,7 @@ def check_batch(
         offset,
         digest,
         seconds,
+        repeated,
         horizon_s,
         verdict,
     )
@@ -822,6 +1054,7 @@ def warm_up(config: CrmConfig) -> None:
     records = fresh_records(1)
     apply_batch(records, events_of([(0, ORDER_PLACED, 0, MS_PER_DAY, 1.0, 0.0)]), params)
     derive_batch(records, np.array([MS_PER_DAY], np.int64), params)
+    evaluate_batch(records, np.zeros(1, np.int64), np.array([MS_PER_DAY], np.int64), params)
     decode_batch(encode_records(records), ["warm-up"])
     one = np.zeros(1, np.int64)
     check_batch(records, one.astype(np.int32), one.astype(np.int8), one.astype(np.int32), one,

@@ -56,6 +56,14 @@ class Suppressed(NamedTuple):
     reason: str
 
 
+class PolicyContext(NamedTuple):
+    """What the policies know of a customer at one instant of its timeline."""
+
+    profile: dict[str, str]  # consent, time zone, country, language, preferred channel
+    too_often_day: int  # the customer's last "contacted too often" (epoch day)
+    erased: bool  # the customer asked to be erased at this instant
+
+
 class Approved(NamedTuple):
     candidate: Candidate
     extras: dict[str, Any]  # channel, language, send window, not_before / deferred
@@ -120,55 +128,94 @@ class PolicyEngine:
         profile: dict[str, str],
         erased: bool,
     ) -> tuple[list[Approved], list[Suppressed]]:
-        """Run one customer's candidates through the policies, in event-time order, one
-        arbitration group at a time; updates the record's cooldown and send history."""
+        """``decide`` with one context for every candidate: ``profile`` as the customer's
+        profile, the record's "too often" day, and ``erased``."""
+        context = PolicyContext(profile, int(record["too_often_day"]), erased)
+        keys = [(c.event_time_ms,) for c in candidates]
+        return self.decide(customer, candidates, [context] * len(candidates), keys, record)
+
+    def decide(
+        self,
+        customer: str,
+        candidates: list[Candidate],
+        contexts: list[PolicyContext],
+        keys: list[tuple[int, ...]],
+        record: np.void,
+    ) -> tuple[list[Approved], list[Suppressed]]:
+        """Run one customer's candidates through the policies in its timeline order
+        (``keys[k]``: the place of the event or timer ``candidates[k]`` fired at; of one
+        place's candidates the highest priority first, then the order of
+        ``TRIGGER_TYPES``), each with the context of its instant (``contexts[k]``);
+        updates the record's cooldown, arbitration and send history."""
         suppressed: list[Suppressed] = []
         approved: list[Approved] = []
         # The record's send history as Python lists, read once and written back once:
         # a field of a numpy record costs a view and a scalar per access.
-        history = _History(record["trigger_last_min"].tolist(), record["sent_min"].tolist())
+        history = _History(
+            record["trigger_last_min"].tolist(),
+            record["sent_min"].tolist(),
+            int(record["arb_ms"]),
+            int(record["arb_type"]),
+        )
         rules = self._rule
-        for group in self._groups(candidates):
-            alive = [c for c in group if self._admit(c, history, profile, erased, suppressed)]
-            if not alive:
+        window_ms = self._policies.arbitration_window_seconds * 1000
+        order = sorted(range(len(candidates)), key=lambda k: self._order(keys[k], candidates[k]))
+        for k in order:
+            cand, context = candidates[k], contexts[k]
+            if not self._admit(cand, history, context.profile, context.erased, suppressed):
                 continue
-            if len(alive) > 1:
-                alive.sort(key=lambda c: -rules[c.trigger_type].priority)
-            winner = alive[0]
-            rule = rules[winner.trigger_type]
-            top = rule.priority
-            for loser in alive[1:]:
-                why = f"{winner.trigger_type} (priority {top}) fired at the same time"
-                suppressed.append(new_tuple(Suppressed, (loser, "priority", why)))
-            capped = self._capped(winner, history, record) if rule.marketing else None
+            rule = rules[cand.trigger_type]
+            beaten = self._arbitrate(cand, rule.priority, history, window_ms)
+            if beaten:
+                suppressed.append(new_tuple(Suppressed, (cand, "priority", beaten)))
+                continue
+            history.arb_ms = cand.event_time_ms
+            history.arb_type = TRIGGER_INDEX[cand.trigger_type] + 1
+            history.changed = True
+            capped = self._capped(cand, history, context.too_often_day) if rule.marketing else None
             if capped:
-                suppressed.append(new_tuple(Suppressed, (winner, "frequency_cap", capped)))
+                suppressed.append(new_tuple(Suppressed, (cand, "frequency_cap", capped)))
                 continue
-            regional = self._regional(winner, profile)
+            regional = self._regional(cand, context.profile)
             if isinstance(regional, str):
-                suppressed.append(new_tuple(Suppressed, (winner, "regional", regional)))
+                suppressed.append(new_tuple(Suppressed, (cand, "regional", regional)))
                 continue
-            extras, hold = self._delivery(winner, rule, profile)
-            self._record_sent(winner, rule, history)
+            extras, hold = self._delivery(cand, rule, context.profile)
+            self._record_sent(cand, rule, history)
             approved.append(new_tuple(Approved, (regional, extras, hold)))
         if history.changed:
             record["trigger_last_min"] = history.last_min
             record["sent_min"] = history.sends
+            record["arb_ms"] = history.arb_ms
+            record["arb_type"] = history.arb_type
         return approved, suppressed
 
-    def _groups(self, candidates: list[Candidate]) -> list[list[Candidate]]:
-        """Candidates in event-time order, grouped when within the arbitration window."""
-        if len(candidates) == 1:
-            return [candidates]
-        window_ms = self._policies.arbitration_window_seconds * 1000
-        ordered = sorted(candidates, key=lambda c: (c.event_time_ms, c.trigger_type, c.causal))
-        groups: list[list[Candidate]] = []
-        for cand in ordered:
-            if groups and cand.event_time_ms - groups[-1][0].event_time_ms <= window_ms:
-                groups[-1].append(cand)
-            else:
-                groups.append([cand])
-        return groups
+    def _order(self, key: tuple[int, ...], cand: Candidate) -> tuple:
+        name = cand.trigger_type
+        return (key, -self._rule[name].priority, TRIGGER_INDEX[name], cand.causal)
+
+    def _arbitrate(
+        self, cand: Candidate, priority: int, history: _History, window_ms: float
+    ) -> str | None:
+        """Why ``cand`` loses priority arbitration, or None: the last candidate that won it
+        (at the same instant, or within the window before) had at least its priority.
+        Decided in timeline order, so a later candidate never takes back an earlier one's
+        win: the outcome does not depend on how the input was cut into steps."""
+        if not history.arb_type:
+            return None
+        gap = cand.event_time_ms - history.arb_ms
+        if gap > window_ms:
+            return None
+        winner = TRIGGER_TYPES[history.arb_type - 1]
+        top = self._rule[winner].priority
+        if top < priority:
+            return None
+        if gap <= 0:
+            return f"{winner} (priority {top}) fired at the same time"
+        return (
+            f"{winner} (priority {top}) fired {gap / 1000:g} s before, within the "
+            f"{window_ms / 1000:g} s arbitration window"
+        )
 
     def _admit(
         self,
@@ -215,7 +262,7 @@ class PolicyEngine:
         return why
 
     # -- individual policies ----------------------------------------------------
-    def _capped(self, cand: Candidate, history: _History, record: np.void) -> str | None:
+    def _capped(self, cand: Candidate, history: _History, too_often_day: int) -> str | None:
         caps = self._policies.caps
         now = _minutes(cand.event_time_ms)
         day = week = 0
@@ -225,7 +272,6 @@ class PolicyEngine:
                 day += now - m < 1440
         if day < self._lowest_caps[0] and week < self._lowest_caps[1]:
             return None  # under either pair of caps: no need to read which applies
-        too_often_day = int(record["too_often_day"])
         cand_day = cand.event_time_ms // MS_PER_DAY
         if too_often_day > 0 and cand_day - too_often_day <= self._config.churn.too_often_days:
             per_day, per_week, who = caps.too_often_per_day, caps.too_often_per_week, "(lowered: "
@@ -403,9 +449,11 @@ class PolicyEngine:
 class _History:
     """One customer's send history from its record, as lists (written back if changed)."""
 
-    __slots__ = ("changed", "last_min", "sends")
+    __slots__ = ("arb_ms", "arb_type", "changed", "last_min", "sends")
 
-    def __init__(self, last_min: list[int], sends: list[int]):
+    def __init__(self, last_min: list[int], sends: list[int], arb_ms: int, arb_type: int):
         self.last_min = last_min  # per trigger type, the minute it last went out (0: never)
         self.sends = sends  # the minutes of the last marketing sends (0: free slot)
+        self.arb_ms = arb_ms  # when the last winner of priority arbitration fired
+        self.arb_type = arb_type  # its TRIGGER_TYPES index + 1 (0: none yet)
         self.changed = False

@@ -43,6 +43,12 @@ class RefCustomer:
     pref_ref: int | None = None
     churn_high: bool = False
     stage: int = 0
+    # The labels as last evaluated (per event and fired timer) and the customer's clock.
+    clock: int | None = None
+    churn_level: int = 0
+    tier: int = 0
+    segment: int = 0
+    shift_fired: bool = False
 
 
 def _ring_index(ev: Ev, resolution: str) -> int:
@@ -143,8 +149,11 @@ def reference_apply(
     customers: dict[str, RefCustomer],
     p: K.KernelParams,
     weights: list[float],
+    params: K.Params | None = None,
 ) -> tuple[list[tuple[int, int, int, int, int]], int]:
-    """Apply (customer, type, category, time, amount, aux) events; (firings, late events)."""
+    """Apply (customer, type, category, time, amount, aux) events; (firings, late events).
+    With ``params``, the derived labels are evaluated after every event as of the
+    customer's clock, and their changes are firings too (``reference_labels``)."""
     fired = []
     late = 0
     for i, (cid, etype, category, ts, amount, aux) in enumerate(events):
@@ -155,6 +164,8 @@ def reference_apply(
             st.spend_total += amount
         if st.last_seen is not None and st.last_seen - ts > p.lateness_ms:
             late += 1
+            if params is not None:
+                fired += reference_labels(st, ts, i, params)
             continue
         st.last_seen = ts if st.last_seen is None else max(st.last_seen, ts)
         st.first_seen = ts if st.first_seen is None else min(st.first_seen, ts)
@@ -170,6 +181,7 @@ def reference_apply(
                     round(255.0 * max(v, 0.0) / top) if top > K.MIN_AFFINITY else 0 for v in vec
                 ]
                 st.snap_day = day
+                st.shift_fired = False  # a new period for interest shift
             st.pref_ref = ts
         st.history.append(ev)
 
@@ -189,7 +201,39 @@ def reference_apply(
             if holds and not st.high_intent:
                 fired.append((i, K.RULE_HIGH_INTENT, int(views), int(carts), int(orders)))
             st.high_intent = holds
+        if params is not None:
+            fired += reference_labels(st, ts, i, params)
     return fired, late
+
+
+def reference_labels(
+    cust: RefCustomer, at_ms: int, event: int, params: K.Params
+) -> list[tuple[int, int, int, int, int]]:
+    """Move the customer's clock to ``at_ms`` (never back), derive as of it, and the
+    firings of the label changes the rules look at (docs/triggers.md): churn level
+    entering high, the tier rising, entering the high-value segment, and the top
+    category moving away from the snapshot's (once per snapshot period)."""
+    cust.clock = at_ms if cust.clock is None else max(cust.clock, at_ms)
+    out = reference_derive(cust, cust.clock, params)
+    kp, dp = params.kernel, params.derive
+    level = 2 if cust.churn_high else (1 if out["churn_score"] >= dp.churn_medium else 0)
+    fired = []
+    if kp.churn_enabled and level == 2 and cust.churn_level < 2:
+        fired.append((event, K.RULE_CHURN_HIGH, 0, 0, 0))
+    if kp.tier_enabled:
+        if out["tier"] > cust.tier:
+            fired.append((event, K.RULE_TIER_UP, cust.tier, out["tier"], 0))
+        if out["segment"] == 3 and cust.segment != 3:
+            fired.append((event, K.RULE_HIGH_VALUE, cust.segment, 3, 0))
+    if kp.shift_enabled and out["interest_shift"] >= kp.shift_min_distance and not cust.shift_fired:
+        vec = preference(cust, list(params.pref_weights), kp.half_life_ms)
+        now_top = max(range(len(vec)), key=lambda k: (vec[k], -k))
+        was_top = max(range(len(cust.snap)), key=lambda k: (cust.snap[k], -k))
+        if now_top != was_top:
+            cust.shift_fired = True
+            fired.append((event, K.RULE_INTEREST_SHIFT, was_top, now_top, cust.snap_day))
+    cust.churn_level, cust.tier, cust.segment = level, out["tier"], out["segment"]
+    return fired
 
 
 def reference_bgnbd(

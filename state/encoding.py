@@ -20,7 +20,7 @@ from numba import njit
 
 from crmstream.operators.events import NUM_EVENT_TYPES
 
-LAYOUT_VERSION = 5
+LAYOUT_VERSION = 6
 # Input roles whose applied positions each customer records (exactly-once).
 ROLES: tuple[str, ...] = ("clickstream", "orders", "customers", "feedback")
 ROLE_INDEX = {role: i for i, role in enumerate(ROLES)}
@@ -122,11 +122,19 @@ STATE_DTYPE = np.dtype(
         # no-repeat is pending (0: none); pending cart nudges are FLAG_CART_* bits.
         ("dormant_days", np.uint16),
         ("potential_ref_ms", np.int64),
+        # Layout 6: the customer's event-time clock (its newest event or fired timer:
+        # derived labels are evaluated as of it and never move back), and the last
+        # candidate that won priority arbitration: its time and trigger type (+1; 0 none).
+        ("clock_ms", np.int64),
+        ("arb_ms", np.int64),
+        ("arb_type", np.uint8),
     ]
 )
 STATE_BYTES = STATE_DTYPE.itemsize
 DEDUP_IDS = 8
 
+# Layout 5: layout 6 without the clock and the arbitration fields.
+STATE_DTYPE_V5 = np.dtype(STATE_DTYPE.descr[: STATE_DTYPE.names.index("potential_ref_ms") + 1])
 # Layout 4: layout 5 without the fields after ``birthday_md`` and the cart bits.
 STATE_DTYPE_V4 = np.dtype(STATE_DTYPE.descr[: STATE_DTYPE.names.index("birthday_md") + 1])
 # Layout 3: layout 4 without the wake-up fields, stored unpacked.
@@ -164,9 +172,10 @@ STATE_DTYPE_V1 = np.dtype(
 
 
 _VERSION_BYTE = bytes([LAYOUT_VERSION])
-# Layout 4 is a prefix of layout 5 with the same initial values, so its packed
-# blobs unpack into a layout-5 record as they are (the new fields stay at 0).
-_PACKED = (_VERSION_BYTE, bytes([4]))
+# Layouts 4 and 5 are prefixes of layout 6 with the same initial values, so their
+# packed blobs unpack into a layout-6 record as they are (the new fields stay at
+# their initial values).
+_PACKED = (_VERSION_BYTE, bytes([4]), bytes([5]))
 
 
 class StateEncodingError(ValueError):
@@ -189,6 +198,7 @@ def fresh_records(n: int) -> np.ndarray:
     records["too_often_day"] = EMPTY_BASE
     records["pref_snap_day"] = EMPTY_BASE
     records["pref_ref_ms"] = np.iinfo(np.int64).min
+    records["clock_ms"] = np.iinfo(np.int64).min
     return records
 
 

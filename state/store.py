@@ -39,6 +39,7 @@ from redis.retry import Retry
 from crmstream.config.schema import RedisConfig
 from crmstream.metrics import get_metrics, observe_redis
 from crmstream.state.commands import CommandBatch
+from crmstream.state.promises import Promise
 from crmstream.state.timers import SEP, TimerStore
 
 if TYPE_CHECKING:
@@ -211,7 +212,7 @@ class StateStore:
 
     def load_states(
         self, customer_ids: list[str], with_promises: list[str] = ()
-    ) -> tuple[list[bytes | None], dict[str, dict[str, int]]]:
+    ) -> tuple[list[bytes | None], dict[str, dict[str, Promise]]]:
         """Every customer's state blob (None for new customers) and, for ``with_promises``,
         their open orders' promised delivery times; one round trip."""
         if not customer_ids:
@@ -236,7 +237,7 @@ class StateStore:
             (blobs, tombs), raw = results[:2], results[2:]
         observe_redis("load", started)
         promises = {
-            c: {k.decode(): int(v) for k, v in orders.items()}
+            c: {k.decode(): Promise.decode(v) for k, v in orders.items()}
             for c, orders in zip(with_promises, raw, strict=True)
         }
         self.last_tombstones = {
@@ -270,7 +271,8 @@ class StateStore:
         Fired timers are removed before the plan's timers are added, so a timer
         that fired and was scheduled again in the same step stays scheduled.
         ``erase`` holds (customer, timer members, audit entry): every key and
-        timer of the customer goes, and the audit stream gets the entry.
+        timer of the customer goes first, and the audit stream gets the entry;
+        what the customer did after its erasure in the step is written after.
         ``customers_delta`` (new customers minus erased ones) keeps the shard's
         customer count; it and the shard's pending timers feed two gauges.
         ``outbox`` entries (records to send) are appended to the shard's outbox
@@ -281,7 +283,18 @@ class StateStore:
         timers_key = self.timers.key(shard)
 
         def stage(pipe: CommandBatch | redis.client.Pipeline) -> None:
-            """Queue the step's writes, and last the two gauge reads."""
+            """Queue the step's writes, and last the two gauge reads. Erasures go first:
+            what a customer did after its erasure in the same step is written after."""
+            for customer, members, audit, tombstone_ms, ttl_s in erase:
+                pipe.delete(
+                    self.state_key(customer),
+                    self.profile_key(customer),
+                    self.promises_key(customer),
+                )
+                if members:
+                    pipe.zrem(timers_key, *members)
+                pipe.xadd(self.audit_key(), audit)
+                pipe.set(self.tombstone_key(customer), tombstone_ms, ex=ttl_s)
             if self._cluster:
                 for customer, blob in states.items():
                     pipe.set(self.state_key(customer), blob)
@@ -298,19 +311,12 @@ class StateStore:
                 if plan.schedule:
                     pipe.zadd(timers_key, {t.member: t.due_ms for t in plan.schedule})
                 for customer, orders in plan.promises.items():
-                    pipe.hset(self.promises_key(customer), mapping=orders)
+                    if orders:
+                        mapping = {order: p.encode() for order, p in orders.items()}
+                        pipe.hset(self.promises_key(customer), mapping=mapping)
                 for customer, order_ids in plan.delivered.items():
-                    pipe.hdel(self.promises_key(customer), *order_ids)
-            for customer, members, audit, tombstone_ms, ttl_s in erase:
-                pipe.delete(
-                    self.state_key(customer),
-                    self.profile_key(customer),
-                    self.promises_key(customer),
-                )
-                if members:
-                    pipe.zrem(timers_key, *members)
-                pipe.xadd(self.audit_key(), audit)
-                pipe.set(self.tombstone_key(customer), tombstone_ms, ex=ttl_s)
+                    if order_ids:
+                        pipe.hdel(self.promises_key(customer), *order_ids)
             if outbox_trim:
                 pipe.ltrim(self.outbox_key(shard), outbox_trim, -1)
             if outbox:

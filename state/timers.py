@@ -53,12 +53,16 @@ class TimerStore:
     def key(self, shard: int) -> str:
         return f"{self._prefix}:timers:{shard}"
 
-    def due(self, shard: int, watermark_ms: int, limit: int) -> list[Timer]:
-        """Up to ``limit`` timers of the shard due at or before the watermark, earliest first."""
+    def due(self, shard: int, upto_ms: int, limit: int | None = None) -> list[Timer]:
+        """The shard's timers due at or before ``upto_ms``, earliest first (at most
+        ``limit`` of them; None: all)."""
         started = time.perf_counter()
-        raw = self._client.zrangebyscore(
-            self.key(shard), "-inf", watermark_ms, start=0, num=limit, withscores=True
-        )
+        if limit is None:
+            raw = self._client.zrangebyscore(self.key(shard), "-inf", upto_ms, withscores=True)
+        else:
+            raw = self._client.zrangebyscore(
+                self.key(shard), "-inf", upto_ms, start=0, num=limit, withscores=True
+            )
         observe_redis("timers", started)
         return [parse_member(member, score) for member, score in raw]
 

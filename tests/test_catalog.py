@@ -38,7 +38,8 @@ def test_first_order_welcome_at_the_order_and_a_day_after_delivery(isolated_conf
     s.event("orders", "amy", "order_delivered", 3 * D, order_id="a1")
     _order(s, "ben", 0, order_id="b1")  # delivered only 10 h before the clock stops
     s.event("orders", "ben", "order_delivered", 4 * D - 10 * H, order_id="b1")
-    s.event("clickstream", "zed", "session_start", 4 * D)
+    # amy's welcome is due at 4 D: it fires once event time has passed it
+    s.event("clickstream", "zed", "session_start", 4 * D + 1)
     s.flush()
     run_flow(config, stack)
     welcome = _of(read_topic(stack, config.kafka.topics.triggers), "first_order_welcome")
@@ -68,7 +69,9 @@ def test_potential_no_repeat_needs_one_order_and_recent_browsing(isolated_config
 def test_repurchase_due_a_week_before_the_expected_order(isolated_config, script, stack):
     config = isolated_config()
     s = script(config)
-    for day in (0, 10, 20):  # every 10 days: next expected at day 30, reminder at day 23
+    # every 10 days: after day 10's order the next is expected at day 20 (reminder at
+    # day 13, before day 20's order), after day 20's at day 30 (reminder at day 23)
+    for day in (0, 10, 20):
         _order(s, "fay", day * D)
     # gus: every 10 days too (reminder due at day 13), but he buys at day 12, before it;
     # his new rhythm (6 days) is shorter than the reminder's lead, so none is set
@@ -78,9 +81,13 @@ def test_repurchase_due_a_week_before_the_expected_order(isolated_config, script
     s.flush()
     run_flow(config, stack)
     due = _of(read_topic(stack, config.kafka.topics.triggers), "repurchase_due")
-    assert [r["customer_id"] for r in due] == ["fay"]
-    assert due[0]["event_time"] == "2026-01-24T00:00:00.000+00:00"
-    assert due[0]["reason"]["values"]["expected_next_order_at"] == "2026-01-31T00:00:00.000+00:00"
+    due.sort(key=lambda r: r["event_time"])
+    assert [r["customer_id"] for r in due] == ["fay", "fay"]
+    assert [r["event_time"] for r in due] == [
+        "2026-01-14T00:00:00.000+00:00",
+        "2026-01-24T00:00:00.000+00:00",
+    ]
+    assert due[1]["reason"]["values"]["expected_next_order_at"] == "2026-01-31T00:00:00.000+00:00"
 
 
 def test_churn_risk_fires_once_when_a_regular_buyer_goes_quiet(isolated_config, script, stack):
@@ -110,8 +117,13 @@ def test_tier_upgrade_and_high_value_entry(isolated_config, script, stack):
     _order(s, "jay", 0, amount=150)
     _order(s, "jay", D, amount=100)  # 250 in 365 d: silver
     _order(s, "kai", 0, amount=150)  # 150: no tier
-    for i in range(5):  # 5 orders of 60 in 90 d: high value (and 300: silver)
-        _order(s, "lea", i * D, amount=60)
+    # lea's fifth order crosses both at once: 5 orders in 90 d averaging 51.2 (high value)
+    # and 256 in 365 d (silver)
+    for i, amount in enumerate((49, 49, 49, 49, 60)):
+        _order(s, "lea", i * D, amount=amount)
+    # mo's fourth order makes silver (240) and his fifth, a day later, high value
+    for i in range(5):
+        _order(s, "mo", i * D, amount=60)
     s.flush()
     run_flow(config, stack)
     ups = _of(read_topic(stack, config.kafka.topics.triggers), "tier_upgrade")
@@ -120,8 +132,19 @@ def test_tier_upgrade_and_high_value_entry(isolated_config, script, stack):
         for r in ups
     )
     # lea entered high value and silver at the same moment: one message, the other is
-    # suppressed by priority arbitration and says so on the suppression topic
-    assert got == [("jay", "tier", "silver"), ("lea", "high_value_entered", None)]
+    # suppressed by priority arbitration and says so on the suppression topic; mo's came
+    # a day apart, each at the order that made it true
+    assert got == [
+        ("jay", "tier", "silver"),
+        ("lea", "high_value_entered", None),
+        ("mo", "high_value_entered", None),
+        ("mo", "tier", "silver"),
+    ]
+    mo = {r["reason"]["values"]["change"]: r["event_time"] for r in ups if r["customer_id"] == "mo"}
+    assert mo == {
+        "tier": "2026-01-04T00:00:00.000+00:00",
+        "high_value_entered": "2026-01-05T00:00:00.000+00:00",
+    }
     stopped = read_topic(stack, config.kafka.topics.suppressions)
     assert [
         (r["customer_id"], r["policy"], r["candidate"]["values"]["change"])

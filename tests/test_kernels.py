@@ -96,8 +96,9 @@ def run_kernel(batches, params=PARAMS):
         rows = [(idx[c], t, cat, ts, amt, aux) for c, t, cat, ts, amt, aux in batch]
         firings, n_late = K.apply_batch(records, K.events_of(rows), params)
         late += n_late
+        columns = (firings.rule, firings.a, firings.b, firings.c)
         for k in range(len(firings.event)):
-            fired.append((offset + int(firings.event[k]), *(int(col[k]) for col in firings[1:])))
+            fired.append((offset + int(firings.event[k]), *(int(col[k]) for col in columns)))
         stored = dict(zip(CUSTOMERS, encode_records(records), strict=True))
         offset += len(batch)
     return fired, late, decode_batch([stored[c] for c in CUSTOMERS], CUSTOMERS)
@@ -200,7 +201,9 @@ def test_apply_matches_reference_across_batch_boundaries(
     params = PARAMS._replace(kernel=kp)
     got, late, records = run_kernel(_split(events, cuts), params)
     ref: dict[str, RefCustomer] = {}
-    expected, expected_late = reference_apply(events, ref, kp, list(PARAMS.pref_weights))
+    expected, expected_late = reference_apply(
+        events, ref, kp, list(PARAMS.pref_weights), params
+    )
     assert got == expected
     assert late == expected_late
     for i, cid in enumerate(CUSTOMERS):
@@ -216,7 +219,7 @@ def test_derive_matches_reference(raw, later_days):
     events = _materialise(raw)
     _, _, records = run_kernel([events])
     ref: dict[str, RefCustomer] = {}
-    reference_apply(events, ref, PARAMS.kernel, list(PARAMS.pref_weights))
+    reference_apply(events, ref, PARAMS.kernel, list(PARAMS.pref_weights), PARAMS)
     for offset in later_days:  # derive repeatedly as time passes (hysteresis carries over)
         as_of = np.array(
             [
@@ -342,7 +345,7 @@ def test_a_steady_shopper_who_goes_quiet_shows_activity_and_login_drops():
             events.append(("a", K.ORDER_PLACED, 2, t + 2, 30.0, 0.0))
     _, _, records = run_kernel([events])
     ref: dict[str, RefCustomer] = {}
-    reference_apply(events, ref, PARAMS.kernel, list(PARAMS.pref_weights))
+    reference_apply(events, ref, PARAMS.kernel, list(PARAMS.pref_weights), PARAMS)
     last = ref["a"].last_seen
     # 7 quiet days: 14 of the last 14 days' events vs. ~22.9 expected -> (1 - 14/22.9) / 0.5
     for quiet_days, expect_drop in ((0, 0.0), (7, 0.78), (20, 1.0)):
@@ -356,3 +359,71 @@ def test_a_steady_shopper_who_goes_quiet_shows_activity_and_login_drops():
     # a regular buyer (every 10 days) 20 days late: overdue, and less likely alive
     assert out[0, K.COL["purchase_overdue"]] > 0.5
     assert out[0, K.COL["p_alive"]] < 1.0
+
+
+# Sequences that reach the derived labels' thresholds: large orders (tiers, high value),
+# returns, refunds, negative feedback and delays (churn), quiet gaps (activity drops,
+# not alive), views of changing categories (interest shift).
+label_event_strategy = st.tuples(
+    st.sampled_from(CUSTOMERS[:2]),
+    st.sampled_from(
+        [K.ORDER_PLACED] * 3
+        + [K.PRODUCT_VIEW] * 3
+        + [K.SESSION_START, K.ORDER_RETURNED, K.ORDER_REFUNDED, K.LOGISTICS_UPDATE]
+        + [K.SERVICE_TICKET, K.PRODUCT_REVIEW, K.CONTACTED_TOO_OFTEN]
+    ),
+    st.integers(0, 5),
+    st.one_of(
+        st.integers(0, 2 * K.MS_PER_DAY),
+        st.integers(20 * K.MS_PER_DAY, 200 * K.MS_PER_DAY),
+    ),
+    st.sampled_from([20.0, 75.5, 180.0, 420.0]),
+    st.integers(0, 1),
+)
+
+
+@settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    raw=st.lists(label_event_strategy, max_size=60),
+    cuts=st.lists(st.integers(0, 60), max_size=4),
+)
+def test_label_firings_after_each_event_match_the_reference(raw, cuts):
+    """Churn entering high, tier and high-value upgrades and interest shifts fire on the
+    event that made them true, as the reference derives after each event."""
+    events = _materialise(raw)
+    got, late, records = run_kernel(_split(events, cuts))
+    ref: dict[str, RefCustomer] = {}
+    expected, expected_late = reference_apply(
+        events, ref, PARAMS.kernel, list(PARAMS.pref_weights), PARAMS
+    )
+    assert got == expected
+    assert late == expected_late
+    for i, cid in enumerate(CUSTOMERS[:2]):
+        cust = ref.get(cid, RefCustomer())
+        assert int(records[i]["tier"]) == cust.tier
+        assert int(records[i]["churn_level"]) == cust.churn_level
+
+
+def test_each_label_firing_kind_is_reached():
+    """One history that fires every derived label: gold tier, high value, churn risk and
+    an interest shift (the property above needs sequences that reach them)."""
+    day = K.MS_PER_DAY
+    events = [("a", K.PRODUCT_VIEW, 1, BASE_MS + m, 0.0, 0.0) for m in range(6)]
+    events += [("a", K.ORDER_PLACED, 1, BASE_MS + k * day + 10, 120.0, 0.0) for k in range(5)]
+    later = BASE_MS + 9 * day
+    events += [("a", K.PRODUCT_VIEW, 4, later + m, 0.0, 0.0) for m in range(80)]
+    bad = BASE_MS + 300 * day
+    events += [
+        ("a", K.ORDER_RETURNED, -1, bad, 0.0, 0.0),
+        ("a", K.ORDER_REFUNDED, -1, bad + 1, 0.0, 0.0),
+        ("a", K.SERVICE_TICKET, -1, bad + 2, 0.0, -0.9),
+        ("a", K.PRODUCT_REVIEW, -1, bad + 3, 0.0, 1.0),
+        ("a", K.LOGISTICS_UPDATE, -1, bad + 4, 0.0, 2.0),
+        ("a", K.LOGISTICS_UPDATE, -1, bad + 5, 0.0, 2.0),
+    ]
+    got, _, _ = run_kernel([events])
+    ref: dict[str, RefCustomer] = {}
+    expected, _ = reference_apply(events, ref, PARAMS.kernel, list(PARAMS.pref_weights), PARAMS)
+    assert got == expected
+    rules = {rule for _, rule, *_ in got}
+    assert {K.RULE_TIER_UP, K.RULE_HIGH_VALUE, K.RULE_CHURN_HIGH, K.RULE_INTEREST_SHIFT} <= rules

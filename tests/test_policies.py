@@ -105,18 +105,45 @@ def test_cooldown_per_trigger_type(isolated_config, script, stack):
     assert _stopped(stack, config) == [("cal", "browse_interest", "cooldown")]
 
 
-def test_priority_when_several_fire_at_once(isolated_config, script, stack):
+def test_priority_within_the_arbitration_window(isolated_config, script, stack):
+    """A candidate loses to a trigger of at least its priority that fired at the same
+    time or within the arbitration window (60 s) before it; never to a later one."""
     config = isolated_config(policies=True)
     s = script(config)
+    nudge = TEN_AM + H  # dee's cart nudge (priority 90)
+    s.event("clickstream", "dee", "add_to_cart", TEN_AM, product_id="p", category="bags")
+    for at in (58, 59, 60):  # browse interest (30) 60 s after it: loses
+        s.view("dee", "books", nudge + at)
+    for at in (60.2, 60.6, 61):  # 61 s after it: goes out
+        s.view("dee", "toys", nudge + at)
+    # eva: browse interest first, then high intent (60) 9 s later: both go out
     for i in range(5):
-        s.view("dee", "bags", TEN_AM + i)
+        s.view("eva", "bags", TEN_AM + i)
     for i in range(2):
-        s.event("clickstream", "dee", "add_to_cart", TEN_AM + 10 + i, product_id="p",
+        s.event("clickstream", "eva", "add_to_cart", TEN_AM + 10 + i, product_id="p",
                 category="bags")  # fmt: skip
+    s.event("orders", "eva", "order_placed", TEN_AM + 20, order_id="e1", amount=5,
+            currency="USD")  # fmt: skip
     s.flush()
     run_flow(config, stack)
-    assert [r["trigger_type"] for r in _triggers(stack, config)] == ["high_intent_no_purchase"]
-    assert _stopped(stack, config) == [("dee", "browse_interest", "priority")]
+    got = sorted((r["customer_id"], r["trigger_type"], r["payload"].get("category"))
+                 for r in _triggers(stack, config))  # fmt: skip
+    assert got == [
+        ("dee", "browse_interest", "toys"),
+        ("dee", "cart_abandoned", None),
+        ("eva", "browse_interest", "bags"),
+        ("eva", "first_order_welcome", None),
+        ("eva", "high_intent_no_purchase", None),
+    ]
+    stopped = read_topic(stack, config.kafka.topics.suppressions)
+    assert [(r["customer_id"], r["trigger_type"], r["policy"], r["reason"]) for r in stopped] == [
+        (
+            "dee",
+            "browse_interest",
+            "priority",
+            "cart_abandoned (priority 90) fired 60 s before, within the 60 s arbitration window",
+        )
+    ]
 
 
 def test_frequency_caps_and_the_lower_cap_after_too_often(isolated_config, script, stack):
