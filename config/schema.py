@@ -299,7 +299,7 @@ class FirstOrderWelcomeRule(_Rule):
 
 
 class PotentialNoRepeatRule(_Rule):
-    days: PositiveInt = 30
+    days: PositiveInt = 21
     browsing_days: PositiveInt = 14  # "still browsing": any activity in these last days
     priority: int = 40
     offer_template: str = "style_guide"

@@ -127,12 +127,25 @@ def _read_batches(
 
 
 def run_log(
-    config: CrmConfig, endpoints: Endpoints, log: list[Message], cutting: Cutting, end_ms: int
+    config: CrmConfig,
+    endpoints: Endpoints,
+    log: list[Message],
+    cutting: Cutting,
+    end_ms: int,
+    shared: Runtime | None = None,
 ) -> Outcome:
     """Run the log through the shard step under ``cutting``; ``end_ms``: the wall clock of
-    a bounded run (and of the last live tick)."""
+    a bounded run (and of the last live tick). ``shared``: a runtime whose Redis client
+    and producer are used (runs many logs on one connection each)."""
     clock = [end_ms]
     runtime = Runtime(config, endpoints, clock_ms=lambda: clock[0])
+    if shared is not None:
+        from crmstream.state.store import StateStore
+
+        runtime.__dict__["producer"] = shared.producer
+        runtime.__dict__["store"] = StateStore(
+            shared.store.client, config.redis.key_prefix, config.policies.audit_salt
+        )
     topics = config.kafka.topics.by_role
     shards = config.processing.shards
     keys = shard_keys(shards, 1)
@@ -157,10 +170,10 @@ def run_log(
                 logic.on_eof()
             runtime.producer.flush()
         finally:
-            runtime.close()
-    return Outcome(
-        *_outputs(sent, config), redis=snapshot(config, endpoints)
-    )
+            if shared is None:
+                runtime.close()
+    client = (shared or runtime).store.client if shared is not None else None
+    return Outcome(*_outputs(sent, config), redis=snapshot(config, endpoints, client))
 
 
 def _outputs(sent: list[tuple[str, bytes | None, bytes]], config: CrmConfig) -> tuple:
@@ -180,12 +193,13 @@ def _outputs(sent: list[tuple[str, bytes | None, bytes]], config: CrmConfig) -> 
 _SKIPPED = (":progress:", ":outbox:", ":commit:", ":layout")
 
 
-def snapshot(config: CrmConfig, endpoints: Endpoints) -> dict[str, Any]:
+def snapshot(config: CrmConfig, endpoints: Endpoints, client: Any = None) -> dict[str, Any]:
     """Every Redis key of the config's prefix with its value, but the step bookkeeping
     (progress, outbox, commit fence, layout): those record how the input was cut."""
     from crmstream.state.store import connect
 
-    client = connect(endpoints.redis_url, config.redis)
+    own = client is None
+    client = connect(endpoints.redis_url, config.redis) if own else client
     out: dict[str, Any] = {}
     try:
         for raw_key in client.scan_iter(f"{config.redis.key_prefix}:*", count=1000):
@@ -208,5 +222,6 @@ def snapshot(config: CrmConfig, endpoints: Endpoints) -> dict[str, Any]:
             else:
                 out[key] = kind
     finally:
-        client.close()
+        if own:
+            client.close()
     return out

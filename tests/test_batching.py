@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 from collections import Counter
+from collections.abc import Iterator
 from typing import Any
 
 import orjson
@@ -21,6 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from crmstream.config import CrmConfig, load_config
+from crmstream.flows.runtime import Runtime
 from crmstream.topics import create_topics
 from tests.shard_driver import Cutting, Message, Outcome, run_log
 
@@ -112,8 +114,13 @@ def histories(draw: st.DrawFn, max_events: int = 24) -> list[Message]:
 
 _KINDS_BY_ROLE = {
     "clickstream": ["product_view", "add_to_cart", "session_start"],
-    "orders": ["order_placed", "order_shipped", "logistics_update", "order_delivered",
-               "order_returned"],  # fmt: skip
+    "orders": [
+        "order_placed",
+        "order_shipped",
+        "logistics_update",
+        "order_delivered",
+        "order_returned",
+    ],
     "customers": ["profile_updated", "consent_withdrawn", "consent_granted", "erasure_requested"],
     "feedback": ["contacted_too_often", "service_ticket"],
 }
@@ -128,6 +135,14 @@ cuttings = st.builds(
     seed=st.integers(0, 1000),
     live=st.booleans(),
 )
+
+
+@pytest.fixture(scope="module")
+def shared(base_config, stack) -> Iterator[Runtime]:
+    """One Redis client and producer for every run of the module."""
+    runtime = Runtime(base_config, stack)
+    yield runtime
+    runtime.close()
 
 
 @pytest.fixture(scope="module")
@@ -151,13 +166,17 @@ def base_config(stack) -> CrmConfig:
 _runs = itertools.count()
 
 
-def _run(config: CrmConfig, stack, log: list[Message], cutting: Cutting) -> Outcome:
+def _run(
+    config: CrmConfig, stack, log: list[Message], cutting: Cutting, shared: Runtime | None = None
+) -> Outcome:
     prefix = f"b{next(_runs)}"
     own = config.model_copy(
         update={"redis": config.redis.model_copy(update={"key_prefix": prefix})}
     )
-    end = max(m.kafka_ms for m in log) + 1
-    outcome = run_log(own, stack, log, cutting, end)
+    # The wall clock at the end: the newest event's time, so that a live run's watermark
+    # ends where a bounded run's does.
+    end = max(m.kafka_ms for m in log)
+    outcome = run_log(own, stack, log, cutting, end, shared)
     redis = {key.split(":", 1)[1]: value for key, value in outcome.redis.items()}
     return outcome._replace(redis=redis)
 
@@ -181,10 +200,175 @@ ONE_STEP = Cutting(10**13, (5000,), 0)
 _SLOW_OK = [HealthCheck.too_slow, HealthCheck.function_scoped_fixture]
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=_SLOW_OK)
-@given(log=histories(), cutting=cuttings)
-def test_any_cutting_gives_the_triggers_and_state_of_one_step(base_config, stack, log, cutting):
-    whole = _run(base_config, stack, log, ONE_STEP)
-    cut = _run(base_config, stack, log, cutting)
+@settings(max_examples=70, deadline=None, suppress_health_check=_SLOW_OK)
+@given(log=histories(), cuts=st.lists(cuttings, min_size=3, max_size=3))
+def test_any_cutting_gives_the_triggers_and_state_of_one_step(
+    base_config, stack, shared, log, cuts
+):
+    """70 histories, each cut 3 ways: 210 cuttings."""
+    whole = _run(base_config, stack, log, ONE_STEP, shared)
     _unique_ids(whole)
-    _same(cut, whole)
+    for cutting in cuts:
+        _same(_run(base_config, stack, log, cutting, shared), whole)
+
+
+# -- the issue's shapes, each with a near miss, under several cuttings ------------------
+
+def _at(stamp: str) -> int:
+    from datetime import datetime
+
+    return int(datetime.fromisoformat(stamp).timestamp() * 1000)
+
+
+def _log(*events: tuple[str, str, str, str, dict[str, Any]]) -> list[Message]:
+    """(role, customer, event type, ISO time, fields) in time order, one partition per role."""
+    out = []
+    for role, cust, kind, stamp, fields in events:
+        at = _at(stamp)
+        body = _event(cust, kind, at, **fields)
+        out.append(Message(role, 0, cust.encode(), orjson.dumps(body), at))
+    return out
+
+
+_CART = {"product_id": "p", "category": "beauty"}
+_VIEW = {"product_id": "p", "category": "books"}
+
+
+def _order(oid: str) -> dict[str, Any]:
+    return {"order_id": oid, "amount": 20, "currency": "USD"}
+
+
+_SHIPPED = {"order_id": "d1", "promised_delivery_time": "2026-11-05T12:00:00+00:00"}
+_CUSTOMS = (
+    ("orders", "di", "order_shipped", "2026-11-03T00:00:00+00:00", _SHIPPED),
+    ("orders", "di", "logistics_update", "2026-11-06T00:00:00+00:00",
+     {"order_id": "d1", "status": "customs_hold"}),
+)  # fmt: skip
+
+
+SCENARIOS = {
+    "two carts in one step: a nudge after each": (
+        [],
+        _log(
+            ("clickstream", "ann", "add_to_cart", "2026-11-02T10:00:00+00:00", _CART),
+            ("clickstream", "ann", "add_to_cart", "2026-11-02T14:00:00+00:00", _CART),
+            ("clickstream", "zed", "session_start", "2026-11-02T16:00:00+00:00", {}),
+        ),
+        [
+            ("ann", "cart_abandoned", "2026-11-02T11:00"),
+            ("ann", "cart_abandoned", "2026-11-02T15:00"),
+        ],
+    ),
+    "near miss: the second cart before the first nudge moves it": (
+        [],
+        _log(
+            ("clickstream", "ann", "add_to_cart", "2026-11-02T10:00:00+00:00", _CART),
+            ("clickstream", "ann", "add_to_cart", "2026-11-02T10:59:59+00:00", _CART),
+            ("clickstream", "zed", "session_start", "2026-11-02T16:00:00+00:00", {}),
+        ),
+        [("ann", "cart_abandoned", "2026-11-02T11:59")],
+    ),
+    "two carts, the first nudge after 30 s": (
+        ["rules.cart_abandoned.first_delay_minutes=0.5"],
+        _log(
+            ("clickstream", "ann", "add_to_cart", "2026-11-02T10:00:00+00:00", _CART),
+            ("clickstream", "ann", "add_to_cart", "2026-11-02T14:00:00+00:00", _CART),
+            ("clickstream", "zed", "session_start", "2026-11-02T16:00:00+00:00", {}),
+        ),
+        [
+            ("ann", "cart_abandoned", "2026-11-02T10:00"),
+            ("ann", "cart_abandoned", "2026-11-02T14:00"),
+        ],
+    ),
+    "first order, browsing, repeat order 36 days later": (
+        [],
+        _log(
+            ("orders", "bo", "order_placed", "2026-10-10T00:00:00+00:00", _order("b1")),
+            ("clickstream", "bo", "product_view", "2026-10-25T00:00:00+00:00", _VIEW),
+            ("orders", "bo", "order_placed", "2026-11-15T00:00:00+00:00", _order("b2")),
+            ("clickstream", "zed", "session_start", "2026-11-16T00:00:00+00:00", {}),
+        ),
+        [
+            ("bo", "potential_no_repeat", "2026-10-31T00:00"),
+            ("bo", "dormant_win_back", "2026-11-09T00:00"),
+        ],
+    ),
+    "near miss: the repeat order the day before the win-back": (
+        [],
+        _log(
+            ("orders", "bo", "order_placed", "2026-10-10T00:00:00+00:00", _order("b1")),
+            ("clickstream", "bo", "product_view", "2026-10-25T00:00:00+00:00", _VIEW),
+            ("orders", "bo", "order_placed", "2026-11-08T00:00:00+00:00", _order("b2")),
+            ("clickstream", "zed", "session_start", "2026-11-16T00:00:00+00:00", {}),
+        ),
+        [("bo", "potential_no_repeat", "2026-10-31T00:00")],
+    ),
+    "orders 05-01 and 07-15: the 30-day win-back between them": (
+        [],
+        _log(
+            ("orders", "cy", "order_placed", "2026-05-01T00:00:00+00:00", _order("c1")),
+            ("orders", "cy", "order_placed", "2026-07-15T00:00:00+00:00", _order("c2")),
+            ("clickstream", "zed", "session_start", "2026-07-16T00:00:00+00:00", {}),
+        ),
+        [("cy", "dormant_win_back", "2026-05-31T00:00")],
+    ),
+    "near miss: orders 05-01 and 05-30": (
+        [],
+        _log(
+            ("orders", "cy", "order_placed", "2026-05-01T00:00:00+00:00", _order("c1")),
+            ("orders", "cy", "order_placed", "2026-05-30T00:00:00+00:00", _order("c2")),
+            ("clickstream", "zed", "session_start", "2026-06-02T00:00:00+00:00", {}),
+        ),
+        [],
+    ),
+    "a customs hold, delivered within its 72 h": (
+        [],
+        _log(
+            *_CUSTOMS,
+            ("orders", "di", "order_delivered", "2026-11-08T10:00:00+00:00", {"order_id": "d1"}),
+            ("clickstream", "zed", "session_start", "2026-11-12T00:00:00+00:00", {}),
+        ),
+        [],
+    ),
+    "near miss: a customs hold, delivered after its 72 h": (
+        [],
+        _log(
+            *_CUSTOMS,
+            ("orders", "di", "order_delivered", "2026-11-08T13:00:00+00:00", {"order_id": "d1"}),
+            ("clickstream", "zed", "session_start", "2026-11-12T00:00:00+00:00", {}),
+        ),
+        [("di", "delivery_delay", "2026-11-08T12:00")],
+    ),
+}
+_WATCHED = {"cart_abandoned", "potential_no_repeat", "dormant_win_back", "delivery_delay"}
+SCENARIO_CUTS = {
+    "one step": ONE_STEP,
+    "1 ms steps, one message a batch": Cutting(1, (1,), 0),
+    "hourly steps": Cutting(H, (2, 7), 3),
+    "live, one message a batch": Cutting(1000, (1,), 0, live=True),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SCENARIOS))
+def test_the_issue_shapes_fire_as_live_under_every_cutting(base_config, stack, shared, name):
+    """The shapes a step planned from its final state got wrong, and a near miss of each:
+    the same triggers, at the same times, however the history is cut or run live. The
+    scenarios turn the policies off (quiet hours, caps) to see the conditions alone."""
+    overrides, log, want = SCENARIOS[name]
+    sets = [
+        "policies.quiet_hours.start=00:00",
+        "policies.quiet_hours.end=00:00",
+        "policies.caps.per_day=8",
+        "policies.caps.per_week=8",
+        *overrides,
+    ]
+    chosen = load_config(None, sets, env={})
+    config = base_config.model_copy(update={"rules": chosen.rules, "policies": chosen.policies})
+    for label, cutting in SCENARIO_CUTS.items():
+        outcome = _run(config, stack, log, cutting, shared)
+        got = sorted(
+            (r["customer_id"], r["trigger_type"], r["event_time"][:16])
+            for r in outcome.triggers
+            if r["trigger_type"] in _WATCHED
+        )
+        assert got == sorted(want), label

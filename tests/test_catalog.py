@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import read_topic, run_flow
+from tests.conftest import T0_MS, read_topic, run_flow
 
 pytestmark = pytest.mark.integration
 H = 3600.0
@@ -51,19 +51,24 @@ def test_first_order_welcome_at_the_order_and_a_day_after_delivery(isolated_conf
 
 
 def test_potential_no_repeat_needs_one_order_and_recent_browsing(isolated_config, script, stack):
-    # dormant_win_back's 30-day step is due at the same moment and would win on priority
-    config = isolated_config("rules.dormant_win_back.enabled=false")
+    """Due 21 days after the only order, before the first win-back step (30 days): both
+    are reachable with the default configuration."""
+    config = isolated_config()
     s = script(config)
     for cust in ("cat", "dan", "eli"):
         _order(s, cust, 0)
-    s.view("cat", "books", 25 * D)  # still browsing
+    s.view("cat", "books", 15 * D)  # still browsing at day 21
     _order(s, "dan", 10 * D)  # bought again
     s.event("clickstream", "zed", "session_start", 31 * D)  # eli: not browsing
     s.flush()
     run_flow(config, stack)
-    assert _customers(read_topic(stack, config.kafka.topics.triggers), "potential_no_repeat") == [
-        "cat"
-    ]
+    records = read_topic(stack, config.kafka.topics.triggers)
+    assert _customers(records, "potential_no_repeat") == ["cat"]
+    (potential,) = _of(records, "potential_no_repeat")
+    assert potential["event_time"] == "2026-01-22T00:00:00.000+00:00"
+    assert _customers(records, "dormant_win_back") == ["cat", "eli"]
+    stopped = read_topic(stack, config.kafka.topics.suppressions)
+    assert [r for r in stopped if r["trigger_type"] == "potential_no_repeat"] == []
 
 
 def test_repurchase_due_a_week_before_the_expected_order(isolated_config, script, stack):
@@ -109,6 +114,14 @@ def test_churn_risk_fires_once_when_a_regular_buyer_goes_quiet(isolated_config, 
     assert values["churn_score"] >= config.churn.high
     assert {"activity_drop", "purchase_overdue"} <= set(values["top_signals"])
     assert risk[0]["causal_event_id"].startswith("derive:churn_risk:")
+    # Dated at the recheck that made it true: whole weeks after hal's last event (the
+    # view at day 58), not at that event; and no later recheck suppresses the same id.
+    last_ms = int((58 * D + 60) * 1000)
+    fired_ms = int(risk[0]["causal_event_id"].rsplit(":", 1)[1])
+    weeks, rest = divmod(fired_ms - T0_MS - last_ms, 7 * int(D * 1000))
+    assert weeks >= 1 and rest == 0, (weeks, rest)
+    stopped = read_topic(stack, config.kafka.topics.suppressions)
+    assert [r for r in stopped if r["trigger_id"] == risk[0]["trigger_id"]] == []
 
 
 def test_tier_upgrade_and_high_value_entry(isolated_config, script, stack):
