@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from crmstream.config import load_config
 from crmstream.operators.catalog import Candidate
 from crmstream.operators.kernels import MS_PER_DAY
-from crmstream.operators.policies import TRIGGER_INDEX, PolicyEngine
+from crmstream.operators.policies import TRIGGER_INDEX, PolicyContext, PolicyEngine
 from crmstream.state.encoding import fresh_records
 
 CONFIG = load_config(None, [], env={})
@@ -84,3 +84,61 @@ def test_frequency_caps_count_the_sends_of_the_last_day_and_week(ages, too_often
         assert stopped == [] and len(ok) == 1
         return
     assert ok == [] and [(s.policy, s.reason) for s in stopped] == [("frequency_cap", why)]
+
+
+def _cand(kind: str, at_ms: int, causal: str = "e") -> Candidate:
+    return Candidate("c", kind, causal, at_ms, {}, {}, None, {})
+
+
+_ARBITRATION_MS = int(CONFIG.policies.arbitration_window_seconds * 1000)
+
+
+_KINDS = ["cart_abandoned", "browse_interest", "high_intent_no_purchase"]
+
+
+@given(
+    gap=st.sampled_from([0, 1, _ARBITRATION_MS - 1, _ARBITRATION_MS, _ARBITRATION_MS + 1]),
+    first=st.sampled_from(_KINDS[:2]),
+    second=st.sampled_from(_KINDS),
+)
+def test_priority_arbitration_at_the_window_boundary(gap, first, second):
+    """A candidate loses to the last winner of arbitration when that had at least its
+    priority and fired at most the window before it (60 s: 60,000 ms loses, 60,001 goes),
+    and never to a later candidate. The two are separate events (keys), in time order."""
+    record = fresh_records(1)[0]
+    a, b = _cand(first, NOON, "e1"), _cand(second, NOON + gap, "e2")
+    ctx = PolicyContext({}, int(record["too_often_day"]), False)
+    ok, stopped = ENGINE.decide("c", [a, b], [ctx, ctx], [(NOON, 0), (NOON + gap, 1)], record)
+    rules = CONFIG.rules
+    beaten = gap <= _ARBITRATION_MS and getattr(rules, first).priority >= getattr(
+        rules, second
+    ).priority
+    cooling = first == second and getattr(rules, first).cooldown_hours > 0
+    assert ok[0].candidate == a  # the first never loses to the later one
+    if cooling:
+        assert [(s.candidate, s.policy) for s in stopped] == [(b, "cooldown")]
+    elif beaten:
+        why = (
+            f"{first} (priority {getattr(rules, first).priority}) fired at the same time"
+            if gap == 0
+            else f"{first} (priority {getattr(rules, first).priority}) fired {gap / 1000:g} s "
+            f"before, within the {_ARBITRATION_MS / 1000:g} s arbitration window"
+        )
+        assert [(s.candidate, s.policy, s.reason) for s in stopped] == [(b, "priority", why)]
+    else:
+        assert stopped == [] and [d.candidate for d in ok] == [a, b]
+
+
+def test_at_one_instant_the_highest_priority_goes_first_then_the_catalogue_order():
+    """Candidates of one event or timer: the highest priority wins; equal priorities go
+    in the catalogue's order (TRIGGER_TYPES), whatever order they came in."""
+    record = fresh_records(1)[0]
+    ctx = PolicyContext({}, int(record["too_often_day"]), False)
+    tier = _cand("tier_upgrade", NOON, "derive:tier:1:0")
+    high = _cand("tier_upgrade", NOON, "derive:high_value:0")
+    welcome = _cand("first_order_welcome", NOON, "e1")
+    ok, stopped = ENGINE.decide(
+        "c", [tier, high, welcome], [ctx] * 3, [(NOON, 0, 5)] * 3, record
+    )
+    assert [d.candidate for d in ok] == [welcome]  # priority 70 over 65
+    assert [s.candidate for s in stopped] == [high, tier]  # ties: by causal id
