@@ -251,6 +251,19 @@ def _add2(ring, base, idx, kind, amount, cap):
 
 
 @njit(cache=True, nogil=True)
+def _add_order(orders, spend, base, day, amount):
+    """Count an order and its amount on ``day`` of the daily rings; return the new base."""
+    if base == EMPTY_BASE or day > base:
+        _advance(spend, base, day)
+        base = _advance(orders, base, day)
+    if day > base - orders.shape[0]:
+        slot = day % orders.shape[0]
+        orders[slot] = min(orders[slot] + 1, 255)
+        spend[slot] += amount
+    return base
+
+
+@njit(cache=True, nogil=True)
 def _held_slots(ring_len, base, idx, span):
     """The slots (idx - span, idx] that a ring of ``ring_len`` slots ending at ``base`` holds."""
     return max(idx - span + 1, base - ring_len + 1), min(idx, base)
@@ -328,6 +341,15 @@ def _purchase_day(r, day):
     q = last - later
     p = last - earlier if earlier < 64 else r.first_purchase_day
     r.ipt_sq_sum += (day - p) ** 2 + (q - day) ** 2 - (q - p) ** 2
+
+
+@njit(cache=True, nogil=True)
+def _first_day_spend(r, day, amount):
+    """Keep the first purchase day's spend (before ``_purchase_day`` sees ``day``)."""
+    if r.purchase_days == 0 or day < r.first_purchase_day:
+        r.first_day_spend = amount
+    elif day == r.first_purchase_day:
+        r.first_day_spend += amount
 
 
 @njit(cache=True, nogil=True)
@@ -411,18 +433,12 @@ def apply_events(
             kind = KIND_SESSIONS
         elif t == ORDER_PLACED:
             kind = KIND_ORDERS
-            month = day // 30
-            if r.base_30d == EMPTY_BASE or month > r.base_30d:
-                _advance(r.spend_30d, r.base_30d, month)
-                r.base_30d = _advance(r.orders_30d, r.base_30d, month)
-            if month > r.base_30d - r.orders_30d.shape[0]:
-                slot = month % r.orders_30d.shape[0]
-                r.orders_30d[slot] = min(r.orders_30d[slot] + 1, 255)
-                r.spend_30d[slot] += amount[i]
+            r.base_orders_1d = _add_order(r.orders_1d, r.spend_1d, r.base_orders_1d, day, amount[i])
             if ts >= r.last_seen_ms:
                 r.last_order_amount = amount[i]
             if ts > r.last_order_ms:
                 r.last_order_ms = ts
+            _first_day_spend(r, day, amount[i])
             _purchase_day(r, day)
         if kind >= 0:
             r.base_1d = _add2(r.win_1d, r.base_1d, day, kind, 1, 255)
@@ -558,14 +574,13 @@ def derive(records, as_of_ms, dp, churn_weights, r_cuts, f_cuts, m_cuts, out):
         r = records[i]
         day = as_of_ms[i] // MS_PER_DAY
         week = week_of(day)
-        month = day // 30
         row = out[i]
         row[:] = 0.0
 
-        orders_90 = window_sum1(r.orders_30d, r.base_30d, month, 3)
-        spend_90 = window_sum1(r.spend_30d, r.base_30d, month, 3)
-        orders_365 = window_sum1(r.orders_30d, r.base_30d, month, 12)
-        spend_365 = window_sum1(r.spend_30d, r.base_30d, month, 12)
+        orders_90 = window_sum1(r.orders_1d, r.base_orders_1d, day, 90)
+        spend_90 = window_sum1(r.spend_1d, r.base_orders_1d, day, 90)
+        orders_365 = window_sum1(r.orders_1d, r.base_orders_1d, day, 365)
+        spend_365 = window_sum1(r.spend_1d, r.base_orders_1d, day, 365)
         buyer = r.purchase_days > 0
         since = float(day - r.last_purchase_day) if buyer else -1.0
         n = r.purchase_days

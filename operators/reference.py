@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass, field
 
 from crmstream.operators import kernels as K
-from crmstream.state.encoding import NUM_SIGNALS, PREF_CATEGORIES
+from crmstream.state.encoding import NUM_SIGNALS, PREF_CATEGORIES, RING_ORDERS
 
 
 @dataclass
@@ -52,7 +52,6 @@ def _ring_index(ev: Ev, resolution: str) -> int:
         "1h": ev.ts // K.MS_PER_HOUR,
         "1d": day,
         "1w": (day + 3) // 7,
-        "30d": day // 30,
     }[resolution]
 
 
@@ -101,18 +100,33 @@ def window(
     return total
 
 
-def orders_window(cust: RefCustomer, month: int, span: int) -> tuple[float, float]:
+def orders_window(cust: RefCustomer, day: int, span: int) -> tuple[float, float]:
+    """(orders, spend) on the days (day - span, day] that the 365-day ring still holds."""
     orders = [e for e in cust.history if e.type == K.ORDER_PLACED]
     if not orders:
         return 0.0, 0.0
-    base = max(_ring_index(e, "30d") for e in orders)
-    lo = max(month - span + 1, base - 13 + 1)
-    hi = min(month, base)
-    picked = [e for e in orders if lo <= _ring_index(e, "30d") <= hi]
-    per_slot: dict[int, int] = {}
+    base = max(e.ts // K.MS_PER_DAY for e in orders)
+    lo = max(day - span + 1, base - RING_ORDERS + 1)
+    hi = min(day, base)
+    picked = [e for e in orders if lo <= e.ts // K.MS_PER_DAY <= hi]
+    per_day: dict[int, int] = {}
     for e in picked:
-        per_slot[_ring_index(e, "30d")] = per_slot.get(_ring_index(e, "30d"), 0) + 1
-    return float(sum(min(n, 255) for n in per_slot.values())), sum(e.amount for e in picked)
+        per_day[e.ts // K.MS_PER_DAY] = per_day.get(e.ts // K.MS_PER_DAY, 0) + 1
+    return float(sum(min(n, 255) for n in per_day.values())), sum(e.amount for e in picked)
+
+
+def first_day_spend(cust: RefCustomer) -> float:
+    """Spend of the orders on the first purchase day."""
+    days = purchase_days(cust)
+    return (
+        sum(
+            e.amount
+            for e in cust.history
+            if e.type == K.ORDER_PLACED and e.ts // K.MS_PER_DAY == days[0]
+        )
+        if days
+        else 0.0
+    )
 
 
 def purchase_days(cust: RefCustomer) -> list[int]:
@@ -214,12 +228,12 @@ def reference_derive(cust: RefCustomer, as_of_ms: int, params: K.Params) -> dict
     """The derived columns for one customer, recomputed from its history."""
     dp = params.derive
     day = as_of_ms // K.MS_PER_DAY
-    week, month = (day + 3) // 7, day // 30
+    week = (day + 3) // 7
     out = dict.fromkeys(K.DERIVED, 0.0)
     days = purchase_days(cust)
     buyer = bool(days)
-    orders_90, spend_90 = orders_window(cust, month, 3)
-    orders_365, spend_365 = orders_window(cust, month, 12)
+    orders_90, spend_90 = orders_window(cust, day, 90)
+    orders_365, spend_365 = orders_window(cust, day, 365)
     since = float(day - days[-1]) if buyer else -1.0
     gaps = [b - a for a, b in itertools.pairwise(days)]
     mean = sum(gaps) / len(gaps) if gaps else 0.0

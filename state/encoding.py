@@ -9,8 +9,9 @@ an unknown or corrupt layout raises ``StateEncodingError`` naming the key.
 
 Windows are rings of buckets at fixed resolutions (see docs/state.md):
 10-minute and hourly buckets for the 1 h and 24 h windows, daily buckets for
-7 d / 14 d / 30 d, weekly buckets for 90 d and 30-day buckets of orders and
-spend for 90 d / 365 d. Small counters saturate instead of wrapping.
+7 d / 14 d / 30 d, weekly buckets for 90 d, and a 365-day ring of daily orders
+and spend for the true 90 d / 365 d figures. Small counters saturate instead
+of wrapping. Older layouts and their migration live in ``state.legacy``.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from numba import njit
 
 from crmstream.operators.events import NUM_EVENT_TYPES
 
-LAYOUT_VERSION = 5
+LAYOUT_VERSION = 6
 # Input roles whose applied positions each customer records (exactly-once).
 ROLES: tuple[str, ...] = ("clickstream", "orders", "customers", "feedback")
 ROLE_INDEX = {role: i for i, role in enumerate(ROLES)}
@@ -30,7 +31,9 @@ PREF_CATEGORIES = 32  # preference vector width: the taxonomy holds at most this
 KIND_ACTIVITY, KIND_VIEWS, KIND_CARTS, KIND_SESSIONS, KIND_ORDERS = range(5)
 WINDOW_KINDS = ("activity", "product_views", "cart_adds", "sessions", "orders")
 SHORT_KINDS = 2
-RING_10M, RING_1H, RING_1D, RING_1W, RING_30D = 6, 24, 30, 13, 13
+RING_10M, RING_1H, RING_1D, RING_1W = 6, 24, 30, 13
+# Daily orders and spend: the 90 d and 365 d figures cover exactly their days.
+RING_ORDERS = 365
 SIGNALS = (
     "activity_drop",
     "login_drop",
@@ -80,15 +83,18 @@ STATE_DTYPE = np.dtype(
         ("base_1h", np.int32),
         ("base_1d", np.int32),
         ("base_1w", np.int32),
-        ("base_30d", np.int32),
+        ("base_orders_1d", np.int32),  # newest day of orders_1d / spend_1d (layout 6)
         ("win_10m", np.uint8, (RING_10M, SHORT_KINDS)),
         ("win_1h", np.uint8, (RING_1H, SHORT_KINDS)),
         ("win_1d", np.uint8, (RING_1D, len(WINDOW_KINDS))),
         ("win_1w", np.uint16, (RING_1W, len(WINDOW_KINDS))),
-        ("orders_30d", np.uint8, (RING_30D,)),  # orders per 30-day bucket (saturating)
-        ("spend_30d", np.float32, (RING_30D,)),  # spend per 30-day bucket, base currency
+        ("orders_1d", np.uint8, (RING_ORDERS,)),  # orders per day (saturating), layout 6
+        ("spend_1d", np.float32, (RING_ORDERS,)),  # spend per day, base currency, layout 6
         ("orders_total", np.uint32),
         ("spend_total", np.float64),
+        # Spend on the first purchase day (layout 6): Gamma-Gamma's mean spend per
+        # repeat purchase day is (spend_total - first_day_spend) / (purchase_days - 1).
+        ("first_day_spend", np.float64),
         ("last_order_amount", np.float32),
         ("first_purchase_day", np.int32),
         ("last_purchase_day", np.int32),
@@ -122,77 +128,48 @@ STATE_DTYPE = np.dtype(
         # no-repeat is pending (0: none); pending cart nudges are FLAG_CART_* bits.
         ("dormant_days", np.uint16),
         ("potential_ref_ms", np.int64),
+        # Layout 6: the value-model parameter set the stored labels were derived
+        # with (0: the configuration's; state.model).
+        ("model_version", np.uint16),
     ]
 )
 STATE_BYTES = STATE_DTYPE.itemsize
 DEDUP_IDS = 8
 
-# Layout 4: layout 5 without the fields after ``birthday_md`` and the cart bits.
-STATE_DTYPE_V4 = np.dtype(STATE_DTYPE.descr[: STATE_DTYPE.names.index("birthday_md") + 1])
-# Layout 3: layout 4 without the wake-up fields, stored unpacked.
-STATE_DTYPE_V3 = np.dtype(
-    [
-        d
-        for d in STATE_DTYPE_V4.descr
-        if d[0] not in ("recheck_due_ms", "birthday_due_ms", "birthday_md")
-    ]
-)
-# Layout 2 (state model): layout 3 without the duplicate ring.
-STATE_DTYPE_V2 = np.dtype(
-    [d for d in STATE_DTYPE_V3.descr if d[0] not in ("recent_ids", "recent_s", "recent_next")]
-)
-
-# Layout 1 (foundation): kept to migrate blobs written before layout 2.
-STATE_DTYPE_V1 = np.dtype(
-    [
-        ("version", np.uint8),
-        ("flags", np.uint8),
-        ("streak_category", np.int16),
-        ("streak_len", np.uint16),
-        ("_reserved", np.uint16),
-        ("first_seen_ms", np.int64),
-        ("last_seen_ms", np.int64),
-        ("applied_partition", np.int32, (4,)),
-        ("applied_offset", np.int64, (4,)),
-        ("type_counts", np.uint32, (NUM_EVENT_TYPES,)),
-        ("ring_base_day", np.int32),
-        ("ring_views", np.uint16, (32,)),
-        ("ring_carts", np.uint16, (32,)),
-        ("ring_orders", np.uint16, (32,)),
-    ]
-)
-
-
 _VERSION_BYTE = bytes([LAYOUT_VERSION])
-# Layout 4 is a prefix of layout 5 with the same initial values, so its packed
-# blobs unpack into a layout-5 record as they are (the new fields stay at 0).
-_PACKED = (_VERSION_BYTE, bytes([4]))
 
 
 class StateEncodingError(ValueError):
     """A stored state blob cannot be decoded."""
 
 
-def fresh_records(n: int) -> np.ndarray:
-    """``n`` empty customer records of the current layout."""
-    records = np.zeros(n, dtype=STATE_DTYPE)
-    records["version"] = LAYOUT_VERSION
-    records["streak_category"] = -1
-    records["applied_partition"] = -1
-    records["applied_offset"] = -1
-    records["first_seen_ms"] = np.iinfo(np.int64).max
-    records["last_seen_ms"] = np.iinfo(np.int64).min
-    for base in ("base_10m", "base_1h", "base_1d", "base_1w", "base_30d"):
-        records[base] = EMPTY_BASE
-    records["first_purchase_day"] = EMPTY_BASE
-    records["last_purchase_day"] = EMPTY_BASE
-    records["too_often_day"] = EMPTY_BASE
-    records["pref_snap_day"] = EMPTY_BASE
-    records["pref_ref_ms"] = np.iinfo(np.int64).min
+def fresh_records(
+    n: int, dtype: np.dtype = STATE_DTYPE, version: int = LAYOUT_VERSION
+) -> np.ndarray:
+    """``n`` empty customer records of the current layout (or of an older ``dtype``:
+    every field it has gets the same initial value)."""
+    records = np.zeros(n, dtype=dtype)
+    records["version"] = version
+    initial = {
+        "streak_category": -1,
+        "applied_partition": -1,
+        "applied_offset": -1,
+        "first_seen_ms": np.iinfo(np.int64).max,
+        "last_seen_ms": np.iinfo(np.int64).min,
+        "pref_ref_ms": np.iinfo(np.int64).min,
+    }
+    for name in (
+        "base_10m", "base_1h", "base_1d", "base_1w", "base_30d", "base_orders_1d",
+        "first_purchase_day", "last_purchase_day", "too_often_day", "pref_snap_day",
+    ):  # fmt: skip
+        initial[name] = EMPTY_BASE
+    for name, value in initial.items():
+        if name in dtype.names:
+            records[name] = value
     return records
 
 
-# Layouts 4 and 5 store a record packed: its bytes XOR a fresh record's (so a field
+# Layouts 4 to 6 store a record packed: its bytes XOR a fresh record's (so a field
 # still at its initial value becomes zeros), then runs of zeros squeezed out.
 # Packed, after the version byte: tokens of (zeros, n, n literal bytes), each
 # count one byte; zeros after the last token are implied.
@@ -271,28 +248,41 @@ def decode_batch(blobs: list[bytes | None], keys: list[str]) -> np.ndarray:
     """Decode a batch's blobs (None = new customer) into one structured array."""
     records = fresh_records(len(blobs))
     packed: list[int] = []
+    older: list[int] = []
     for i, blob in enumerate(blobs):
         if blob is None:
             continue
-        if blob[:1] in _PACKED:
-            packed.append(i)
-        else:
-            _migrate(blob, keys[i], records[i : i + 1])
+        (packed if blob[:1] == _VERSION_BYTE else older).append(i)
     if packed:
-        parts = [blobs[i] for i in packed]
-        ends = np.cumsum([len(p) for p in parts])
-        starts = ends - [len(p) for p in parts]
-        buf = np.frombuffer(b"".join(parts), np.uint8)
-        raw = records.view(np.uint8).reshape(len(records), STATE_BYTES)
-        bad = _unpack(buf, starts, ends, np.array(packed, np.int64), _TEMPLATE, raw)
-        if bad >= 0:
-            i = packed[bad]
-            raise StateEncodingError(
-                f"state at {keys[i]!r} is a corrupt layout-{blobs[i][0]} blob "
-                f"({len(blobs[i])} bytes)"
-            )
-        records["version"][packed] = LAYOUT_VERSION
+        unpack_into(records, blobs, keys, packed, _TEMPLATE)
+    if older:
+        from crmstream.state import legacy  # only while blobs of older layouts remain
+
+        legacy.migrate(blobs, keys, older, records)
     return records
+
+
+def unpack_into(
+    records: np.ndarray,
+    blobs: list[bytes | None],
+    keys: list[str],
+    rows: list[int],
+    template: np.ndarray,
+) -> None:
+    """Unpack the packed blobs at ``rows`` into those rows of ``records``, whose layout
+    ``template`` (a fresh record's bytes) is of; each row keeps its blob's version byte."""
+    parts = [blobs[i] for i in rows]
+    ends = np.cumsum([len(p) for p in parts])
+    starts = ends - [len(p) for p in parts]
+    buf = np.frombuffer(b"".join(parts), np.uint8)
+    width = records.dtype.itemsize
+    raw = records.view(np.uint8).reshape(len(records), width)
+    bad = _unpack(buf, starts, ends, np.array(rows, np.int64), template, raw)
+    if bad >= 0:
+        i = rows[bad]
+        raise StateEncodingError(
+            f"state at {keys[i]!r} is a corrupt layout-{blobs[i][0]} blob ({len(blobs[i])} bytes)"
+        )
 
 
 def encode_records(records: np.ndarray) -> list[bytes]:
@@ -305,45 +295,3 @@ def encode_records(records: np.ndarray) -> list[bytes]:
     data = out[: ends[-1]].tobytes() if n else b""
     bounds = [0, *ends.tolist()]
     return [data[bounds[i] : bounds[i + 1]] for i in range(n)]
-
-
-def _migrate(blob: bytes, key: str, into: np.ndarray) -> None:
-    """Read an older layout into ``into`` (a fresh current record)."""
-    for version, dtype in ((3, STATE_DTYPE_V3), (2, STATE_DTYPE_V2)):
-        if len(blob) == dtype.itemsize and blob[0] == version:
-            old = np.frombuffer(blob, dtype=dtype)[0]
-            for name in dtype.names:
-                if name != "version":
-                    into[name] = old[name]
-            return
-    if len(blob) == STATE_DTYPE_V1.itemsize and blob[0] == 1:
-        old = np.frombuffer(blob, dtype=STATE_DTYPE_V1)[0]
-        for name in (
-            "streak_len",
-            "first_seen_ms",
-            "last_seen_ms",
-            "applied_partition",
-            "applied_offset",
-        ):
-            into[name] = old[name]
-        into["rule_flags"] = old["flags"] & 1
-        into["streak_category"] = old["streak_category"]
-        into["type_counts"] = np.minimum(old["type_counts"], 65535)
-        # Layout 1 kept a 32-day ring of views, carts and orders; carry it over by day.
-        base = int(old["ring_base_day"])
-        if base != EMPTY_BASE:
-            into["base_1d"] = base
-            for day in range(base - RING_1D + 1, base + 1):
-                new_slot, old_slot = day % RING_1D, day % 32
-                for kind, ring in (
-                    (KIND_VIEWS, "ring_views"),
-                    (KIND_CARTS, "ring_carts"),
-                    (KIND_ORDERS, "ring_orders"),
-                ):
-                    into["win_1d"][0][new_slot, kind] = min(int(old[ring][old_slot]), 255)
-        return
-    version = blob[0] if blob else None
-    raise StateEncodingError(
-        f"state at {key!r} has layout version {version!r} and {len(blob)} bytes; "
-        f"this build reads layouts 1 to {LAYOUT_VERSION}"
-    )

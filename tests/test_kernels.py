@@ -15,6 +15,7 @@ from crmstream.config import load_config
 from crmstream.operators import kernels as K
 from crmstream.operators.reference import (
     RefCustomer,
+    first_day_spend,
     orders_window,
     preference,
     purchase_days,
@@ -164,13 +165,16 @@ def _check_state(record, ref: RefCustomer):
         assert K.window_sum(record["win_1w"], record["base_1w"], week, 13, kind) == window(
             ref, "1w", KIND_NAMES[kind], week, 13
         )
-    month = now // K.MS_PER_DAY // 30
-    for span in (3, 12):
-        orders, spend = orders_window(ref, month, span)
-        assert K.window_sum1(record["orders_30d"], record["base_30d"], month, span) == orders
-        assert K.window_sum1(record["spend_30d"], record["base_30d"], month, span) == (
-            pytest.approx(spend, rel=1e-5)
-        )
+    today = now // K.MS_PER_DAY
+    for later in (0, 1, 89, 90, 200, 364, 365):  # as of now and as time goes on
+        for span in (1, 7, 90, 365):
+            day = today + later
+            orders, spend = orders_window(ref, day, span)
+            got = K.window_sum1(record["orders_1d"], record["base_orders_1d"], day, span)
+            assert got == orders, (later, span)
+            got = K.window_sum1(record["spend_1d"], record["base_orders_1d"], day, span)
+            assert got == pytest.approx(spend, rel=1e-5, abs=1e-4), (later, span)
+    assert float(record["first_day_spend"]) == pytest.approx(first_day_spend(ref), rel=1e-9)
     vec = preference(ref, list(PARAMS.pref_weights), PARAMS.kernel.half_life_ms)
     assert list(record["pref"]) == pytest.approx(vec, rel=1e-4, abs=1e-4)
     assert all(abs(int(a) - b) <= 1 for a, b in zip(record["pref_snap"], ref.snap, strict=True))
@@ -240,6 +244,35 @@ def test_derive_matches_reference(raw, later_days):
             assert STAGES[records[i]["stage"]] == STAGES[want["stage"]]
             assert int(records[i]["segment"]) == want["segment"]
             assert int(records[i]["tier"]) == want["tier"]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    orders=st.lists(
+        st.tuples(st.integers(0, 800), st.integers(0, 23), st.sampled_from([0.01, 9.99, 120.5])),
+        max_size=30,
+    ),
+    as_of_days=st.lists(st.integers(0, 1300), min_size=1, max_size=6),
+)
+def test_order_windows_cover_exactly_their_days(orders, as_of_days):
+    """orders_90d, spend_90d, orders_365d and spend_365d count exactly the orders on the
+    90 and 365 days up to the day asked (that day included), at any later day; the
+    orders come in time order over two years, several on some days."""
+    events = sorted(
+        ("a", K.ORDER_PLACED, 0, BASE_MS + d * K.MS_PER_DAY + h * K.MS_PER_HOUR, amount, 0.0)
+        for d, h, amount in orders
+    )
+    _, _, records = run_kernel([events])
+    newest = max((e[3] for e in events), default=BASE_MS) // K.MS_PER_DAY
+    for offset in as_of_days:
+        day = max(newest, BASE_MS // K.MS_PER_DAY + offset)
+        as_of = np.array([day * K.MS_PER_DAY + K.MS_PER_DAY - 1, BASE_MS, BASE_MS], np.int64)
+        out = K.derive_batch(records.copy(), as_of, PARAMS)[0]
+        for span in (90, 365):
+            days = [e for e in events if day - span < e[3] // K.MS_PER_DAY <= day]
+            assert out[K.COL[f"orders_{span}d"]] == len(days), (day, span)
+            spend = sum(e[4] for e in days)
+            assert out[K.COL[f"spend_{span}d"]] == pytest.approx(spend, rel=1e-6, abs=1e-9)
 
 
 @pytest.mark.parametrize(
