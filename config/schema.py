@@ -577,6 +577,48 @@ class BgNbdConfig(_Frozen):
     a: PositiveFloat = 0.793
     b: PositiveFloat = 2.426
 
+    @field_validator("a")
+    @classmethod
+    def _not_one(cls, value: float) -> float:
+        if value == 1.0:  # the conditional expectation divides by a - 1
+            raise ValueError("a = 1 is a singular point of the expected purchases; use e.g. 1.0001")
+        return value
+
+
+class GammaGammaConfig(_Frozen):
+    """Gamma-Gamma spend-per-purchase parameters (default: the CDNOW fit of Fader &
+    Hardie's note on the Gamma-Gamma model, 946 repeat buyers)."""
+
+    p: PositiveFloat = 6.25
+    q: Annotated[float, Field(gt=1)] = 3.74  # the mean spend pv/(q-1) needs q > 1
+    v: PositiveFloat = 15.44
+
+
+class ValueConfig(_Frozen):
+    """Customer value: expected purchases, CLV and the fitted parameter sets in use."""
+
+    # Horizons of the expected purchases shown by the profile (computed on read).
+    expected_horizons_days: Annotated[list[PositiveInt], Field(min_length=1, max_length=8)] = (
+        Field(default_factory=lambda: [30, 90])
+    )
+    # CLV: expected spend over this many 30-day months (BG/NBD x Gamma-Gamma),
+    # month i discounted by (1 + monthly_discount_rate) ** i.
+    clv_months: Annotated[int, Field(ge=1, le=120)] = 12
+    monthly_discount_rate: Annotated[float, Field(ge=0, lt=1)] = 0.01
+    # Use the active parameter set `crmstream fit` saved in Redis, when there is
+    # one, instead of bgnbd / gamma_gamma above (read at start; state/model.py).
+    use_fitted: bool = True
+    # The parameter set in use, recorded in triggers and profiles: 0 is the one in
+    # this configuration; at start it becomes the active fitted set's version.
+    model_version: Annotated[int, Field(ge=0, le=65535)] = 0
+
+    @field_validator("expected_horizons_days")
+    @classmethod
+    def _distinct(cls, value: list[int]) -> list[int]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"horizons must be distinct, got {value}")
+        return value
+
 
 class LifecycleConfig(_Frozen):
     new_days: PositiveInt = 30
@@ -592,6 +634,9 @@ class SegmentsConfig(_Frozen):
     dormant_days: PositiveInt = 180
     silver_spend_365d: PositiveFloat = 200.0
     gold_spend_365d: PositiveFloat = 500.0
+    # "high CLV": a customer not high value, dormant or potential whose CLV
+    # (value.clv_months, base currency) is at least this; 0 turns it off.
+    high_clv_min: Annotated[float, Field(ge=0)] = 500.0
 
 
 class CrmConfig(_Frozen):
@@ -613,6 +658,8 @@ class CrmConfig(_Frozen):
     rfm: RfmConfig = RfmConfig()
     churn: ChurnConfig = Field(default_factory=ChurnConfig)
     bgnbd: BgNbdConfig = BgNbdConfig()
+    gamma_gamma: GammaGammaConfig = GammaGammaConfig()
+    value: ValueConfig = Field(default_factory=ValueConfig)
     lifecycle: LifecycleConfig = LifecycleConfig()
     segments: SegmentsConfig = SegmentsConfig()
 

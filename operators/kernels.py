@@ -9,7 +9,8 @@ This module owns the per-event and per-customer loops:
   rules (browse streak, high intent), whose firings it writes to ``out``.
 - ``derive`` computes, per customer and as of a given time, the RFM scores,
   the ten churn signals and the logistic churn score with hysteresis, BG/NBD
-  P(alive) and expected purchases, lifecycle stage, value segment and tier.
+  P(alive) and expected purchases, CLV (BG/NBD x Gamma-Gamma), lifecycle
+  stage, value segment and tier.
 
 ``operators.reference`` restates both in plain Python; tests check they agree.
 All thresholds arrive in ``KernelParams`` / ``DeriveParams`` built from the
@@ -25,6 +26,7 @@ import numpy as np
 from numba import njit
 
 from crmstream.config import CrmConfig
+from crmstream.operators.btyd import bgnbd, clv, gamma_gamma_spend
 from crmstream.operators.events import EVENT_CODE, EVENT_TYPES, NUM_EVENT_TYPES
 from crmstream.state.encoding import (
     EMPTY_BASE,
@@ -38,6 +40,7 @@ from crmstream.state.encoding import (
     KIND_VIEWS,
     NUM_SIGNALS,
     PREF_CATEGORIES,
+    SEGMENTS,
     SIGNALS,
 )
 
@@ -88,6 +91,7 @@ DERIVED = (
     "old_segment",
     "old_tier",
     "old_churn_level",
+    "clv",
 )
 COL = {name: i for i, name in enumerate(DERIVED)}
 _SIG0 = COL[SIGNALS[0]]
@@ -112,6 +116,8 @@ _C_AOV = COL["aov"]
 _C_DAYS_SINCE_PURCHASE = COL["days_since_purchase"]
 _C_IPT_MEAN_DAYS = COL["ipt_mean_days"]
 _C_IPT_STD_DAYS = COL["ipt_std_days"]
+_C_CLV = COL["clv"]
+HIGH_CLV = 5  # SEGMENTS.index("high_clv")
 
 
 class KernelParams(NamedTuple):
@@ -156,6 +162,13 @@ class DeriveParams(NamedTuple):
     seg_dormant_days: int
     silver: float
     gold: float
+    gg_p: float
+    gg_q: float
+    gg_v: float
+    clv_months: int
+    clv_discount: float
+    high_clv_min: float
+    model_version: int
 
 
 class Params(NamedTuple):
@@ -212,6 +225,13 @@ def params_from(config: CrmConfig) -> Params:
         seg.dormant_days,
         seg.silver_spend_365d,
         seg.gold_spend_365d,
+        config.gamma_gamma.p,
+        config.gamma_gamma.q,
+        config.gamma_gamma.v,
+        config.value.clv_months,
+        config.value.monthly_discount_rate,
+        seg.high_clv_min,
+        config.value.model_version,
     )
     return Params(
         kernel,
@@ -291,6 +311,31 @@ def window_sum1(ring, base, idx, span):
     for s in range(lo, hi + 1):
         total += ring[s % ring.shape[0]]
     return total
+
+
+@njit(cache=True, nogil=True)
+def _order_windows(r, day):
+    """(orders, spend) in the 90 and 365 days up to ``day``: one pass over the ring's
+    purchase days (``window_sum1`` over each span gives the same)."""
+    orders_90, spend_90, orders_365, spend_365 = 0.0, 0.0, 0.0, 0.0
+    base = r.base_orders_1d
+    if base == EMPTY_BASE:
+        return orders_90, spend_90, orders_365, spend_365
+    ring, amounts = r.orders_1d, r.spend_1d
+    n = ring.shape[0]
+    lo, hi = _held_slots(n, base, day, 365)
+    slot = lo % n
+    for s in range(lo, hi + 1):
+        orders = ring[slot]
+        if orders:
+            spend = amounts[slot]
+            orders_365 += orders
+            spend_365 += spend
+            if s > day - 90:
+                orders_90 += orders
+                spend_90 += spend
+        slot = slot + 1 if slot + 1 < n else 0
+    return orders_90, spend_90, orders_365, spend_365
 
 
 @njit(cache=True, nogil=True)
@@ -492,38 +537,17 @@ def apply_events(
     return n_out, n_late
 
 
-# -- BG/NBD --------------------------------------------------------------------
+# -- value model ---------------------------------------------------------------
 
 
 @njit(cache=True, nogil=True)
-def hyp2f1(a, b, c, z):
-    """Gauss hypergeometric 2F1(a, b; c; z) by its power series, for 0 <= z < 1."""
-    term = 1.0
-    total = 1.0
-    for k in range(100_000):
-        term *= (a + k) * (b + k) / ((c + k) * (k + 1)) * z
-        total += term
-        if abs(term) <= 1e-15 * abs(total):
-            break
-    return total
-
-
-@njit(cache=True, nogil=True)
-def bgnbd(x, t_x, big_t, horizon, r, alpha, a, b):
-    """(P(alive), expected purchases in ``horizon``) for BG/NBD; times in weeks.
-
-    x: repeat purchases; t_x: time of the last purchase; big_t: length of the
-    observation period, both measured from the first purchase (Fader, Hardie &
-    Lee 2005, eq. 10 and the conditional expectation of section 4.3).
-    """
-    ratio = ((alpha + big_t) / (alpha + t_x)) ** (r + x)
-    odds = a / (b + x - 1.0) * ratio if x > 0 else 0.0
-    p_alive = 1.0 / (1.0 + odds)
-    z = horizon / (alpha + big_t + horizon)
-    head = (a + b + x - 1.0) / (a - 1.0)
-    tail = ((alpha + big_t) / (alpha + big_t + horizon)) ** (r + x)
-    tail *= hyp2f1(r + x, b + x, a + b + x - 1.0, z)
-    return p_alive, head * (1.0 - tail) / (1.0 + odds)
+def _clv_of(r, x, t_x, big_t, dp):
+    """The record's CLV: Gamma-Gamma's expected spend per purchase day from its
+    repeat purchase days' mean spend, times the BG/NBD purchases, discounted."""
+    mean = (r.spend_total - r.first_day_spend) / x if x > 0 else 0.0
+    spend = gamma_gamma_spend(x, mean, dp.gg_p, dp.gg_q, dp.gg_v)
+    return clv(x, t_x, big_t, spend, dp.clv_months, dp.clv_discount,
+               dp.bg_r, dp.bg_alpha, dp.bg_a, dp.bg_b)  # fmt: skip
 
 
 # -- per-customer derivation -------------------------------------------------------
@@ -577,10 +601,7 @@ def derive(records, as_of_ms, dp, churn_weights, r_cuts, f_cuts, m_cuts, out):
         row = out[i]
         row[:] = 0.0
 
-        orders_90 = window_sum1(r.orders_1d, r.base_orders_1d, day, 90)
-        spend_90 = window_sum1(r.spend_1d, r.base_orders_1d, day, 90)
-        orders_365 = window_sum1(r.orders_1d, r.base_orders_1d, day, 365)
-        spend_365 = window_sum1(r.spend_1d, r.base_orders_1d, day, 365)
+        orders_90, spend_90, orders_365, spend_365 = _order_windows(r, day)
         buyer = r.purchase_days > 0
         since = float(day - r.last_purchase_day) if buyer else -1.0
         n = r.purchase_days
@@ -598,6 +619,9 @@ def derive(records, as_of_ms, dp, churn_weights, r_cuts, f_cuts, m_cuts, out):
             _, e90 = bgnbd(x, t_x, big_t, 90 / 7.0, dp.bg_r, dp.bg_alpha, dp.bg_a, dp.bg_b)
             row[_C_EXPECTED_30D] = e30
             row[_C_EXPECTED_90D] = e90
+            row[_C_CLV] = _clv_of(r, x, t_x, big_t, dp)
+        else:
+            row[_C_CLV] = np.nan
         row[_C_P_ALIVE] = p_alive
 
         # The ten churn signals, each in [0, 1].
@@ -673,8 +697,11 @@ def derive(records, as_of_ms, dp, churn_weights, r_cuts, f_cuts, m_cuts, out):
             r.segment = 3
         elif n == 1 and since >= dp.potential_days and browsing:
             r.segment = 2
+        elif dp.high_clv_min > 0 and row[_C_CLV] >= dp.high_clv_min:
+            r.segment = HIGH_CLV
         else:
             r.segment = 1
+        r.model_version = dp.model_version
         r.tier = 2 if spend_365 >= dp.gold else (1 if spend_365 >= dp.silver else 0)
 
         # Interest shift: cosine distance between now and the snapshot.
@@ -845,3 +872,4 @@ def warm_up(config: CrmConfig) -> None:
 
 
 assert len(EVENT_TYPES) == NUM_EVENT_TYPES
+assert SEGMENTS[HIGH_CLV] == "high_clv"

@@ -224,6 +224,29 @@ def reference_bgnbd(
     return p_alive, num / (1.0 + odds)
 
 
+def reference_gamma_gamma_spend(x: float, mean_spend: float, dp: K.DeriveParams) -> float:
+    """Gamma-Gamma's expected spend per purchase: the population mean pv/(q-1) and the
+    customer's own mean, weighted (q-1) : px."""
+    p, q, v = dp.gg_p, dp.gg_q, dp.gg_v
+    return (q - 1) / (p * x + q - 1) * (p * v / (q - 1)) + p * x / (p * x + q - 1) * mean_spend
+
+
+def reference_clv(
+    x: float, t_x: float, big_t: float, spend: float, months: int, discount: float,
+    r: float, alpha: float, a: float, b: float,
+) -> float:  # fmt: skip
+    """Discounted expected spend over ``months`` 30-day months: ``spend`` times the BG/NBD
+    purchases of each month (SciPy's 2F1), month i discounted by (1 + discount) ** i."""
+    expected = [0.0] + [
+        reference_bgnbd(x, t_x, big_t, 30 * i / 7, r, alpha, a, b)[1]
+        for i in range(1, months + 1)
+    ]
+    return sum(
+        spend * (expected[i] - expected[i - 1]) / (1 + discount) ** i
+        for i in range(1, months + 1)
+    )
+
+
 def reference_derive(cust: RefCustomer, as_of_ms: int, params: K.Params) -> dict[str, float]:
     """The derived columns for one customer, recomputed from its history."""
     dp = params.derive
@@ -246,6 +269,12 @@ def reference_derive(cust: RefCustomer, as_of_ms: int, params: K.Params) -> dict
         )
         _, e90 = reference_bgnbd(x, t_x, big_t, 90 / 7, dp.bg_r, dp.bg_alpha, dp.bg_a, dp.bg_b)
         out["expected_30d"], out["expected_90d"] = e30, e90
+        mean_spend = (cust.spend_total - first_day_spend(cust)) / x if x else 0.0
+        spend = reference_gamma_gamma_spend(x, mean_spend, dp)
+        out["clv"] = reference_clv(x, t_x, big_t, spend, dp.clv_months, dp.clv_discount,
+                                   dp.bg_r, dp.bg_alpha, dp.bg_a, dp.bg_b)  # fmt: skip
+    else:
+        out["clv"] = math.nan
     out["p_alive"] = p_alive
 
     def drop(kind: str) -> float:
@@ -335,6 +364,8 @@ def reference_derive(cust: RefCustomer, as_of_ms: int, params: K.Params) -> dict
         segment = 3
     elif len(days) == 1 and since >= dp.potential_days and browsing:
         segment = 2
+    elif dp.high_clv_min > 0 and buyer and out["clv"] >= dp.high_clv_min:
+        segment = 5
     else:
         segment = 1
     out["segment"] = segment

@@ -48,7 +48,7 @@ SIGNALS = (
 )
 NUM_SIGNALS = len(SIGNALS)
 STAGES = ("prospect", "new", "growing", "loyal", "at_risk", "dormant", "lost")
-SEGMENTS = ("prospect", "regular", "potential", "high_value", "dormant")
+SEGMENTS = ("prospect", "regular", "potential", "high_value", "dormant", "high_clv")
 TIERS = ("none", "silver", "gold")
 CHURN_LEVELS = ("low", "medium", "high")
 
