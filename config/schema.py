@@ -445,14 +445,15 @@ PROFILE_FIELD_CHOICES = (
     "churn_level",
     "churn_score",
     "churn_top",
-    "p_alive",
-    "expected_30d",
-    "expected_90d",
     "rfm",
     "top_categories",
     "interest_shift",
     "last_seen",
+    "model_version",
 )
+# Values that change with time alone: never stored, computed on read as of the time
+# asked (docs/state.md, "Fresh values").
+COMPUTED_ON_READ = ("p_alive", "expected_30d", "expected_90d", "clv")
 
 
 class StateConfig(_Frozen):
@@ -466,11 +467,19 @@ class StateConfig(_Frozen):
         "tier",
         "churn_level",
         "top_categories",
+        "model_version",
     )
 
     @field_validator("profile_fields")
     @classmethod
     def _known_profile_fields(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        on_read = [name for name in value if name in COMPUTED_ON_READ]
+        if on_read:
+            raise ValueError(
+                f"{', '.join(map(repr, on_read))} change with time alone, so they are not "
+                f"stored: `crmstream profile` and the customer-360 view compute them on read "
+                f"as of the time asked (docs/state.md, \"Fresh values\"); remove them"
+            )
         unknown = [name for name in value if name not in PROFILE_FIELD_CHOICES]
         if unknown:
             raise ValueError(

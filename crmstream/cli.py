@@ -273,29 +273,66 @@ def generate(
     )
 
 
+def parse_as_of(text: str | None) -> int | None:
+    """``--as-of``: None (the watermark), ``now`` (the wall clock), or an ISO-8601 date or
+    time (UTC unless it has an offset), as epoch ms. :raises typer.Exit: when unreadable."""
+    if text is None or text == "watermark":
+        return None
+    if text == "now":
+        from crmstream.profile import now_ms
+
+        return now_ms()
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        raise _fail(
+            f"--as-of must be 'now', 'watermark' or an ISO-8601 date or time "
+            f"(e.g. 1997-09-30 or 1997-09-30T12:00:00+00:00), got {text!r}"
+        ) from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return int(when.timestamp() * 1000)
+
+
+AsOfOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--as-of",
+        help="Derive as of this time: an ISO-8601 date or time (UTC unless given), 'now' "
+        "(the wall clock) or 'watermark' (default: the event-time watermark of the "
+        "customer's shard, so a replayed history reads as of its own time).",
+    ),
+]
+
+
 @app.command()
 def profile(
     customer_id: Annotated[str, typer.Argument(help="The customer id.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    as_of: AsOfOpt = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
     redis_url: RedisOpt = None,
 ) -> None:
-    """Show what Redis holds for one customer, decoded (the customer-360 view).
+    """Show what Redis holds for one customer, decoded (the customer-360 view), with
+    everything that moves with time derived as of one time.
 
     Example: crmstream profile c0000042 --redis-url redis://localhost:6379/0
+
+      crmstream profile cdnow-00008 --as-of 1997-12-31 --redis-url redis://localhost:6379/0
     """
-    from crmstream.profile import customer_view, render
+    from crmstream.profile import ProfileError, customer_view, render
     from crmstream.state.store import StateStore, StateStoreError, connect
 
     cfg = _config(config, set_, redis_url=redis_url)
     if not cfg.redis.url:
         raise _fail("profile needs redis.url (--redis-url redis://host:6379/0)")
+    when = parse_as_of(as_of)
     try:
         store = StateStore(connect(cfg.redis.url, cfg.redis), cfg.redis.key_prefix)
-    except StateStoreError as exc:
+        view = customer_view(store, cfg, customer_id, when)
+    except (StateStoreError, ProfileError) as exc:
         raise _fail(str(exc)) from None
-    view = customer_view(store, cfg, customer_id)
     if view is None:
         raise _fail(f"no state for customer {customer_id!r}")
     if as_json:
@@ -415,7 +452,7 @@ def replay(
         file_events,
         read_cdnow,
     )
-    from crmstream.profile import customer_view
+    from crmstream.profile import customer_views
     from crmstream.state.layout import LayoutError
     from crmstream.state.store import StateStore, connect
 
@@ -471,15 +508,9 @@ def replay(
             f"({len(events) / seconds:,.0f} events/s)"
         )
         store = StateStore(connect(endpoints.redis_url, cfg.redis), cfg.redis.key_prefix)
-        as_of = None
-        if cutoff:
-            as_of = int(datetime.combine(cutoff, datetime.min.time(), UTC).timestamp() * 1000)
-        for customer in customers[:show]:
-            view = customer_view(store, cfg, customer, as_of)
-            if view is not None:
-                console.print_json(
-                    data={k: view[k] for k in ("customer_id", "as_of", "bgnbd", "rfm", "lifecycle")}
-                )
+        shown = ("customer_id", "as_of", "as_of_source", "bgnbd", "value", "rfm", "lifecycle")
+        for view in customer_views(store, cfg, customers[:show]).values():
+            console.print_json(data={k: view[k] for k in shown})
 
 
 @app.command()

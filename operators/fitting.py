@@ -77,9 +77,7 @@ def bgnbd_log_likelihood(
     repeat = x > 0
     a4 = np.full(x.shape, -np.inf)
     a4[repeat] = (
-        np.log(a)
-        - np.log(b + x[repeat] - 1)
-        - (r + x[repeat]) * np.log(alpha + t_x[repeat])
+        np.log(a) - np.log(b + x[repeat] - 1) - (r + x[repeat]) * np.log(alpha + t_x[repeat])
     )
     return a1 + a2 + np.logaddexp(a3, a4)
 
@@ -103,9 +101,7 @@ def gamma_gamma_log_likelihood(
     )
 
 
-def _maximise(
-    loglik: Callable[[np.ndarray], float], names: tuple[str, ...], customers: int
-) -> Fit:
+def _maximise(loglik: Callable[[np.ndarray], float], names: tuple[str, ...], customers: int) -> Fit:
     """Maximise ``loglik`` over the parameters' logarithms; standard errors from the
     observed information."""
     scipy = _scipy()
@@ -211,14 +207,10 @@ def _check_summaries(x: np.ndarray, t_x: np.ndarray, big_t: np.ndarray) -> None:
     for bad, rule in problems:
         if bad.any():
             i = int(np.flatnonzero(bad)[0])
-            raise FitError(
-                f"customer summary #{i} (x={x[i]}, t_x={t_x[i]}, T={big_t[i]}): {rule}"
-            )
+            raise FitError(f"customer summary #{i} (x={x[i]}, t_x={t_x[i]}, T={big_t[i]}): {rule}")
 
 
-def summaries_of(
-    customers: list[str], records: np.ndarray, as_of_day: np.ndarray
-) -> Summaries:
+def summaries_of(customers: list[str], records: np.ndarray, as_of_day: np.ndarray) -> Summaries:
     """The buyers' BTYD summaries from decoded state records, as of each record's
     ``as_of_day`` (epoch days): x repeat purchase days, t_x and T in weeks, and the
     mean spend per repeat purchase day (spend_total less the first day's, over x)."""
