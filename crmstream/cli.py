@@ -1,4 +1,5 @@
-"""The ``crmstream`` command line: demo, run, generate, profile, reshard, replay, topics, config.
+"""The ``crmstream`` command line: demo, run, generate, profile, fit, model, reshard, replay,
+topics, config.
 
 This module owns argument parsing and error presentation only; each command
 calls into the module that does the work. Errors a user can fix (bad config,
@@ -9,19 +10,31 @@ traceback.
 from __future__ import annotations
 
 import contextlib
-import logging
 import sys
-from datetime import UTC, datetime
+from datetime import date
 from pathlib import Path
 from typing import Annotated
 
 import orjson
 import typer
 import yaml
-from rich.console import Console
-from rich.logging import RichHandler
 
-from crmstream.config import ConfigError, CrmConfig, load_config, mask_secrets
+from crmstream.cli_options import (
+    AsOfOpt,
+    BrokersOpt,
+    ConfigOpt,
+    RedisOpt,
+    SetOpt,
+    VerboseOpt,
+    _config,
+    _fail,
+    _setup_logging,
+    console,
+    err_console,
+    parse_as_of,
+)
+from crmstream.cli_value import fit, model_app
+from crmstream.config import mask_secrets
 
 app = typer.Typer(
     help="crmstream: real-time CRM triggers from Kafka events.\n\n"
@@ -35,66 +48,8 @@ topics_app = typer.Typer(help="Kafka topic administration.", no_args_is_help=Tru
 config_app = typer.Typer(help="Inspect and validate configuration.", no_args_is_help=True)
 app.add_typer(topics_app, name="topics")
 app.add_typer(config_app, name="config")
-
-console = Console()
-err_console = Console(stderr=True)
-
-ConfigOpt = Annotated[
-    Path | None,
-    typer.Option(
-        "--config",
-        "-c",
-        help="YAML config file (default: the embedded default).",
-        exists=True,
-        dir_okay=False,
-    ),
-]
-SetOpt = Annotated[
-    list[str] | None, typer.Option("--set", help="Override a key: section.key=value (repeatable).")
-]
-BrokersOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--brokers",
-        help="Kafka bootstrap servers, host:port[,host:port]. Unset: an embedded broker.",
-    ),
-]
-RedisOpt = Annotated[
-    str | None, typer.Option("--redis-url", help="Redis URL. Unset: an embedded redis-server.")
-]
-VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Log at INFO level.")]
-
-
-def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.INFO if verbose else logging.WARNING,
-        format="%(message)s",
-        handlers=[RichHandler(console=err_console, show_path=False)],
-    )
-
-
-def _config(
-    path: Path | None,
-    sets: list[str] | None,
-    brokers: str | None = None,
-    redis_url: str | None = None,
-) -> CrmConfig:
-    overrides = list(sets or [])
-    if brokers:
-        overrides.append(f"kafka.brokers={brokers}")
-    if redis_url:
-        overrides.append(f"redis.url={redis_url}")
-    try:
-        return load_config(path, overrides)
-    except ConfigError as exc:
-        err_console.print(f"[red]error:[/] {exc}")
-        raise typer.Exit(2) from None
-
-
-def _fail(message: str) -> typer.Exit:
-    err_console.print(f"[red]error:[/] {message}")
-    return typer.Exit(2)
-
+app.command()(fit)
+app.add_typer(model_app, name="model")
 
 @app.command()
 def demo(
@@ -273,38 +228,6 @@ def generate(
     )
 
 
-def parse_as_of(text: str | None) -> int | None:
-    """``--as-of``: None (the watermark), ``now`` (the wall clock), or an ISO-8601 date or
-    time (UTC unless it has an offset), as epoch ms. :raises typer.Exit: when unreadable."""
-    if text is None or text == "watermark":
-        return None
-    if text == "now":
-        from crmstream.profile import now_ms
-
-        return now_ms()
-    try:
-        when = datetime.fromisoformat(text)
-    except ValueError:
-        raise _fail(
-            f"--as-of must be 'now', 'watermark' or an ISO-8601 date or time "
-            f"(e.g. 1997-09-30 or 1997-09-30T12:00:00+00:00), got {text!r}"
-        ) from None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return int(when.timestamp() * 1000)
-
-
-AsOfOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--as-of",
-        help="Derive as of this time: an ISO-8601 date or time (UTC unless given), 'now' "
-        "(the wall clock) or 'watermark' (default: the event-time watermark of the "
-        "customer's shard, so a replayed history reads as of its own time).",
-    ),
-]
-
-
 @app.command()
 def profile(
     customer_id: Annotated[str, typer.Argument(help="The customer id.")],
@@ -439,7 +362,6 @@ def replay(
 
       crmstream replay last-month.jsonl --brokers kafka:9092 --redis-url redis://redis:6379/0
     """
-    from datetime import date
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 

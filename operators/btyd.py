@@ -100,3 +100,10 @@ def clv(x, t_x, big_t, spend, months, discount, r, alpha, a, b):
         total += (path[i] - before) * spend / (1.0 + discount) ** (i + 1)
         before = path[i]
     return total
+
+
+@njit(cache=True, nogil=True)
+def bgnbd_batch(x, t_x, big_t, horizon, r, alpha, a, b, p_alive, expected):
+    """``bgnbd`` for each customer of a batch, into ``p_alive`` and ``expected``."""
+    for i in range(x.shape[0]):
+        p_alive[i], expected[i] = bgnbd(x[i], t_x[i], big_t[i], horizon, r, alpha, a, b)

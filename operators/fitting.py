@@ -23,7 +23,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from crmstream.operators.btyd import expected_path
+from crmstream.operators.btyd import bgnbd_batch
 from crmstream.state.encoding import EMPTY_BASE
 
 BGNBD_PARAMS = ("r", "alpha", "a", "b")
@@ -227,17 +227,16 @@ def summaries_of(customers: list[str], records: np.ndarray, as_of_day: np.ndarra
     return Summaries(names, x, t_x, big_t, mean)
 
 
-def expected_purchases(
-    x: np.ndarray, t_x: np.ndarray, big_t: np.ndarray, weeks: float, params: dict[str, float]
-) -> np.ndarray:
-    """BG/NBD's expected purchases in the next ``weeks`` for each summary."""
-    out = np.empty(len(x))
-    one = np.empty(1)
+def bgnbd_values(
+    summaries: Summaries, weeks: float, params: dict[str, float]
+) -> tuple[np.ndarray, np.ndarray]:
+    """(P(alive), expected purchases in the next ``weeks``) of each summary."""
+    n = len(summaries.x)
+    p_alive, expected = np.empty(n), np.empty(n)
     r, alpha, a, b = (params[name] for name in BGNBD_PARAMS)
-    for i in range(len(x)):
-        expected_path(x[i], t_x[i], big_t[i], weeks, r, alpha, a, b, one)
-        out[i] = one[0]
-    return out
+    bgnbd_batch(summaries.x, summaries.t_x, summaries.big_t, weeks, r, alpha, a, b,
+                p_alive, expected)  # fmt: skip
+    return p_alive, expected
 
 
 class HoldoutRow(NamedTuple):
@@ -262,7 +261,7 @@ def holdout_table(
 ) -> Holdout:
     """Expected against actual purchase days in a holdout of ``weeks`` after the
     calibration, by calibration frequency (0 .. top-1, then top+)."""
-    expected = expected_purchases(summaries.x, summaries.t_x, summaries.big_t, weeks, params)
+    _, expected = bgnbd_values(summaries, weeks, params)
     bins = np.minimum(summaries.x.astype(np.int64), top)
     rows = []
     weighted_error = 0.0

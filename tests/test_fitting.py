@@ -203,3 +203,46 @@ def test_gamma_gamma_spend_weighs_the_population_mean_and_the_customers(x, mean,
     assert got == pytest.approx((1 - weight) * population + weight * mean, rel=1e-9)
     assert min(population, mean) * (1 - 1e-9) <= got <= max(population, mean) * (1 + 1e-9)
     assert not math.isnan(got)
+
+
+def test_the_holdout_table_groups_by_calibration_frequency_and_sums_the_errors():
+    from crmstream.operators.fitting import Summaries, holdout_table
+
+    x = np.array([0, 0, 1, 2, 9, 12], float)
+    t_x = np.array([0, 0, 3, 5, 20, 30], float)
+    big_t = np.full(6, 39.0)
+    summaries = Summaries(list("abcdef"), x, t_x, big_t, np.zeros(6))
+    actual = np.array([0, 1, 1, 3, 5, 9], float)
+    table = holdout_table(summaries, actual, 39.0, PUBLISHED_BGNBD, top=7)
+    assert [(r.frequency, r.customers) for r in table.rows] == [
+        ("0", 2), ("1", 1), ("2", 1), ("7+", 2)
+    ]  # fmt: skip
+    expected = [
+        reference_bgnbd(x[i], t_x[i], big_t[i], 39.0, *PUBLISHED_BGNBD.values())[1]
+        for i in range(6)
+    ]
+    assert table.rows[0].actual == 0.5
+    assert table.rows[0].expected == pytest.approx((expected[0] + expected[1]) / 2)
+    assert table.rows[3].expected == pytest.approx((expected[4] + expected[5]) / 2)
+    assert table.expected_total == pytest.approx(sum(expected)) and table.actual_total == 19
+    errors = np.array(expected) - actual
+    assert table.mae == pytest.approx(np.abs(errors).mean())
+    assert table.rmse == pytest.approx(np.sqrt((errors**2).mean()))
+
+
+def test_without_scipy_or_matplotlib_the_fit_says_which_extra_to_install(monkeypatch, sample):
+    """SciPy and matplotlib are the ``fit`` extra: without them the fit and the plot fail
+    with a message naming it, not an ImportError deep in a stack trace."""
+    import sys
+    from pathlib import Path
+
+    from crmstream.fit import plot_holdout
+    from crmstream.operators.fitting import Holdout, HoldoutRow
+
+    monkeypatch.setitem(sys.modules, "scipy", None)
+    with pytest.raises(FitError, match=r"fitting needs SciPy: pip install 'crmstream\[fit\]'"):
+        fit_bgnbd(sample["x"], sample["t_x"], sample["T"])
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    holdout = Holdout([HoldoutRow("0", 1, 0.0, 0.1)], 39.0, 0.0, 0.1, 0.1, 0.1, 0.0)
+    with pytest.raises(FitError, match=r"the holdout plot needs matplotlib: .*\[fit\]"):
+        plot_holdout({"fitted": holdout}, Path("never.png"), "title")
