@@ -174,13 +174,17 @@ def fresh_records(
 # Packed, after the version byte: tokens of (zeros, n, n literal bytes), each
 # count one byte; zeros after the last token are implied.
 _TEMPLATE = np.frombuffer(fresh_records(1).tobytes(), np.uint8)
+# _pack compares whole 64-bit words of a record with the template's.
+assert STATE_BYTES % 8 == 0, f"pad STATE_DTYPE to a multiple of 8 bytes, not {STATE_BYTES}"
+_TEMPLATE_WORDS = _TEMPLATE.view(np.uint64)
 _MAX_PACKED = 1 + STATE_BYTES + 2 * (STATE_BYTES // 255 + 2)  # no zeros at all: worst case
 _MIN_ZERO_RUN = 3  # shorter zero runs stay inside a literal (a token costs 2 bytes)
 
 
 @njit(cache=True, nogil=True)
-def _pack(raw, template, out, ends):  # pragma: no cover - compiled
-    """Pack each row of ``raw`` (records as bytes) into ``out``; ``ends[i]`` is where row i ends."""
+def _pack(raw, words, template, template_words, out, ends):  # pragma: no cover - compiled
+    """Pack each row of ``raw`` (records as bytes; ``words``: the same as 64-bit words)
+    into ``out``; ``ends[i]`` is where row i ends."""
     width = raw.shape[1]
     pos = 0
     for r in range(raw.shape[0]):
@@ -189,8 +193,13 @@ def _pack(raw, template, out, ends):  # pragma: no cover - compiled
         i = 1
         while i < width:
             start = i
-            while i < width and raw[r, i] == template[i]:
-                i += 1
+            while i < width:  # bytes still at the template's value: 8 at a time where aligned
+                if i & 7 == 0 and words[r, i >> 3] == template_words[i >> 3]:
+                    i += 8
+                elif raw[r, i] == template[i]:
+                    i += 1
+                else:
+                    break
             if i == width:
                 break  # trailing zeros are implied
             zeros = i - start
@@ -221,12 +230,12 @@ def _pack(raw, template, out, ends):  # pragma: no cover - compiled
 
 @njit(cache=True, nogil=True)
 def _unpack(buf, starts, ends, rows, template, into):  # pragma: no cover - compiled
-    """Unpack blobs ``buf[starts[k]:ends[k]]`` into ``into[rows[k]]``; returns the
-    first corrupt blob's position in ``rows``, or -1."""
+    """Unpack blobs ``buf[starts[k]:ends[k]]`` into ``into[rows[k]]``, rows that hold
+    the ``template`` (fresh records); returns the first corrupt blob's position in
+    ``rows``, or -1."""
     width = into.shape[1]
     for k in range(starts.shape[0]):
         row = rows[k]
-        into[row, :] = template
         into[row, 0] = buf[starts[k]]
         pos, i, end = starts[k] + 1, 1, ends[k]
         while pos < end:
@@ -246,7 +255,8 @@ def _unpack(buf, starts, ends, rows, template, into):  # pragma: no cover - comp
 
 def decode_batch(blobs: list[bytes | None], keys: list[str]) -> np.ndarray:
     """Decode a batch's blobs (None = new customer) into one structured array."""
-    records = fresh_records(len(blobs))
+    records = np.empty(len(blobs), STATE_DTYPE)
+    records.view(np.uint8).reshape(len(blobs), STATE_BYTES)[:] = _TEMPLATE  # fresh records
     packed: list[int] = []
     older: list[int] = []
     for i, blob in enumerate(blobs):
@@ -269,8 +279,9 @@ def unpack_into(
     rows: list[int],
     template: np.ndarray,
 ) -> None:
-    """Unpack the packed blobs at ``rows`` into those rows of ``records``, whose layout
-    ``template`` (a fresh record's bytes) is of; each row keeps its blob's version byte."""
+    """Unpack the packed blobs at ``rows`` into those rows of ``records`` (fresh records of
+    the layout ``template``, a fresh record's bytes, is of); each row gets its blob's
+    version byte."""
     parts = [blobs[i] for i in rows]
     ends = np.cumsum([len(p) for p in parts])
     starts = ends - [len(p) for p in parts]
@@ -291,7 +302,7 @@ def encode_records(records: np.ndarray) -> list[bytes]:
     raw = np.ascontiguousarray(records).view(np.uint8).reshape(n, STATE_BYTES)
     out = np.empty(n * _MAX_PACKED, np.uint8)
     ends = np.empty(n, np.int64)
-    _pack(raw, _TEMPLATE, out, ends)
+    _pack(raw, raw.view(np.uint64), _TEMPLATE, _TEMPLATE_WORDS, out, ends)
     data = out[: ends[-1]].tobytes() if n else b""
     bounds = [0, *ends.tolist()]
     return [data[bounds[i] : bounds[i + 1]] for i in range(n)]
