@@ -478,7 +478,7 @@ class StateConfig(_Frozen):
             raise ValueError(
                 f"{', '.join(map(repr, on_read))} change with time alone, so they are not "
                 f"stored: `crmstream profile` and the customer-360 view compute them on read "
-                f"as of the time asked (docs/state.md, \"Fresh values\"); remove them"
+                f'as of the time asked (docs/state.md, "Fresh values"); remove them'
             )
         unknown = [name for name in value if name not in PROFILE_FIELD_CHOICES]
         if unknown:
@@ -586,12 +586,16 @@ class BgNbdConfig(_Frozen):
     a: PositiveFloat = 0.793
     b: PositiveFloat = 2.426
 
-    @field_validator("a")
-    @classmethod
-    def _not_one(cls, value: float) -> float:
-        if value == 1.0:  # the conditional expectation divides by a - 1
+    @model_validator(mode="after")
+    def _regular(self) -> BgNbdConfig:
+        # The conditional expectation divides by a - 1, and its 2F1 has c = a + b - 1
+        # for a customer with no repeat purchase.
+        if self.a == 1.0:
             raise ValueError("a = 1 is a singular point of the expected purchases; use e.g. 1.0001")
-        return value
+        if self.a + self.b == 1.0:
+            raise ValueError(f"a + b = 1 (a={self.a}, b={self.b}) is a singular point of the "
+                             f"expected purchases; move either a little")  # fmt: skip
+        return self
 
 
 class GammaGammaConfig(_Frozen):
@@ -607,8 +611,8 @@ class ValueConfig(_Frozen):
     """Customer value: expected purchases, CLV and the fitted parameter sets in use."""
 
     # Horizons of the expected purchases shown by the profile (computed on read).
-    expected_horizons_days: Annotated[list[PositiveInt], Field(min_length=1, max_length=8)] = (
-        Field(default_factory=lambda: [30, 90])
+    expected_horizons_days: Annotated[list[PositiveInt], Field(min_length=1, max_length=8)] = Field(
+        default_factory=lambda: [30, 90]
     )
     # CLV: expected spend over this many 30-day months (BG/NBD x Gamma-Gamma),
     # month i discounted by (1 + monthly_discount_rate) ** i.

@@ -25,7 +25,7 @@ import numpy as np
 from rich.table import Table
 
 from crmstream.config import CrmConfig
-from crmstream.operators.btyd import bgnbd, gamma_gamma_spend
+from crmstream.operators.btyd import bgnbd, clv, gamma_gamma_spend
 from crmstream.operators.events import EVENT_TYPES
 from crmstream.operators.kernels import (
     COL,
@@ -198,10 +198,12 @@ def value_of(rec: np.void, row: np.ndarray, as_of: int, config: CrmConfig) -> di
         _, expected = bgnbd(x, t_x, big_t, days / 7.0, bg.r, bg.alpha, bg.a, bg.b)
         value[f"expected_purchases_{days}d"] = _num(expected)
     mean = (float(rec["spend_total"]) - float(rec["first_day_spend"])) / x if x else 0.0
-    value["expected_spend_per_purchase"] = _num(gamma_gamma_spend(x, mean, gg.p, gg.q, gg.v), 2)
+    spend = gamma_gamma_spend(x, mean, gg.p, gg.q, gg.v)
+    months, discount = config.value.clv_months, config.value.monthly_discount_rate
+    value["expected_spend_per_purchase"] = _num(spend, 2)
     value["p_alive"] = _num(row[COL["p_alive"]])
-    value["clv"] = _num(row[COL["clv"]], 2)
-    value["clv_months"] = config.value.clv_months
+    value["clv"] = _num(clv(x, t_x, big_t, spend, months, discount, bg.r, bg.alpha, bg.a, bg.b), 2)
+    value["clv_months"] = months
     return value
 
 

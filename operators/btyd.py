@@ -103,6 +103,14 @@ def clv(x, t_x, big_t, spend, months, discount, r, alpha, a, b):
 
 
 @njit(cache=True, nogil=True)
+def clv_bound(x, big_t, spend, months, r, alpha):
+    """An upper bound of ``clv`` without a series: a customer alive at T buys at a
+    rate whose posterior mean is (r + x) / (alpha + T) per week, P(alive) <= 1 and
+    discounting only lowers the sum."""
+    return spend * (r + x) / (alpha + big_t) * (30.0 * months / 7.0)
+
+
+@njit(cache=True, nogil=True)
 def bgnbd_batch(x, t_x, big_t, horizon, r, alpha, a, b, p_alive, expected):
     """``bgnbd`` for each customer of a batch, into ``p_alive`` and ``expected``."""
     for i in range(x.shape[0]):

@@ -26,7 +26,7 @@ import numpy as np
 from numba import njit
 
 from crmstream.config import CrmConfig
-from crmstream.operators.btyd import bgnbd, clv, gamma_gamma_spend
+from crmstream.operators.btyd import bgnbd, clv, clv_bound, gamma_gamma_spend
 from crmstream.operators.events import EVENT_CODE, EVENT_TYPES, NUM_EVENT_TYPES
 from crmstream.state.encoding import (
     EMPTY_BASE,
@@ -91,7 +91,6 @@ DERIVED = (
     "old_segment",
     "old_tier",
     "old_churn_level",
-    "clv",
 )
 COL = {name: i for i, name in enumerate(DERIVED)}
 _SIG0 = COL[SIGNALS[0]]
@@ -116,7 +115,6 @@ _C_AOV = COL["aov"]
 _C_DAYS_SINCE_PURCHASE = COL["days_since_purchase"]
 _C_IPT_MEAN_DAYS = COL["ipt_mean_days"]
 _C_IPT_STD_DAYS = COL["ipt_std_days"]
-_C_CLV = COL["clv"]
 HIGH_CLV = 5  # SEGMENTS.index("high_clv")
 
 
@@ -541,11 +539,20 @@ def apply_events(
 
 
 @njit(cache=True, nogil=True)
-def _clv_of(r, x, t_x, big_t, dp):
-    """The record's CLV: Gamma-Gamma's expected spend per purchase day from its
-    repeat purchase days' mean spend, times the BG/NBD purchases, discounted."""
+def clv_of(r, day, dp, at_least=0.0):
+    """A buyer's CLV as of epoch ``day``: Gamma-Gamma's expected spend per purchase day
+    from its repeat purchase days' mean spend, times the BG/NBD purchases of each
+    month, discounted. Only the high-CLV segment rule needs it in the flow, and the
+    series costs about a microsecond, so when an upper bound (``clv_bound``) is below
+    ``at_least`` the bound is returned instead: the rule's answer is the same."""
+    x = r.purchase_days - 1.0
+    t_x = (r.last_purchase_day - r.first_purchase_day) / 7.0
+    big_t = max(day - r.first_purchase_day, 0) / 7.0
     mean = (r.spend_total - r.first_day_spend) / x if x > 0 else 0.0
     spend = gamma_gamma_spend(x, mean, dp.gg_p, dp.gg_q, dp.gg_v)
+    bound = clv_bound(x, big_t, spend, dp.clv_months, dp.bg_r, dp.bg_alpha)
+    if bound < at_least:
+        return bound
     return clv(x, t_x, big_t, spend, dp.clv_months, dp.clv_discount,
                dp.bg_r, dp.bg_alpha, dp.bg_a, dp.bg_b)  # fmt: skip
 
@@ -619,9 +626,6 @@ def derive(records, as_of_ms, dp, churn_weights, r_cuts, f_cuts, m_cuts, out):
             _, e90 = bgnbd(x, t_x, big_t, 90 / 7.0, dp.bg_r, dp.bg_alpha, dp.bg_a, dp.bg_b)
             row[_C_EXPECTED_30D] = e30
             row[_C_EXPECTED_90D] = e90
-            row[_C_CLV] = _clv_of(r, x, t_x, big_t, dp)
-        else:
-            row[_C_CLV] = np.nan
         row[_C_P_ALIVE] = p_alive
 
         # The ten churn signals, each in [0, 1].
@@ -697,7 +701,7 @@ def derive(records, as_of_ms, dp, churn_weights, r_cuts, f_cuts, m_cuts, out):
             r.segment = 3
         elif n == 1 and since >= dp.potential_days and browsing:
             r.segment = 2
-        elif dp.high_clv_min > 0 and row[_C_CLV] >= dp.high_clv_min:
+        elif dp.high_clv_min > 0 and clv_of(r, day, dp, dp.high_clv_min) >= dp.high_clv_min:
             r.segment = HIGH_CLV
         else:
             r.segment = 1

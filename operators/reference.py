@@ -252,7 +252,7 @@ def reference_derive(cust: RefCustomer, as_of_ms: int, params: K.Params) -> dict
     dp = params.derive
     day = as_of_ms // K.MS_PER_DAY
     week = (day + 3) // 7
-    out = dict.fromkeys(K.DERIVED, 0.0)
+    out = dict.fromkeys(K.DERIVED, 0.0) | {"clv": math.nan}  # CLV: the segment rule's
     days = purchase_days(cust)
     buyer = bool(days)
     orders_90, spend_90 = orders_window(cust, day, 90)
@@ -273,8 +273,6 @@ def reference_derive(cust: RefCustomer, as_of_ms: int, params: K.Params) -> dict
         spend = reference_gamma_gamma_spend(x, mean_spend, dp)
         out["clv"] = reference_clv(x, t_x, big_t, spend, dp.clv_months, dp.clv_discount,
                                    dp.bg_r, dp.bg_alpha, dp.bg_a, dp.bg_b)  # fmt: skip
-    else:
-        out["clv"] = math.nan
     out["p_alive"] = p_alive
 
     def drop(kind: str) -> float:

@@ -66,8 +66,12 @@ def check(model: dict[str, Any]) -> None:
                 raise ModelError(f"{section}.{name} must be a number > 0, got {value!r}")
     if not model["gamma_gamma"]["q"] > 1:
         raise ModelError(f"gamma_gamma.q must be > 1, got {model['gamma_gamma']['q']!r}")
-    if model["bgnbd"]["a"] == 1:
-        raise ModelError("bgnbd.a = 1 is a singular point of the expected purchases")
+    bg = model["bgnbd"]
+    if bg["a"] == 1 or bg["a"] + bg["b"] == 1:
+        raise ModelError(
+            f"bgnbd a={bg['a']}, b={bg['b']}: a = 1 and a + b = 1 are singular points of the "
+            f"expected purchases"
+        )
 
 
 def versions(client: redis.Redis, prefix: str) -> tuple[int, list[dict[str, Any]]]:

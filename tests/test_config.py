@@ -258,3 +258,12 @@ def test_librdkafka_properties_keep_their_dots_from_flags_and_env():
     ]
     with pytest.raises(ConfigError, match=r"sasl\.password = '\*\*\*' \(from env CRMSTREAM__"):
         load_config(env={"CRMSTREAM__KAFKA__CLIENT__SASL_PASSWORD": "[x]"})
+
+
+@pytest.mark.parametrize("sets", [["bgnbd.a=1"], ["bgnbd.a=0.4", "bgnbd.b=0.6"]])
+def test_bgnbd_parameters_at_a_singular_point_are_refused(sets):
+    """a = 1 divides by zero in the expected purchases, and a + b = 1 gives a 2F1 with
+    c = 0 for every customer without a repeat purchase: refused at start, not a crash
+    in the first batch."""
+    with pytest.raises(ConfigError, match="singular point"):
+        load_config(None, sets, env={})

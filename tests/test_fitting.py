@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from crmstream.config import load_config
 from crmstream.flows.replay import cdnow_path
-from crmstream.operators.btyd import bgnbd, clv, expected_path, gamma_gamma_spend
+from crmstream.operators.btyd import bgnbd, clv, clv_bound, expected_path, gamma_gamma_spend
 from crmstream.operators.fitting import (
     BGNBD_PARAMS,
     FitError,
@@ -141,13 +141,17 @@ def test_too_few_customers_is_a_clear_error():
 
 
 DP = params_from(load_config(env={})).derive
-summary = st.tuples(
-    st.integers(0, 60), st.floats(0, 100), st.floats(0, 150)
-).map(lambda s: (float(s[0]), 0.0 if s[0] == 0 else min(s[1], s[2]), max(s[1], s[2], 0.01)))
-model = st.fixed_dictionaries({
-    "r": st.floats(0.05, 5), "alpha": st.floats(0.5, 50),
-    "a": st.floats(0.05, 5).filter(lambda a: abs(a - 1) > 1e-3), "b": st.floats(0.05, 10),
-})  # fmt: skip
+summary = st.tuples(st.integers(0, 60), st.floats(0, 100), st.floats(0, 150)).map(
+    lambda s: (float(s[0]), 0.0 if s[0] == 0 else min(s[1], s[2]), max(s[1], s[2], 0.01))
+)
+model = st.fixed_dictionaries(
+    {
+        "r": st.floats(0.05, 5),
+        "alpha": st.floats(0.5, 50),
+        "a": st.floats(0.05, 5).filter(lambda a: abs(a - 1) > 1e-3),
+        "b": st.floats(0.05, 10),
+    }
+).filter(lambda m: abs(m["a"] + m["b"] - 1) > 1e-3)  # singular there: refused by the config
 
 
 @settings(max_examples=200, deadline=None)
@@ -159,6 +163,8 @@ def test_clv_matches_a_month_by_month_scipy_sum(s, bg, months, discount, spend):
     want = reference_clv(x, t_x, big_t, spend, months, discount, *model)
     got = clv(x, t_x, big_t, spend, months, discount, *model)
     assert got == pytest.approx(want, rel=1e-6, abs=1e-9)
+    # the bound the high-CLV rule checks first is never below
+    assert clv_bound(x, big_t, spend, months, bg["r"], bg["alpha"]) >= got * (1 - 1e-12)
 
 
 @settings(max_examples=200, deadline=None)
@@ -185,6 +191,7 @@ def test_clv_grows_with_the_horizon_and_shrinks_with_the_discount(s, months, dis
     assert clv(x, t_x, big_t, spend, months + 1, discount, *bg) >= base
     assert clv(x, t_x, big_t, spend, months, discount * 2, *bg) <= base
     undiscounted = clv(x, t_x, big_t, spend, months, 0.0, *bg)
+    assert clv_bound(x, big_t, spend, months, DP.bg_r, DP.bg_alpha) >= undiscounted
     _, total = bgnbd(x, t_x, big_t, 30 * months / 7, *bg)
     assert undiscounted == pytest.approx(spend * total, rel=1e-9)
     assert base <= undiscounted

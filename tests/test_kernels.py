@@ -244,6 +244,10 @@ def test_derive_matches_reference(raw, later_days, high_clv_min):
                     assert math.isnan(got), name
                 else:
                     assert got == pytest.approx(exp, rel=1e-6, abs=1e-6), name
+            if not math.isnan(want["clv"]):  # the high-CLV rule's CLV
+                day = int(as_of[i]) // K.MS_PER_DAY
+                got_clv = K.clv_of(records[i], day, params.derive)
+                assert got_clv == pytest.approx(want["clv"], rel=1e-6, abs=1e-9)
             assert STAGES[records[i]["stage"]] == STAGES[want["stage"]]
             assert int(records[i]["segment"]) == want["segment"]
             assert int(records[i]["tier"]) == want["tier"]
