@@ -273,6 +273,11 @@ def run_fit(config: CrmConfig, options: FitOptions, console: Console, err: Conso
     except (FitError, ModelError, ReplayError, LayoutError, ProfileError, StateStoreError) as exc:
         return str(exc)
     _show(report, options, console)
+    if not report["result"].bgnbd.converged:
+        return (
+            "the BG/NBD fit did not converge (or its information matrix is singular: too "
+            "little variety in the summaries); nothing was saved"
+        )
     return None
 
 
@@ -417,7 +422,7 @@ def _show(report: dict[str, Any], options: FitOptions, console: Console) -> None
     console.print(fit_table(result, report["in_use"]))
     console.print(
         f"as of {result.as_of}; BG/NBD log-likelihood {result.bgnbd.log_likelihood:,.1f}"
-        + ("" if result.bgnbd.converged else " (did NOT converge: not saved)")
+        + ("" if result.bgnbd.converged else " (did NOT converge)")
     )
     if result.gamma_gamma_error:
         console.print(f"Gamma-Gamma not fitted: {result.gamma_gamma_error}")

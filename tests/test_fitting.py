@@ -253,3 +253,10 @@ def test_without_scipy_or_matplotlib_the_fit_says_which_extra_to_install(monkeyp
     holdout = Holdout([HoldoutRow("0", 1, 0.0, 0.1)], 39.0, 0.0, 0.1, 0.1, 0.1, 0.0)
     with pytest.raises(FitError, match=r"the holdout plot needs matplotlib: .*\[fit\]"):
         plot_holdout({"fitted": holdout}, Path("never.png"), "title")
+
+
+def test_a_fit_without_variety_is_flagged_not_converged():
+    """Every customer with the same summary and no repeat purchase: the likelihood has no
+    unique maximum, and the fit says so (``crmstream fit`` then saves nothing)."""
+    fit = fit_bgnbd([0.0] * 50, [0.0] * 50, [10.0] * 50)
+    assert not fit.converged
