@@ -257,11 +257,21 @@ def test_derive_matches_reference(raw, later_days, high_clv_min):
 @given(
     orders=st.lists(
         st.tuples(st.integers(0, 800), st.integers(0, 23), st.sampled_from([0.01, 9.99, 120.5])),
+        min_size=1,
         max_size=30,
     ),
-    as_of_days=st.lists(st.integers(0, 1300), min_size=1, max_size=6),
+    as_of=st.lists(
+        st.tuples(  # a day at or near a window's edge from one of the orders, or any day
+            st.integers(0, 29),
+            st.sampled_from([0, 1, 88, 89, 90, 91, 363, 364, 365, 366]),
+            st.integers(0, 1300),
+            st.booleans(),
+        ),
+        min_size=1,
+        max_size=6,
+    ),
 )
-def test_order_windows_cover_exactly_their_days(orders, as_of_days):
+def test_order_windows_cover_exactly_their_days(orders, as_of):
     """orders_90d, spend_90d, orders_365d and spend_365d count exactly the orders on the
     90 and 365 days up to the day asked (that day included), at any later day; the
     orders come in time order over two years, several on some days."""
@@ -270,11 +280,16 @@ def test_order_windows_cover_exactly_their_days(orders, as_of_days):
         for d, h, amount in orders
     )
     _, _, records = run_kernel([events])
-    newest = max((e[3] for e in events), default=BASE_MS) // K.MS_PER_DAY
-    for offset in as_of_days:
-        day = max(newest, BASE_MS // K.MS_PER_DAY + offset)
-        as_of = np.array([day * K.MS_PER_DAY + K.MS_PER_DAY - 1, BASE_MS, BASE_MS], np.int64)
-        out = K.derive_batch(records.copy(), as_of, PARAMS)[0]
+    order_days = [e[3] // K.MS_PER_DAY for e in events]
+    for which, edge, anywhere, near_edge in as_of:
+        day = (
+            order_days[which % len(order_days)] + edge
+            if near_edge
+            else (BASE_MS // K.MS_PER_DAY + anywhere)
+        )
+        day = max(day, order_days[-1])  # the state holds no history before its newest order
+        ms = np.array([day * K.MS_PER_DAY + K.MS_PER_DAY - 1, BASE_MS, BASE_MS], np.int64)
+        out = K.derive_batch(records.copy(), ms, PARAMS)[0]
         for span in (90, 365):
             days = [e for e in events if day - span < e[3] // K.MS_PER_DAY <= day]
             assert out[K.COL[f"orders_{span}d"]] == len(days), (day, span)
