@@ -9,7 +9,8 @@ COPY flows flows
 COPY operators operators
 COPY state state
 COPY bench bench
-RUN pip wheel --no-cache-dir --wheel-dir /wheels .
+# With the fit extra: `crmstream fit` runs in the image against the deployment's Redis.
+RUN pip wheel --no-cache-dir --wheel-dir /wheels ".[fit]"
 
 # Runtime stage: non-root, only the wheels.
 FROM python:3.11.7-slim-bookworm

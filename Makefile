@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml $(SYSTEM_STAMP)
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else "crmstream needs Python 3.11, found " + sys.version.split()[0] + " at $(PYTHON); set PYTHON=/path/to/python3.11")'
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[embedded,dev]'
+	$(BIN)/python -m pip install --quiet -e '.[embedded,fit,dev]'
 	# The CDNOW data file ships in the lifetimes wheel; we read the file, never import it.
 	$(BIN)/python -m pip install --quiet --no-deps lifetimes==0.11.3
 	@touch $(STAMP)

@@ -445,14 +445,15 @@ PROFILE_FIELD_CHOICES = (
     "churn_level",
     "churn_score",
     "churn_top",
-    "p_alive",
-    "expected_30d",
-    "expected_90d",
     "rfm",
     "top_categories",
     "interest_shift",
     "last_seen",
+    "model_version",
 )
+# Values that change with time alone: never stored, computed on read as of the time
+# asked (docs/state.md, "Fresh values").
+COMPUTED_ON_READ = ("p_alive", "expected_30d", "expected_90d", "clv")
 
 
 class StateConfig(_Frozen):
@@ -466,11 +467,19 @@ class StateConfig(_Frozen):
         "tier",
         "churn_level",
         "top_categories",
+        "model_version",
     )
 
     @field_validator("profile_fields")
     @classmethod
     def _known_profile_fields(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        on_read = [name for name in value if name in COMPUTED_ON_READ]
+        if on_read:
+            raise ValueError(
+                f"{', '.join(map(repr, on_read))} change with time alone, so they are not "
+                f"stored: `crmstream profile` and the customer-360 view compute them on read "
+                f'as of the time asked (docs/state.md, "Fresh values"); remove them'
+            )
         unknown = [name for name in value if name not in PROFILE_FIELD_CHOICES]
         if unknown:
             raise ValueError(
@@ -577,6 +586,52 @@ class BgNbdConfig(_Frozen):
     a: PositiveFloat = 0.793
     b: PositiveFloat = 2.426
 
+    @model_validator(mode="after")
+    def _regular(self) -> BgNbdConfig:
+        # The conditional expectation divides by a - 1, and its 2F1 has c = a + b - 1
+        # for a customer with no repeat purchase.
+        if self.a == 1.0:
+            raise ValueError("a = 1 is a singular point of the expected purchases; use e.g. 1.0001")
+        if self.a + self.b == 1.0:
+            raise ValueError(f"a + b = 1 (a={self.a}, b={self.b}) is a singular point of the "
+                             f"expected purchases; move either a little")  # fmt: skip
+        return self
+
+
+class GammaGammaConfig(_Frozen):
+    """Gamma-Gamma spend-per-purchase parameters (default: the CDNOW fit of Fader &
+    Hardie's note on the Gamma-Gamma model, 946 repeat buyers)."""
+
+    p: PositiveFloat = 6.25
+    q: Annotated[float, Field(gt=1)] = 3.74  # the mean spend pv/(q-1) needs q > 1
+    v: PositiveFloat = 15.44
+
+
+class ValueConfig(_Frozen):
+    """Customer value: expected purchases, CLV and the fitted parameter sets in use."""
+
+    # Horizons of the expected purchases shown by the profile (computed on read).
+    expected_horizons_days: Annotated[list[PositiveInt], Field(min_length=1, max_length=8)] = Field(
+        default_factory=lambda: [30, 90]
+    )
+    # CLV: expected spend over this many 30-day months (BG/NBD x Gamma-Gamma),
+    # month i discounted by (1 + monthly_discount_rate) ** i.
+    clv_months: Annotated[int, Field(ge=1, le=120)] = 12
+    monthly_discount_rate: Annotated[float, Field(ge=0, lt=1)] = 0.01
+    # Use the active parameter set `crmstream fit` saved in Redis, when there is
+    # one, instead of bgnbd / gamma_gamma above (read at start; state/model.py).
+    use_fitted: bool = True
+    # The parameter set in use, recorded in triggers and profiles: 0 is the one in
+    # this configuration; at start it becomes the active fitted set's version.
+    model_version: Annotated[int, Field(ge=0, le=65535)] = 0
+
+    @field_validator("expected_horizons_days")
+    @classmethod
+    def _distinct(cls, value: list[int]) -> list[int]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"horizons must be distinct, got {value}")
+        return value
+
 
 class LifecycleConfig(_Frozen):
     new_days: PositiveInt = 30
@@ -592,6 +647,9 @@ class SegmentsConfig(_Frozen):
     dormant_days: PositiveInt = 180
     silver_spend_365d: PositiveFloat = 200.0
     gold_spend_365d: PositiveFloat = 500.0
+    # "high CLV": a customer not high value, dormant or potential whose CLV
+    # (value.clv_months, base currency) is at least this; 0 turns it off.
+    high_clv_min: Annotated[float, Field(ge=0)] = 500.0
 
 
 class CrmConfig(_Frozen):
@@ -613,6 +671,8 @@ class CrmConfig(_Frozen):
     rfm: RfmConfig = RfmConfig()
     churn: ChurnConfig = Field(default_factory=ChurnConfig)
     bgnbd: BgNbdConfig = BgNbdConfig()
+    gamma_gamma: GammaGammaConfig = GammaGammaConfig()
+    value: ValueConfig = Field(default_factory=ValueConfig)
     lifecycle: LifecycleConfig = LifecycleConfig()
     segments: SegmentsConfig = SegmentsConfig()
 

@@ -1,4 +1,5 @@
-"""The ``crmstream`` command line: demo, run, generate, profile, reshard, replay, topics, config.
+"""The ``crmstream`` command line: demo, run, generate, profile, fit, model, reshard, replay,
+topics, config.
 
 This module owns argument parsing and error presentation only; each command
 calls into the module that does the work. Errors a user can fix (bad config,
@@ -9,19 +10,31 @@ traceback.
 from __future__ import annotations
 
 import contextlib
-import logging
 import sys
-from datetime import UTC, datetime
+from datetime import date
 from pathlib import Path
 from typing import Annotated
 
 import orjson
 import typer
 import yaml
-from rich.console import Console
-from rich.logging import RichHandler
 
-from crmstream.config import ConfigError, CrmConfig, load_config, mask_secrets
+from crmstream.cli_options import (
+    AsOfOpt,
+    BrokersOpt,
+    ConfigOpt,
+    RedisOpt,
+    SetOpt,
+    VerboseOpt,
+    _config,
+    _fail,
+    _setup_logging,
+    console,
+    err_console,
+    parse_as_of,
+)
+from crmstream.cli_value import fit, model_app
+from crmstream.config import mask_secrets
 
 app = typer.Typer(
     help="crmstream: real-time CRM triggers from Kafka events.\n\n"
@@ -35,66 +48,8 @@ topics_app = typer.Typer(help="Kafka topic administration.", no_args_is_help=Tru
 config_app = typer.Typer(help="Inspect and validate configuration.", no_args_is_help=True)
 app.add_typer(topics_app, name="topics")
 app.add_typer(config_app, name="config")
-
-console = Console()
-err_console = Console(stderr=True)
-
-ConfigOpt = Annotated[
-    Path | None,
-    typer.Option(
-        "--config",
-        "-c",
-        help="YAML config file (default: the embedded default).",
-        exists=True,
-        dir_okay=False,
-    ),
-]
-SetOpt = Annotated[
-    list[str] | None, typer.Option("--set", help="Override a key: section.key=value (repeatable).")
-]
-BrokersOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--brokers",
-        help="Kafka bootstrap servers, host:port[,host:port]. Unset: an embedded broker.",
-    ),
-]
-RedisOpt = Annotated[
-    str | None, typer.Option("--redis-url", help="Redis URL. Unset: an embedded redis-server.")
-]
-VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Log at INFO level.")]
-
-
-def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.INFO if verbose else logging.WARNING,
-        format="%(message)s",
-        handlers=[RichHandler(console=err_console, show_path=False)],
-    )
-
-
-def _config(
-    path: Path | None,
-    sets: list[str] | None,
-    brokers: str | None = None,
-    redis_url: str | None = None,
-) -> CrmConfig:
-    overrides = list(sets or [])
-    if brokers:
-        overrides.append(f"kafka.brokers={brokers}")
-    if redis_url:
-        overrides.append(f"redis.url={redis_url}")
-    try:
-        return load_config(path, overrides)
-    except ConfigError as exc:
-        err_console.print(f"[red]error:[/] {exc}")
-        raise typer.Exit(2) from None
-
-
-def _fail(message: str) -> typer.Exit:
-    err_console.print(f"[red]error:[/] {message}")
-    return typer.Exit(2)
-
+app.command()(fit)
+app.add_typer(model_app, name="model")
 
 @app.command()
 def demo(
@@ -277,25 +232,30 @@ def generate(
 def profile(
     customer_id: Annotated[str, typer.Argument(help="The customer id.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    as_of: AsOfOpt = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
     redis_url: RedisOpt = None,
 ) -> None:
-    """Show what Redis holds for one customer, decoded (the customer-360 view).
+    """Show what Redis holds for one customer, decoded (the customer-360 view), with
+    everything that moves with time derived as of one time.
 
     Example: crmstream profile c0000042 --redis-url redis://localhost:6379/0
+
+      crmstream profile cdnow-00008 --as-of 1997-12-31 --redis-url redis://localhost:6379/0
     """
-    from crmstream.profile import customer_view, render
+    from crmstream.profile import ProfileError, customer_view, render
     from crmstream.state.store import StateStore, StateStoreError, connect
 
     cfg = _config(config, set_, redis_url=redis_url)
     if not cfg.redis.url:
         raise _fail("profile needs redis.url (--redis-url redis://host:6379/0)")
+    when = parse_as_of(as_of)
     try:
         store = StateStore(connect(cfg.redis.url, cfg.redis), cfg.redis.key_prefix)
-    except StateStoreError as exc:
+        view = customer_view(store, cfg, customer_id, when)
+    except (StateStoreError, ProfileError) as exc:
         raise _fail(str(exc)) from None
-    view = customer_view(store, cfg, customer_id)
     if view is None:
         raise _fail(f"no state for customer {customer_id!r}")
     if as_json:
@@ -402,7 +362,6 @@ def replay(
 
       crmstream replay last-month.jsonl --brokers kafka:9092 --redis-url redis://redis:6379/0
     """
-    from datetime import date
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
@@ -415,7 +374,7 @@ def replay(
         file_events,
         read_cdnow,
     )
-    from crmstream.profile import customer_view
+    from crmstream.profile import customer_views
     from crmstream.state.layout import LayoutError
     from crmstream.state.store import StateStore, connect
 
@@ -471,15 +430,9 @@ def replay(
             f"({len(events) / seconds:,.0f} events/s)"
         )
         store = StateStore(connect(endpoints.redis_url, cfg.redis), cfg.redis.key_prefix)
-        as_of = None
-        if cutoff:
-            as_of = int(datetime.combine(cutoff, datetime.min.time(), UTC).timestamp() * 1000)
-        for customer in customers[:show]:
-            view = customer_view(store, cfg, customer, as_of)
-            if view is not None:
-                console.print_json(
-                    data={k: view[k] for k in ("customer_id", "as_of", "bgnbd", "rfm", "lifecycle")}
-                )
+        shown = ("customer_id", "as_of", "as_of_source", "bgnbd", "value", "rfm", "lifecycle")
+        for view in customer_views(store, cfg, customers[:show]).values():
+            console.print_json(data={k: view[k] for k in shown})
 
 
 @app.command()

@@ -23,6 +23,7 @@ from crmstream.flows.runtime import Runtime, tune_gc
 from crmstream.flows.shard import ShardLogic, route_batch
 from crmstream.flows.source import CrmKafkaSource, StopSignals
 from crmstream.operators.kernels import warm_up
+from crmstream.state import model
 from crmstream.state.layout import check_layout
 
 
@@ -110,12 +111,14 @@ def build_flow(
 
 
 def check_state_layout(runtime: Runtime) -> None:
-    """Stop before reading input if Redis holds state cut by other shard settings.
+    """Stop before reading input if Redis holds state cut by other shard settings; then
+    take up the active value-model parameter set (``state.model.adopt``).
 
     :raises LayoutError: naming the configured and the stored settings.
     """
     processing = runtime.config.processing
     check_layout(runtime.store, processing.shards, processing.step_ms)
+    runtime.use_config(model.adopt(runtime.config, runtime.store.client))
 
 
 def run_in_process(

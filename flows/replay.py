@@ -24,7 +24,7 @@ from crmstream.flows.crm import check_state_layout, run_in_process
 from crmstream.flows.runtime import Endpoints, Runtime
 from crmstream.flows.sink import DeliveryCheckedProducer
 from crmstream.metrics import counter_total, get_metrics
-from crmstream.operators.events import TOPIC_ROLE_TYPES
+from crmstream.operators.events import TOPIC_ROLE_TYPES, _Invalid, parse_time_ms
 
 CDNOW_CUSTOMER_PREFIX = "cdnow-"
 
@@ -116,6 +116,52 @@ def file_events(path: Path, config: CrmConfig) -> Iterator[tuple[str, bytes | No
                 key,
                 raw,
             )
+
+
+def source_overrides(source: str) -> list[str]:
+    """Configuration a source needs: CDNOW is 1997-1998, so event times from 1990 on."""
+    return ["processing.min_event_time=1990-01-01T00:00:00+00:00"] if source == "cdnow" else []
+
+
+def source_events(
+    source: str, config: CrmConfig, since: date | None = None, until: date | None = None
+) -> list[tuple[str, bytes | None, bytes]]:
+    """A replay source's input events ('cdnow', or a JSON-lines file of events) on the
+    days ``since`` .. ``until`` (inclusive, UTC; None: unbounded), in source order. A
+    file line whose event time cannot be read is kept only when no bound is given (the
+    flow dead-letters it): nothing is silently moved between periods.
+
+    :raises ReplayError: when the source cannot be found or read.
+    """
+    if source == "cdnow":
+        rows = [
+            tx
+            for tx in read_cdnow(cdnow_path(), until)
+            if since is None or tx.day >= since
+        ]
+        return list(cdnow_events(rows, config.kafka.topics.orders))
+    path = Path(source)
+    if not path.is_file():
+        raise ReplayError(f"no such replay file: {source!r} (or use 'cdnow')")
+    events = list(file_events(path, config))
+    if since is None and until is None:
+        return events
+    return [e for e in events if _within(_event_day(e[2]), since, until)]
+
+
+def _event_day(value: bytes) -> date | None:
+    try:
+        body = orjson.loads(value)
+        ms = parse_time_ms(body["event_time"])
+    except (orjson.JSONDecodeError, TypeError, KeyError, _Invalid):
+        return None  # not an event the flow would accept
+    return datetime.fromtimestamp(ms / 1000, UTC).date()
+
+
+def _within(day: date | None, since: date | None, until: date | None) -> bool:
+    if day is None:
+        return False
+    return (since is None or day >= since) and (until is None or day <= until)
 
 
 def replay(

@@ -82,6 +82,13 @@ class Runtime:
         if store is not None:
             store.client.close()
 
+    def use_config(self, config: CrmConfig) -> None:
+        """Run with ``config`` from now on (e.g. with the active value model): the
+        objects built from the old one are built again when next used."""
+        self.config = config
+        for name in ("validator", "triggers"):
+            self.__dict__.pop(name, None)
+
     @cached_property
     def validator(self) -> EventValidator:
         return EventValidator(self.config)

@@ -114,6 +114,7 @@ class ShardStep:
         self._unsaved: dict[Position, Progress] = {}
         self._last_progress_write_ms = 0
         self._checked_until = -1  # stored timers due up to here have been fired
+        self._held_past: dict[tuple[str, int], int] = {}
 
     # -- steps ------------------------------------------------------------------------
     def unapplied(
@@ -438,6 +439,7 @@ class ShardStep:
         approved, approved_ms, suppressions = [], [], []
         triggers = self._rt.triggers
         erased_at: dict[str, list[int]] = {}
+        held_past = self._held_past = {}  # (customer, life) -> holds an erasure removed
         for erasure in out.erasures:
             erased_at.setdefault(erasure.customer, []).append(erasure.event.event_time_ms)
         for customer, ks in by_customer.items():
@@ -465,6 +467,8 @@ class ShardStep:
                         out.plan.schedule.append(
                             Timer(customer, "deferred", orjson.dumps(record).decode(), hold)
                         )
+                    else:  # a hold the erasure removed: one of its pending timers
+                        held_past[customer, life] = held_past.get((customer, life), 0) + 1
                 for item in stopped:
                     shown = "erased" if item.policy == "erasure" else customer
                     suppressions.append(
@@ -552,11 +556,14 @@ class ShardStep:
         ttl_s = int(self._rt.config.policies.erasure_tombstone_days * 86400)
         erase = []
         gone = set(out.plan.cancel)  # fired or cancelled before the erasure
+        lives: dict[str, int] = {}
         for erasure in out.erasures:
             customer, ev = erasure.customer, erasure.event
+            life = lives[customer] = lives.get(customer, -1) + 1
             members = store.timer_members_of(self._shard, customer)
             stored = {m for m in members if parse_member(m, 0).kind != WAKE} - gone
             pending = erasure.kept + len(stored | erasure.members)
+            pending += self._held_past.get((customer, life), 0)
             audit = {
                 "action": "erasure",
                 "subject": store.subject(customer),

@@ -9,7 +9,8 @@ This module owns the per-event and per-customer loops:
   rules (browse streak, high intent), whose firings it writes to ``out``.
 - ``derive`` computes, per customer and as of a given time, the RFM scores,
   the ten churn signals and the logistic churn score with hysteresis, BG/NBD
-  P(alive) and expected purchases, lifecycle stage, value segment and tier.
+  P(alive) and expected purchases, CLV (BG/NBD x Gamma-Gamma), lifecycle
+  stage, value segment and tier.
 
 ``operators.reference`` restates both in plain Python; tests check they agree.
 All thresholds arrive in ``KernelParams`` / ``DeriveParams`` built from the
@@ -25,6 +26,7 @@ import numpy as np
 from numba import njit
 
 from crmstream.config import CrmConfig
+from crmstream.operators.btyd import bgnbd, clv, clv_bound, gamma_gamma_spend, p_alive_of
 from crmstream.operators.events import EVENT_CODE, EVENT_TYPES, NUM_EVENT_TYPES
 from crmstream.state.encoding import (
     EMPTY_BASE,
@@ -38,6 +40,7 @@ from crmstream.state.encoding import (
     KIND_VIEWS,
     NUM_SIGNALS,
     PREF_CATEGORIES,
+    SEGMENTS,
     SIGNALS,
 )
 
@@ -127,6 +130,7 @@ _C_AOV = COL["aov"]
 _C_DAYS_SINCE_PURCHASE = COL["days_since_purchase"]
 _C_IPT_MEAN_DAYS = COL["ipt_mean_days"]
 _C_IPT_STD_DAYS = COL["ipt_std_days"]
+HIGH_CLV = 5  # SEGMENTS.index("high_clv")
 
 
 class KernelParams(NamedTuple):
@@ -176,6 +180,13 @@ class DeriveParams(NamedTuple):
     seg_dormant_days: int
     silver: float
     gold: float
+    gg_p: float
+    gg_q: float
+    gg_v: float
+    clv_months: int
+    clv_discount: float
+    high_clv_min: float
+    model_version: int
 
 
 class Params(NamedTuple):
@@ -237,6 +248,13 @@ def params_from(config: CrmConfig) -> Params:
         seg.dormant_days,
         seg.silver_spend_365d,
         seg.gold_spend_365d,
+        config.gamma_gamma.p,
+        config.gamma_gamma.q,
+        config.gamma_gamma.v,
+        config.value.clv_months,
+        config.value.monthly_discount_rate,
+        seg.high_clv_min,
+        config.value.model_version,
     )
     return Params(
         kernel,
@@ -276,6 +294,19 @@ def _add2(ring, base, idx, kind, amount, cap):
 
 
 @njit(cache=True, nogil=True)
+def _add_order(orders, spend, base, day, amount):
+    """Count an order and its amount on ``day`` of the daily rings; return the new base."""
+    if base == EMPTY_BASE or day > base:
+        _advance(spend, base, day)
+        base = _advance(orders, base, day)
+    if day > base - orders.shape[0]:
+        slot = day % orders.shape[0]
+        orders[slot] = min(orders[slot] + 1, 255)
+        spend[slot] += amount
+    return base
+
+
+@njit(cache=True, nogil=True)
 def _held_slots(ring_len, base, idx, span):
     """The slots (idx - span, idx] that a ring of ``ring_len`` slots ending at ``base`` holds."""
     return max(idx - span + 1, base - ring_len + 1), min(idx, base)
@@ -303,6 +334,31 @@ def window_sum1(ring, base, idx, span):
     for s in range(lo, hi + 1):
         total += ring[s % ring.shape[0]]
     return total
+
+
+@njit(cache=True, nogil=True)
+def _order_windows(r, day):
+    """(orders, spend) in the 90 and 365 days up to ``day``: one pass over the ring's
+    purchase days (``window_sum1`` over each span gives the same)."""
+    orders_90, spend_90, orders_365, spend_365 = 0.0, 0.0, 0.0, 0.0
+    base = r.base_orders_1d
+    if base == EMPTY_BASE:
+        return orders_90, spend_90, orders_365, spend_365
+    ring, amounts = r.orders_1d, r.spend_1d
+    n = ring.shape[0]
+    lo, hi = _held_slots(n, base, day, 365)
+    slot = lo % n
+    for s in range(lo, hi + 1):
+        orders = ring[slot]
+        if orders:
+            spend = amounts[slot]
+            orders_365 += orders
+            spend_365 += spend
+            if s > day - 90:
+                orders_90 += orders
+                spend_90 += spend
+        slot = slot + 1 if slot + 1 < n else 0
+    return orders_90, spend_90, orders_365, spend_365
 
 
 @njit(cache=True, nogil=True)
@@ -353,6 +409,15 @@ def _purchase_day(r, day):
     q = last - later
     p = last - earlier if earlier < 64 else r.first_purchase_day
     r.ipt_sq_sum += (day - p) ** 2 + (q - day) ** 2 - (q - p) ** 2
+
+
+@njit(cache=True, nogil=True)
+def _first_day_spend(r, day, amount):
+    """Keep the first purchase day's spend (before ``_purchase_day`` sees ``day``)."""
+    if r.purchase_days == 0 or day < r.first_purchase_day:
+        r.first_day_spend = amount
+    elif day == r.first_purchase_day:
+        r.first_day_spend += amount
 
 
 @njit(cache=True, nogil=True)
@@ -436,18 +501,12 @@ def apply_events(
             kind = KIND_SESSIONS
         elif t == ORDER_PLACED:
             kind = KIND_ORDERS
-            month = day // 30
-            if r.base_30d == EMPTY_BASE or month > r.base_30d:
-                _advance(r.spend_30d, r.base_30d, month)
-                r.base_30d = _advance(r.orders_30d, r.base_30d, month)
-            if month > r.base_30d - r.orders_30d.shape[0]:
-                slot = month % r.orders_30d.shape[0]
-                r.orders_30d[slot] = min(r.orders_30d[slot] + 1, 255)
-                r.spend_30d[slot] += amount[i]
+            r.base_orders_1d = _add_order(r.orders_1d, r.spend_1d, r.base_orders_1d, day, amount[i])
             if ts >= r.last_seen_ms:
                 r.last_order_amount = amount[i]
             if ts > r.last_order_ms:
                 r.last_order_ms = ts
+            _first_day_spend(r, day, amount[i])
             _purchase_day(r, day)
         if kind >= 0:
             r.base_1d = _add2(r.win_1d, r.base_1d, day, kind, 1, 255)
@@ -609,46 +668,26 @@ def evaluate_at(records, rows, as_of_ms, p, dp, churn_weights, r_cuts, f_cuts, m
     return rows.shape[0], n_out
 
 
-# -- BG/NBD --------------------------------------------------------------------
+# -- value model ---------------------------------------------------------------
 
 
 @njit(cache=True, nogil=True)
-def hyp2f1(a, b, c, z):
-    """Gauss hypergeometric 2F1(a, b; c; z) by its power series, for 0 <= z < 1."""
-    term = 1.0
-    total = 1.0
-    for k in range(100_000):
-        term *= (a + k) * (b + k) / ((c + k) * (k + 1)) * z
-        total += term
-        if abs(term) <= 1e-15 * abs(total):
-            break
-    return total
-
-
-@njit(cache=True, nogil=True)
-def bgnbd(x, t_x, big_t, horizon, r, alpha, a, b):
-    """(P(alive), expected purchases in ``horizon``) for BG/NBD; times in weeks.
-
-    x: repeat purchases; t_x: time of the last purchase; big_t: length of the
-    observation period, both measured from the first purchase (Fader, Hardie &
-    Lee 2005, eq. 10 and the conditional expectation of section 4.3).
-    """
-    ratio = ((alpha + big_t) / (alpha + t_x)) ** (r + x)
-    odds = a / (b + x - 1.0) * ratio if x > 0 else 0.0
-    p_alive = 1.0 / (1.0 + odds)
-    z = horizon / (alpha + big_t + horizon)
-    head = (a + b + x - 1.0) / (a - 1.0)
-    tail = ((alpha + big_t) / (alpha + big_t + horizon)) ** (r + x)
-    tail *= hyp2f1(r + x, b + x, a + b + x - 1.0, z)
-    return p_alive, head * (1.0 - tail) / (1.0 + odds)
-
-
-@njit(cache=True, nogil=True)
-def p_alive_of(x, t_x, big_t, r, alpha, a, b):
-    """P(alive) of ``bgnbd`` alone, without the expected purchases' power series."""
-    ratio = ((alpha + big_t) / (alpha + t_x)) ** (r + x)
-    odds = a / (b + x - 1.0) * ratio if x > 0 else 0.0
-    return 1.0 / (1.0 + odds)
+def clv_of(r, day, dp, at_least=0.0):
+    """A buyer's CLV as of epoch ``day``: Gamma-Gamma's expected spend per purchase day
+    from its repeat purchase days' mean spend, times the BG/NBD purchases of each
+    month, discounted. Only the high-CLV segment rule needs it in the flow, and the
+    series costs about a microsecond, so when an upper bound (``clv_bound``) is below
+    ``at_least`` the bound is returned instead: the rule's answer is the same."""
+    x = r.purchase_days - 1.0
+    t_x = (r.last_purchase_day - r.first_purchase_day) / 7.0
+    big_t = max(day - r.first_purchase_day, 0) / 7.0
+    mean = (r.spend_total - r.first_day_spend) / x if x > 0 else 0.0
+    spend = gamma_gamma_spend(x, mean, dp.gg_p, dp.gg_q, dp.gg_v)
+    bound = clv_bound(x, big_t, spend, dp.clv_months, dp.bg_r, dp.bg_alpha)
+    if bound < at_least:
+        return bound
+    return clv(x, t_x, big_t, spend, dp.clv_months, dp.clv_discount,
+               dp.bg_r, dp.bg_alpha, dp.bg_a, dp.bg_b)  # fmt: skip
 
 
 # -- per-customer derivation -------------------------------------------------------
@@ -698,13 +737,9 @@ def derive_one(r, as_of, dp, churn_weights, r_cuts, f_cuts, m_cuts, row, expecta
     """
     day = as_of // MS_PER_DAY
     week = week_of(day)
-    month = day // 30
     row[:] = 0.0
 
-    orders_90 = window_sum1(r.orders_30d, r.base_30d, month, 3)
-    spend_90 = window_sum1(r.spend_30d, r.base_30d, month, 3)
-    orders_365 = window_sum1(r.orders_30d, r.base_30d, month, 12)
-    spend_365 = window_sum1(r.spend_30d, r.base_30d, month, 12)
+    orders_90, spend_90, orders_365, spend_365 = _order_windows(r, day)
     buyer = r.purchase_days > 0
     since = float(day - r.last_purchase_day) if buyer else -1.0
     n = r.purchase_days
@@ -800,8 +835,11 @@ def derive_one(r, as_of, dp, churn_weights, r_cuts, f_cuts, m_cuts, row, expecta
         r.segment = 3
     elif n == 1 and since >= dp.potential_days and browsing:
         r.segment = 2
+    elif dp.high_clv_min > 0 and clv_of(r, day, dp, dp.high_clv_min) >= dp.high_clv_min:
+        r.segment = HIGH_CLV
     else:
         r.segment = 1
+    r.model_version = dp.model_version
     r.tier = 2 if spend_365 >= dp.gold else (1 if spend_365 >= dp.silver else 0)
 
     # Interest shift: cosine distance between now and the snapshot.
@@ -1063,3 +1101,4 @@ def warm_up(config: CrmConfig) -> None:
 
 
 assert len(EVENT_TYPES) == NUM_EVENT_TYPES
+assert SEGMENTS[HIGH_CLV] == "high_clv"

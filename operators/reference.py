@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass, field
 
 from crmstream.operators import kernels as K
-from crmstream.state.encoding import NUM_SIGNALS, PREF_CATEGORIES
+from crmstream.state.encoding import NUM_SIGNALS, PREF_CATEGORIES, RING_ORDERS
 
 
 @dataclass
@@ -58,7 +58,6 @@ def _ring_index(ev: Ev, resolution: str) -> int:
         "1h": ev.ts // K.MS_PER_HOUR,
         "1d": day,
         "1w": (day + 3) // 7,
-        "30d": day // 30,
     }[resolution]
 
 
@@ -107,18 +106,33 @@ def window(
     return total
 
 
-def orders_window(cust: RefCustomer, month: int, span: int) -> tuple[float, float]:
+def orders_window(cust: RefCustomer, day: int, span: int) -> tuple[float, float]:
+    """(orders, spend) on the days (day - span, day] that the 365-day ring still holds."""
     orders = [e for e in cust.history if e.type == K.ORDER_PLACED]
     if not orders:
         return 0.0, 0.0
-    base = max(_ring_index(e, "30d") for e in orders)
-    lo = max(month - span + 1, base - 13 + 1)
-    hi = min(month, base)
-    picked = [e for e in orders if lo <= _ring_index(e, "30d") <= hi]
-    per_slot: dict[int, int] = {}
+    base = max(e.ts // K.MS_PER_DAY for e in orders)
+    lo = max(day - span + 1, base - RING_ORDERS + 1)
+    hi = min(day, base)
+    picked = [e for e in orders if lo <= e.ts // K.MS_PER_DAY <= hi]
+    per_day: dict[int, int] = {}
     for e in picked:
-        per_slot[_ring_index(e, "30d")] = per_slot.get(_ring_index(e, "30d"), 0) + 1
-    return float(sum(min(n, 255) for n in per_slot.values())), sum(e.amount for e in picked)
+        per_day[e.ts // K.MS_PER_DAY] = per_day.get(e.ts // K.MS_PER_DAY, 0) + 1
+    return float(sum(min(n, 255) for n in per_day.values())), sum(e.amount for e in picked)
+
+
+def first_day_spend(cust: RefCustomer) -> float:
+    """Spend of the orders on the first purchase day."""
+    days = purchase_days(cust)
+    return (
+        sum(
+            e.amount
+            for e in cust.history
+            if e.type == K.ORDER_PLACED and e.ts // K.MS_PER_DAY == days[0]
+        )
+        if days
+        else 0.0
+    )
 
 
 def purchase_days(cust: RefCustomer) -> list[int]:
@@ -254,16 +268,39 @@ def reference_bgnbd(
     return p_alive, num / (1.0 + odds)
 
 
+def reference_gamma_gamma_spend(x: float, mean_spend: float, dp: K.DeriveParams) -> float:
+    """Gamma-Gamma's expected spend per purchase: the population mean pv/(q-1) and the
+    customer's own mean, weighted (q-1) : px."""
+    p, q, v = dp.gg_p, dp.gg_q, dp.gg_v
+    return (q - 1) / (p * x + q - 1) * (p * v / (q - 1)) + p * x / (p * x + q - 1) * mean_spend
+
+
+def reference_clv(
+    x: float, t_x: float, big_t: float, spend: float, months: int, discount: float,
+    r: float, alpha: float, a: float, b: float,
+) -> float:  # fmt: skip
+    """Discounted expected spend over ``months`` 30-day months: ``spend`` times the BG/NBD
+    purchases of each month (SciPy's 2F1), month i discounted by (1 + discount) ** i."""
+    expected = [0.0] + [
+        reference_bgnbd(x, t_x, big_t, 30 * i / 7, r, alpha, a, b)[1]
+        for i in range(1, months + 1)
+    ]
+    return sum(
+        spend * (expected[i] - expected[i - 1]) / (1 + discount) ** i
+        for i in range(1, months + 1)
+    )
+
+
 def reference_derive(cust: RefCustomer, as_of_ms: int, params: K.Params) -> dict[str, float]:
     """The derived columns for one customer, recomputed from its history."""
     dp = params.derive
     day = as_of_ms // K.MS_PER_DAY
-    week, month = (day + 3) // 7, day // 30
-    out = dict.fromkeys(K.DERIVED, 0.0)
+    week = (day + 3) // 7
+    out = dict.fromkeys(K.DERIVED, 0.0) | {"clv": math.nan}  # CLV: the segment rule's
     days = purchase_days(cust)
     buyer = bool(days)
-    orders_90, spend_90 = orders_window(cust, month, 3)
-    orders_365, spend_365 = orders_window(cust, month, 12)
+    orders_90, spend_90 = orders_window(cust, day, 90)
+    orders_365, spend_365 = orders_window(cust, day, 365)
     since = float(day - days[-1]) if buyer else -1.0
     gaps = [b - a for a, b in itertools.pairwise(days)]
     mean = sum(gaps) / len(gaps) if gaps else 0.0
@@ -276,6 +313,10 @@ def reference_derive(cust: RefCustomer, as_of_ms: int, params: K.Params) -> dict
         )
         _, e90 = reference_bgnbd(x, t_x, big_t, 90 / 7, dp.bg_r, dp.bg_alpha, dp.bg_a, dp.bg_b)
         out["expected_30d"], out["expected_90d"] = e30, e90
+        mean_spend = (cust.spend_total - first_day_spend(cust)) / x if x else 0.0
+        spend = reference_gamma_gamma_spend(x, mean_spend, dp)
+        out["clv"] = reference_clv(x, t_x, big_t, spend, dp.clv_months, dp.clv_discount,
+                                   dp.bg_r, dp.bg_alpha, dp.bg_a, dp.bg_b)  # fmt: skip
     out["p_alive"] = p_alive
 
     def drop(kind: str) -> float:
@@ -365,6 +406,8 @@ def reference_derive(cust: RefCustomer, as_of_ms: int, params: K.Params) -> dict
         segment = 3
     elif len(days) == 1 and since >= dp.potential_days and browsing:
         segment = 2
+    elif dp.high_clv_min > 0 and buyer and out["clv"] >= dp.high_clv_min:
+        segment = 5
     else:
         segment = 1
     out["segment"] = segment

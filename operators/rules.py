@@ -67,6 +67,9 @@ class TriggerBuilder:
 
     def __init__(self, config: CrmConfig):
         self._by_type: dict[str, Any] = dict(config.rules)  # trigger type -> its rule
+        # The value-model parameter set in use (state.model): recorded, not in the id,
+        # so a re-fitted model does not change the ids of re-emitted triggers.
+        self._model_version = config.value.model_version
 
     def build(self, candidate: Candidate) -> dict[str, Any]:
         """One trigger record (without ``emitted_at``, which the sink stamps).
@@ -85,7 +88,7 @@ class TriggerBuilder:
             "trigger_id": trigger_id(candidate.customer, name, rule.version, candidate.causal),
             "trigger_type": name,
             "customer_id": candidate.customer,
-            "rule": {"name": name, "version": rule.version},
+            "rule": {"name": name, "version": rule.version, "model_version": self._model_version},
             "reason": _why(candidate),
             "causal_event_id": candidate.causal,
             "event_time": event_time,
@@ -109,7 +112,7 @@ class TriggerBuilder:
             "customer_id": customer_id,
             "policy": policy,
             "reason": reason,
-            "rule": {"name": name, "version": rule.version},
+            "rule": {"name": name, "version": rule.version, "model_version": self._model_version},
             "candidate": _why(candidate),
             "event_time": event_time,
             "detected_at": event_time,

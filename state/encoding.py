@@ -9,8 +9,9 @@ an unknown or corrupt layout raises ``StateEncodingError`` naming the key.
 
 Windows are rings of buckets at fixed resolutions (see docs/state.md):
 10-minute and hourly buckets for the 1 h and 24 h windows, daily buckets for
-7 d / 14 d / 30 d, weekly buckets for 90 d and 30-day buckets of orders and
-spend for 90 d / 365 d. Small counters saturate instead of wrapping.
+7 d / 14 d / 30 d, weekly buckets for 90 d, and a 365-day ring of daily orders
+and spend for the true 90 d / 365 d figures. Small counters saturate instead
+of wrapping. Older layouts and their migration live in ``state.legacy``.
 """
 
 from __future__ import annotations
@@ -30,7 +31,9 @@ PREF_CATEGORIES = 32  # preference vector width: the taxonomy holds at most this
 KIND_ACTIVITY, KIND_VIEWS, KIND_CARTS, KIND_SESSIONS, KIND_ORDERS = range(5)
 WINDOW_KINDS = ("activity", "product_views", "cart_adds", "sessions", "orders")
 SHORT_KINDS = 2
-RING_10M, RING_1H, RING_1D, RING_1W, RING_30D = 6, 24, 30, 13, 13
+RING_10M, RING_1H, RING_1D, RING_1W = 6, 24, 30, 13
+# Daily orders and spend: the 90 d and 365 d figures cover exactly their days.
+RING_ORDERS = 365
 SIGNALS = (
     "activity_drop",
     "login_drop",
@@ -45,7 +48,7 @@ SIGNALS = (
 )
 NUM_SIGNALS = len(SIGNALS)
 STAGES = ("prospect", "new", "growing", "loyal", "at_risk", "dormant", "lost")
-SEGMENTS = ("prospect", "regular", "potential", "high_value", "dormant")
+SEGMENTS = ("prospect", "regular", "potential", "high_value", "dormant", "high_clv")
 TIERS = ("none", "silver", "gold")
 CHURN_LEVELS = ("low", "medium", "high")
 
@@ -80,15 +83,18 @@ STATE_DTYPE = np.dtype(
         ("base_1h", np.int32),
         ("base_1d", np.int32),
         ("base_1w", np.int32),
-        ("base_30d", np.int32),
+        ("base_orders_1d", np.int32),  # newest day of orders_1d / spend_1d (layout 6)
         ("win_10m", np.uint8, (RING_10M, SHORT_KINDS)),
         ("win_1h", np.uint8, (RING_1H, SHORT_KINDS)),
         ("win_1d", np.uint8, (RING_1D, len(WINDOW_KINDS))),
         ("win_1w", np.uint16, (RING_1W, len(WINDOW_KINDS))),
-        ("orders_30d", np.uint8, (RING_30D,)),  # orders per 30-day bucket (saturating)
-        ("spend_30d", np.float32, (RING_30D,)),  # spend per 30-day bucket, base currency
+        ("orders_1d", np.uint8, (RING_ORDERS,)),  # orders per day (saturating), layout 6
+        ("spend_1d", np.float32, (RING_ORDERS,)),  # spend per day, base currency, layout 6
         ("orders_total", np.uint32),
         ("spend_total", np.float64),
+        # Spend on the first purchase day (layout 6): Gamma-Gamma's mean spend per
+        # repeat purchase day is (spend_total - first_day_spend) / (purchase_days - 1).
+        ("first_day_spend", np.float64),
         ("last_order_amount", np.float32),
         ("first_purchase_day", np.int32),
         ("last_purchase_day", np.int32),
@@ -122,98 +128,71 @@ STATE_DTYPE = np.dtype(
         # no-repeat is pending (0: none); pending cart nudges are FLAG_CART_* bits.
         ("dormant_days", np.uint16),
         ("potential_ref_ms", np.int64),
-        # Layout 6: the customer's event-time clock (its newest event or fired timer:
-        # derived labels are evaluated as of it and never move back), and the last
-        # candidate that won priority arbitration: its time and trigger type (+1; 0 none).
+        # Layout 6: the value-model parameter set the stored labels were derived
+        # with (0: the configuration's; state.model).
+        ("model_version", np.uint16),
+        # The customer's event-time clock (its newest event or fired timer: derived
+        # labels are evaluated as of it and never move back), and the last candidate
+        # that won priority arbitration: its time and trigger type (+1; 0 none).
         ("clock_ms", np.int64),
         ("arb_ms", np.int64),
         ("arb_type", np.uint8),
+        ("reserved", np.uint8, (7,)),  # pads the record to whole 64-bit words (_pack)
     ]
 )
 STATE_BYTES = STATE_DTYPE.itemsize
 DEDUP_IDS = 8
 
-# Layout 5: layout 6 without the clock and the arbitration fields.
-STATE_DTYPE_V5 = np.dtype(STATE_DTYPE.descr[: STATE_DTYPE.names.index("potential_ref_ms") + 1])
-# Layout 4: layout 5 without the fields after ``birthday_md`` and the cart bits.
-STATE_DTYPE_V4 = np.dtype(STATE_DTYPE.descr[: STATE_DTYPE.names.index("birthday_md") + 1])
-# Layout 3: layout 4 without the wake-up fields, stored unpacked.
-STATE_DTYPE_V3 = np.dtype(
-    [
-        d
-        for d in STATE_DTYPE_V4.descr
-        if d[0] not in ("recheck_due_ms", "birthday_due_ms", "birthday_md")
-    ]
-)
-# Layout 2 (state model): layout 3 without the duplicate ring.
-STATE_DTYPE_V2 = np.dtype(
-    [d for d in STATE_DTYPE_V3.descr if d[0] not in ("recent_ids", "recent_s", "recent_next")]
-)
-
-# Layout 1 (foundation): kept to migrate blobs written before layout 2.
-STATE_DTYPE_V1 = np.dtype(
-    [
-        ("version", np.uint8),
-        ("flags", np.uint8),
-        ("streak_category", np.int16),
-        ("streak_len", np.uint16),
-        ("_reserved", np.uint16),
-        ("first_seen_ms", np.int64),
-        ("last_seen_ms", np.int64),
-        ("applied_partition", np.int32, (4,)),
-        ("applied_offset", np.int64, (4,)),
-        ("type_counts", np.uint32, (NUM_EVENT_TYPES,)),
-        ("ring_base_day", np.int32),
-        ("ring_views", np.uint16, (32,)),
-        ("ring_carts", np.uint16, (32,)),
-        ("ring_orders", np.uint16, (32,)),
-    ]
-)
-
-
 _VERSION_BYTE = bytes([LAYOUT_VERSION])
-# Layouts 4 and 5 are prefixes of layout 6 with the same initial values, so their
-# packed blobs unpack into a layout-6 record as they are (the new fields stay at
-# their initial values).
-_PACKED = (_VERSION_BYTE, bytes([4]), bytes([5]))
 
 
 class StateEncodingError(ValueError):
     """A stored state blob cannot be decoded."""
 
 
-def fresh_records(n: int) -> np.ndarray:
-    """``n`` empty customer records of the current layout."""
-    records = np.zeros(n, dtype=STATE_DTYPE)
-    records["version"] = LAYOUT_VERSION
-    records["streak_category"] = -1
-    records["applied_partition"] = -1
-    records["applied_offset"] = -1
-    records["first_seen_ms"] = np.iinfo(np.int64).max
-    records["last_seen_ms"] = np.iinfo(np.int64).min
-    for base in ("base_10m", "base_1h", "base_1d", "base_1w", "base_30d"):
-        records[base] = EMPTY_BASE
-    records["first_purchase_day"] = EMPTY_BASE
-    records["last_purchase_day"] = EMPTY_BASE
-    records["too_often_day"] = EMPTY_BASE
-    records["pref_snap_day"] = EMPTY_BASE
-    records["pref_ref_ms"] = np.iinfo(np.int64).min
-    records["clock_ms"] = np.iinfo(np.int64).min
+def fresh_records(
+    n: int, dtype: np.dtype = STATE_DTYPE, version: int = LAYOUT_VERSION
+) -> np.ndarray:
+    """``n`` empty customer records of the current layout (or of an older ``dtype``:
+    every field it has gets the same initial value)."""
+    records = np.zeros(n, dtype=dtype)
+    records["version"] = version
+    initial = {
+        "streak_category": -1,
+        "applied_partition": -1,
+        "applied_offset": -1,
+        "first_seen_ms": np.iinfo(np.int64).max,
+        "last_seen_ms": np.iinfo(np.int64).min,
+        "pref_ref_ms": np.iinfo(np.int64).min,
+        "clock_ms": np.iinfo(np.int64).min,
+    }
+    for name in (
+        "base_10m", "base_1h", "base_1d", "base_1w", "base_30d", "base_orders_1d",
+        "first_purchase_day", "last_purchase_day", "too_often_day", "pref_snap_day",
+    ):  # fmt: skip
+        initial[name] = EMPTY_BASE
+    for name, value in initial.items():
+        if name in dtype.names:
+            records[name] = value
     return records
 
 
-# Layouts 4 and 5 store a record packed: its bytes XOR a fresh record's (so a field
+# Layouts 4 to 6 store a record packed: its bytes XOR a fresh record's (so a field
 # still at its initial value becomes zeros), then runs of zeros squeezed out.
 # Packed, after the version byte: tokens of (zeros, n, n literal bytes), each
 # count one byte; zeros after the last token are implied.
 _TEMPLATE = np.frombuffer(fresh_records(1).tobytes(), np.uint8)
+# _pack compares whole 64-bit words of a record with the template's.
+assert STATE_BYTES % 8 == 0, f"pad STATE_DTYPE to a multiple of 8 bytes, not {STATE_BYTES}"
+_TEMPLATE_WORDS = _TEMPLATE.view(np.uint64)
 _MAX_PACKED = 1 + STATE_BYTES + 2 * (STATE_BYTES // 255 + 2)  # no zeros at all: worst case
 _MIN_ZERO_RUN = 3  # shorter zero runs stay inside a literal (a token costs 2 bytes)
 
 
 @njit(cache=True, nogil=True)
-def _pack(raw, template, out, ends):  # pragma: no cover - compiled
-    """Pack each row of ``raw`` (records as bytes) into ``out``; ``ends[i]`` is where row i ends."""
+def _pack(raw, words, template, template_words, out, ends):  # pragma: no cover - compiled
+    """Pack each row of ``raw`` (records as bytes; ``words``: the same as 64-bit words)
+    into ``out``; ``ends[i]`` is where row i ends."""
     width = raw.shape[1]
     pos = 0
     for r in range(raw.shape[0]):
@@ -222,8 +201,13 @@ def _pack(raw, template, out, ends):  # pragma: no cover - compiled
         i = 1
         while i < width:
             start = i
-            while i < width and raw[r, i] == template[i]:
-                i += 1
+            while i < width:  # bytes still at the template's value: 8 at a time where aligned
+                if i & 7 == 0 and words[r, i >> 3] == template_words[i >> 3]:
+                    i += 8
+                elif raw[r, i] == template[i]:
+                    i += 1
+                else:
+                    break
             if i == width:
                 break  # trailing zeros are implied
             zeros = i - start
@@ -254,12 +238,12 @@ def _pack(raw, template, out, ends):  # pragma: no cover - compiled
 
 @njit(cache=True, nogil=True)
 def _unpack(buf, starts, ends, rows, template, into):  # pragma: no cover - compiled
-    """Unpack blobs ``buf[starts[k]:ends[k]]`` into ``into[rows[k]]``; returns the
-    first corrupt blob's position in ``rows``, or -1."""
+    """Unpack blobs ``buf[starts[k]:ends[k]]`` into ``into[rows[k]]``, rows that hold
+    the ``template`` (fresh records); returns the first corrupt blob's position in
+    ``rows``, or -1."""
     width = into.shape[1]
     for k in range(starts.shape[0]):
         row = rows[k]
-        into[row, :] = template
         into[row, 0] = buf[starts[k]]
         pos, i, end = starts[k] + 1, 1, ends[k]
         while pos < end:
@@ -279,30 +263,45 @@ def _unpack(buf, starts, ends, rows, template, into):  # pragma: no cover - comp
 
 def decode_batch(blobs: list[bytes | None], keys: list[str]) -> np.ndarray:
     """Decode a batch's blobs (None = new customer) into one structured array."""
-    records = fresh_records(len(blobs))
+    records = np.empty(len(blobs), STATE_DTYPE)
+    records.view(np.uint8).reshape(len(blobs), STATE_BYTES)[:] = _TEMPLATE  # fresh records
     packed: list[int] = []
+    older: list[int] = []
     for i, blob in enumerate(blobs):
         if blob is None:
             continue
-        if blob[:1] in _PACKED:
-            packed.append(i)
-        else:
-            _migrate(blob, keys[i], records[i : i + 1])
+        (packed if blob[:1] == _VERSION_BYTE else older).append(i)
     if packed:
-        parts = [blobs[i] for i in packed]
-        ends = np.cumsum([len(p) for p in parts])
-        starts = ends - [len(p) for p in parts]
-        buf = np.frombuffer(b"".join(parts), np.uint8)
-        raw = records.view(np.uint8).reshape(len(records), STATE_BYTES)
-        bad = _unpack(buf, starts, ends, np.array(packed, np.int64), _TEMPLATE, raw)
-        if bad >= 0:
-            i = packed[bad]
-            raise StateEncodingError(
-                f"state at {keys[i]!r} is a corrupt layout-{blobs[i][0]} blob "
-                f"({len(blobs[i])} bytes)"
-            )
-        records["version"][packed] = LAYOUT_VERSION
+        unpack_into(records, blobs, keys, packed, _TEMPLATE)
+    if older:
+        from crmstream.state import legacy  # only while blobs of older layouts remain
+
+        legacy.migrate(blobs, keys, older, records)
     return records
+
+
+def unpack_into(
+    records: np.ndarray,
+    blobs: list[bytes | None],
+    keys: list[str],
+    rows: list[int],
+    template: np.ndarray,
+) -> None:
+    """Unpack the packed blobs at ``rows`` into those rows of ``records`` (fresh records of
+    the layout ``template``, a fresh record's bytes, is of); each row gets its blob's
+    version byte."""
+    parts = [blobs[i] for i in rows]
+    ends = np.cumsum([len(p) for p in parts])
+    starts = ends - [len(p) for p in parts]
+    buf = np.frombuffer(b"".join(parts), np.uint8)
+    width = records.dtype.itemsize
+    raw = records.view(np.uint8).reshape(len(records), width)
+    bad = _unpack(buf, starts, ends, np.array(rows, np.int64), template, raw)
+    if bad >= 0:
+        i = rows[bad]
+        raise StateEncodingError(
+            f"state at {keys[i]!r} is a corrupt layout-{blobs[i][0]} blob ({len(blobs[i])} bytes)"
+        )
 
 
 def encode_records(records: np.ndarray) -> list[bytes]:
@@ -311,49 +310,7 @@ def encode_records(records: np.ndarray) -> list[bytes]:
     raw = np.ascontiguousarray(records).view(np.uint8).reshape(n, STATE_BYTES)
     out = np.empty(n * _MAX_PACKED, np.uint8)
     ends = np.empty(n, np.int64)
-    _pack(raw, _TEMPLATE, out, ends)
+    _pack(raw, raw.view(np.uint64), _TEMPLATE, _TEMPLATE_WORDS, out, ends)
     data = out[: ends[-1]].tobytes() if n else b""
     bounds = [0, *ends.tolist()]
     return [data[bounds[i] : bounds[i + 1]] for i in range(n)]
-
-
-def _migrate(blob: bytes, key: str, into: np.ndarray) -> None:
-    """Read an older layout into ``into`` (a fresh current record)."""
-    for version, dtype in ((3, STATE_DTYPE_V3), (2, STATE_DTYPE_V2)):
-        if len(blob) == dtype.itemsize and blob[0] == version:
-            old = np.frombuffer(blob, dtype=dtype)[0]
-            for name in dtype.names:
-                if name != "version":
-                    into[name] = old[name]
-            return
-    if len(blob) == STATE_DTYPE_V1.itemsize and blob[0] == 1:
-        old = np.frombuffer(blob, dtype=STATE_DTYPE_V1)[0]
-        for name in (
-            "streak_len",
-            "first_seen_ms",
-            "last_seen_ms",
-            "applied_partition",
-            "applied_offset",
-        ):
-            into[name] = old[name]
-        into["rule_flags"] = old["flags"] & 1
-        into["streak_category"] = old["streak_category"]
-        into["type_counts"] = np.minimum(old["type_counts"], 65535)
-        # Layout 1 kept a 32-day ring of views, carts and orders; carry it over by day.
-        base = int(old["ring_base_day"])
-        if base != EMPTY_BASE:
-            into["base_1d"] = base
-            for day in range(base - RING_1D + 1, base + 1):
-                new_slot, old_slot = day % RING_1D, day % 32
-                for kind, ring in (
-                    (KIND_VIEWS, "ring_views"),
-                    (KIND_CARTS, "ring_carts"),
-                    (KIND_ORDERS, "ring_orders"),
-                ):
-                    into["win_1d"][0][new_slot, kind] = min(int(old[ring][old_slot]), 255)
-        return
-    version = blob[0] if blob else None
-    raise StateEncodingError(
-        f"state at {key!r} has layout version {version!r} and {len(blob)} bytes; "
-        f"this build reads layouts 1 to {LAYOUT_VERSION}"
-    )

@@ -3,10 +3,12 @@
 This module owns the format of ``{prefix}:{<customer>}:p``, the part of the
 state that downstream readers (customer 360, service desks) use without
 knowing the binary layout. By default it holds lifecycle stage, value
-segment, tier, churn level and top categories (``state.profile_fields``;
-churn score and contributors, P(alive), expected purchases, RFM, stage since,
-interest shift and last seen can be added, and ``crmstream profile`` shows
-them all from the binary state). Customer events add attributes and
+segment, tier, churn level, top categories and the value-model version they
+were derived with (``state.profile_fields``; churn score and contributors, RFM,
+stage since, interest shift and last seen can be added, and ``crmstream
+profile`` shows them all from the binary state). P(alive), expected purchases
+and CLV are never stored: they change with time alone, so the profile view
+computes them on read. Customer events add attributes and
 consent. Values are short strings; numbers have three decimals.
 """
 
@@ -78,9 +80,6 @@ _FIELDS: dict[str, _Field] = {
     "churn_level": _Field("churn_level", lambda rec, row, cfg, w: CHURN_LEVELS[rec["churn_level"]]),
     "churn_score": _Field(None, lambda rec, row, cfg, w: _num(row[COL["churn_score"]])),
     "churn_top": _Field(None, lambda rec, row, cfg, w: ",".join(churn_contributors(row, w))),
-    "p_alive": _Field(None, lambda rec, row, cfg, w: _num(row[COL["p_alive"]])),
-    "expected_30d": _Field(None, lambda rec, row, cfg, w: _num(row[COL["expected_30d"]])),
-    "expected_90d": _Field(None, lambda rec, row, cfg, w: _num(row[COL["expected_90d"]])),
     "rfm": _Field(
         None, lambda rec, row, cfg, w: "-".join(str(int(row[COL[x]])) for x in ("r", "f", "m"))
     ),
@@ -95,6 +94,7 @@ _FIELDS: dict[str, _Field] = {
         "last_seen_ms",
         lambda rec, row, cfg, w: iso_s(int(rec["last_seen_ms"])) if rec["last_seen_ms"] > 0 else "",
     ),
+    "model_version": _Field("model_version", lambda rec, row, cfg, w: str(rec["model_version"])),
 }
 assert tuple(_FIELDS) == PROFILE_FIELD_CHOICES  # what the config may choose
 
@@ -149,6 +149,7 @@ _COLUMNS: dict[str, Callable[[np.ndarray, CrmConfig], list[str]]] = {
     "tier": _named(TIERS, "tier"),
     "churn_level": _named(CHURN_LEVELS, "churn_level"),
     "top_categories": _top_names,
+    "model_version": lambda records, config: [str(v) for v in records["model_version"].tolist()],
 }
 
 

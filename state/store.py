@@ -429,6 +429,19 @@ class StateStore:
         """The shard's applied high-water marks per input partition."""
         return decode_progress(self._client.hgetall(self.progress_key(shard)))
 
+    def event_times(self, shards: int) -> dict[int, int]:
+        """Per shard, the newest event time it has applied over its input partitions:
+        its event-time watermark once its input is read to the end (docs/state.md,
+        "As of"). Shards that applied no event are left out."""
+        pipe = self._client.pipeline(transaction=False)
+        for shard in range(shards):
+            pipe.hgetall(self.progress_key(shard))
+        newest = {
+            shard: max((p.max_event_ms for p in decode_progress(raw).values()), default=-1)
+            for shard, raw in enumerate(pipe.execute())
+        }
+        return {shard: ms for shard, ms in newest.items() if ms >= 0}
+
     def resume_offsets(
         self, shards: int, positions: Iterable[Position]
     ) -> dict[Position, tuple[int, int]]:

@@ -41,34 +41,42 @@ def stack() -> Iterator[Endpoints]:
         yield embedded.endpoints
 
 
+def isolated(
+    stack: Endpoints, *overrides: str, partitions: int = 2, policies: bool = False
+) -> CrmConfig:
+    """A config with its own topics (created) and Redis key prefix, plus ``overrides``.
+
+    ``policies=False`` (scenario tests of trigger conditions) turns quiet hours off
+    and lifts the caps; policy tests pass ``policies=True``."""
+    tag = f"t{next(_ids)}x{os.getpid()}"
+    roles = TopicsConfig.model_fields
+    sets = [f"kafka.topics.{r}={tag}.{r}" for r in roles]
+    sets += [
+        f"kafka.brokers={','.join(stack.brokers)}",
+        f"redis.url={stack.redis_url}",
+        f"redis.key_prefix={tag}",
+        f"kafka.partitions={partitions}",
+        "metrics.enabled=false",
+    ]
+    if not policies:
+        sets += [
+            "policies.quiet_hours.start=00:00",
+            "policies.quiet_hours.end=00:00",
+            "policies.caps.per_day=8",
+            "policies.caps.per_week=8",
+        ]
+    sets += list(overrides)
+    config = load_config(None, sets, env={})
+    create_topics(list(stack.brokers), config)
+    return config
+
+
 @pytest.fixture
 def isolated_config(stack: Endpoints, request: pytest.FixtureRequest):
     """Build a config with this test's own topics and key prefix (plus overrides)."""
 
     def build(*overrides: str, partitions: int = 2, policies: bool = False) -> CrmConfig:
-        """``policies=False`` (scenario tests of trigger conditions) turns quiet hours off
-        and lifts the caps; policy tests pass ``policies=True``."""
-        tag = f"t{next(_ids)}x{os.getpid()}"
-        roles = TopicsConfig.model_fields
-        sets = [f"kafka.topics.{r}={tag}.{r}" for r in roles]
-        sets += [
-            f"kafka.brokers={','.join(stack.brokers)}",
-            f"redis.url={stack.redis_url}",
-            f"redis.key_prefix={tag}",
-            f"kafka.partitions={partitions}",
-            "metrics.enabled=false",
-        ]
-        if not policies:
-            sets += [
-                "policies.quiet_hours.start=00:00",
-                "policies.quiet_hours.end=00:00",
-                "policies.caps.per_day=8",
-                "policies.caps.per_week=8",
-            ]
-        sets += list(overrides)
-        config = load_config(None, sets, env={})
-        create_topics(list(stack.brokers), config)
-        return config
+        return isolated(stack, *overrides, partitions=partitions, policies=policies)
 
     return build
 

@@ -135,12 +135,25 @@ def test_the_profile_hash_holds_the_configured_fields_only():
     default = load_config(env={})
     weights = params_from(default).churn_weights
     assert list(profile_fields(record, row, default, weights)) == list(default.state.profile_fields)
-    wider = load_config(None, ["state.profile_fields=[stage,p_alive,rfm]"], env={})
+    wider = load_config(None, ["state.profile_fields=[stage,churn_score,rfm]"], env={})
     assert profile_fields(record, row, wider, weights) == {
         "stage": "prospect",
-        "p_alive": "0.000",
+        "churn_score": "0.000",
         "rfm": "0-0-0",
     }
+    record["model_version"] = 3
+    assert profile_fields(record, row, default, weights)["model_version"] == "3"
+
+
+@pytest.mark.parametrize("field", ["p_alive", "expected_30d", "expected_90d", "clv"])
+def test_values_that_move_with_time_are_not_stored_and_a_config_asking_for_them_says_why(field):
+    """P(alive), expected purchases and CLV change as time passes with no event: a stored
+    copy would go stale (issue 36), so they are computed on read; asking to store one
+    is an error that names it and says where to read it."""
+    with pytest.raises(ConfigError) as error:
+        load_config(None, [f"state.profile_fields=[stage,{field}]"], env={})
+    message = str(error.value)
+    assert f"'{field}'" in message and "compute them on read" in message
 
 
 @pytest.mark.parametrize("fields", ["all", "default", "none"])
@@ -188,7 +201,7 @@ def test_the_profile_hash_is_rewritten_only_when_a_configured_field_can_change()
     from crmstream.state.encoding import fresh_records
     from crmstream.state.profile import profile_changed
 
-    config = load_config(env={})  # stage, segment, tier, churn_level, top_categories
+    config = load_config(env={})  # stage, segment, tier, churn level, top categories, model
     before = fresh_records(4)
     before["pref"][:, :3] = [0.9, 0.5, 0.1]
     after = before.copy()
@@ -199,8 +212,10 @@ def test_the_profile_hash_is_rewritten_only_when_a_configured_field_can_change()
     assert profile_changed(before, after, config).tolist() == [True, False, True, False]
     with_seen = load_config(None, ["state.profile_fields=[stage,last_seen]"], env={})
     assert profile_changed(before, after, with_seen).tolist() == [True, False, False, True]
-    derived = load_config(None, ["state.profile_fields=[stage,p_alive]"], env={})
+    derived = load_config(None, ["state.profile_fields=[stage,churn_score]"], env={})
     assert profile_changed(before, after, derived).all()  # moves with time: always written
+    after["model_version"][1] = 2  # a new value model: the hash records it
+    assert profile_changed(before, after, config).tolist() == [True, True, True, False]
 
 
 @pytest.mark.parametrize(
@@ -243,3 +258,12 @@ def test_librdkafka_properties_keep_their_dots_from_flags_and_env():
     ]
     with pytest.raises(ConfigError, match=r"sasl\.password = '\*\*\*' \(from env CRMSTREAM__"):
         load_config(env={"CRMSTREAM__KAFKA__CLIENT__SASL_PASSWORD": "[x]"})
+
+
+@pytest.mark.parametrize("sets", [["bgnbd.a=1"], ["bgnbd.a=0.4", "bgnbd.b=0.6"]])
+def test_bgnbd_parameters_at_a_singular_point_are_refused(sets):
+    """a = 1 divides by zero in the expected purchases, and a + b = 1 gives a 2F1 with
+    c = 0 for every customer without a repeat purchase: refused at start, not a crash
+    in the first batch."""
+    with pytest.raises(ConfigError, match="singular point"):
+        load_config(None, sets, env={})

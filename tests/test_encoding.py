@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from crmstream.state.encoding import (
@@ -73,7 +73,7 @@ def test_a_fresh_record_packs_to_its_version_byte():
     assert encode_records(fresh_records(2)) == [bytes([LAYOUT_VERSION])] * 2
 
 
-@given(st.sampled_from([4, LAYOUT_VERSION]), st.binary(max_size=64))
+@given(st.sampled_from([4, 5, LAYOUT_VERSION]), st.binary(max_size=64))
 def test_any_packed_bytes_decode_or_raise_a_clear_error(version, payload):
     blob = bytes([version]) + payload
     try:
@@ -82,7 +82,7 @@ def test_any_packed_bytes_decode_or_raise_a_clear_error(version, payload):
         assert "crm:{c1}:s" in str(error) and "corrupt" in str(error)
 
 
-@pytest.mark.parametrize("version", [4, LAYOUT_VERSION])
+@pytest.mark.parametrize("version", [4, 5, LAYOUT_VERSION])
 def test_truncated_packed_state_names_the_key(version):
     with pytest.raises(
         StateEncodingError, match=rf"state at .crm:\{{c1\}}:s. is a corrupt layout-{version}"
@@ -106,53 +106,112 @@ def _pack_by_the_docs(raw: bytes, template: bytes) -> bytes:
     return bytes(out)
 
 
+def _old_record(dtype: np.dtype, version: int, **fields: object) -> np.ndarray:
+    """A record of an older layout at its initial values, with ``fields`` set."""
+    from crmstream.state.encoding import fresh_records as fresh
+
+    old = fresh(1, dtype, version)
+    for name, value in fields.items():
+        old[name] = value
+    return old
+
+
 def test_layout_4_state_is_read_with_no_timers_in_the_record():
     """A layout-4 blob (packed against the layout-4 fresh record) decodes to the same
-    fields, the later layouts' fields as a fresh record has them, and is written back in
+    fields, the later layouts' fields at their initial values, and is written back as
     the current layout."""
-    from crmstream.state.encoding import STATE_DTYPE_V4
+    from crmstream.state.legacy import STATE_DTYPE_V4
 
-    current = fresh_records(1)
-    current["orders_total"] = 7
-    current["recent_ids"][0, 0] = 99
-    current["recheck_due_ms"] = 1_767_000_000_000
-    current["birthday_md"] = 1224
-    old = np.zeros(1, dtype=STATE_DTYPE_V4)
-    template = np.zeros(1, dtype=STATE_DTYPE_V4)
-    for name in STATE_DTYPE_V4.names:
-        old[name] = current[name]
-        template[name] = fresh_records(1)[name]
-    old["version"] = 4
+    old = _old_record(STATE_DTYPE_V4, 4, orders_total=7, recheck_due_ms=1_767_000_000_000,
+                      birthday_md=1224)  # fmt: skip
+    old["recent_ids"][0, 0] = 99
+    template = fresh_records(1, STATE_DTYPE_V4, 4)
     blob = _pack_by_the_docs(old.tobytes(), template.tobytes())
     (new,) = decode_batch([blob], ["crm:{c1}:s"])
     assert new["version"] == LAYOUT_VERSION
     for name in STATE_DTYPE_V4.names:
-        if name != "version":
-            assert np.array_equal(new[name], current[0][name]), name
+        if name in STATE_DTYPE.names and name != "version":
+            assert np.array_equal(new[name], old[0][name]), name
     fresh = fresh_records(1)[0]
-    for name in STATE_DTYPE.names[len(STATE_DTYPE_V4.names) :]:
-        assert new[name] == fresh[name], name
+    for name in set(STATE_DTYPE.names) - set(STATE_DTYPE_V4.names):
+        assert np.array_equal(new[name], fresh[name]), name
+    assert encode_records(new.reshape(1))[0][0] == LAYOUT_VERSION
+
+
+def test_layout_5_state_is_read_with_its_30_day_buckets_on_days():
+    """Layout 5 kept orders and spend in 30-day buckets aligned to the epoch. Each
+    bucket lands on the latest purchase day the 64-day bitmap knows inside it, else on
+    its last day up to the last purchase; every other field carries over."""
+    from crmstream.state.legacy import RING_30D, STATE_DTYPE_V5
+
+    last = 20_000  # epoch day; its bucket is 666 (days 19_980 .. 20_009)
+    bits = 1 | 1 << 5 | 1 << 25  # purchases on days 20_000, 19_995 and 19_975
+    old = _old_record(STATE_DTYPE_V5, 5, base_30d=666, purchase_days=4, orders_total=6,
+                      spend_total=150.0, first_purchase_day=19_700, last_purchase_day=last,
+                      purchase_day_bits=bits, dormant_days=30, ipt_sq_sum=12.5)  # fmt: skip
+    for month, orders, spend in ((666, 3, 90.0), (665, 1, 20.0), (656, 2, 40.0), (654, 9, 1.0)):
+        old["orders_30d"][0, month % RING_30D] = orders
+        old["spend_30d"][0, month % RING_30D] = spend
+    blob = _pack_by_the_docs(old.tobytes(), fresh_records(1, STATE_DTYPE_V5, 5).tobytes())
+    (new,) = decode_batch([blob], ["crm:{c1}:s"])
+    assert new["version"] == LAYOUT_VERSION
+    for name in STATE_DTYPE_V5.names:
+        if name in STATE_DTYPE.names and name != "version":
+            assert np.array_equal(new[name], old[0][name]), name
+    ring = {d: (int(new["orders_1d"][d % 365]), float(new["spend_1d"][d % 365]))
+            for d in range(last - 364, last + 1) if new["orders_1d"][d % 365]}  # fmt: skip
+    # 666 -> day 20_000 (the bitmap's newest in it), 665 -> 19_975 (known), 656 and the
+    # oldest bucket, 654, on their last days
+    assert ring == {20_000: (3, 90.0), 19_975: (1, 20.0), 19_709: (2, 40.0), 19_649: (9, 1.0)}
+    assert new["base_orders_1d"] == last
+    assert new["first_day_spend"] == 25.0  # several purchase days: the average order
+    assert new["model_version"] == 0
     assert encode_records(new.reshape(1))[0][0] == LAYOUT_VERSION
 
 
 def test_layout_3_state_is_migrated_with_no_pending_wake_up():
-    from crmstream.state.encoding import STATE_DTYPE_V3
+    from crmstream.state.legacy import STATE_DTYPE_V3
 
-    current = fresh_records(1)
-    current["orders_total"] = 7
-    current["recent_ids"][0, 0] = 99
-    old = np.zeros(1, dtype=STATE_DTYPE_V3)
-    for name in STATE_DTYPE_V3.names:
-        old[name] = current[name]
-    old["version"] = 3
+    old = _old_record(STATE_DTYPE_V3, 3, orders_total=7)
+    old["recent_ids"][0, 0] = 99
     (new,) = decode_batch([old.tobytes()], ["crm:{c1}:s"])
     assert new["version"] == LAYOUT_VERSION and new["orders_total"] == 7
     assert new["recent_ids"][0] == 99
     assert (new["recheck_due_ms"], new["birthday_due_ms"], new["birthday_md"]) == (0, 0, 0)
 
 
-def test_state_stays_small():
-    assert STATE_BYTES <= 1024
+BUDGET_PURCHASE_DAYS = 40  # docs/state.md: the 1 KiB bound holds up to this many
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    order_days=st.sets(
+        st.integers(0, 364), min_size=BUDGET_PURCHASE_DAYS, max_size=BUDGET_PURCHASE_DAYS
+    ),
+    amounts=st.lists(st.floats(0.01, 100_000, allow_nan=False), min_size=1, max_size=8),
+    seed=st.integers(0, 2**16),
+)
+def test_a_busy_year_packs_within_the_budget(order_days, amounts, seed):
+    """A customer active every day of the year (a session, three views of random
+    categories and a cart add each day) with 40 purchase days stores at most 1 KiB."""
+    from crmstream.config import load_config
+    from crmstream.operators import kernels as K
+
+    params = K.params_from(load_config(env={}))
+    rng = np.random.default_rng(seed)
+    start = 20_000 * K.MS_PER_DAY
+    rows = []
+    for day in range(365):
+        t = start + day * K.MS_PER_DAY + int(rng.integers(0, K.MS_PER_DAY - 10))
+        rows += [(0, K.SESSION_START, -1, t, 0.0, 0.0), (0, K.ADD_TO_CART, 3, t + 2, 0.0, 0.0)]
+        rows += [(0, K.PRODUCT_VIEW, int(c), t + 1, 0.0, 0.0) for c in rng.integers(0, 32, 3)]
+        if day in order_days:
+            rows.append((0, K.ORDER_PLACED, 2, t + 3, amounts[day % len(amounts)], 0.0))
+    rows.sort(key=lambda r: r[3])
+    records = fresh_records(1)
+    K.apply_batch(records, K.events_of(rows), params)
+    K.derive_batch(records, records["last_seen_ms"].copy(), params)
+    assert len(encode_records(records)[0]) <= 1024
 
 
 @pytest.mark.parametrize("blob", [b"\x09" + bytes(STATE_BYTES - 1), b"\x01\x02"])
@@ -162,12 +221,8 @@ def test_unknown_layout_names_the_key(blob):
 
 
 def test_layout_1_state_is_migrated_on_read():
-    from crmstream.state.encoding import (
-        KIND_CARTS,
-        KIND_VIEWS,
-        RING_1D,
-        STATE_DTYPE_V1,
-    )
+    from crmstream.state.encoding import KIND_CARTS, KIND_VIEWS, RING_1D
+    from crmstream.state.legacy import STATE_DTYPE_V1
 
     old = np.zeros(1, dtype=STATE_DTYPE_V1)
     old["version"] = 1
@@ -200,16 +255,10 @@ def test_layout_1_state_is_migrated_on_read():
 
 
 def test_layout_2_state_is_migrated_on_read_with_an_empty_duplicate_ring():
-    from crmstream.state.encoding import STATE_DTYPE_V2
+    from crmstream.state.legacy import STATE_DTYPE_V2
 
-    current = fresh_records(1)
-    current["orders_total"] = 7
-    current["pref"][0, 3] = 0.5
-    current["applied_offset"] = [9, 3, -1, -1]
-    old = np.zeros(1, dtype=STATE_DTYPE_V2)
-    for name in STATE_DTYPE_V2.names:
-        old[name] = current[name]
-    old["version"] = 2
+    old = _old_record(STATE_DTYPE_V2, 2, orders_total=7, applied_offset=[9, 3, -1, -1])
+    old["pref"][0, 3] = 0.5
 
     (new,) = decode_batch([old.tobytes()], ["crm:{c1}:s"])
     assert new["version"] == LAYOUT_VERSION

@@ -41,7 +41,7 @@ def test_three_views_in_one_category_fire_one_browse_interest(isolated_config, s
     assert [t["customer_id"] for t in browse] == ["alice"]
     record = browse[0]
     assert record["causal_event_id"] == third
-    assert record["rule"] == {"name": "browse_interest", "version": 1}
+    assert record["rule"] == {"name": "browse_interest", "version": 1, "model_version": 0}
     assert record["reason"]["values"] == {"category": "beauty", "consecutive_views": 3}
     assert record["reason"]["thresholds"] == {"consecutive_views": 3}
     assert record["event_time"] == "2026-01-01T00:00:20.000+00:00"

@@ -13,8 +13,10 @@ from scipy.special import hyp2f1 as scipy_hyp2f1
 
 from crmstream.config import load_config
 from crmstream.operators import kernels as K
+from crmstream.operators.btyd import hyp2f1
 from crmstream.operators.reference import (
     RefCustomer,
+    first_day_spend,
     orders_window,
     preference,
     purchase_days,
@@ -165,13 +167,16 @@ def _check_state(record, ref: RefCustomer):
         assert K.window_sum(record["win_1w"], record["base_1w"], week, 13, kind) == window(
             ref, "1w", KIND_NAMES[kind], week, 13
         )
-    month = now // K.MS_PER_DAY // 30
-    for span in (3, 12):
-        orders, spend = orders_window(ref, month, span)
-        assert K.window_sum1(record["orders_30d"], record["base_30d"], month, span) == orders
-        assert K.window_sum1(record["spend_30d"], record["base_30d"], month, span) == (
-            pytest.approx(spend, rel=1e-5)
-        )
+    today = now // K.MS_PER_DAY
+    for later in (0, 1, 89, 90, 200, 364, 365):  # as of now and as time goes on
+        for span in (1, 7, 90, 365):
+            day = today + later
+            orders, spend = orders_window(ref, day, span)
+            got = K.window_sum1(record["orders_1d"], record["base_orders_1d"], day, span)
+            assert got == orders, (later, span)
+            got = K.window_sum1(record["spend_1d"], record["base_orders_1d"], day, span)
+            assert got == pytest.approx(spend, rel=1e-5, abs=1e-4), (later, span)
+    assert float(record["first_day_spend"]) == pytest.approx(first_day_spend(ref), rel=1e-9)
     vec = preference(ref, list(PARAMS.pref_weights), PARAMS.kernel.half_life_ms)
     assert list(record["pref"]) == pytest.approx(vec, rel=1e-4, abs=1e-4)
     assert all(abs(int(a) - b) <= 1 for a, b in zip(record["pref_snap"], ref.snap, strict=True))
@@ -214,9 +219,11 @@ def test_apply_matches_reference_across_batch_boundaries(
 @given(
     raw=st.lists(event_strategy, min_size=1, max_size=40),
     later_days=st.lists(st.integers(0, 400), min_size=1, max_size=3),
+    high_clv_min=st.sampled_from([0.0, 5.0, 10.0, 20.0, 500.0]),
 )
-def test_derive_matches_reference(raw, later_days):
+def test_derive_matches_reference(raw, later_days, high_clv_min):
     events = _materialise(raw)
+    params = PARAMS._replace(derive=PARAMS.derive._replace(high_clv_min=high_clv_min))
     _, _, records = run_kernel([events])
     ref: dict[str, RefCustomer] = {}
     reference_apply(events, ref, PARAMS.kernel, list(PARAMS.pref_weights), PARAMS)
@@ -229,9 +236,9 @@ def test_derive_matches_reference(raw, later_days):
             ],
             np.int64,
         )
-        out = K.derive_batch(records, as_of, PARAMS)
+        out = K.derive_batch(records, as_of, params)
         for i, cid in enumerate(CUSTOMERS):
-            want = reference_derive(ref.setdefault(cid, RefCustomer()), int(as_of[i]), PARAMS)
+            want = reference_derive(ref.setdefault(cid, RefCustomer()), int(as_of[i]), params)
             for name in K.DERIVED:
                 if name.startswith("old_"):
                     continue
@@ -240,9 +247,57 @@ def test_derive_matches_reference(raw, later_days):
                     assert math.isnan(got), name
                 else:
                     assert got == pytest.approx(exp, rel=1e-6, abs=1e-6), name
+            if not math.isnan(want["clv"]):  # the high-CLV rule's CLV
+                day = int(as_of[i]) // K.MS_PER_DAY
+                got_clv = K.clv_of(records[i], day, params.derive)
+                assert got_clv == pytest.approx(want["clv"], rel=1e-6, abs=1e-9)
             assert STAGES[records[i]["stage"]] == STAGES[want["stage"]]
             assert int(records[i]["segment"]) == want["segment"]
             assert int(records[i]["tier"]) == want["tier"]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    orders=st.lists(
+        st.tuples(st.integers(0, 800), st.integers(0, 23), st.sampled_from([0.01, 9.99, 120.5])),
+        min_size=1,
+        max_size=30,
+    ),
+    as_of=st.lists(
+        st.tuples(  # a day at or near a window's edge from one of the orders, or any day
+            st.integers(0, 29),
+            st.sampled_from([0, 1, 88, 89, 90, 91, 363, 364, 365, 366]),
+            st.integers(0, 1300),
+            st.booleans(),
+        ),
+        min_size=1,
+        max_size=6,
+    ),
+)
+def test_order_windows_cover_exactly_their_days(orders, as_of):
+    """orders_90d, spend_90d, orders_365d and spend_365d count exactly the orders on the
+    90 and 365 days up to the day asked (that day included), at any later day; the
+    orders come in time order over two years, several on some days."""
+    events = sorted(
+        ("a", K.ORDER_PLACED, 0, BASE_MS + d * K.MS_PER_DAY + h * K.MS_PER_HOUR, amount, 0.0)
+        for d, h, amount in orders
+    )
+    _, _, records = run_kernel([events])
+    order_days = [e[3] // K.MS_PER_DAY for e in events]
+    for which, edge, anywhere, near_edge in as_of:
+        day = (
+            order_days[which % len(order_days)] + edge
+            if near_edge
+            else (BASE_MS // K.MS_PER_DAY + anywhere)
+        )
+        day = max(day, order_days[-1])  # the state holds no history before its newest order
+        ms = np.array([day * K.MS_PER_DAY + K.MS_PER_DAY - 1, BASE_MS, BASE_MS], np.int64)
+        out = K.derive_batch(records.copy(), ms, PARAMS)[0]
+        for span in (90, 365):
+            days = [e for e in events if day - span < e[3] // K.MS_PER_DAY <= day]
+            assert out[K.COL[f"orders_{span}d"]] == len(days), (day, span)
+            spend = sum(e[4] for e in days)
+            assert out[K.COL[f"spend_{span}d"]] == pytest.approx(spend, rel=1e-6, abs=1e-9)
 
 
 @pytest.mark.parametrize(
@@ -257,7 +312,7 @@ def test_derive_matches_reference(raw, later_days):
     ],
 )
 def test_hyp2f1_matches_scipy(a, b, c, z):
-    assert K.hyp2f1(a, b, c, z) == pytest.approx(scipy_hyp2f1(a, b, c, z), rel=1e-10)
+    assert hyp2f1(a, b, c, z) == pytest.approx(scipy_hyp2f1(a, b, c, z), rel=1e-10)
 
 
 def test_compiled_path_really_ran():

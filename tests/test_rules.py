@@ -87,7 +87,7 @@ def test_trigger_and_suppression_records_keep_their_bytes():
     cand = CART
     head = '{"schema_version":1,"trigger_id":"2dbaef5b5446e7171930467b2dfcc308",'
     head += '"trigger_type":"cart_abandoned",'
-    rule = '"rule":{"name":"cart_abandoned","version":1},'
+    rule = '"rule":{"name":"cart_abandoned","version":1,"model_version":0},'
     why = '{"values":{"cart_value":42.5},"thresholds":{"cart_abandon_minutes":30},'
     why += '"window":{"from":"2026-01-01T00:00:00Z"}}'
     times = '"event_time":"2026-01-01T00:00:00.123+00:00",'
@@ -132,3 +132,19 @@ def test_a_suppression_record_carries_the_trigger_id_rule_and_reason_build_gives
         "customer_id",
         "policy",
     ]
+
+
+def test_trigger_records_carry_the_value_model_version_outside_the_id():
+    """The value-model parameter set in use is recorded in every trigger and suppression;
+    a refit does not change the ids of triggers re-emitted for the same causal event."""
+    from crmstream.operators.rules import TriggerBuilder
+
+    config = load_config(env={})
+    refitted = config.model_copy(
+        update={"value": config.value.model_copy(update={"model_version": 7})}
+    )
+    before, after = TriggerBuilder(config).build(CART), TriggerBuilder(refitted).build(CART)
+    assert (before["rule"]["model_version"], after["rule"]["model_version"]) == (0, 7)
+    assert before["trigger_id"] == after["trigger_id"]
+    stopped = TriggerBuilder(refitted).suppression(CART, "c{1}", "cooldown", "...")
+    assert stopped["rule"]["model_version"] == 7
