@@ -12,9 +12,10 @@ import itertools
 import re
 from datetime import datetime
 from typing import Annotated, Literal
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from crmstream.operators.zones import find_zone
 
 _TOPIC_NAME = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
 _CURRENCY = re.compile(r"^[A-Z]{3}$")
@@ -389,10 +390,8 @@ class QuietHoursConfig(_Frozen):
     @field_validator("default_timezone")
     @classmethod
     def _tz(cls, value: str) -> str:
-        try:
-            ZoneInfo(value)
-        except (ZoneInfoNotFoundError, ValueError):
-            raise ValueError(f"not an IANA time zone: {value!r}") from None
+        if find_zone(value) is None:  # a directory such as "America" raised IsADirectoryError
+            raise ValueError(f"not an IANA time zone: {value!r}")
         return value
 
 

@@ -62,6 +62,9 @@ def test_country_code_no_and_clock_times_stay_text(tmp_path):
     assert config.processing.shards == 16  # numbers are still numbers
     with pytest.raises(ConfigError, match=r"default_timezone = 'no' \(from --set\)"):
         load_config(overrides=["policies.quiet_hours.default_timezone=no"], env={})
+    for directory in ("America", "a" * 300):  # IsADirectoryError, OSError before issue 34
+        with pytest.raises(ConfigError, match="not an IANA time zone"):
+            load_config(overrides=[f"policies.quiet_hours.default_timezone={directory}"], env={})
 
 
 @pytest.mark.parametrize(

@@ -93,6 +93,20 @@ def test_zones_are_kept_and_unknown_names_are_none():
         assert find_zone(bad) is None, bad
 
 
+@given(
+    st.sampled_from(["America", "Europe", "Etc", "posix", "right", ".", "/", "America/"])
+    | st.text(max_size=400)
+    | st.just("a" * 300)
+    | st.integers()
+    | st.none()
+)
+def test_find_zone_never_raises_on_any_name(name):
+    """A directory of the time-zone database ("America": IsADirectoryError) or a name
+    too long for a file (OSError) stopped the flow in route_batch (issue 34)."""
+    zone = find_zone(name)
+    assert zone is None or (zone.key == name and name in available_timezones())
+
+
 def test_policies_send_in_the_default_zone_when_the_profile_zone_is_unknown():
     config = load_config()
     engine = PolicyEngine(config)
