@@ -168,6 +168,10 @@ class ProcessingConfig(_Frozen):
     max_event_bytes: Annotated[int, Field(ge=256)] = 65536
     max_future_skew_seconds: Annotated[int, Field(ge=0)] = 86400
     min_event_time: datetime = datetime.fromisoformat("2000-01-01T00:00:00+00:00")
+    # order_shipped's promised_delivery_time: at most this many days before or after
+    # the event's own time; a promise outside is dead-lettered.
+    promised_delivery_max_days_before: Annotated[int, Field(ge=0, le=3650)] = 365
+    promised_delivery_max_days_after: Annotated[int, Field(ge=0, le=3650)] = 365
     # Python's cyclic garbage collector: tracked objects allocated, net of those
     # freed, between young-generation collections (Python's default is 700), and
     # start-up objects frozen out of its scans (``flows.runtime.tune_gc``).

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import math
 import re
+import reprlib
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Annotated, Any, Literal, NamedTuple
@@ -78,6 +79,42 @@ _PHONE_FIELD = re.compile(rb'("phone"\s*:\s*)("[^"]*"|[0-9+() .-]+)')
 _PHONE_INTL = re.compile(rb"\+\d[\d ()./-]{6,}\d")  # +CC ... anywhere else
 
 MAX_ID_LEN = 128
+MAX_QUERY_LEN = 1024  # search text: no rule reads it, but every string has a bound
+MAX_LANGUAGE_LEN = 35  # RFC 5646 4.4.1: the length every implementation should accept
+MAX_QUANTITY = 1e6
+# A caller may send its own keyed hashes: stored only in the format ours have.
+HASH_FIELDS = ("email_hash", "phone_hash")
+_HASH = re.compile(r"[0-9a-f]{32}")
+_LANGUAGE = re.compile(r"[A-Za-z]{2,8}(?:-[A-Za-z0-9]{1,8})*")
+_MONTH_DAY = re.compile(r"[0-9]{2}-[0-9]{2}")
+# The fields of a non-clickstream event that rules, timers and profiles read
+# (``ParsedEvent.fields``); others are not carried past validation.
+KEPT_FIELDS = (
+    "order_id",
+    "promised_delivery_time",
+    "status",
+    "channel",
+    "country",
+    "timezone",
+    "language",
+    "birthday",
+    "preferred_channel",
+    *HASH_FIELDS,
+)
+
+
+def is_customer_id(value: Any) -> bool:
+    """The customer-id alphabet (docs/events.md): 1-128 printable characters (letters,
+    marks, numbers, punctuation, symbols and the ASCII space: no control, format,
+    separator or private-use characters, ``str.isprintable``), not starting with "}",
+    which would end the ``{customer}`` hash tag of the customer's Redis keys empty and
+    scatter them over Redis Cluster slots."""
+    return (
+        type(value) is str
+        and 0 < len(value) <= MAX_ID_LEN
+        and value.isprintable()
+        and value[0] != "}"
+    )
 
 
 class ParsedEvent(NamedTuple):
@@ -94,9 +131,9 @@ class ParsedEvent(NamedTuple):
     offset: int
     ingest_ms: int  # the Kafka message timestamp
     aux: float  # sentiment (tickets), rating (reviews), status code (logistics), else 0
-    # The validated JSON object, read for orders (ids, promises), profile and consent
-    # updates, and tickets; empty for clickstream events, whose other fields no rule
-    # reads: that keeps the items exchanged between worker processes small.
+    # The validated fields rules, timers and profiles read (``KEPT_FIELDS``) of orders,
+    # customer and feedback events; empty for clickstream events, whose other fields
+    # no rule reads: that keeps the items exchanged between worker processes small.
     fields: dict[str, Any]
 
 
@@ -121,12 +158,17 @@ class _Invalid(Exception):
 
 
 def _is_country(value: Any) -> bool:
-    """An ISO 3166 alpha-2 code as accepted: two upper-case characters."""
-    return type(value) is str and len(value) == 2 and value.isupper()
+    """An ISO 3166 alpha-2 code as accepted: two upper-case ASCII letters."""
+    return type(value) is str and len(value) == 2 and value.isascii() and value.isupper()
+
+
+# Bounded in depth and size: the repr of a 1,000-deep list would raise RecursionError.
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother, _REPR.maxlong = 2, 60, 60, 40
 
 
 def _show(value: Any) -> str:
-    text = repr(value)
+    text = _REPR.repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
 
 
@@ -244,7 +286,7 @@ class _Click(msgspec.Struct, forbid_unknown_fields=True, gc=False):
     category: str | None = None
     price: Annotated[float, msgspec.Meta(ge=0.0, le=1e9)] | msgspec.UnsetType = msgspec.UNSET
     currency: str | None = None
-    query: str | None = None  # search text: no rule reads it
+    query: Annotated[str, msgspec.Meta(max_length=MAX_QUERY_LEN)] | None = None  # no rule reads it
 
 
 _CLICK_DECODER = msgspec.json.Decoder(_Click)
@@ -265,6 +307,8 @@ class EventValidator:
         self._max_bytes = config.processing.max_event_bytes
         self._min_time_ms = config.processing.min_event_time_ms
         self._max_skew_ms = config.processing.max_future_skew_seconds * 1000
+        self._promise_before_ms = config.processing.promised_delivery_max_days_before * 86_400_000
+        self._promise_after_ms = config.processing.promised_delivery_max_days_after * 86_400_000
         self._pii_key = hashlib.blake2b(config.privacy.pii_salt.encode()).digest()[:64]
 
     def redact(self, raw: bytes) -> bytes:
@@ -325,8 +369,13 @@ class EventValidator:
                 # message to the checked way, which words the rejection.
                 ok = (
                     self._min_time_ms <= c.event_time <= now_ms + self._max_skew_ms
-                    # msgspec typed it str: _is_country's other checks
-                    and (c.country is None or (len(c.country) == 2 and c.country.isupper()))
+                    # msgspec typed them str: is_customer_id's and _is_country's other checks
+                    and c.customer_id.isprintable()
+                    and c.customer_id[0] != "}"
+                    and (
+                        c.country is None
+                        or (len(c.country) == 2 and c.country.isascii() and c.country.isupper())
+                    )
                 )
                 code = EVENT_CODE[c.event_type]
                 category = -1
@@ -394,11 +443,12 @@ class EventValidator:
             if type(obj) is not dict:
                 raise _Invalid(None, f"event must be a JSON object, got {type(obj).__name__}")
             customer_id = obj.get("customer_id")
-            customer_id = customer_id if type(customer_id) is str else None
+            customer_id = customer_id if is_customer_id(customer_id) else None
             return self._validate(obj, topic, partition, offset, timestamp_ms, now_ms)
         except _Invalid as bad:
             event_id = obj.get("event_id") if type(obj) is dict else None
-            label = f"event {event_id!r}" if type(event_id) is str else "message"
+            shown = type(event_id) is str and len(event_id) <= MAX_ID_LEN
+            label = f"event {event_id!r}" if shown else "message"
             reason = f"{label} on {topic}[{partition}]@{offset}: {bad.message}"
             return InvalidEvent(
                 reason, bad.field, customer_id, key, value, topic, partition, offset
@@ -419,6 +469,12 @@ class EventValidator:
     ) -> ParsedEvent:
         event_id = _id(obj, "event_id")
         customer_id = _id(obj, "customer_id")
+        if not is_customer_id(customer_id):
+            raise _Invalid(
+                "customer_id",
+                "field 'customer_id' must be printable characters (no control or format "
+                f"characters) not starting with '}}', got {_show(customer_id)}",
+            )
         event_type = obj.get("event_type")
         spec = _SPECS.get(event_type) if type(event_type) is str else None
         if spec is None:
@@ -441,6 +497,9 @@ class EventValidator:
                 "event_time",
                 f"field 'event_time' is out of the accepted range, got {_show(obj['event_time'])}",
             )
+        for name in HASH_FIELDS:
+            if name in obj:
+                _check_hash(obj, name)
         if not PII_FIELDS.isdisjoint(obj):  # no set built per event, unlike intersection
             for name in PII_FIELDS.intersection(obj):
                 # Data minimisation: e-mail and phone never reach state or outputs in
@@ -461,7 +520,7 @@ class EventValidator:
             if name in ("channel", "category", "sentiment", "rating", "status"):
                 continue  # checked with their own rules below
             if name == "promised_delivery_time":
-                parse_time_ms(obj.get(name), name)
+                self._check_promise(obj.get(name), event_time_ms)
             else:
                 _id(obj, name)
 
@@ -503,6 +562,13 @@ class EventValidator:
             aux = LOGISTICS_STATUS_CODE[obj["status"]]
         if event_type == "profile_updated":
             self._check_profile(obj)
+        query = obj.get("query")
+        if query is not None and (type(query) is not str or len(query) > MAX_QUERY_LEN):
+            raise _Invalid(
+                "query",
+                f"field 'query' must be text of at most {MAX_QUERY_LEN} characters, "
+                f"got {_show(query)}",
+            )
 
         return new_tuple(
             ParsedEvent,
@@ -518,7 +584,7 @@ class EventValidator:
                 offset,
                 timestamp_ms,
                 aux,
-                {} if role == "clickstream" else obj,
+                {} if role == "clickstream" else {k: obj[k] for k in KEPT_FIELDS if k in obj},
             ),
         )
 
@@ -537,6 +603,8 @@ class EventValidator:
             try:
                 _id(item, "product_id")
                 price = _number(item, "price", 0.0, 1e9)
+                if "quantity" in item:  # not read by any rule; checked all the same
+                    _number(item, "quantity", 0.0, MAX_QUANTITY)
             except _Invalid as bad:
                 raise _Invalid("items", f"items[{i}]: {bad.message}") from None
             raw = item.get("category")
@@ -570,7 +638,7 @@ class EventValidator:
             )
         birthday = obj.get("birthday")
         if birthday is not None:
-            ok = type(birthday) is str and len(birthday) == 5 and birthday[2] == "-"
+            ok = type(birthday) is str and _MONTH_DAY.fullmatch(birthday) is not None
             try:
                 ok = ok and datetime(2000, int(birthday[:2]), int(birthday[3:])) is not None
             except ValueError:
@@ -579,7 +647,37 @@ class EventValidator:
                 raise _Invalid("birthday", f"field 'birthday' must be MM-DD, got {_show(birthday)}")
         _choice(obj, "preferred_channel", CONTACT_CHANNELS, required=False)
         language = obj.get("language")
-        if language is not None and (type(language) is not str or not 2 <= len(language) <= 16):
+        if language is not None and (
+            type(language) is not str
+            or len(language) > MAX_LANGUAGE_LEN
+            or _LANGUAGE.fullmatch(language) is None
+        ):
             raise _Invalid(
                 "language", f"field 'language' must be a BCP-47 tag, got {_show(language)}"
             )
+
+    def _check_promise(self, value: Any, event_time_ms: int) -> None:
+        """A promised delivery time within the configured days of the event's own time:
+        one of -1e15 ms was committed as a timer whose firing raised (issue 34)."""
+        name = "promised_delivery_time"
+        promised = parse_time_ms(value, name)
+        lo, hi = self._promise_before_ms, self._promise_after_ms
+        if not event_time_ms - lo <= promised <= event_time_ms + hi:
+            raise _Invalid(
+                name,
+                f"field {name!r} must be within {lo // 86_400_000} days before and "
+                f"{hi // 86_400_000} days after the event's time, got {_show(value)}",
+            )
+
+
+def _check_hash(obj: dict[str, Any], name: str) -> None:
+    """A caller's own ``email_hash`` / ``phone_hash`` is kept only in our hashes' format
+    (32 lower-case hex characters); the value is never shown, it may be an address."""
+    value = obj[name]
+    if value is not None and (type(value) is not str or _HASH.fullmatch(value) is None):
+        shown = f"{len(value)} characters" if type(value) is str else type(value).__name__
+        raise _Invalid(
+            name,
+            f"field {name!r} must be 32 lower-case hex characters (a keyed hash: send "
+            f"'{name[:-5]}' to have it hashed), got {shown} (not shown)",
+        )
