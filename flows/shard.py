@@ -80,7 +80,7 @@ from crmstream.state.encoding import (
 from crmstream.state.layout import shard_of
 from crmstream.state.profile import event_fields, profile_changed, profile_rows
 from crmstream.state.store import Position, Progress
-from crmstream.state.timers import SEP, Timer
+from crmstream.state.timers import Timer, parse_member
 
 log = logging.getLogger(__name__)
 
@@ -921,7 +921,7 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, dict[str, int], None]):
             plan.delivered.pop(customer, None)
             plan.schedule[:] = [t for t in plan.schedule if t.customer != customer]
             members = store.timer_members_of(self._shard, customer)
-            pending = sum(m.split(SEP, 2)[1] != WAKE for m in members)
+            pending = sum(parse_member(m, 0).kind != WAKE for m in members)
             row = index[customer]
             pending += len(self._catalog.folded_timers([customer], records[row : row + 1])[0])
             audit = {
