@@ -168,6 +168,9 @@ class ProcessingConfig(_Frozen):
     max_event_bytes: Annotated[int, Field(ge=256)] = 65536
     max_future_skew_seconds: Annotated[int, Field(ge=0)] = 86400
     min_event_time: datetime = datetime.fromisoformat("2000-01-01T00:00:00+00:00")
+    # A dead letter keeps at most this many bytes of the (redacted) rejected message;
+    # a longer one is cut, with the original's length and SHA-256 (docs/events.md).
+    dead_letter_max_original_bytes: Annotated[int, Field(ge=0, le=262_144)] = 16_384
     # order_shipped's promised_delivery_time: at most this many days before or after
     # the event's own time; a promise outside is dead-lettered.
     promised_delivery_max_days_before: Annotated[int, Field(ge=0, le=3650)] = 365
@@ -203,11 +206,34 @@ class MetricsConfig(_Frozen):
     offset_by_process: bool = True
 
 
+# Names, addresses and free text, as fields of the events' producers commonly call them.
+PERSONAL_FIELDS = (
+    "name", "first_name", "last_name", "full_name", "given_name", "family_name",
+    "middle_name", "nickname", "display_name", "customer_name", "recipient",
+    "address", "street", "street_address", "address_line1", "address_line2",
+    "billing_address", "shipping_address", "postcode", "postal_code", "zip", "zip_code",
+    "date_of_birth", "birth_date", "dob",
+    "query", "text", "comment", "comments", "message", "note", "notes", "body",
+    "review", "review_text", "description", "feedback",
+)  # fmt: skip
+
+
 class PrivacyConfig(_Frozen):
     # Key of the keyed hash (BLAKE2b) that replaces e-mail and phone on ingest.
     # Set it per deployment, from ${env:...} or ${file:...}; keep it stable, or
     # the hashes of the same address stop matching.
     pii_salt: Annotated[str, Field(min_length=8)] = "crmstream-dev-pii-salt"
+    # Fields that hold personal data (names, addresses, free text), matched by name
+    # (any case, at any depth) in the copy of a rejected message a dead letter keeps.
+    personal_fields: tuple[str, ...] = PERSONAL_FIELDS
+    # drop: personal fields are left out of dead-letter copies (their names are
+    # listed); keep: they stay (e-mail addresses and phone numbers are still hashed).
+    dead_letter_personal_fields: Literal["drop", "keep"] = "drop"
+
+    @field_validator("personal_fields")
+    @classmethod
+    def _folded(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(name.casefold() for name in value if name))
 
 
 class CurrencyConfig(_Frozen):

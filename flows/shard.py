@@ -23,7 +23,6 @@ the state's effect exactly-once.
 
 from __future__ import annotations
 
-import base64
 import logging
 from bisect import bisect_left, bisect_right
 from collections import Counter
@@ -38,6 +37,7 @@ import numpy as np
 import orjson
 from bytewax.operators import StatefulBatchLogic
 
+from crmstream.flows.dead_letters import dead_letter_record
 from crmstream.flows.runtime import Runtime
 from crmstream.flows.sink import Outbox, Outgoing, decode_outgoing, encode_outgoing
 from crmstream.flows.source import CAUGHT_UP_OFFSET, RawMessage
@@ -95,7 +95,6 @@ _TIMER_CODES = np.array(sorted(TIMER_EVENT_CODES), np.int8)
 _PROFILE_EVENT_CODES = frozenset(
     EVENT_CODE[k] for k in ("profile_updated", "consent_granted", "consent_withdrawn")
 )
-DEAD_LETTER_SCHEMA_VERSION = 1
 _NOTHING = Progress(-1, -1, -1)
 _MAX_TIMER_ROUNDS = 10_000
 # Timer kinds a step fires from its own plan when they are already due (see
@@ -247,27 +246,6 @@ def route_batch(
             for s in range(shards)
         )
     return out
-
-
-def dead_letter_record(bad: InvalidEvent, redact: Callable[[bytes], bytes]) -> bytes:
-    """The dead-letter envelope: reason, field, source position and the original bytes,
-    with e-mail addresses and phone numbers replaced by their keyed hashes."""
-    original = redact(bad.value or b"")
-    try:
-        text: str | None = original.decode("utf-8") if len(original) <= 4096 else None
-    except UnicodeDecodeError:
-        text = None
-    return orjson.dumps(
-        {
-            "schema_version": DEAD_LETTER_SCHEMA_VERSION,
-            "reason": redact(bad.reason.encode()).decode("utf-8", "replace"),
-            "field": bad.field,
-            "customer_id": bad.customer_id,
-            "source": {"topic": bad.topic, "partition": bad.partition, "offset": bad.offset},
-            "original_base64": base64.b64encode(original).decode("ascii"),
-            "original_text": text,
-        }
-    )
 
 
 class Watermark:

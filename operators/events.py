@@ -9,10 +9,6 @@ table of checks with no per-event allocation beyond the result tuple.
 
 from __future__ import annotations
 
-import hashlib
-import math
-import re
-import reprlib
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Annotated, Any, Literal, NamedTuple
@@ -21,6 +17,25 @@ import msgspec
 import orjson
 
 from crmstream.config import CrmConfig
+from crmstream.operators.fields import (
+    HASH_FIELDS,
+    LANGUAGE,
+    MAX_ID_LEN,
+    MAX_LANGUAGE_LEN,
+    MAX_QUANTITY,
+    MAX_QUERY_LEN,
+    MONTH_DAY,
+    check_hash,
+    choice,
+    id_field,
+    is_country,
+    is_customer_id,
+    number,
+    parse_time_ms,
+    show,
+)
+from crmstream.operators.fields import FieldError as _Invalid
+from crmstream.operators.redaction import PII_FIELDS, Redactor, keyed_hash, pii_key
 from crmstream.operators.zones import find_zone
 
 # Dense, stable codes: state arrays are indexed by them, so never renumber;
@@ -71,22 +86,7 @@ CONTACT_CHANNELS = frozenset({"push", "email", "sms", "whatsapp", "line"})
 LOGISTICS_STATUS_CODE = {"in_transit": 0.0, "customs_hold": 1.0, "delay": 2.0}
 LOGISTICS_STATUSES = frozenset(LOGISTICS_STATUS_CODE)
 MAX_ORDER_ITEMS = 500
-# Data minimisation: never kept in state or emitted.
-PII_FIELDS = frozenset({"email", "phone"})
-# Starts only where a run of address characters starts: linear time on long runs.
-_EMAIL = re.compile(rb"(?<![A-Za-z0-9._%+-])[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+")
-_PHONE_FIELD = re.compile(rb'("phone"\s*:\s*)("[^"]*"|[0-9+() .-]+)')
-_PHONE_INTL = re.compile(rb"\+\d[\d ()./-]{6,}\d")  # +CC ... anywhere else
 
-MAX_ID_LEN = 128
-MAX_QUERY_LEN = 1024  # search text: no rule reads it, but every string has a bound
-MAX_LANGUAGE_LEN = 35  # RFC 5646 4.4.1: the length every implementation should accept
-MAX_QUANTITY = 1e6
-# A caller may send its own keyed hashes: stored only in the format ours have.
-HASH_FIELDS = ("email_hash", "phone_hash")
-_HASH = re.compile(r"[0-9a-f]{32}")
-_LANGUAGE = re.compile(r"[A-Za-z]{2,8}(?:-[A-Za-z0-9]{1,8})*")
-_MONTH_DAY = re.compile(r"[0-9]{2}-[0-9]{2}")
 # The fields of a non-clickstream event that rules, timers and profiles read
 # (``ParsedEvent.fields``); others are not carried past validation.
 KEPT_FIELDS = (
@@ -101,20 +101,6 @@ KEPT_FIELDS = (
     "preferred_channel",
     *HASH_FIELDS,
 )
-
-
-def is_customer_id(value: Any) -> bool:
-    """The customer-id alphabet (docs/events.md): 1-128 printable characters (letters,
-    marks, numbers, punctuation, symbols and the ASCII space: no control, format,
-    separator or private-use characters, ``str.isprintable``), not starting with "}",
-    which would end the ``{customer}`` hash tag of the customer's Redis keys empty and
-    scatter them over Redis Cluster slots."""
-    return (
-        type(value) is str
-        and 0 < len(value) <= MAX_ID_LEN
-        and value.isprintable()
-        and value[0] != "}"
-    )
 
 
 class ParsedEvent(NamedTuple):
@@ -148,28 +134,6 @@ class InvalidEvent(NamedTuple):
     topic: str
     partition: int
     offset: int
-
-
-class _Invalid(Exception):
-    def __init__(self, field: str | None, message: str):
-        super().__init__(message)
-        self.field = field
-        self.message = message
-
-
-def _is_country(value: Any) -> bool:
-    """An ISO 3166 alpha-2 code as accepted: two upper-case ASCII letters."""
-    return type(value) is str and len(value) == 2 and value.isascii() and value.isupper()
-
-
-# Bounded in depth and size: the repr of a 1,000-deep list would raise RecursionError.
-_REPR = reprlib.Repr()
-_REPR.maxlevel, _REPR.maxstring, _REPR.maxother, _REPR.maxlong = 2, 60, 60, 40
-
-
-def _show(value: Any) -> str:
-    text = _REPR.repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
 
 
 @dataclass(frozen=True)
@@ -208,52 +172,6 @@ _SPECS: dict[str, _FieldSpec] = {
     "product_review": _FieldSpec(required=("product_id", "rating")),
 }
 assert set(_SPECS) == set(EVENT_TYPES)
-
-
-def _id(obj: dict[str, Any], name: str) -> str:
-    value = obj.get(name)
-    if value is None:
-        raise _Invalid(name, f"field {name!r} is required")
-    if type(value) is not str or not value or len(value) > MAX_ID_LEN:
-        raise _Invalid(
-            name, f"field {name!r} must be a string of 1..{MAX_ID_LEN} chars, got {_show(value)}"
-        )
-    return value
-
-
-def _number(obj: dict[str, Any], name: str, lo: float, hi: float) -> float:
-    value = obj.get(name)
-    if type(value) not in (int, float) or not math.isfinite(value) or not lo <= value <= hi:
-        raise _Invalid(
-            name, f"field {name!r} must be a number in [{lo:g}, {hi:g}], got {_show(value)}"
-        )
-    return float(value)
-
-
-def _choice(obj: dict[str, Any], name: str, allowed: frozenset[str], required: bool) -> None:
-    value = obj.get(name)
-    if value is None and not required:
-        return
-    if type(value) is not str or value not in allowed:  # a list or object is unhashable
-        raise _Invalid(name, f"field {name!r} must be one of {sorted(allowed)}, got {_show(value)}")
-
-
-def parse_time_ms(value: Any, name: str = "event_time") -> int:
-    """Epoch milliseconds (int) or ISO-8601 with a UTC offset -> epoch ms."""
-    if type(value) is int:
-        return value
-    if type(value) is str:
-        try:
-            parsed = datetime.fromisoformat(value)
-        except ValueError:
-            raise _Invalid(name, f"field {name!r} is not ISO-8601, got {_show(value)}") from None
-        if parsed.tzinfo is None:
-            raise _Invalid(name, f"field {name!r} needs a UTC offset, got {_show(value)}")
-        return int(parsed.timestamp() * 1000)
-    raise _Invalid(
-        name,
-        f"field {name!r} must be epoch milliseconds (integer) or ISO-8601 text, got {_show(value)}",
-    )
 
 
 # A namedtuple's own constructor is a Python function; tuple.__new__ is not. Per event
@@ -309,35 +227,15 @@ class EventValidator:
         self._max_skew_ms = config.processing.max_future_skew_seconds * 1000
         self._promise_before_ms = config.processing.promised_delivery_max_days_before * 86_400_000
         self._promise_after_ms = config.processing.promised_delivery_max_days_after * 86_400_000
-        self._pii_key = hashlib.blake2b(config.privacy.pii_salt.encode()).digest()[:64]
-
-    def redact(self, raw: bytes) -> bytes:
-        """A rejected message with its e-mail addresses and phone fields hashed, for the
-        dead-letter topic: parseable JSON field by field, anything else by pattern
-        (addresses; phone numbers in a "phone" field or in +international form)."""
-        try:
-            obj = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            obj = None
-        if type(obj) is dict and PII_FIELDS.intersection(obj):
-            for name in PII_FIELDS.intersection(obj):
-                value = obj.pop(name)
-                obj[f"{name}_hash"] = self.pii_hash(name, str(value))
-            raw = orjson.dumps(obj)
-        raw = _PHONE_FIELD.sub(lambda m: m[1] + self._hash_text("phone", m[2]), raw)
-        raw = _PHONE_INTL.sub(lambda m: self._hash_text("phone", m[0]), raw)
-        return _EMAIL.sub(lambda m: self._hash_text("email", m[0]), raw)
-
-    def _hash_text(self, field: str, raw: bytes) -> bytes:
-        text = raw.decode("utf-8", "replace")
-        return f"<{field}_hash:{self.pii_hash(field, text)}>".encode()
+        self._pii_key = pii_key(config)
+        # Rejected messages' copies for the dead-letter topic (operators/redaction.py).
+        self.redact = Redactor(config)
 
     def pii_hash(self, field: str, value: Any) -> str:
         """Keyed BLAKE2b-128 of a normalised e-mail (trimmed, lower case) or phone (digits)."""
         if type(value) is not str:
             raise _Invalid(field, f"field {field!r} must be a string")
-        text = value.strip().lower() if field == "email" else "".join(filter(str.isdigit, value))
-        return hashlib.blake2b(text.encode(), key=self._pii_key, digest_size=16).hexdigest()
+        return keyed_hash(self._pii_key, field, value)
 
     def parse(
         self,
@@ -467,20 +365,20 @@ class EventValidator:
         timestamp_ms: int,
         now_ms: int,
     ) -> ParsedEvent:
-        event_id = _id(obj, "event_id")
-        customer_id = _id(obj, "customer_id")
+        event_id = id_field(obj, "event_id")
+        customer_id = id_field(obj, "customer_id")
         if not is_customer_id(customer_id):
             raise _Invalid(
                 "customer_id",
                 "field 'customer_id' must be printable characters (no control or format "
-                f"characters) not starting with '}}', got {_show(customer_id)}",
+                f"characters) not starting with '}}', got {show(customer_id)}",
             )
         event_type = obj.get("event_type")
         spec = _SPECS.get(event_type) if type(event_type) is str else None
         if spec is None:
             raise _Invalid(
                 "event_type",
-                f"field 'event_type' is not a known event type, got {_show(event_type)}",
+                f"field 'event_type' is not a known event type, got {show(event_type)}",
             )
         role = self._roles.get(topic)
         if role is None:
@@ -495,11 +393,11 @@ class EventValidator:
         if not self._in_time_range(event_time_ms, now_ms):
             raise _Invalid(
                 "event_time",
-                f"field 'event_time' is out of the accepted range, got {_show(obj['event_time'])}",
+                f"field 'event_time' is out of the accepted range, got {show(obj['event_time'])}",
             )
         for name in HASH_FIELDS:
             if name in obj:
-                _check_hash(obj, name)
+                check_hash(obj, name)
         if not PII_FIELDS.isdisjoint(obj):  # no set built per event, unlike intersection
             for name in PII_FIELDS.intersection(obj):
                 # Data minimisation: e-mail and phone never reach state or outputs in
@@ -508,13 +406,13 @@ class EventValidator:
                 if value is not None:
                     obj[f"{name}_hash"] = self.pii_hash(name, value)
         if "channel" in spec.required:  # consent events name a contact channel
-            _choice(obj, "channel", CONTACT_CHANNELS, required=True)
+            choice(obj, "channel", CONTACT_CHANNELS, required=True)
         else:  # elsewhere it is the surface the customer used
-            _choice(obj, "channel", CHANNELS, required=False)
+            choice(obj, "channel", CHANNELS, required=False)
         country = obj.get("country")
-        if country is not None and not _is_country(country):
+        if country is not None and not is_country(country):
             raise _Invalid(
-                "country", f"field 'country' must be an ISO 3166 alpha-2 code, got {_show(country)}"
+                "country", f"field 'country' must be an ISO 3166 alpha-2 code, got {show(country)}"
             )
         for name in spec.required:
             if name in ("channel", "category", "sentiment", "rating", "status"):
@@ -522,12 +420,12 @@ class EventValidator:
             if name == "promised_delivery_time":
                 self._check_promise(obj.get(name), event_time_ms)
             else:
-                _id(obj, name)
+                id_field(obj, name)
 
         category = -1
         if spec.product or spec.optional_category or "category" in spec.required:
             if spec.product:
-                _id(obj, "product_id")
+                id_field(obj, "product_id")
             raw = obj.get("category")
             if raw is not None or spec.product or "category" in spec.required:
                 category = self._category_index.get(raw, -1) if type(raw) is str else -1
@@ -535,7 +433,7 @@ class EventValidator:
                     raise _Invalid(
                         "category",
                         f"field 'category' must be a category of the "
-                        f"configured taxonomy, got {_show(raw)}",
+                        f"configured taxonomy, got {show(raw)}",
                     )
 
         aux = 0.0
@@ -543,22 +441,22 @@ class EventValidator:
             category = self._primary_category(obj["items"])
         amount_base = 0.0
         if spec.amount:
-            amount = _number(obj, "amount", 0.0, 1e9)
+            amount = number(obj, "amount", 0.0, 1e9)
             amount_base = amount * self._rate(obj)
         elif "price" in obj:
-            price = _number(obj, "price", 0.0, 1e9)
+            price = number(obj, "price", 0.0, 1e9)
             amount_base = price * self._rate(obj)
         if "sentiment" in spec.required:
-            aux = _number(obj, "sentiment", -1.0, 1.0)
+            aux = number(obj, "sentiment", -1.0, 1.0)
         if "rating" in spec.required:
             rating = obj.get("rating")
             if type(rating) is not int or not 1 <= rating <= 5:
                 raise _Invalid(
-                    "rating", f"field 'rating' must be an integer 1..5, got {_show(rating)}"
+                    "rating", f"field 'rating' must be an integer 1..5, got {show(rating)}"
                 )
             aux = float(rating)
         if "status" in spec.required:
-            _choice(obj, "status", LOGISTICS_STATUSES, required=True)
+            choice(obj, "status", LOGISTICS_STATUSES, required=True)
             aux = LOGISTICS_STATUS_CODE[obj["status"]]
         if event_type == "profile_updated":
             self._check_profile(obj)
@@ -567,7 +465,7 @@ class EventValidator:
             raise _Invalid(
                 "query",
                 f"field 'query' must be text of at most {MAX_QUERY_LEN} characters, "
-                f"got {_show(query)}",
+                f"got {show(query)}",
             )
 
         return new_tuple(
@@ -594,17 +492,17 @@ class EventValidator:
             raise _Invalid(
                 "items",
                 f"field 'items' must be a list of at most {MAX_ORDER_ITEMS} objects, "
-                f"got {_show(items)}",
+                f"got {show(items)}",
             )
         best, best_price = -1, -1.0
         for i, item in enumerate(items):
             if type(item) is not dict:
-                raise _Invalid("items", f"items[{i}] must be an object, got {_show(item)}")
+                raise _Invalid("items", f"items[{i}] must be an object, got {show(item)}")
             try:
-                _id(item, "product_id")
-                price = _number(item, "price", 0.0, 1e9)
+                id_field(item, "product_id")
+                price = number(item, "price", 0.0, 1e9)
                 if "quantity" in item:  # not read by any rule; checked all the same
-                    _number(item, "quantity", 0.0, MAX_QUANTITY)
+                    number(item, "quantity", 0.0, MAX_QUANTITY)
             except _Invalid as bad:
                 raise _Invalid("items", f"items[{i}]: {bad.message}") from None
             raw = item.get("category")
@@ -613,7 +511,7 @@ class EventValidator:
                 raise _Invalid(
                     "items",
                     f"items[{i}].category must be a category of the configured "
-                    f"taxonomy, got {_show(raw)}",
+                    f"taxonomy, got {show(raw)}",
                 )
             if price > best_price:
                 best, best_price = category, price
@@ -626,7 +524,7 @@ class EventValidator:
             raise _Invalid(
                 "currency",
                 f"field 'currency' must be a configured currency "
-                f"({len(self._rates)} known), got {_show(currency)}",
+                f"({len(self._rates)} known), got {show(currency)}",
             )
         return rate
 
@@ -634,26 +532,26 @@ class EventValidator:
         tz = obj.get("timezone")
         if tz is not None and (type(tz) is not str or find_zone(tz) is None):
             raise _Invalid(
-                "timezone", f"field 'timezone' must be an IANA time zone, got {_show(tz)}"
+                "timezone", f"field 'timezone' must be an IANA time zone, got {show(tz)}"
             )
         birthday = obj.get("birthday")
         if birthday is not None:
-            ok = type(birthday) is str and _MONTH_DAY.fullmatch(birthday) is not None
+            ok = type(birthday) is str and MONTH_DAY.fullmatch(birthday) is not None
             try:
                 ok = ok and datetime(2000, int(birthday[:2]), int(birthday[3:])) is not None
             except ValueError:
                 ok = False
             if not ok:
-                raise _Invalid("birthday", f"field 'birthday' must be MM-DD, got {_show(birthday)}")
-        _choice(obj, "preferred_channel", CONTACT_CHANNELS, required=False)
+                raise _Invalid("birthday", f"field 'birthday' must be MM-DD, got {show(birthday)}")
+        choice(obj, "preferred_channel", CONTACT_CHANNELS, required=False)
         language = obj.get("language")
         if language is not None and (
             type(language) is not str
             or len(language) > MAX_LANGUAGE_LEN
-            or _LANGUAGE.fullmatch(language) is None
+            or LANGUAGE.fullmatch(language) is None
         ):
             raise _Invalid(
-                "language", f"field 'language' must be a BCP-47 tag, got {_show(language)}"
+                "language", f"field 'language' must be a BCP-47 tag, got {show(language)}"
             )
 
     def _check_promise(self, value: Any, event_time_ms: int) -> None:
@@ -666,18 +564,5 @@ class EventValidator:
             raise _Invalid(
                 name,
                 f"field {name!r} must be within {lo // 86_400_000} days before and "
-                f"{hi // 86_400_000} days after the event's time, got {_show(value)}",
+                f"{hi // 86_400_000} days after the event's time, got {show(value)}",
             )
-
-
-def _check_hash(obj: dict[str, Any], name: str) -> None:
-    """A caller's own ``email_hash`` / ``phone_hash`` is kept only in our hashes' format
-    (32 lower-case hex characters); the value is never shown, it may be an address."""
-    value = obj[name]
-    if value is not None and (type(value) is not str or _HASH.fullmatch(value) is None):
-        shown = f"{len(value)} characters" if type(value) is str else type(value).__name__
-        raise _Invalid(
-            name,
-            f"field {name!r} must be 32 lower-case hex characters (a keyed hash: send "
-            f"'{name[:-5]}' to have it hashed), got {shown} (not shown)",
-        )
