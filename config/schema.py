@@ -646,6 +646,32 @@ class CrmConfig(_Frozen):
     segments: SegmentsConfig = SegmentsConfig()
 
     @model_validator(mode="after")
+    def _dead_letters_fit(self) -> CrmConfig:
+        """A dead letter keeping its whole allowance of the original must fit the
+        producer's message.max.bytes (flows/dead_letters.py)."""
+        from crmstream.flows.dead_letters import dead_letter_bytes
+        from crmstream.flows.sink import DEFAULT_MESSAGE_MAX_BYTES, RECORD_FRAMING_BYTES
+
+        raw = self.kafka.producer_properties().get("message.max.bytes", DEFAULT_MESSAGE_MAX_BYTES)
+        try:
+            limit = int(raw) - RECORD_FRAMING_BYTES
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"kafka.producer message.max.bytes must be bytes, got {raw!r}"
+            ) from None
+        copy = self.processing.dead_letter_max_original_bytes
+        if dead_letter_bytes(copy) > limit:
+            fits = max(n for n in (0, 64, 256, 1024, 4096, 8192, 16384, 65536, 262144)
+                       if dead_letter_bytes(n) <= limit or n == 0)  # fmt: skip
+            raise ValueError(
+                f"processing.dead_letter_max_original_bytes={copy}: such a dead letter can "
+                f"take {dead_letter_bytes(copy)} bytes, over what the producer accepts "
+                f"(message.max.bytes {raw}); set it to {fits} or less, or raise "
+                "message.max.bytes"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _categories_exist(self) -> CrmConfig:
         known = set(self.taxonomy.categories)
         named = [c for r in self.policies.regions.values() for c in r.exclude_categories]

@@ -39,7 +39,13 @@ from bytewax.operators import StatefulBatchLogic
 
 from crmstream.flows.dead_letters import dead_letter_record
 from crmstream.flows.runtime import Runtime
-from crmstream.flows.sink import Outbox, Outgoing, decode_outgoing, encode_outgoing
+from crmstream.flows.sink import (
+    Outbox,
+    Outgoing,
+    bound_outgoing,
+    decode_outgoing,
+    encode_outgoing,
+)
 from crmstream.flows.source import CAUGHT_UP_OFFSET, RawMessage
 from crmstream.metrics import get_metrics
 from crmstream.operators.catalog import (
@@ -538,6 +544,7 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, dict[str, int], None]):
             outgoing.append(Outgoing(dead_letters, bad.key, record))
         changes = self._apply(events, due, now_ms, mark)
         outgoing += changes.outgoing
+        outgoing = bound_outgoing(outgoing, self._rt.producer)  # nothing the producer refuses
         if self._live:
             for timer in (*due, *changes.chained):
                 metrics.timer_lateness_seconds.observe(max(0, now_ms - timer.due_ms) / 1000)

@@ -246,3 +246,17 @@ def test_librdkafka_properties_keep_their_dots_from_flags_and_env():
     ]
     with pytest.raises(ConfigError, match=r"sasl\.password = '\*\*\*' \(from env CRMSTREAM__"):
         load_config(env={"CRMSTREAM__KAFKA__CLIENT__SASL_PASSWORD": "[x]"})
+
+
+def test_dead_letters_must_fit_the_producers_message_max_bytes():
+    """A dead letter keeps up to processing.dead_letter_max_original_bytes of its message:
+    with every byte at its worst it must still be a record the producer accepts."""
+    with pytest.raises(ConfigError, match=r"dead_letter_max_original_bytes=16384.*set it to 1024"):
+        load_config(None, ["kafka.producer.message.max.bytes=20000"], env={})
+    small = [
+        "kafka.producer.message.max.bytes=20000",
+        "processing.dead_letter_max_original_bytes=1024",
+    ]
+    assert load_config(None, small, env={}).processing.dead_letter_max_original_bytes == 1024
+    with pytest.raises(ConfigError, match=r"message\.max\.bytes must be bytes"):
+        load_config(None, ["kafka.producer.message.max.bytes=lots"], env={})
