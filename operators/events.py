@@ -272,7 +272,12 @@ class EventValidator:
                     and c.customer_id[0] != "}"
                     and (
                         c.country is None
-                        or (len(c.country) == 2 and c.country.isascii() and c.country.isupper())
+                        or (
+                            len(c.country) == 2
+                            and c.country.isascii()
+                            and c.country.isalpha()
+                            and c.country.isupper()
+                        )
                     )
                 )
                 code = EVENT_CODE[c.event_type]
@@ -385,7 +390,8 @@ class EventValidator:
             raise _Invalid(None, f"topic {topic!r} is not a configured input topic")
         if event_type not in TOPIC_ROLE_TYPES[role]:
             raise _Invalid(
-                "event_type", f"event type {event_type!r} does not belong on the {role} topic"
+                "event_type",
+                f"field 'event_type' is {event_type!r}, which does not belong on the {role} topic",
             )
         if "event_time" not in obj:
             raise _Invalid("event_time", "field 'event_time' is required")

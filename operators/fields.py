@@ -19,6 +19,7 @@ MAX_ID_LEN = 128
 MAX_QUERY_LEN = 1024  # search text: no rule reads it, but every string has a bound
 MAX_LANGUAGE_LEN = 35  # RFC 5646 4.4.1: the length every implementation should accept
 MAX_QUANTITY = 1e6
+MAX_ISO_LEN = 40  # "2026-01-01T00:00:00.123456789+00:00" is 35
 # A caller may send its own keyed hashes: stored only in the format ours have.
 HASH_FIELDS = ("email_hash", "phone_hash")
 HASH_FORMAT = re.compile(r"[0-9a-f]{32}")
@@ -51,7 +52,13 @@ class FieldError(Exception):
 
 def is_country(value: Any) -> bool:
     """An ISO 3166 alpha-2 code as accepted: two upper-case ASCII letters."""
-    return type(value) is str and len(value) == 2 and value.isascii() and value.isupper()
+    return (
+        type(value) is str
+        and len(value) == 2
+        and value.isascii()
+        and value.isalpha()  # "D\x00".isupper() is true
+        and value.isupper()
+    )
 
 
 # Bounded in depth and size: the repr of a 1,000-deep list would raise RecursionError.
@@ -99,6 +106,10 @@ def parse_time_ms(value: Any, name: str = "event_time") -> int:
     if type(value) is int:
         return value
     if type(value) is str:
+        # Python's fromisoformat takes any character between the date and the time,
+        # a NUL included: ISO-8601 text is short printable ASCII.
+        if not (len(value) <= MAX_ISO_LEN and value.isascii() and value.isprintable()):
+            raise FieldError(name, f"field {name!r} is not ISO-8601, got {show(value)}")
         try:
             parsed = datetime.fromisoformat(value)
         except ValueError:

@@ -142,6 +142,13 @@ DAY = 86_400_000
         (view(customer_id="}c"), CLICK, "customer_id", "not starting with '}'"),
         (view(customer_id="c" * 129), CLICK, "customer_id", "1..128 chars"),
         (view(country="ÀÉ"), CLICK, "country", "alpha-2"),
+        # found by tests/test_fuzz_fields.py: "D\x00".isupper() is true, and Python's
+        # fromisoformat takes a NUL between the time and its offset
+        (view(country="D\x00"), CLICK, "country", "alpha-2"),
+        (view(event_time="2026-01-01T00:00:00\x00+00:00"), CLICK, "event_time", "not ISO-8601"),
+        (view(event_time="2026-01-01T00:00:00." + "1" * 30 + "+00:00"), CLICK, "event_time",
+         "not ISO-8601"),  # fromisoformat takes any number of digits: strings have bounds
+        (view(event_type="order_paid"), CLICK, "event_type", "field 'event_type' is 'order_paid'"),
         (view(query="q" * 1025), CLICK, "query", "at most 1024 characters"),
         (view(query=["q"]), CLICK, "query", "got ['q']"),
         (profile_update(language="en\x00"), CUSTOMERS, "language", "BCP-47"),
