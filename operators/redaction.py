@@ -52,6 +52,10 @@ _KEY_END = re.compile(rb'"\s*:')
 _ESCAPE = re.compile(r"\\u([0-9a-fA-F]{4})(?:\\u([dD][c-fC-F][0-9a-fA-F]{2}))?")
 
 
+class _TooDeep(Exception):
+    """The message nests deeper than ``MAX_DEPTH``: it is redacted as text."""
+
+
 class Redacted(NamedTuple):
     """A rejected message's copy for its dead letter."""
 
@@ -91,9 +95,6 @@ class Redactor:
         self._field = re.compile(rf'"({alternatives})"\s*:\s*', re.IGNORECASE)
         self.max_original_bytes = config.processing.dead_letter_max_original_bytes
 
-    def __call__(self, raw: bytes) -> bytes:
-        return self.redact(raw).copy
-
     def redact(self, raw: bytes) -> Redacted:
         """The copy of ``raw`` a dead letter may carry."""
         try:
@@ -103,7 +104,7 @@ class Redactor:
         dropped: list[str] = []
         try:
             clean = self._value(obj, dropped, 0)
-        except RecursionError:  # deeper than MAX_DEPTH
+        except _TooDeep:
             return self._redact_text(raw)
         if clean == obj and not dropped and len(_KEY_END.findall(raw)) == _count_keys(obj):
             return Redacted(raw, "exact", [])
@@ -135,7 +136,7 @@ class Redactor:
         if type(value) is str:
             return self.text(value)
         if depth >= MAX_DEPTH:
-            raise RecursionError(f"deeper than {MAX_DEPTH} levels")
+            raise _TooDeep
         if type(value) is list:
             return [self._value(item, dropped, depth + 1) for item in value]
         if type(value) is not dict:
