@@ -259,8 +259,8 @@ class StateStore:
         profiles: Mapping[str, Mapping[str, str]],
         progress: Mapping[Position, Progress],
         plan: TimerPlan | None = None,
-        fired: list[str] = (),
-        erase: list[tuple[str, list[str], dict[str, str], int, int]] = (),
+        fired: list[bytes] = (),  # timer members (state/timers.py)
+        erase: list[tuple[str, list[bytes], dict[str, str], int, int]] = (),
         atomic: bool = True,
         customers_delta: int = 0,
         outbox: list[bytes] = (),
