@@ -186,6 +186,8 @@ class ProcessingConfig(_Frozen):
     def _aware(cls, value: datetime) -> datetime:
         if value.tzinfo is None:
             raise ValueError(f"needs a UTC offset, got {value.isoformat()!r}")
+        if value.timestamp() < 0:  # the state keeps times as unsigned counts since 1970
+            raise ValueError(f"must be 1970-01-01 or later, got {value.isoformat()!r}")
         return value
 
     @property

@@ -568,7 +568,8 @@ class EventValidator:
         name = "promised_delivery_time"
         promised = parse_time_ms(value, name)
         lo, hi = self._promise_before_ms, self._promise_after_ms
-        if not event_time_ms - lo <= promised <= event_time_ms + hi:
+        # Not before 1970 either: a timer due then could not fire (state/timers.py).
+        if not max(0, event_time_ms - lo) <= promised <= event_time_ms + hi:
             raise _Invalid(
                 name,
                 f"field {name!r} must be within {lo // 86_400_000} days before and "

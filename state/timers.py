@@ -21,6 +21,7 @@ Firing reads only the due range of one shard's set, never all customers.
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import NamedTuple
 
@@ -28,6 +29,11 @@ import redis
 
 from crmstream.metrics import observe_redis
 
+log = logging.getLogger(__name__)
+
+# A timer due before 1970 cannot fire: the state keeps send times as unsigned
+# minutes since 1970 (state/encoding.py), and before year 1 there is no date at all.
+EARLIEST_DUE_MS = 0
 SEP = "\x1f"
 MARK = b"\xff"  # first byte of a member in the length-prefixed format (never in UTF-8)
 _SEP = SEP.encode()
@@ -93,9 +99,28 @@ class TimerStore:
             self.key(shard), "-inf", watermark_ms, start=0, num=limit, withscores=True
         )
         observe_redis("timers", started)
+        if raw and raw[0][1] < EARLIEST_DUE_MS:  # earliest first: one look suffices
+            raw = self._drop_unrepresentable(shard, raw)
         if any(member[:1] != MARK for member, _ in raw):
             raw = self._migrate(shard, raw)
         return [parse_member(member, score) for member, score in raw]
+
+    def _drop_unrepresentable(
+        self, shard: int, raw: list[tuple[bytes, float]]
+    ) -> list[tuple[bytes, float]]:
+        """Timers due before 1970 cannot fire (``EARLIEST_DUE_MS``). Only a version
+        before issue 34 could write one (a promise of -1e15 ms): they are removed,
+        logged, and not fired."""
+        gone = [member for member, due in raw if due < EARLIEST_DUE_MS]
+        self._client.zrem(self.key(shard), *gone)
+        log.warning(
+            "shard %d: removed %d timer(s) due before 1970, which cannot fire "
+            "(written before their times were validated): %s",
+            shard,
+            len(gone),
+            ", ".join(repr(m[:80]) for m in gone[:5]),
+        )
+        return [(member, due) for member, due in raw if due >= EARLIEST_DUE_MS]
 
     def _migrate(self, shard: int, raw: list[tuple[bytes, float]]) -> list[tuple[bytes, float]]:
         """Rewrite due members of the earlier format in the current one, in one

@@ -260,3 +260,10 @@ def test_dead_letters_must_fit_the_producers_message_max_bytes():
     assert load_config(None, small, env={}).processing.dead_letter_max_original_bytes == 1024
     with pytest.raises(ConfigError, match=r"message\.max\.bytes must be bytes"):
         load_config(None, ["kafka.producer.message.max.bytes=lots"], env={})
+
+
+def test_min_event_time_is_not_before_1970():
+    """The state keeps times as unsigned counts since 1970 (send minutes, dedup seconds)."""
+    with pytest.raises(ConfigError, match="must be 1970-01-01 or later"):
+        load_config(None, ["processing.min_event_time=1969-12-31T23:59:59+00:00"], env={})
+    assert load_config(None, ["processing.min_event_time=1970-01-01T00:00:00+00:00"], env={})

@@ -212,6 +212,13 @@ def test_promises_inside_the_configured_days_are_accepted():
     value = orjson.dumps(order_shipped())
     result = narrow.parse(b"k", value, ORDERS, 0, 0, NOW, NOW)
     assert isinstance(result, InvalidEvent) and "2 days after" in result.reason
+    wide = Validator(load_config(None, ["processing.min_event_time=1970-01-01T00:00:00+00:00",
+                                        "processing.promised_delivery_max_days_before=3650"],
+                                 env={}))  # fmt: skip
+    for promised, ok in ((-1, False), (0, True)):  # a timer due before 1970 could not fire
+        body = order_shipped(event_time=365 * DAY, promised_delivery_time=promised)
+        result = wide.parse(b"k", orjson.dumps(body), ORDERS, 0, 0, NOW, NOW)
+        assert isinstance(result, ParsedEvent) == ok, result
 
 
 def test_only_the_fields_rules_read_are_carried_and_hashes_of_the_format_are_kept():
