@@ -32,7 +32,7 @@ from crmstream.operators.events import EventValidator, ParsedEvent
 from crmstream.operators.kernels import BatchEvents, apply_batch, derive_batch, params_from
 from crmstream.operators.timer_slots import TimerSlots
 from crmstream.state.encoding import STATE_BYTES, decode_batch, fresh_records
-from crmstream.state.timers import SEP
+from crmstream.state.timers import parse_member
 
 BATCH = 2000
 
@@ -113,7 +113,7 @@ def bytes_per_customer(config: CrmConfig, events: int, customers: int, sample: i
         timer_kinds: dict[str, int] = {}
         for key in client.scan_iter(f"{prefix}:timers:*", count=100):
             for member, _ in client.zscan_iter(key, count=1000):
-                kind = member.split(SEP.encode())[1].decode()
+                kind = parse_member(member, 0).kind
                 timer_kinds[kind] = timer_kinds.get(kind, 0) + 1
         # The timers kept in the states (under the wake members), by kind.
         slots = TimerSlots(config)

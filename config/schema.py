@@ -12,9 +12,10 @@ import itertools
 import re
 from datetime import datetime
 from typing import Annotated, Literal
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from crmstream.operators.zones import find_zone
 
 _TOPIC_NAME = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
 _CURRENCY = re.compile(r"^[A-Z]{3}$")
@@ -167,6 +168,13 @@ class ProcessingConfig(_Frozen):
     max_event_bytes: Annotated[int, Field(ge=256)] = 65536
     max_future_skew_seconds: Annotated[int, Field(ge=0)] = 86400
     min_event_time: datetime = datetime.fromisoformat("2000-01-01T00:00:00+00:00")
+    # A dead letter keeps at most this many bytes of the (redacted) rejected message;
+    # a longer one is cut, with the original's length and SHA-256 (docs/events.md).
+    dead_letter_max_original_bytes: Annotated[int, Field(ge=0, le=262_144)] = 16_384
+    # order_shipped's promised_delivery_time: at most this many days before or after
+    # the event's own time; a promise outside is dead-lettered.
+    promised_delivery_max_days_before: Annotated[int, Field(ge=0, le=3650)] = 365
+    promised_delivery_max_days_after: Annotated[int, Field(ge=0, le=3650)] = 365
     # Python's cyclic garbage collector: tracked objects allocated, net of those
     # freed, between young-generation collections (Python's default is 700), and
     # start-up objects frozen out of its scans (``flows.runtime.tune_gc``).
@@ -178,6 +186,8 @@ class ProcessingConfig(_Frozen):
     def _aware(cls, value: datetime) -> datetime:
         if value.tzinfo is None:
             raise ValueError(f"needs a UTC offset, got {value.isoformat()!r}")
+        if value.timestamp() < 0:  # the state keeps times as unsigned counts since 1970
+            raise ValueError(f"must be 1970-01-01 or later, got {value.isoformat()!r}")
         return value
 
     @property
@@ -198,11 +208,34 @@ class MetricsConfig(_Frozen):
     offset_by_process: bool = True
 
 
+# Names, addresses and free text, as fields of the events' producers commonly call them.
+PERSONAL_FIELDS = (
+    "name", "first_name", "last_name", "full_name", "given_name", "family_name",
+    "middle_name", "nickname", "display_name", "customer_name", "recipient",
+    "address", "street", "street_address", "address_line1", "address_line2",
+    "billing_address", "shipping_address", "postcode", "postal_code", "zip", "zip_code",
+    "date_of_birth", "birth_date", "dob",
+    "query", "text", "comment", "comments", "message", "note", "notes", "body",
+    "review", "review_text", "description", "feedback",
+)  # fmt: skip
+
+
 class PrivacyConfig(_Frozen):
     # Key of the keyed hash (BLAKE2b) that replaces e-mail and phone on ingest.
     # Set it per deployment, from ${env:...} or ${file:...}; keep it stable, or
     # the hashes of the same address stop matching.
     pii_salt: Annotated[str, Field(min_length=8)] = "crmstream-dev-pii-salt"
+    # Fields that hold personal data (names, addresses, free text), matched by name
+    # (any case, at any depth) in the copy of a rejected message a dead letter keeps.
+    personal_fields: tuple[str, ...] = PERSONAL_FIELDS
+    # drop: personal fields are left out of dead-letter copies (their names are
+    # listed); keep: they stay (e-mail addresses and phone numbers are still hashed).
+    dead_letter_personal_fields: Literal["drop", "keep"] = "drop"
+
+    @field_validator("personal_fields")
+    @classmethod
+    def _folded(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(name.casefold() for name in value if name))
 
 
 class CurrencyConfig(_Frozen):
@@ -389,10 +422,8 @@ class QuietHoursConfig(_Frozen):
     @field_validator("default_timezone")
     @classmethod
     def _tz(cls, value: str) -> str:
-        try:
-            ZoneInfo(value)
-        except (ZoneInfoNotFoundError, ValueError):
-            raise ValueError(f"not an IANA time zone: {value!r}") from None
+        if find_zone(value) is None:  # a directory such as "America" raised IsADirectoryError
+            raise ValueError(f"not an IANA time zone: {value!r}")
         return value
 
 
@@ -675,6 +706,32 @@ class CrmConfig(_Frozen):
     value: ValueConfig = Field(default_factory=ValueConfig)
     lifecycle: LifecycleConfig = LifecycleConfig()
     segments: SegmentsConfig = SegmentsConfig()
+
+    @model_validator(mode="after")
+    def _dead_letters_fit(self) -> CrmConfig:
+        """A dead letter keeping its whole allowance of the original must fit the
+        producer's message.max.bytes (flows/dead_letters.py)."""
+        from crmstream.flows.dead_letters import dead_letter_bytes
+        from crmstream.flows.sink import DEFAULT_MESSAGE_MAX_BYTES, RECORD_FRAMING_BYTES
+
+        raw = self.kafka.producer_properties().get("message.max.bytes", DEFAULT_MESSAGE_MAX_BYTES)
+        try:
+            limit = int(raw) - RECORD_FRAMING_BYTES
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"kafka.producer message.max.bytes must be bytes, got {raw!r}"
+            ) from None
+        copy = self.processing.dead_letter_max_original_bytes
+        if dead_letter_bytes(copy) > limit:
+            fits = max(n for n in (0, 64, 256, 1024, 4096, 8192, 16384, 65536, 262144)
+                       if dead_letter_bytes(n) <= limit or n == 0)  # fmt: skip
+            raise ValueError(
+                f"processing.dead_letter_max_original_bytes={copy}: such a dead letter can "
+                f"take {dead_letter_bytes(copy)} bytes, over what the producer accepts "
+                f"(message.max.bytes {raw}); set it to {fits} or less, or raise "
+                "message.max.bytes"
+            )
+        return self
 
     @model_validator(mode="after")
     def _categories_exist(self) -> CrmConfig:

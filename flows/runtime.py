@@ -70,7 +70,11 @@ class Runtime:
     def producer(self) -> DeliveryCheckedProducer:
         kafka = self.config.kafka
         return DeliveryCheckedProducer(
-            self.endpoints.brokers, kafka.producer_properties(), kafka.delivery_timeout_seconds
+            self.endpoints.brokers,
+            kafka.producer_properties(),
+            kafka.delivery_timeout_seconds,
+            unsent_to=kafka.topics.dead_letter,
+            copy_bytes=self.config.processing.dead_letter_max_original_bytes,
         )
 
     def close(self) -> None:

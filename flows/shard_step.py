@@ -28,7 +28,7 @@ import orjson
 
 from crmstream.flows.dead_letters import dead_letter_record
 from crmstream.flows.runtime import Runtime
-from crmstream.flows.sink import Outbox, Outgoing, encode_outgoing
+from crmstream.flows.sink import Outbox, Outgoing, bound_outgoing, encode_outgoing
 from crmstream.metrics import get_metrics
 from crmstream.operators.customer_step import CustomerStep, StepInput, StepOutput
 from crmstream.operators.events import (
@@ -196,6 +196,7 @@ class ShardStep:
                     metrics.timer_lateness_seconds.observe(max(0, now_ms - timer.due_ms) / 1000)
             for kind, count in Counter(r["trigger_type"] for r in triggers).items():
                 metrics.triggers.labels(kind).inc(count)
+        outgoing = bound_outgoing(outgoing, self._rt.producer)  # nothing the producer refuses
         if self._exactly_once:
             self._commit(changes, now_ms, outgoing)
             self._outbox.send(outgoing)

@@ -13,6 +13,13 @@ then produced, without waiting. Entries whose delivery the broker confirmed
 are trimmed from the list's head by a later commit. After a crash, the next
 run produces what the list still holds, so no record is lost and none waits
 on the broker inside a step (``encode_outgoing`` is the entry format).
+
+Nothing committed may fail the next start (issue 34): ``bound_outgoing`` puts
+a dead letter in place of any record over the producer's ``message.max.bytes``
+before it reaches the outbox, and a record the producer or the broker still
+refuses when sent (one an earlier version committed, or a topic whose limit is
+lower) is replaced by such a dead letter too, counted in
+``crmstream_unsent_records_total``, instead of failing every start.
 """
 
 from __future__ import annotations
@@ -28,10 +35,20 @@ from typing import Any, NamedTuple
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
 from crmstream.clients import librdkafka_config
+from crmstream.flows.dead_letters import unsendable_record
 from crmstream.metrics import get_metrics
 
 log = logging.getLogger(__name__)
 WAIT_WARNING_SECONDS = 5.0
+# librdkafka refuses a record whose key, value and headers with this much framing
+# exceed message.max.bytes (measured: tests/test_unsent_records.py).
+RECORD_FRAMING_BYTES = 36
+DEFAULT_MESSAGE_MAX_BYTES = 1_000_000  # librdkafka's default
+# Errors that refuse one record for what it is (retrying it cannot help).
+REFUSED = frozenset(
+    {KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.RECORD_LIST_TOO_LARGE, KafkaError.INVALID_RECORD}
+)
+Report = Callable[[KafkaError | None, Message], None]
 
 
 class DeliveryError(RuntimeError):
@@ -41,7 +58,17 @@ class DeliveryError(RuntimeError):
 class DeliveryCheckedProducer:
     """A thread-safe idempotent producer whose failures never vanish."""
 
-    def __init__(self, brokers: list[str], client_config: dict[str, Any], timeout_s: float):
+    def __init__(
+        self,
+        brokers: list[str],
+        client_config: dict[str, Any],
+        timeout_s: float,
+        unsent_to: str | None = None,
+        copy_bytes: int = 0,
+    ):
+        """``unsent_to``: the dead-letter topic where a record that cannot be sent is
+        replaced by a dead letter keeping ``copy_bytes`` of it (None: such a record
+        fails as any other delivery does)."""
         config = {
             "enable.idempotence": True,
             "acks": "all",
@@ -54,6 +81,12 @@ class DeliveryCheckedProducer:
         self._timeout_s = timeout_s
         self._lock = threading.Lock()
         self._failures: list[str] = []
+        self._unsent_to = unsent_to
+        self._copy_bytes = copy_bytes
+        self._deferred: list[tuple[Outgoing, Report]] = []  # stand-ins from delivery reports
+        max_bytes = config.get("message.max.bytes", DEFAULT_MESSAGE_MAX_BYTES)
+        # The most key and value bytes of one record the producer accepts.
+        self.record_limit = int(max_bytes) - RECORD_FRAMING_BYTES
 
     def _on_delivery(self, err: KafkaError | None, msg: Message) -> None:
         if err is not None:
@@ -79,29 +112,67 @@ class DeliveryCheckedProducer:
         """Queue one record; waits for room when the local queue is full.
         ``on_acked`` is called once the broker acknowledged it."""
         self._raise_failures()
-        report = self._on_delivery if on_acked is None else self._reporter(on_acked)
-        self._queue(topic, key, value, headers, report)
+        self._send_deferred()
+        self._queue(topic, key, value, headers, self._reporter(on_acked))
 
     def produce_all(
         self, records: Iterable[tuple[str, bytes | None, bytes]], on_acked: Callable[[], None]
     ) -> None:
         """Queue (topic, key, value) records as ``produce`` does, one delivery callback for
-        all; ``on_acked`` is called once per record the broker acknowledged."""
+        all; ``on_acked`` is called once per record the broker acknowledged (or, for a
+        record that could not be sent, once its stand-in dead letter was)."""
         self._raise_failures()
+        self._send_deferred()
         report = self._reporter(on_acked)
         for topic, key, value in records:
             self._queue(topic, key, value, None, report)
 
-    def _reporter(
-        self, on_acked: Callable[[], None]
-    ) -> Callable[[KafkaError | None, Message], None]:
+    def stand_in(
+        self, topic: str, key: bytes | None, value: bytes, why: str, cause: str
+    ) -> Outgoing:
+        """The dead letter sent in place of a record that cannot be sent (``cause``:
+        ``oversize`` before the commit, ``refused`` when sent), logged and counted.
+
+        :raises DeliveryError: when the producer has no dead-letter topic to use.
+        """
+        if self._unsent_to is None:
+            raise DeliveryError(f"cannot produce to {topic!r}: {why}")
+        self.count_unsent(
+            topic, cause, f"{why}; a dead letter on {self._unsent_to!r} stands for it"
+        )
+        copy = 0 if topic == self._unsent_to and cause == "refused" else self._copy_bytes
+        out_key, record = unsendable_record(topic, key, value, why, copy, self.record_limit)
+        return Outgoing(self._unsent_to, out_key, record)
+
+    @staticmethod
+    def count_unsent(topic: str, cause: str, what: str) -> None:
+        """Log and count a record not sent as it was (``crmstream_unsent_records_total``)."""
+        get_metrics().unsent_records.labels(topic, cause).inc()
+        log.error("a record for %r is not sent as it was: %s", topic, what)
+
+    def _reporter(self, on_acked: Callable[[], None] | None, stand_ins: bool = True) -> Report:
         def report(err: KafkaError | None, msg: Message) -> None:
             if err is None:
-                on_acked()
+                if on_acked is not None:
+                    on_acked()
+            elif stand_ins and self._unsent_to is not None and err.code() in REFUSED:
+                why = f"the broker refused it: {err.str()}"
+                stand = self.stand_in(msg.topic(), msg.key(), msg.value() or b"", why, "refused")
+                # Produced at the next call, outside librdkafka's callback.
+                with self._lock:
+                    self._deferred.append((stand, self._reporter(on_acked, stand_ins=False)))
             else:
                 self._on_delivery(err, msg)
 
         return report
+
+    def _send_deferred(self) -> None:
+        while True:
+            with self._lock:  # shards on worker threads share the producer
+                if not self._deferred:
+                    return
+                stand, report = self._deferred.pop(0)
+            self._queue(*stand, None, report, stand_ins=False)
 
     def _queue(
         self,
@@ -109,7 +180,8 @@ class DeliveryCheckedProducer:
         key: bytes | None,
         value: bytes,
         headers: list[tuple[str, bytes]] | None,
-        report: Callable[[KafkaError | None, Message], None],
+        report: Report,
+        stand_ins: bool = True,
     ) -> None:
         while True:
             try:
@@ -120,12 +192,19 @@ class DeliveryCheckedProducer:
             except BufferError:
                 self._producer.poll(0.05)  # backpressure: serve delivery reports, then retry
             except KafkaException as exc:
-                raise DeliveryError(f"cannot produce to {topic!r}: {exc}") from None
+                error = exc.args[0]
+                refused = isinstance(error, KafkaError) and error.code() in REFUSED
+                if not (refused and stand_ins and self._unsent_to is not None):
+                    raise DeliveryError(f"cannot produce to {topic!r}: {exc}") from None
+                why = f"the producer refused it: {error.str()}"
+                topic, key, value = self.stand_in(topic, key, value, why, "refused")
+                headers, stand_ins = None, False
 
     def flush(self) -> None:
         """Block until every queued record is acknowledged; raise if any failed."""
         started = time.monotonic()
         deadline = started + self._timeout_s
+        self._send_deferred()
         remaining = self._producer.flush(min(self._timeout_s, WAIT_WARNING_SECONDS))
         while remaining and time.monotonic() < deadline:
             get_metrics().delivery_waits.inc()
@@ -138,6 +217,9 @@ class DeliveryCheckedProducer:
             )
             slice_s = min(WAIT_WARNING_SECONDS, max(0.0, deadline - time.monotonic()))
             remaining = self._producer.flush(slice_s)
+        while self._deferred and not remaining:  # stand-ins for records refused meanwhile
+            self._send_deferred()
+            remaining = self._producer.flush(max(0.0, deadline - time.monotonic()))
         if time.monotonic() - started >= WAIT_WARNING_SECONDS and not remaining:
             log.warning("broker acknowledged after %.1f s", time.monotonic() - started)
         self._raise_failures()
@@ -149,6 +231,7 @@ class DeliveryCheckedProducer:
     def poll(self) -> None:
         """Serve delivery reports; raise if any record failed."""
         self._producer.poll(0)
+        self._send_deferred()
         self._raise_failures()
 
     @property
@@ -186,6 +269,32 @@ def decode_outgoing(entry: bytes) -> Outgoing:
     if key_len < 0:
         return Outgoing(topic, None, entry[at:])
     return Outgoing(topic, entry[at : at + key_len], entry[at + key_len :])
+
+
+def bound_outgoing(records: list[Outgoing], producer: DeliveryCheckedProducer) -> list[Outgoing]:
+    """The records as they may be committed to the outbox: none over the producer's
+    ``message.max.bytes`` (a refused outbox record failed every start: issue 34).
+
+    A record whose key pushes it over (a dead letter keeps its input message's key,
+    which may be near the limit itself) is sent without its key; any other record
+    over the limit is replaced by the dead letter that stands for it. Both are
+    logged and counted (``crmstream_unsent_records_total``, cause ``oversize``).
+    """
+    limit = producer.record_limit
+    out = records
+    for i, (topic, key, value) in enumerate(records):
+        size = len(value) + len(key or b"")
+        if size <= limit:
+            continue
+        if out is records:
+            out = list(records)
+        why = f"{size} bytes of key and value, over the producer's limit of {limit}"
+        if len(value) <= limit:
+            producer.count_unsent(topic, "oversize", f"{why}: sent without its key")
+            out[i] = Outgoing(topic, None, value)
+        else:
+            out[i] = producer.stand_in(topic, key, value, f"{why} (message.max.bytes)", "oversize")
+    return out
 
 
 class _Chunk:

@@ -9,9 +9,6 @@ table of checks with no per-event allocation beyond the result tuple.
 
 from __future__ import annotations
 
-import hashlib
-import math
-import re
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Annotated, Any, Literal, NamedTuple
@@ -20,6 +17,25 @@ import msgspec
 import orjson
 
 from crmstream.config import CrmConfig
+from crmstream.operators.fields import (
+    HASH_FIELDS,
+    LANGUAGE,
+    MAX_ID_LEN,
+    MAX_LANGUAGE_LEN,
+    MAX_QUANTITY,
+    MAX_QUERY_LEN,
+    MONTH_DAY,
+    check_hash,
+    choice,
+    id_field,
+    is_country,
+    is_customer_id,
+    number,
+    parse_time_ms,
+    show,
+)
+from crmstream.operators.fields import FieldError as _Invalid
+from crmstream.operators.redaction import PII_FIELDS, Redactor, keyed_hash, pii_key
 from crmstream.operators.zones import find_zone
 
 # Dense, stable codes: state arrays are indexed by them, so never renumber;
@@ -70,14 +86,22 @@ CONTACT_CHANNELS = frozenset({"push", "email", "sms", "whatsapp", "line"})
 LOGISTICS_STATUS_CODE = {"in_transit": 0.0, "customs_hold": 1.0, "delay": 2.0}
 LOGISTICS_STATUSES = frozenset(LOGISTICS_STATUS_CODE)
 MAX_ORDER_ITEMS = 500
-# Data minimisation: never kept in state or emitted.
-PII_FIELDS = frozenset({"email", "phone"})
-# Starts only where a run of address characters starts: linear time on long runs.
-_EMAIL = re.compile(rb"(?<![A-Za-z0-9._%+-])[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+")
-_PHONE_FIELD = re.compile(rb'("phone"\s*:\s*)("[^"]*"|[0-9+() .-]+)')
-_PHONE_INTL = re.compile(rb"\+\d[\d ()./-]{6,}\d")  # +CC ... anywhere else
 
-MAX_ID_LEN = 128
+_HASH_SET = frozenset(HASH_FIELDS)
+# The fields of a non-clickstream event that rules, timers and profiles read
+# (``ParsedEvent.fields``); others are not carried past validation.
+KEPT_FIELDS = (
+    "order_id",
+    "promised_delivery_time",
+    "status",
+    "channel",
+    "country",
+    "timezone",
+    "language",
+    "birthday",
+    "preferred_channel",
+    *HASH_FIELDS,
+)
 
 
 class ParsedEvent(NamedTuple):
@@ -94,9 +118,9 @@ class ParsedEvent(NamedTuple):
     offset: int
     ingest_ms: int  # the Kafka message timestamp
     aux: float  # sentiment (tickets), rating (reviews), status code (logistics), else 0
-    # The validated JSON object, read for orders (ids, promises), profile and consent
-    # updates, and tickets; empty for clickstream events, whose other fields no rule
-    # reads: that keeps the items exchanged between worker processes small.
+    # The validated fields rules, timers and profiles read (``KEPT_FIELDS``) of orders,
+    # customer and feedback events; empty for clickstream events, whose other fields
+    # no rule reads: that keeps the items exchanged between worker processes small.
     fields: dict[str, Any]
 
 
@@ -111,23 +135,6 @@ class InvalidEvent(NamedTuple):
     topic: str
     partition: int
     offset: int
-
-
-class _Invalid(Exception):
-    def __init__(self, field: str | None, message: str):
-        super().__init__(message)
-        self.field = field
-        self.message = message
-
-
-def _is_country(value: Any) -> bool:
-    """An ISO 3166 alpha-2 code as accepted: two upper-case characters."""
-    return type(value) is str and len(value) == 2 and value.isupper()
-
-
-def _show(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
 
 
 @dataclass(frozen=True)
@@ -168,52 +175,6 @@ _SPECS: dict[str, _FieldSpec] = {
 assert set(_SPECS) == set(EVENT_TYPES)
 
 
-def _id(obj: dict[str, Any], name: str) -> str:
-    value = obj.get(name)
-    if value is None:
-        raise _Invalid(name, f"field {name!r} is required")
-    if type(value) is not str or not value or len(value) > MAX_ID_LEN:
-        raise _Invalid(
-            name, f"field {name!r} must be a string of 1..{MAX_ID_LEN} chars, got {_show(value)}"
-        )
-    return value
-
-
-def _number(obj: dict[str, Any], name: str, lo: float, hi: float) -> float:
-    value = obj.get(name)
-    if type(value) not in (int, float) or not math.isfinite(value) or not lo <= value <= hi:
-        raise _Invalid(
-            name, f"field {name!r} must be a number in [{lo:g}, {hi:g}], got {_show(value)}"
-        )
-    return float(value)
-
-
-def _choice(obj: dict[str, Any], name: str, allowed: frozenset[str], required: bool) -> None:
-    value = obj.get(name)
-    if value is None and not required:
-        return
-    if type(value) is not str or value not in allowed:  # a list or object is unhashable
-        raise _Invalid(name, f"field {name!r} must be one of {sorted(allowed)}, got {_show(value)}")
-
-
-def parse_time_ms(value: Any, name: str = "event_time") -> int:
-    """Epoch milliseconds (int) or ISO-8601 with a UTC offset -> epoch ms."""
-    if type(value) is int:
-        return value
-    if type(value) is str:
-        try:
-            parsed = datetime.fromisoformat(value)
-        except ValueError:
-            raise _Invalid(name, f"field {name!r} is not ISO-8601, got {_show(value)}") from None
-        if parsed.tzinfo is None:
-            raise _Invalid(name, f"field {name!r} needs a UTC offset, got {_show(value)}")
-        return int(parsed.timestamp() * 1000)
-    raise _Invalid(
-        name,
-        f"field {name!r} must be epoch milliseconds (integer) or ISO-8601 text, got {_show(value)}",
-    )
-
-
 # A namedtuple's own constructor is a Python function; tuple.__new__ is not. Per event
 # that is about 0.3 µs: new_tuple(ParsedEvent, (...)) here, RawMessage in the source,
 # and a ShardBatch's events unpickled on another worker process.
@@ -244,7 +205,7 @@ class _Click(msgspec.Struct, forbid_unknown_fields=True, gc=False):
     category: str | None = None
     price: Annotated[float, msgspec.Meta(ge=0.0, le=1e9)] | msgspec.UnsetType = msgspec.UNSET
     currency: str | None = None
-    query: str | None = None  # search text: no rule reads it
+    query: Annotated[str, msgspec.Meta(max_length=MAX_QUERY_LEN)] | None = None  # no rule reads it
 
 
 _CLICK_DECODER = msgspec.json.Decoder(_Click)
@@ -265,35 +226,17 @@ class EventValidator:
         self._max_bytes = config.processing.max_event_bytes
         self._min_time_ms = config.processing.min_event_time_ms
         self._max_skew_ms = config.processing.max_future_skew_seconds * 1000
-        self._pii_key = hashlib.blake2b(config.privacy.pii_salt.encode()).digest()[:64]
-
-    def redact(self, raw: bytes) -> bytes:
-        """A rejected message with its e-mail addresses and phone fields hashed, for the
-        dead-letter topic: parseable JSON field by field, anything else by pattern
-        (addresses; phone numbers in a "phone" field or in +international form)."""
-        try:
-            obj = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            obj = None
-        if type(obj) is dict and PII_FIELDS.intersection(obj):
-            for name in PII_FIELDS.intersection(obj):
-                value = obj.pop(name)
-                obj[f"{name}_hash"] = self.pii_hash(name, str(value))
-            raw = orjson.dumps(obj)
-        raw = _PHONE_FIELD.sub(lambda m: m[1] + self._hash_text("phone", m[2]), raw)
-        raw = _PHONE_INTL.sub(lambda m: self._hash_text("phone", m[0]), raw)
-        return _EMAIL.sub(lambda m: self._hash_text("email", m[0]), raw)
-
-    def _hash_text(self, field: str, raw: bytes) -> bytes:
-        text = raw.decode("utf-8", "replace")
-        return f"<{field}_hash:{self.pii_hash(field, text)}>".encode()
+        self._promise_before_ms = config.processing.promised_delivery_max_days_before * 86_400_000
+        self._promise_after_ms = config.processing.promised_delivery_max_days_after * 86_400_000
+        self._pii_key = pii_key(config)
+        # Rejected messages' copies for the dead-letter topic (operators/redaction.py).
+        self.redact = Redactor(config)
 
     def pii_hash(self, field: str, value: Any) -> str:
         """Keyed BLAKE2b-128 of a normalised e-mail (trimmed, lower case) or phone (digits)."""
         if type(value) is not str:
             raise _Invalid(field, f"field {field!r} must be a string")
-        text = value.strip().lower() if field == "email" else "".join(filter(str.isdigit, value))
-        return hashlib.blake2b(text.encode(), key=self._pii_key, digest_size=16).hexdigest()
+        return keyed_hash(self._pii_key, field, value)
 
     def parse(
         self,
@@ -325,8 +268,18 @@ class EventValidator:
                 # message to the checked way, which words the rejection.
                 ok = (
                     self._min_time_ms <= c.event_time <= now_ms + self._max_skew_ms
-                    # msgspec typed it str: _is_country's other checks
-                    and (c.country is None or (len(c.country) == 2 and c.country.isupper()))
+                    # msgspec typed them str: is_customer_id's and _is_country's other checks
+                    and c.customer_id.isprintable()
+                    and c.customer_id[0] != "}"
+                    and (
+                        c.country is None
+                        or (
+                            len(c.country) == 2
+                            and c.country.isascii()
+                            and c.country.isalpha()
+                            and c.country.isupper()
+                        )
+                    )
                 )
                 code = EVENT_CODE[c.event_type]
                 category = -1
@@ -394,11 +347,12 @@ class EventValidator:
             if type(obj) is not dict:
                 raise _Invalid(None, f"event must be a JSON object, got {type(obj).__name__}")
             customer_id = obj.get("customer_id")
-            customer_id = customer_id if type(customer_id) is str else None
+            customer_id = customer_id if is_customer_id(customer_id) else None
             return self._validate(obj, topic, partition, offset, timestamp_ms, now_ms)
         except _Invalid as bad:
             event_id = obj.get("event_id") if type(obj) is dict else None
-            label = f"event {event_id!r}" if type(event_id) is str else "message"
+            shown = type(event_id) is str and len(event_id) <= MAX_ID_LEN
+            label = f"event {event_id!r}" if shown else "message"
             reason = f"{label} on {topic}[{partition}]@{offset}: {bad.message}"
             return InvalidEvent(
                 reason, bad.field, customer_id, key, value, topic, partition, offset
@@ -417,21 +371,28 @@ class EventValidator:
         timestamp_ms: int,
         now_ms: int,
     ) -> ParsedEvent:
-        event_id = _id(obj, "event_id")
-        customer_id = _id(obj, "customer_id")
+        event_id = id_field(obj, "event_id")
+        customer_id = id_field(obj, "customer_id")
+        if not is_customer_id(customer_id):
+            raise _Invalid(
+                "customer_id",
+                "field 'customer_id' must be printable characters (no control or format "
+                f"characters) not starting with '}}', got {show(customer_id)}",
+            )
         event_type = obj.get("event_type")
         spec = _SPECS.get(event_type) if type(event_type) is str else None
         if spec is None:
             raise _Invalid(
                 "event_type",
-                f"field 'event_type' is not a known event type, got {_show(event_type)}",
+                f"field 'event_type' is not a known event type, got {show(event_type)}",
             )
         role = self._roles.get(topic)
         if role is None:
             raise _Invalid(None, f"topic {topic!r} is not a configured input topic")
         if event_type not in TOPIC_ROLE_TYPES[role]:
             raise _Invalid(
-                "event_type", f"event type {event_type!r} does not belong on the {role} topic"
+                "event_type",
+                f"field 'event_type' is {event_type!r}, which does not belong on the {role} topic",
             )
         if "event_time" not in obj:
             raise _Invalid("event_time", "field 'event_time' is required")
@@ -439,8 +400,12 @@ class EventValidator:
         if not self._in_time_range(event_time_ms, now_ms):
             raise _Invalid(
                 "event_time",
-                f"field 'event_time' is out of the accepted range, got {_show(obj['event_time'])}",
+                f"field 'event_time' is out of the accepted range, got {show(obj['event_time'])}",
             )
+        if not _HASH_SET.isdisjoint(obj):  # one C call for the usual event without them
+            for name in HASH_FIELDS:
+                if name in obj:
+                    check_hash(obj, name)
         if not PII_FIELDS.isdisjoint(obj):  # no set built per event, unlike intersection
             for name in PII_FIELDS.intersection(obj):
                 # Data minimisation: e-mail and phone never reach state or outputs in
@@ -449,26 +414,26 @@ class EventValidator:
                 if value is not None:
                     obj[f"{name}_hash"] = self.pii_hash(name, value)
         if "channel" in spec.required:  # consent events name a contact channel
-            _choice(obj, "channel", CONTACT_CHANNELS, required=True)
+            choice(obj, "channel", CONTACT_CHANNELS, required=True)
         else:  # elsewhere it is the surface the customer used
-            _choice(obj, "channel", CHANNELS, required=False)
+            choice(obj, "channel", CHANNELS, required=False)
         country = obj.get("country")
-        if country is not None and not _is_country(country):
+        if country is not None and not is_country(country):
             raise _Invalid(
-                "country", f"field 'country' must be an ISO 3166 alpha-2 code, got {_show(country)}"
+                "country", f"field 'country' must be an ISO 3166 alpha-2 code, got {show(country)}"
             )
         for name in spec.required:
             if name in ("channel", "category", "sentiment", "rating", "status"):
                 continue  # checked with their own rules below
             if name == "promised_delivery_time":
-                parse_time_ms(obj.get(name), name)
+                self._check_promise(obj.get(name), event_time_ms)
             else:
-                _id(obj, name)
+                id_field(obj, name)
 
         category = -1
         if spec.product or spec.optional_category or "category" in spec.required:
             if spec.product:
-                _id(obj, "product_id")
+                id_field(obj, "product_id")
             raw = obj.get("category")
             if raw is not None or spec.product or "category" in spec.required:
                 category = self._category_index.get(raw, -1) if type(raw) is str else -1
@@ -476,7 +441,7 @@ class EventValidator:
                     raise _Invalid(
                         "category",
                         f"field 'category' must be a category of the "
-                        f"configured taxonomy, got {_show(raw)}",
+                        f"configured taxonomy, got {show(raw)}",
                     )
 
         aux = 0.0
@@ -484,25 +449,32 @@ class EventValidator:
             category = self._primary_category(obj["items"])
         amount_base = 0.0
         if spec.amount:
-            amount = _number(obj, "amount", 0.0, 1e9)
+            amount = number(obj, "amount", 0.0, 1e9)
             amount_base = amount * self._rate(obj)
         elif "price" in obj:
-            price = _number(obj, "price", 0.0, 1e9)
+            price = number(obj, "price", 0.0, 1e9)
             amount_base = price * self._rate(obj)
         if "sentiment" in spec.required:
-            aux = _number(obj, "sentiment", -1.0, 1.0)
+            aux = number(obj, "sentiment", -1.0, 1.0)
         if "rating" in spec.required:
             rating = obj.get("rating")
             if type(rating) is not int or not 1 <= rating <= 5:
                 raise _Invalid(
-                    "rating", f"field 'rating' must be an integer 1..5, got {_show(rating)}"
+                    "rating", f"field 'rating' must be an integer 1..5, got {show(rating)}"
                 )
             aux = float(rating)
         if "status" in spec.required:
-            _choice(obj, "status", LOGISTICS_STATUSES, required=True)
+            choice(obj, "status", LOGISTICS_STATUSES, required=True)
             aux = LOGISTICS_STATUS_CODE[obj["status"]]
         if event_type == "profile_updated":
             self._check_profile(obj)
+        query = obj.get("query")
+        if query is not None and (type(query) is not str or len(query) > MAX_QUERY_LEN):
+            raise _Invalid(
+                "query",
+                f"field 'query' must be text of at most {MAX_QUERY_LEN} characters, "
+                f"got {show(query)}",
+            )
 
         return new_tuple(
             ParsedEvent,
@@ -518,7 +490,7 @@ class EventValidator:
                 offset,
                 timestamp_ms,
                 aux,
-                {} if role == "clickstream" else obj,
+                {} if role == "clickstream" else {k: obj[k] for k in KEPT_FIELDS if k in obj},
             ),
         )
 
@@ -528,15 +500,17 @@ class EventValidator:
             raise _Invalid(
                 "items",
                 f"field 'items' must be a list of at most {MAX_ORDER_ITEMS} objects, "
-                f"got {_show(items)}",
+                f"got {show(items)}",
             )
         best, best_price = -1, -1.0
         for i, item in enumerate(items):
             if type(item) is not dict:
-                raise _Invalid("items", f"items[{i}] must be an object, got {_show(item)}")
+                raise _Invalid("items", f"items[{i}] must be an object, got {show(item)}")
             try:
-                _id(item, "product_id")
-                price = _number(item, "price", 0.0, 1e9)
+                id_field(item, "product_id")
+                price = number(item, "price", 0.0, 1e9)
+                if "quantity" in item:  # not read by any rule; checked all the same
+                    number(item, "quantity", 0.0, MAX_QUANTITY)
             except _Invalid as bad:
                 raise _Invalid("items", f"items[{i}]: {bad.message}") from None
             raw = item.get("category")
@@ -545,7 +519,7 @@ class EventValidator:
                 raise _Invalid(
                     "items",
                     f"items[{i}].category must be a category of the configured "
-                    f"taxonomy, got {_show(raw)}",
+                    f"taxonomy, got {show(raw)}",
                 )
             if price > best_price:
                 best, best_price = category, price
@@ -558,7 +532,7 @@ class EventValidator:
             raise _Invalid(
                 "currency",
                 f"field 'currency' must be a configured currency "
-                f"({len(self._rates)} known), got {_show(currency)}",
+                f"({len(self._rates)} known), got {show(currency)}",
             )
         return rate
 
@@ -566,20 +540,38 @@ class EventValidator:
         tz = obj.get("timezone")
         if tz is not None and (type(tz) is not str or find_zone(tz) is None):
             raise _Invalid(
-                "timezone", f"field 'timezone' must be an IANA time zone, got {_show(tz)}"
+                "timezone", f"field 'timezone' must be an IANA time zone, got {show(tz)}"
             )
         birthday = obj.get("birthday")
         if birthday is not None:
-            ok = type(birthday) is str and len(birthday) == 5 and birthday[2] == "-"
+            ok = type(birthday) is str and MONTH_DAY.fullmatch(birthday) is not None
             try:
                 ok = ok and datetime(2000, int(birthday[:2]), int(birthday[3:])) is not None
             except ValueError:
                 ok = False
             if not ok:
-                raise _Invalid("birthday", f"field 'birthday' must be MM-DD, got {_show(birthday)}")
-        _choice(obj, "preferred_channel", CONTACT_CHANNELS, required=False)
+                raise _Invalid("birthday", f"field 'birthday' must be MM-DD, got {show(birthday)}")
+        choice(obj, "preferred_channel", CONTACT_CHANNELS, required=False)
         language = obj.get("language")
-        if language is not None and (type(language) is not str or not 2 <= len(language) <= 16):
+        if language is not None and (
+            type(language) is not str
+            or len(language) > MAX_LANGUAGE_LEN
+            or LANGUAGE.fullmatch(language) is None
+        ):
             raise _Invalid(
-                "language", f"field 'language' must be a BCP-47 tag, got {_show(language)}"
+                "language", f"field 'language' must be a BCP-47 tag, got {show(language)}"
+            )
+
+    def _check_promise(self, value: Any, event_time_ms: int) -> None:
+        """A promised delivery time within the configured days of the event's own time:
+        one of -1e15 ms was committed as a timer whose firing raised (issue 34)."""
+        name = "promised_delivery_time"
+        promised = parse_time_ms(value, name)
+        lo, hi = self._promise_before_ms, self._promise_after_ms
+        # Not before 1970 either: a timer due then could not fire (state/timers.py).
+        if not max(0, event_time_ms - lo) <= promised <= event_time_ms + hi:
+            raise _Invalid(
+                name,
+                f"field {name!r} must be within {lo // 86_400_000} days before and "
+                f"{hi // 86_400_000} days after the event's time, got {show(value)}",
             )

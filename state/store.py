@@ -40,12 +40,13 @@ from crmstream.config.schema import RedisConfig
 from crmstream.metrics import get_metrics, observe_redis
 from crmstream.state.commands import CommandBatch
 from crmstream.state.promises import Promise
-from crmstream.state.timers import SEP, TimerStore
+from crmstream.state.timers import MARK, SEP, TimerStore, member_prefix, parse_member
 
 if TYPE_CHECKING:
     from crmstream.operators.catalog import TimerPlan
 
 log = logging.getLogger(__name__)
+_GLOB_SPECIAL = re.compile(rb"([\\*?\[\]])")  # escaped in a SCAN MATCH pattern
 
 Position = tuple[str, int]  # (topic, partition)
 
@@ -259,8 +260,8 @@ class StateStore:
         profiles: Mapping[str, Mapping[str, str]],
         progress: Mapping[Position, Progress],
         plan: TimerPlan | None = None,
-        fired: list[str] = (),
-        erase: list[tuple[str, list[str], dict[str, str], int, int]] = (),
+        fired: list[bytes] = (),  # timer members (state/timers.py)
+        erase: list[tuple[str, list[bytes], dict[str, str], int, int]] = (),
         atomic: bool = True,
         customers_delta: int = 0,
         outbox: list[bytes] = (),
@@ -415,12 +416,17 @@ class StateStore:
             for c, raw in zip(customer_ids, raw_profiles, strict=True)
         }
 
-    def timer_members_of(self, shard: int, customer_id: str) -> list[str]:
-        """Every pending timer of one customer (a scan of the shard's set: erasure only)."""
-        pattern = re.sub(r"([\\*?\[\]])", r"\\\1", customer_id) + SEP + "*"
-        return [
-            m.decode() for m, _ in self._client.zscan_iter(self.timers.key(shard), match=pattern)
-        ]
+    def timer_members_of(self, shard: int, customer_id: str) -> list[bytes]:
+        """Every pending timer member of one customer, in either member format
+        (state/timers.py): two scans of the shard's set, for erasure only."""
+        key = self.timers.key(shard)
+        members = []
+        for prefix in (member_prefix(customer_id), customer_id.encode() + SEP.encode()):
+            pattern = _GLOB_SPECIAL.sub(rb"\\\1", prefix) + b"*"
+            for member, _ in self._client.zscan_iter(key, match=pattern):
+                if member[:1] == MARK or _earlier_of(member, customer_id):
+                    members.append(member)
+        return members
 
     def audit_key(self) -> str:
         return f"{self._prefix}:audit"
@@ -469,6 +475,15 @@ class StateStore:
         pipe.hgetall(self.profile_key(customer_id))
         blob, profile = pipe.execute()
         return blob, {k.decode(): v.decode() for k, v in profile.items()}
+
+
+def _earlier_of(member: bytes, customer_id: str) -> bool:
+    """An earlier-format member of customer "a" also matches "a\x1f..." of another id
+    (that format's ambiguity): it is the customer's only if it parses as theirs."""
+    try:
+        return parse_member(member, 0).customer == customer_id
+    except (ValueError, UnicodeDecodeError):
+        return False
 
 
 def encode_progress(progress: Mapping[Position, Progress]) -> dict[str, str]:

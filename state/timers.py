@@ -1,17 +1,27 @@
 """Durable event-time timers: one Redis sorted set per shard, scored by due time.
 
 This module owns the timer keys and their member format. A timer is a
-wake-up call for one customer: ``<customer>\\x1f<kind>[\\x1f<ref>]`` scored by
-its due time (epoch ms). Scheduling the same member again moves it; the
-condition behind a timer is checked again against the customer's state when it
-fires, so a stale or moved timer is harmless. Timer writes ride in the shard's
-MULTI/EXEC with the state they belong to, so they survive restarts exactly as
-the state does. Firing reads only the due range of one shard's set, never all
-customers.
+wake-up call for one customer, a member scored by its due time (epoch ms):
+
+    b"\\xff" <customer's UTF-8 length, decimal> ":" <customer> "\\x1f" <kind> "\\x1f" <ref>
+
+The customer is length-prefixed, so no customer id can be confused with
+another whatever it contains; the kind is one of the catalogue's names
+(never holding the separator) and the ref (an order id, a held trigger
+record, ...) runs to the end. The leading byte 0xFF never occurs in UTF-8, so a
+member of the earlier format, ``<customer>\\x1f<kind>\\x1f<ref>`` (all text, split
+on the first separators: a customer id holding ``\\x1f`` was misread, issue 34),
+is told apart and still parsed: Redis may hold such members from an earlier
+version. Scheduling the same member again moves it; the condition behind a
+timer is checked again against the customer's state when it fires, so a stale
+or moved timer is harmless. Timer writes ride in the shard's MULTI/EXEC with the
+state they belong to, so they survive restarts exactly as the state does.
+Firing reads only the due range of one shard's set, never all customers.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import NamedTuple
 
@@ -19,7 +29,14 @@ import redis
 
 from crmstream.metrics import observe_redis
 
+log = logging.getLogger(__name__)
+
+# A timer due before 1970 cannot fire: the state keeps send times as unsigned
+# minutes since 1970 (state/encoding.py), and before year 1 there is no date at all.
+EARLIEST_DUE_MS = 0
 SEP = "\x1f"
+MARK = b"\xff"  # first byte of a member in the length-prefixed format (never in UTF-8)
+_SEP = SEP.encode()
 
 
 class Timer(NamedTuple):
@@ -29,18 +46,40 @@ class Timer(NamedTuple):
     due_ms: int
 
     @property
-    def member(self) -> str:
+    def member(self) -> bytes:
         return timer_member(self.customer, self.kind, self.ref)
 
 
-def timer_member(customer: str, kind: str, ref: str = "") -> str:
-    return f"{customer}{SEP}{kind}{SEP}{ref}"
+def timer_member(customer: str, kind: str, ref: str = "") -> bytes:
+    """The sorted-set member of a timer (the format is in the module docstring)."""
+    if SEP in kind:
+        raise ValueError(f"timer kind {kind!r} holds the separator")
+    who = customer.encode()
+    return b"%s%d:%s%s%s%s%s" % (MARK, len(who), who, _SEP, kind.encode(), _SEP, ref.encode())
+
+
+def member_prefix(customer: str) -> bytes:
+    """What every member of the customer's timers starts with (length-prefixed format)."""
+    who = customer.encode()
+    return b"%s%d:%s%s" % (MARK, len(who), who, _SEP)
 
 
 def parse_member(member: bytes | str, due_ms: float) -> Timer:
-    text = member.decode() if isinstance(member, bytes) else member
-    customer, kind, ref = text.split(SEP, 2)
-    return Timer(customer, kind, ref, int(due_ms))
+    """A member of either format as a ``Timer``; ValueError names a malformed one."""
+    raw = member.encode() if isinstance(member, str) else member
+    if raw[:1] != MARK:  # written by an earlier version: text split on the separators
+        parts = raw.decode().split(SEP, 2)
+        if len(parts) != 3:
+            raise ValueError(f"not a timer member: {raw[:80]!r}")
+        return Timer(parts[0], parts[1], parts[2], int(due_ms))
+    length, colon, rest = raw[1:].partition(b":")
+    if not colon or not length.isdigit() or rest[int(length) : int(length) + 1] != _SEP:
+        raise ValueError(f"not a timer member: {raw[:80]!r}")
+    n = int(length)
+    kind, sep, ref = rest[n + 1 :].partition(_SEP)
+    if not sep:
+        raise ValueError(f"not a timer member: {raw[:80]!r}")
+    return Timer(rest[:n].decode(), kind.decode(), ref.decode(), int(due_ms))
 
 
 class TimerStore:
@@ -64,7 +103,46 @@ class TimerStore:
                 self.key(shard), "-inf", upto_ms, start=0, num=limit, withscores=True
             )
         observe_redis("timers", started)
+        if raw and raw[0][1] < EARLIEST_DUE_MS:  # earliest first: one look suffices
+            raw = self._drop_unrepresentable(shard, raw)
+        if any(member[:1] != MARK for member, _ in raw):
+            raw = self._migrate(shard, raw)
         return [parse_member(member, score) for member, score in raw]
+
+    def _drop_unrepresentable(
+        self, shard: int, raw: list[tuple[bytes, float]]
+    ) -> list[tuple[bytes, float]]:
+        """Timers due before 1970 cannot fire (``EARLIEST_DUE_MS``). Only a version
+        before issue 34 could write one (a promise of -1e15 ms): they are removed,
+        logged, and not fired."""
+        gone = [member for member, due in raw if due < EARLIEST_DUE_MS]
+        self._client.zrem(self.key(shard), *gone)
+        log.warning(
+            "shard %d: removed %d timer(s) due before 1970, which cannot fire "
+            "(written before their times were validated): %s",
+            shard,
+            len(gone),
+            ", ".join(repr(m[:80]) for m in gone[:5]),
+        )
+        return [(member, due) for member, due in raw if due >= EARLIEST_DUE_MS]
+
+    def _migrate(self, shard: int, raw: list[tuple[bytes, float]]) -> list[tuple[bytes, float]]:
+        """Rewrite due members of the earlier format in the current one, in one
+        MULTI/EXEC, before they fire: a fired timer is removed by its current-format
+        member. ``ZADD NX``: a current-format member of the same timer (scheduled since)
+        keeps its own due time, and the earlier one is dropped without firing."""
+        earlier = [(m, due) for m, due in raw if m[:1] != MARK]
+        pipe = self._client.pipeline(transaction=True)
+        for member, due in earlier:
+            pipe.zadd(self.key(shard), {parse_member(member, due).member: due}, nx=True)
+            pipe.zrem(self.key(shard), member)
+        added = pipe.execute()[::2]
+        kept = {m for (m, _), new in zip(earlier, added, strict=True) if new}
+        return [
+            (m if m[:1] == MARK else parse_member(m, due).member, due)
+            for m, due in raw
+            if m[:1] == MARK or m in kept
+        ]
 
     def pending(self, shard: int) -> int:
         return int(self._client.zcard(self.key(shard)))

@@ -173,7 +173,7 @@ def test_birthday_three_days_before_from_one_wake_timer_per_customer(
     and a birthday reminder pending: the timer set holds one wake-up per customer for
     both, and each still fires."""
     from crmstream.state.store import StateStore, connect
-    from crmstream.state.timers import SEP
+    from crmstream.state.timers import parse_member
 
     config = isolated_config()
     s = script(config)
@@ -188,7 +188,7 @@ def test_birthday_three_days_before_from_one_wake_timer_per_customer(
     ]
     store = StateStore(connect(stack.redis_url, config.redis), config.redis.key_prefix)
     members = [
-        m.decode().split(SEP)
+        list(parse_member(m, 0)[:2])
         for shard in range(config.processing.shards)
         for m in store.client.zrange(store.timers.key(shard), 0, -1)
     ]

@@ -62,6 +62,9 @@ def test_country_code_no_and_clock_times_stay_text(tmp_path):
     assert config.processing.shards == 16  # numbers are still numbers
     with pytest.raises(ConfigError, match=r"default_timezone = 'no' \(from --set\)"):
         load_config(overrides=["policies.quiet_hours.default_timezone=no"], env={})
+    for directory in ("America", "a" * 300):  # IsADirectoryError, OSError before issue 34
+        with pytest.raises(ConfigError, match="not an IANA time zone"):
+            load_config(overrides=[f"policies.quiet_hours.default_timezone={directory}"], env={})
 
 
 @pytest.mark.parametrize(
@@ -267,3 +270,24 @@ def test_bgnbd_parameters_at_a_singular_point_are_refused(sets):
     in the first batch."""
     with pytest.raises(ConfigError, match="singular point"):
         load_config(None, sets, env={})
+
+
+def test_dead_letters_must_fit_the_producers_message_max_bytes():
+    """A dead letter keeps up to processing.dead_letter_max_original_bytes of its message:
+    with every byte at its worst it must still be a record the producer accepts."""
+    with pytest.raises(ConfigError, match=r"dead_letter_max_original_bytes=16384.*set it to 1024"):
+        load_config(None, ["kafka.producer.message.max.bytes=20000"], env={})
+    small = [
+        "kafka.producer.message.max.bytes=20000",
+        "processing.dead_letter_max_original_bytes=1024",
+    ]
+    assert load_config(None, small, env={}).processing.dead_letter_max_original_bytes == 1024
+    with pytest.raises(ConfigError, match=r"message\.max\.bytes must be bytes"):
+        load_config(None, ["kafka.producer.message.max.bytes=lots"], env={})
+
+
+def test_min_event_time_is_not_before_1970():
+    """The state keeps times as unsigned counts since 1970 (send minutes, dedup seconds)."""
+    with pytest.raises(ConfigError, match="must be 1970-01-01 or later"):
+        load_config(None, ["processing.min_event_time=1969-12-31T23:59:59+00:00"], env={})
+    assert load_config(None, ["processing.min_event_time=1970-01-01T00:00:00+00:00"], env={})

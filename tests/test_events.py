@@ -17,6 +17,7 @@ from crmstream.operators.events import (
     TOPIC_ROLE_TYPES,
     InvalidEvent,
     ParsedEvent,
+    is_customer_id,
 )
 from crmstream.operators.events import EventValidator as Validator
 
@@ -97,6 +98,138 @@ def test_rejections_name_field_and_value(body, field, fragment):
     label = f"event {event_id!r}" if isinstance(event_id, str) else "message"
     assert result.reason.startswith(f"{label} on {CLICK}[3]@1042: ")
     assert result.value == (body if isinstance(body, bytes) else orjson.dumps(body))
+
+
+def order_shipped(**fields):
+    body = {
+        "event_id": "s1",
+        "customer_id": "c1",
+        "event_type": "order_shipped",
+        "event_time": NOW,
+        "order_id": "o1",
+        "promised_delivery_time": NOW + 3 * 86_400_000,
+    }
+    body.update(fields)
+    return body
+
+
+def profile_update(**fields):
+    body = {"event_id": "p1", "customer_id": "c1", "event_type": "profile_updated"}
+    return {**body, "event_time": NOW, **fields}
+
+
+DAY = 86_400_000
+
+
+@pytest.mark.parametrize(
+    "body, topic, field, fragment",
+    [
+        # issue 34: committed as a timer whose firing raised at every start
+        (order_shipped(promised_delivery_time=-(10**15)), ORDERS, "promised_delivery_time",
+         "within 365 days before and 365 days after the event's time, got -1000000000000000"),
+        (order_shipped(promised_delivery_time=NOW + 366 * DAY), ORDERS, "promised_delivery_time",
+         "365 days after"),
+        (order_shipped(promised_delivery_time=NOW - 366 * DAY), ORDERS, "promised_delivery_time",
+         "365 days before"),
+        (order_shipped(promised_delivery_time="0001-01-01T00:00:00+00:00"), ORDERS,
+         "promised_delivery_time", "got '0001-01-01T00:00:00+00:00'"),
+        # issue 34: "\x1f" split timer members; control and format characters are out
+        (view(customer_id="v1\x1fwake"), CLICK, "customer_id", "got 'v1\\x1fwake'"),
+        (view(customer_id="c\x00"), CLICK, "customer_id", "printable"),
+        (view(customer_id="c\n"), CLICK, "customer_id", "printable"),
+        (view(customer_id="\u200bc"), CLICK, "customer_id", "printable"),  # zero-width space
+        (view(customer_id="c\u2028"), CLICK, "customer_id", "printable"),  # line separator
+        (view(customer_id="}c"), CLICK, "customer_id", "not starting with '}'"),
+        (view(customer_id="c" * 129), CLICK, "customer_id", "1..128 chars"),
+        (view(country="ÀÉ"), CLICK, "country", "alpha-2"),
+        # found by tests/test_fuzz_fields.py: "D\x00".isupper() is true, and Python's
+        # fromisoformat takes a NUL between the time and its offset
+        (view(country="D\x00"), CLICK, "country", "alpha-2"),
+        (view(event_time="2026-01-01T00:00:00\x00+00:00"), CLICK, "event_time", "not ISO-8601"),
+        (view(event_time="2026-01-01T00:00:00." + "1" * 30 + "+00:00"), CLICK, "event_time",
+         "not ISO-8601"),  # fromisoformat takes any number of digits: strings have bounds
+        (view(event_type="order_paid"), CLICK, "event_type", "field 'event_type' is 'order_paid'"),
+        (view(query="q" * 1025), CLICK, "query", "at most 1024 characters"),
+        (view(query=["q"]), CLICK, "query", "got ['q']"),
+        (profile_update(language="en\x00"), CUSTOMERS, "language", "BCP-47"),
+        (profile_update(language="e" * 36), CUSTOMERS, "language", "BCP-47"),
+        (profile_update(birthday="1\u0662-01"), CUSTOMERS, "birthday", "MM-DD"),  # int() takes it
+        (profile_update(birthday=" 1-05"), CUSTOMERS, "birthday", "MM-DD"),
+        (profile_update(email_hash="Pii.Planted@Example.COM"), CUSTOMERS, "email_hash",
+         "got 23 characters (not shown)"),
+        (profile_update(phone_hash="F" * 32), CUSTOMERS, "phone_hash", "32 lower-case hex"),
+        (profile_update(phone_hash=15550100999), CUSTOMERS, "phone_hash", "got int (not shown)"),
+        (order_shipped(event_type="order_placed", amount=1, currency="USD",
+                       items=[{"product_id": "p", "price": 1, "category": "toys", "quantity": -1}]),
+         ORDERS, "items", "items[0]: field 'quantity' must be a number in [0, 1e+06], got -1"),
+        (view(category=[[[[["deep"]]]]]), CLICK, "category", "got [[[...]]]"),
+    ],
+)  # fmt: skip
+def test_every_field_has_a_range(body, topic, field, fragment):
+    result = parse(body, topic)
+    assert isinstance(result, InvalidEvent), result
+    assert (result.field, fragment in result.reason) == (field, True), result.reason
+    assert "Pii.Planted" not in result.reason
+
+
+@pytest.mark.parametrize("depth", [900, 1000])
+def test_deeply_nested_values_are_rejected_without_recursion(depth):
+    """A reason shows a bounded repr: ``repr`` of a 1,000-deep list raises RecursionError."""
+    raw = orjson.dumps(view(category="CATEGORY")).replace(
+        b'"CATEGORY"', b"[" * depth + b"]" * depth
+    )
+    result = parse(raw)
+    assert isinstance(result, InvalidEvent) and result.field == "category", result
+
+
+@pytest.mark.parametrize(
+    "customer_id", ["c1", "a b", "顧客-42", "a}b", "{3F2504E0-4F89-11D3-9A0C-0305E82C3301}",
+                    "x" * 128, "é", "🙂", "-_.:/@+"]
+)  # fmt: skip
+def test_customer_ids_of_the_documented_alphabet_are_accepted(customer_id):
+    fast, checked = both_ways(orjson.dumps(view(customer_id=customer_id)))
+    assert isinstance(fast, ParsedEvent) and fast == checked
+    assert is_customer_id(customer_id)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.text(min_size=1, max_size=130))
+def test_a_customer_id_is_accepted_exactly_when_it_is_of_the_alphabet(customer_id):
+    fast, checked = both_ways(json.dumps(view(customer_id=customer_id)).encode())
+    assert fast == checked
+    assert isinstance(checked, ParsedEvent) == is_customer_id(customer_id)
+    allowed = customer_id.isprintable() and not customer_id.startswith("}")
+    assert is_customer_id(customer_id) == (allowed and len(customer_id) <= 128)
+    if isinstance(checked, InvalidEvent):
+        assert checked.customer_id is None  # never routed or shown by an id out of the alphabet
+
+
+def test_promises_inside_the_configured_days_are_accepted():
+    for promised in (NOW - 365 * DAY, NOW + 365 * DAY, "2026-01-04T00:00:00+00:00"):
+        result = parse(order_shipped(promised_delivery_time=promised), ORDERS)
+        assert isinstance(result, ParsedEvent), result
+    narrow = Validator(load_config(None, ["processing.promised_delivery_max_days_after=2"], env={}))
+    value = orjson.dumps(order_shipped())
+    result = narrow.parse(b"k", value, ORDERS, 0, 0, NOW, NOW)
+    assert isinstance(result, InvalidEvent) and "2 days after" in result.reason
+    wide = Validator(load_config(None, ["processing.min_event_time=1970-01-01T00:00:00+00:00",
+                                        "processing.promised_delivery_max_days_before=3650"],
+                                 env={}))  # fmt: skip
+    for promised, ok in ((-1, False), (0, True)):  # a timer due before 1970 could not fire
+        body = order_shipped(event_time=365 * DAY, promised_delivery_time=promised)
+        result = wide.parse(b"k", orjson.dumps(body), ORDERS, 0, 0, NOW, NOW)
+        assert isinstance(result, ParsedEvent) == ok, result
+
+
+def test_only_the_fields_rules_read_are_carried_and_hashes_of_the_format_are_kept():
+    body = profile_update(
+        country="JP", email_hash="0" * 32, phone_hash="ab" * 16, name="Ada", extra={"deep": [1]}
+    )
+    parsed = parse(body, CUSTOMERS)
+    assert isinstance(parsed, ParsedEvent), parsed
+    assert parsed.fields == {"country": "JP", "email_hash": "0" * 32, "phone_hash": "ab" * 16}
+    with_email = parse({**body, "email": "A@B.C"}, CUSTOMERS)
+    assert with_email.fields["email_hash"] == VALIDATOR.pii_hash("email", "a@b.c")  # ours wins
 
 
 def test_nan_and_infinity_are_rejected():
@@ -180,7 +313,9 @@ def test_time_zones_are_checked_the_same_once_known():
         assert isinstance(
             parse({**profile, "event_id": f"z{i}", "timezone": zone}, CUSTOMERS), ParsedEvent
         )
-    for bad in ["Mars/Olympus", ["Asia/Tokyo"], {"zone": "UTC"}, 3, ""]:
+    # "America" is a directory of the database, 300 characters too long for a file
+    # name: both raised from find_zone inside route_batch before issue 34.
+    for bad in ["Mars/Olympus", ["Asia/Tokyo"], {"zone": "UTC"}, 3, "", "America", "a" * 300]:
         result = parse({**profile, "timezone": bad}, CUSTOMERS)
         assert isinstance(result, InvalidEvent) and result.field == "timezone", bad
         assert "must be an IANA time zone" in result.reason

@@ -18,7 +18,6 @@ from crmstream.cli import app
 from crmstream.config import load_config
 from crmstream.flows.runtime import Endpoints
 from crmstream.operators.events import EventValidator
-from crmstream.state.dump import canonical_dump
 from crmstream.state.store import StateStoreError, connect
 from tests.conftest import read_topic, run_flow
 from tests.faults import Server
@@ -31,6 +30,28 @@ PLANTED = [b"Pii.Planted", b"pii.planted", b"Example.COM", b"555) 010", b"555010
 
 def _hits(blob: bytes) -> list[bytes]:
     return [p for p in PLANTED if p.lower() in blob.lower()]
+
+
+def raw_redis(client: redis.Redis, prefix: str) -> dict[str, bytes]:
+    """Every key under ``prefix`` and its content as stored: the canonical dump writes
+    hash fields and set members in hex, where a planted address would not be seen."""
+    out = {}
+    for key in client.scan_iter(match=f"{prefix}:*", count=1000):
+        kind = client.type(key).decode()
+        if kind == "string":
+            parts = [client.get(key) or b""]
+        elif kind == "hash":
+            parts = [b for kv in client.hgetall(key).items() for b in kv]
+        elif kind == "zset":
+            parts = client.zrange(key, 0, -1)
+        elif kind == "list":
+            parts = client.lrange(key, 0, -1)
+        elif kind == "stream":
+            parts = [b for _, fields in client.xrange(key) for kv in fields.items() for b in kv]
+        else:
+            parts = []
+        out[key.decode("utf-8", "replace")] = b"\0".join(parts)
+    return out
 
 
 def test_pii_is_hashed_on_ingest_and_found_nowhere_in_redis_or_outputs(
@@ -56,7 +77,7 @@ def test_pii_is_hashed_on_ingest_and_found_nowhere_in_redis_or_outputs(
     run_flow(config, stack)
 
     client = redis.Redis.from_url(stack.redis_url)
-    dump = canonical_dump(client, config.redis.key_prefix)
+    dump = raw_redis(client, config.redis.key_prefix)
     assert any("pia" in key for key in dump)
     redis_hits = [k for k, v in dump.items() if _hits(k.encode() + v)]
 
@@ -90,6 +111,57 @@ def test_pii_is_hashed_on_ingest_and_found_nowhere_in_redis_or_outputs(
     assert profile[b"phone_hash"].decode() == validator.pii_hash("phone", "15550100999")
     other = EventValidator(load_config(None, ["privacy.pii_salt=another-salt"], env={}))
     assert other.pii_hash("email", EMAIL) != validator.pii_hash("email", EMAIL)
+
+
+NAME, STREET = "Ada Lovelace", "12 Analytical Way"
+
+
+def test_issue_34_privacy_cases_leave_nothing_in_clear(isolated_config, script, stack):
+    """A caller's own email_hash holding the address; an address and a number written
+    with JSON escapes in rejected messages; names and street addresses in them; and an
+    expanded-year ISO date, which the phone pattern used to rewrite."""
+    config = isolated_config()
+    s = script(config)
+    s.event("customers", "pib", "profile_updated", 0, country="US", email_hash=EMAIL)
+    s.event("customers", "pic", "profile_updated", 1, country="FR", phone_hash="5550100999")
+    s.event("customers", "pid", "profile_updated", 2, country="DE", email_hash="ab" * 16)
+    s.event("customers", "pic", "profile_updated", 3, country="IT")  # stored: pic has state
+    escaped = (
+        b'{"event_id": "bad-2", "customer_id": "pib", "event_type": "profile_updated", '
+        b'"event_time": "yesterday", "memo": "Pii.Planted\\u0040Example.COM", '
+        b'"contact": "\\u002b1 (555) 010-0999", "name": "Ada Lovelace", '
+        b'"address": {"street": "12 Analytical Way"}}'
+    )
+    s.raw("customers", escaped)
+    s.raw("customers", escaped[:-12])  # not JSON: the same, cut inside the street
+    s.raw("clickstream", b'{"event_id": "bad-3", "event_time": "+10000-01-01T00:00:00Z"}')
+    s.flush()
+    run_flow(config, stack)
+
+    client = redis.Redis.from_url(stack.redis_url)
+    dump = raw_redis(client, config.redis.key_prefix)
+    planted = [*PLANTED, NAME.encode(), STREET.encode(), b"Analytical"]
+    redis_hits = [k for k, v in dump.items() if any(p.lower() in (k.encode() + v).lower()
+                                                    for p in planted)]  # fmt: skip
+    dead = read_topic(stack, config.kafka.topics.dead_letter)
+    output_hits = []
+    for record in dead:  # the record and its copy's bytes (orjson writes no escapes)
+        blob = orjson.dumps(record) + base64.b64decode(record["original_base64"])
+        if any(p.lower() in blob.lower() for p in planted):
+            output_hits.append(record)
+    assert redis_hits == [] and output_hits == [], (redis_hits, output_hits)
+    by_id = {orjson.loads(base64.b64decode(r["original_base64"]) or b"{}").get("event_id")
+             if r["original_copy"] != "text" else "cut": r for r in dead}  # fmt: skip
+    assert sorted(r["field"] or "" for r in dead) == sorted(
+        ["email_hash", "phone_hash", "event_time", "", "customer_id"]
+    )
+    assert by_id["bad-2"]["dropped_fields"] == ["address", "name"]
+    assert by_id["cut"]["dropped_fields"] == ["address", "name"]
+    assert by_id["bad-3"]["original_copy"] == "exact"  # "+10000-01-01T..." left as it was
+    assert "+10000-01-01T00:00:00Z" in by_id["bad-3"]["original_text"]
+    profile = client.hgetall(f"{config.redis.key_prefix}:{{pid}}:p")
+    assert profile[b"email_hash"] == b"ab" * 16 and profile[b"country"] == b"DE"
+    assert b"phone_hash" not in client.hgetall(f"{config.redis.key_prefix}:{{pic}}:p")
 
 
 def test_secrets_come_from_env_or_files_and_are_never_shown(tmp_path):

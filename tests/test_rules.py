@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+import calendar
+import re
+from datetime import UTC, date, datetime, timedelta
 from zoneinfo import available_timezones
 
 import numpy as np
@@ -33,6 +35,48 @@ def test_iso_s_writes_the_same_text_as_strftime(epoch_ms):
     assert iso_s(epoch_ms) == expected
 
 
+# Every millisecond datetime can show: 0001-01-01 .. 9999-12-31.
+@given(st.integers(min_value=-62_135_596_800_000, max_value=253_402_300_799_999))
+def test_iso_ms_writes_the_same_text_as_datetime_over_its_whole_range(epoch_ms):
+    exact = datetime(1970, 1, 1, tzinfo=UTC) + timedelta(milliseconds=epoch_ms)  # no float
+    assert iso_ms(epoch_ms) == exact.isoformat(timespec="milliseconds")
+
+
+def _days_from_civil(year: int, month: int, day: int) -> int:
+    """Days since 1970-01-01 of a proleptic Gregorian date, counted by whole years
+    from 400-year cycles (146,097 days each), independently of ``_civil_date``."""
+    cycles, year_in_cycle = divmod(year, 400)
+    days = cycles * 146_097
+    for y in range(year_in_cycle):  # whole years of the cycle before the date
+        days += 366 if calendar.isleap(y) else 365
+    days += (date(2000 + year_in_cycle, month, day) - date(2000 + year_in_cycle, 1, 1)).days
+    return days - 719_528  # days from 0000-01-01 (a leap year) to 1970-01-01
+
+
+_EXPANDED = re.compile(r"^([+-]\d{6,}|\d{4})-(\d\d)-(\d\d)T(\d\d):(\d\d):(\d\d)\.(\d{3})\+00:00$")
+
+
+@given(st.integers(min_value=-(10**22), max_value=10**22))
+def test_iso_ms_writes_any_integer_as_an_iso_8601_date_and_never_raises(epoch_ms):
+    """Stored times out of datetime's range (issue 34: a promised delivery time of
+    -1e15 ms stopped the flow at every start) are shown in ISO 8601's expanded year
+    form, and the text names the same instant."""
+    text = iso_ms(epoch_ms)
+    match = _EXPANDED.match(text)
+    assert match, text
+    year, month, day, hour, minute, second, ms = (int(g) for g in match.groups())
+    days = _days_from_civil(year, month, day)
+    assert days * 86_400_000 + ((hour * 60 + minute) * 60 + second) * 1000 + ms == epoch_ms
+    assert iso_s(epoch_ms).startswith(text[:19])
+
+
+def test_iso_ms_of_the_issue_34_promise_and_of_non_numbers():
+    assert iso_ms(-1_000_000_000_000_000) == "-029719-04-05T22:13:20.000+00:00"
+    assert iso_ms(253_402_300_800_000) == "+010000-01-01T00:00:00.000+00:00"
+    assert iso_ms(float("nan")) == "invalid time nan"
+    assert iso_ms(1e300).startswith("+")  # a float past datetime: the expanded form
+
+
 def test_iso_ms_takes_other_number_types_the_datetime_way():
     for value in (np.int64(1_767_225_600_123), 1_767_225_600_123.0, 1_709_164_799_999):
         assert iso_ms(value) == _reference(value)
@@ -47,6 +91,20 @@ def test_zones_are_kept_and_unknown_names_are_none():
     assert all(find_zone(n) is z for n, z in zip(names, zones, strict=True))
     for bad in ("Mars/Olympus_Mons", "../etc/passwd", ""):
         assert find_zone(bad) is None, bad
+
+
+@given(
+    st.sampled_from(["America", "Europe", "Etc", "posix", "right", ".", "/", "America/"])
+    | st.text(max_size=400)
+    | st.just("a" * 300)
+    | st.integers()
+    | st.none()
+)
+def test_find_zone_never_raises_on_any_name(name):
+    """A directory of the time-zone database ("America": IsADirectoryError) or a name
+    too long for a file (OSError) stopped the flow in route_batch (issue 34)."""
+    zone = find_zone(name)
+    assert zone is None or (zone.key == name and name in available_timezones())
 
 
 def test_policies_send_in_the_default_zone_when_the_profile_zone_is_unknown():

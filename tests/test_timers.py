@@ -11,6 +11,7 @@ import pytest
 from kafka import KafkaConsumer, TopicPartition
 
 from crmstream.state.store import StateStore, connect
+from crmstream.state.timers import parse_member
 from tests.conftest import live_flow, read_topic, run_flow
 
 pytestmark = pytest.mark.integration
@@ -35,7 +36,7 @@ def _pending(config, stack, kinds=("cart_1", "cart_2", "delivery")):
     found, woken = 0, set()
     for shard in range(config.processing.shards):
         for member in store.client.zrange(store.timers.key(shard), 0, -1):
-            customer, kind, _ = member.decode().split("\x1f", 2)
+            customer, kind, _, _ = parse_member(member, 0)
             found += kind in kinds
             if kind == WAKE:
                 woken.add(customer)

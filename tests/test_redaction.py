@@ -1,0 +1,190 @@
+"""Dead-letter copies (operators/redaction.py, flows/dead_letters.py): personal data found on
+decoded strings whatever the escaping, personal fields dropped by default, non-PII left
+alone, and a bounded copy with the original's length and SHA-256."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import random
+import re
+
+import orjson
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from crmstream.config import load_config
+from crmstream.flows.dead_letters import dead_letter_bytes, dead_letter_record
+from crmstream.operators.events import EventValidator, InvalidEvent
+from crmstream.operators.redaction import Redactor
+
+CONFIG = load_config(env={})
+REDACT = Redactor(CONFIG)
+EMAIL, PHONE = "Pii.Planted@Example.COM", "+1 (555) 010-0999"
+PLANTED = ["pii.planted", "example.com", "555) 010", "5550100999", "Ada Lovelace", "12 Analytical"]
+
+
+def hits(text: str | bytes) -> list[str]:
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", "replace")
+    # \uXXXX escapes decoded, as a subscriber's JSON parser would.
+    text = re.sub(r"\\u([0-9a-fA-F]{4})", lambda m: chr(int(m[1], 16)), text)
+    return [p for p in PLANTED if p.lower() in text.lower()]
+
+
+def escaped(text: str, rng: random.Random) -> str:
+    """``text`` as JSON string content with some characters written as \\uXXXX."""
+    return "".join(f"\\u{ord(c):04x}" if rng.random() < 0.5 else c for c in text)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        # issue 34: escapes decoded only by the subscriber's parser reached it in clear
+        b'{"event_id": 1, "note_x": "mail pii.planted\\u0040example.com"}',
+        b'{"event_id": 1, "em\\u0061il": "Pii.Planted@Example.COM"}',
+        b'{"event_id": 1, "contact": "call \\u002b1 (555) 010-0999"}',
+        b'{"event_id": 1, "contact": "\\u002b\\u0031 (555) 010-0999"}',
+        # not JSON (cut off): escapes are decoded before the patterns apply
+        b'{"event_id": 1, "contact": "pii.planted\\u0040example.com", "ph',
+        b'{"phone": "+1 (555) 010-0999", "email": "pii.planted@example.com", oops',
+        b'{"Phone": 15550100999, "x": 1, ',
+        # a key written twice: the decoded value holds only the second
+        b'{"memo": "pii.planted@example.com", "memo": "nothing"}',
+        # a caller's *_hash field holding the address itself
+        b'{"email_hash": "Pii.Planted@Example.COM", "phone_hash": "5550100999"}',
+        b'{"email_hash": "Pii.Planted@Example.COM", "phone_hash": "5550100999", ',
+        # personal fields: names, addresses, free text (dropped by default)
+        b'{"name": "Ada Lovelace", "address": {"street": "12 Analytical Way"}}',
+        b'{"items": [{"Full_Name": "Ada Lovelace"}], "shipping_address": "12 Analytical Way"}',
+        b'{"name": "Ada Lovelace", "address": "12 Analytical Way", oops',
+        b'{"n\\u0061me": "Ada Lovelace"}',
+        b'{"address": {"line": "12 Analytical Way", "x": [1, "}"]}, "name": "Ada Lovelace", ',
+        b'{"Address": ["12 Analytical Way", {"to": "Ada Lovelace"}], oops',
+        b'{"address": {"line": "12 Analytical Way", "to": "Ada Lovel',
+        # cut inside the address by its producer
+        b'{"memo": "write to pii.planted@examp',
+    ],
+)
+def test_no_planted_personal_data_survives_in_the_copy_or_its_decoded_form(raw):
+    copy = REDACT.redact(raw)
+    assert copy.form != "exact", copy
+    assert hits(copy.copy) == [], copy.copy
+    for name in copy.dropped:
+        assert name in CONFIG.privacy.personal_fields
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    seed=st.integers(0, 2**32),
+    where=st.sampled_from(["value", "key", "nested", "list", "pii_field", "name"]),
+    cut=st.none() | st.floats(0.3, 1.0),
+    pii=st.sampled_from([EMAIL, PHONE, "Ada Lovelace"]),
+)
+def test_planted_data_written_any_way_is_never_in_a_copy(seed, where, cut, pii):
+    """Any escaping of any character, any place, whole or cut off: no clear copy."""
+    rng = random.Random(seed)
+    if pii == "Ada Lovelace":  # a name is personal by its field, not its shape
+        where = rng.choice(["name", "nested_name"])
+    field = {"value": "memo", "nested": "memo", "list": "memo", "key": "k",
+             "pii_field": rng.choice(["email", "phone", "EMAIL"]), "name": "name",
+             "nested_name": "last_name"}[where]  # fmt: skip
+    secret = escaped(pii, rng)
+    if where == "key":
+        body = f'{{"event_id": "e1", "{secret}": 1}}'
+    elif where in ("nested", "nested_name"):
+        body = f'{{"event_id": "e1", "a": {{"b": [{{"{field}": "x {secret} y"}}]}}}}'
+    elif where == "list":
+        body = f'{{"event_id": "e1", "{field}": ["{secret}", 1]}}'
+    else:
+        body = f'{{"event_id": "e1", "{field}": "{secret}", "n": 3}}'
+    raw = body.encode()
+    start = raw.index(secret.encode())
+    if cut is not None:
+        raw = raw[: max(start + 1, int(len(raw) * cut))]  # cut after its first character
+    copy = REDACT.redact(raw)
+    left = hits(copy.copy)
+    # Cut before its "@", an address's start is a word like any other: not findable.
+    at = raw.find(b"@", start) if b"@" in raw[start:] else raw.find(b"\\u0040", start)
+    assert left == [] or (pii == EMAIL and at < 0 and left == ["pii.planted"]), (raw, copy)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"event_id": "e1", "event_time": "+10000-01-01T00:00:00Z", "n": 1}',
+        b'{"event_id": "e1", "promised_delivery_time": "+010000-01-01T00:00:00.000+00:00"}',
+        b'{"event_id": "e1", "event_time": "2026-01-01T00:00:00+01:00"}',
+        b"not json at all, +10000-01-01T00:00:00Z",
+        b'{"event_id": "e1", "amount": 12.5, "text_id": "\\u00e9"}',
+        b'\xef\xbb\xbf{"event_id": "e1"}',
+        b"\xff\xfe{}",
+        b'{"event_id": "e1", "n": [1, 2, {"deep": true}]}',
+        b"",
+    ],
+)
+def test_non_personal_messages_are_kept_byte_for_byte(raw):
+    """issue 34: the phone pattern rewrote "+10000-01-01T..." dates; nothing else changes."""
+    copy = REDACT.redact(raw)
+    assert (copy.form, copy.copy, copy.dropped) == ("exact", raw, [])
+
+
+def test_personal_fields_are_kept_when_configured():
+    keep = Redactor(load_config(None, ["privacy.dead_letter_personal_fields=keep"], env={}))
+    raw = b'{"name": "Ada Lovelace", "email": "pii.planted@example.com"}'
+    copy = keep.redact(raw)
+    decoded = orjson.loads(copy.copy)
+    assert decoded["name"] == "Ada Lovelace" and "email" not in decoded
+    assert decoded["email_hash"] == EventValidator(CONFIG).pii_hash("email", EMAIL)
+    own = Redactor(load_config(None, ["privacy.personal_fields=[nickname]"], env={}))
+    decoded = orjson.loads(own.redact(b'{"name": "Ada", "NickName": "Countess"}').copy)
+    assert decoded == {"name": "Ada"}
+
+
+def test_deep_nesting_is_redacted_as_text():
+    raw = b'{"a": ' + b"[" * 900 + b'"pii.planted@example.com"' + b"]" * 900 + b"}"
+    copy = REDACT.redact(raw)
+    assert copy.form == "text" and hits(copy.copy) == []
+    value = {"email": {"x": [[[[[]]]]]}}
+    for _ in range(300):  # past orjson's 255 levels: the hash is of the type name
+        value = {"email": value}
+    copy = REDACT.redact(json.dumps(value).encode())
+    assert copy.form == "json" and b"email_hash" in copy.copy
+
+
+def _invalid(value: bytes, reason: str = "message on t[0]@5: not valid") -> InvalidEvent:
+    return InvalidEvent(reason, None, "c1", b"k", value, "t", 0, 5)
+
+
+def test_an_oversize_message_keeps_a_bounded_prefix_its_length_and_sha256():
+    """issue 34: a 0.75 MB message's dead letter held it all in base64 (4/3 larger), the
+    producer refused it and it failed every start from the outbox."""
+    raw = orjson.dumps({"event_id": "big", "email": EMAIL, "pad": "x" * 900_000})
+    record = orjson.loads(dead_letter_record(_invalid(raw), REDACT))
+    limit = CONFIG.processing.dead_letter_max_original_bytes
+    kept = base64.b64decode(record["original_base64"])
+    assert len(kept) == limit and record["original_truncated"] is True
+    assert record["original_bytes"] == len(raw)
+    assert record["original_sha256"] == hashlib.sha256(raw).hexdigest()
+    assert record["original_copy"] == "json" and hits(kept) == []
+    assert REDACT.redact(raw).copy.startswith(kept)
+    assert len(dead_letter_record(_invalid(raw), REDACT)) <= dead_letter_bytes(limit)
+
+
+def test_a_whole_redacted_copy_gives_no_unkeyed_hash_of_the_original():
+    small = b'{"event_id": "e", "email": "pii.planted@example.com"}'
+    record = orjson.loads(dead_letter_record(_invalid(small), REDACT))
+    assert record["original_sha256"] is None and record["original_truncated"] is False
+    assert record["original_copy"] == "json" and hits(record["original_text"]) == []
+    plain = orjson.loads(dead_letter_record(_invalid(b"{oops"), REDACT))
+    assert plain["original_sha256"] == hashlib.sha256(b"{oops").hexdigest()
+    assert (plain["original_text"], plain["original_copy"]) == ("{oops", "exact")
+
+
+@given(st.binary(max_size=64) | st.text(max_size=64).map(str.encode))
+def test_a_reason_never_shows_an_address_even_cut(tail):
+    reason = f"event 'e' on t[0]@5: field 'category' ... got 'pii.planted@exa{tail!r}"
+    record = orjson.loads(dead_letter_record(_invalid(b"{}", reason), REDACT))
+    assert hits(record["reason"]) == []

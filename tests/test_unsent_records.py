@@ -1,0 +1,168 @@
+"""Nothing committed can fail the next start (issue 34): no outbox record the producer
+refuses, and one an earlier run left there is dead-lettered once, never retried forever."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+
+import orjson
+import pytest
+import redis
+
+from crmstream.flows.sink import (
+    RECORD_FRAMING_BYTES,
+    DeliveryCheckedProducer,
+    DeliveryError,
+    Outgoing,
+    bound_outgoing,
+    encode_outgoing,
+)
+from crmstream.metrics import get_metrics
+from tests.conftest import live_flow, read_topic, run_flow
+
+pytestmark = pytest.mark.integration
+
+
+def _unsent(topic: str, cause: str) -> float:
+    return get_metrics().unsent_records.labels(topic, cause)._value.get()
+
+
+@pytest.mark.parametrize("max_bytes", [2_000, 10_000, 1_000_000])
+@pytest.mark.parametrize("key_len", [0, 1, 300])
+def test_the_record_limit_is_exactly_what_librdkafka_accepts(stack, max_bytes, key_len):
+    """``record_limit`` is librdkafka's own local check: a record of key and value that
+    long is accepted, one byte more is refused (the framing it counts is measured)."""
+    producer = DeliveryCheckedProducer(list(stack.brokers), {"message.max.bytes": max_bytes}, 30.0)
+    limit = producer.record_limit
+    assert limit == max_bytes - RECORD_FRAMING_BYTES
+    key = b"k" * key_len if key_len else None
+    producer.produce("unsent-limit", key, b"v" * (limit - key_len))
+    with pytest.raises(DeliveryError, match="Message size too large"):
+        producer.produce("unsent-limit", key, b"v" * (limit - key_len + 1))
+    producer.flush()
+
+
+def test_records_over_the_limit_never_reach_the_outbox(stack):
+    """Over the limit by its key: sent without it; by its value: a dead letter with the
+    record's length, SHA-256 and first bytes stands for it. Both fit, both counted."""
+    producer = DeliveryCheckedProducer(
+        list(stack.brokers), {"message.max.bytes": 60_000}, 30.0, "unsent-dl", 16_384
+    )
+    limit = producer.record_limit
+    fits = Outgoing("unsent-t", b"c1", b"x" * (limit - 2))
+    long_key = Outgoing("unsent-dl", b"k" * limit, b'{"reason": "..."}')
+    big = Outgoing("unsent-t", b"c1", b"{" + b"y" * limit)
+    before = (_unsent("unsent-dl", "oversize"), _unsent("unsent-t", "oversize"))
+    out = bound_outgoing([fits, long_key, big], producer)
+    assert out[0] is fits and out[1] == Outgoing("unsent-dl", None, long_key.value)
+    assert out[2].topic == "unsent-dl" and out[2].key == b"c1"
+    stand_in = orjson.loads(out[2].value)
+    assert stand_in["unsent"] == {"topic": "unsent-t", "key_bytes": 2}
+    assert stand_in["original_bytes"] == len(big.value) and stand_in["original_truncated"]
+    assert stand_in["original_sha256"] == hashlib.sha256(big.value).hexdigest()
+    assert "over the producer's limit" in stand_in["reason"]
+    assert all(len(r.value) + len(r.key or b"") <= limit for r in out)
+    for record in out:  # librdkafka takes every one of them
+        producer.produce(*record)
+    producer.flush()
+    after = (_unsent("unsent-dl", "oversize"), _unsent("unsent-t", "oversize"))
+    assert (after[0] - before[0], after[1] - before[1]) == (1, 1)
+    assert bound_outgoing([fits], producer)[0] is fits
+
+
+def test_an_outbox_record_the_producer_refuses_is_dead_lettered_once_at_start(
+    isolated_config, script, stack
+):
+    """issue 34: an earlier version committed the dead letter of a 0.8 MB message (its
+    bytes in base64, 1.07 MB) to the outbox; the producer refused it at every start.
+    Now the start sends a dead letter standing for it, the outbox empties, and the
+    next start sends nothing more."""
+    config = isolated_config("processing.shards=1")
+    s = script(config)
+    s.view("ua", "toys", 0)
+    s.flush()
+    run_flow(config, stack)
+    client = redis.Redis.from_url(stack.redis_url)
+    outbox = f"{config.redis.key_prefix}:outbox:0"
+    dead_letters = config.kafka.topics.dead_letter
+    refused = Outgoing(dead_letters, b"k", b'{"original_base64": "' + b"QUJD" * 270_000 + b'"}')
+    after = Outgoing(config.kafka.topics.triggers, b"ua", b'{"trigger_id": "left-behind"}')
+    client.rpush(outbox, encode_outgoing(refused), encode_outgoing(after))
+    before = _unsent(dead_letters, "refused")
+
+    s.view("ub", "toys", 10)
+    s.flush()
+    run_flow(config, stack)  # before issue 34: DeliveryError at every start
+
+    assert client.llen(outbox) == 0
+    dead = read_topic(stack, dead_letters)
+    assert len(dead) == 1, dead
+    (stand_in,) = dead
+    assert stand_in["unsent"] == {"topic": dead_letters, "key_bytes": 1}
+    assert stand_in["original_bytes"] == len(refused.value)
+    assert stand_in["original_sha256"] == hashlib.sha256(refused.value).hexdigest()
+    assert "Message size too large" in stand_in["reason"]
+    assert _unsent(dead_letters, "refused") - before == 1
+    triggers = read_topic(stack, config.kafka.topics.triggers)
+    assert {"trigger_id": "left-behind"} in triggers
+    run_flow(config, stack)  # and the next start has nothing left to send
+    assert len(read_topic(stack, dead_letters, idle_s=1)) == 1
+
+
+def _wait_for(condition, what: str, timeout_s: float = 180) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"gave up waiting for {what}"
+        time.sleep(0.5)
+
+
+def test_the_four_messages_of_issue_34_leave_a_running_flow_running(isolated_config, script, stack):
+    """Each of the four messages that stopped the flow (and, committed, every restart),
+    sent into a running flow: dead-lettered with a reason naming the value, the flow
+    goes on (a later event's trigger arrives), and it restarts cleanly."""
+    config = isolated_config("processing.shards=1")
+    s = script(config)
+    bad = {
+        "promised_delivery_time": ("orders", orjson.dumps({
+            "event_id": "i1", "customer_id": "ia", "event_type": "order_shipped",
+            "event_time": 1_767_225_600_000, "order_id": "o1",
+            "promised_delivery_time": -1_000_000_000_000_000})),
+        "timezone": ("customers", orjson.dumps({
+            "event_id": "i2", "customer_id": "ia", "event_type": "profile_updated",
+            "event_time": 1_767_225_600_000, "timezone": "America"})),
+        "timezone ": ("customers", orjson.dumps({
+            "event_id": "i3", "customer_id": "ia", "event_type": "profile_updated",
+            "event_time": 1_767_225_600_000, "timezone": "a" * 300})),
+        "size": ("clickstream", orjson.dumps({
+            "event_id": "i4", "customer_id": "ia", "event_type": "page_view",
+            "event_time": 1_767_225_600_000, "pad": "x" * 800_000})),
+        "customer_id": ("clickstream", orjson.dumps({
+            "event_id": "i5", "customer_id": "v1\x1fwake", "event_type": "add_to_cart",
+            "event_time": 1_767_225_600_000, "product_id": "p", "category": "toys"})),
+    }  # fmt: skip
+    with live_flow(config, stack):
+        for role, value in bad.values():
+            s.raw(role, value)
+        for i in range(3):  # after them: a trigger shows the flow still runs
+            s.view("ib", "toys", 30 + i)
+        s.flush()
+        topics = config.kafka.topics
+
+        def done() -> bool:
+            triggers = read_topic(stack, topics.triggers, idle_s=0.5)
+            dead = read_topic(stack, topics.dead_letter, idle_s=0.5)
+            return len(dead) >= len(bad) and any(t["customer_id"] == "ib" for t in triggers)
+
+        _wait_for(done, "the dead letters and the trigger")
+    dead = read_topic(stack, topics.dead_letter)
+    reasons = {d["reason"].split(": ", 1)[1] for d in dead}
+    assert len(dead) == len(bad) == len(reasons)
+    assert any("-1000000000000000" in r for r in reasons)
+    assert any("'America'" in r for r in reasons)
+    assert any("over the 65536-byte limit" in r for r in reasons)
+    assert any("'v1\\x1fwake'" in r for r in reasons)
+    big = next(d for d in dead if d["original_bytes"] > 800_000)
+    assert big["original_truncated"] and big["original_sha256"]
+    run_flow(config, stack)  # the restart: nothing committed fails it, nothing resent
+    assert len(read_topic(stack, topics.dead_letter, idle_s=1)) == len(bad)
