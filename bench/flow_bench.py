@@ -52,6 +52,7 @@ from crmstream.flows.runtime import Endpoints, Runtime
 from crmstream.flows.sequencer import Step
 from crmstream.flows.shard import ShardLogic
 from crmstream.flows.shard_step import Changes, ShardStep
+from crmstream.flows.step_work import Work
 from crmstream.metrics import counter_total, get_metrics
 from crmstream.operators.kernels import warm_up
 from crmstream.state.encoding import encode_records, fresh_records
@@ -121,7 +122,7 @@ def io_floor_run(endpoints: Endpoints, config: CrmConfig) -> Run:
 
     def io_only(
         shard: ShardStep, events: list, with_events: list, members: list, *_ignored: Any
-    ) -> tuple[Changes, list, list]:
+    ) -> Changes:
         nonlocal applied
         applied += len(events)
         customers = list(dict.fromkeys([ev.customer_id for ev in events]))
@@ -130,7 +131,7 @@ def io_floor_run(endpoints: Endpoints, config: CrmConfig) -> Run:
         new = sum(b is None for b in blobs)
         fresh = iter(encode_records(fresh_records(new)))
         states = {c: next(fresh) if b is None else b for c, b in zip(customers, blobs, strict=True)}
-        return Changes.none()._replace(states=states, customers_delta=new), [], []
+        return Changes(Work.only_states(states, new))
 
     ShardStep._apply = io_only  # type: ignore[method-assign]
     try:  # the run counts the invalid messages only: io_only counts no event in

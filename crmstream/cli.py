@@ -33,6 +33,7 @@ from crmstream.cli_options import (
     err_console,
     parse_as_of,
 )
+from crmstream.cli_quarantine import quarantine_app
 from crmstream.cli_value import fit, model_app
 from crmstream.config import mask_secrets
 
@@ -50,6 +51,7 @@ app.add_typer(topics_app, name="topics")
 app.add_typer(config_app, name="config")
 app.command()(fit)
 app.add_typer(model_app, name="model")
+app.add_typer(quarantine_app, name="quarantine")
 
 @app.command()
 def demo(

@@ -94,6 +94,13 @@ class CrmMetrics:
             "Events of erased customers dropped because they predate the erasure.",
             registry=registry,
         )
+        self.quarantined_customers = Counter(
+            "crmstream_quarantined_customers_total",
+            "Customers set aside because handling their events or timers raised: their events "
+            "of the round were dead-lettered and their due timers quarantined.",
+            ["shard"],
+            registry=registry,
+        )
         self.batch_events = Histogram(
             "crmstream_shard_batch_events",
             "Events per shard batch handed to the stateful step.",

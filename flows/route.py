@@ -8,6 +8,7 @@ that every shard learns how far each input partition has been read.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any, NamedTuple
 from zlib import crc32
@@ -17,6 +18,8 @@ from crmstream.flows.source import CAUGHT_UP_OFFSET, RawMessage
 from crmstream.operators.events import InvalidEvent, ParsedEvent, new_tuple
 from crmstream.state.layout import shard_of
 from crmstream.state.store import Position
+
+log = logging.getLogger(__name__)
 
 
 class ShardBatch(NamedTuple):
@@ -128,7 +131,10 @@ def route_batch(
             if parts is None:
                 parts = steps[step] = _StepParts(shards)
             events, invalid = parts.events, parts.invalid
-        result = parse(key, value, topic, partition, offset, timestamp_ms, now_ms)
+        try:
+            result = parse(key, value, topic, partition, offset, timestamp_ms, now_ms)
+        except Exception as error:  # a message must never stop the flow (decision 14)
+            result = _unparseable(error, key, value, topic, partition, offset)
         if type(result) is ParsedEvent:
             # state.layout.shard_of in line: no call per message
             events[crc32(result.customer_id.encode()) % shards].append(result)
@@ -160,3 +166,14 @@ def route_batch(
             for s in range(shards)
         )
     return out
+
+
+def _unparseable(
+    error: Exception, key: bytes | None, value: bytes | None, topic: str, partition: int,
+    offset: int,
+) -> InvalidEvent:  # fmt: skip
+    """The dead letter of a message whose validation raised instead of rejecting it."""
+    from crmstream.flows.quarantine import reason_of
+
+    log.error("%s[%d]@%d: validation raised %s", topic, partition, offset, reason_of(error))
+    return InvalidEvent(reason_of(error), None, None, key, value, topic, partition, offset)

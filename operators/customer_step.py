@@ -117,6 +117,11 @@ class StepOutput(NamedTuple):
     touched: np.ndarray  # per customer: its state changed and is written
     late: int  # events too late for the windows
 
+    @classmethod
+    def empty(cls) -> StepOutput:
+        """A step that did nothing."""
+        return cls([], [], [], {}, TimerPlan([], [], {}, {}), [], [], [], np.zeros(0, bool), 0)
+
 
 def break_delays(config: CrmConfig) -> np.ndarray:
     """Per event type, the least time after the event at which a timer it schedules can

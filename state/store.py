@@ -39,6 +39,7 @@ from redis.retry import Retry
 from crmstream.config.schema import RedisConfig
 from crmstream.metrics import get_metrics, observe_redis
 from crmstream.state.commands import CommandBatch
+from crmstream.state.encoding import StateEncodingError
 from crmstream.state.promises import Promise
 from crmstream.state.timers import MARK, SEP, TimerStore, member_prefix, parse_member
 
@@ -190,6 +191,8 @@ class StateStore:
         self._transactions = itertools.count(1)
         # Erasure tombstones (customer -> erasure event time) seen by the last load_states.
         self.last_tombstones: dict[str, int] = {}
+        # Customers whose stored open orders the last load_states could not read.
+        self.last_unreadable: dict[str, Exception] = {}
 
     @property
     def client(self) -> redis.Redis:
@@ -237,10 +240,15 @@ class StateStore:
         else:
             (blobs, tombs), raw = results[:2], results[2:]
         observe_redis("load", started)
-        promises = {
-            c: {k.decode(): Promise.decode(v) for k, v in orders.items()}
-            for c, orders in zip(with_promises, raw, strict=True)
-        }
+        promises: dict[str, dict[str, Promise]] = {}
+        self.last_unreadable = {}
+        for customer, orders in zip(with_promises, raw, strict=True):
+            try:
+                promises[customer] = {k.decode(): Promise.decode(v) for k, v in orders.items()}
+            except (ValueError, UnicodeDecodeError) as error:
+                self.last_unreadable[customer] = StateEncodingError(
+                    f"open orders at {self.promises_key(customer)!r} are unreadable: {error}"
+                )
         self.last_tombstones = {
             c: int(t) for c, t in zip(customer_ids, tombs, strict=True) if t is not None
         }
@@ -266,6 +274,7 @@ class StateStore:
         customers_delta: int = 0,
         outbox: list[bytes] = (),
         outbox_trim: int = 0,
+        quarantine: Mapping[bytes, bytes] | None = None,
     ) -> None:
         """Write states, profiles, timers and the shard's progress in one MULTI/EXEC.
 
@@ -278,6 +287,8 @@ class StateStore:
         customer count; it and the shard's pending timers feed two gauges.
         ``outbox`` entries (records to send) are appended to the shard's outbox
         after its first ``outbox_trim`` entries (delivered) are removed.
+        ``quarantine``: timer members set aside with a customer whose work raised
+        (``flows.quarantine``; they are among ``fired``, which leave the timer set).
         """
         started = time.perf_counter()
         atomic = atomic and not self._cluster
@@ -318,6 +329,8 @@ class StateStore:
                 for customer, order_ids in plan.delivered.items():
                     if order_ids:
                         pipe.hdel(self.promises_key(customer), *order_ids)
+            if quarantine:
+                pipe.hset(self.quarantine_key(shard), mapping=dict(quarantine))
             if outbox_trim:
                 pipe.ltrim(self.outbox_key(shard), outbox_trim, -1)
             if outbox:
@@ -380,6 +393,26 @@ class StateStore:
             return batch.execute(once, transaction=True)[:-1]
 
         return retry.call_with_retry(attempt, lambda _error: None)
+
+    def quarantine_key(self, shard: int) -> str:
+        return f"{self._prefix}:quarantine:{shard}"
+
+    def load_quarantine(self, shards: int) -> dict[int, dict[bytes, bytes]]:
+        """Every shard's quarantined timers: member -> what was kept of it (JSON)."""
+        pipe = self._client.pipeline(transaction=False)
+        for shard in range(shards):
+            pipe.hgetall(self.quarantine_key(shard))
+        return dict(enumerate(pipe.execute()))
+
+    def release_quarantine(self, shard: int, members: dict[bytes, int | None]) -> None:
+        """Put quarantined timers back in the shard's timer set at their due times (None:
+        dropped) and out of the quarantine, in one MULTI/EXEC."""
+        due = {m: when for m, when in members.items() if when is not None}
+        pipe = self._client.pipeline(transaction=True)
+        if due:
+            pipe.zadd(self.timers.key(shard), due)
+        pipe.hdel(self.quarantine_key(shard), *members)
+        pipe.execute()
 
     def outbox_key(self, shard: int) -> str:
         return f"{self._prefix}:outbox:{shard}"

@@ -76,11 +76,16 @@ def recording() -> Iterator[list[tuple[str, bytes | None, bytes]]]:
         shard_module.Outbox = saved  # type: ignore[misc]
 
 
+PARTITIONS = (0, 1)  # of every input topic
+
+
 def _read_batches(
-    log: list[Message], topics: dict[str, str], cutting: Cutting
+    log: list[Message], topics: dict[str, str], cutting: Cutting, first: dict[Position, int]
 ) -> Iterator[tuple[int, list[RawMessage]]]:
-    """The log as the source would hand it over: (wall clock, batch) pairs."""
-    offsets: dict[Position, int] = {}
+    """The log as the source would hand it over: (wall clock, batch) pairs; ``first``:
+    each partition's first offset (0 when absent). A partition with nothing to read is
+    at its end from the first batch, as the source reports it."""
+    offsets: dict[Position, int] = dict(first)
     steps: dict[Position, int] = {}
     raw: list[RawMessage] = []
     for msg in log:
@@ -91,6 +96,11 @@ def _read_batches(
         steps[pos] = step
         raw.append(RawMessage(msg.key, msg.value, pos[0], pos[1], offset, msg.kafka_ms, step))
     sizes = list(cutting.batch_sizes)
+    idle = [RawMessage(None, None, topics[role], p, CAUGHT_UP_OFFSET, 0, -1)
+            for role in ("clickstream", "orders", "customers", "feedback") for p in PARTITIONS
+            if (topics[role], p) not in steps]  # fmt: skip
+    if idle:
+        yield 0 if not raw else raw[0].timestamp_ms, idle
     if cutting.live:  # as it arrives: in Kafka-time order, each partition at its end after
         arrival = sorted(range(len(raw)), key=lambda i: (raw[i].timestamp_ms, i))
         k = 0
@@ -133,10 +143,12 @@ def run_log(
     cutting: Cutting,
     end_ms: int,
     shared: Runtime | None = None,
+    first_offsets: dict[Position, int] | None = None,
 ) -> Outcome:
     """Run the log through the shard step under ``cutting``; ``end_ms``: the wall clock of
     a bounded run (and of the last live tick). ``shared``: a runtime whose Redis client
-    and producer are used (runs many logs on one connection each)."""
+    and producer are used (runs many logs on one connection each). ``first_offsets``:
+    where each partition's offsets start (a log that goes on from an earlier run's)."""
     clock = [end_ms]
     runtime = Runtime(config, endpoints, clock_ms=lambda: clock[0])
     if shared is not None:
@@ -149,11 +161,15 @@ def run_log(
     topics = config.kafka.topics.by_role
     shards = config.processing.shards
     keys = shard_keys(shards, 1)
-    partitions = sorted({(topics[m.role], m.partition) for m in log})
+    partitions = sorted(
+        (topics[role], p)
+        for role in ("clickstream", "orders", "customers", "feedback")
+        for p in PARTITIONS
+    )
     with recording() as sent:
         logics = [ShardLogic(runtime, cutting.live, partitions) for _ in range(shards)]
         try:
-            for wall, batch in _read_batches(log, topics, cutting):
+            for wall, batch in _read_batches(log, topics, cutting, first_offsets or {}):
                 if cutting.live:
                     clock[0] = wall
                 by_shard: dict[int, list] = {}

@@ -1,0 +1,102 @@
+"""``crmstream quarantine``: the timers set aside with customers whose work raised.
+
+This module owns the command line of the quarantine (``flows/quarantine.py``,
+docs/operations.md "Quarantined customers"): ``list`` shows each quarantined
+timer with its customer, kind, due time and the error; ``release`` puts a
+customer's timers (or all) back in the timer set, to fire when due, once the
+cause is fixed.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated, Any
+
+import orjson
+import typer
+from rich.table import Table
+
+from crmstream.cli_options import ConfigOpt, RedisOpt, SetOpt, _config, _fail, console
+
+quarantine_app = typer.Typer(
+    help="Timers set aside with customers whose events or timers made the flow raise.",
+    no_args_is_help=True,
+)
+
+
+def _entries(config: ConfigOpt, set_: SetOpt, redis_url: RedisOpt) -> tuple[Any, list[dict]]:
+    from crmstream.operators.rules import iso_ms
+    from crmstream.state.store import StateStore, StateStoreError, connect
+
+    cfg = _config(config, set_, redis_url=redis_url)
+    if not cfg.redis.url:
+        raise _fail("quarantine needs redis.url (--redis-url redis://host:6379/0)")
+    try:
+        store = StateStore(connect(cfg.redis.url, cfg.redis), cfg.redis.key_prefix)
+        by_shard = store.load_quarantine(cfg.processing.shards)
+    except StateStoreError as exc:
+        raise _fail(str(exc)) from None
+    rows = []
+    for shard, entries in sorted(by_shard.items()):
+        for member, raw in sorted(entries.items()):
+            entry = orjson.loads(raw)
+            due = entry.get("due_ms")
+            rows.append({**entry, "shard": shard, "member": member,
+                         "due": iso_ms(due) if due is not None else None})  # fmt: skip
+    return store, rows
+
+
+@quarantine_app.command("list")
+def quarantine_list(
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON lines.")] = False,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    redis_url: RedisOpt = None,
+) -> None:
+    """Every quarantined timer: customer, kind, due time, shard and why.
+
+    Example: crmstream quarantine list --redis-url redis://localhost:6379/0
+    """
+    _store, rows = _entries(config, set_, redis_url)
+    if as_json:
+        for row in rows:
+            shown = {k: v for k, v in row.items() if k != "member"}
+            sys.stdout.write(orjson.dumps(shown).decode() + "\n")
+        return
+    table = Table(title=f"{len(rows)} quarantined timer(s)")
+    for name in ("customer", "kind", "due", "shard", "reason"):
+        table.add_column(name, overflow="fold")
+    for row in rows:
+        table.add_row(row["customer"], row["kind"], row["due"] or "-", str(row["shard"]),
+                      row["reason"])  # fmt: skip
+    console.print(table)
+
+
+@quarantine_app.command("release")
+def quarantine_release(
+    customer: Annotated[
+        str | None, typer.Argument(help="Release this customer's timers (default: none).")
+    ] = None,
+    all_: Annotated[bool, typer.Option("--all", help="Release every customer's.")] = False,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    redis_url: RedisOpt = None,
+) -> None:
+    """Put quarantined timers back in the timer set; they fire when due (at once if past).
+    Fix what made them raise first, or they are quarantined again.
+
+    Example: crmstream quarantine release c0000042 --redis-url redis://localhost:6379/0
+    """
+    if customer is None and not all_:
+        raise _fail("name a customer, or --all")
+    store, rows = _entries(config, set_, redis_url)
+    chosen = [r for r in rows if all_ or r["customer"] == customer]
+    if not chosen:
+        raise _fail(f"no quarantined timers for customer {customer!r}")
+    by_shard: dict[int, dict[bytes, int | None]] = {}
+    for row in chosen:
+        by_shard.setdefault(row["shard"], {})[row["member"]] = row.get("due_ms")
+    for shard, members in by_shard.items():
+        store.release_quarantine(shard, members)
+    console.print(f"released {len(chosen)} timer(s) of {len({r['customer'] for r in chosen})} "
+                  "customer(s)")  # fmt: skip

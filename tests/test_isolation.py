@@ -1,0 +1,251 @@
+"""Failure stays with one customer (DESIGN.md decision 14, flows/quarantine.py).
+
+A customer whose stored state, open orders or timers make its work raise is set
+aside: its events of the round are dead-lettered with ``processing_error``, its due
+timers are quarantined, and every other customer's round commits as if it were not
+there. The next round, and a restart, go on. Run on the real redis-server and broker.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import orjson
+import pytest
+
+from crmstream.config import CrmConfig, load_config
+from crmstream.flows.route import route_batch
+from crmstream.flows.routing import shard_keys
+from crmstream.flows.runtime import Runtime
+from crmstream.flows.source import RawMessage
+from crmstream.state.store import StateStore, connect
+from crmstream.state.timers import Timer, parse_member
+from crmstream.topics import create_topics
+from tests.conftest import read_topic, run_flow
+from tests.shard_driver import Cutting, Message, run_log
+
+pytestmark = pytest.mark.integration
+
+T0 = 1_767_258_600_000  # 2026-01-01T09:10:00Z
+H = 3_600_000
+_ids = itertools.count()
+_prefixes = itertools.count()
+
+
+def _msg(role: str, customer: str, kind: str, at: int, **fields: Any) -> Message:
+    body = {"event_id": f"{customer}-{next(_ids)}", "customer_id": customer,
+            "event_type": kind, "event_time": at, **fields}  # fmt: skip
+    return Message(role, 0, customer.encode(), orjson.dumps(body), at)
+
+
+def _history(customer: str, start: int) -> list[Message]:
+    """Three views of one category (browse interest) and a cart add (a nudge an hour later)."""
+    views = [_msg("clickstream", customer, "product_view", start + k * 1000, product_id="p",
+                  category="beauty") for k in range(3)]  # fmt: skip
+    cart = _msg("clickstream", customer, "add_to_cart", start + 5000, product_id="p",
+                category="beauty")  # fmt: skip
+    return [*views, cart]
+
+
+@pytest.fixture(scope="module")
+def config(stack) -> CrmConfig:
+    sets = [f"kafka.topics.{r}=isolation.{r}" for r in
+            ("clickstream", "orders", "customers", "feedback", "triggers", "suppressions",
+             "dead_letter")]  # fmt: skip
+    sets += [
+        f"kafka.brokers={','.join(stack.brokers)}",
+        f"redis.url={stack.redis_url}",
+        "metrics.enabled=false",
+        "policies.quiet_hours.start=00:00",
+        "policies.quiet_hours.end=00:00",
+    ]
+    built = load_config(None, sets, env={})
+    create_topics(list(stack.brokers), built)
+    return built
+
+
+def _own(config: CrmConfig) -> CrmConfig:
+    prefix = f"iso{next(_prefixes)}"
+    redis = config.redis.model_copy(update={"key_prefix": prefix})
+    return config.model_copy(update={"redis": redis})
+
+
+def _store(config: CrmConfig, stack) -> StateStore:
+    return StateStore(connect(stack.redis_url, config.redis), config.redis.key_prefix)
+
+
+def _shard_of(config: CrmConfig, customer: str) -> int:
+    from crmstream.state.layout import shard_of
+
+    return shard_of(customer, config.processing.shards)
+
+
+def _plant_bad_hold(config: CrmConfig, stack, customer: str) -> None:
+    """A quiet-hours hold whose record is not JSON (as a corrupted or hand-edited member
+    would be), due before the history starts."""
+    store = _store(config, stack)
+    member = Timer(customer, "deferred", "{not json", T0 - H).member
+    store.client.zadd(store.timers.key(_shard_of(config, customer)), {member: T0 - H})
+
+
+def _plant_bad_state(config: CrmConfig, stack, customer: str) -> None:
+    store = _store(config, stack)
+    store.client.set(store.state_key(customer), b"\x06\xff\xff\xff")  # layout 6, corrupt
+
+
+def _plant_bad_orders(config: CrmConfig, stack, customer: str) -> None:
+    """An open order whose promise is not a time, and its delivery timer, due before the
+    history starts (so the customer's first round reads the orders)."""
+    store = _store(config, stack)
+    store.client.hset(store.promises_key(customer), "o1", "soon")
+    member = Timer(customer, "delivery", "o1", T0 - H).member
+    store.client.zadd(store.timers.key(_shard_of(config, customer)), {member: T0 - H})
+
+
+CASES = {
+    "a hold that is not JSON": _plant_bad_hold,
+    "a corrupt state blob": _plant_bad_state,
+    "unreadable open orders": _plant_bad_orders,
+}
+
+
+def _kinds(records: list[dict[str, Any]], customer: str) -> list[str]:
+    return sorted(r["trigger_type"] for r in records if r["customer_id"] == customer)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+# Both hold all of the bad customer's first events in one step (the round that fails);
+# its events in later rounds are applied as usual, its offending timers being set aside.
+@pytest.mark.parametrize("cutting", [Cutting(10**13, (5000,), 0), Cutting(H, (1,), 0)])
+def test_one_customer_that_raises_is_set_aside_and_the_rest_commits(config, stack, case, cutting):
+    bad_history = _history("bad", T0)
+    shipped = _msg("orders", "bad", "order_shipped", T0 + 6000, order_id="o1",
+                   promised_delivery_time=T0 + 3 * H)  # fmt: skip
+    log = sorted([*_history("good", T0), *bad_history, shipped,
+                  _msg("clickstream", "zed", "session_start", T0 + 2 * H)],
+                 key=lambda m: m.kafka_ms)  # fmt: skip
+    clean = _own(config)
+    expected = run_log(clean, stack, [m for m in log if m.key != b"bad"], cutting, T0 + 2 * H)
+
+    own = _own(config)
+    CASES[case](own, stack, "bad")
+    got = run_log(own, stack, log, cutting, T0 + 2 * H)
+    # The good customers' triggers are exactly those of a run without the bad one.
+    assert [r for r in got.triggers if r["customer_id"] != "bad"] == expected.triggers
+    assert _kinds(got.triggers, "good") == ["browse_interest", "cart_abandoned"]
+    assert _kinds(got.triggers, "bad") == []
+    # Each of the bad customer's events is dead-lettered once, with its source position.
+    dead = [d for d in got.dead_letters if d["customer_id"] == "bad"]
+    positions = {}  # (role, offset) of each message of the log, as the driver numbers them
+    for m in log:
+        positions.setdefault(m.role, []).append(m)
+    want = sorted((role, k) for role, msgs in positions.items()
+                  for k, m in enumerate(msgs) if m.key == b"bad")  # fmt: skip
+    got_at = sorted((d["source"]["topic"].split(".")[-1], d["source"]["offset"]) for d in dead)
+    assert got_at == want
+    assert all(d["reason"].startswith("processing_error: ") for d in dead)
+    store = _store(own, stack)
+    shard = _shard_of(own, "bad")
+    # Its timers are out of the timer set and in the quarantine; its state is as it was.
+    timers = got.redis.get(f"{own.redis.key_prefix}:timers:{shard}", [])
+    in_set = [parse_member(m, 0).customer for m, _ in timers]
+    assert "bad" not in in_set
+    quarantined = store.load_quarantine(own.processing.shards)[shard]
+    kept = [orjson.loads(v) for v in quarantined.values()]
+    assert all(k["customer"] == "bad" and k["reason"].startswith("processing_error") for k in kept)
+    if case == "a hold that is not JSON":
+        assert any(k["kind"] == "deferred" for k in kept)
+    if case == "a corrupt state blob":
+        assert store.client.get(store.state_key("bad")) == b"\x06\xff\xff\xff"
+
+    # The next round, in a new process, goes on: nothing committed fails it.
+    zed = _msg("clickstream", "zed", "session_start", T0 + 5 * H)
+    later = [*_history("good", T0 + 3 * H), zed]
+    topics = own.kafka.topics.by_role
+    first = {(topics[role], 0): len(msgs) for role, msgs in positions.items()}
+    again = run_log(own, stack, later, cutting, T0 + 5 * H, first_offsets=first)
+    fired = _kinds([*again.triggers, *again.suppressions], "good")  # the caps may stop one
+    assert "cart_abandoned" in fired
+
+
+def test_a_message_whose_validation_raises_is_dead_lettered(config, stack, monkeypatch):
+    """Validation never raises by design (tests/test_fuzz_fields.py); if it did, the
+    message alone goes to the dead letters and the rest of the batch is parsed."""
+    runtime = Runtime(config, stack)
+    parse = runtime.validator.parse
+
+    def flaky(key, value, topic, partition, offset, ts, now):
+        if b'"boom"' in (value or b""):
+            raise RecursionError("maximum recursion depth exceeded")
+        return parse(key, value, topic, partition, offset, ts, now)
+
+    monkeypatch.setattr(runtime.validator, "parse", flaky)
+    topic = config.kafka.topics.clickstream
+    good = orjson.dumps({"event_id": "e1", "customer_id": "c1", "event_type": "session_start",
+                         "event_time": T0})  # fmt: skip
+    bad = orjson.dumps({"event_id": "boom", "customer_id": "c2", "event_type": "session_start",
+                        "event_time": T0})  # fmt: skip
+    batch = [
+        RawMessage(b"c1", good, topic, 0, 0, T0, 0),
+        RawMessage(b"c2", bad, topic, 0, 1, T0, 0),
+    ]
+    items = [item for _key, item in route_batch(runtime, batch, shard_keys(2, 1))]
+    parsed = [ev.event_id for item in items for ev in item.events]
+    invalid = [bad for item in items for bad in item.invalid]
+    assert parsed == ["e1"]
+    assert [(b.offset, b.reason) for b in invalid] == [
+        (1, "processing_error: RecursionError: maximum recursion depth exceeded")
+    ]
+
+
+def test_the_real_flow_runs_on_past_a_customer_whose_state_is_corrupt(
+    isolated_config, script, stack
+):
+    """Through Kafka and Bytewax: the flow completes, the customer's events are dead
+    letters, every other customer's triggers go out; run again, it starts cleanly."""
+    config = isolated_config()
+    _plant_bad_state(config, stack, "bad")
+    s = script(config)
+    for cust in ("good", "bad"):
+        for k in range(3):
+            s.view(cust, "beauty", k)
+    s.flush()
+    run_flow(config, stack)
+    triggers = read_topic(stack, config.kafka.topics.triggers)
+    got = [(r["customer_id"], r["trigger_type"]) for r in triggers]
+    assert got == [("good", "browse_interest")]
+    dead = read_topic(stack, config.kafka.topics.dead_letter)
+    assert sorted(d["customer_id"] for d in dead) == ["bad"] * 3
+    assert all(d["reason"].startswith("processing_error: StateEncodingError") for d in dead)
+    s.view("good", "shoes", 10)
+    s.flush()
+    run_flow(config, stack)  # a restart over the committed state: no crash loop
+
+
+def test_quarantined_timers_are_listed_and_released(config, stack):
+    """``crmstream quarantine list`` shows the set-aside timers with their reason;
+    ``release`` puts them back in the timer set at their due times."""
+    from typer.testing import CliRunner
+
+    from crmstream.cli import app
+
+    own = _own(config)
+    _plant_bad_hold(own, stack, "bad")
+    run_log(own, stack, _history("bad", T0), Cutting(10**13, (5000,), 0), T0 + H)
+    args = ["--redis-url", own.redis.url, "--set", f"redis.key_prefix={own.redis.key_prefix}"]
+    listed = CliRunner().invoke(app, ["quarantine", "list", "--json", *args])
+    assert listed.exit_code == 0, listed.output
+    rows = [orjson.loads(line) for line in listed.output.splitlines()]
+    assert {(r["customer"], r["kind"]) for r in rows} >= {("bad", "deferred")}
+    assert all(r["reason"].startswith("processing_error: JSONDecodeError") for r in rows)
+    released = CliRunner().invoke(app, ["quarantine", "release", "bad", *args])
+    assert released.exit_code == 0, released.output
+    store = _store(own, stack)
+    shard = _shard_of(own, "bad")
+    assert store.load_quarantine(own.processing.shards)[shard] == {}
+    back = {parse_member(m, s).kind: s for m, s in store.client.zrange(
+        store.timers.key(shard), 0, -1, withscores=True)}  # fmt: skip
+    assert back["deferred"] == T0 - H
+    missing = CliRunner().invoke(app, ["quarantine", "release", "nobody", *args])
+    assert missing.exit_code != 0 and "nobody" in missing.output
