@@ -28,8 +28,13 @@ from rich.table import Table
 
 from crmstream.bench.workload import Workload, WorkloadSpec, publish
 from crmstream.config import CrmConfig, load_config
+from crmstream.operators.derive import derive_batch
 from crmstream.operators.events import EventValidator, ParsedEvent
-from crmstream.operators.kernels import BatchEvents, apply_batch, derive_batch, params_from
+from crmstream.operators.kernels import (
+    BatchEvents,
+    apply_batch,
+)
+from crmstream.operators.params import params_from
 from crmstream.operators.timer_slots import TimerSlots
 from crmstream.state.encoding import STATE_BYTES, decode_batch, fresh_records
 from crmstream.state.timers import parse_member

@@ -39,7 +39,7 @@ from crmstream.operators.fitting import (
     holdout_table,
     summaries_of,
 )
-from crmstream.operators.kernels import MS_PER_DAY
+from crmstream.operators.params import MS_PER_DAY
 from crmstream.profile import AsOf, ProfileError
 from crmstream.state import model
 from crmstream.state.encoding import decode_batch

@@ -26,25 +26,27 @@ from rich.table import Table
 
 from crmstream.config import CrmConfig
 from crmstream.operators.btyd import bgnbd, clv, gamma_gamma_spend
+from crmstream.operators.derive import derive_batch
 from crmstream.operators.events import EVENT_TYPES
-from crmstream.operators.kernels import (
+from crmstream.operators.params import (
     COL,
     MS_PER_10M,
     MS_PER_DAY,
     MS_PER_HOUR,
-    SIGNALS,
-    derive_batch,
     params_from,
+)
+from crmstream.operators.rules import iso_ms
+from crmstream.operators.windows import (
     week_of,
     window_sum,
 )
-from crmstream.operators.rules import iso_ms
 from crmstream.state import model
 from crmstream.state.encoding import (
     CHURN_LEVELS,
     EMPTY_BASE,
     ROLES,
     SEGMENTS,
+    SIGNALS,
     STAGES,
     TIERS,
     WINDOW_KINDS,

@@ -32,7 +32,7 @@ from crmstream.flows.sink import Outbox, Outgoing, bound_outgoing, encode_outgoi
 from crmstream.flows.step_work import Loaded, StepWork, Work
 from crmstream.metrics import get_metrics
 from crmstream.operators.events import EVENT_CODE, ParsedEvent
-from crmstream.operators.kernels import params_from
+from crmstream.operators.params import params_from
 from crmstream.operators.timer_slots import NEVER, TimerSlots
 from crmstream.state.encoding import StateEncodingError, decode_batch
 from crmstream.state.store import Position, Progress

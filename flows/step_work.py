@@ -24,14 +24,14 @@ from crmstream.config import CrmConfig
 from crmstream.flows.sink import Outgoing
 from crmstream.metrics import get_metrics
 from crmstream.operators.customer_step import CustomerStep, StepInput, StepOutput
+from crmstream.operators.derive import derive_batch
 from crmstream.operators.events import EVENT_TYPES, ParsedEvent, new_tuple, parse_time_ms
 from crmstream.operators.hashing import event_id_digests
-from crmstream.operators.kernels import (
+from crmstream.operators.kernels import check_batch
+from crmstream.operators.params import (
     FRESH,
     REPLAYED,
     Params,
-    check_batch,
-    derive_batch,
 )
 from crmstream.operators.policies import PolicyContext, PolicyEngine
 from crmstream.operators.rules import TriggerBuilder, iso_ms

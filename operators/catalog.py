@@ -39,7 +39,7 @@ from crmstream.operators.events import (
     ParsedEvent,
     parse_time_ms,
 )
-from crmstream.operators.kernels import (
+from crmstream.operators.params import (
     ADD_TO_CART,
     LOGISTICS_UPDATE,
     MS_PER_DAY,
@@ -48,9 +48,9 @@ from crmstream.operators.kernels import (
     ORDER_REFUNDED,
     ORDER_RETURNED,
     SERVICE_TICKET,
-    window_sum,
 )
 from crmstream.operators.rules import iso_ms
+from crmstream.operators.windows import window_sum
 from crmstream.state.encoding import KIND_ACTIVITY, SEGMENTS, STAGES, TIERS
 from crmstream.state.profile import top_categories
 from crmstream.state.promises import Promise

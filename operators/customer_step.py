@@ -49,11 +49,13 @@ from crmstream.operators.catalog import (
 from crmstream.operators.events import EVENT_CODE, EVENT_TYPES, ParsedEvent
 from crmstream.operators.firings import FiringCandidates
 from crmstream.operators.kernels import (
-    MS_PER_DAY,
     BatchEvents,
-    Params,
     apply_batch,
     evaluate_batch,
+)
+from crmstream.operators.params import (
+    MS_PER_DAY,
+    Params,
 )
 from crmstream.operators.timer_slots import FOLDED, NEVER, WAKE, TimerSlots, slot_of
 from crmstream.state.encoding import NUM_EVENT_TYPES, fresh_records

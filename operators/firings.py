@@ -18,7 +18,8 @@ import numpy as np
 from crmstream.config import CrmConfig
 from crmstream.operators.catalog import Candidate
 from crmstream.operators.events import ParsedEvent, new_tuple
-from crmstream.operators.kernels import (
+from crmstream.operators.kernels import Firings
+from crmstream.operators.params import (
     COL,
     RULE_BROWSE_INTEREST,
     RULE_CHURN_HIGH,
@@ -26,7 +27,6 @@ from crmstream.operators.kernels import (
     RULE_HIGH_VALUE,
     RULE_INTEREST_SHIFT,
     RULE_TIER_UP,
-    Firings,
 )
 from crmstream.operators.rules import iso_ms
 from crmstream.state.encoding import TIERS

@@ -7,10 +7,13 @@ This module owns the per-event and per-customer loops:
   rings, orders and purchase days (for RFM and BG/NBD), the decaying preference
   vector and its periodic snapshot, feedback counters, and the event-driven
   rules (browse streak, high intent), whose firings it writes to ``out``.
-- ``derive`` computes, per customer and as of a given time, the RFM scores,
-  the ten churn signals and the logistic churn score with hysteresis, BG/NBD
-  P(alive) and expected purchases, CLV (BG/NBD x Gamma-Gamma), lifecycle
-  stage, value segment and tier.
+- after every event (and at every fired timer, ``evaluate_at``) the derived
+  labels (``operators.derive``) are evaluated as of the customer's clock, and
+  their changes are firings too: churn risk, tier and high-value upgrades,
+  interest shift.
+- ``check_events`` makes the exactly-once checks of a batch.
+
+Parameters and codes: ``operators.params``; window rings: ``operators.windows``.
 
 ``operators.reference`` restates both in plain Python; tests check they agree.
 All thresholds arrive in ``KernelParams`` / ``DeriveParams`` built from the
@@ -19,18 +22,64 @@ configuration. Window semantics are documented in docs/state.md.
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import numpy as np
 from numba import njit
 
 from crmstream.config import CrmConfig
-from crmstream.operators.btyd import bgnbd, clv, clv_bound, gamma_gamma_spend, p_alive_of
-from crmstream.operators.events import EVENT_CODE, EVENT_TYPES, NUM_EVENT_TYPES
+from crmstream.operators.derive import (
+    derive_batch,
+    derive_one,
+)
+from crmstream.operators.events import (
+    EVENT_TYPES,
+    NUM_EVENT_TYPES,
+)
+from crmstream.operators.params import (
+    _C_INTEREST_SHIFT,
+    _C_OLD_CHURN_LEVEL,
+    _C_OLD_SEGMENT,
+    _C_OLD_TIER,
+    _FIRINGS_PER_EVENT,
+    _HIGH_VALUE,
+    ADD_TO_CART,
+    CONTACTED_TOO_OFTEN,
+    DERIVED,
+    DUPLICATE,
+    FRESH,
+    HIGH_CLV,
+    INT64_MIN,
+    LAST_CLICKSTREAM,
+    LOGISTICS_UPDATE,
+    MAX_TOP_K,
+    MIN_AFFINITY,
+    MS_PER_10M,
+    MS_PER_DAY,
+    MS_PER_HOUR,
+    ORDER_PLACED,
+    PRODUCT_REVIEW,
+    PRODUCT_VIEW,
+    REPLAYED,
+    RULE_BROWSE_INTEREST,
+    RULE_CHURN_HIGH,
+    RULE_HIGH_INTENT,
+    RULE_HIGH_VALUE,
+    RULE_INTEREST_SHIFT,
+    RULE_TIER_UP,
+    SERVICE_TICKET,
+    SESSION_START,
+    Params,
+    params_from,
+)
+from crmstream.operators.windows import (
+    _add2,
+    _add_order,
+    week_of,
+    window_sum,
+)
 from crmstream.state.encoding import (
     EMPTY_BASE,
-    FLAG_CHURN_HIGH,
     FLAG_HIGH_INTENT,
     FLAG_SHIFT_FIRED,
     KIND_ACTIVITY,
@@ -38,334 +87,9 @@ from crmstream.state.encoding import (
     KIND_ORDERS,
     KIND_SESSIONS,
     KIND_VIEWS,
-    NUM_SIGNALS,
     PREF_CATEGORIES,
     SEGMENTS,
-    SIGNALS,
 )
-
-PRODUCT_VIEW = EVENT_CODE["product_view"]
-ADD_TO_CART = EVENT_CODE["add_to_cart"]
-SESSION_START = EVENT_CODE["session_start"]
-LAST_CLICKSTREAM = EVENT_CODE["session_start"]  # clickstream codes are 0..8
-ORDER_PLACED = EVENT_CODE["order_placed"]
-ORDER_RETURNED = EVENT_CODE["order_returned"]
-ORDER_REFUNDED = EVENT_CODE["order_refunded"]
-LOGISTICS_UPDATE = EVENT_CODE["logistics_update"]
-SERVICE_TICKET = EVENT_CODE["service_ticket"]
-PRODUCT_REVIEW = EVENT_CODE["product_review"]
-CONTACTED_TOO_OFTEN = EVENT_CODE["contacted_too_often"]
-
-FRESH, REPLAYED, DUPLICATE = 0, 1, 2  # check_events verdicts
-
-RULE_BROWSE_INTEREST = 0
-RULE_HIGH_INTENT = 1
-# Derived-label firings: evaluated after every event and at every fired timer.
-RULE_CHURN_HIGH = 2  # the churn level entered "high"
-RULE_TIER_UP = 3  # the tier rose (a: old tier, b: new tier)
-RULE_HIGH_VALUE = 4  # the customer entered the high-value segment (a: old segment)
-RULE_INTEREST_SHIFT = 5  # the top category moved (a: was top, b: now top, c: snapshot day)
-RULE_NAMES = (
-    "browse_interest",
-    "high_intent_no_purchase",
-    "churn_risk",
-    "tier_upgrade",
-    "tier_upgrade",
-    "interest_shift",
-)
-MAX_TOP_K = 10
-_HIGH_VALUE = 3  # SEGMENTS.index("high_value")  # the schema's bound on preferences.top_k
-_FIRINGS_PER_EVENT = 6  # two event rules and four derived labels at most
-
-MIN_AFFINITY = 1e-6  # a decayed affinity below this is treated as none
-MS_PER_10M = 600_000
-MS_PER_HOUR = 3_600_000
-MS_PER_DAY = 86_400_000
-INT64_MIN = np.iinfo(np.int64).min
-
-# derive() output columns
-DERIVED = (
-    "churn_score",
-    *SIGNALS,
-    "p_alive",
-    "expected_30d",
-    "expected_90d",
-    "r",
-    "f",
-    "m",
-    "orders_90d",
-    "spend_90d",
-    "orders_365d",
-    "spend_365d",
-    "aov",
-    "interest_shift",
-    "days_since_purchase",
-    "ipt_mean_days",
-    "ipt_std_days",
-    "old_stage",
-    "old_segment",
-    "old_tier",
-    "old_churn_level",
-)
-COL = {name: i for i, name in enumerate(DERIVED)}
-_SIG0 = COL[SIGNALS[0]]
-# Column numbers as plain ints: Numba cannot read a dict.
-_C_EXPECTED_30D = COL["expected_30d"]
-_C_EXPECTED_90D = COL["expected_90d"]
-_C_P_ALIVE = COL["p_alive"]
-_C_CHURN_SCORE = COL["churn_score"]
-_C_OLD_CHURN_LEVEL = COL["old_churn_level"]
-_C_R = COL["r"]
-_C_F = COL["f"]
-_C_M = COL["m"]
-_C_OLD_STAGE = COL["old_stage"]
-_C_OLD_SEGMENT = COL["old_segment"]
-_C_OLD_TIER = COL["old_tier"]
-_C_INTEREST_SHIFT = COL["interest_shift"]
-_C_ORDERS_90D = COL["orders_90d"]
-_C_SPEND_90D = COL["spend_90d"]
-_C_ORDERS_365D = COL["orders_365d"]
-_C_SPEND_365D = COL["spend_365d"]
-_C_AOV = COL["aov"]
-_C_DAYS_SINCE_PURCHASE = COL["days_since_purchase"]
-_C_IPT_MEAN_DAYS = COL["ipt_mean_days"]
-_C_IPT_STD_DAYS = COL["ipt_std_days"]
-HIGH_CLV = 5  # SEGMENTS.index("high_clv")
-
-
-class KernelParams(NamedTuple):
-    """What ``apply_events`` reads from the configuration."""
-
-    lateness_ms: int
-    half_life_ms: float
-    snapshot_days: int
-    negative_sentiment: float
-    negative_rating: float
-    browse_enabled: bool
-    browse_views: int
-    intent_enabled: bool
-    intent_window_days: int
-    intent_min_views: int
-    intent_min_carts: int
-    churn_enabled: bool
-    tier_enabled: bool
-    shift_enabled: bool
-    shift_min_distance: float
-    top_k: int
-
-
-class DeriveParams(NamedTuple):
-    """What ``derive`` reads from the configuration."""
-
-    recent_days: int
-    baseline_min: float
-    drop_threshold: float
-    cart_abandon_threshold: float
-    too_often_days: int
-    churn_bias: float
-    churn_medium: float
-    churn_high: float
-    churn_hysteresis: float
-    bg_r: float
-    bg_alpha: float
-    bg_a: float
-    bg_b: float
-    new_days: int
-    loyal_min_orders: int
-    dormant_days: int
-    lost_days: int
-    hv_min_orders: int
-    hv_min_aov: float
-    potential_days: int
-    seg_dormant_days: int
-    silver: float
-    gold: float
-    gg_p: float
-    gg_q: float
-    gg_v: float
-    clv_months: int
-    clv_discount: float
-    high_clv_min: float
-    model_version: int
-
-
-class Params(NamedTuple):
-    kernel: KernelParams
-    derive: DeriveParams
-    pref_weights: np.ndarray  # float32 per event type
-    churn_weights: np.ndarray  # float64 per signal
-    recency_cuts: np.ndarray
-    frequency_cuts: np.ndarray
-    monetary_cuts: np.ndarray
-
-
-def params_from(config: CrmConfig) -> Params:
-    """Every kernel parameter, from the validated configuration."""
-    rules, churn, bg = config.rules, config.churn, config.bgnbd
-    life, seg = config.lifecycle, config.segments
-    weights = np.zeros(NUM_EVENT_TYPES, np.float32)
-    for name, w in config.preferences.weights.items():
-        weights[EVENT_CODE[name]] = w
-    kernel = KernelParams(
-        config.state.allowed_lateness_seconds * 1000,
-        config.preferences.half_life_days * MS_PER_DAY,
-        config.preferences.snapshot_days,
-        churn.negative_sentiment,
-        float(churn.negative_rating),
-        rules.browse_interest.enabled,
-        rules.browse_interest.consecutive_views,
-        rules.high_intent_no_purchase.enabled,
-        rules.high_intent_no_purchase.window_days,
-        rules.high_intent_no_purchase.min_views,
-        rules.high_intent_no_purchase.min_cart_adds,
-        rules.churn_risk.enabled,
-        rules.tier_upgrade.enabled,
-        rules.interest_shift.enabled,
-        rules.interest_shift.min_distance,
-        config.preferences.top_k,
-    )
-    derive_params = DeriveParams(
-        churn.recent_days,
-        churn.baseline_min_events,
-        churn.activity_drop_threshold,
-        churn.cart_abandon_threshold,
-        churn.too_often_days,
-        churn.bias,
-        churn.medium,
-        churn.high,
-        churn.hysteresis,
-        bg.r,
-        bg.alpha,
-        bg.a,
-        bg.b,
-        life.new_days,
-        life.loyal_min_orders_365d,
-        life.dormant_days,
-        life.lost_days,
-        seg.high_value_min_orders_90d,
-        seg.high_value_min_aov,
-        seg.potential_days,
-        seg.dormant_days,
-        seg.silver_spend_365d,
-        seg.gold_spend_365d,
-        config.gamma_gamma.p,
-        config.gamma_gamma.q,
-        config.gamma_gamma.v,
-        config.value.clv_months,
-        config.value.monthly_discount_rate,
-        seg.high_clv_min,
-        config.value.model_version,
-    )
-    return Params(
-        kernel,
-        derive_params,
-        weights,
-        np.array([churn.weights[s] for s in SIGNALS], np.float64),
-        np.array(config.rfm.recency_days_cuts, np.float64),
-        np.array(config.rfm.frequency_cuts, np.float64),
-        np.array(config.rfm.monetary_cuts, np.float64),
-    )
-
-
-# -- rings -------------------------------------------------------------------
-
-
-@njit(cache=True, nogil=True)
-def _advance(ring, base, idx):
-    """Make ``idx`` the ring's newest slot, clearing the slots it passes; return it."""
-    n = ring.shape[0]
-    if base == EMPTY_BASE or idx - base >= n:
-        ring[:] = 0
-    else:
-        for s in range(base + 1, idx + 1):
-            ring[s % n] = 0
-    return idx
-
-
-@njit(cache=True, nogil=True)
-def _add2(ring, base, idx, kind, amount, cap):
-    """Add to ``ring[idx, kind]`` (saturating at ``cap``); return the new base."""
-    if base == EMPTY_BASE or idx > base:
-        base = _advance(ring, base, idx)
-    if idx > base - ring.shape[0]:
-        slot = idx % ring.shape[0]
-        ring[slot, kind] = min(ring[slot, kind] + amount, cap)
-    return base
-
-
-@njit(cache=True, nogil=True)
-def _add_order(orders, spend, base, day, amount):
-    """Count an order and its amount on ``day`` of the daily rings; return the new base."""
-    if base == EMPTY_BASE or day > base:
-        _advance(spend, base, day)
-        base = _advance(orders, base, day)
-    if day > base - orders.shape[0]:
-        slot = day % orders.shape[0]
-        orders[slot] = min(orders[slot] + 1, 255)
-        spend[slot] += amount
-    return base
-
-
-@njit(cache=True, nogil=True)
-def _held_slots(ring_len, base, idx, span):
-    """The slots (idx - span, idx] that a ring of ``ring_len`` slots ending at ``base`` holds."""
-    return max(idx - span + 1, base - ring_len + 1), min(idx, base)
-
-
-@njit(cache=True, nogil=True)
-def window_sum(ring, base, idx, span, kind):
-    """Sum of ``ring[:, kind]`` over slots (idx - span, idx] that the ring still holds."""
-    if base == EMPTY_BASE:
-        return 0.0
-    lo, hi = _held_slots(ring.shape[0], base, idx, span)
-    total = 0.0
-    for s in range(lo, hi + 1):
-        total += ring[s % ring.shape[0], kind]
-    return total
-
-
-@njit(cache=True, nogil=True)
-def window_sum1(ring, base, idx, span):
-    """``window_sum`` for a one-dimensional ring."""
-    if base == EMPTY_BASE:
-        return 0.0
-    lo, hi = _held_slots(ring.shape[0], base, idx, span)
-    total = 0.0
-    for s in range(lo, hi + 1):
-        total += ring[s % ring.shape[0]]
-    return total
-
-
-@njit(cache=True, nogil=True)
-def _order_windows(r, day):
-    """(orders, spend) in the 90 and 365 days up to ``day``: one pass over the ring's
-    purchase days (``window_sum1`` over each span gives the same)."""
-    orders_90, spend_90, orders_365, spend_365 = 0.0, 0.0, 0.0, 0.0
-    base = r.base_orders_1d
-    if base == EMPTY_BASE:
-        return orders_90, spend_90, orders_365, spend_365
-    ring, amounts = r.orders_1d, r.spend_1d
-    n = ring.shape[0]
-    lo, hi = _held_slots(n, base, day, 365)
-    slot = lo % n
-    for s in range(lo, hi + 1):
-        orders = ring[slot]
-        if orders:
-            spend = amounts[slot]
-            orders_365 += orders
-            spend_365 += spend
-            if s > day - 90:
-                orders_90 += orders
-                spend_90 += spend
-        slot = slot + 1 if slot + 1 < n else 0
-    return orders_90, spend_90, orders_365, spend_365
-
-
-@njit(cache=True, nogil=True)
-def week_of(day):
-    """Weeks start on Monday (epoch day 0 was a Thursday)."""
-    return (day + 3) // 7
-
 
 # -- per-event update ----------------------------------------------------------
 
@@ -668,212 +392,6 @@ def evaluate_at(records, rows, as_of_ms, p, dp, churn_weights, r_cuts, f_cuts, m
     return rows.shape[0], n_out
 
 
-# -- value model ---------------------------------------------------------------
-
-
-@njit(cache=True, nogil=True)
-def clv_of(r, day, dp, at_least=0.0):
-    """A buyer's CLV as of epoch ``day``: Gamma-Gamma's expected spend per purchase day
-    from its repeat purchase days' mean spend, times the BG/NBD purchases of each
-    month, discounted. Only the high-CLV segment rule needs it in the flow, and the
-    series costs about a microsecond, so when an upper bound (``clv_bound``) is below
-    ``at_least`` the bound is returned instead: the rule's answer is the same."""
-    x = r.purchase_days - 1.0
-    t_x = (r.last_purchase_day - r.first_purchase_day) / 7.0
-    big_t = max(day - r.first_purchase_day, 0) / 7.0
-    mean = (r.spend_total - r.first_day_spend) / x if x > 0 else 0.0
-    spend = gamma_gamma_spend(x, mean, dp.gg_p, dp.gg_q, dp.gg_v)
-    bound = clv_bound(x, big_t, spend, dp.clv_months, dp.bg_r, dp.bg_alpha)
-    if bound < at_least:
-        return bound
-    return clv(x, t_x, big_t, spend, dp.clv_months, dp.clv_discount,
-               dp.bg_r, dp.bg_alpha, dp.bg_a, dp.bg_b)  # fmt: skip
-
-
-# -- per-customer derivation -------------------------------------------------------
-
-
-@njit(cache=True, nogil=True)
-def _score(value, cuts, ascending):
-    """1..5 against four cut points (ascending: higher is better)."""
-    if ascending:
-        s = 1
-        for c in cuts:
-            if value >= c:
-                s += 1
-        return s
-    s = 5
-    for c in cuts:
-        if value > c:
-            s -= 1
-    return s
-
-
-@njit(cache=True, nogil=True)
-def _drop(recent, total_90, recent_days, baseline_min, threshold):
-    """Drop of the last ``recent_days`` against the customer's own earlier rate, in [0, 1]."""
-    baseline = (total_90 - recent) * recent_days / (91.0 - recent_days)
-    if baseline < baseline_min:
-        return 0.0
-    drop = 1.0 - recent / baseline
-    return min(max(drop / threshold, 0.0), 1.0)
-
-
-@njit(cache=True, nogil=True)
-def _kind_drop(r, day, week, kind, dp):
-    """The drop signal of one window kind: last ``recent_days`` against the 90-day rate."""
-    recent = window_sum(r.win_1d, r.base_1d, day, dp.recent_days, kind)
-    total_90 = window_sum(r.win_1w, r.base_1w, week, 13, kind)
-    return _drop(recent, total_90, dp.recent_days, dp.baseline_min, dp.drop_threshold)
-
-
-@njit(cache=True, nogil=True)
-def derive_one(r, as_of, dp, churn_weights, r_cuts, f_cuts, m_cuts, row, expectations):
-    """Derive one record's signals, scores and labels as of ``as_of`` into ``row``.
-
-    Updates stage, segment, tier, churn level and flags in the record (the old
-    values are kept in ``row``). ``expectations``: also the BG/NBD expected
-    purchases (a power series; the labels need only P(alive)).
-    """
-    day = as_of // MS_PER_DAY
-    week = week_of(day)
-    row[:] = 0.0
-
-    orders_90, spend_90, orders_365, spend_365 = _order_windows(r, day)
-    buyer = r.purchase_days > 0
-    since = float(day - r.last_purchase_day) if buyer else -1.0
-    n = r.purchase_days
-    mean = (r.last_purchase_day - r.first_purchase_day) / (n - 1.0) if n > 1 else 0.0
-    var = r.ipt_sq_sum / (n - 1.0) - mean * mean if n > 1 else 0.0
-    aov = r.spend_total / r.orders_total if r.orders_total > 0 else 0.0
-
-    # BG/NBD with the model's conventions: x repeat purchase days, weeks since first.
-    p_alive = np.nan
-    if buyer:
-        x = n - 1.0
-        t_x = (r.last_purchase_day - r.first_purchase_day) / 7.0
-        big_t = max(day - r.first_purchase_day, 0) / 7.0
-        if expectations:
-            p_alive, e30 = bgnbd(x, t_x, big_t, 30 / 7.0, dp.bg_r, dp.bg_alpha, dp.bg_a, dp.bg_b)
-            _, e90 = bgnbd(x, t_x, big_t, 90 / 7.0, dp.bg_r, dp.bg_alpha, dp.bg_a, dp.bg_b)
-            row[_C_EXPECTED_30D] = e30
-            row[_C_EXPECTED_90D] = e90
-        else:
-            p_alive = p_alive_of(x, t_x, big_t, dp.bg_r, dp.bg_alpha, dp.bg_a, dp.bg_b)
-    row[_C_P_ALIVE] = p_alive
-
-    # The ten churn signals, each in [0, 1].
-    rd = dp.recent_days
-    sig = row[_SIG0 : _SIG0 + NUM_SIGNALS]
-    sig[0] = _kind_drop(r, day, week, KIND_ACTIVITY, dp)
-    sig[1] = _kind_drop(r, day, week, KIND_SESSIONS, dp)
-    carts = window_sum(r.win_1d, r.base_1d, day, 30, KIND_CARTS)
-    if carts >= 2:
-        rate = max(0.0, 1.0 - window_sum(r.win_1d, r.base_1d, day, 30, KIND_ORDERS) / carts)
-        sig[2] = rate if rate >= dp.cart_abandon_threshold else 0.0
-    if n > 1 and mean > 0:
-        sig[3] = min(max((since - mean) / mean, 0.0), 1.0)
-    if r.orders_total > 1 and aov > 0:
-        sig[4] = min(abs(r.last_order_amount - aov) / aov, 1.0)
-    if r.orders_total > 0:
-        returned = r.type_counts[ORDER_RETURNED] + r.type_counts[ORDER_REFUNDED]
-        sig[5] = min(returned / r.orders_total, 1.0)
-    sig[6] = min(r.neg_feedback / 2.0, 1.0)
-    sig[7] = min(r.delays / 2.0, 1.0)
-    if r.too_often_day != EMPTY_BASE and day - r.too_often_day <= dp.too_often_days:
-        sig[8] = 1.0
-    if buyer:
-        sig[9] = 1.0 - p_alive
-    logit = dp.churn_bias
-    for k in range(NUM_SIGNALS):
-        logit += churn_weights[k] * sig[k]
-    score = 1.0 / (1.0 + math.exp(-logit))
-    row[_C_CHURN_SCORE] = score
-    row[_C_OLD_CHURN_LEVEL] = r.churn_level
-    if r.rule_flags & FLAG_CHURN_HIGH:
-        if score < dp.churn_high - dp.churn_hysteresis:
-            r.rule_flags &= ~np.uint8(FLAG_CHURN_HIGH)
-    elif score >= dp.churn_high:
-        r.rule_flags |= FLAG_CHURN_HIGH
-    high = (r.rule_flags & FLAG_CHURN_HIGH) != 0
-    r.churn_level = 2 if high else (1 if score >= dp.churn_medium else 0)
-
-    if buyer:
-        row[_C_R] = _score(since, r_cuts, False)
-        row[_C_F] = _score(orders_365, f_cuts, True)
-        row[_C_M] = _score(spend_365, m_cuts, True)
-
-    # Lifecycle stage, value segment and tier.
-    row[_C_OLD_STAGE] = r.stage
-    row[_C_OLD_SEGMENT] = r.segment
-    row[_C_OLD_TIER] = r.tier
-    if not buyer:
-        stage = 0
-    elif since >= dp.lost_days:
-        stage = 6
-    elif since >= dp.dormant_days:
-        stage = 5
-    elif high:
-        stage = 4
-    elif day - r.first_purchase_day < dp.new_days:
-        stage = 1
-    elif orders_365 >= dp.loyal_min_orders:
-        stage = 3
-    else:
-        stage = 2
-    if stage != r.stage:
-        r.prev_stage = r.stage
-        r.stage = stage
-        r.stage_since_ms = as_of
-    browsing = window_sum(r.win_1d, r.base_1d, day, rd, KIND_ACTIVITY) > 0
-    aov_90 = spend_90 / orders_90 if orders_90 > 0 else 0.0
-    if not buyer:
-        r.segment = 0
-    elif since >= dp.seg_dormant_days:
-        r.segment = 4
-    elif orders_90 >= dp.hv_min_orders and aov_90 > dp.hv_min_aov:
-        r.segment = 3
-    elif n == 1 and since >= dp.potential_days and browsing:
-        r.segment = 2
-    elif dp.high_clv_min > 0 and clv_of(r, day, dp, dp.high_clv_min) >= dp.high_clv_min:
-        r.segment = HIGH_CLV
-    else:
-        r.segment = 1
-    r.model_version = dp.model_version
-    r.tier = 2 if spend_365 >= dp.gold else (1 if spend_365 >= dp.silver else 0)
-
-    # Interest shift: cosine distance between now and the snapshot.
-    dot = 0.0
-    now2 = 0.0
-    snap2 = 0.0
-    for k in range(PREF_CATEGORIES):
-        v = max(r.pref[k], 0.0)
-        s = float(r.pref_snap[k])
-        dot += v * s
-        now2 += v * v
-        snap2 += s * s
-    if now2 > 0 and snap2 > 0:
-        row[_C_INTEREST_SHIFT] = 1.0 - dot / math.sqrt(now2 * snap2)
-
-    row[_C_ORDERS_90D] = orders_90
-    row[_C_SPEND_90D] = spend_90
-    row[_C_ORDERS_365D] = orders_365
-    row[_C_SPEND_365D] = spend_365
-    row[_C_AOV] = aov
-    row[_C_DAYS_SINCE_PURCHASE] = since
-    row[_C_IPT_MEAN_DAYS] = mean
-    row[_C_IPT_STD_DAYS] = math.sqrt(max(var, 0.0))
-
-
-@njit(cache=True, nogil=True)
-def derive(records, as_of_ms, dp, churn_weights, r_cuts, f_cuts, m_cuts, out):
-    """``derive_one`` for each record as of ``as_of_ms[i]`` into ``out[i]``."""
-    for i in range(records.shape[0]):
-        derive_one(
-            records[i], as_of_ms[i], dp, churn_weights, r_cuts, f_cuts, m_cuts, out[i], True
-        )
-
-
 # -- batch entry points --------------------------------------------------------------
 
 
@@ -1054,22 +572,6 @@ def check_batch(
         verdict,
     )
     return verdict
-
-
-def derive_batch(records: np.ndarray, as_of_ms: np.ndarray, params: Params) -> np.ndarray:
-    """Run ``derive`` over every record; returns the ``DERIVED`` columns."""
-    out = np.zeros((records.shape[0], len(DERIVED)), np.float64)
-    derive(
-        records,
-        as_of_ms,
-        params.derive,
-        params.churn_weights,
-        params.recency_cuts,
-        params.frequency_cuts,
-        params.monetary_cuts,
-        out,
-    )
-    return out
 
 
 def events_of(rows: list[tuple[int, int, int, int, float, float]]) -> BatchEvents:

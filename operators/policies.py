@@ -28,7 +28,7 @@ import numpy as np
 from crmstream.config import CrmConfig
 from crmstream.operators.catalog import Candidate
 from crmstream.operators.events import CONTACT_CHANNELS, new_tuple
-from crmstream.operators.kernels import MS_PER_DAY
+from crmstream.operators.params import MS_PER_DAY
 from crmstream.operators.rules import hour_prefix, iso_ms
 from crmstream.operators.zones import find_zone
 

@@ -13,7 +13,8 @@ import itertools
 import math
 from dataclasses import dataclass, field
 
-from crmstream.operators import kernels as K
+from crmstream.operators import params as P
+from crmstream.state import encoding as E
 from crmstream.state.encoding import NUM_SIGNALS, PREF_CATEGORIES, RING_ORDERS
 
 
@@ -52,10 +53,10 @@ class RefCustomer:
 
 
 def _ring_index(ev: Ev, resolution: str) -> int:
-    day = ev.ts // K.MS_PER_DAY
+    day = ev.ts // P.MS_PER_DAY
     return {
-        "10m": ev.ts // K.MS_PER_10M,
-        "1h": ev.ts // K.MS_PER_HOUR,
+        "10m": ev.ts // P.MS_PER_10M,
+        "1h": ev.ts // P.MS_PER_HOUR,
         "1d": day,
         "1w": (day + 3) // 7,
     }[resolution]
@@ -63,14 +64,14 @@ def _ring_index(ev: Ev, resolution: str) -> int:
 
 def _kinds(ev: Ev) -> set[str]:
     kinds = set()
-    if ev.type <= K.LAST_CLICKSTREAM:
+    if ev.type <= P.LAST_CLICKSTREAM:
         kinds.add("activity")
     kinds.add(
         {
-            K.PRODUCT_VIEW: "views",
-            K.ADD_TO_CART: "carts",
-            K.SESSION_START: "sessions",
-            K.ORDER_PLACED: "orders",
+            P.PRODUCT_VIEW: "views",
+            P.ADD_TO_CART: "carts",
+            P.SESSION_START: "sessions",
+            P.ORDER_PLACED: "orders",
         }.get(ev.type, "")
     )
     kinds.discard("")
@@ -108,16 +109,16 @@ def window(
 
 def orders_window(cust: RefCustomer, day: int, span: int) -> tuple[float, float]:
     """(orders, spend) on the days (day - span, day] that the 365-day ring still holds."""
-    orders = [e for e in cust.history if e.type == K.ORDER_PLACED]
+    orders = [e for e in cust.history if e.type == P.ORDER_PLACED]
     if not orders:
         return 0.0, 0.0
-    base = max(e.ts // K.MS_PER_DAY for e in orders)
+    base = max(e.ts // P.MS_PER_DAY for e in orders)
     lo = max(day - span + 1, base - RING_ORDERS + 1)
     hi = min(day, base)
-    picked = [e for e in orders if lo <= e.ts // K.MS_PER_DAY <= hi]
+    picked = [e for e in orders if lo <= e.ts // P.MS_PER_DAY <= hi]
     per_day: dict[int, int] = {}
     for e in picked:
-        per_day[e.ts // K.MS_PER_DAY] = per_day.get(e.ts // K.MS_PER_DAY, 0) + 1
+        per_day[e.ts // P.MS_PER_DAY] = per_day.get(e.ts // P.MS_PER_DAY, 0) + 1
     return float(sum(min(n, 255) for n in per_day.values())), sum(e.amount for e in picked)
 
 
@@ -128,7 +129,7 @@ def first_day_spend(cust: RefCustomer) -> float:
         sum(
             e.amount
             for e in cust.history
-            if e.type == K.ORDER_PLACED and e.ts // K.MS_PER_DAY == days[0]
+            if e.type == P.ORDER_PLACED and e.ts // P.MS_PER_DAY == days[0]
         )
         if days
         else 0.0
@@ -136,7 +137,7 @@ def first_day_spend(cust: RefCustomer) -> float:
 
 
 def purchase_days(cust: RefCustomer) -> list[int]:
-    return sorted({e.ts // K.MS_PER_DAY for e in cust.history if e.type == K.ORDER_PLACED})
+    return sorted({e.ts // P.MS_PER_DAY for e in cust.history if e.type == P.ORDER_PLACED})
 
 
 def preference(
@@ -161,9 +162,9 @@ def preference(
 def reference_apply(
     events: list[tuple[str, int, int, int, float, float]],
     customers: dict[str, RefCustomer],
-    p: K.KernelParams,
+    p: P.KernelParams,
     weights: list[float],
-    params: K.Params | None = None,
+    params: P.Params | None = None,
 ) -> tuple[list[tuple[int, int, int, int, int]], int]:
     """Apply (customer, type, category, time, amount, aux) events; (firings, late events).
     With ``params``, the derived labels are evaluated after every event as of the
@@ -173,7 +174,7 @@ def reference_apply(
     for i, (cid, etype, category, ts, amount, aux) in enumerate(events):
         st = customers.setdefault(cid, RefCustomer())
         st.counts[etype] = min(st.counts.get(etype, 0) + 1, 65535)
-        if etype == K.ORDER_PLACED:
+        if etype == P.ORDER_PLACED:
             st.orders_total += 1
             st.spend_total += amount
         if st.last_seen is not None and st.last_seen - ts > p.lateness_ms:
@@ -184,36 +185,36 @@ def reference_apply(
         st.last_seen = ts if st.last_seen is None else max(st.last_seen, ts)
         st.first_seen = ts if st.first_seen is None else min(st.first_seen, ts)
         ev = Ev(ts, etype, category, amount, aux)
-        day = ts // K.MS_PER_DAY
-        if etype == K.ORDER_PLACED and ts >= st.last_seen:
+        day = ts // P.MS_PER_DAY
+        if etype == P.ORDER_PLACED and ts >= st.last_seen:
             st.last_order_amount = amount
         if weights[etype] != 0 and category >= 0 and (st.pref_ref is None or ts >= st.pref_ref):
             if st.snap_day is None or day - st.snap_day >= p.snapshot_days:
                 vec = preference(st, weights, p.half_life_ms, at=ts)
                 top = max(max(vec), 0.0)
                 st.snap = [
-                    round(255.0 * max(v, 0.0) / top) if top > K.MIN_AFFINITY else 0 for v in vec
+                    round(255.0 * max(v, 0.0) / top) if top > P.MIN_AFFINITY else 0 for v in vec
                 ]
                 st.snap_day = day
                 st.shift_fired = False  # a new period for interest shift
             st.pref_ref = ts
         st.history.append(ev)
 
-        if etype == K.PRODUCT_VIEW:
+        if etype == P.PRODUCT_VIEW:
             if category == st.streak_category:
                 st.streak_len += 1
             else:
                 st.streak_category, st.streak_len = category, 1
             if p.browse_enabled and st.streak_len == p.browse_views:
-                fired.append((i, K.RULE_BROWSE_INTEREST, category, st.streak_len, 0))
-        if p.intent_enabled and etype in (K.PRODUCT_VIEW, K.ADD_TO_CART, K.ORDER_PLACED):
+                fired.append((i, P.RULE_BROWSE_INTEREST, category, st.streak_len, 0))
+        if p.intent_enabled and etype in (P.PRODUCT_VIEW, P.ADD_TO_CART, P.ORDER_PLACED):
             span = p.intent_window_days
             views = window(st, "1d", "views", day, span)
             carts = window(st, "1d", "carts", day, span)
             orders = window(st, "1d", "orders", day, span)
             holds = views >= p.intent_min_views and carts >= p.intent_min_carts and orders == 0
             if holds and not st.high_intent:
-                fired.append((i, K.RULE_HIGH_INTENT, int(views), int(carts), int(orders)))
+                fired.append((i, P.RULE_HIGH_INTENT, int(views), int(carts), int(orders)))
             st.high_intent = holds
         if params is not None:
             fired += reference_labels(st, ts, i, params)
@@ -221,7 +222,7 @@ def reference_apply(
 
 
 def reference_labels(
-    cust: RefCustomer, at_ms: int, event: int, params: K.Params
+    cust: RefCustomer, at_ms: int, event: int, params: P.Params
 ) -> list[tuple[int, int, int, int, int]]:
     """Move the customer's clock to ``at_ms`` (never back), derive as of it, and the
     firings of the label changes the rules look at (docs/triggers.md): churn level
@@ -233,19 +234,19 @@ def reference_labels(
     level = 2 if cust.churn_high else (1 if out["churn_score"] >= dp.churn_medium else 0)
     fired = []
     if kp.churn_enabled and level == 2 and cust.churn_level < 2:
-        fired.append((event, K.RULE_CHURN_HIGH, 0, 0, 0))
+        fired.append((event, P.RULE_CHURN_HIGH, 0, 0, 0))
     if kp.tier_enabled:
         if out["tier"] > cust.tier:
-            fired.append((event, K.RULE_TIER_UP, cust.tier, out["tier"], 0))
+            fired.append((event, P.RULE_TIER_UP, cust.tier, out["tier"], 0))
         if out["segment"] == 3 and cust.segment != 3:
-            fired.append((event, K.RULE_HIGH_VALUE, cust.segment, 3, 0))
+            fired.append((event, P.RULE_HIGH_VALUE, cust.segment, 3, 0))
     if kp.shift_enabled and out["interest_shift"] >= kp.shift_min_distance and not cust.shift_fired:
         vec = preference(cust, list(params.pref_weights), kp.half_life_ms)
         now_top = max(range(len(vec)), key=lambda k: (vec[k], -k))
         was_top = max(range(len(cust.snap)), key=lambda k: (cust.snap[k], -k))
         if now_top != was_top:
             cust.shift_fired = True
-            fired.append((event, K.RULE_INTEREST_SHIFT, was_top, now_top, cust.snap_day))
+            fired.append((event, P.RULE_INTEREST_SHIFT, was_top, now_top, cust.snap_day))
     cust.churn_level, cust.tier, cust.segment = level, out["tier"], out["segment"]
     return fired
 
@@ -268,7 +269,7 @@ def reference_bgnbd(
     return p_alive, num / (1.0 + odds)
 
 
-def reference_gamma_gamma_spend(x: float, mean_spend: float, dp: K.DeriveParams) -> float:
+def reference_gamma_gamma_spend(x: float, mean_spend: float, dp: P.DeriveParams) -> float:
     """Gamma-Gamma's expected spend per purchase: the population mean pv/(q-1) and the
     customer's own mean, weighted (q-1) : px."""
     p, q, v = dp.gg_p, dp.gg_q, dp.gg_v
@@ -291,12 +292,12 @@ def reference_clv(
     )
 
 
-def reference_derive(cust: RefCustomer, as_of_ms: int, params: K.Params) -> dict[str, float]:
+def reference_derive(cust: RefCustomer, as_of_ms: int, params: P.Params) -> dict[str, float]:
     """The derived columns for one customer, recomputed from its history."""
     dp = params.derive
-    day = as_of_ms // K.MS_PER_DAY
+    day = as_of_ms // P.MS_PER_DAY
     week = (day + 3) // 7
-    out = dict.fromkeys(K.DERIVED, 0.0) | {"clv": math.nan}  # CLV: the segment rule's
+    out = dict.fromkeys(P.DERIVED, 0.0) | {"clv": math.nan}  # CLV: the segment rule's
     days = purchase_days(cust)
     buyer = bool(days)
     orders_90, spend_90 = orders_window(cust, day, 90)
@@ -339,24 +340,24 @@ def reference_derive(cust: RefCustomer, as_of_ms: int, params: K.Params) -> dict
     if cust.orders_total > 1 and aov > 0:
         sig[4] = min(abs(cust.last_order_amount - aov) / aov, 1.0)
     if cust.orders_total:
-        returned = cust.counts.get(K.ORDER_RETURNED, 0) + cust.counts.get(K.ORDER_REFUNDED, 0)
+        returned = cust.counts.get(P.ORDER_RETURNED, 0) + cust.counts.get(P.ORDER_REFUNDED, 0)
         sig[5] = min(returned / cust.orders_total, 1.0)
     kp = params.kernel
     neg = sum(
         1
         for e in cust.history
-        if (e.type == K.SERVICE_TICKET and e.aux <= kp.negative_sentiment)
-        or (e.type == K.PRODUCT_REVIEW and e.aux <= kp.negative_rating)
+        if (e.type == P.SERVICE_TICKET and e.aux <= kp.negative_sentiment)
+        or (e.type == P.PRODUCT_REVIEW and e.aux <= kp.negative_rating)
     )
     sig[6] = min(min(neg, 255) / 2.0, 1.0)
-    delays = sum(1 for e in cust.history if e.type == K.LOGISTICS_UPDATE and e.aux > 0)
+    delays = sum(1 for e in cust.history if e.type == P.LOGISTICS_UPDATE and e.aux > 0)
     sig[7] = min(min(delays, 255) / 2.0, 1.0)
-    too_often = [e.ts // K.MS_PER_DAY for e in cust.history if e.type == K.CONTACTED_TOO_OFTEN]
+    too_often = [e.ts // P.MS_PER_DAY for e in cust.history if e.type == P.CONTACTED_TOO_OFTEN]
     if too_often and day - max(too_often) <= dp.too_often_days:
         sig[8] = 1.0
     if buyer:
         sig[9] = 1.0 - p_alive
-    for name, value in zip(K.SIGNALS, sig, strict=True):
+    for name, value in zip(E.SIGNALS, sig, strict=True):
         out[name] = value
     logit = dp.churn_bias + sum(w * s for w, s in zip(params.churn_weights, sig, strict=True))
     score = 1.0 / (1.0 + math.exp(-logit))

@@ -24,7 +24,10 @@ from typing import Any
 import numpy as np
 
 from crmstream.config import CrmConfig
-from crmstream.operators.kernels import MS_PER_DAY, MS_PER_HOUR
+from crmstream.operators.params import (
+    MS_PER_DAY,
+    MS_PER_HOUR,
+)
 from crmstream.state.encoding import FLAG_CART_1, FLAG_CART_2
 from crmstream.state.timers import Timer
 

@@ -22,9 +22,9 @@ import numpy as np
 
 from crmstream.config import CrmConfig
 from crmstream.config.schema import PROFILE_FIELD_CHOICES
-from crmstream.operators.kernels import COL, SIGNALS
+from crmstream.operators.params import COL
 from crmstream.operators.rules import hour_prefix
-from crmstream.state.encoding import CHURN_LEVELS, SEGMENTS, STAGES, TIERS
+from crmstream.state.encoding import CHURN_LEVELS, SEGMENTS, SIGNALS, STAGES, TIERS
 
 PROFILE_ATTRIBUTES = (
     "country",

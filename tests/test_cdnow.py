@@ -23,7 +23,12 @@ import redis
 from crmstream.config import CrmConfig
 from crmstream.fit import fit_summaries, moves, read_summaries
 from crmstream.flows.replay import Transaction, cdnow_events, cdnow_path, read_cdnow, replay
-from crmstream.operators.kernels import COL, MS_PER_DAY, derive_batch, params_from
+from crmstream.operators.derive import derive_batch
+from crmstream.operators.params import (
+    COL,
+    MS_PER_DAY,
+    params_from,
+)
 from crmstream.operators.reference import (
     reference_bgnbd,
     reference_clv,

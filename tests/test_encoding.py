@@ -195,22 +195,24 @@ def test_a_busy_year_packs_within_the_budget(order_days, amounts, seed):
     """A customer active every day of the year (a session, three views of random
     categories and a cart add each day) with 40 purchase days stores at most 1 KiB."""
     from crmstream.config import load_config
+    from crmstream.operators import derive as D
     from crmstream.operators import kernels as K
+    from crmstream.operators import params as P
 
-    params = K.params_from(load_config(env={}))
+    params = P.params_from(load_config(env={}))
     rng = np.random.default_rng(seed)
-    start = 20_000 * K.MS_PER_DAY
+    start = 20_000 * P.MS_PER_DAY
     rows = []
     for day in range(365):
-        t = start + day * K.MS_PER_DAY + int(rng.integers(0, K.MS_PER_DAY - 10))
-        rows += [(0, K.SESSION_START, -1, t, 0.0, 0.0), (0, K.ADD_TO_CART, 3, t + 2, 0.0, 0.0)]
-        rows += [(0, K.PRODUCT_VIEW, int(c), t + 1, 0.0, 0.0) for c in rng.integers(0, 32, 3)]
+        t = start + day * P.MS_PER_DAY + int(rng.integers(0, P.MS_PER_DAY - 10))
+        rows += [(0, P.SESSION_START, -1, t, 0.0, 0.0), (0, P.ADD_TO_CART, 3, t + 2, 0.0, 0.0)]
+        rows += [(0, P.PRODUCT_VIEW, int(c), t + 1, 0.0, 0.0) for c in rng.integers(0, 32, 3)]
         if day in order_days:
-            rows.append((0, K.ORDER_PLACED, 2, t + 3, amounts[day % len(amounts)], 0.0))
+            rows.append((0, P.ORDER_PLACED, 2, t + 3, amounts[day % len(amounts)], 0.0))
     rows.sort(key=lambda r: r[3])
     records = fresh_records(1)
     K.apply_batch(records, K.events_of(rows), params)
-    K.derive_batch(records, records["last_seen_ms"].copy(), params)
+    D.derive_batch(records, records["last_seen_ms"].copy(), params)
     assert len(encode_records(records)[0]) <= 1024
 
 

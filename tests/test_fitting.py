@@ -22,7 +22,7 @@ from crmstream.operators.fitting import (
     fit_bgnbd,
     fit_gamma_gamma,
 )
-from crmstream.operators.kernels import params_from
+from crmstream.operators.params import params_from
 from crmstream.operators.reference import (
     reference_bgnbd,
     reference_clv,

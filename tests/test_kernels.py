@@ -12,7 +12,10 @@ from hypothesis import strategies as st
 from scipy.special import hyp2f1 as scipy_hyp2f1
 
 from crmstream.config import load_config
+from crmstream.operators import derive as D
 from crmstream.operators import kernels as K
+from crmstream.operators import params as P
+from crmstream.operators import windows as W
 from crmstream.operators.btyd import hyp2f1
 from crmstream.operators.reference import (
     RefCustomer,
@@ -37,29 +40,29 @@ from crmstream.state.encoding import (
 )
 
 CONFIG = load_config(env={})
-PARAMS = K.params_from(CONFIG)
-BASE_MS = 20_000 * K.MS_PER_DAY
+PARAMS = P.params_from(CONFIG)
+BASE_MS = 20_000 * P.MS_PER_DAY
 CUSTOMERS = ["a", "b", "c"]
 TYPES = (
-    [K.PRODUCT_VIEW] * 4
-    + [K.ADD_TO_CART] * 2
-    + [K.ORDER_PLACED] * 2
+    [P.PRODUCT_VIEW] * 4
+    + [P.ADD_TO_CART] * 2
+    + [P.ORDER_PLACED] * 2
     + [
-        K.SESSION_START,
+        P.SESSION_START,
         0,
         2,
-        K.ORDER_RETURNED,
-        K.LOGISTICS_UPDATE,
-        K.SERVICE_TICKET,
-        K.PRODUCT_REVIEW,
-        K.CONTACTED_TOO_OFTEN,
-        K.CONTACTED_TOO_OFTEN - 1,
+        P.ORDER_RETURNED,
+        P.LOGISTICS_UPDATE,
+        P.SERVICE_TICKET,
+        P.PRODUCT_REVIEW,
+        P.CONTACTED_TOO_OFTEN,
+        P.CONTACTED_TOO_OFTEN - 1,
     ]
 )
 AUX = {
-    K.LOGISTICS_UPDATE: [0.0, 1.0, 2.0],
-    K.SERVICE_TICKET: [-0.9, 0.5],
-    K.PRODUCT_REVIEW: [1.0, 4.0],
+    P.LOGISTICS_UPDATE: [0.0, 1.0, 2.0],
+    P.SERVICE_TICKET: [-0.9, 0.5],
+    P.PRODUCT_REVIEW: [1.0, 4.0],
 }
 
 event_strategy = st.tuples(
@@ -68,8 +71,8 @@ event_strategy = st.tuples(
     st.integers(0, 3),
     # mostly forward, with late events, small shuffles and jumps past the rings
     st.one_of(
-        st.integers(-3 * K.MS_PER_DAY, 3 * K.MS_PER_DAY),
-        st.integers(20 * K.MS_PER_DAY, 400 * K.MS_PER_DAY),
+        st.integers(-3 * P.MS_PER_DAY, 3 * P.MS_PER_DAY),
+        st.integers(20 * P.MS_PER_DAY, 400 * P.MS_PER_DAY),
     ),
     st.sampled_from([5.0, 20.0, 75.5]),
     st.integers(0, 1),
@@ -112,13 +115,13 @@ def _split(events, cuts):
 
 
 RINGS = (
-    ("10m", "win_10m", "base_10m", K.MS_PER_10M, (KIND_ACTIVITY, KIND_VIEWS)),
-    ("1h", "win_1h", "base_1h", K.MS_PER_HOUR, (KIND_ACTIVITY, KIND_VIEWS)),
+    ("10m", "win_10m", "base_10m", P.MS_PER_10M, (KIND_ACTIVITY, KIND_VIEWS)),
+    ("1h", "win_1h", "base_1h", P.MS_PER_HOUR, (KIND_ACTIVITY, KIND_VIEWS)),
     (
         "1d",
         "win_1d",
         "base_1d",
-        K.MS_PER_DAY,
+        P.MS_PER_DAY,
         (KIND_ACTIVITY, KIND_VIEWS, KIND_CARTS, KIND_SESSIONS, KIND_ORDERS),
     ),
 )
@@ -141,8 +144,8 @@ def _check_state(record, ref: RefCustomer):
     assert int(record["last_seen_ms"]) == ref.last_seen
     assert int(record["first_seen_ms"]) == ref.first_seen
     assert int(record["streak_len"]) == ref.streak_len
-    carts = [e.ts for e in ref.history if e.type == K.ADD_TO_CART]
-    orders = [e.ts for e in ref.history if e.type == K.ORDER_PLACED]
+    carts = [e.ts for e in ref.history if e.type == P.ADD_TO_CART]
+    orders = [e.ts for e in ref.history if e.type == P.ORDER_PLACED]
     assert int(record["last_cart_ms"]) == (max(carts) if carts else 0)
     assert int(record["last_order_ms"]) == (max(orders) if orders else 0)
     days = purchase_days(ref)
@@ -160,21 +163,21 @@ def _check_state(record, ref: RefCustomer):
         idx = now // unit
         for kind in kinds:
             for span in (1, 3, 6, 30 if res == "1d" else 6):
-                got = K.window_sum(record[field], record[base], idx, span, kind)
+                got = W.window_sum(record[field], record[base], idx, span, kind)
                 assert got == window(ref, res, KIND_NAMES[kind], idx, span), (res, kind, span)
-    week = (now // K.MS_PER_DAY + 3) // 7
+    week = (now // P.MS_PER_DAY + 3) // 7
     for kind in KIND_NAMES:
-        assert K.window_sum(record["win_1w"], record["base_1w"], week, 13, kind) == window(
+        assert W.window_sum(record["win_1w"], record["base_1w"], week, 13, kind) == window(
             ref, "1w", KIND_NAMES[kind], week, 13
         )
-    today = now // K.MS_PER_DAY
+    today = now // P.MS_PER_DAY
     for later in (0, 1, 89, 90, 200, 364, 365):  # as of now and as time goes on
         for span in (1, 7, 90, 365):
             day = today + later
             orders, spend = orders_window(ref, day, span)
-            got = K.window_sum1(record["orders_1d"], record["base_orders_1d"], day, span)
+            got = W.window_sum1(record["orders_1d"], record["base_orders_1d"], day, span)
             assert got == orders, (later, span)
-            got = K.window_sum1(record["spend_1d"], record["base_orders_1d"], day, span)
+            got = W.window_sum1(record["spend_1d"], record["base_orders_1d"], day, span)
             assert got == pytest.approx(spend, rel=1e-5, abs=1e-4), (later, span)
     assert float(record["first_day_spend"]) == pytest.approx(first_day_spend(ref), rel=1e-9)
     vec = preference(ref, list(PARAMS.pref_weights), PARAMS.kernel.half_life_ms)
@@ -197,7 +200,7 @@ def test_apply_matches_reference_across_batch_boundaries(
 ):
     events = _materialise(raw)
     kp = PARAMS.kernel._replace(
-        lateness_ms=lateness_h * K.MS_PER_HOUR,
+        lateness_ms=lateness_h * P.MS_PER_HOUR,
         browse_views=browse_views,
         intent_window_days=window_days,
         intent_min_views=min_views,
@@ -231,25 +234,25 @@ def test_derive_matches_reference(raw, later_days, high_clv_min):
         as_of = np.array(
             [
                 (ref[c].last_seen if c in ref and ref[c].last_seen is not None else BASE_MS)
-                + offset * K.MS_PER_DAY
+                + offset * P.MS_PER_DAY
                 for c in CUSTOMERS
             ],
             np.int64,
         )
-        out = K.derive_batch(records, as_of, params)
+        out = D.derive_batch(records, as_of, params)
         for i, cid in enumerate(CUSTOMERS):
             want = reference_derive(ref.setdefault(cid, RefCustomer()), int(as_of[i]), params)
-            for name in K.DERIVED:
+            for name in P.DERIVED:
                 if name.startswith("old_"):
                     continue
-                got, exp = out[i, K.COL[name]], want[name]
+                got, exp = out[i, P.COL[name]], want[name]
                 if math.isnan(exp):
                     assert math.isnan(got), name
                 else:
                     assert got == pytest.approx(exp, rel=1e-6, abs=1e-6), name
             if not math.isnan(want["clv"]):  # the high-CLV rule's CLV
-                day = int(as_of[i]) // K.MS_PER_DAY
-                got_clv = K.clv_of(records[i], day, params.derive)
+                day = int(as_of[i]) // P.MS_PER_DAY
+                got_clv = D.clv_of(records[i], day, params.derive)
                 assert got_clv == pytest.approx(want["clv"], rel=1e-6, abs=1e-9)
             assert STAGES[records[i]["stage"]] == STAGES[want["stage"]]
             assert int(records[i]["segment"]) == want["segment"]
@@ -279,25 +282,25 @@ def test_order_windows_cover_exactly_their_days(orders, as_of):
     90 and 365 days up to the day asked (that day included), at any later day; the
     orders come in time order over two years, several on some days."""
     events = sorted(
-        ("a", K.ORDER_PLACED, 0, BASE_MS + d * K.MS_PER_DAY + h * K.MS_PER_HOUR, amount, 0.0)
+        ("a", P.ORDER_PLACED, 0, BASE_MS + d * P.MS_PER_DAY + h * P.MS_PER_HOUR, amount, 0.0)
         for d, h, amount in orders
     )
     _, _, records = run_kernel([events])
-    order_days = [e[3] // K.MS_PER_DAY for e in events]
+    order_days = [e[3] // P.MS_PER_DAY for e in events]
     for which, edge, anywhere, near_edge in as_of:
         day = (
             order_days[which % len(order_days)] + edge
             if near_edge
-            else (BASE_MS // K.MS_PER_DAY + anywhere)
+            else (BASE_MS // P.MS_PER_DAY + anywhere)
         )
         day = max(day, order_days[-1])  # the state holds no history before its newest order
-        ms = np.array([day * K.MS_PER_DAY + K.MS_PER_DAY - 1, BASE_MS, BASE_MS], np.int64)
-        out = K.derive_batch(records.copy(), ms, PARAMS)[0]
+        ms = np.array([day * P.MS_PER_DAY + P.MS_PER_DAY - 1, BASE_MS, BASE_MS], np.int64)
+        out = D.derive_batch(records.copy(), ms, PARAMS)[0]
         for span in (90, 365):
-            days = [e for e in events if day - span < e[3] // K.MS_PER_DAY <= day]
-            assert out[K.COL[f"orders_{span}d"]] == len(days), (day, span)
+            days = [e for e in events if day - span < e[3] // P.MS_PER_DAY <= day]
+            assert out[P.COL[f"orders_{span}d"]] == len(days), (day, span)
             spend = sum(e[4] for e in days)
-            assert out[K.COL[f"spend_{span}d"]] == pytest.approx(spend, rel=1e-6, abs=1e-9)
+            assert out[P.COL[f"spend_{span}d"]] == pytest.approx(spend, rel=1e-6, abs=1e-9)
 
 
 @pytest.mark.parametrize(
@@ -319,23 +322,23 @@ def test_compiled_path_really_ran():
     records = fresh_records(1)
     firings, _ = K.apply_batch(
         records,
-        K.events_of([(0, K.PRODUCT_VIEW, 0, BASE_MS, 0, 0)]),
+        K.events_of([(0, P.PRODUCT_VIEW, 0, BASE_MS, 0, 0)]),
         PARAMS._replace(kernel=PARAMS.kernel._replace(browse_views=1)),
     )
-    K.derive_batch(records, np.array([BASE_MS], np.int64), PARAMS)
+    D.derive_batch(records, np.array([BASE_MS], np.int64), PARAMS)
     assert K.apply_events.signatures, "apply_events ran as plain Python, not compiled"
-    assert K.derive.signatures, "derive ran as plain Python, not compiled"
-    assert records["type_counts"][0, K.PRODUCT_VIEW] == 1
-    assert list(firings.rule) == [K.RULE_BROWSE_INTEREST]
+    assert D.derive.signatures, "derive ran as plain Python, not compiled"
+    assert records["type_counts"][0, P.PRODUCT_VIEW] == 1
+    assert list(firings.rule) == [P.RULE_BROWSE_INTEREST]
 
 
 def test_out_of_order_events_within_the_lateness_give_the_in_order_windows():
-    hour = K.MS_PER_HOUR
-    base = BASE_MS + 5 * K.MS_PER_DAY
-    in_order = [("a", K.PRODUCT_VIEW, 1, base + m * 7 * 60_000, 0.0, 0.0) for m in range(8)]
+    hour = P.MS_PER_HOUR
+    base = BASE_MS + 5 * P.MS_PER_DAY
+    in_order = [("a", P.PRODUCT_VIEW, 1, base + m * 7 * 60_000, 0.0, 0.0) for m in range(8)]
     in_order += [
-        ("a", K.ADD_TO_CART, 1, base + 50 * 60_000, 0.0, 0.0),
-        ("a", K.SESSION_START, -1, base + 20 * 60_000, 0.0, 0.0),
+        ("a", P.ADD_TO_CART, 1, base + 50 * 60_000, 0.0, 0.0),
+        ("a", P.SESSION_START, -1, base + 20 * 60_000, 0.0, 0.0),
     ]
     in_order.sort(key=lambda e: e[3])
     shuffled = [in_order[i] for i in (5, 0, 9, 3, 1, 8, 2, 7, 4, 6)]
@@ -348,30 +351,30 @@ def test_out_of_order_events_within_the_lateness_give_the_in_order_windows():
 
 
 def test_too_late_events_update_lifetime_totals_only():
-    now = BASE_MS + 10 * K.MS_PER_DAY
+    now = BASE_MS + 10 * P.MS_PER_DAY
     events = [
-        ("a", K.PRODUCT_VIEW, 1, now, 0.0, 0.0),
-        ("a", K.ORDER_PLACED, 1, now - 3 * K.MS_PER_HOUR, 40.0, 0.0),
+        ("a", P.PRODUCT_VIEW, 1, now, 0.0, 0.0),
+        ("a", P.ORDER_PLACED, 1, now - 3 * P.MS_PER_HOUR, 40.0, 0.0),
     ]
     _, late, records = run_kernel([events])
     assert late == 1
     rec = records[0]
     assert rec["orders_total"] == 1 and rec["spend_total"] == 40.0
-    assert rec["type_counts"][K.ORDER_PLACED] == 1
+    assert rec["type_counts"][P.ORDER_PLACED] == 1
     assert rec["purchase_days"] == 0
-    day = now // K.MS_PER_DAY
-    assert K.window_sum(rec["win_1d"], rec["base_1d"], day, 30, KIND_ORDERS) == 0
+    day = now // P.MS_PER_DAY
+    assert W.window_sum(rec["win_1d"], rec["base_1d"], day, 30, KIND_ORDERS) == 0
 
 
 def test_late_orders_on_earlier_days_keep_purchase_days_exact():
     """Orders arriving out of day order (within the lateness) fill gaps exactly once."""
-    kp = PARAMS.kernel._replace(lateness_ms=3 * K.MS_PER_DAY)
+    kp = PARAMS.kernel._replace(lateness_ms=3 * P.MS_PER_DAY)
     params = PARAMS._replace(kernel=kp)
-    day = K.MS_PER_DAY
+    day = P.MS_PER_DAY
     t0 = BASE_MS
     order_days = [0, 10, 12, 11, 11, 9, -2, 12]  # later, gaps filled, repeats, before first
-    events = [("a", K.PRODUCT_VIEW, 0, t0 + 12 * day, 0.0, 0.0)]
-    events += [("a", K.ORDER_PLACED, 0, t0 + d * day + 3600_000, 10.0, 0.0) for d in order_days]
+    events = [("a", P.PRODUCT_VIEW, 0, t0 + 12 * day, 0.0, 0.0)]
+    events += [("a", P.ORDER_PLACED, 0, t0 + d * day + 3600_000, 10.0, 0.0) for d in order_days]
     events.sort(key=lambda e: (e[3] < t0 + 9 * day, 0))  # recent first, then the late ones
     _, late, records = run_kernel([events], params)
     ref: dict[str, RefCustomer] = {}
@@ -388,16 +391,16 @@ def test_late_orders_on_earlier_days_keep_purchase_days_exact():
 
 def test_a_steady_shopper_who_goes_quiet_shows_activity_and_login_drops():
     """Daily sessions and views for 70 days, then nothing: both drop signals saturate."""
-    day = K.MS_PER_DAY
+    day = P.MS_PER_DAY
     events = []
     for d in range(70):
-        t = BASE_MS + d * day + 9 * K.MS_PER_HOUR
+        t = BASE_MS + d * day + 9 * P.MS_PER_HOUR
         events += [
-            ("a", K.SESSION_START, -1, t, 0.0, 0.0),
-            ("a", K.PRODUCT_VIEW, 2, t + 1, 0.0, 0.0),
+            ("a", P.SESSION_START, -1, t, 0.0, 0.0),
+            ("a", P.PRODUCT_VIEW, 2, t + 1, 0.0, 0.0),
         ]
         if d % 10 == 0:
-            events.append(("a", K.ORDER_PLACED, 2, t + 2, 30.0, 0.0))
+            events.append(("a", P.ORDER_PLACED, 2, t + 2, 30.0, 0.0))
     _, _, records = run_kernel([events])
     ref: dict[str, RefCustomer] = {}
     reference_apply(events, ref, PARAMS.kernel, list(PARAMS.pref_weights), PARAMS)
@@ -405,15 +408,15 @@ def test_a_steady_shopper_who_goes_quiet_shows_activity_and_login_drops():
     # 7 quiet days: 14 of the last 14 days' events vs. ~22.9 expected -> (1 - 14/22.9) / 0.5
     for quiet_days, expect_drop in ((0, 0.0), (7, 0.78), (20, 1.0)):
         as_of = np.array([last + quiet_days * day, BASE_MS, BASE_MS], np.int64)
-        out = K.derive_batch(records.copy(), as_of, PARAMS)
+        out = D.derive_batch(records.copy(), as_of, PARAMS)
         want = reference_derive(ref["a"], int(as_of[0]), PARAMS)
         for name in ("activity_drop", "login_drop", "purchase_overdue", "churn_score", "p_alive"):
-            assert out[0, K.COL[name]] == pytest.approx(want[name], rel=1e-6, abs=1e-9), name
-        assert out[0, K.COL["activity_drop"]] == pytest.approx(expect_drop, abs=0.05)
-        assert out[0, K.COL["login_drop"]] == pytest.approx(expect_drop, abs=0.05)
+            assert out[0, P.COL[name]] == pytest.approx(want[name], rel=1e-6, abs=1e-9), name
+        assert out[0, P.COL["activity_drop"]] == pytest.approx(expect_drop, abs=0.05)
+        assert out[0, P.COL["login_drop"]] == pytest.approx(expect_drop, abs=0.05)
     # a regular buyer (every 10 days) 20 days late: overdue, and less likely alive
-    assert out[0, K.COL["purchase_overdue"]] > 0.5
-    assert out[0, K.COL["p_alive"]] < 1.0
+    assert out[0, P.COL["purchase_overdue"]] > 0.5
+    assert out[0, P.COL["p_alive"]] < 1.0
 
 
 # Sequences that reach the derived labels' thresholds: large orders (tiers, high value),
@@ -422,15 +425,15 @@ def test_a_steady_shopper_who_goes_quiet_shows_activity_and_login_drops():
 label_event_strategy = st.tuples(
     st.sampled_from(CUSTOMERS[:2]),
     st.sampled_from(
-        [K.ORDER_PLACED] * 3
-        + [K.PRODUCT_VIEW] * 3
-        + [K.SESSION_START, K.ORDER_RETURNED, K.ORDER_REFUNDED, K.LOGISTICS_UPDATE]
-        + [K.SERVICE_TICKET, K.PRODUCT_REVIEW, K.CONTACTED_TOO_OFTEN]
+        [P.ORDER_PLACED] * 3
+        + [P.PRODUCT_VIEW] * 3
+        + [P.SESSION_START, P.ORDER_RETURNED, P.ORDER_REFUNDED, P.LOGISTICS_UPDATE]
+        + [P.SERVICE_TICKET, P.PRODUCT_REVIEW, P.CONTACTED_TOO_OFTEN]
     ),
     st.integers(0, 5),
     st.one_of(
-        st.integers(0, 2 * K.MS_PER_DAY),
-        st.integers(20 * K.MS_PER_DAY, 200 * K.MS_PER_DAY),
+        st.integers(0, 2 * P.MS_PER_DAY),
+        st.integers(20 * P.MS_PER_DAY, 200 * P.MS_PER_DAY),
     ),
     st.sampled_from([20.0, 75.5, 180.0, 420.0]),
     st.integers(0, 1),
@@ -462,23 +465,23 @@ def test_label_firings_after_each_event_match_the_reference(raw, cuts):
 def test_each_label_firing_kind_is_reached():
     """One history that fires every derived label: gold tier, high value, churn risk and
     an interest shift (the property above needs sequences that reach them)."""
-    day = K.MS_PER_DAY
-    events = [("a", K.PRODUCT_VIEW, 1, BASE_MS + m, 0.0, 0.0) for m in range(6)]
-    events += [("a", K.ORDER_PLACED, 1, BASE_MS + k * day + 10, 120.0, 0.0) for k in range(5)]
+    day = P.MS_PER_DAY
+    events = [("a", P.PRODUCT_VIEW, 1, BASE_MS + m, 0.0, 0.0) for m in range(6)]
+    events += [("a", P.ORDER_PLACED, 1, BASE_MS + k * day + 10, 120.0, 0.0) for k in range(5)]
     later = BASE_MS + 9 * day
-    events += [("a", K.PRODUCT_VIEW, 4, later + m, 0.0, 0.0) for m in range(80)]
+    events += [("a", P.PRODUCT_VIEW, 4, later + m, 0.0, 0.0) for m in range(80)]
     bad = BASE_MS + 300 * day
     events += [
-        ("a", K.ORDER_RETURNED, -1, bad, 0.0, 0.0),
-        ("a", K.ORDER_REFUNDED, -1, bad + 1, 0.0, 0.0),
-        ("a", K.SERVICE_TICKET, -1, bad + 2, 0.0, -0.9),
-        ("a", K.PRODUCT_REVIEW, -1, bad + 3, 0.0, 1.0),
-        ("a", K.LOGISTICS_UPDATE, -1, bad + 4, 0.0, 2.0),
-        ("a", K.LOGISTICS_UPDATE, -1, bad + 5, 0.0, 2.0),
+        ("a", P.ORDER_RETURNED, -1, bad, 0.0, 0.0),
+        ("a", P.ORDER_REFUNDED, -1, bad + 1, 0.0, 0.0),
+        ("a", P.SERVICE_TICKET, -1, bad + 2, 0.0, -0.9),
+        ("a", P.PRODUCT_REVIEW, -1, bad + 3, 0.0, 1.0),
+        ("a", P.LOGISTICS_UPDATE, -1, bad + 4, 0.0, 2.0),
+        ("a", P.LOGISTICS_UPDATE, -1, bad + 5, 0.0, 2.0),
     ]
     got, _, _ = run_kernel([events])
     ref: dict[str, RefCustomer] = {}
     expected, _ = reference_apply(events, ref, PARAMS.kernel, list(PARAMS.pref_weights), PARAMS)
     assert got == expected
     rules = {rule for _, rule, *_ in got}
-    assert {K.RULE_TIER_UP, K.RULE_HIGH_VALUE, K.RULE_CHURN_HIGH, K.RULE_INTEREST_SHIFT} <= rules
+    assert {P.RULE_TIER_UP, P.RULE_HIGH_VALUE, P.RULE_CHURN_HIGH, P.RULE_INTEREST_SHIFT} <= rules

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from crmstream.config import load_config
 from crmstream.operators.catalog import Candidate
-from crmstream.operators.kernels import MS_PER_DAY
+from crmstream.operators.params import MS_PER_DAY
 from crmstream.operators.policies import TRIGGER_INDEX, PolicyContext, PolicyEngine
 from crmstream.state.encoding import fresh_records
 

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from crmstream.config import load_config
-from crmstream.operators import kernels as K
+from crmstream.operators import params as P
 from crmstream.operators.timer_slots import FOLDED, TimerSlots, slot_of
 from crmstream.state.encoding import (
     FLAG_CART_1,
@@ -23,9 +23,9 @@ CONFIG = load_config(None, [], env={})
 RULES = CONFIG.rules
 SLOTS = TimerSlots(CONFIG)
 T0 = 1_767_225_600_000  # 2026-01-01
-DAY = K.MS_PER_DAY
+DAY = P.MS_PER_DAY
 CART_1 = int(RULES.cart_abandoned.first_delay_minutes * 60_000)
-CART_2 = int(RULES.cart_abandoned.second_delay_hours * K.MS_PER_HOUR)
+CART_2 = int(RULES.cart_abandoned.second_delay_hours * P.MS_PER_HOUR)
 
 
 def _record(cart_ms: int, order_ms: int) -> np.ndarray:
@@ -106,7 +106,7 @@ def test_a_kind_scheduled_again_replaces_the_pending_one():
     records = _record(T0, T0)
     SLOTS.keep(_timers("cy", T0, T0, T0, 30)[:2], np.zeros(2, np.intp), records)
     assert int(SLOTS.earliest(records)[0]) == T0 + CART_1
-    later = T0 + 3 * K.MS_PER_HOUR  # a later cart add moves both nudges
+    later = T0 + 3 * P.MS_PER_HOUR  # a later cart add moves both nudges
     records["last_cart_ms"] = later
     SLOTS.keep(_timers("cy", later, T0, T0, 30)[:2], np.zeros(2, np.intp), records)
     assert [t.due_ms for t in SLOTS.timers_of(["cy"], records)[0]] == [
