@@ -23,7 +23,12 @@ import orjson
 from crmstream.config import CrmConfig
 from crmstream.flows.sink import Outgoing
 from crmstream.metrics import get_metrics
-from crmstream.operators.customer_step import CustomerStep, StepInput, StepOutput
+from crmstream.operators.customer_step import (
+    CustomerStep,
+    EventColumns,
+    StepInput,
+    StepOutput,
+)
 from crmstream.operators.derive import derive_batch
 from crmstream.operators.events import EVENT_TYPES, ParsedEvent, new_tuple, parse_time_ms
 from crmstream.operators.hashing import event_id_digests
@@ -114,14 +119,22 @@ class Work(NamedTuple):
         for stage in self.transitions:
             metrics.stage_transitions.labels(STAGES[stage]).inc()
         ingest = {ev.event_id: ev.ingest_ms for ev in self.fresh}
+        since_event: dict[str, list[float]] = {}
+        since_ingest: dict[str, list[float]] = {}
         for record, event_ms in zip(self.triggers, self.trigger_ms, strict=True):
             kind = record["trigger_type"]
-            seconds = max(0, emitted_ms - event_ms) / 1000
-            metrics.event_to_trigger_seconds.labels(kind).observe(seconds)
+            since_event.setdefault(kind, []).append(max(0, emitted_ms - event_ms) / 1000)
             ingested = ingest.get(record["causal_event_id"])
             if ingested is not None:
-                seconds = max(0, emitted_ms - ingested) / 1000
-                metrics.ingest_to_emit_seconds.labels(kind).observe(seconds)
+                since_ingest.setdefault(kind, []).append(max(0, emitted_ms - ingested) / 1000)
+        for histogram, by_kind in (
+            (metrics.event_to_trigger_seconds, since_event),
+            (metrics.ingest_to_emit_seconds, since_ingest),
+        ):
+            for kind, seconds in by_kind.items():
+                observe = histogram.labels(kind).observe
+                for value in seconds:
+                    observe(value)
 
 
 class StepWork:
@@ -154,11 +167,13 @@ class StepWork:
         customers = loaded.customers
         records = loaded.states.copy()
         index = {c: i for i, c in enumerate(customers)}
-        fresh, counts = self.unapplied(loaded.events, records, index)
-        bound = self._bounds(loaded, index, fresh)
+        columns = EventColumns.of(loaded.events, index)
+        fresh, counts, keep = self.unapplied(loaded.events, records, index, columns)
+        fresh_columns = columns if keep is None else columns.take(keep)
+        bound = self._bounds(loaded, columns, fresh_columns)
         promises = {c: dict(orders) for c, orders in loaded.promises.items()}
         out = self._customers.run(
-            StepInput(customers, records, fresh, loaded.members, promises, bound)
+            StepInput(customers, records, fresh, fresh_columns, loaded.members, promises, bound)
         )
         if out.erasures:
             self._reseed_erased(out, records, index, fresh)
@@ -194,37 +209,40 @@ class StepWork:
         )
 
     @staticmethod
-    def _bounds(loaded: Loaded, index: dict[str, int], fresh: list[ParsedEvent]) -> np.ndarray:
+    def _bounds(loaded: Loaded, events: EventColumns, fresh: EventColumns) -> np.ndarray:
         """Per customer, the time up to which its timers fire in the round: just before its
         newest event, or the watermark (docs/triggers.md, "Event time")."""
         others = _NO_BOUND if loaded.others_bound is None else loaded.others_bound
         bound = np.full(len(loaded.customers), others, np.int64)
-        base = _NO_BOUND if loaded.mark is None else loaded.mark - 1
-        for ev in loaded.events:  # customers with events, fresh or not
-            bound[index[ev.customer_id]] = base
-        for ev in fresh:
-            row = index[ev.customer_id]
-            bound[row] = max(bound[row], ev.event_time_ms - 1)
+        bound[events.cust] = _NO_BOUND if loaded.mark is None else loaded.mark - 1
+        np.maximum.at(bound, fresh.cust, fresh.time - 1)  # customers with events
         return bound
 
     # -- before the customer step ----------------------------------------------------
     def unapplied(
-        self, events: list[ParsedEvent], records: np.ndarray, index: dict[str, int]
-    ) -> tuple[list[ParsedEvent], Counter]:
+        self,
+        events: list[ParsedEvent],
+        records: np.ndarray,
+        index: dict[str, int],
+        columns: EventColumns | None = None,
+    ) -> tuple[list[ParsedEvent], Counter, np.ndarray | None]:
         """Drop events at or below the offsets each customer's state already holds, and
         duplicates: an event_id among the customer's last ``DEDUP_IDS`` within the horizon.
-        Returns the events kept and what the metrics count of them."""
+        Returns the events kept, what the metrics count of them, and the mask that kept
+        them (None: all)."""
         counts: Counter = Counter()
         n = len(events)
         if not n:
-            return events, counts
-        topics = [ev.topic for ev in events]
+            return events, counts, None
+        if columns is None:
+            columns = EventColumns.of(events, index)
+        topics = columns.topic
         names = list(dict.fromkeys(topics))  # the round's topics, numbered
         topic_index = np.fromiter(map({t: i for i, t in enumerate(names)}.__getitem__, topics),
                                   np.int32, n)  # fmt: skip
         fresh, keep = events, None
         if self._exactly_once:
-            verdict = self._check(events, names, topic_index, records, index)
+            verdict = self._check(events, names, topic_index, records, columns)
             keep = verdict == FRESH
             if keep.all():
                 keep = None
@@ -233,14 +251,13 @@ class StepWork:
                 for i in np.flatnonzero(~keep).tolist():
                     name = "skipped_events" if verdict[i] == REPLAYED else "duplicate_events"
                     counts[name, events[i].topic, None] += 1
-        type_codes = np.fromiter([ev.type_code for ev in events], np.int8, n)
         # Accepted events per (topic, type), counted as one number each: topic * 256 + type.
-        pairs = topic_index * 256 + type_codes
+        pairs = topic_index * 256 + columns.type_code
         accepted = np.bincount(pairs if keep is None else pairs[keep])
         for pair in np.flatnonzero(accepted).tolist():
             topic, code = divmod(pair, 256)
             counts["events_in", names[topic], EVENT_TYPES[code]] += int(accepted[pair])
-        return fresh, counts
+        return fresh, counts, keep
 
     def _check(
         self,
@@ -248,7 +265,7 @@ class StepWork:
         names: list[str],
         topic_index: np.ndarray,
         records: np.ndarray,
-        index: dict[str, int],
+        columns: EventColumns,
     ) -> np.ndarray:
         """The exactly-once verdict of each event, in the customers' timeline order (as the
         customer step applies them), so a customer's ring of recent ids holds the same ids
@@ -256,15 +273,11 @@ class StepWork:
         n = len(events)
         roles = np.array([ROLE_INDEX[self._role_of(t)] for t in names], np.int8)
         horizon_s = self._dedup_horizon_s
-        ids = [ev.event_id for ev in events]
+        ids = list(columns.event_id)
         digests = event_id_digests(ids) if horizon_s else np.zeros(n, np.uint64)
-        cust = np.fromiter(map(index.__getitem__, [ev.customer_id for ev in events]),
-                           np.int32, n)  # fmt: skip
-        times = np.fromiter([ev.event_time_ms for ev in events], np.int64, n)
-        ingest = np.fromiter([ev.ingest_ms for ev in events], np.int64, n)
-        order = np.lexsort((np.arange(n), ingest, times))
-        partitions = np.fromiter([ev.partition for ev in events], np.int32, n)
-        offsets = np.fromiter([ev.offset for ev in events], np.int64, n)
+        cust, times = columns.cust, columns.time
+        order = np.lexsort((np.arange(n), columns.ingest, times))
+        partitions, offsets = columns.partition, columns.offset
         verdict = np.empty(n, np.int8)
         verdict[order] = check_batch(
             records,

@@ -128,7 +128,7 @@ def _kind_drop(r, day, week, kind, dp):
 
 
 @njit(cache=True, nogil=True)
-def derive_one(r, as_of, dp, churn_weights, r_cuts, f_cuts, m_cuts, row, expectations):
+def derive_one(r, as_of, dp, churn_weights, r_cuts, f_cuts, m_cuts, row, expectations, memo):
     """Derive one record's signals, scores and labels as of ``as_of`` into ``row``.
 
     Updates stage, segment, tier, churn level and flags in the record (the old
@@ -139,7 +139,15 @@ def derive_one(r, as_of, dp, churn_weights, r_cuts, f_cuts, m_cuts, row, expecta
     week = week_of(day)
     row[:] = 0.0
 
-    orders_90, spend_90, orders_365, spend_365 = _order_windows(r, day)
+    # The order windows and the CLV rule change only with the day and the orders: ``memo``
+    # keeps them from the customer's last derivation ([day, orders, 4 windows, CLV rule]).
+    if memo[0] == day and memo[1] == r.orders_total:
+        orders_90, spend_90, orders_365, spend_365 = memo[2], memo[3], memo[4], memo[5]
+    else:
+        orders_90, spend_90, orders_365, spend_365 = _order_windows(r, day)
+        memo[0], memo[1] = day, r.orders_total
+        memo[2], memo[3], memo[4], memo[5] = orders_90, spend_90, orders_365, spend_365
+        memo[6] = -1.0  # the CLV rule: not known yet
     buyer = r.purchase_days > 0
     since = float(day - r.last_purchase_day) if buyer else -1.0
     n = r.purchase_days
@@ -235,7 +243,7 @@ def derive_one(r, as_of, dp, churn_weights, r_cuts, f_cuts, m_cuts, row, expecta
         r.segment = 3
     elif n == 1 and since >= dp.potential_days and browsing:
         r.segment = 2
-    elif dp.high_clv_min > 0 and clv_of(r, day, dp, dp.high_clv_min) >= dp.high_clv_min:
+    elif dp.high_clv_min > 0 and _high_clv(r, day, dp, memo):
         r.segment = HIGH_CLV
     else:
         r.segment = 1
@@ -266,11 +274,23 @@ def derive_one(r, as_of, dp, churn_weights, r_cuts, f_cuts, m_cuts, row, expecta
 
 
 @njit(cache=True, nogil=True)
+def _high_clv(r, day, dp, memo):
+    """The high-CLV rule (CLV at least ``high_clv_min``), kept in ``memo`` for the day."""
+    if memo[6] < 0:
+        memo[6] = 1.0 if clv_of(r, day, dp, dp.high_clv_min) >= dp.high_clv_min else 0.0
+    return memo[6] > 0
+
+
+MEMO_SIZE = 7
+
+
+@njit(cache=True, nogil=True)
 def derive(records, as_of_ms, dp, churn_weights, r_cuts, f_cuts, m_cuts, out):
     """``derive_one`` for each record as of ``as_of_ms[i]`` into ``out[i]``."""
     for i in range(records.shape[0]):
+        memo = np.full(MEMO_SIZE, -1.0)
         derive_one(
-            records[i], as_of_ms[i], dp, churn_weights, r_cuts, f_cuts, m_cuts, out[i], True
+            records[i], as_of_ms[i], dp, churn_weights, r_cuts, f_cuts, m_cuts, out[i], True, memo
         )
 
 

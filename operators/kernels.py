@@ -29,6 +29,7 @@ from numba import njit
 
 from crmstream.config import CrmConfig
 from crmstream.operators.derive import (
+    MEMO_SIZE,
     derive_batch,
     derive_one,
 )
@@ -184,9 +185,14 @@ def apply_events(
     n_out = 0
     n_late = 0
     cap = out_event.shape[0]
+    memo = np.empty(MEMO_SIZE)  # derive_one's, for the customer at hand
+    memo_of = -1
     for i in range(start, cust_idx.shape[0]):
         if n_out + _FIRINGS_PER_EVENT > cap:
             return i, n_out, n_late
+        if cust_idx[i] != memo_of:
+            memo[:] = -1.0
+            memo_of = cust_idx[i]
         r = records[cust_idx[i]]
         t = type_code[i]
         ts = event_time_ms[i]
@@ -198,7 +204,7 @@ def apply_events(
         if r.last_seen_ms != INT64_MIN and r.last_seen_ms - ts > p.lateness_ms:
             n_late += 1  # too late for windows: lifetime totals only
             n_out = _evaluate_labels(r, ts, i, p, dp, churn_weights, r_cuts, f_cuts, m_cuts,
-                                     scratch, outs, n_out)  # fmt: skip
+                                     scratch, memo, outs, n_out)  # fmt: skip
             continue
         if ts > r.last_seen_ms:
             r.last_seen_ms = ts
@@ -285,7 +291,7 @@ def apply_events(
                 r.rule_flags &= ~np.uint8(FLAG_HIGH_INTENT)
 
         n_out = _evaluate_labels(r, ts, i, p, dp, churn_weights, r_cuts, f_cuts, m_cuts,
-                                 scratch, outs, n_out)  # fmt: skip
+                                 scratch, memo, outs, n_out)  # fmt: skip
     return cust_idx.shape[0], n_out, n_late
 
 
@@ -344,14 +350,14 @@ def _fire(n, event, rule, a, b, c, as_of, r, p, row, outs):
 
 
 @njit(cache=True, nogil=True)
-def _evaluate_labels(r, ts, event, p, dp, churn_weights, r_cuts, f_cuts, m_cuts, row, outs,
-                     n_out):  # fmt: skip
+def _evaluate_labels(r, ts, event, p, dp, churn_weights, r_cuts, f_cuts, m_cuts, row, memo,
+                     outs, n_out):  # fmt: skip
     """Move the customer's clock to ``ts`` (never back), derive its labels as of the
     clock and write a firing for each label change a rule looks at."""
     if ts > r.clock_ms:
         r.clock_ms = ts
     as_of = r.clock_ms
-    derive_one(r, as_of, dp, churn_weights, r_cuts, f_cuts, m_cuts, row, False)
+    derive_one(r, as_of, dp, churn_weights, r_cuts, f_cuts, m_cuts, row, False, memo)
     if p.churn_enabled and r.churn_level == 2 and row[_C_OLD_CHURN_LEVEL] < 2:
         n_out = _fire(n_out, event, RULE_CHURN_HIGH, 0, 0, 0, as_of, r, p, row, outs)
     if p.tier_enabled:
@@ -384,11 +390,13 @@ def evaluate_at(records, rows, as_of_ms, p, dp, churn_weights, r_cuts, f_cuts, m
     in order; a firing's event is ``-1 - k``. Returns (rows done, firings written)."""
     n_out = 0
     cap = outs[0].shape[0]
+    memo = np.empty(MEMO_SIZE)
     for k in range(rows.shape[0]):
         if n_out + 4 > cap:
             return k, n_out
+        memo[:] = -1.0
         n_out = _evaluate_labels(records[rows[k]], as_of_ms[k], -1 - k, p, dp, churn_weights,
-                                 r_cuts, f_cuts, m_cuts, scratch, outs, n_out)  # fmt: skip
+                                 r_cuts, f_cuts, m_cuts, scratch, memo, outs, n_out)  # fmt: skip
     return rows.shape[0], n_out
 
 
