@@ -35,10 +35,60 @@ _ids = itertools.count()
 
 @pytest.fixture(scope="session")
 def stack() -> Iterator[Endpoints]:
-    """A real broker and redis-server for the whole session."""
+    """A real broker and redis-server for the whole session. At its end, every trigger id
+    written to any test's trigger and suppression topics is checked once more
+    (``one_record_per_trigger_id``)."""
     with EmbeddedStack(load_config()) as embedded:
         assert embedded.endpoints is not None
         yield embedded.endpoints
+        one_record_per_trigger_id(embedded.endpoints)
+
+
+def one_record_per_trigger_id(endpoints: Endpoints) -> None:
+    """Over the whole session's outputs: a trigger id is in at most one record of a test's
+    trigger and suppression topics together (the same record sent again, at least once,
+    is one record; a trigger both sent and suppressed, or two different records under
+    one id, is not)."""
+    from kafka import KafkaConsumer
+
+    consumer = KafkaConsumer(bootstrap_servers=list(endpoints.brokers),
+                             enable_auto_commit=False, auto_offset_reset="earliest")  # fmt: skip
+    try:
+        topics = [t for t in consumer.topics() if t.endswith((".triggers", ".suppressions"))]
+        parts = [TopicPartition(t, p) for t in topics
+                 for p in sorted(consumer.partitions_for_topic(t) or ())]  # fmt: skip
+        if not parts:
+            return
+        consumer.assign(parts)
+        consumer.seek_to_beginning()
+        ends = consumer.end_offsets(parts)
+        seen: dict[tuple[str, str], dict[str, bytes]] = {}  # (test tag, id) -> topic -> record
+        deadline = time.monotonic() + 300
+        while any(consumer.position(tp) < end for tp, end in ends.items()):
+            assert time.monotonic() < deadline, "could not read every output topic"
+            for tp, messages in consumer.poll(timeout_ms=500).items():
+                tag = tp.topic.rsplit(".", 1)[0]
+                kind = tp.topic.rsplit(".", 1)[1]
+                for msg in messages:
+                    try:
+                        record = orjson.loads(msg.value)
+                    except orjson.JSONDecodeError:
+                        continue  # a test's own raw bytes: not a trigger record
+                    if not isinstance(record, dict) or "trigger_id" not in record:
+                        continue
+                    record.pop("emitted_at", None)
+                    body = orjson.dumps(record, option=orjson.OPT_SORT_KEYS)
+                    seen.setdefault((tag, record["trigger_id"]), {}).setdefault(kind, set()).add(
+                        body
+                    )
+        clashes = [
+            (tag, trigger_id, {k: len(v) for k, v in kinds.items()})
+            for (tag, trigger_id), kinds in seen.items()
+            if len(kinds) > 1 or any(len(v) > 1 for v in kinds.values())
+        ]
+        assert clashes == [], f"trigger ids in more than one record: {clashes[:10]}"
+    finally:
+        consumer.close()
 
 
 def isolated(

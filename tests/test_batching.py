@@ -372,3 +372,14 @@ def test_the_issue_shapes_fire_as_live_under_every_cutting(base_config, stack, s
             if r["trigger_type"] in _WATCHED
         )
         assert got == sorted(want), label
+
+
+@pytest.mark.slow
+@settings(max_examples=400, deadline=None, suppress_health_check=_SLOW_OK)
+@given(log=histories(max_events=60), cuts=st.lists(cuttings, min_size=3, max_size=3))
+def test_any_cutting_of_longer_histories_gives_the_same(base_config, stack, shared, log, cuts):
+    """The slow suite's share: 400 histories of up to 60 events, each cut 3 ways."""
+    whole = _run(base_config, stack, log, ONE_STEP, shared)
+    _unique_ids(whole)
+    for cutting in cuts:
+        _same(_run(base_config, stack, log, cutting, shared), whole)
