@@ -38,17 +38,26 @@ class DeliveryError(RuntimeError):
     """The broker did not acknowledge one or more records."""
 
 
+def producer_config(
+    brokers: list[str], client_config: dict[str, Any], timeout_s: float
+) -> dict[str, Any]:
+    """The producer's librdkafka configuration: idempotent, ``acks=all``, ``linger.ms`` 5,
+    failing a record after ``timeout_s``; ``client_config`` (``kafka.client`` and
+    ``kafka.producer``) over those."""
+    return {
+        "enable.idempotence": True,
+        "acks": "all",
+        "linger.ms": 5,
+        "message.timeout.ms": int(timeout_s * 1000),
+        **librdkafka_config(brokers, client_config),
+    }
+
+
 class DeliveryCheckedProducer:
     """A thread-safe idempotent producer whose failures never vanish."""
 
     def __init__(self, brokers: list[str], client_config: dict[str, Any], timeout_s: float):
-        config = {
-            "enable.idempotence": True,
-            "acks": "all",
-            "linger.ms": 5,
-            "message.timeout.ms": int(timeout_s * 1000),
-            **librdkafka_config(brokers, client_config),
-        }
+        config = producer_config(brokers, client_config, timeout_s)
         self.properties = config  # what librdkafka was given, logger included
         self._producer = Producer(config)
         self._timeout_s = timeout_s
