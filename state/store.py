@@ -96,10 +96,39 @@ class ObservedRetry(Retry):
 
 
 def _permanent(error: Exception) -> bool:
-    """Errors no retry fixes: bad credentials, missing permissions, an untrusted certificate."""
+    """Errors no retry fixes: bad credentials, missing permissions, TLS refused either way."""
     if isinstance(error, redis.AuthenticationError | AuthorizationError):
         return True
-    return "certificate verify failed" in str(error)
+    return tls_failure(error) is not None
+
+
+# TLS failures no retry fixes, as OpenSSL words them, and what each means for the user.
+_TLS_FAILURES = (
+    ("certificate verify failed", "the server's certificate is not trusted (redis.tls_ca_file)"),
+    (
+        "certificate_required",
+        "the server requires a client certificate (redis.tls_cert_file, redis.tls_key_file)",
+    ),
+    (
+        "certificate required",
+        "the server requires a client certificate (redis.tls_cert_file, redis.tls_key_file)",
+    ),
+    ("unknown ca", "the server does not trust the client certificate's CA"),
+    ("bad certificate", "the server refused the client certificate"),
+    ("wrong_version_number", "the server does not speak TLS: use a redis:// URL"),
+    ("wrong version number", "the server does not speak TLS: use a redis:// URL"),
+)
+
+
+def tls_failure(error: BaseException) -> str | None:
+    """What a TLS failure no retry fixes means (None for anything else): the error's own
+    text or its cause's (redis-py wraps the ``ssl`` error)."""
+    texts = [str(error), str(error.__cause__ or error.__context__ or "")]
+    text = " ".join(texts).lower()
+    for needle, meaning in _TLS_FAILURES:
+        if needle in text:
+            return f"{meaning} ({' '.join(texts[0].split())})"
+    return None
 
 
 def connect(url: str, config: RedisConfig) -> redis.Redis:
@@ -117,6 +146,32 @@ def connect(url: str, config: RedisConfig) -> redis.Redis:
             redis.BusyLoadingError,
         ),
     )
+    options: dict[str, object] = {
+        **credentials(url, config),
+        "socket_timeout": config.socket_timeout_seconds,
+        "socket_connect_timeout": config.socket_timeout_seconds,
+        "retry": retry,
+    }
+    if config.cluster:  # any node's address: the client discovers the others
+        client = RedisCluster.from_url(url, **options)
+    else:
+        client = redis.Redis.from_url(url, **options, health_check_interval=30)
+    try:
+        client.ping()
+    except (redis.AuthenticationError, AuthorizationError) as exc:
+        raise StateStoreError(f"Redis at {safe_url(url)} refused authentication: {exc}") from None
+    except redis.ConnectionError as exc:
+        hint = tls_failure(exc)
+        if hint is not None:
+            raise StateStoreError(f"Redis at {safe_url(url)}: {hint}") from None
+        raise StateStoreError(f"cannot reach Redis at {safe_url(url)}: {exc}") from None
+    except redis.ResponseError as exc:  # e.g. NOAUTH, or WRONGPASS for an ACL user
+        raise StateStoreError(f"Redis at {safe_url(url)} refused the client: {exc}") from None
+    return client
+
+
+def credentials(url: str, config: RedisConfig) -> dict[str, str]:
+    """redis-py's options for the configured user, password and TLS files."""
     auth: dict[str, str] = {}
     if config.username:
         auth["username"] = config.username
@@ -130,25 +185,7 @@ def connect(url: str, config: RedisConfig) -> redis.Redis:
         ):
             if path:
                 auth[option] = path
-    options: dict[str, object] = {
-        **auth,
-        "socket_timeout": config.socket_timeout_seconds,
-        "socket_connect_timeout": config.socket_timeout_seconds,
-        "retry": retry,
-    }
-    if config.cluster:  # any node's address: the client discovers the others
-        client = RedisCluster.from_url(url, **options)
-    else:
-        client = redis.Redis.from_url(url, **options, health_check_interval=30)
-    try:
-        client.ping()
-    except (redis.AuthenticationError, AuthorizationError) as exc:
-        raise StateStoreError(f"Redis at {_safe_url(url)} refused authentication: {exc}") from None
-    except redis.ConnectionError as exc:
-        raise StateStoreError(f"cannot reach Redis at {_safe_url(url)}: {exc}") from None
-    except redis.ResponseError as exc:  # e.g. NOAUTH, or WRONGPASS for an ACL user
-        raise StateStoreError(f"Redis at {_safe_url(url)} refused the client: {exc}") from None
-    return client
+    return auth
 
 
 def _single_attempt(client: redis.Redis) -> redis.Redis:
@@ -161,7 +198,8 @@ def _single_attempt(client: redis.Redis) -> redis.Redis:
     )
 
 
-def _safe_url(url: str) -> str:
+def safe_url(url: str) -> str:
+    """The URL with its credentials masked."""
     _head, sep, tail = url.rpartition("@")
     return f"{url.split('://')[0]}://***@{tail}" if sep else url
 
