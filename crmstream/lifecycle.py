@@ -100,18 +100,31 @@ class GracefulStop:
             name,
             self._timeout_s,
         )
-        self.begin_drain()
-        try:
+        self._start_deadline()
+        # Asking the cluster touches Redis, which may be what hangs: never in the handler.
+        threading.Thread(target=self._request_then_drain, name="crmstream-drain-request",
+                         daemon=True).start()  # fmt: skip
+
+    def _request_then_drain(self) -> None:
+        try:  # first: it names the drain the step barrier is keyed by
             self._on_first()
         except Exception as exc:  # telling the cluster is best effort: this process drains
             log.warning("could not ask the other processes to drain: %s", exc)
+        self.begin_drain()
 
     def begin_drain(self) -> None:
-        """Stop the sources and start the deadline (also for a drain the cluster asked for)."""
+        """Stop the sources at the next step boundary, within the deadline (also for a
+        drain another process of the cluster asked for)."""
+        self._start_deadline()
+        if self._signals.finish is not None:
+            self._signals.finish.set()  # finish the step the cluster agrees on
+        else:
+            self._signals.stop.set()
+
+    def _start_deadline(self) -> None:
         if self.requested_at is not None:
             return
         self.requested_at = time.monotonic()
-        self._signals.stop.set()
         watchdog = threading.Thread(target=self._deadline, name="crmstream-drain", daemon=True)
         watchdog.start()
 
@@ -128,10 +141,19 @@ class GracefulStop:
 class ClusterDrain:
     """The cluster's drain counter in Redis (see module docstring)."""
 
-    def __init__(self, client: redis.Redis, key: str, poll_s: float = 1.0):
+    def __init__(
+        self,
+        client: redis.Redis,
+        key: str,
+        poll_s: float = 1.0,
+        on_generation: Callable[[str], None] = lambda _g: None,
+    ):
+        """``on_generation`` learns which drain this is (the counter's new value): the
+        step barrier of that drain is keyed by it (``flows.finish.RedisBarrier``)."""
         self._client = client
         self._key = key
         self._poll_s = poll_s
+        self._on_generation = on_generation
         self._baseline = self._read()
         self._closed = threading.Event()
 
@@ -141,6 +163,7 @@ class ClusterDrain:
     def request(self) -> None:
         """Ask every process of the cluster to drain."""
         self._baseline = str(self._client.incr(self._key)).encode()
+        self._on_generation(self._baseline.decode())
 
     def watch(self, on_request: Callable[[], None]) -> None:
         """Call ``on_request`` (once) when another process asks for a drain."""
@@ -154,6 +177,7 @@ class ClusterDrain:
                     continue
                 if now != self._baseline:
                     log.warning("another process of the cluster is draining: draining too")
+                    self._on_generation((now or b"0").decode())
                     on_request()
                     return
 

@@ -44,14 +44,16 @@ def run_flow_process(cfg: CrmConfig, options: RunOptions) -> None:
     from crmstream.clients import validate_properties
     from crmstream.cluster import wait_for_peers
     from crmstream.flows.crm import commit_group_offsets, run_cluster_process
+    from crmstream.flows.finish import RedisBarrier
     from crmstream.flows.runtime import Endpoints, Runtime
     from crmstream.flows.source import StopSignals
     from crmstream.lifecycle import ClusterDrain, GracefulStop
     from crmstream.native_output import native_stderr_as_logs
     from crmstream.preflight import check_kafka, check_redis
+    from crmstream.state.store import single_attempt
 
     assert cfg.kafka.brokers and cfg.redis.url
-    signals = StopSignals(threading.Event(), threading.Event())
+    signals = StopSignals(threading.Event(), threading.Event(), threading.Event())
     stop = GracefulStop(signals, cfg.processing.drain_timeout_seconds).install()
     try:
         if options.addresses:
@@ -64,7 +66,13 @@ def run_flow_process(cfg: CrmConfig, options: RunOptions) -> None:
         check_redis(cfg.redis.url, cfg.redis)
         _serve_metrics(cfg, options.process_id)
         runtime = Runtime(cfg, Endpoints(brokers, cfg.redis.url))
-        drain = ClusterDrain(runtime.store.client, f"{cfg.redis.key_prefix}:drain")
+        barrier = RedisBarrier(runtime.store.client, cfg.redis.key_prefix)
+        signals = signals._replace(barrier=barrier)  # the same events, and the barrier
+        drain = ClusterDrain(
+            single_attempt(runtime.store.client),  # a frozen Redis must not hold it
+            f"{cfg.redis.key_prefix}:drain",
+            on_generation=lambda generation: setattr(barrier, "generation", generation),
+        )
         stop.on_first(drain.request)
         drain.watch(stop.begin_drain)
         try:

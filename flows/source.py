@@ -32,6 +32,7 @@ from confluent_kafka import Consumer, KafkaError, TopicPartition
 from redis import RedisError
 
 from crmstream.clients import librdkafka_config
+from crmstream.flows.finish import Finisher, LocalBarrier, StepBarrier
 from crmstream.flows.routing import parse_part_name, part_name, worker_share
 from crmstream.metrics import get_metrics
 from crmstream.operators.events import new_tuple
@@ -75,6 +76,10 @@ class SourceError(RuntimeError):
 class StopSignals(NamedTuple):
     drain: threading.Event  # read to the current end, then stop
     stop: threading.Event  # stop now
+    # finish the step: every worker reads up to the step the cluster agrees on
+    # (``barrier``, ``flows.finish``), then stops; what a SIGTERM asks for
+    finish: threading.Event | None = None
+    barrier: StepBarrier | None = None
 
 
 class _Partition:
@@ -125,6 +130,7 @@ class _WorkerReader(StatelessSourcePartition[RawMessage]):
         signals: StopSignals | None,
         stall_s: float = STALL_SECONDS,
         group_commits: GroupCommits | None = None,
+        finisher: Finisher | None = None,
     ):
         self._parts = {
             pos: _Partition(pos[0], pos[1], offset, step) for pos, (offset, step) in starts.items()
@@ -143,12 +149,45 @@ class _WorkerReader(StatelessSourcePartition[RawMessage]):
         self._lag_checked = 0.0
         self._stall_s = stall_s
         self._group_commits = group_commits
+        self._finisher = finisher
+        self.finished = False  # set by the finisher once every partition is done
+
+    # What ``flows.finish.Finisher`` reads and drives.
+    @property
+    def partitions(self) -> dict[Position, _Partition]:
+        return self._parts
+
+    @property
+    def consumer(self) -> Consumer:
+        return self._consumer
+
+    @property
+    def step_ms(self) -> int:
+        return self._step_ms
+
+    @property
+    def batch_size(self) -> int:
+        return self._batch_size
+
+    def on_error(self, msg: Any, err: KafkaError) -> None:
+        self._on_error(msg, err)
 
     def next_batch(self) -> list[RawMessage]:
         if self._ended:
             raise StopIteration
-        if self._signals is not None and self._signals.stop.is_set():
-            raise StopIteration
+        signals = self._signals
+        if signals is not None:
+            if signals.stop.is_set():
+                raise StopIteration
+            if (
+                self._finisher is not None
+                and signals.finish is not None
+                and signals.finish.is_set()
+            ):
+                batch = self._finisher.next_batch(self)
+                self._ended = self.finished
+                self._idle = not batch
+                return batch
         batch: list[RawMessage] = []
         parts = self._parts
         step_ms = self._step_ms
@@ -354,6 +393,10 @@ class CrmKafkaSource(DynamicSource[RawMessage]):
         commits = None
         if self._group and mine:
             commits = GroupCommits(self._resume_offsets, mine, self._group_commit_s)
+        finisher = None
+        if self._signals is not None and self._signals.finish is not None:
+            barrier = self._signals.barrier or LocalBarrier()
+            finisher = Finisher(barrier, worker_index, worker_count)
         return _WorkerReader(
             self.consumer_config(),
             starts,
@@ -363,6 +406,7 @@ class CrmKafkaSource(DynamicSource[RawMessage]):
             self._signals,
             self._stall_s,
             commits,
+            finisher,
         )
 
     def consumer_config(self) -> dict[str, Any]:

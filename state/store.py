@@ -188,7 +188,7 @@ def credentials(url: str, config: RedisConfig) -> dict[str, str]:
     return auth
 
 
-def _single_attempt(client: redis.Redis) -> redis.Redis:
+def single_attempt(client: redis.Redis) -> redis.Redis:
     """A client on the same server, credentials and TLS as ``client`` whose calls fail
     at the first error instead of retrying."""
     pool = client.connection_pool
@@ -221,7 +221,7 @@ class StateStore:
         self._retry = Retry(NoBackoff(), 0)  # for command batches (a single server only)
         if not self._cluster:
             self._retry = client.get_retry() or self._retry
-            self._transactions_via = (_single_attempt(client), self._retry)
+            self._transactions_via = (single_attempt(client), self._retry)
         self._run_id = secrets.token_hex(6)
         self._transactions = itertools.count(1)
         # Erasure tombstones (customer -> erasure event time) seen by the last load_states.
