@@ -147,6 +147,8 @@ class RedisConfig(_Frozen):
     retry_attempts: PositiveInt = 30
     retry_base_seconds: PositiveFloat = 0.05
     retry_max_seconds: PositiveFloat = 2.0
+    # ... and for at most this long in all, whatever the attempts left.
+    retry_budget_seconds: PositiveFloat = 60.0
     # Every command first PINGs Redis and fails in one line when it has not answered
     # within this long (authentication and TLS refusals at once).
     connect_timeout_seconds: PositiveFloat = 10.0

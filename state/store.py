@@ -77,11 +77,22 @@ class StateStoreError(RuntimeError):
 
 
 class ObservedRetry(Retry):
-    """redis-py's retry with jittered backoff that also logs and counts each failure."""
+    """redis-py's retry with jittered backoff that also logs and counts each failure, and
+    gives up once a call has been failing for ``budget_s`` whatever the attempts left
+    (``redis.retry_budget_seconds``): with Redis frozen each attempt waits the socket
+    timeout, and 30 attempts of 10 s were minutes."""
+
+    def __init__(self, *args: object, budget_s: float | None = None, **kwargs: object):
+        super().__init__(*args, **kwargs)
+        self._budget_s = budget_s
 
     def call_with_retry(self, do, fail, is_retryable=None, with_failure_count=False):
+        deadline = None if self._budget_s is None else time.monotonic() + self._budget_s
+
         def observed(error: Exception, *count: int) -> object:
             get_metrics().redis_errors.labels(type(error).__name__).inc()
+            if deadline is not None and time.monotonic() >= deadline:
+                raise error  # the budget is spent: no more attempts
             log.warning(
                 "Redis call failed (%s: %s); retrying with backoff", type(error).__name__, error
             )
@@ -145,6 +156,7 @@ def connect(url: str, config: RedisConfig) -> redis.Redis:
             redis.TimeoutError,
             redis.BusyLoadingError,
         ),
+        budget_s=config.retry_budget_seconds,
     )
     options: dict[str, object] = {
         **credentials(url, config),
@@ -155,7 +167,11 @@ def connect(url: str, config: RedisConfig) -> redis.Redis:
     if config.cluster:  # any node's address: the client discovers the others
         client = RedisCluster.from_url(url, **options)
     else:
-        client = redis.Redis.from_url(url, **options, health_check_interval=30)
+        # No health checks: redis-py runs an idle connection's check inside a command's
+        # attempt with the same retry, so a frozen Redis multiplied the attempts (a call
+        # was still retrying after 20 minutes). A dead idle connection fails its next
+        # command instead, and that command is retried.
+        client = redis.Redis.from_url(url, **options, health_check_interval=0)
     try:
         client.ping()
     except (redis.AuthenticationError, AuthorizationError) as exc:
