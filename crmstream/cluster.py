@@ -61,9 +61,10 @@ def wait_for_peers(
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
     report_every_s: float = 10.0,
+    stopped: Callable[[], bool] = lambda: False,
 ) -> None:
-    """Return once every ``host:port`` in ``addresses`` resolves; say which do not
-    every ``report_every_s``.
+    """Return once every ``host:port`` in ``addresses`` resolves, or ``stopped()``
+    (a SIGTERM while waiting); say which do not every ``report_every_s``.
 
     :raises CommandError: naming the addresses that did not resolve within ``timeout_s``.
     """
@@ -72,7 +73,7 @@ def wait_for_peers(
     reported = started
     while True:
         hosts = [host for host in hosts if not resolves(host)]
-        if not hosts:
+        if not hosts or stopped():
             return
         waited = clock() - started
         if waited >= timeout_s:

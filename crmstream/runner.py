@@ -57,13 +57,20 @@ def run_flow_process(cfg: CrmConfig, options: RunOptions) -> None:
     stop = GracefulStop(signals, cfg.processing.drain_timeout_seconds).install()
     try:
         if options.addresses:
-            wait_for_peers(options.addresses, options.peer_wait_s)
+            wait_for_peers(options.addresses, options.peer_wait_s,
+                           stopped=lambda: stop.requested_at is not None)  # fmt: skip
+        if stop.requested_at is not None:  # stopped while waiting: nothing to drain
+            logs.notice("stopped before the flow started")
+            return
         for warning in validate_properties(cfg):
             logs.warning(f"librdkafka: {warning}")
         brokers = list(cfg.kafka.brokers)
         topics = [*cfg.kafka.topics.inputs, *cfg.kafka.topics.outputs]
         check_kafka(brokers, dict(cfg.kafka.client), cfg.kafka.connect_timeout_seconds, topics)
         check_redis(cfg.redis.url, cfg.redis)
+        if stop.requested_at is not None:  # stopped before the flow started: nothing to drain
+            logs.notice("stopped before the flow started")
+            return
         _serve_metrics(cfg, options.process_id)
         runtime = Runtime(cfg, Endpoints(brokers, cfg.redis.url))
         barrier = RedisBarrier(runtime.store.client, cfg.redis.key_prefix)

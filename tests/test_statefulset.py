@@ -84,3 +84,30 @@ def test_run_statefulset_needs_a_statefulset_pod_name():
         "error: --statefulset: the pod name 'laptop' does not end in -<ordinal>; is this a "
         "StatefulSet's pod? (HOSTNAME or --pod-name)"
     ]
+
+
+def test_a_sigterm_while_waiting_for_peers_ends_the_wait_with_exit_0(tmp_path):
+    """A pod deleted while its peers do not resolve yet stops at once and cleanly."""
+    import signal
+
+    config = tmp_path / "c.yaml"
+    config.write_text("kafka: {brokers: [127.0.0.1:9]}\nredis: {url: redis://127.0.0.1:9/0}\n"
+                      "processing: {drain_timeout_seconds: 600}\n")  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "crmstream", "run", "--config", str(config), "-i", "0",
+         "-a", "127.0.0.1:9", "-a", "crmstream-1.nowhere.invalid:2101", "--peer-wait", "600"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stderr is not None
+        for line in proc.stderr:  # the wait reports itself every 10 s
+            if "waiting for 1 of 2 cluster addresses" in line:
+                break
+        proc.send_signal(signal.SIGTERM)
+        _out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    assert "stopped before the flow started" in err
