@@ -26,10 +26,10 @@ EXIT_CODES = {
     EXIT_NOT_FOUND: "nothing found: no such trigger id, customer or dead letter",
     EXIT_ERROR: "an error reported in one line: usage, configuration, Kafka or Redis "
     "unreachable or refusing (authentication, TLS), state layout, a cluster peer that stopped",
-    EXIT_DRAIN_TIMEOUT: "stopped by a signal, but the drain did not finish within "
-    "processing.drain_timeout_seconds (state stays consistent; the next start resumes)",
+    EXIT_DRAIN_TIMEOUT: "`run` stopped by a signal, but the drain did not finish within "
+    "`processing.drain_timeout_seconds` (the state stays consistent; the next start resumes)",
     EXIT_INTERNAL: "an internal error (a bug): the traceback is printed",
-    EXIT_INTERRUPTED: "interrupted with Ctrl-C (demo, replay)",
+    EXIT_INTERRUPTED: "interrupted with Ctrl-C (demo, replay; `--follow` views end with 0)",
 }
 
 

@@ -118,3 +118,15 @@ def test_version():
     assert result.returncode == 0
     assert result.stdout.startswith("crmstream 0.1.0 (Python 3.11")
     assert "bytewax 0.21.1" in result.stdout and "librdkafka" in result.stdout
+
+
+def test_the_readme_lists_every_exit_code_as_the_code_defines_it():
+    from pathlib import Path
+
+    from crmstream.failures import EXIT_CODES
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    table = readme.split("### Exit codes", 1)[1].split("\n\n", 2)[1]
+    rows = {int(line.split("|")[1]): line.split("|")[2].strip()
+            for line in table.splitlines()[2:]}  # fmt: skip
+    assert rows == EXIT_CODES
