@@ -180,37 +180,8 @@ def run_demo(config: CrmConfig, options: DemoOptions, console: Console) -> dict[
             except BaseException as exc:  # surfaced in the main thread
                 flow_error.append(exc)
 
-        published = [0]
-        stats: list[PublishStats] = []
-        workload = Workload(
-            config,
-            WorkloadSpec(
-                customers=options.customers,
-                seed=options.seed,
-                malformed_rate=options.malformed_rate,
-            ),
-        )
-        cast = storylines(storyline_base(shop.start_ms)) if options.storylines else []
-
-        def generator_main() -> None:
-            stats.append(
-                publish(
-                    endpoints.brokers,
-                    config,
-                    workload,
-                    max_events=options.events,
-                    duration_s=options.duration_s,
-                    rate=options.rate,
-                    live_time=True,
-                    stop=signals.stop,
-                    on_progress=lambda n: published.__setitem__(0, n),
-                    clock=shop,
-                    scripted=cast,
-                )
-            )
-
+        gen, published, stats = _generator(config, options, endpoints, shop, signals.stop)
         flow = threading.Thread(target=flow_main, name="crmstream-flow", daemon=True)
-        gen = threading.Thread(target=generator_main, name="crmstream-generator", daemon=True)
         consumer = _output_consumer(endpoints.brokers, config)
         tally = _Tally()
         metrics = get_metrics()
@@ -253,6 +224,43 @@ def run_demo(config: CrmConfig, options: DemoOptions, console: Console) -> dict[
                 console.print(render(view))
         runtime.close()
         return summary
+
+
+def _generator(
+    config: CrmConfig,
+    options: DemoOptions,
+    endpoints: Any,
+    shop: ShopClock,
+    stop: threading.Event,
+) -> tuple[threading.Thread, list[int], list[PublishStats]]:
+    """The workload generator's thread (not started), events published so far, and its
+    result: the random shop on the shop clock, and the storyline customers."""
+    published = [0]
+    stats: list[PublishStats] = []
+    spec = WorkloadSpec(customers=options.customers, seed=options.seed,
+                        malformed_rate=options.malformed_rate)  # fmt: skip
+    workload = Workload(config, spec)
+    cast = storylines(storyline_base(shop.start_ms)) if options.storylines else []
+
+    def generator_main() -> None:
+        stats.append(
+            publish(
+                endpoints.brokers,
+                config,
+                workload,
+                max_events=options.events,
+                duration_s=options.duration_s,
+                rate=options.rate,
+                live_time=True,
+                stop=stop,
+                on_progress=lambda n: published.__setitem__(0, n),
+                clock=shop,
+                scripted=cast,
+            )
+        )
+
+    thread = threading.Thread(target=generator_main, name="crmstream-generator", daemon=True)
+    return thread, published, stats
 
 
 def _speed_text(speed: float) -> str:

@@ -175,16 +175,11 @@ class _WorkerReader(StatelessSourcePartition[RawMessage]):
     def next_batch(self) -> list[RawMessage]:
         if self._ended:
             raise StopIteration
-        signals = self._signals
-        if signals is not None:
-            if signals.stop.is_set():
+        if self._signals is not None:
+            if self._signals.stop.is_set():
                 raise StopIteration
-            if (
-                self._finisher is not None
-                and signals.finish is not None
-                and signals.finish.is_set()
-            ):
-                batch = self._finisher.next_batch(self)
+            if self._finishing():
+                batch = self._finisher.next_batch(self)  # type: ignore[union-attr]
                 self._ended = self.finished
                 self._idle = not batch
                 return batch
@@ -256,6 +251,11 @@ class _WorkerReader(StatelessSourcePartition[RawMessage]):
             self._ended = True  # emit nothing more; StopIteration on the next call
         self._idle = not batch
         return batch
+
+    def _finishing(self) -> bool:
+        """A drain asked every worker to finish the step (``flows.finish``)."""
+        finish = self._signals.finish if self._signals is not None else None
+        return self._finisher is not None and finish is not None and finish.is_set()
 
     def _on_error(self, msg: Any, err: KafkaError) -> None:
         pos = (msg.topic(), msg.partition())
