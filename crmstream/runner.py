@@ -75,8 +75,11 @@ def run_flow_process(cfg: CrmConfig, options: RunOptions) -> None:
         runtime = Runtime(cfg, Endpoints(brokers, cfg.redis.url))
         barrier = RedisBarrier(runtime.store.client, cfg.redis.key_prefix)
         signals = signals._replace(barrier=barrier)  # the same events, and the barrier
+        client = runtime.store.client
         drain = ClusterDrain(
-            single_attempt(runtime.store.client),  # a frozen Redis must not hold it
+            # a frozen Redis must not hold the drain request (a Redis Cluster client has
+            # no single pool to copy: it keeps the store's)
+            client if cfg.redis.cluster else single_attempt(client),
             f"{cfg.redis.key_prefix}:drain",
             on_generation=lambda generation: setattr(barrier, "generation", generation),
         )
