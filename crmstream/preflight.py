@@ -35,6 +35,8 @@ from crmstream.config.schema import RedisConfig
 from crmstream.failures import CommandError
 from crmstream.state.store import credentials, safe_url, tls_failure
 
+log = logging.getLogger(__name__)
+
 
 class PreflightError(CommandError):
     """The infrastructure a command needs does not answer, or refuses it."""
@@ -55,6 +57,7 @@ def check_redis(url: str, config: RedisConfig, timeout_s: float | None = None) -
     # attempt's timeout, and is recognised after the first one.
     attempt_s = max(0.5, min(config.socket_timeout_seconds, timeout_s / 3))
     where = safe_url(url)
+    log.info("asking Redis at %s for PONG (up to %g s)", where, timeout_s)
     delay = 0.1
     while True:
         client = redis.Redis.from_url(
@@ -213,6 +216,7 @@ def check_kafka(
             refused.append(err.str())
 
     where = ",".join(brokers)
+    log.info("asking the Kafka brokers %s for metadata (up to %g s)", where, timeout_s)
     config = {**librdkafka_config(brokers, properties), "logger": logger, "error_cb": on_error}
     try:
         admin = AdminClient(config)
