@@ -1104,14 +1104,15 @@ def _trigger_latencies(endpoints: Any, topic: str) -> list[float]:
     time is the wall clock when the generator sent it, ``workload.publish_scheduled``)."""
     from datetime import datetime
 
-    from crmstream.ops import read_records
+    from crmstream.ops import TopicReader
 
     out = []
-    for _topic, record in read_records(list(endpoints.brokers), {}, [topic], follow=False):
-        if record is not None:
-            emitted = datetime.fromisoformat(record["emitted_at"]).timestamp()
-            at = datetime.fromisoformat(record["event_time"]).timestamp()
-            out.append((emitted - at) * 1000)
+    with TopicReader(list(endpoints.brokers), {}, [topic], 30) as reader:
+        records = reader.latest(lambda _records: False)  # the whole topic
+    for rec in records:
+        emitted = datetime.fromisoformat(rec.value["emitted_at"]).timestamp()
+        at = datetime.fromisoformat(rec.value["event_time"]).timestamp()
+        out.append((emitted - at) * 1000)
     return out
 
 

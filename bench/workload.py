@@ -397,13 +397,18 @@ def publish(
     live_time: bool = False,
     stop: Any = None,
     on_progress: Any = None,
+    clock: Callable[[], int] | None = None,
+    scripted: list[Any] = (),
 ) -> PublishStats:
     """Produce the workload to the input topics, keyed by customer id.
 
     Bounded by ``max_events`` and/or ``duration_s``; ``rate`` (events/s) paces
     it, otherwise it produces as fast as the broker takes it. With
-    ``live_time`` the events carry the wall clock as their event time.
-    ``stop`` (a threading.Event) ends it early.
+    ``live_time`` the events carry the wall clock as their event time, or
+    ``clock()`` (epoch ms: the accelerated demo's shop clock).
+    ``scripted`` (``bench.storylines.Scripted``: time, event) are sent as their
+    times come, those already past at once. ``stop`` (a threading.Event) ends it
+    early.
     """
     import time
 
@@ -413,10 +418,24 @@ def publish(
         raise ValueError("publish needs max_events or duration_s")
     topics = config.kafka.topics.by_role
     producer = DeliveryCheckedProducer(brokers, config.kafka.producer_properties(), 60.0)
-    clock = (lambda: time.time_ns() // 1_000_000) if live_time else None
+    if live_time and clock is None:
+        clock = lambda: time.time_ns() // 1_000_000  # noqa: E731
+    elif not live_time:
+        clock = None
+    pending = sorted(scripted, key=lambda item: item.at_ms)
     started = time.monotonic()
     sent = malformed = 0
+
+    def send_scripted(until_ms: int) -> None:
+        nonlocal sent
+        while pending and pending[0].at_ms <= until_ms:
+            item = pending.pop(0)
+            producer.produce(topics[item.event.role], item.event.key, item.event.value)
+            sent += 1
+
     for event in workload.events(live_clock=clock):
+        if pending and clock is not None:
+            send_scripted(clock())
         producer.produce(topics[event.role], event.key, event.value)
         sent += 1
         malformed += not event.valid
@@ -435,6 +454,8 @@ def publish(
             ahead = sent / rate - (time.monotonic() - started)
             if ahead > 0.002:
                 time.sleep(ahead)
+    if pending and clock is not None:
+        send_scripted(clock())  # what came due while the last events went out
     producer.flush()
     if on_progress is not None:
         on_progress(sent)

@@ -286,14 +286,24 @@ def _describe(
             continue
         dotted = ".".join(str(p) for p in loc)
         value = "***" if _SECRET_KEY.search(dotted) else _get_dotted(tree, loc)
-        where = next(
-            (origin[k] for k in sorted(origin, key=len, reverse=True) if dotted.startswith(k)),
-            source,
-        )
+        where = _origin_of(dotted, origin, source)
         if kind == "extra_forbidden":
             msg = "unknown key (check the spelling against config/default.yaml)"
         lines.append(f"  {dotted} = {value!r} (from {where}): {msg}")
+    if len(lines) == 1:  # one wrong value: one line
+        return "invalid configuration: " + lines[0].strip()
     return "invalid configuration:\n" + "\n".join(lines)
+
+
+def _origin_of(dotted: str, origin: Mapping[str, str], default: str) -> str:
+    """Where the value at ``dotted`` came from: the source that set it or the nearest
+    key above it, or else the sources that set keys below it (an unknown section such
+    as ``processng`` set by ``CRMSTREAM__PROCESSNG__SHARDS``)."""
+    for key in sorted(origin, key=len, reverse=True):
+        if dotted == key or dotted.startswith(key + "."):
+            return origin[key]
+    below = sorted({origin[k] for k in origin if k.startswith(dotted + ".")})
+    return ", ".join(below) if below else default
 
 
 def mask_secrets(tree: Any, _key: str = "") -> Any:

@@ -91,6 +91,18 @@ class KafkaConfig(_Frozen):
     replication_factor: PositiveInt = 1
     batch_size: Annotated[int, Field(ge=1, le=100_000)] = 2000
     delivery_timeout_seconds: PositiveFloat = 30.0
+    # Every command first asks the brokers for metadata and fails in one line when
+    # they have not answered within this long (authentication and TLS refusals at once).
+    connect_timeout_seconds: PositiveFloat = 10.0
+    # A source partition not read to its end that delivers nothing for this long is
+    # counted (crmstream_source_stalls_total) and logged.
+    stall_warning_seconds: PositiveFloat = 30.0
+    # The flow commits the input offsets it has applied (the ones Redis holds) to this
+    # consumer group, for lag tools (kafka-consumer-groups, Burrow, kafka-exporter).
+    # crmstream itself resumes from Redis and never reads them. null: no commits.
+    consumer_group: str | None = "crmstream"
+    # Seconds between those commits.
+    consumer_group_commit_seconds: PositiveFloat = 5.0
 
     def consumer_properties(self) -> ClientProperties:
         """What a consumer is given: ``client``, then ``consumer`` over it."""
@@ -136,6 +148,11 @@ class RedisConfig(_Frozen):
     retry_attempts: PositiveInt = 30
     retry_base_seconds: PositiveFloat = 0.05
     retry_max_seconds: PositiveFloat = 2.0
+    # ... and for at most this long in all, whatever the attempts left.
+    retry_budget_seconds: PositiveFloat = 60.0
+    # Every command first PINGs Redis and fails in one line when it has not answered
+    # within this long (authentication and TLS refusals at once).
+    connect_timeout_seconds: PositiveFloat = 10.0
 
     @field_validator("url")
     @classmethod
@@ -180,6 +197,10 @@ class ProcessingConfig(_Frozen):
     # start-up objects frozen out of its scans (``flows.runtime.tune_gc``).
     # 0 keeps Python's own settings.
     gc_young_threshold: Annotated[int, Field(ge=0)] = 500_000
+    # SIGTERM or SIGINT: stop reading, finish the step, commit, flush the producer and
+    # exit 0. A drain still running after this long ends the process with exit code 3
+    # (the state stays consistent: the next start resumes from Redis).
+    drain_timeout_seconds: PositiveFloat = 30.0
 
     @field_validator("min_event_time")
     @classmethod
@@ -411,13 +432,24 @@ class CapsConfig(_Frozen):
     too_often_per_week: Annotated[int, Field(ge=0, le=8)] = 2
 
 
+_TIME_OF_DAY = re.compile(r"^([01][0-9]|2[0-3]):[0-5][0-9]$")
+_MONTH_DAY = re.compile(r"^(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])$")
+
+
 class QuietHoursConfig(_Frozen):
-    start: Annotated[str, Field(pattern=r"^([01][0-9]|2[0-3]):[0-5][0-9]$")] = "21:00"
-    end: Annotated[str, Field(pattern=r"^([01][0-9]|2[0-3]):[0-5][0-9]$")] = "09:00"
+    start: str = "21:00"
+    end: str = "09:00"
     # hold: keep the trigger as a timer and emit it at the end of the quiet hours;
     # not_before: emit it now with a not_before time for the sender.
     mode: Literal["hold", "not_before"] = "hold"
     default_timezone: str = "UTC"
+
+    @field_validator("start", "end")
+    @classmethod
+    def _time_of_day(cls, value: str) -> str:
+        if not _TIME_OF_DAY.match(value):
+            raise ValueError(f"must be a time of day HH:MM from 00:00 to 23:59, got {value!r}")
+        return value
 
     @field_validator("default_timezone")
     @classmethod
@@ -435,10 +467,17 @@ class SeasonConfig(_Frozen):
     """Category weight adjustments for a date range (MM-DD, inclusive), e.g. a holiday."""
 
     name: str
-    start: Annotated[str, Field(pattern=r"^[01][0-9]-[0-3][0-9]$")]
-    end: Annotated[str, Field(pattern=r"^[01][0-9]-[0-3][0-9]$")]
+    start: str
+    end: str
     countries: list[str] = Field(default_factory=list)  # empty: every country
     weights: dict[str, PositiveFloat] = Field(default_factory=dict)
+
+    @field_validator("start", "end")
+    @classmethod
+    def _month_day(cls, value: str) -> str:
+        if not _MONTH_DAY.match(value):
+            raise ValueError(f"must be a day of the year MM-DD (01-01 to 12-31), got {value!r}")
+        return value
 
 
 class PoliciesConfig(_Frozen):

@@ -1,47 +1,72 @@
-"""The ``crmstream`` command line: demo, run, generate, profile, fit, model, reshard, replay,
-topics, config.
+"""The ``crmstream`` command line: the app, its global options, run, reshard, topics, config.
 
-This module owns argument parsing and error presentation only; each command
-calls into the module that does the work. Errors a user can fix (bad config,
-unreachable infrastructure) print one clear message and exit 2, never a
-traceback.
+This module owns argument parsing, the global options (``--version``,
+``--log-format``, ``--log-level``) and how a command ends: every failure a
+user can act on becomes one line and exit code 2 (``crmstream.failures``;
+README, "Exit codes"), never a traceback. Each command first checks that the
+infrastructure it needs answers (``crmstream.preflight``), then calls the
+module that does the work. demo, generate and replay are in
+``crmstream.cli_local``, the read-only views (triggers, explain, dead-letters,
+profile) in ``crmstream.cli_views``.
 """
 
 from __future__ import annotations
 
-import contextlib
+import os
 import sys
-from datetime import date
+import traceback
+from enum import Enum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
-import orjson
 import typer
 import yaml
+from rich.console import Console
+from typer.core import TyperGroup
+from typer.exceptions import TyperException
 
-from crmstream.cli_options import (
-    AsOfOpt,
-    BrokersOpt,
-    ConfigOpt,
-    RedisOpt,
-    SetOpt,
-    VerboseOpt,
-    _config,
-    _fail,
-    _setup_logging,
-    console,
-    err_console,
-    parse_as_of,
+from crmstream import logs
+from crmstream.config import CrmConfig, load_config, mask_secrets
+from crmstream.failures import (
+    EXIT_ERROR,
+    EXIT_INTERNAL,
+    EXIT_INTERRUPTED,
+    CommandError,
+    describe,
 )
-from crmstream.cli_quarantine import quarantine_app
-from crmstream.cli_value import fit, model_app
-from crmstream.config import mask_secrets
+
+
+class _Group(TyperGroup):
+    """Ends every command the same way: a failure the user can act on is one line and
+    exit 2; anything else (a bug) prints its traceback and exits 70."""
+
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (typer.Exit, typer.Abort, TyperException, SystemExit):
+            raise  # typer's own ends: exit codes and usage errors
+        except KeyboardInterrupt:
+            logs.warning("interrupted")
+            raise typer.Exit(EXIT_INTERRUPTED) from None
+        except BaseException as exc:
+            message = describe(exc)
+            if message is None:
+                traceback.print_exc()
+                logs.error(f"internal error ({type(exc).__name__}): please report it")
+                raise typer.Exit(EXIT_INTERNAL) from None
+            logs.error(message)
+            raise typer.Exit(EXIT_ERROR) from None
+
 
 app = typer.Typer(
+    cls=_Group,
     help="crmstream: real-time CRM triggers from Kafka events.\n\n"
-    "Examples:\n\n  crmstream demo --duration 30\n\n"
-    "  crmstream run --config prod.yaml -w 1 -i 0 -a host0:2101 -a host1:2101\n\n"
-    "  crmstream profile c0000042 --redis-url redis://localhost:6379/0",
+    "Examples:\n\n  crmstream demo\n\n"
+    "  crmstream run --config prod.yaml -i 0 -a host0:2101 -a host1:2101\n\n"
+    "  crmstream --log-format json run --config prod.yaml\n\n"
+    "  crmstream profile c0000042 --redis-url redis://localhost:6379/0\n\n"
+    "Only demo and replay start an embedded broker and redis-server (for what is not "
+    "configured); every other command needs kafka.brokers and/or redis.url.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
@@ -49,35 +74,163 @@ topics_app = typer.Typer(help="Kafka topic administration.", no_args_is_help=Tru
 config_app = typer.Typer(help="Inspect and validate configuration.", no_args_is_help=True)
 app.add_typer(topics_app, name="topics")
 app.add_typer(config_app, name="config")
-app.command()(fit)
-app.add_typer(model_app, name="model")
-app.add_typer(quarantine_app, name="quarantine")
 
-@app.command()
-def demo(
-    duration: Annotated[float | None, typer.Option(help="Seconds to generate events for.")] = 30.0,
-    events: Annotated[int | None, typer.Option(help="Stop after this many events.")] = None,
-    rate: Annotated[float, typer.Option(help="Target events per second.")] = 2000.0,
-    customers: Annotated[int, typer.Option(help="Customers in the synthetic shop.")] = 2000,
-    malformed_rate: Annotated[float, typer.Option(help="Share of malformed events.")] = 0.002,
-    seed: Annotated[int, typer.Option(help="Workload seed.")] = 7,
-    config: ConfigOpt = None,
-    set_: SetOpt = None,
-    brokers: BrokersOpt = None,
-    redis_url: RedisOpt = None,
-    verbose: VerboseOpt = False,
+err_console = Console(stderr=True, soft_wrap=True)
+
+
+def console() -> Console:
+    """Standard output: a terminal's width, or wide and unwrapped into files and pipes."""
+    if sys.stdout.isatty():
+        return Console()
+    return Console(width=int(os.environ.get("COLUMNS", "0") or 0) or 200, soft_wrap=True)
+
+
+ConfigOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--config",
+        "-c",
+        help="YAML config file (default: the embedded default).",
+        exists=True,
+        dir_okay=False,
+    ),
+]
+SetOpt = Annotated[
+    list[str] | None, typer.Option("--set", help="Override a key: section.key=value (repeatable).")
+]
+BrokersOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--brokers",
+        help="Kafka bootstrap servers, host:port[,host:port] (or kafka.brokers). Required.",
+    ),
+]
+RedisOpt = Annotated[
+    str | None, typer.Option("--redis-url", help="Redis URL (or redis.url). Required.")
+]
+EmbeddedBrokersOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--brokers",
+        help="Kafka bootstrap servers, host:port[,host:port]. Unset: this command starts "
+        "an embedded broker.",
+    ),
+]
+EmbeddedRedisOpt = Annotated[
+    str | None,
+    typer.Option("--redis-url", help="Redis URL. Unset: this command starts a redis-server."),
+]
+VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Log at INFO level.")]
+
+
+def version_text() -> str:
+    from crmstream.metrics import build_versions
+
+    crm, python, bytewax, ck, librdkafka, redis_py = build_versions()
+    return (
+        f"crmstream {crm} (Python {python}, bytewax {bytewax}, confluent-kafka {ck}, "
+        f"librdkafka {librdkafka}, redis-py {redis_py})"
+    )
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        sys.stdout.write(version_text() + "\n")
+        raise typer.Exit()
+
+
+_chosen_level = ["warning"]
+LogFormat = Enum("LogFormat", {name: name for name in logs.FORMATS}, type=str)  # type: ignore[misc]
+LogLevel = Enum("LogLevel", {name: name for name in logs.LEVELS}, type=str)  # type: ignore[misc]
+
+
+@app.callback()
+def _global(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_print_version, is_eager=True, help="Print versions and exit."
+        ),
+    ] = False,
+    log_format: Annotated[
+        LogFormat,
+        typer.Option(
+            "--log-format",
+            envvar="CRMSTREAM_LOG_FORMAT",
+            case_sensitive=False,
+            help="plain: one line per record (files, collectors); json: one object per line; "
+            "rich: colours, on a terminal only; auto: rich on a terminal, else plain.",
+        ),
+    ] = LogFormat.auto,
+    log_level: Annotated[
+        LogLevel,
+        typer.Option(
+            "--log-level",
+            envvar="CRMSTREAM_LOG_LEVEL",
+            case_sensitive=False,
+            help="Lowest level logged.",
+        ),
+    ] = LogLevel.warning,
 ) -> None:
-    """Run everything locally: broker, Redis, a shop workload and the flow; show triggers live.
+    """crmstream: real-time CRM triggers from Kafka events."""
+    _chosen_level[0] = log_level.value
+    logs.setup(log_format.value, log_level.value)
 
-    Example: crmstream demo --duration 20 --rate 3000
-    """
-    from crmstream.demo import DemoOptions, run_demo
 
-    _setup_logging(verbose)
-    cfg = _config(config, set_, brokers, redis_url)
-    if events is not None and duration == 30.0:
-        duration = None  # --events alone bounds the run
-    run_demo(cfg, DemoOptions(duration, events, rate, customers, malformed_rate, seed), console)
+def _setup_logging(verbose: bool) -> None:
+    """``-v``: INFO, unless ``--log-level`` asked for DEBUG."""
+    if verbose and _chosen_level[0] != "debug":
+        import logging
+
+        logging.getLogger().setLevel(logging.INFO)
+
+
+def _config(
+    path: Path | None,
+    sets: list[str] | None,
+    brokers: str | None = None,
+    redis_url: str | None = None,
+) -> CrmConfig:
+    """The effective configuration (a ConfigError ends the command in one report)."""
+    overrides = list(sets or [])
+    if brokers:
+        overrides.append(f"kafka.brokers={brokers}")
+    if redis_url:
+        overrides.append(f"redis.url={redis_url}")
+    return load_config(path, overrides)
+
+
+def _fail(message: str) -> CommandError:
+    return CommandError(message)
+
+
+def need_kafka(cfg: CrmConfig, command: str, topics: list[str] | tuple[str, ...] = ()) -> list[str]:
+    """The configured brokers, checked to answer (and to hold ``topics``)."""
+    from crmstream.preflight import check_kafka
+
+    if not cfg.kafka.brokers:
+        raise _fail(
+            f"{command} needs kafka.brokers (--brokers host:port, or CRMSTREAM__KAFKA__BROKERS)"
+        )
+    brokers = list(cfg.kafka.brokers)
+    check_kafka(brokers, dict(cfg.kafka.client), cfg.kafka.connect_timeout_seconds, topics)
+    return brokers
+
+
+def need_redis(cfg: CrmConfig, command: str) -> str:
+    """The configured Redis URL, checked to answer."""
+    from crmstream.preflight import check_redis
+
+    if not cfg.redis.url:
+        raise _fail(
+            f"{command} needs redis.url (--redis-url redis://host:6379/0, or CRMSTREAM__REDIS__URL)"
+        )
+    check_redis(cfg.redis.url, cfg.redis)
+    return cfg.redis.url
+
+
+# demo, generate and replay (registered here: they are listed first in --help)
+from crmstream import cli_local  # noqa: E402,F401
 
 
 @app.command()
@@ -99,6 +252,35 @@ def run(
             "-a", "--addresses", help="host:port of every cluster process, in order (repeatable)."
         ),
     ] = None,
+    statefulset: Annotated[
+        bool,
+        typer.Option(
+            "--statefulset",
+            help="Kubernetes: derive -i from the pod's ordinal and -a from --replicas and "
+            "--peer-service (pods <set>-<k>.<service>:<cluster-port>).",
+        ),
+    ] = False,
+    replicas: Annotated[
+        int, typer.Option(envvar="CRMSTREAM_REPLICAS", help="--statefulset: spec.replicas.")
+    ] = 1,
+    peer_service: Annotated[
+        str | None,
+        typer.Option(
+            envvar="CRMSTREAM_PEER_SERVICE",
+            help="--statefulset: the headless Service (default: the StatefulSet's name).",
+        ),
+    ] = None,
+    pod_name: Annotated[
+        str | None,
+        typer.Option(envvar="HOSTNAME", help="--statefulset: this pod's name (<set>-<ordinal>)."),
+    ] = None,
+    cluster_port: Annotated[
+        int, typer.Option(help="--statefulset: the port every process listens on.")
+    ] = 2101,
+    peer_wait: Annotated[
+        float,
+        typer.Option(help="Seconds to wait for every -a address to resolve before giving up."),
+    ] = 300.0,
     recovery_dir: Annotated[
         Path | None,
         typer.Option(
@@ -116,154 +298,32 @@ def run(
 ) -> None:
     """Run the flow against configured Kafka and Redis (one process of a cluster).
 
+    SIGTERM or SIGINT drains it: it stops reading, finishes the step, commits, flushes
+    the producer and exits 0 (within processing.drain_timeout_seconds, else exit 3).
+
     Example: crmstream run --brokers kafka:9092 --redis-url redis://redis:6379/0 -i 0
     -a crm-0:2101 -a crm-1:2101
     """
-    from crmstream.flows.crm import RecoveryStoreError, run_cluster_process
-    from crmstream.flows.runtime import Endpoints, Runtime
-    from crmstream.metrics import expose_bytewax_metrics, serve
-    from crmstream.state.layout import LayoutError
+    from crmstream.runner import RunOptions, run_flow_process
 
     _setup_logging(verbose)
     cfg = _config(config, set_, brokers, redis_url)
     if not cfg.kafka.brokers or not cfg.redis.url:
         raise _fail(
-            "run needs kafka.brokers and redis.url (or use `crmstream demo` for an embedded stack)"
+            "run needs kafka.brokers and redis.url (only `crmstream demo` and `crmstream "
+            "replay` start an embedded broker and redis-server)"
         )
-    if cfg.metrics.enabled:
-        offset = (process_id or 0) if cfg.metrics.offset_by_process else 0
-        port = cfg.metrics.port + offset if cfg.metrics.port else 0
-        bound = serve(cfg.metrics.bind_address, port)
-        err_console.print(f"metrics on http://{cfg.metrics.bind_address}:{bound}/metrics")
-        if cfg.metrics.bytewax_api_port:
-            expose_bytewax_metrics(cfg.metrics.bytewax_api_port + offset)
-    runtime = Runtime(cfg, Endpoints(list(cfg.kafka.brokers), cfg.redis.url))
-    try:
-        run_cluster_process(
-            runtime,
-            workers,
-            process_id,
-            addresses,
-            str(recovery_dir) if recovery_dir else None,
-            tail=not until_end,
+    if statefulset:
+        from crmstream.cluster import statefulset_peers
+
+        if process_id is not None or addresses:
+            raise _fail("--statefulset derives -i and -a: give neither")
+        process_id, addresses = statefulset_peers(
+            pod_name or "", replicas, peer_service, cluster_port
         )
-    except (RecoveryStoreError, LayoutError) as exc:
-        raise _fail(str(exc)) from None
-
-
-@app.command()
-def generate(
-    events: Annotated[int | None, typer.Option(help="How many events to produce.")] = 100_000,
-    duration: Annotated[
-        float | None, typer.Option(help="Or: produce for this many seconds.")
-    ] = None,
-    rate: Annotated[
-        float | None, typer.Option(help="Target events/s (default: as fast as possible).")
-    ] = None,
-    customers: Annotated[int, typer.Option(help="Customers in the synthetic shop.")] = 10_000,
-    malformed_rate: Annotated[float, typer.Option(help="Share of malformed events.")] = 0.001,
-    seed: Annotated[int, typer.Option(help="Workload seed.")] = 7,
-    live_time: Annotated[
-        bool, typer.Option(help="Stamp events with the wall clock instead of simulated time.")
-    ] = False,
-    output: Annotated[
-        Path | None,
-        typer.Option(
-            "--output",
-            "-o",
-            help="Write the events to this JSON-lines file "
-            "(for `crmstream replay FILE`) instead of producing them to Kafka.",
-        ),
-    ] = None,
-    config: ConfigOpt = None,
-    set_: SetOpt = None,
-    brokers: BrokersOpt = None,
-    verbose: VerboseOpt = False,
-) -> None:
-    """Produce a realistic shop workload to the input topics.
-
-    Examples: crmstream generate --brokers localhost:9092 --events 1000000 --rate 20000
-
-      crmstream generate --events 50000 --output last-month.jsonl
-    """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
-
-    from crmstream.bench.workload import Workload, WorkloadSpec, publish
-
-    _setup_logging(verbose)
-    cfg = _config(config, set_, brokers)
-    workload = Workload(
-        cfg, WorkloadSpec(customers=customers, seed=seed, malformed_rate=malformed_rate)
-    )
-    if output is not None:  # record to a file for `crmstream replay FILE`
-        if events is None:
-            raise _fail("--output needs --events")
-        with output.open("wb") as handle:
-            for _, event in zip(range(events), workload.events(), strict=False):
-                handle.write(event.value + b"\n")
-        console.print(f"wrote {events:,} events to {output}")
-        return
-    if not cfg.kafka.brokers:
-        raise _fail("generate needs kafka.brokers (--brokers host:port)")
-    total = events if duration is None else None
-    with Progress(
-        *Progress.get_default_columns()[:1],
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        console=err_console,
-    ) as progress:
-        task = progress.add_task("producing", total=total)
-        stats = publish(
-            list(cfg.kafka.brokers),
-            cfg,
-            workload,
-            max_events=total,
-            duration_s=duration,
-            rate=rate,
-            live_time=live_time,
-            on_progress=lambda n: progress.update(task, completed=n),
-        )
-    console.print(
-        f"produced {stats.events:,} events ({stats.malformed:,} malformed) in "
-        f"{stats.seconds:.1f} s: {stats.events / max(stats.seconds, 1e-9):,.0f}/s"
-    )
-
-
-@app.command()
-def profile(
-    customer_id: Annotated[str, typer.Argument(help="The customer id.")],
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
-    as_of: AsOfOpt = None,
-    config: ConfigOpt = None,
-    set_: SetOpt = None,
-    redis_url: RedisOpt = None,
-) -> None:
-    """Show what Redis holds for one customer, decoded (the customer-360 view), with
-    everything that moves with time derived as of one time.
-
-    Example: crmstream profile c0000042 --redis-url redis://localhost:6379/0
-
-      crmstream profile cdnow-00008 --as-of 1997-12-31 --redis-url redis://localhost:6379/0
-    """
-    from crmstream.profile import ProfileError, customer_view, render
-    from crmstream.state.store import StateStore, StateStoreError, connect
-
-    cfg = _config(config, set_, redis_url=redis_url)
-    if not cfg.redis.url:
-        raise _fail("profile needs redis.url (--redis-url redis://host:6379/0)")
-    when = parse_as_of(as_of)
-    try:
-        store = StateStore(connect(cfg.redis.url, cfg.redis), cfg.redis.key_prefix)
-        view = customer_view(store, cfg, customer_id, when)
-    except (StateStoreError, ProfileError) as exc:
-        raise _fail(str(exc)) from None
-    if view is None:
-        raise _fail(f"no state for customer {customer_id!r}")
-    if as_json:
-        sys.stdout.write(orjson.dumps(view, option=orjson.OPT_INDENT_2).decode() + "\n")
-    else:
-        console.print(render(view))
+        logs.notice(f"StatefulSet process {process_id} of {len(addresses)}: {' '.join(addresses)}")
+    options = RunOptions(workers, process_id, addresses, recovery_dir, not until_end, peer_wait)
+    run_flow_process(cfg, options)
 
 
 @app.command()
@@ -290,213 +350,47 @@ def reshard(
     """
     from rich.progress import Progress
 
-    from crmstream.state.layout import Layout, LayoutError, stored_layout
+    from crmstream.state.layout import Layout, stored_layout
     from crmstream.state.layout import reshard as do_reshard
-    from crmstream.state.store import StateStore, StateStoreError, connect
+    from crmstream.state.store import StateStore, connect
 
     cfg = _config(config, set_, redis_url=redis_url)
-    if not cfg.redis.url:
-        raise _fail("reshard needs redis.url (--redis-url redis://host:6379/0)")
+    url = need_redis(cfg, "reshard")
     target = Layout(shards or cfg.processing.shards, step_ms or cfg.processing.step_ms)
     if not 1 <= target.shards <= 4096 or target.step_ms < 1:
         raise _fail(
             f"shards must be 1..4096 and step_ms >= 1, got {target.shards}, {target.step_ms}"
         )
-    try:
-        store = StateStore(connect(cfg.redis.url, cfg.redis), cfg.redis.key_prefix)
-        source, unfinished = stored_layout(store, cfg.processing.step_ms)
-        if source is None:
-            raise _fail(f"no state under key prefix {cfg.redis.key_prefix!r}: nothing to reshard")
-        if source == target and unfinished is None:
-            console.print(f"the state already has {source.shards} shards, step_ms {source.step_ms}")
-            return
-        console.print(
-            f"{cfg.redis.key_prefix!r}: {source.shards} shards, step_ms {source.step_ms} -> "
-            f"{target.shards} shards, step_ms {target.step_ms}"
-            + (" (finishing an interrupted reshard)" if unfinished else "")
-        )
-        if not yes and not typer.confirm("Is the flow stopped and drained?"):
-            raise typer.Exit(1)
-        with Progress(console=err_console, transient=True) as bar:
-            tasks: dict[str, int] = {}
+    out = console()
+    store = StateStore(connect(url, cfg.redis), cfg.redis.key_prefix)
+    source, unfinished = stored_layout(store, cfg.processing.step_ms)
+    if source is None:
+        raise _fail(f"no state under key prefix {cfg.redis.key_prefix!r}: nothing to reshard")
+    if source == target and unfinished is None:
+        out.print(f"the state already has {source.shards} shards, step_ms {source.step_ms}")
+        return
+    out.print(
+        f"{cfg.redis.key_prefix!r}: {source.shards} shards, step_ms {source.step_ms} -> "
+        f"{target.shards} shards, step_ms {target.step_ms}"
+        + (" (finishing an interrupted reshard)" if unfinished else "")
+    )
+    if not yes and not typer.confirm("Is the flow stopped and drained?"):
+        raise typer.Exit(1)
+    with Progress(console=err_console, transient=True) as bar:
+        tasks: dict[str, int] = {}
 
-            def advance(what: str, n: int) -> None:
-                if what not in tasks:
-                    tasks[what] = bar.add_task(f"moving {what}", total=None)
-                bar.advance(tasks[what], n)
+        def advance(what: str, n: int) -> None:
+            if what not in tasks:
+                tasks[what] = bar.add_task(f"moving {what}", total=None)
+            bar.advance(tasks[what], n)
 
-            report = do_reshard(store, target, cfg.processing.step_ms, advance)
-    except (LayoutError, StateStoreError) as exc:
-        raise _fail(str(exc)) from None
-    console.print(
+        report = do_reshard(store, target, cfg.processing.step_ms, advance)
+    out.print(
         f"resharded: {report.timers:,} timers and {report.outbox:,} outbox records moved; "
         f"{report.positions} input partitions' progress merged; "
         f"{report.customers:,} customers counted. Start the flow with processing.shards="
         f"{target.shards} and processing.step_ms={target.step_ms}."
     )
-
-
-@app.command()
-def replay(
-    source: Annotated[
-        str,
-        typer.Argument(
-            help="What to replay: 'cdnow' (the CDNOW dataset from the lifetimes wheel)."
-        ),
-    ],
-    until: Annotated[
-        str | None,
-        typer.Option(
-            help="Replay transactions up to and including "
-            "this date (YYYY-MM-DD), e.g. the end of a calibration period."
-        ),
-    ] = None,
-    show: Annotated[int, typer.Option(help="Customers to show at the end.")] = 3,
-    config: ConfigOpt = None,
-    set_: SetOpt = None,
-    brokers: BrokersOpt = None,
-    redis_url: RedisOpt = None,
-    verbose: VerboseOpt = False,
-) -> None:
-    """Replay recorded history through the real flow in event time, with progress.
-
-    Examples: crmstream replay cdnow --until 1997-09-30
-
-      crmstream replay last-month.jsonl --brokers kafka:9092 --redis-url redis://redis:6379/0
-    """
-
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
-
-    from crmstream.embedded import infrastructure
-    from crmstream.flows import replay as replay_mod
-    from crmstream.flows.replay import (
-        ReplayError,
-        cdnow_events,
-        cdnow_path,
-        file_events,
-        read_cdnow,
-    )
-    from crmstream.profile import customer_views
-    from crmstream.state.layout import LayoutError
-    from crmstream.state.store import StateStore, connect
-
-    _setup_logging(verbose)
-    customers: list[str] = []
-    cutoff = None
-    if source == "cdnow":
-        # CDNOW is 1997-1998: accept event times from 1990 on.
-        sets = ["processing.min_event_time=1990-01-01T00:00:00+00:00", *(set_ or [])]
-        cfg = _config(config, sets, brokers, redis_url)
-        try:
-            cutoff = date.fromisoformat(until) if until else None
-        except ValueError:
-            raise _fail(f"--until must be YYYY-MM-DD, got {until!r}") from None
-        try:
-            rows = read_cdnow(cdnow_path(), cutoff)
-        except ReplayError as exc:
-            raise _fail(str(exc)) from None
-        events = list(cdnow_events(rows, cfg.kafka.topics.orders))
-        customers = sorted({r.customer for r in rows})
-        console.print(
-            f"CDNOW: {len(events):,} purchases by {len(customers):,} customers"
-            + (f" up to {cutoff}" if cutoff else "")
-        )
-    else:
-        path = Path(source)
-        if not path.is_file():
-            raise _fail(f"no such replay file: {source!r} (or use 'cdnow')")
-        cfg = _config(config, set_, brokers, redis_url)
-        events = list(file_events(path, cfg))
-        console.print(f"{path}: {len(events):,} events")
-    with infrastructure(cfg) as endpoints:
-        with Progress(
-            *Progress.get_default_columns()[:1],
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeRemainingColumn(),
-            console=err_console,
-        ) as progress:
-            tasks: dict[str, object] = {}
-
-            def on_progress(stage: str, done: int, total: int) -> None:
-                if stage not in tasks:
-                    tasks[stage] = progress.add_task(stage, total=total)
-                progress.update(tasks[stage], completed=done)
-
-            try:
-                seconds = replay_mod.replay(endpoints, cfg, events, on_progress)
-            except LayoutError as exc:
-                raise _fail(str(exc)) from None
-        console.print(
-            f"replayed {len(events):,} events in {seconds:.1f} s "
-            f"({len(events) / seconds:,.0f} events/s)"
-        )
-        store = StateStore(connect(endpoints.redis_url, cfg.redis), cfg.redis.key_prefix)
-        shown = ("customer_id", "as_of", "as_of_source", "bgnbd", "value", "rfm", "lifecycle")
-        for view in customer_views(store, cfg, customers[:show]).values():
-            console.print_json(data={k: view[k] for k in shown})
-
-
-@app.command()
-def triggers(
-    follow: Annotated[
-        bool, typer.Option("--follow", "-f", help="Keep the table live as triggers arrive.")
-    ] = False,
-    trigger_type: Annotated[
-        list[str] | None, typer.Option("--type", "-t", help="Only this trigger type (repeatable).")
-    ] = None,
-    customer: Annotated[str | None, typer.Option(help="Only this customer id.")] = None,
-    last: Annotated[int, typer.Option(help="Rows to show.")] = 20,
-    limit: Annotated[
-        int | None, typer.Option(help="Stop after this many matching triggers.")
-    ] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="One JSON record per line.")] = False,
-    config: ConfigOpt = None,
-    set_: SetOpt = None,
-    brokers: BrokersOpt = None,
-) -> None:
-    """Show the latest triggers on the trigger topic as a table; --follow tails it live.
-
-    Reads with no consumer group, so subscribers' offsets are untouched.
-
-    Example: crmstream triggers --brokers kafka:9092 --follow --type cart_abandoned
-
-      crmstream triggers --brokers kafka:9092 --customer c000123 --json
-    """
-    from crmstream.ops import tail_triggers
-
-    cfg = _config(config, set_, brokers)
-    if not cfg.kafka.brokers:
-        raise _fail("triggers needs kafka.brokers (--brokers host:port)")
-    known = set(cfg.rules.model_fields)
-    unknown = sorted(set(trigger_type or []) - known)
-    if unknown:
-        raise _fail(f"unknown trigger type(s) {unknown}; known: {sorted(known)}")
-    with contextlib.suppress(KeyboardInterrupt):
-        tail_triggers(
-            cfg, console, follow, list(trigger_type or []), customer, last, limit, as_json
-        )
-
-
-@app.command()
-def explain(
-    trigger_id: Annotated[str, typer.Argument(help="The trigger_id of a trigger or suppression.")],
-    config: ConfigOpt = None,
-    set_: SetOpt = None,
-    brokers: BrokersOpt = None,
-) -> None:
-    """Why a trigger fired (rule, values against thresholds, causal event, delivery), or
-    which policy suppressed it and why. Exit code 1 when the id is not found.
-
-    Example: crmstream explain 3f9c0a... --brokers kafka:9092
-    """
-    from crmstream.ops import explain as explain_trigger
-
-    cfg = _config(config, set_, brokers)
-    if not cfg.kafka.brokers:
-        raise _fail("explain needs kafka.brokers (--brokers host:port)")
-    if not explain_trigger(cfg, trigger_id, console):
-        raise typer.Exit(1)
 
 
 @topics_app.command("create")
@@ -515,17 +409,14 @@ def topics_create(
 
     Example: crmstream topics create --brokers localhost:9092 --partitions 8
     """
-    from crmstream.topics import TopicError, create_topics
+    from crmstream.topics import create_topics
 
     cfg = _config(config, set_, brokers)
-    if not cfg.kafka.brokers:
-        raise _fail("topics create needs kafka.brokers (--brokers host:port)")
-    try:
-        result = create_topics(list(cfg.kafka.brokers), cfg, partitions, replication_factor)
-    except TopicError as exc:
-        raise _fail(str(exc)) from None
+    brokers_list = need_kafka(cfg, "topics create")
+    result = create_topics(brokers_list, cfg, partitions, replication_factor)
+    out = console()
     for name, outcome in result.items():
-        console.print(f"{name}: {outcome}")
+        out.print(f"{name}: {outcome}")
 
 
 @config_app.command("show")
@@ -536,22 +427,61 @@ def config_show(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     """
     cfg = _config(config, set_)
     dump = mask_secrets(cfg.model_dump(mode="json"))
-    console.print(yaml.safe_dump(dump, sort_keys=False), end="", markup=False, highlight=False)
+    console().print(yaml.safe_dump(dump, sort_keys=False), end="", markup=False, highlight=False)
 
 
 @config_app.command("validate")
 def config_validate(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     """Check a configuration and exit non-zero, naming the key, if it is invalid.
 
+    Builds every kind of Kafka client with the configured librdkafka properties,
+    without connecting, so an unknown property or a bad value is caught here.
+
     Example: crmstream config validate --config prod.yaml
     """
-    _config(config, set_)
-    console.print("configuration is valid")
+    from crmstream.clients import validate_properties
+
+    cfg = _config(config, set_)
+    for warning in validate_properties(cfg):
+        logs.warning(f"librdkafka: {warning}")
+    console().print("configuration is valid")
+
+
+GLOBAL_OPTIONS = ("--log-format", "--log-level")
+
+
+def hoist_global_options(args: list[str]) -> list[str]:
+    """``--log-format`` and ``--log-level`` given after the command name, moved before it
+    (they are options of ``crmstream`` itself): ``crmstream run --log-level info`` works."""
+    front: list[str] = []
+    rest: list[str] = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg == "--":
+            rest += args[i:]
+            break
+        name = arg.split("=", 1)[0]
+        if name in GLOBAL_OPTIONS:
+            if "=" in arg:
+                front.append(arg)
+            else:
+                front += args[i : i + 2]
+                i += 1
+        else:
+            rest.append(arg)
+        i += 1
+    return front + rest
 
 
 def main() -> None:
-    app()
+    app(args=hoist_global_options(sys.argv[1:]), prog_name="crmstream")
 
 
-if __name__ == "__main__":
-    main()
+from crmstream import cli_views  # noqa: E402,F401  (registers the view commands)
+from crmstream.cli_quarantine import quarantine_app  # noqa: E402
+from crmstream.cli_value import fit, model_app  # noqa: E402
+
+app.command()(fit)
+app.add_typer(model_app, name="model")
+app.add_typer(quarantine_app, name="quarantine")

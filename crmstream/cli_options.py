@@ -1,82 +1,46 @@
-"""What the ``crmstream`` commands share: consoles, common options, config loading, errors.
+"""The ``--as-of`` time syntax, and the options the value and quarantine commands share.
 
-This module owns the pieces every command of ``crmstream.cli`` and
-``crmstream.cli_value`` uses: the option types, loading the configuration
-with overrides (a bad value prints one clear message and exits 2), and the
-``--as-of`` time syntax.
+This module owns parsing ``--as-of`` (``profile``, ``fit``); the options, config
+loading and error handling are ``crmstream.cli``'s, re-exported here for the
+command modules registered after it (``cli_value``, ``cli_quarantine``).
 """
 
 from __future__ import annotations
 
-import logging
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
-from rich.logging import RichHandler
 
-from crmstream.config import ConfigError, CrmConfig, load_config
+# The shared options and helpers are crmstream.cli's; this module adds the time syntax of
+# the value commands (fit, profile --as-of).
+from crmstream.cli import (
+    BrokersOpt,
+    ConfigOpt,
+    RedisOpt,
+    SetOpt,
+    VerboseOpt,
+    _config,
+    _fail,
+    _setup_logging,
+    console,
+    err_console,
+)
 
-console = Console()
-err_console = Console(stderr=True)
-
-ConfigOpt = Annotated[
-    Path | None,
-    typer.Option(
-        "--config",
-        "-c",
-        help="YAML config file (default: the embedded default).",
-        exists=True,
-        dir_okay=False,
-    ),
+__all__ = [
+    "AsOfOpt",
+    "BrokersOpt",
+    "ConfigOpt",
+    "RedisOpt",
+    "SetOpt",
+    "VerboseOpt",
+    "_config",
+    "_fail",
+    "_setup_logging",
+    "console",
+    "err_console",
+    "parse_as_of",
 ]
-SetOpt = Annotated[
-    list[str] | None, typer.Option("--set", help="Override a key: section.key=value (repeatable).")
-]
-BrokersOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--brokers",
-        help="Kafka bootstrap servers, host:port[,host:port]. Unset: an embedded broker.",
-    ),
-]
-RedisOpt = Annotated[
-    str | None, typer.Option("--redis-url", help="Redis URL. Unset: an embedded redis-server.")
-]
-VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Log at INFO level.")]
-
-
-def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.INFO if verbose else logging.WARNING,
-        format="%(message)s",
-        handlers=[RichHandler(console=err_console, show_path=False)],
-    )
-
-
-def _config(
-    path: Path | None,
-    sets: list[str] | None,
-    brokers: str | None = None,
-    redis_url: str | None = None,
-) -> CrmConfig:
-    overrides = list(sets or [])
-    if brokers:
-        overrides.append(f"kafka.brokers={brokers}")
-    if redis_url:
-        overrides.append(f"redis.url={redis_url}")
-    try:
-        return load_config(path, overrides)
-    except ConfigError as exc:
-        err_console.print(f"[red]error:[/] {exc}")
-        raise typer.Exit(2) from None
-
-
-def _fail(message: str) -> typer.Exit:
-    err_console.print(f"[red]error:[/] {message}")
-    return typer.Exit(2)
 
 
 def parse_as_of(text: str | None) -> int | None:

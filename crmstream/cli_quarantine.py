@@ -69,7 +69,7 @@ def quarantine_list(
     for row in rows:
         table.add_row(row["customer"], row["kind"], row["due"] or "-", str(row["shard"]),
                       row["reason"])  # fmt: skip
-    console.print(table)
+    console().print(table)
 
 
 @quarantine_app.command("release")
@@ -98,5 +98,5 @@ def quarantine_release(
         by_shard.setdefault(row["shard"], {})[row["member"]] = row.get("due_ms")
     for shard, members in by_shard.items():
         store.release_quarantine(shard, members)
-    console.print(f"released {len(chosen)} timer(s) of {len({r['customer'] for r in chosen})} "
+    console().print(f"released {len(chosen)} timer(s) of {len({r['customer'] for r in chosen})} "
                   "customer(s)")  # fmt: skip

@@ -159,7 +159,7 @@ def model_list(config: ConfigOpt = None, set_: SetOpt = None, redis_url: RedisOp
             ", ".join(f"{g[k]:.4g}" for k in ("p", "q", "v")),
             str(item.get("source", "-")),
         )
-    console.print(table)
+    console().print(table)
 
 
 @model_app.command("activate")
@@ -183,7 +183,7 @@ def model_activate(
         model.activate(connect(cfg.redis.url, cfg.redis), cfg.redis.key_prefix, version)
     except (StateStoreError, model.ModelError) as exc:
         raise _fail(str(exc)) from None
-    console.print(
+    console().print(
         f"parameter set {version} is active: flow processes use it from their next start "
         f"(restart them all)"
     )

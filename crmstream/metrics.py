@@ -21,6 +21,8 @@ from prometheus_client import (
     start_http_server,
 )
 
+from crmstream.config import CrmConfig
+
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 _BATCH_BUCKETS = (1, 10, 50, 100, 250, 500, 1000, 2500, 5000, 10000)
 _REDIS_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0)
@@ -57,7 +59,8 @@ class CrmMetrics:
         )
         self.source_stalls = Counter(
             "crmstream_source_stalls_total",
-            "Times an input partition not read to its end delivered nothing for 5 s.",
+            "Times an input partition not read to its end delivered nothing for "
+            "kafka.stall_warning_seconds (30 s by default).",
             ["topic"],
             registry=registry,
         )
@@ -191,6 +194,83 @@ class CrmMetrics:
             ["topic", "cause"],
             registry=registry,
         )
+        self.build_info = Gauge(
+            "crmstream_build_info",
+            "Always 1; the labels name the versions this process runs.",
+            ["version", "python", "bytewax", "confluent_kafka", "librdkafka", "redis_py"],
+            registry=registry,
+        )
+        self.build_info.labels(*build_versions()).set(1)
+
+    def precreate(self, config: CrmConfig) -> None:
+        """Create every labelled series whose label values are known, at 0.
+
+        A series that appears only at its first increment hides that increment
+        from ``rate()`` and ``increase()`` (Prometheus sees it start at 1, not 0),
+        and a panel over it stays empty until then. Shard gauges are left out:
+        each process owns only some shards.
+        """
+        from crmstream.operators.events import TOPIC_ROLE_TYPES
+        from crmstream.state.encoding import STAGES
+
+        topics = config.kafka.topics
+        for topic, role in topics.inputs.items():
+            for event_type in sorted(TOPIC_ROLE_TYPES[role]):
+                self.events_in.labels(topic, event_type)
+            for field in INVALID_FIELDS:
+                self.invalid_events.labels(topic, field)
+            for counter in (self.skipped_events, self.duplicate_events, self.source_stalls):
+                counter.labels(topic)
+        for stage in STAGES:
+            self.stage_transitions.labels(stage)
+        for trigger_type in type(config.rules).model_fields:
+            self.triggers.labels(trigger_type)
+            self.event_to_trigger_seconds.labels(trigger_type)
+            self.ingest_to_emit_seconds.labels(trigger_type)
+            for policy in SUPPRESSION_POLICIES:
+                self.suppressions.labels(trigger_type, policy)
+        for operation in REDIS_OPERATIONS:
+            self.redis_seconds.labels(operation)
+        for error in REDIS_ERRORS:
+            self.redis_errors.labels(error)
+        for topic in topics.outputs:
+            self.delivery_failures.labels(topic)
+
+
+# Label values known in advance (``CrmMetrics.precreate``).
+# The policies that stop a candidate (operators/policies.py; quiet hours defer, never stop).
+SUPPRESSION_POLICIES = ("consent", "erasure", "cooldown", "priority", "frequency_cap", "regional")
+REDIS_OPERATIONS = ("load", "commit", "timers", "profiles")
+# The errors the Redis client retries (state/store.py ``connect``).
+REDIS_ERRORS = ("ConnectionError", "TimeoutError", "BusyLoadingError")
+# The message as a whole and the fields every event has; the fields of one event type
+# appear at their first rejection.
+INVALID_FIELDS = ("message", "event_id", "customer_id", "event_type", "event_time")
+
+
+def build_versions() -> tuple[str, ...]:
+    """The version labels of ``crmstream_build_info``."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    import confluent_kafka
+
+    from crmstream import __version__
+
+    def installed(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "unknown"
+
+    return (
+        __version__,
+        platform.python_version(),
+        installed("bytewax"),
+        installed("confluent-kafka"),
+        confluent_kafka.libversion()[0],
+        installed("redis"),
+    )
 
 
 log = logging.getLogger(__name__)

@@ -1,30 +1,37 @@
-"""Operator views of the output topics: tail the triggers, explain one trigger id.
+"""Operator views of the output topics: latest triggers and suppressions, dead letters,
+and one trigger explained.
 
-This module owns reading the trigger and suppression topics for people: a
-plain consumer that assigns every partition (no consumer group, so it never
-disturbs downstream subscribers' offsets) and reads from the beginning.
+This module owns reading crmstream's output topics for people. ``TopicReader``
+assigns every partition (no consumer group, so downstream subscribers'
+offsets are never touched) and reads from the end backwards: the newest
+window of each partition first, then windows four times larger further back,
+until the caller has what it asked for (``latest``) or the start of the topic
+is reached, so ``--last 3`` reads a few records, not the topic. ``--since``
+starts at the offsets for a time (Kafka's ListOffsets by timestamp; a broker
+that cannot answer it is read from the start, filtered by time). ``follow``
+then goes on with records as they arrive. Records are JSON; anything else is
+counted and skipped.
 """
 
 from __future__ import annotations
 
+import logging
 import time
-from collections import deque
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 from confluent_kafka import Consumer, KafkaError, TopicPartition
-from rich.console import Console
-from rich.live import Live
-from rich.table import Table
 
 from crmstream.clients import librdkafka_config
-from crmstream.config import CrmConfig
 from crmstream.topics import TopicError, partitions_of
+
+log = logging.getLogger(__name__)
+_NO_PROGRESS_S = 60.0
 
 
 def reader_config(brokers: list[str], client: dict[str, Any]) -> dict[str, Any]:
-    """The consumer configuration of ``read_records`` (``client``: the consumer's
+    """The consumer configuration of ``TopicReader`` (``client``: the consumer's
     librdkafka properties)."""
     return {
         **librdkafka_config(brokers, client),
@@ -34,170 +41,181 @@ def reader_config(brokers: list[str], client: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def read_records(
-    brokers: list[str],
-    client: dict[str, Any],
-    topics: list[str],
-    follow: bool,
-    stop: Callable[[], bool] = lambda: False,
-) -> Iterator[tuple[str, dict[str, Any] | None]]:
-    """(topic, record) for every record of ``topics`` from the beginning; with ``follow``
-    it then waits for new ones. A ``(topic, None)`` pair marks "all caught up"."""
-    consumer = Consumer(reader_config(brokers, client))
-    try:
-        parts = []
-        for topic in topics:
-            try:
-                ids = partitions_of(consumer, topic, 15)
-            except TopicError as exc:
-                raise SystemExit(str(exc)) from None
-            parts += [TopicPartition(topic, p, 0) for p in ids]
-        consumer.assign(parts)
-        pending = {(p.topic, p.partition) for p in parts}
-        caught_up = False
-        while not stop():
-            for msg in consumer.consume(500, 0.2):
+class Record(NamedTuple):
+    topic: str
+    partition: int
+    offset: int
+    timestamp_ms: int
+    value: dict[str, Any]
+
+
+_Part = tuple[str, int]
+
+
+class TopicReader:
+    """Every partition of ``topics``, read newest first (see module docstring)."""
+
+    def __init__(
+        self, brokers: list[str], properties: dict[str, Any], topics: list[str], timeout_s: float
+    ):
+        self._consumer = Consumer(reader_config(brokers, properties))
+        self.read = 0  # records read, for the caller's log
+        self.skipped = 0  # records that were not JSON objects
+        self._low: dict[_Part, int] = {}
+        self._high: dict[_Part, int] = {}
+        self._resume: dict[_Part, int] = {}  # where follow() goes on
+        try:
+            for topic in topics:
+                for p in partitions_of(self._consumer, topic, timeout_s):
+                    low, high = self._consumer.get_watermark_offsets(
+                        TopicPartition(topic, p), timeout=timeout_s
+                    )
+                    self._low[topic, p], self._high[topic, p] = max(0, low), max(0, high)
+        except BaseException:
+            self._consumer.close()
+            raise
+
+    def close(self) -> None:
+        self._consumer.close()
+
+    def __enter__(self) -> TopicReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def latest(
+        self,
+        enough: Callable[[list[Record]], bool],
+        first_window: int = 200,
+        since_ms: int | None = None,
+    ) -> list[Record]:
+        """The newest records, read in windows from the end back until ``enough(records)``
+        or the start of every partition (or ``since_ms``), oldest first."""
+        if since_ms is not None:
+            starts = self._offsets_for(since_ms)
+            records = [r for r in self._window(starts, {}) if r.timestamp_ms >= since_ms]
+            return sorted(records, key=_order)
+        size = max(1, first_window)
+        stops: dict[_Part, int] = {}  # a missing entry: up to the end
+        starts = {pos: max(self._low[pos], self._high[pos] - size) for pos in self._low}
+        records: list[Record] = []
+        while True:
+            records = self._window(starts, stops) + records
+            if enough(records) or all(starts[pos] <= self._low[pos] for pos in starts):
+                break
+            stops = {pos: start for pos, start in starts.items() if start > self._low[pos]}
+            size *= 4
+            starts = {pos: max(self._low[pos], stop - size) for pos, stop in stops.items()}
+        log.info("read %d records of %s in windows from the end", self.read, sorted(self._low))
+        return sorted(records, key=_order)
+
+    def _offsets_for(self, since_ms: int) -> dict[_Part, int]:
+        wanted = [TopicPartition(t, p, since_ms) for t, p in self._low]
+        try:
+            found = self._consumer.offsets_for_times(wanted, timeout=15)
+        except Exception as exc:  # a broker without ListOffsets by time: read it all
+            log.info("offsets for times unavailable (%s): reading from the start", exc)
+            return dict(self._low)
+        starts = {}
+        for tp in found:
+            pos = (tp.topic, tp.partition)
+            # -1: nothing at or after that time; read from the end (EOF) then.
+            starts[pos] = self._high[pos] if tp.offset < 0 else max(self._low[pos], tp.offset)
+        return starts
+
+    def _window(self, starts: dict[_Part, int], stops: dict[_Part, int]) -> list[Record]:
+        """The records from each partition's start to its stop (excluded; no stop: to its
+        end), and where each partition ended for ``follow``."""
+        todo = {pos for pos in starts if stops.get(pos, 1 << 62) > starts[pos]}
+        if not todo:
+            return []
+        self._consumer.assign([TopicPartition(t, p, starts[t, p]) for t, p in sorted(todo)])
+        out: list[Record] = []
+        last_progress = time.monotonic()
+        while todo:
+            batch = self._consumer.consume(500, 0.2)
+            if batch:
+                last_progress = time.monotonic()
+            elif time.monotonic() - last_progress > _NO_PROGRESS_S:
+                raise TopicError(f"no data from {sorted(todo)} for {_NO_PROGRESS_S:g} s")
+            for msg in batch:
+                pos = (msg.topic(), msg.partition())
                 err = msg.error()
                 if err is not None:
                     if err.code() == KafkaError._PARTITION_EOF:
-                        pending.discard((msg.topic(), msg.partition()))
+                        if pos not in stops:
+                            self._resume[pos] = msg.offset()
+                        todo.discard(pos)
+                        continue
+                    raise TopicError(f"reading {pos[0]}[{pos[1]}]: {err.str()}")
+                if pos not in todo:
                     continue
-                try:
-                    yield msg.topic(), orjson.loads(msg.value())
-                except orjson.JSONDecodeError:
+                stop = stops.get(pos)
+                if stop is not None and msg.offset() >= stop:
+                    todo.discard(pos)
                     continue
-            if not pending and not caught_up:
-                caught_up = True
-                yield "", None
-                if not follow:
+                self.read += 1
+                record = self._record(msg)
+                if record is not None:
+                    out.append(record)
+                if stop is not None and msg.offset() >= stop - 1:
+                    todo.discard(pos)
+        return out
+
+    def _record(self, msg: Any) -> Record | None:
+        try:
+            value = orjson.loads(msg.value())
+        except orjson.JSONDecodeError:
+            value = None
+        if not isinstance(value, dict):
+            self.skipped += 1
+            return None
+        _kind, ts = msg.timestamp()
+        return Record(msg.topic(), msg.partition(), msg.offset(), ts, value)
+
+    def follow(self, stop: Callable[[], bool]) -> Iterator[Record]:
+        """Records as they arrive after those ``latest`` read, until ``stop()``."""
+        resume = {pos: self._resume.get(pos, self._high[pos]) for pos in self._low}
+        self._consumer.assign([TopicPartition(t, p, off) for (t, p), off in sorted(resume.items())])
+        while not stop():
+            for msg in self._consumer.consume(500, 0.2):
+                err = msg.error()
+                if err is not None:
+                    if err.code() != KafkaError._PARTITION_EOF:
+                        raise TopicError(f"reading {msg.topic()}[{msg.partition()}]: {err.str()}")
+                    continue
+                record = self._record(msg)
+                if record is not None:
+                    yield record
+                if stop():
                     return
-    finally:
-        consumer.close()
 
 
-def matches(record: dict[str, Any], types: list[str], customer: str | None) -> bool:
-    return (not types or record.get("trigger_type") in types) and (
-        customer is None or record.get("customer_id") == customer
-    )
+def _order(record: Record) -> tuple[int, str, int, int]:
+    return (record.timestamp_ms, record.topic, record.partition, record.offset)
 
 
-def trigger_table(rows: deque[dict[str, Any]], title: str) -> Table:
-    table = Table(title=title, expand=False)
-    for col in ("event time", "type", "customer", "channel", "why", "trigger id"):
-        table.add_column(col, overflow="fold")
-    for r in rows:
-        values = r.get("reason", {}).get("values", {})
-        why = ", ".join(f"{k}={v}" for k, v in list(values.items())[:3])
-        table.add_row(
-            r.get("event_time", "")[:19],
-            r.get("trigger_type", ""),
-            r.get("customer_id", ""),
-            r.get("channel") or "",
-            why,
-            r.get("trigger_id", "")[:12],
-        )
-    return table
+class AmbiguousId(TopicError):
+    """A trigger id prefix matches more than one id."""
 
 
-def tail_triggers(
-    config: CrmConfig,
-    console: Console,
-    follow: bool,
-    types: list[str],
-    customer: str | None,
-    last: int,
-    limit: int | None,
-    as_json: bool,
-) -> int:
-    """Show the latest matching triggers; with ``follow``, keep the table live. Returns
-    how many matching records were read."""
-    topic = config.kafka.topics.triggers
-    rows: deque[dict[str, Any]] = deque(maxlen=last)
-    seen = 0
-    title = (
-        f"{topic}"
-        + (f" type in {types}" if types else "")
-        + (f" customer {customer}" if customer else "")
-    )
-
-    def done() -> bool:
-        return limit is not None and seen >= limit
-
-    records = read_records(
-        list(config.kafka.brokers), config.kafka.consumer_properties(), [topic], follow, done
-    )
-    live: Live | None = None
-    try:
-        for _topic, record in records:
-            if record is None:  # caught up: show what there is, then go live
-                if not as_json:
-                    if follow:
-                        live = Live(
-                            trigger_table(rows, title), console=console, refresh_per_second=4
-                        )
-                        live.start()
-                    else:
-                        console.print(trigger_table(rows, title))
-                continue
-            if not matches(record, types, customer):
-                continue
-            seen += 1
-            if as_json:
-                print(orjson.dumps(record).decode(), flush=True)
-            rows.append(record)
-            if live is not None:
-                live.update(trigger_table(rows, title))
-    finally:
-        if live is not None:
-            live.stop()
-    return seen
+MIN_PREFIX = 8
 
 
-def explain(config: CrmConfig, trigger_id: str, console: Console) -> bool:
-    """Print why a trigger fired, or why it was suppressed or held; False when not found."""
-    topics = config.kafka.topics
-    found: list[tuple[str, dict[str, Any]]] = []
-    started = time.monotonic()
-    for topic, record in read_records(
-        list(config.kafka.brokers),
-        config.kafka.consumer_properties(),
-        [topics.triggers, topics.suppressions],
-        follow=False,
-    ):
-        if record is not None and record.get("trigger_id") == trigger_id:
-            found.append((topic, record))
-    if not found:
-        console.print(
-            f"no trigger or suppression with id {trigger_id} on {topics.triggers} or "
-            f"{topics.suppressions} (read in {time.monotonic() - started:.1f} s)"
-        )
-        return False
-    for topic, r in found:
-        sent = topic == topics.triggers
-        rule = r.get("rule", {})
-        console.print(
-            f"[bold]{r['trigger_type']}[/] for customer [bold]{r['customer_id']}[/]: "
-            + ("[green]SENT[/]" if sent else f"[red]SUPPRESSED[/] by policy {r['policy']}")
-        )
-        console.print(f"  rule        {rule.get('name')} v{rule.get('version')}")
-        console.print(f"  event time  {r.get('event_time')}  detected {r.get('detected_at')}")
-        if sent:
-            console.print(f"  causal      event {r.get('causal_event_id')}")
-            reason = r.get("reason", {})
-        else:
-            console.print(f"  why stopped {r.get('reason')}")
-            reason = r.get("candidate", {})
-        values, limits = reason.get("values", {}), reason.get("thresholds", {})
-        console.print(f"  why fired   values {values}")
-        if limits:
-            console.print(f"              thresholds {limits}")
-        if sent:
-            delivery = {
-                k: r[k]
-                for k in ("channel", "language", "send_window", "deferred", "not_before")
-                if r.get(k) is not None
-            }
-            console.print(f"  delivery    {delivery}  emitted {r.get('emitted_at')}")
-    if len([t for t, _ in found if t == topics.triggers]) > 1:
-        console.print("  (delivered more than once: a restart re-emitted it; dedupe on trigger_id)")
-    return True
+def find_trigger(reader: TopicReader, id_or_prefix: str) -> list[Record]:
+    """Every record whose ``trigger_id`` is ``id_or_prefix`` or starts with it (newest
+    first window that holds one); [] when none does.
+
+    :raises AmbiguousId: when those records hold more than one id.
+    """
+
+    def matching(records: list[Record]) -> list[Record]:
+        return [r for r in records if str(r.value.get("trigger_id", "")).startswith(id_or_prefix)]
+
+    found = matching(reader.latest(lambda records: bool(matching(records)), first_window=2000))
+    ids = sorted({r.value["trigger_id"] for r in found})
+    if len(ids) > 1:
+        shown = ", ".join(ids[:5]) + (" ..." if len(ids) > 5 else "")
+        raise AmbiguousId(f"trigger id prefix {id_or_prefix!r} matches {len(ids)} ids: {shown}")
+    return found

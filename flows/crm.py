@@ -22,6 +22,7 @@ from crmstream.flows.routing import shard_keys
 from crmstream.flows.runtime import Runtime, tune_gc
 from crmstream.flows.shard import ShardLogic, route_batch
 from crmstream.flows.source import CrmKafkaSource, StopSignals
+from crmstream.metrics import get_metrics
 from crmstream.operators.kernels import warm_up
 from crmstream.state import model
 from crmstream.state.layout import check_layout
@@ -84,7 +85,37 @@ def input_source(
         step_ms=cfg.processing.step_ms,
         tail=tail,
         signals=signals,
+        stall_s=cfg.kafka.stall_warning_seconds,
+        group=cfg.kafka.consumer_group,
+        group_commit_s=cfg.kafka.consumer_group_commit_seconds,
     )
+
+
+def commit_group_offsets(runtime: Runtime, timeout_s: float = 10.0) -> int:
+    """Commit the offsets Redis holds as applied, for every input partition, to
+    ``kafka.consumer_group`` (the source commits them while it runs; this is the last
+    word after a run ends, once every shard has committed). Returns how many
+    partitions were committed; 0 without a group."""
+    from confluent_kafka import Consumer
+
+    from crmstream.flows.source import GroupCommits
+
+    group = runtime.config.kafka.consumer_group
+    if not group:
+        return 0
+    source = input_source(runtime, tail=False)
+    positions = source.positions()
+    consumer = Consumer({**source.consumer_config(), "enable.partition.eof": False})
+    try:
+        commits = GroupCommits(
+            lambda pos: runtime.store.resume_offsets(runtime.config.processing.shards, pos),
+            positions,
+            0.0,
+        )
+        commits.commit(consumer, asynchronous=False)
+    finally:
+        consumer.close()
+    return len(positions)
 
 
 def build_flow(
@@ -94,6 +125,7 @@ def build_flow(
     in all (they decide the shard keys: each worker runs the same number of shards)."""
     cfg = runtime.config
     warm_up(cfg)
+    get_metrics().precreate(cfg)
     source = input_source(runtime, tail, signals)
     flow = Dataflow(FLOW_ID)
     raw = op.input(INPUT_STEP, flow, source)
@@ -138,13 +170,15 @@ def run_cluster_process(
     addresses: list[str] | None = None,
     recovery_dir: str | None = None,
     tail: bool = True,
+    signals: StopSignals | None = None,
 ) -> None:
-    """Run this process's part of the flow (``bytewax.run`` semantics: -w, -i, -a, -r)."""
+    """Run this process's part of the flow (``bytewax.run`` semantics: -w, -i, -a, -r).
+    ``signals``: set ``stop`` to drain (``crmstream.lifecycle``)."""
     from bytewax._bytewax import cli_main
 
     processes = len(addresses) if addresses else 1
     check_state_layout(runtime)
-    flow = build_flow(runtime, tail=tail, workers=workers_per_process * processes)
+    flow = build_flow(runtime, tail=tail, signals=signals, workers=workers_per_process * processes)
     recovery = None
     if recovery_dir:
         path = Path(recovery_dir)

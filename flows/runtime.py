@@ -45,6 +45,26 @@ def wall_clock_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+class ShopClock:
+    """Shop time that runs ``speed`` times as fast as the wall clock, from ``start_ms``.
+
+    The accelerated demo gives the generator (its events' times) and the flow (its
+    ``Runtime.clock_ms``: the idle watermark, future-skew checks, ``emitted_at``) the
+    same one, so an hour-long cart delay or a 30-day win-back passes in seconds while
+    the flow itself runs unchanged: timers fire as the event-time watermark passes them.
+    """
+
+    def __init__(self, speed: float = 1.0, start_ms: int | None = None):
+        if speed <= 0:
+            raise ValueError(f"speed must be > 0, got {speed}")
+        self.speed = speed
+        self.start_ms = wall_clock_ms() if start_ms is None else start_ms
+        self._t0_ns = time.monotonic_ns()
+
+    def __call__(self) -> int:
+        return self.start_ms + int((time.monotonic_ns() - self._t0_ns) * self.speed / 1e6)
+
+
 @dataclass
 class Endpoints:
     """Resolved infrastructure addresses (configured, or of the embedded stack)."""

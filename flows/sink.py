@@ -55,6 +55,21 @@ class DeliveryError(RuntimeError):
     """The broker did not acknowledge one or more records."""
 
 
+def producer_config(
+    brokers: list[str], client_config: dict[str, Any], timeout_s: float
+) -> dict[str, Any]:
+    """The producer's librdkafka configuration: idempotent, ``acks=all``, ``linger.ms`` 5,
+    failing a record after ``timeout_s``; ``client_config`` (``kafka.client`` and
+    ``kafka.producer``) over those."""
+    return {
+        "enable.idempotence": True,
+        "acks": "all",
+        "linger.ms": 5,
+        "message.timeout.ms": int(timeout_s * 1000),
+        **librdkafka_config(brokers, client_config),
+    }
+
+
 class DeliveryCheckedProducer:
     """A thread-safe idempotent producer whose failures never vanish."""
 
@@ -69,13 +84,7 @@ class DeliveryCheckedProducer:
         """``unsent_to``: the dead-letter topic where a record that cannot be sent is
         replaced by a dead letter keeping ``copy_bytes`` of it (None: such a record
         fails as any other delivery does)."""
-        config = {
-            "enable.idempotence": True,
-            "acks": "all",
-            "linger.ms": 5,
-            "message.timeout.ms": int(timeout_s * 1000),
-            **librdkafka_config(brokers, client_config),
-        }
+        config = producer_config(brokers, client_config, timeout_s)
         self.properties = config  # what librdkafka was given, logger included
         self._producer = Producer(config)
         self._timeout_s = timeout_s

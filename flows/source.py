@@ -29,18 +29,23 @@ from typing import Any, NamedTuple
 
 from bytewax.inputs import DynamicSource, StatelessSourcePartition
 from confluent_kafka import Consumer, KafkaError, TopicPartition
+from redis import RedisError
 
 from crmstream.clients import librdkafka_config
+from crmstream.flows.finish import Finisher, LocalBarrier, StepBarrier
 from crmstream.flows.routing import parse_part_name, part_name, worker_share
 from crmstream.metrics import get_metrics
 from crmstream.operators.events import new_tuple
-from crmstream.state.store import Position
+from crmstream.state.store import Position, StateStoreError
 from crmstream.topics import TopicError, admin_client, partitions_of
 
 log = logging.getLogger(__name__)
 
 _IDLE_BACKOFF = timedelta(milliseconds=20)
-STALL_SECONDS = 5.0
+STALL_SECONDS = 30.0  # kafka.stall_warning_seconds
+# Elapsed times are differences of large monotonic readings: (t + 5.0) - t can come out
+# a hair under 5.0, which once reported a 5 s stall 3 s late (as "8 s").
+_CLOCK_SLACK_S = 1e-6
 # The source consumer's fetching (``kafka.client`` or ``kafka.consumer`` overrides either):
 # - fetch.wait.max.ms: how long the broker may hold a fetch for new data (latency).
 # - fetch.queue.backoff.ms: once librdkafka's local queue is over its limits
@@ -71,6 +76,10 @@ class SourceError(RuntimeError):
 class StopSignals(NamedTuple):
     drain: threading.Event  # read to the current end, then stop
     stop: threading.Event  # stop now
+    # finish the step: every worker reads up to the step the cluster agrees on
+    # (``barrier``, ``flows.finish``), then stops; what a SIGTERM asks for
+    finish: threading.Event | None = None
+    barrier: StepBarrier | None = None
 
 
 class _Partition:
@@ -119,6 +128,9 @@ class _WorkerReader(StatelessSourcePartition[RawMessage]):
         batch_size: int,
         tail: bool,
         signals: StopSignals | None,
+        stall_s: float = STALL_SECONDS,
+        group_commits: GroupCommits | None = None,
+        finisher: Finisher | None = None,
     ):
         self._parts = {
             pos: _Partition(pos[0], pos[1], offset, step) for pos, (offset, step) in starts.items()
@@ -135,12 +147,42 @@ class _WorkerReader(StatelessSourcePartition[RawMessage]):
         self._idle = False
         self._ended = False
         self._lag_checked = 0.0
+        self._stall_s = stall_s
+        self._group_commits = group_commits
+        self._finisher = finisher
+        self.finished = False  # set by the finisher once every partition is done
+
+    # What ``flows.finish.Finisher`` reads and drives.
+    @property
+    def partitions(self) -> dict[Position, _Partition]:
+        return self._parts
+
+    @property
+    def consumer(self) -> Consumer:
+        return self._consumer
+
+    @property
+    def step_ms(self) -> int:
+        return self._step_ms
+
+    @property
+    def batch_size(self) -> int:
+        return self._batch_size
+
+    def on_error(self, msg: Any, err: KafkaError) -> None:
+        self._on_error(msg, err)
 
     def next_batch(self) -> list[RawMessage]:
         if self._ended:
             raise StopIteration
-        if self._signals is not None and self._signals.stop.is_set():
-            raise StopIteration
+        if self._signals is not None:
+            if self._signals.stop.is_set():
+                raise StopIteration
+            if self._finishing():
+                batch = self._finisher.next_batch(self)  # type: ignore[union-attr]
+                self._ended = self.finished
+                self._idle = not batch
+                return batch
         batch: list[RawMessage] = []
         parts = self._parts
         step_ms = self._step_ms
@@ -185,7 +227,7 @@ class _WorkerReader(StatelessSourcePartition[RawMessage]):
         short = len(batch) < self._batch_size
         delivered = bool(got)
         for part in parts.values():
-            self._watch_stall(part, part in got, now, delivered)
+            self._watch_stall(part, part in got, now, delivered, self._stall_s)
             if self._tail and short and not part.at_end:
                 # Live input: a busy partition may never see an end-of-partition event
                 # (each fetch brings more); the high watermark of the last fetch
@@ -202,11 +244,18 @@ class _WorkerReader(StatelessSourcePartition[RawMessage]):
                 )
                 part.reported_end = True
         self._report_lag(now)
+        if self._group_commits is not None:
+            self._group_commits.maybe_commit(self._consumer, now)
         draining = not self._tail or (self._signals is not None and self._signals.drain.is_set())
         if draining and not batch and all(part.at_end for part in parts.values()):
             self._ended = True  # emit nothing more; StopIteration on the next call
         self._idle = not batch
         return batch
+
+    def _finishing(self) -> bool:
+        """A drain asked every worker to finish the step (``flows.finish``)."""
+        finish = self._signals.finish if self._signals is not None else None
+        return self._finisher is not None and finish is not None and finish.is_set()
 
     def _on_error(self, msg: Any, err: KafkaError) -> None:
         pos = (msg.topic(), msg.partition())
@@ -232,7 +281,13 @@ class _WorkerReader(StatelessSourcePartition[RawMessage]):
                 part.lag.set(max(0, high - part.next_offset))
 
     @staticmethod
-    def _watch_stall(part: _Partition, got_data: bool, now: float, others_got_data: bool) -> None:
+    def _watch_stall(
+        part: _Partition,
+        got_data: bool,
+        now: float,
+        others_got_data: bool,
+        stall_s: float = STALL_SECONDS,
+    ) -> None:
         """Say so when a partition not yet read to its end delivers nothing for a while.
 
         While other partitions of the same reader deliver, the broker is reachable:
@@ -249,7 +304,7 @@ class _WorkerReader(StatelessSourcePartition[RawMessage]):
                 )
                 part.stalled = False
             part.last_data = now
-        elif not part.stalled and now - part.last_data >= STALL_SECONDS:
+        elif not part.stalled and now - part.last_data >= stall_s - _CLOCK_SLACK_S:
             part.stalled = True
             get_metrics().source_stalls.labels(part.topic).inc()
             log.warning(
@@ -291,10 +346,14 @@ class CrmKafkaSource(DynamicSource[RawMessage]):
         tail: bool,
         signals: StopSignals | None = None,
         consumer_config: dict[str, Any] | None = None,
+        stall_s: float = STALL_SECONDS,
+        group: str | None = None,
+        group_commit_s: float = 5.0,
     ):
         """``client_config`` goes to every client the source makes (its metadata
         lookups too), ``consumer_config`` over it to its consumers only (``kafka.client``
-        and ``kafka.consumer``)."""
+        and ``kafka.consumer``). ``group``: the consumer group the applied offsets are
+        committed to every ``group_commit_s`` (``kafka.consumer_group``), None for none."""
         self._brokers = brokers
         self._topics = topics
         self._client_config = client_config
@@ -304,6 +363,9 @@ class CrmKafkaSource(DynamicSource[RawMessage]):
         self._step_ms = step_ms
         self._tail = tail
         self._signals = signals
+        self._stall_s = stall_s
+        self._group = group
+        self._group_commit_s = group_commit_s
 
     def list_parts(self) -> list[str]:
         """Every input partition's name, sorted (``routing.part_name``)."""
@@ -328,6 +390,13 @@ class CrmKafkaSource(DynamicSource[RawMessage]):
         starts = self._resume_offsets(mine) if mine else {}
         for (topic, partition), (offset, _step) in starts.items():
             log.info("reading %s[%d] from offset %d", topic, partition, offset)
+        commits = None
+        if self._group and mine:
+            commits = GroupCommits(self._resume_offsets, mine, self._group_commit_s)
+        finisher = None
+        if self._signals is not None and self._signals.finish is not None:
+            barrier = self._signals.barrier or LocalBarrier()
+            finisher = Finisher(barrier, worker_index, worker_count)
         return _WorkerReader(
             self.consumer_config(),
             starts,
@@ -335,18 +404,61 @@ class CrmKafkaSource(DynamicSource[RawMessage]):
             self._batch_size,
             self._tail,
             self._signals,
+            self._stall_s,
+            commits,
+            finisher,
         )
 
     def consumer_config(self) -> dict[str, Any]:
         """A worker's consumer: ``kafka.client`` and ``kafka.consumer`` over the fetch
-        defaults; it never joins a group (partitions are assigned) and reports each
-        partition's end."""
+        defaults; it never joins a group (partitions are assigned, and only commits go to
+        the group) and reports each partition's end."""
+        group = {"group.id": self._group, "on_commit": _on_commit} if self._group else {}
         return {
             **FETCH_DEFAULTS,
             # kafka.client, and kafka.consumer over it: either may set a fetch default
             **librdkafka_config(self._brokers, {**self._client_config, **self._consumer_overrides}),
             "group.id": "crmstream-source",  # required by librdkafka; assign() never joins
+            **group,
             "enable.auto.commit": False,
             "enable.partition.eof": True,
             "auto.offset.reset": "earliest",
         }
+
+
+def _on_commit(err: KafkaError | None, _partitions: list[TopicPartition]) -> None:
+    if err is not None:
+        log.warning("committing the applied offsets to the consumer group failed: %s", err.str())
+
+
+class GroupCommits:
+    """Commits the input offsets the shards have applied (what Redis holds, what a
+    restart resumes from) to the consumer group, so lag tools see the flow's lag.
+    crmstream itself never reads them back."""
+
+    def __init__(
+        self,
+        applied: Callable[[list[Position]], dict[Position, tuple[int, int]]],
+        positions: list[Position],
+        every_s: float,
+    ):
+        self._applied = applied
+        self._positions = positions
+        self._every_s = every_s
+        self._last = time.monotonic()
+
+    def maybe_commit(self, consumer: Consumer, now: float) -> None:
+        if now - self._last < self._every_s:
+            return
+        self._last = now
+        self.commit(consumer, asynchronous=True)
+
+    def commit(self, consumer: Consumer, asynchronous: bool) -> None:
+        try:
+            starts = self._applied(self._positions)
+        except (RedisError, StateStoreError) as exc:  # the shards report Redis trouble
+            log.warning("cannot read the applied offsets for the consumer group: %s", exc)
+            return
+        offsets = [TopicPartition(t, p, off) for (t, p), (off, _step) in starts.items() if off > 0]
+        if offsets:
+            consumer.commit(offsets=offsets, asynchronous=asynchronous)

@@ -6,7 +6,9 @@ one canonical byte string: strings as stored, hashes and sorted sets sorted,
 streams as their entries' fields without the entry ids and without
 ``applied_at`` (both are wall-clock times of the write, not state). The
 shards' ``commit:<shard>`` keys are left out: each holds a token of the last
-transaction (``StateStore.transact_once``), unique to the run by design.
+transaction (``StateStore.transact_once``), unique to the run by design; so
+are the drain counter and barriers (``drain``, ``drain:<n>:steps``), which
+count how the runs were stopped, not what they computed.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ import orjson
 import redis
 
 WALL_CLOCK_FIELDS = frozenset({b"applied_at"})
-NOT_STATE = "commit:"  # key names (after the prefix) that are transaction tokens
+# key names (after the prefix) that are not state: transaction tokens, the drain counter
+NOT_STATE = ("commit:", "drain")
 
 
 def canonical_dump(client: redis.Redis, prefix: str) -> dict[str, bytes]:

@@ -255,8 +255,8 @@ def test_librdkafka_properties_keep_their_dots_from_flags_and_env():
     }
     with pytest.raises(ConfigError) as bad:
         load_config(overrides=["kafka.client.linger.ms=[1, 2]"], env={})
-    assert str(bad.value).splitlines()[1:] == [
-        "  kafka.client.linger.ms = [1, 2] (from --set): "
+    assert str(bad.value).splitlines() == [
+        "invalid configuration: kafka.client.linger.ms = [1, 2] (from --set): "
         "Input should be a valid string, integer, number or boolean"
     ]
     with pytest.raises(ConfigError, match=r"sasl\.password = '\*\*\*' \(from env CRMSTREAM__"):
@@ -291,3 +291,49 @@ def test_min_event_time_is_not_before_1970():
     with pytest.raises(ConfigError, match="must be 1970-01-01 or later"):
         load_config(None, ["processing.min_event_time=1969-12-31T23:59:59+00:00"], env={})
     assert load_config(None, ["processing.min_event_time=1970-01-01T00:00:00+00:00"], env={})
+
+
+def test_an_unknown_section_from_the_environment_names_the_variable():
+    """CRMSTREAM__PROCESSNG__SHARDS was reported as coming "from embedded default config"."""
+    with pytest.raises(ConfigError) as bad:
+        load_config(env={"CRMSTREAM__PROCESSNG__SHARDS": "3"})
+    assert str(bad.value) == (
+        "invalid configuration: processng = {'shards': 3} (from env "
+        "CRMSTREAM__PROCESSNG__SHARDS): unknown key (check the spelling against "
+        "config/default.yaml)"
+    )
+
+
+@pytest.mark.parametrize("value", ["25:00", "9:00", "12:60", "noon"])
+def test_a_quiet_hour_that_is_no_time_of_day_says_so_in_words(value):
+    """`25:00` printed the pattern's raw regex."""
+    with pytest.raises(ConfigError) as bad:
+        load_config(overrides=[f"policies.quiet_hours.start={value}"], env={})
+    message = str(bad.value)
+    assert f"must be a time of day HH:MM from 00:00 to 23:59, got '{value}'" in message
+    assert "[0-5]" not in message
+    season = "policies.seasons=[{name: x, start: 13-01, end: 12-31}]"
+    with pytest.raises(ConfigError, match=r"day of the year MM-DD .* got '13-01'"):
+        load_config(overrides=[season], env={})
+
+
+def test_validate_builds_every_kind_of_kafka_client_so_librdkafka_checks_each_property():
+    """`config validate` accepted kafka.consumer.fetch.wait.max.msx; `run` then died."""
+    from crmstream.clients import validate_properties
+
+    for section in ("client", "consumer", "producer"):
+        config = load_config(overrides=[f"kafka.{section}.fetch.wait.max.msx=3"], env={})
+        with pytest.raises(ConfigError) as bad:
+            validate_properties(config)
+        assert str(bad.value) == (
+            f"invalid configuration: kafka.{section}.fetch.wait.max.msx = 3: librdkafka "
+            'refuses it: No such configuration property: "fetch.wait.max.msx"'
+        )
+    config = load_config(overrides=["kafka.producer.linger.ms=often"], env={})
+    with pytest.raises(ConfigError, match=r"kafka\.producer\.linger\.ms = 'often'"):
+        validate_properties(config)
+    # a property of the other kind for every client: valid, with librdkafka's warning
+    config = load_config(overrides=["kafka.client.max.partition.fetch.bytes=9000000"], env={})
+    warned = validate_properties(config)
+    assert any("consumer property" in w and "producer instance" in w for w in warned), warned
+    assert validate_properties(load_config(env={})) == []

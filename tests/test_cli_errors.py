@@ -1,0 +1,195 @@
+"""Every command ends a failure it can name in one line and exit code 2, with no
+traceback (issue 34 item 6, issue 35): an unreachable broker or Redis (each checked up
+front, within its connect timeout), missing topics, Redis refusing authentication, and
+each TLS mismatch, reported at once rather than retried as if transient.
+
+``RUST_BACKTRACE=1`` is set for every command, as on the machine the issues were found
+on: nothing Bytewax writes may show either.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from tests.faults import Server
+from tests.test_privacy import _certificates, _tls_redis_server
+
+pytestmark = pytest.mark.integration
+CLI = [sys.executable, "-m", "crmstream"]
+NOWHERE = "127.0.0.1:1"  # nothing listens on port 1
+
+
+def crm(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "RUST_BACKTRACE": "1", "COLUMNS": "80"}  # 80: wrapping would show
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def one_line_error(result: subprocess.CompletedProcess[str], *says: str) -> str:
+    assert result.returncode == 2, (result.returncode, result.stdout[-2000:], result.stderr[-3000:])
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr[-3000:]
+    assert lines[0].startswith("error: ") and "Traceback" not in result.stderr
+    for text in says:
+        assert text in lines[0], lines[0]
+    return lines[0]
+
+
+FAST_KAFKA = ["--set", "kafka.connect_timeout_seconds=2"]
+FAST_REDIS = ["--set", "redis.connect_timeout_seconds=2"]
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["run"],
+        ["generate", "--events", "10"],
+        ["triggers"],
+        ["explain", "0123456789abcdef"],
+        ["dead-letters"],
+        ["topics", "create"],
+        ["demo"],
+    ],
+    ids=lambda c: c[0],
+)
+def test_an_unreachable_broker_is_one_line(command, stack):
+    """`run --brokers 127.0.0.1:1` printed nothing for 33 s, then a 54-line traceback;
+    `triggers` 300 librdkafka lines and a traceback, `generate` 1,397 lines."""
+    redis = ["--redis-url", stack.redis_url] if command[0] in ("run", "demo") else []
+    result = crm(*command, "--brokers", NOWHERE, *redis, *FAST_KAFKA)
+    one_line_error(result, f"cannot reach the Kafka brokers {NOWHERE} within 2 s", "refused")
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["run"], ["profile", "c1"], ["reshard", "--yes"], ["demo"]],
+    ids=lambda c: c[0],
+)
+def test_an_unreachable_redis_is_one_line(command, stack):
+    """With Redis down, `run` took 51 s and buried the message in 139 lines."""
+    brokers = ["--brokers", ",".join(stack.brokers)] if command[0] in ("run", "demo") else []
+    result = crm(*command, *brokers, "--redis-url", f"redis://{NOWHERE}/0", *FAST_REDIS)
+    one_line_error(result, f"cannot reach Redis at redis://{NOWHERE}/0 within 2 s")
+
+
+def test_run_names_missing_topics(stack):
+    result = crm("run", "--brokers", ",".join(stack.brokers), "--redis-url", stack.redis_url,
+                 "--set", "kafka.topics.orders=no-such-orders-topic")  # fmt: skip
+    one_line_error(result, "no-such-orders-topic", "crmstream topics create")
+
+
+def test_a_bad_librdkafka_property_stops_run_before_it_connects(stack):
+    """`config validate` accepted it and `run` died with a 203-line traceback."""
+    bad = ["--set", "kafka.consumer.fetch.wait.max.msx=3"]
+    one_line_error(crm("config", "validate", *bad), "kafka.consumer.fetch.wait.max.msx = 3")
+    result = crm("run", "--brokers", ",".join(stack.brokers), "--redis-url", stack.redis_url, *bad)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert 'No such configuration property: "fetch.wait.max.msx"' in result.stderr
+
+
+@pytest.fixture(scope="module")
+def redis_servers(tmp_path_factory):
+    """A plain Redis with a password, a TLS one, and a mutual-TLS one (client certificates
+    required), all with the same CA."""
+    if _tls_redis_server() is None or shutil.which("openssl") is None:
+        pytest.skip("needs a redis-server built with TLS first on PATH and openssl")
+    tmp = tmp_path_factory.mktemp("tls")
+    ca, cert, key = _certificates(tmp)
+    tls = ("--tls-cert-file", str(cert), "--tls-key-file", str(key), "--tls-ca-cert-file", str(ca))
+    plain = Server("redis", tmp / "plain", "--requirepass", "s3cret")
+    one_way = Server("redis", tmp / "tls")
+    one_way.extra = ("--port", "0", "--tls-port", str(one_way.port), *tls,
+                     "--tls-auth-clients", "no")  # fmt: skip
+    mutual = Server("redis", tmp / "mtls")
+    mutual.extra = ("--port", "0", "--tls-port", str(mutual.port), *tls,
+                    "--tls-auth-clients", "yes")  # fmt: skip
+    servers = [s.start() for s in (plain, one_way, mutual)]
+    try:
+        yield {"plain": plain.port, "tls": one_way.port, "mtls": mutual.port, "ca": str(ca),
+               "cert": str(cert), "key": str(key)}  # fmt: skip
+    finally:
+        for server in servers:
+            server.stop()
+
+
+def _refusals(s: dict) -> dict[str, tuple[list[str], str]]:
+    """name -> (profile's arguments, what its one line says)."""
+    ca = ["--set", f"redis.tls_ca_file={s['ca']}"]
+    return {
+        "wrong password": (
+            ["--redis-url", f"redis://127.0.0.1:{s['plain']}/0", "--set", "redis.password=nope"],
+            "refused authentication",
+        ),
+        "no password": (["--redis-url", f"redis://127.0.0.1:{s['plain']}/0"], "refused"),
+        "untrusted CA": (
+            ["--redis-url", f"rediss://127.0.0.1:{s['tls']}/0"],
+            "the server's certificate is not trusted",
+        ),
+        "client certificate required": (
+            ["--redis-url", f"rediss://127.0.0.1:{s['mtls']}/0", *ca],
+            "requires a client certificate",
+        ),
+        "plain client on the TLS port": (
+            ["--redis-url", f"redis://127.0.0.1:{s['tls']}/0"],
+            "speaks TLS: use a rediss:// URL",
+        ),
+        "TLS client on the plain port": (
+            ["--redis-url", f"rediss://127.0.0.1:{s['plain']}/0", *ca],
+            "answers plain text, not TLS",
+        ),
+    }
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "wrong password",
+        "no password",
+        "untrusted CA",
+        "client certificate required",
+        "plain client on the TLS port",
+        "TLS client on the plain port",
+    ],
+)
+def test_redis_refusals_are_one_line_and_not_retried(case, redis_servers):
+    """Each was a 46-line traceback; a missing client certificate was retried for over
+    200 s as if transient. The connect timeout here is far above the subprocess's own:
+    only a failure recognised as permanent ends in time."""
+    args, says = _refusals(redis_servers)[case]
+    result = crm("profile", "c1", *args, "--set", "redis.connect_timeout_seconds=600",
+                 timeout=300)  # fmt: skip
+    line = one_line_error(result, says)
+    assert "within 600 s" not in line
+
+
+def test_run_refused_by_mutual_tls_is_one_line(redis_servers, stack):
+    args, says = _refusals(redis_servers)["client certificate required"]
+    result = crm("run", "--brokers", ",".join(stack.brokers), *args,
+                 "--set", "redis.connect_timeout_seconds=600", timeout=300)  # fmt: skip
+    one_line_error(result, says)
+
+
+def test_the_flows_redis_client_does_not_retry_tls_refusals(caplog):
+    """The flow's own Redis client (not only the up-front check) gives up at once on the
+    TLS failures no retry fixes: the texts are those seen from redis-server 7 (a missing
+    client certificate was retried for over 200 s as if transient)."""
+    import redis
+
+    from crmstream.state.store import _permanent
+
+    seen = {
+        "Error while reading from 127.0.0.1:6390 : (1, '[SSL: TLSV13_ALERT_CERTIFICATE_REQUIRED]"
+        " tlsv13 alert certificate required (_ssl.c:2580)')": True,
+        "Error 1 connecting to 127.0.0.1:6391. [SSL: CERTIFICATE_VERIFY_FAILED] certificate "
+        "verify failed: self-signed certificate in certificate chain (_ssl.c:1006).": True,
+        "Error 1 connecting to 127.0.0.1:6392. [SSL: WRONG_VERSION_NUMBER] wrong version "
+        "number (_ssl.c:1006).": True,
+        "Error 111 connecting to 127.0.0.1:6393. Connection refused.": False,
+        "Connection closed by server.": False,
+    }
+    for text, permanent in seen.items():
+        assert _permanent(redis.ConnectionError(text)) is permanent, text
