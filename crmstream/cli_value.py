@@ -105,7 +105,7 @@ def fit(
         output=output,
         as_json=as_json,
     )
-    message = run_fit(cfg, options, console, err_console)
+    message = run_fit(cfg, options, console(), err_console)
     if message:
         raise _fail(message)
 

@@ -148,7 +148,7 @@ def shared(base_config, stack) -> Iterator[Runtime]:
 @pytest.fixture(scope="module")
 def base_config(stack) -> CrmConfig:
     """The default configuration (policies on), on this module's own topics."""
-    tag = "batching"
+    tag = "batching-runs"
     sets = [f"kafka.topics.{r}={tag}.{r}" for r in
             ("clickstream", "orders", "customers", "feedback", "triggers", "suppressions",
              "dead_letter")]  # fmt: skip

@@ -50,7 +50,7 @@ def _history(customer: str, start: int) -> list[Message]:
 
 @pytest.fixture(scope="module")
 def config(stack) -> CrmConfig:
-    sets = [f"kafka.topics.{r}=isolation.{r}" for r in
+    sets = [f"kafka.topics.{r}=isolation-runs.{r}" for r in
             ("clickstream", "orders", "customers", "feedback", "triggers", "suppressions",
              "dead_letter")]  # fmt: skip
     sets += [
