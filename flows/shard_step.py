@@ -244,17 +244,21 @@ class ShardStep:
         loaded, broken = self._load(events, with_events, members, mark, others_bound, now_ms)
         emitted_ms = self._rt.clock_ms()
         rows = list(range(len(loaded.customers)))
+
+        def compute(part: list[int]) -> Work:
+            return self._work.compute(loaded.only(part), emitted_ms)
+
         if not broken.errors:
             try:
                 return Changes(self._work.compute(loaded, emitted_ms))
             except Exception as error:  # one customer's must not stop the others: find it
-                bad = failing(lambda rows: self._work.compute(loaded.only(rows), emitted_ms), rows)
+                bad = failing(compute, rows)
                 if not bad:
                     raise error from None  # not one customer's: it fails however cut
         else:
-            bad = failing(lambda rows: self._work.compute(loaded.only(rows), emitted_ms), rows)
+            bad = failing(compute, rows)
         good = [i for i in rows if i not in bad]
-        work = self._work.compute(loaded.only(good), emitted_ms) if good else None
+        work = compute(good) if good else None
         errors = {**broken.errors, **{loaded.customers[i]: error for i, error in bad.items()}}
         return Changes(work, self._set_aside(errors, loaded, broken, now_ms))
 
