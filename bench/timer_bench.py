@@ -26,7 +26,7 @@ from crmstream.embedded import EmbeddedStack
 from crmstream.flows.runtime import Runtime
 from crmstream.flows.shard_step import ShardStep
 from crmstream.flows.sink import Outbox
-from crmstream.operators.catalog import WAKE
+from crmstream.operators.timer_slots import WAKE
 from crmstream.operators.params import (
     MS_PER_DAY,
     MS_PER_HOUR,

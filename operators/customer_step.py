@@ -471,7 +471,12 @@ class _Run:
         customer = self.customers[row]
         record = self.records[row : row + 1]
         kept = len(self.o.slots.timers_of([customer], record)[0])
-        members = frozenset(self.members.pop(row, {}))
+        own = self.members.pop(row, {})
+        # A quiet-hours hold that ended before the erasure went out then (as a step that
+        # ended between the two sends it): it goes out, it is not one of the timers removed.
+        held = [t for t in own.values() if t.kind == "deferred" and t.due_ms < ev.event_time_ms]
+        self.held.extend(held)
+        members = frozenset(own.keys() - {t.member for t in held})
         self.erasures.append(Erasure(customer, ev, kept, members))
         self.records[row] = fresh_records(1)[0]
         self.touched[row] = False  # written again only if it does something after
