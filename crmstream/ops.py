@@ -20,6 +20,7 @@ from rich.table import Table
 
 from crmstream.clients import librdkafka_config
 from crmstream.config import CrmConfig
+from crmstream.explanation import explanation_rows, headline
 from crmstream.topics import TopicError, partitions_of
 
 
@@ -174,30 +175,9 @@ def explain(config: CrmConfig, trigger_id: str, console: Console) -> bool:
         return False
     for topic, r in found:
         sent = topic == topics.triggers
-        rule = r.get("rule", {})
-        console.print(
-            f"[bold]{r['trigger_type']}[/] for customer [bold]{r['customer_id']}[/]: "
-            + ("[green]SENT[/]" if sent else f"[red]SUPPRESSED[/] by policy {r['policy']}")
-        )
-        console.print(f"  rule        {rule.get('name')} v{rule.get('version')}")
-        console.print(f"  event time  {r.get('event_time')}  detected {r.get('detected_at')}")
-        if sent:
-            console.print(f"  causal      event {r.get('causal_event_id')}")
-            reason = r.get("reason", {})
-        else:
-            console.print(f"  why stopped {r.get('reason')}")
-            reason = r.get("candidate", {})
-        values, limits = reason.get("values", {}), reason.get("thresholds", {})
-        console.print(f"  why fired   values {values}")
-        if limits:
-            console.print(f"              thresholds {limits}")
-        if sent:
-            delivery = {
-                k: r[k]
-                for k in ("channel", "language", "send_window", "deferred", "not_before")
-                if r.get(k) is not None
-            }
-            console.print(f"  delivery    {delivery}  emitted {r.get('emitted_at')}")
+        console.print(headline(r, sent))
+        for label, text in explanation_rows(r, sent):
+            console.print(f"  {label:<11} {text}")
     if len([t for t, _ in found if t == topics.triggers]) > 1:
         console.print("  (delivered more than once: a restart re-emitted it; dedupe on trigger_id)")
     return True
