@@ -146,10 +146,8 @@ class RunOutputs:
             self.outcomes[outcome.trigger_id] = outcome
         elif seen == outcome:
             self.repeated += 1
-        else:
+        else:  # the first kept: ``run_outputs`` adds what went out first
             self.conflicting.append(outcome.trigger_id)
-            if outcome.sent and not seen.sent:  # what went out is what the customer got
-                self.outcomes[outcome.trigger_id] = outcome
 
 
 def run_outputs(
@@ -159,7 +157,8 @@ def run_outputs(
     dead_letters: int = 0,
 ) -> RunOutputs:
     """A run's outcomes from its trigger and suppression records and the trigger records
-    still held through quiet hours when the history ended."""
+    still held through quiet hours when the history ended. An id both sent and
+    suppressed (which the flow never does) keeps the send: it is what the customer got."""
     out = RunOutputs(dead_letters=dead_letters)
     for record in triggers:
         out.add(sent_outcome(record))
