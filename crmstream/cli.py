@@ -1,5 +1,5 @@
 """The ``crmstream`` command line: demo, run, generate, profile, fit, model, reshard, replay,
-topics, config.
+backtest, topics, config.
 
 This module owns argument parsing and error presentation only; each command
 calls into the module that does the work. Errors a user can fix (bad config,
@@ -19,6 +19,7 @@ import orjson
 import typer
 import yaml
 
+from crmstream.cli_backtest import backtest
 from crmstream.cli_options import (
     AsOfOpt,
     BrokersOpt,
@@ -50,6 +51,7 @@ app.add_typer(topics_app, name="topics")
 app.add_typer(config_app, name="config")
 app.command()(fit)
 app.add_typer(model_app, name="model")
+app.command()(backtest)
 
 @app.command()
 def demo(

@@ -1,0 +1,185 @@
+"""``crmstream backtest`` through the real flow, broker and redis-server.
+
+A scripted history (one day of a small shop, and a last event two days later that
+lets every timer of the day fire) is backtested against candidates that change one
+setting each; the test asserts the exact set of trigger ids that changed, and how.
+A candidate identical to the base, or one that only bumps a rule's version, must
+give an empty diff.
+"""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import orjson
+import pytest
+import redis
+from confluent_kafka.admin import AdminClient
+
+from crmstream.backtest import prepare, run_backtest
+from tests.conftest import T0_MS
+
+pytestmark = pytest.mark.integration
+H = 3_600_000
+M = 60_000
+
+
+class History:
+    """A JSON-lines file of input events at times relative to 2026-01-01T00:00Z."""
+
+    def __init__(self) -> None:
+        self.lines: list[bytes] = []
+        self._ids = itertools.count()
+
+    def event(self, customer: str, kind: str, at_ms: int, **fields) -> None:
+        body = {"event_id": f"{customer}-{next(self._ids)}", "customer_id": customer,
+                "event_type": kind, "event_time": T0_MS + at_ms, **fields}  # fmt: skip
+        self.lines.append(orjson.dumps(body))
+
+    def views(self, customer: str, categories: str, at_ms: int) -> None:
+        """One product view per letter-separated category, 10 s apart."""
+        for i, category in enumerate(categories.split()):
+            self.event(customer, "product_view", at_ms + i * 10_000,
+                       product_id=f"p-{category}", category=category)  # fmt: skip
+
+    def cart(self, customer: str, category: str, at_ms: int) -> None:
+        self.event(customer, "add_to_cart", at_ms, product_id=f"p-{category}", category=category)
+
+    def order(self, customer: str, at_ms: int, amount: float = 40.0) -> None:
+        self.event(customer, "order_placed", at_ms, order_id=f"o-{customer}-{at_ms}",
+                   amount=amount, currency="USD")  # fmt: skip
+
+    def write(self, path: Path) -> Path:
+        path.write_bytes(b"\n".join(self.lines) + b"\n")
+        return path
+
+
+def shop_day() -> History:
+    """Every customer is there for one of the five changes; the rest of the day is
+    the same under all of them."""
+    h = History()
+    ten = 10 * H
+    h.views("stable", "books books books", ten)  # browse interest; no change touches it
+    # threshold: high intent needs 5 views and 2 cart adds (the candidate: 3)
+    h.views("hi2", "bags toys bags toys bags", ten)
+    h.cart("hi2", "bags", ten + 5 * M)
+    h.cart("hi2", "bags", ten + 6 * M)  # high intent here
+    h.order("hi2", ten + 10 * M)  # welcome; the order cancels the cart nudges
+    h.views("hi3", "bags toys bags toys bags", ten)
+    for minute in (5, 6, 7):  # high intent at the 2nd cart add; the candidate's at the 3rd
+        h.cart("hi3", "bags", ten + minute * M)
+    h.order("hi3", ten + 10 * M)
+    # delay: the first cart nudge 60 min after the newest cart add (the candidate: 30)
+    h.cart("d1", "shoes", ten)  # nudge 1 at 11:00 (10:30), nudge 2 the next day at 10:00
+    h.cart("d2", "shoes", ten)
+    h.order("d2", ten + 45 * M)  # bought after 45 min: only the candidate nudged first
+    # cap: 3 marketing triggers in 24 h (the candidate: 2)
+    h.views("cap", "garden garden garden toys toys", ten)  # browse interest at 10:00:20
+    h.cart("cap", "garden", ten + 5 * M)
+    h.cart("cap", "garden", ten + 6 * M)  # high intent at 10:06; nudge 1 at 11:06
+    # quiet hours: 21:00-09:00 in the customer's zone (UTC here; the candidate ends 08:00)
+    h.views("q1", "sports sports sports", 8 * H + 30 * M)  # held until 09:00 (08:00: at once)
+    h.views("q2", "sports sports sports", 7 * H + 30 * M)  # held until 09:00 (08:00)
+    # regional: the candidate excludes toys in DE
+    for customer, country in (("de1", "DE"), ("fr1", "FR"), ("de2", "DE"), ("de3", "DE")):
+        h.event(customer, "profile_updated", 9 * H, country=country)
+    h.views("de1", "toys toys toys", ten)  # browse interest about toys: suppressed in DE
+    h.views("fr1", "toys toys toys", ten)  # in FR: unchanged
+    h.views("de2", "beauty beauty beauty", ten)  # not toys: unchanged
+    h.views("de3", "toys toys", ten)
+    h.cart("de3", "toys", ten + M)  # nudges carry top_categories [toys]: emptied in DE
+    h.event("clock", "session_start", 3 * 24 * H, channel="web")  # every timer above is due
+    return h
+
+
+def _yaml(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def _backtest(stack, tmp_path: Path, candidate: str, base: str = "{}\n", **kw):
+    history = shop_day().write(tmp_path / "history.jsonl")
+    sets = [f"kafka.brokers={','.join(stack.brokers)}", f"redis.url={stack.redis_url}",
+            "kafka.partitions=2"]  # fmt: skip
+    setup = prepare(_yaml(tmp_path / "base.yaml", base), _yaml(tmp_path / "cand.yaml", candidate),
+                    sets, str(history), env={})  # fmt: skip
+    return run_backtest(setup, str(history), **kw)
+
+
+def _described(result) -> set[tuple[str, str, str, str]]:
+    """(customer, type, kind, HH:MM of the trigger's event time) of every change."""
+    return {(ch.customer_id, ch.trigger_type, ch.kind, ch.event_time[11:16])
+            for ch in result.changes}  # fmt: skip
+
+
+def test_a_candidate_identical_to_the_base_gives_an_empty_diff_and_leaves_nothing(stack, tmp_path):
+    result = _backtest(stack, tmp_path, "policies:\n  caps:\n    per_week: 6\n")
+    assert result.setup.changes == []  # per_week 6 is the default: nothing changes
+    assert result.changes == []
+    sent = {(o.customer_id, o.trigger_type) for o in result.base.outcomes.values() if o.sent}
+    assert {("stable", "browse_interest"), ("cap", "cart_abandoned"),
+            ("q1", "browse_interest"), ("de3", "cart_abandoned")} <= sent  # fmt: skip
+    # the same ids, from two namespaces with different topic names and key prefixes
+    assert result.base.outcomes.keys() == result.candidate.outcomes.keys()
+    assert len(result.base.outcomes) == 19  # the script's day, as the other tests expect
+    ns = result.setup.namespace
+    assert result.setup.base.kafka.topics.triggers != result.setup.candidate.kafka.topics.triggers
+    client = redis.Redis.from_url(stack.redis_url)
+    for side in ("base", "candidate"):  # given infrastructure: nothing is left behind
+        assert list(client.scan_iter(match=f"{ns.key_prefix(side)}:*")) == []
+    topics = AdminClient({"bootstrap.servers": ",".join(stack.brokers)}).list_topics(timeout=15)
+    assert not [t for t in topics.topics if ns.token in t]
+
+
+def test_a_rule_version_bump_alone_changes_no_trigger(stack, tmp_path):
+    """The candidate runs under the base's rule versions (noted in the report): a new
+    version alone would otherwise give every trigger of the rule a new id."""
+    result = _backtest(stack, tmp_path, "rules:\n  cart_abandoned:\n    version: 2\n")
+    assert result.setup.pinned == {"cart_abandoned": (1, 2)}
+    assert result.setup.changes == [("rules.cart_abandoned.version", 1, 2)]
+    assert result.changes == []
+
+
+CHANGES = {
+    "threshold": (
+        "rules:\n  high_intent_no_purchase:\n    min_cart_adds: 3\n",
+        {("hi2", "high_intent_no_purchase", "only_base", "10:06"),
+         ("hi3", "high_intent_no_purchase", "only_base", "10:06"),
+         ("hi3", "high_intent_no_purchase", "only_candidate", "10:07"),
+         ("cap", "high_intent_no_purchase", "only_base", "10:06")},
+    ),
+    "delay": (
+        "rules:\n  cart_abandoned:\n    first_delay_minutes: 30\n",
+        {("d1", "cart_abandoned", "only_base", "11:00"),
+         ("d1", "cart_abandoned", "only_candidate", "10:30"),
+         ("d2", "cart_abandoned", "only_candidate", "10:30"),
+         ("cap", "cart_abandoned", "only_base", "11:06"),
+         ("cap", "cart_abandoned", "only_candidate", "10:36"),
+         ("de3", "cart_abandoned", "only_base", "11:01"),
+         ("de3", "cart_abandoned", "only_candidate", "10:31")},
+    ),
+    "cap": (
+        "policies:\n  caps:\n    per_day: 2\n",
+        {("cap", "cart_abandoned", "sent_to_suppressed", "11:06")},
+    ),
+    "quiet hours": (
+        "policies:\n  quiet_hours:\n    end: '08:00'\n",
+        {("q1", "browse_interest", "send_time_moved", "08:30"),
+         ("q2", "browse_interest", "send_time_moved", "07:30")},
+    ),
+    "regional rule": (
+        "policies:\n  regions:\n    DE:\n      exclude_categories: [toys]\n",
+        {("de1", "browse_interest", "sent_to_suppressed", "10:00"),
+         ("de3", "cart_abandoned", "content_changed", "11:01"),
+         ("de3", "cart_abandoned", "content_changed", "10:01")},
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(CHANGES))
+def test_each_single_setting_change_changes_exactly_the_triggers_it_should(stack, tmp_path, name):
+    candidate, expected = CHANGES[name]
+    result = _backtest(stack, tmp_path, candidate)
+    assert len(result.setup.changes) == 1, result.setup.changes
+    assert _described(result) == expected
