@@ -10,6 +10,8 @@ give an empty diff.
 from __future__ import annotations
 
 import itertools
+from collections import defaultdict
+from datetime import date, timedelta
 from pathlib import Path
 
 import orjson
@@ -17,7 +19,8 @@ import pytest
 import redis
 from confluent_kafka.admin import AdminClient
 
-from crmstream.backtest import prepare, run_backtest
+from crmstream.backtest import parse_bound, prepare, run_backtest
+from crmstream.flows.replay import cdnow_path, read_cdnow
 from tests.conftest import T0_MS
 
 pytestmark = pytest.mark.integration
@@ -183,3 +186,97 @@ def test_each_single_setting_change_changes_exactly_the_triggers_it_should(stack
     result = _backtest(stack, tmp_path, candidate)
     assert len(result.setup.changes) == 1, result.setup.changes
     assert _described(result) == expected
+
+
+def test_cdnow_a_shorter_first_win_back_step_adds_exactly_the_gaps_longer_than_it(stack, tmp_path):
+    """CDNOW's January 1997 (8,928 purchases) with the first win-back step at 20 days
+    instead of 30: the candidate adds one win-back per purchase gap of more than 20 days
+    (before the customer's next purchase or the history's end), and changes nothing
+    else. The oracle is computed from the raw file."""
+    days: dict[str, set[date]] = defaultdict(set)
+    rows = read_cdnow(cdnow_path(), date(1997, 1, 31))
+    for tx in rows:
+        days[tx.customer].add(tx.day)
+    end = max(tx.day for tx in rows)  # the watermark: the last purchase, at noon
+    expected = set()
+    for customer, bought in days.items():
+        ordered = sorted(bought)
+        for day, following in zip(ordered, [*ordered[1:], end], strict=True):
+            if day + timedelta(days=20) < following:
+                due = day + timedelta(days=20)
+                expected.add((customer, "dormant_win_back", "only_candidate",
+                              f"{due.isoformat()}T12:00"))  # fmt: skip
+    sets = [f"kafka.brokers={','.join(stack.brokers)}", f"redis.url={stack.redis_url}",
+            "kafka.partitions=2"]  # fmt: skip
+    candidate = _yaml(
+        tmp_path / "cand.yaml", "rules:\n  dormant_win_back:\n    days: [20, 90, 180]\n"
+    )
+    setup = prepare(None, candidate, sets, "cdnow", env={})
+    result = run_backtest(setup, "cdnow", until_ms=parse_bound("1997-01-31", end=True))
+    assert result.events == len(rows) == 8928
+    got = {(ch.customer_id, ch.trigger_type, ch.kind, ch.event_time[:16]) for ch in result.changes}
+    assert len(expected) > 100
+    assert got == expected
+    print(f"cdnow: {len(expected)} win-backs added; seconds {result.seconds}")
+
+
+def test_the_cli_on_a_generated_shop_workload_with_a_lower_cap(tmp_path):
+    """`crmstream generate --output` then `crmstream backtest` on the embedded stack, as a
+    user runs it: the report names the change, and a cap changes no candidate (the same
+    ids under both) but only what the policies decided, each change at a customer a cap
+    stopped under one of the configurations."""
+    from tests.test_cli import crm
+
+    shop = tmp_path / "shop.jsonl"
+    made = crm("generate", "--events", "8000", "--customers", "400", "--output", str(shop))
+    assert made.returncode == 0, made.stderr
+    cap = _yaml(tmp_path / "cap2.yaml", "policies:\n  caps:\n    per_day: 2\n")
+    out = tmp_path / "report"
+    run = crm("backtest", "--input", str(shop), "--candidate", str(cap), "--out", str(out))
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    for heading in ("Settings the candidate changes", "policies.caps.per_day",
+                    "Triggers sent, by type", "Suppressions, by policy", "Customers",
+                    "Send times (quiet hours)", "trigger ids changed outcome"):  # fmt: skip
+        assert heading in run.stdout, heading
+    assert "history: producing" in run.stderr and "candidate: processing" in run.stderr
+    report = orjson.loads((out / "report.json").read_bytes())
+    changes = [orjson.loads(line) for line in (out / "changes.jsonl").read_bytes().splitlines()]
+    assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert report["events"] == 8000 and report["changed_ids"] == len(changes) > 0
+    capped = report["suppressions_by_policy"]["frequency_cap"]
+    assert capped["candidate"] > capped["base"]
+    assert report["candidate"]["contacts_max"] <= report["base"]["contacts_max"]
+    assert {c["change"] for c in changes} <= {"sent_to_suppressed", "suppressed_to_sent",
+                                              "policy_changed"}  # fmt: skip
+    stopped_by_cap = {
+        c["customer_id"]
+        for c in changes
+        for side in ("base", "candidate")
+        if c[side]["status"] == "suppressed" and c[side]["policy"] == "frequency_cap"
+    }
+    assert {c["customer_id"] for c in changes} <= stopped_by_cap
+    shown = sum(len(v) for v in report["examples"].values())
+    assert 0 < shown <= 3 * len(report["examples"])
+
+
+def test_the_cli_names_what_is_wrong_and_starts_nothing(tmp_path):
+    from tests.test_cli import crm
+
+    shop = History()
+    shop.views("a", "toys toys toys", 10 * H)
+    history = shop.write(tmp_path / "h.jsonl")
+    cand = _yaml(tmp_path / "c.yaml", "policies:\n  caps:\n    per_day: 2\n")
+    cases = [
+        (["--input", str(tmp_path / "nope.jsonl")], "no such file"),
+        (["--input", "crm.clickstream"], "Kafka topics with --brokers"),
+        (["--input", str(history), "--from", "yesterday"], "--from must be an ISO-8601"),
+        (["--input", str(history), "--from", "2026-02-02", "--until", "2026-02-01"],
+         "is after --until"),
+        (["--input", str(history), "--from", "2027-01-01"], "has no events in the given period"),
+        (["--input", str(history), "--set", "policies.caps.per_day=99"], "policies.caps.per_day"),
+    ]  # fmt: skip
+    for args, message in cases:
+        run = crm("backtest", "--candidate", str(cand), *args)
+        said = " ".join(run.stderr.split())
+        assert run.returncode == 2 and message in said, (args, said)
+        assert "Traceback" not in run.stderr
