@@ -325,15 +325,19 @@ def read_outputs(
     dead = 0
     names = [topics.triggers, topics.suppressions, topics.dead_letter]
     props = config.kafka.consumer_properties()
+    read = 0
     for topic, record in read_records(list(endpoints.brokers), props, names, follow=False):
         if record is None:
             continue
+        read += 1
         if topic == topics.dead_letter:
             dead += 1
         else:
             found[topic].append(record)
-        if on_progress and (len(found[topics.triggers]) + dead) % 5000 == 0:
-            on_progress("reading outputs", sum(map(len, found.values())) + dead, None)
+        if on_progress and read % 5000 == 0:
+            on_progress("reading outputs", read, None)
+    if on_progress:
+        on_progress("reading outputs", read, read)
     store = StateStore(connect(endpoints.redis_url, config.redis), config.redis.key_prefix)
     try:
         held = held_records(store, config.processing.shards)

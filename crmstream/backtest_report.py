@@ -47,6 +47,9 @@ KIND_LABEL = {
 }
 
 
+ROWS_PER_EXAMPLE = 4  # changes shown per example customer in the terminal
+
+
 class PlotError(RuntimeError):
     """The PNG cannot be drawn (matplotlib is missing)."""
 
@@ -201,7 +204,7 @@ def _changes_table(result: Result) -> Table | Text:
     return table
 
 
-def _counts_table(title: str, first: str, rows: dict[str, dict[str, Any]]) -> Table:
+def _counts_table(title: str, first: str) -> Table:
     table = Table(title=title, title_justify="left")
     table.add_column(first)
     for col in ("base", "candidate", "difference"):
@@ -210,90 +213,69 @@ def _counts_table(title: str, first: str, rows: dict[str, dict[str, Any]]) -> Ta
 
 
 def _trigger_table(data: dict[str, Any]) -> Table:
-    table = _counts_table("Triggers sent, by type", "type", data["triggers_by_type"])
+    table = _counts_table("Triggers sent, by type", "type")
     table.add_column("trigger ids changed", overflow="fold")
     for kind, row in data["triggers_by_type"].items():
         how = ", ".join(f"{n} {KIND_LABEL[k]}" for k, n in row["changed"].items())
-        table.add_row(
-            kind,
-            f"{row['base']:,}",
-            f"{row['candidate']:,}",
-            _delta(row["base"], row["candidate"]),
-            how or "-",
-        )
+        base, cand = row["base"], row["candidate"]
+        table.add_row(kind, f"{base:,}", f"{cand:,}", _delta(base, cand), how or "-")
     return table
 
 
 def _policy_table(data: dict[str, Any]) -> Table:
-    table = _counts_table("Suppressions, by policy", "policy", data["suppressions_by_policy"])
+    table = _counts_table("Suppressions, by policy", "policy")
     for policy, row in data["suppressions_by_policy"].items():
-        table.add_row(
-            policy,
-            f"{row['base']:,}",
-            f"{row['candidate']:,}",
-            _delta(row["base"], row["candidate"]),
-        )
+        base, cand = row["base"], row["candidate"]
+        table.add_row(policy, f"{base:,}", f"{cand:,}", _delta(base, cand))
+    return table
+
+
+Row = tuple[str, float, float, int]  # label, base, candidate, decimals
+
+
+def _figure_rows(title: str, rows: list[Row]) -> Table:
+    """A table of figures under both configurations; a bucket row (indented) that is 0
+    under both is left out."""
+    table = _counts_table(title, "")
+    for label, x, y, digits in rows:
+        if label.startswith("  ") and not x and not y:
+            continue
+        table.add_row(label, f"{x:,.{digits}f}", f"{y:,.{digits}f}", _delta(x, y, digits))
     return table
 
 
 def _customer_table(data: dict[str, Any]) -> Table:
     b, c = data["base"], data["candidate"]
-    table = _counts_table("Customers", "", {})
-    rows: list[tuple[str, float, float, int]] = [
-        (
-            "with a trigger or suppression",
-            b["customers_with_candidates"],
-            c["customers_with_candidates"],
-            0,
-        ),
+    per = "contacts per contacted customer"
+    rows: list[Row] = [
+        ("with a trigger or suppression", b["customers_with_candidates"],
+         c["customers_with_candidates"], 0),
         ("contacted (sent at least one)", b["customers_contacted"], c["customers_contacted"], 0),
-        ("contacts per contacted customer, mean", b["contacts_mean"], c["contacts_mean"], 2),
-        ("contacts per contacted customer, median", b["contacts_median"], c["contacts_median"], 1),
-        ("contacts per contacted customer, max", b["contacts_max"], c["contacts_max"], 0),
-    ]
-    rows += [
-        (
-            f"  contacted {n} time(s)",
-            b["contacts_per_customer"][n],
-            c["contacts_per_customer"][n],
-            0,
-        )
-        for n in b["contacts_per_customer"]
-    ]
-    rows.append(
-        (
-            "stopped by a frequency cap at least once",
-            b["customers_capped"],
-            c["customers_capped"],
-            0,
-        )
-    )
-    for label, x, y, digits in rows:
-        table.add_row(label, f"{x:,.{digits}f}", f"{y:,.{digits}f}", _delta(x, y, digits))
+        (f"{per}, mean", b["contacts_mean"], c["contacts_mean"], 2),
+        (f"{per}, median", b["contacts_median"], c["contacts_median"], 1),
+        (f"{per}, max", b["contacts_max"], c["contacts_max"], 0),
+    ]  # fmt: skip
+    rows += [(f"  contacted {n} time(s)", b["contacts_per_customer"][n],
+              c["contacts_per_customer"][n], 0) for n in b["contacts_per_customer"]]  # fmt: skip
+    rows.append(("stopped by a frequency cap at least once", b["customers_capped"],
+                 c["customers_capped"], 0))  # fmt: skip
+    table = _figure_rows("Customers", rows)
     x, y = 100 * b["capped_share"], 100 * c["capped_share"]
-    table.add_row(
-        "share stopped by a cap (of customers with one)",
-        f"{x:.2f} %",
-        f"{y:.2f} %",
-        _delta(x, y, 2) + (" pp" if x != y else ""),
-    )
+    table.add_row("share stopped by a cap (of customers with one)", f"{x:.2f} %", f"{y:.2f} %",
+                  _delta(x, y, 2) + (" pp" if x != y else ""))  # fmt: skip
     return table
 
 
 def _quiet_table(data: dict[str, Any]) -> Table:
     b, c = data["base"], data["candidate"]
-    table = _counts_table("Send times (quiet hours)", "", {})
-    rows = [
+    rows: list[Row] = [
         ("sent later than detected (deferred)", b["deferred"], c["deferred"], 0),
         ("mean deferral, hours", b["shift_mean_hours"], c["shift_mean_hours"], 2),
     ]
-    rows += [
-        (f"  deferred {k}", b["deferred_by_shift"][k], c["deferred_by_shift"][k], 0)
-        for k in b["deferred_by_shift"]
-    ]
+    rows += [(f"  deferred {k}", b["deferred_by_shift"][k], c["deferred_by_shift"][k], 0)
+             for k in b["deferred_by_shift"]]  # fmt: skip
     rows.append(("held past the history's end", b["held_past_end"], c["held_past_end"], 0))
-    for label, x, y, digits in rows:
-        table.add_row(label, f"{x:,.{digits}f}", f"{y:,.{digits}f}", _delta(x, y, digits))
+    table = _figure_rows("Send times (quiet hours)", rows)
     moves = data["send_time_moves"]
     table.caption = (
         f"same trigger, other send time: {moves['moved']:,} ({moves['earlier']:,} earlier, "
@@ -303,11 +285,12 @@ def _quiet_table(data: dict[str, Any]) -> Table:
 
 
 def _cell(outcome: Outcome | None, other: Outcome | None) -> Text:
+    """One side of an example: the outcome and its explanation as ``crmstream explain``
+    words it (without ``emitted_at``: the wall-clock time of the backtest's run)."""
     if outcome is None:
         when = other.event_time if other else ""
-        return Text(
-            f"no such trigger: the rule did not fire for this customer at {when}", style="dim"
-        )
+        return Text(f"no such trigger: the rule did not fire for this customer at {when}",
+                    style="dim")  # fmt: skip
     text = Text()
     if outcome.sent:
         text.append("SENT", style="green")
@@ -316,26 +299,24 @@ def _cell(outcome: Outcome | None, other: Outcome | None) -> Text:
     else:
         text.append("SUPPRESSED", style="red")
         text.append(f" by policy {outcome.policy}")
-    for label, line in explanation_rows(outcome.record, outcome.sent):
+    record = {k: v for k, v in outcome.record.items() if k != "emitted_at"}
+    for label, line in explanation_rows(record, outcome.sent):
         text.append(f"\n{label:<11} {line}")
     return text
 
 
 def _example_table(kind: str, customer: str, changes: list[Change]) -> Table:
-    table = Table(
-        title=f"{kind}: customer {customer} ({len(changes)} changed)",
-        title_justify="left",
-        show_lines=True,
-    )
+    shown = changes[:ROWS_PER_EXAMPLE]
+    table = Table(title=f"{kind}: customer {customer} ({len(changes)} changed)",
+                  title_justify="left", show_lines=True)  # fmt: skip
     table.add_column("trigger id / change", overflow="fold", max_width=22)
     table.add_column("base", overflow="fold", ratio=1)
     table.add_column("candidate", overflow="fold", ratio=1)
-    for ch in changes:
-        table.add_row(
-            Group(Text(ch.trigger_id), Text(KIND_LABEL[ch.kind], style="bold")),
-            _cell(ch.base, ch.candidate),
-            _cell(ch.candidate, ch.base),
-        )
+    for ch in shown:
+        table.add_row(Group(Text(ch.trigger_id), Text(KIND_LABEL[ch.kind], style="bold")),
+                      _cell(ch.base, ch.candidate), _cell(ch.candidate, ch.base))  # fmt: skip
+    if len(changes) > len(shown):
+        table.caption = f"and {len(changes) - len(shown)} more (all in changes.jsonl with --out)"
     return table
 
 
@@ -368,40 +349,66 @@ def write_files(result: Result, out: Path, per_type: int = 3) -> list[Path]:
 
 
 def plot(data: dict[str, Any], path: Path) -> None:
-    """Four panels: triggers by type, suppressions by policy, contacts per customer,
-    quiet-hours deferrals; base and candidate side by side in each."""
+    """Six panels: triggers by type, suppressions by policy, contacts per customer and
+    quiet-hours deferrals (base and candidate side by side), the changed trigger ids
+    by type and kind of change, and the settings the candidate changes."""
     check_plotting()
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 2, figsize=(14, 9))
-    panels = [
-        ("Triggers sent, by type", data["triggers_by_type"], None),
-        ("Suppressions, by policy", data["suppressions_by_policy"], None),
-        ("Contacted customers, by contacts", None, "contacts_per_customer"),
-        ("Deferred triggers, by deferral", None, "deferred_by_shift"),
+    fig, axes = plt.subplots(2, 3, figsize=(18, 9))
+    pairs = [
+        ("Triggers sent, by type", data["triggers_by_type"]),
+        ("Suppressions, by policy", data["suppressions_by_policy"]),
+        ("Contacted customers, by contacts", _pairs(data, "contacts_per_customer")),
+        ("Deferred triggers, by deferral", _pairs(data, "deferred_by_shift")),
     ]
-    for ax, (title, rows, field_name) in zip(axes.flat, panels, strict=True):
-        if rows is not None:
-            labels = list(rows)
-            base = [rows[k]["base"] for k in labels]
-            cand = [rows[k]["candidate"] for k in labels]
-        else:
-            labels = list(data["base"][field_name])
-            base = [data["base"][field_name][k] for k in labels]
-            cand = [data["candidate"][field_name][k] for k in labels]
-        xs = range(len(labels))
-        ax.bar([x - 0.2 for x in xs], base, width=0.4, label="base")
-        ax.bar([x + 0.2 for x in xs], cand, width=0.4, label="candidate")
-        ax.set_xticks(list(xs), labels, rotation=30, ha="right", fontsize=8)
+    for ax, (title, rows) in zip(axes.flat[[0, 1, 3, 4]], pairs, strict=True):
+        xs = range(len(rows))
+        ax.bar([x - 0.2 for x in xs], [r["base"] for r in rows.values()], 0.4, label="base")
+        ax.bar([x + 0.2 for x in xs], [r["candidate"] for r in rows.values()], 0.4,
+               label="candidate")  # fmt: skip
+        ax.set_xticks(list(xs), list(rows), rotation=30, ha="right", fontsize=8)
         ax.set_title(title)
         ax.legend()
-    fig.suptitle(
-        f"Backtest of {data['input']}: {data['events']:,} events, "
-        f"{data['changed_ids']:,} trigger ids changed"
-    )
+    _changed_panel(axes.flat[2], data)
+    _settings_panel(axes.flat[5], data)
+    fig.suptitle(f"Backtest of {data['input']}: {data['events']:,} events, "
+                 f"{data['changed_ids']:,} trigger ids changed")  # fmt: skip
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def _pairs(data: dict[str, Any], name: str) -> dict[str, dict[str, int]]:
+    return {k: {"base": v, "candidate": data["candidate"][name][k]}
+            for k, v in data["base"][name].items()}  # fmt: skip
+
+
+def _changed_panel(ax: Any, data: dict[str, Any]) -> None:
+    types = [t for t, row in data["triggers_by_type"].items() if row["changed"]]
+    bottom = [0] * len(types)
+    for i, kind in enumerate(CHANGE_KINDS):  # colours C2..: C0 and C1 are base, candidate
+        heights = [data["triggers_by_type"][t]["changed"].get(kind, 0) for t in types]
+        if any(heights):
+            ax.bar(range(len(types)), heights, bottom=bottom, label=KIND_LABEL[kind],
+                   color=f"C{i + 2}")  # fmt: skip
+            bottom = [b + h for b, h in zip(bottom, heights, strict=True)]
+    ax.set_xticks(range(len(types)), types, rotation=30, ha="right", fontsize=8)
+    ax.set_title("Trigger ids changed, by type")
+    if types:
+        ax.legend(fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "none", ha="center", va="center", transform=ax.transAxes)
+
+
+def _settings_panel(ax: Any, data: dict[str, Any]) -> None:
+    ax.axis("off")
+    ax.set_title("Settings the candidate changes")
+    lines = [f"{c['key']}: {orjson.dumps(c['base']).decode()} -> "
+             f"{orjson.dumps(c['candidate']).decode()}"
+             for c in data["candidate_changes"][:20]] or ["none"]  # fmt: skip
+    ax.text(0, 1, "\n".join(line[:90] for line in lines), va="top", family="monospace",
+            fontsize=8, transform=ax.transAxes)  # fmt: skip

@@ -34,7 +34,6 @@ def backtest(
         str,
         typer.Option(
             "--input",
-            "-i",
             help="The history: a JSON-lines file of events (e.g. from `crmstream generate "
             "--output`), 'cdnow', or Kafka topics (comma-separated, with --brokers).",
         ),
