@@ -26,13 +26,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
 
-from crmstream.backtest_diff import Change, RunOutputs, diff, run_outputs
-from crmstream.config import ConfigError, CrmConfig, load_config, mask_secrets
+from crmstream.backtest_diff import Change, RunOutputs, detected_since, diff, run_outputs
+from crmstream.config import CrmConfig, load_config, mask_secrets
 from crmstream.config.schema import TopicsConfig
 from crmstream.embedded import infrastructure
 from crmstream.flows.crm import check_state_layout
@@ -165,7 +165,7 @@ def prepare(
 # -- the history ---------------------------------------------------------------------
 
 
-def parse_bound(text: str | None, end: bool) -> int | None:
+def parse_bound(text: str | None, end: bool, flag: str | None = None) -> int | None:
     """``--from`` / ``--until``: an ISO-8601 date (the whole day, UTC) or time (UTC unless
     it has an offset), as epoch ms; ``end``: a date means its last millisecond."""
     if text is None:
@@ -177,7 +177,7 @@ def parse_bound(text: str | None, end: bool) -> int | None:
             return start + 86_399_999 if end else start
         when = datetime.fromisoformat(text)
     except ValueError:
-        flag = "--until" if end else "--from"
+        flag = flag or ("--until" if end else "--from")
         raise BacktestError(
             f"{flag} must be an ISO-8601 date or time (e.g. 2026-01-02 or "
             f"2026-01-02T08:00:00+00:00), got {text!r}"
@@ -185,6 +185,33 @@ def parse_bound(text: str | None, end: bool) -> int | None:
     if when.tzinfo is None:
         when = when.replace(tzinfo=UTC)
     return int(when.timestamp() * 1000)
+
+
+class Period(NamedTuple):
+    """Which events a backtest replays (``from_ms`` .. ``until_ms``, inclusive; None:
+    unbounded) and from when it compares what they fired (``compare_from_ms``: the
+    events before it only build the customers' state)."""
+
+    from_ms: int | None = None
+    until_ms: int | None = None
+    compare_from_ms: int | None = None
+
+    @classmethod
+    def parse(cls, start: str | None, until: str | None, compare_from: str | None) -> Period:
+        """From ``--from``, ``--until`` and ``--compare-from``.
+
+        :raises BacktestError: naming an unreadable or inconsistent bound."""
+        period = cls(parse_bound(start, end=False), parse_bound(until, end=True),
+                     parse_bound(compare_from, end=False, flag="--compare-from"))  # fmt: skip
+        lo, hi, cmp = period
+        if lo is not None and hi is not None and lo > hi:
+            raise BacktestError(f"--from {start} is after --until {until}")
+        if cmp is not None and ((lo is not None and cmp < lo) or (hi is not None and cmp > hi)):
+            raise BacktestError(f"--compare-from {compare_from} is outside --from .. --until")
+        return period
+
+
+WHOLE_HISTORY = Period()
 
 
 def event_ms(value: bytes) -> int | None:
@@ -300,6 +327,7 @@ class Result:
     candidate: RunOutputs
     changes: list[Change]
     seconds: dict[str, float] = field(default_factory=dict)
+    period: Period = WHOLE_HISTORY
     kept: bool = False
 
 
@@ -403,12 +431,12 @@ def remove_namespace(endpoints: Endpoints, setup: Setup) -> None:
 def run_backtest(
     setup: Setup,
     source: str,
-    from_ms: int | None = None,
-    until_ms: int | None = None,
+    period: Period = WHOLE_HISTORY,
     keep: bool = False,
     on_progress: Progress | None = None,
 ) -> Result:
-    """Replay ``source`` under the base and the candidate configuration and compare.
+    """Replay ``source`` (the events of ``period``) under the base and the candidate
+    configuration and compare what they fired from ``period.compare_from_ms`` on.
 
     :raises BacktestError: when the history cannot be read or is empty.
     :raises LayoutError, StateStoreError, TopicError: from the infrastructure.
@@ -416,7 +444,7 @@ def run_backtest(
     seconds: dict[str, float] = {}
     started = time.monotonic()
     base = setup.base
-    events = load_history(source, base, from_ms, until_ms, on_progress)
+    events = load_history(source, base, period.from_ms, period.until_ms, on_progress)
     if not events:
         raise BacktestError(f"--input {source!r} has no events in the given period")
     times = [t for t in (event_ms(e[2]) for e in events) if t is not None]
@@ -429,6 +457,7 @@ def run_backtest(
             if given and not keep:
                 remove_namespace(endpoints, setup)
     mark = time.monotonic()
+    outputs = {side: detected_since(run, period.compare_from_ms) for side, run in outputs.items()}
     changes = diff(outputs["base"], outputs["candidate"])
     seconds["compare"] = time.monotonic() - mark
     seconds["total"] = time.monotonic() - started
@@ -442,6 +471,7 @@ def run_backtest(
         outputs["candidate"],
         changes,
         seconds,
+        period,
         kept=given and keep,
     )
 
@@ -470,16 +500,3 @@ def _replay_twice(
         outputs[side] = read_outputs(endpoints, setup.config(side), _labelled(side, on_progress))
         seconds[f"read_{side}"] = time.monotonic() - mark
     return outputs
-
-
-__all__ = [
-    "BacktestError",
-    "ConfigError",
-    "Namespace",
-    "Result",
-    "Setup",
-    "load_history",
-    "parse_bound",
-    "prepare",
-    "run_backtest",
-]

@@ -150,6 +150,14 @@ class RunOutputs:
             self.conflicting.append(outcome.trigger_id)
 
 
+def detected_since(run: RunOutputs, since_ms: int | None) -> RunOutputs:
+    """``run`` with only the triggers detected at or after ``since_ms`` (None: all)."""
+    if since_ms is None:
+        return run
+    kept = {tid: o for tid, o in run.outcomes.items() if (_ms(o.event_time) or 0) >= since_ms}
+    return RunOutputs(kept, run.dead_letters, run.repeated, run.conflicting)
+
+
 def run_outputs(
     triggers: Iterable[dict[str, Any]],
     suppressions: Iterable[dict[str, Any]],

@@ -80,6 +80,9 @@ def summary(result: Result, per_type: int = 3) -> dict[str, Any]:
         "events": result.events,
         "first_event_time": _iso(result.first_event_ms),
         "last_event_time": _iso(result.last_event_ms),
+        "compare_from": None
+        if result.period.compare_from_ms is None
+        else _iso(result.period.compare_from_ms),
         "candidate_changes": [{"key": k, "base": a, "candidate": b} for k, a, b in setup.changes],
         "rule_versions_pinned": {
             k: {"base": a, "candidate": b} for k, (a, b) in setup.pinned.items()
@@ -176,6 +179,11 @@ def _header(result: Result, data: dict[str, Any]) -> Text:
         f"[bold]Backtest of {result.source}[/]: {result.events:,} events, "
         f"{data['first_event_time']} .. {data['last_event_time']} (UTC)\n"
     )
+    if data["compare_from"]:
+        text.append(
+            f"Compared: what fired from {data['compare_from']} on; the events before it "
+            "built the customers' state under both configurations.\n"
+        )
     if result.setup.pinned:
         pins = ", ".join(f"{k} v{a} (candidate v{b})" for k, (a, b) in result.setup.pinned.items())
         text.append(
@@ -185,11 +193,15 @@ def _header(result: Result, data: dict[str, Any]) -> Text:
         )
     if result.kept:
         ns = result.setup.namespace
-        text.append(
-            f"Kept: key prefixes {ns.key_prefix('base')} / {ns.key_prefix('candidate')}, "
-            f"topics crmstream-backtest.{ns.token}.* (crmstream explain ID "
-            f"--set kafka.topics.triggers=crmstream-backtest.{ns.token}.base.triggers ...)\n"
-        )
+        text.append(f"Kept the runs' topics and keys (crmstream-backtest.{ns.token}.*). ")
+        for side in ("base", "candidate"):
+            topics = result.setup.config(side).kafka.topics
+            text.append(
+                f"\n  {side}: key prefix {ns.key_prefix(side)}; crmstream explain ID --brokers ... "
+                f"--set kafka.topics.triggers={topics.triggers} "
+                f"--set kafka.topics.suppressions={topics.suppressions}"
+            )
+        text.append("\n")
     return text
 
 

@@ -62,6 +62,13 @@ def backtest(
         str | None,
         typer.Option(help="Last event time: YYYY-MM-DD (the whole day) or an ISO-8601 time."),
     ] = None,
+    compare_from: Annotated[
+        str | None,
+        typer.Option(
+            help="Compare only what fired from this time on; the events before it (from "
+            "--from) build the customers' state under both configurations.",
+        ),
+    ] = None,
     out: Annotated[
         Path | None,
         typer.Option(help="Also write report.json, changes.jsonl and report.png here."),
@@ -96,7 +103,7 @@ def backtest(
       crmstream backtest --input cdnow --until 1997-06-30 --base prod.yaml
     --candidate winback.yaml --out bt/
     """
-    from crmstream.backtest import BacktestError, parse_bound, prepare, run_backtest
+    from crmstream.backtest import BacktestError, Period, prepare, run_backtest
     from crmstream.backtest_report import PlotError, check_plotting, render, write_files
     from crmstream.config import ConfigError
     from crmstream.state.layout import LayoutError
@@ -112,12 +119,10 @@ def backtest(
     try:
         if out is not None:
             check_plotting()
-        from_ms, until_ms = parse_bound(from_, end=False), parse_bound(until, end=True)
-        if from_ms is not None and until_ms is not None and from_ms > until_ms:
-            raise BacktestError(f"--from {from_} is after --until {until}")
+        period = Period.parse(from_, until, compare_from)
         setup = prepare(base, candidate, sets, input_)
         with _progress() as progress:
-            result = run_backtest(setup, input_, from_ms, until_ms, keep, progress)
+            result = run_backtest(setup, input_, period, keep, progress)
     except ConfigError as exc:
         raise _fail(str(exc)) from None
     except (BacktestError, PlotError, LayoutError, StateStoreError, TopicError) as exc:

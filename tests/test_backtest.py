@@ -10,6 +10,7 @@ give an empty diff.
 from __future__ import annotations
 
 import itertools
+import secrets
 from collections import defaultdict
 from datetime import date, timedelta
 from pathlib import Path
@@ -19,7 +20,7 @@ import pytest
 import redis
 from confluent_kafka.admin import AdminClient
 
-from crmstream.backtest import parse_bound, prepare, run_backtest
+from crmstream.backtest import Period, prepare, run_backtest
 from crmstream.flows.replay import cdnow_path, read_cdnow
 from tests.conftest import T0_MS
 
@@ -144,6 +145,30 @@ def test_a_rule_version_bump_alone_changes_no_trigger(stack, tmp_path):
     assert result.changes == []
 
 
+def test_a_candidate_that_only_cuts_the_work_differently_changes_no_trigger(stack, tmp_path):
+    """Shards, steps and batch sizes are no rules (results do not depend on batching,
+    tests/test_batching.py): the report lists them, and nothing changes."""
+    cutting = "processing:\n  shards: 3\n  step_ms: 250\nkafka:\n  batch_size: 7\n"
+    result = _backtest(stack, tmp_path, cutting)
+    assert [key for key, _, _ in result.setup.changes] == [
+        "kafka.batch_size", "processing.shards", "processing.step_ms"]  # fmt: skip
+    assert result.changes == []
+
+
+def test_compare_from_counts_only_what_fired_from_then_on(stack, tmp_path):
+    """The threshold change compared from 10:07: the events before build the state under
+    both configurations, and only the high intent fired at 10:07 is left in the diff."""
+    candidate = CHANGES["threshold"][0]
+    result = _backtest(stack, tmp_path, candidate,
+                       period=Period(compare_from_ms=T0_MS + 10 * H + 7 * M))  # fmt: skip
+    assert _described(result) == {("hi3", "high_intent_no_purchase", "only_candidate", "10:07")}
+    assert all(o.event_time >= "2026-01-01T10:07" for o in result.base.outcomes.values())
+    kept = {(o.customer_id, o.trigger_type) for o in result.base.outcomes.values()}
+    assert kept == {("hi2", "first_order_welcome"), ("hi3", "first_order_welcome"),
+                    ("d2", "first_order_welcome"), ("cap", "cart_abandoned"),
+                    ("d1", "cart_abandoned"), ("de3", "cart_abandoned")}  # fmt: skip
+
+
 CHANGES = {
     "threshold": (
         "rules:\n  high_intent_no_purchase:\n    min_cart_adds: 3\n",
@@ -212,7 +237,7 @@ def test_cdnow_a_shorter_first_win_back_step_adds_exactly_the_gaps_longer_than_i
         tmp_path / "cand.yaml", "rules:\n  dormant_win_back:\n    days: [20, 90, 180]\n"
     )
     setup = prepare(None, candidate, sets, "cdnow", env={})
-    result = run_backtest(setup, "cdnow", until_ms=parse_bound("1997-01-31", end=True))
+    result = run_backtest(setup, "cdnow", Period.parse(None, "1997-01-31", None))
     assert result.events == len(rows) == 8928
     got = {(ch.customer_id, ch.trigger_type, ch.kind, ch.event_time[:16]) for ch in result.changes}
     assert len(expected) > 100
@@ -280,3 +305,48 @@ def test_the_cli_names_what_is_wrong_and_starts_nothing(tmp_path):
         said = " ".join(run.stderr.split())
         assert run.returncode == 2 and message in said, (args, said)
         assert "Traceback" not in run.stderr
+
+
+def test_kafka_topics_as_input_with_the_fitted_model_in_use_kept_for_a_look(stack, tmp_path):
+    """The history read from two Kafka topics of the given broker (views and cart adds on
+    one, the rest on the other) gives the file's diff. The runs take the fitted value
+    model active under the configuration's own key prefix, as the flow would live, and
+    with keep their keys and topics stay until removed."""
+    from confluent_kafka import Producer
+    from confluent_kafka.admin import NewTopic
+
+    from crmstream.backtest import remove_namespace
+    from crmstream.flows.runtime import Endpoints
+    from crmstream.state import model
+
+    tag = f"src-{secrets.token_hex(4)}"
+    topics = [f"{tag}.clicks", f"{tag}.rest"]
+    admin = AdminClient({"bootstrap.servers": ",".join(stack.brokers)})
+    for future in admin.create_topics([NewTopic(t, num_partitions=2) for t in topics]).values():
+        future.result(30)
+    producer = Producer({"bootstrap.servers": ",".join(stack.brokers)})
+    for line in shop_day().lines:
+        body = orjson.loads(line)
+        clicks = body["event_type"] in ("product_view", "add_to_cart")
+        producer.produce(topics[0 if clicks else 1], line, body["customer_id"].encode())
+    assert producer.flush(30) == 0
+    client = redis.Redis.from_url(stack.redis_url)
+    fitted = {"bgnbd": {"r": 0.3, "alpha": 4.0, "a": 0.8, "b": 2.5},
+              "gamma_gamma": {"p": 6.0, "q": 3.0, "v": 15.0}}  # fmt: skip
+    version = model.save(client, tag, fitted)
+
+    sets = [f"kafka.brokers={','.join(stack.brokers)}", f"redis.url={stack.redis_url}"]
+    base = _yaml(tmp_path / "base.yaml", f"redis:\n  key_prefix: {tag}\n")
+    cand = _yaml(tmp_path / "cand.yaml", f"redis:\n  key_prefix: {tag}\n" + CHANGES["cap"][0])
+    setup = prepare(base, cand, sets, ",".join(topics), env={})
+    result = run_backtest(setup, ",".join(topics), keep=True)
+    assert result.events == len(shop_day().lines)
+    assert _described(result) == CHANGES["cap"][1]
+    for run in (result.base, result.candidate):
+        assert {o.record["rule"]["model_version"] for o in run.outcomes.values()} == {version}
+    ns = result.setup.namespace
+    assert client.exists(f"{ns.key_prefix('base')}:{{cap}}:s")
+    remove_namespace(Endpoints(list(stack.brokers), stack.redis_url), result.setup)
+    for side in ("base", "candidate"):
+        assert list(client.scan_iter(match=f"{ns.key_prefix(side)}:*")) == []
+    assert client.exists(model.model_key(tag))  # the configuration's own keys are untouched
