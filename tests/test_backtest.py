@@ -341,6 +341,7 @@ def test_kafka_topics_as_input_with_the_fitted_model_in_use_kept_for_a_look(stac
     setup = prepare(base, cand, sets, ",".join(topics), env={})
     result = run_backtest(setup, ",".join(topics), keep=True)
     assert result.events == len(shop_day().lines)
+    assert result.base.dead_letters == 0 and len(result.base.outcomes) == 19  # as from the file
     assert _described(result) == CHANGES["cap"][1]
     for run in (result.base, result.candidate):
         assert {o.record["rule"]["model_version"] for o in run.outcomes.values()} == {version}
