@@ -13,8 +13,9 @@ backtest's topics and keys are removed at the end unless ``keep``.
 
 The base and the candidate are configuration files as ``--config`` takes them
 (each over the embedded default); the backtest replaces only what isolates the
-runs (topics, key prefix, addresses). A rule whose ``version`` differs runs
-under the base's version, so that its unchanged triggers keep their ids.
+runs (topics, key prefix, addresses). The candidate runs with the base's rule
+versions and processing steps (``pinned_keys``), so that what its change does
+not touch keeps its id and outcome.
 """
 
 from __future__ import annotations
@@ -94,7 +95,7 @@ class Setup:
     candidate: CrmConfig
     namespace: Namespace
     changes: list[tuple[str, Any, Any]]  # (dotted key, base value, candidate value)
-    pinned: dict[str, tuple[int, int]]  # rule -> (base version, candidate's own version)
+    pinned: dict[str, tuple[Any, Any]]  # dotted key -> (base value, candidate's own)
     model_prefixes: tuple[str, str]  # each configuration's own key prefix (fitted models)
 
     def config(self, side: str) -> CrmConfig:
@@ -120,6 +121,28 @@ def config_changes(base: CrmConfig, candidate: CrmConfig) -> list[tuple[str, Any
     return [(k, a.get(k), b.get(k)) for k in keys if not k.startswith(PLACEMENT_KEYS)]
 
 
+def pinned_keys(base: CrmConfig, candidate: CrmConfig) -> dict[str, tuple[Any, Any]]:
+    """Settings the candidate's run takes from the base: dotted key -> (base value,
+    candidate's own value), where they differ.
+
+    - ``rules.<name>.version``: a version is part of every trigger id of its rule, so
+      the candidate's own would give every trigger of the rule a new id, changed or
+      not, and nothing of the rule could be matched.
+    - ``processing.step_ms``: the steps the input is cut into decide which of a
+      customer's events arrive late (after a later event of its own was applied,
+      docs/triggers.md, "Lateness"), and late events apply differently; the same
+      steps keep the diff to what the rules and policies decide.
+    """
+    pinned: dict[str, tuple[Any, Any]] = {}
+    for name, rule in base.rules:
+        own = getattr(candidate.rules, name).version
+        if own != rule.version:
+            pinned[f"rules.{name}.version"] = (rule.version, own)
+    if candidate.processing.step_ms != base.processing.step_ms:
+        pinned["processing.step_ms"] = (base.processing.step_ms, candidate.processing.step_ms)
+    return pinned
+
+
 def prepare(
     base_file: Path | None,
     candidate_file: Path,
@@ -142,12 +165,8 @@ def prepare(
         placement.append(f"kafka.brokers={','.join(base_own.kafka.brokers)}")
     if base_own.redis.url:
         placement.append(f"redis.url={base_own.redis.url}")
-    pinned = {
-        name: (rule.version, getattr(cand_own.rules, name).version)
-        for name, rule in base_own.rules
-        if getattr(cand_own.rules, name).version != rule.version
-    }
-    pins = [f"rules.{name}.version={versions[0]}" for name, versions in pinned.items()]
+    pinned = pinned_keys(base_own, cand_own)
+    pins = [f"{key}={base_value}" for key, (base_value, _own) in pinned.items()]
     base = load_config(base_file, [*common, *placement, *ns.overrides("base")], env=env)
     candidate = load_config(
         candidate_file, [*common, *placement, *ns.overrides("candidate"), *pins], env=env

@@ -84,9 +84,7 @@ def summary(result: Result, per_type: int = 3) -> dict[str, Any]:
         if result.period.compare_from_ms is None
         else _iso(result.period.compare_from_ms),
         "candidate_changes": [{"key": k, "base": a, "candidate": b} for k, a, b in setup.changes],
-        "rule_versions_pinned": {
-            k: {"base": a, "candidate": b} for k, (a, b) in setup.pinned.items()
-        },
+        "pinned_to_base": {k: {"base": a, "candidate": b} for k, (a, b) in setup.pinned.items()},
         "namespace": setup.namespace.token,
         "kept": result.kept,
         "base": base.as_json(),
@@ -185,11 +183,11 @@ def _header(result: Result, data: dict[str, Any]) -> Text:
             "built the customers' state under both configurations.\n"
         )
     if result.setup.pinned:
-        pins = ", ".join(f"{k} v{a} (candidate v{b})" for k, (a, b) in result.setup.pinned.items())
+        pins = ", ".join(f"{k} {a} (candidate {b})" for k, (a, b) in result.setup.pinned.items())
         text.append(
-            f"Rule versions differ; the candidate ran with the base's ({pins}) so that "
-            "unchanged triggers keep their ids. Live, its triggers of these rules would carry "
-            "its own version and new ids.\n"
+            f"The candidate ran with the base's {pins}: rule versions are part of the trigger "
+            "ids, and the processing steps decide how late events apply, so both stay the "
+            "base's for unchanged triggers to keep their ids and outcomes (docs/backtest.md).\n"
         )
     if result.kept:
         ns = result.setup.namespace

@@ -140,7 +140,7 @@ def test_a_rule_version_bump_alone_changes_no_trigger(stack, tmp_path):
     """The candidate runs under the base's rule versions (noted in the report): a new
     version alone would otherwise give every trigger of the rule a new id."""
     result = _backtest(stack, tmp_path, "rules:\n  cart_abandoned:\n    version: 2\n")
-    assert result.setup.pinned == {"cart_abandoned": (1, 2)}
+    assert result.setup.pinned == {"rules.cart_abandoned.version": (1, 2)}
     assert result.setup.changes == [("rules.cart_abandoned.version", 1, 2)]
     assert result.changes == []
 
@@ -167,6 +167,34 @@ def test_compare_from_counts_only_what_fired_from_then_on(stack, tmp_path):
     assert kept == {("hi2", "first_order_welcome"), ("hi3", "first_order_welcome"),
                     ("d2", "first_order_welcome"), ("cap", "cart_abandoned"),
                     ("d1", "cart_abandoned"), ("de3", "cart_abandoned")}  # fmt: skip
+
+
+def test_the_candidate_runs_in_the_bases_steps_so_late_events_apply_alike(stack, tmp_path):
+    """A customer's view older than its newest applied one arrives late (docs/triggers.md,
+    "Lateness"); whether it does depends on where the input is cut into steps, which
+    follows the produce time. Here each late view follows its customer's earlier views
+    by 3,000 messages, so in steps of 1 ms it comes in a later step, breaks the streak,
+    and no browse interest fires; in one step of 10 minutes it would be sorted first
+    and the streak would fire. The candidate's own step_ms is not used (reported), so
+    both runs cut the input alike and nothing changes."""
+    h = History()
+    late = [f"late{i}" for i in range(4)]
+    for customer in late:
+        h.views(customer, "toys toys", 10 * H + 10_000)  # at 10:00:10 and 10:00:20
+    for i in range(3000):  # other customers' page views in between
+        h.event(f"filler{i % 5}", "page_view", 10 * H + i, page="home")
+    for customer in late:
+        h.views(customer, "books", 10 * H + 5_000)  # 10:00:05: late
+        h.views(customer, "toys", 10 * H + 30_000)  # 10:00:30
+    history = h.write(tmp_path / "late.jsonl")
+    sets = [f"kafka.brokers={','.join(stack.brokers)}", f"redis.url={stack.redis_url}"]
+    base = _yaml(tmp_path / "base.yaml", "processing:\n  step_ms: 1\n")
+    cand = _yaml(tmp_path / "cand.yaml", "processing:\n  step_ms: 600000\n")
+    setup = prepare(base, cand, sets, str(history), env={})
+    assert setup.pinned == {"processing.step_ms": (1, 600000)}
+    result = run_backtest(setup, str(history))
+    assert result.changes == []
+    assert not [o for o in result.base.outcomes.values() if o.customer_id in late]
 
 
 CHANGES = {
