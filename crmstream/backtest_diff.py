@@ -310,13 +310,17 @@ def send_time_moves(changes: list[Change]) -> dict[str, float | int]:
 
 
 def examples(changes: list[Change], per_type: int) -> dict[str, list[tuple[str, list[Change]]]]:
-    """Per trigger type, up to ``per_type`` customers whose outcome changed (most changes
-    first, then by customer id), each with its changes of that type in time order."""
+    """Per trigger type, up to ``per_type`` customers whose outcome changed, each with its
+    changes of that type in time order: first those showing the most kinds of change,
+    then the fewest changes (the shortest story), then by customer id."""
     grouped: dict[str, dict[str, list[Change]]] = defaultdict(lambda: defaultdict(list))
     for ch in changes:
         grouped[ch.trigger_type][ch.customer_id].append(ch)
     picked = {}
     for kind, by_customer in sorted(grouped.items()):
-        order = sorted(by_customer.items(), key=lambda item: (-len(item[1]), item[0]))
+        order = sorted(
+            by_customer.items(),
+            key=lambda item: (-len({c.kind for c in item[1]}), len(item[1]), item[0]),
+        )
         picked[kind] = order[:per_type]
     return picked

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from crmstream.backtest_diff import (
     CHANGE_KINDS,
     CONTACT_BUCKETS,
+    Change,
     RunOutputs,
     classify,
     diff,
@@ -194,3 +195,15 @@ def test_a_record_seen_twice_counts_once_and_a_contradiction_is_reported():
     assert run.repeated == 1 and run.conflicting == ["id03"]
     assert run.outcomes["id03"].sent
     assert classify(run.outcomes["id03"], run.outcomes["id03"]) is None
+
+
+def test_examples_show_the_most_kinds_of_change_in_the_fewest_changes_first():
+    def change(customer: str, kind: str, n: int) -> Change:
+        return Change(f"{customer}{n}", "browse_interest", customer, kind, None, None)
+
+    changes = [change("a", "only_base", 0),
+               change("b", "only_base", 0), change("b", "policy_changed", 1),
+               change("b", "policy_changed", 2),
+               change("c", "only_base", 0), change("c", "sent_to_suppressed", 1)]  # fmt: skip
+    picked = examples(changes, 2)["browse_interest"]
+    assert [customer for customer, _ in picked] == ["c", "b"]
