@@ -379,3 +379,11 @@ def test_kafka_topics_as_input_with_the_fitted_model_in_use_kept_for_a_look(stac
     for side in ("base", "candidate"):
         assert list(client.scan_iter(match=f"{ns.key_prefix(side)}:*")) == []
     assert client.exists(model.model_key(tag))  # the configuration's own keys are untouched
+
+
+def test_help_lists_backtest_with_examples():
+    from tests.test_cli import crm
+
+    assert "backtest" in crm("--help").stdout
+    usage = crm("backtest", "--help")
+    assert usage.returncode == 0 and "Example" in usage.stdout and "--candidate" in usage.stdout
