@@ -164,7 +164,8 @@ def render(result: Result, console: Console, per_type: int = 3) -> None:
                 console.print(_example_table(kind, customer, changes))
     secs = result.seconds
     console.print(
-        f"{result.events:,} events; read {secs.get('read_history', 0):.1f} s, produced "
+        f"{result.events:,} events; read {secs.get('read_history', 0):.1f} s, kernels "
+        f"{secs.get('kernels', 0):.1f} s, produced "
         f"{secs.get('produce', 0):.1f} s, base run {secs.get('run_base', 0):.1f} s, candidate "
         f"run {secs.get('run_candidate', 0):.1f} s, outputs read "
         f"{secs.get('read_base', 0) + secs.get('read_candidate', 0):.1f} s; "

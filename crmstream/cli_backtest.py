@@ -127,6 +127,9 @@ def backtest(
         raise _fail(str(exc)) from None
     except (BacktestError, PlotError, LayoutError, StateStoreError, TopicError) as exc:
         raise _fail(str(exc)) from None
+    except KeyboardInterrupt:  # the servers are stopped and the given ones cleaned by now
+        err_console.print("interrupted: no report")
+        raise typer.Exit(130) from None
     render(result, console, examples)
     if out is not None:
         for path in write_files(result, out, examples):

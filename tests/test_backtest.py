@@ -387,3 +387,37 @@ def test_help_lists_backtest_with_examples():
     assert "backtest" in crm("--help").stdout
     usage = crm("backtest", "--help")
     assert usage.returncode == 0 and "Example" in usage.stdout and "--candidate" in usage.stdout
+
+
+def test_ctrl_c_during_a_run_stops_it_and_leaves_nothing_on_the_given_servers(stack, tmp_path):
+    import signal
+    import subprocess
+    import time
+
+    from crmstream.bench.backtest_bench import record
+    from crmstream.config import load_config
+    from tests.test_cli import INTERRUPTIBLE_CLI
+
+    shop = tmp_path / "shop.jsonl"
+    record(load_config(None, env={}), shop, 150_000, 5_000)
+    cap = _yaml(tmp_path / "cap2.yaml", "policies:\n  caps:\n    per_day: 2\n")
+    client = redis.Redis.from_url(stack.redis_url)
+    proc = subprocess.Popen(
+        [*INTERRUPTIBLE_CLI, "backtest", "--input", str(shop), "--candidate", str(cap),
+         "--brokers", ",".join(stack.brokers), "--redis-url", stack.redis_url],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 180
+        while not list(client.scan_iter(match="bt-*-base:*", count=1000)):  # the base runs
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGINT)
+        _out, err = proc.communicate(timeout=180)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130 and "interrupted: no report" in err, err[-2000:]
+    assert "Traceback" not in err
+    assert list(client.scan_iter(match="bt-*", count=1000)) == []
+    topics = AdminClient({"bootstrap.servers": ",".join(stack.brokers)}).list_topics(timeout=15)
+    assert not [t for t in topics.topics if t.startswith("crmstream-backtest.")]
