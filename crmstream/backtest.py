@@ -1,7 +1,7 @@
 """``crmstream backtest``: one recorded history through the real flow under two configurations.
 
-This module owns running a backtest. The history (a JSON-lines file, Kafka
-topics, or CDNOW, optionally cut to event times ``--from`` .. ``--until``) is
+This module owns running a backtest. The history (``crmstream.backtest_history``:
+a JSON-lines file, Kafka topics, or CDNOW, optionally cut to event times) is
 produced once to input topics of the backtest's own; the flow then reads it
 twice, once per configuration, each run with its own Redis key prefix and its
 own output topics (``Namespace``), on the embedded stack or on the Kafka and
@@ -25,45 +25,38 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import orjson
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
 
 from crmstream.backtest_diff import Change, RunOutputs, detected_since, diff, run_outputs
+from crmstream.backtest_history import (
+    WHOLE_HISTORY,
+    BacktestError,
+    Event,
+    Period,
+    Progress,
+    event_ms,
+    load_history,
+)
 from crmstream.config import CrmConfig, load_config, mask_secrets
 from crmstream.config.schema import TopicsConfig
 from crmstream.embedded import infrastructure
 from crmstream.flows.crm import check_state_layout
-from crmstream.flows.replay import (
-    ReplayError,
-    produce_events,
-    route_event,
-    run_to_end,
-    source_events,
-    source_overrides,
-    topics_by_event_type,
-)
+from crmstream.flows.replay import produce_events, run_to_end, source_overrides
 from crmstream.flows.runtime import Endpoints, Runtime
 from crmstream.operators.kernels import warm_up
-from crmstream.ops import read_records, reader_config
+from crmstream.ops import read_records
 from crmstream.state.model import model_key
 from crmstream.state.store import StateStore, connect
 from crmstream.state.timers import parse_member
-from crmstream.topics import TopicError, admin_client, create_topics, partitions_of
+from crmstream.topics import admin_client, create_topics
 
 log = logging.getLogger(__name__)
 SIDES = ("base", "candidate")
-Event = tuple[str, bytes | None, bytes]
-Progress = Callable[[str, int, int | None], None]
 # Keys that only say where a run reads and writes: the backtest sets them itself.
 PLACEMENT_KEYS = ("kafka.brokers", "redis.url", "redis.key_prefix", "kafka.topics.")
-
-
-class BacktestError(RuntimeError):
-    """The backtest cannot run as asked (bad input, configuration or infrastructure)."""
 
 
 @dataclass(frozen=True)
@@ -182,155 +175,6 @@ def prepare(
     )
 
 
-# -- the history ---------------------------------------------------------------------
-
-
-def parse_bound(text: str | None, end: bool, flag: str | None = None) -> int | None:
-    """``--from`` / ``--until``: an ISO-8601 date (the whole day, UTC) or time (UTC unless
-    it has an offset), as epoch ms; ``end``: a date means its last millisecond."""
-    if text is None:
-        return None
-    try:
-        if len(text) == 10:
-            day = date.fromisoformat(text)
-            start = int(datetime(day.year, day.month, day.day, tzinfo=UTC).timestamp() * 1000)
-            return start + 86_399_999 if end else start
-        when = datetime.fromisoformat(text)
-    except ValueError:
-        flag = flag or ("--until" if end else "--from")
-        raise BacktestError(
-            f"{flag} must be an ISO-8601 date or time (e.g. 2026-01-02 or "
-            f"2026-01-02T08:00:00+00:00), got {text!r}"
-        ) from None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return int(when.timestamp() * 1000)
-
-
-class Period(NamedTuple):
-    """Which events a backtest replays (``from_ms`` .. ``until_ms``, inclusive; None:
-    unbounded) and from when it compares what they fired (``compare_from_ms``: the
-    events before it only build the customers' state)."""
-
-    from_ms: int | None = None
-    until_ms: int | None = None
-    compare_from_ms: int | None = None
-
-    @classmethod
-    def parse(cls, start: str | None, until: str | None, compare_from: str | None) -> Period:
-        """From ``--from``, ``--until`` and ``--compare-from``.
-
-        :raises BacktestError: naming an unreadable or inconsistent bound."""
-        period = cls(parse_bound(start, end=False), parse_bound(until, end=True),
-                     parse_bound(compare_from, end=False, flag="--compare-from"))  # fmt: skip
-        lo, hi, cmp = period
-        if lo is not None and hi is not None and lo > hi:
-            raise BacktestError(f"--from {start} is after --until {until}")
-        if cmp is not None and ((lo is not None and cmp < lo) or (hi is not None and cmp > hi)):
-            raise BacktestError(f"--compare-from {compare_from} is outside --from .. --until")
-        return period
-
-
-WHOLE_HISTORY = Period()
-
-
-def event_ms(value: bytes) -> int | None:
-    """The event time of a recorded event, or None when the flow could not read one."""
-    from crmstream.operators.events import _Invalid, parse_time_ms
-
-    try:
-        body = orjson.loads(value)
-        return parse_time_ms(body["event_time"])
-    except (orjson.JSONDecodeError, TypeError, KeyError, _Invalid):
-        return None
-
-
-def within(events: list[Event], from_ms: int | None, until_ms: int | None) -> list[Event]:
-    """The events with event times in [from_ms, until_ms]. With a bound, an event whose
-    time cannot be read is left out (the flow would dead-letter it): nothing is moved
-    between periods. Without one, every event is kept."""
-    if from_ms is None and until_ms is None:
-        return events
-    lo = -(2**63) if from_ms is None else from_ms
-    hi = 2**63 if until_ms is None else until_ms
-    kept = []
-    for ev in events:
-        ms = event_ms(ev[2])
-        if ms is not None and lo <= ms <= hi:
-            kept.append(ev)
-    return kept
-
-
-def topic_events(
-    config: CrmConfig, topics: list[str], on_progress: Progress | None = None
-) -> list[Event]:
-    """Every record of ``topics`` on the configured brokers, from the start, in Kafka-time
-    order (then topic, partition, offset), routed to the flow's input topics by event
-    type as a file's lines are (``flows.replay.route_event``)."""
-    brokers = list(config.kafka.brokers or [])
-    consumer = Consumer(reader_config(brokers, config.kafka.consumer_properties()))
-    found: list[tuple[int, str, int, int, bytes | None, bytes]] = []
-    try:
-        parts = []
-        for topic in topics:
-            try:
-                ids = partitions_of(consumer, topic, 15)
-            except TopicError as exc:
-                raise BacktestError(f"--input: {exc}") from None
-            parts += [TopicPartition(topic, p, OFFSET_BEGINNING) for p in ids]
-        consumer.assign(parts)
-        pending = {(p.topic, p.partition) for p in parts}
-        while pending:
-            for msg in consumer.consume(1000, 1.0):
-                err = msg.error()
-                if err is not None:
-                    if err.code() == KafkaError._PARTITION_EOF:
-                        pending.discard((msg.topic(), msg.partition()))
-                        continue
-                    raise BacktestError(f"--input: reading {msg.topic()}: {err.str()}")
-                _kind, ts = msg.timestamp()
-                found.append(
-                    (ts, msg.topic(), msg.partition(), msg.offset(), msg.key(), msg.value() or b"")
-                )
-            if on_progress:
-                on_progress("reading the input topics", len(found), None)
-    finally:
-        consumer.close()
-    found.sort(key=lambda m: m[:4])
-    by_type = topics_by_event_type(config)
-    fallback = config.kafka.topics.clickstream
-    return [route_event(value, by_type, fallback, key) for *_, key, value in found]
-
-
-def load_history(
-    source: str,
-    config: CrmConfig,
-    from_ms: int | None,
-    until_ms: int | None,
-    on_progress: Progress | None = None,
-) -> list[Event]:
-    """The input events of ``source``: 'cdnow', a JSON-lines file, or (with brokers
-    configured) comma-separated Kafka topics; routed to ``config``'s input topics.
-
-    :raises BacktestError: when the source cannot be found or read.
-    """
-    if source == "cdnow" or Path(source).is_file():
-        try:
-            events = source_events(source, config)
-        except ReplayError as exc:
-            raise BacktestError(str(exc)) from None
-    elif config.kafka.brokers:
-        events = topic_events(
-            config, [t.strip() for t in source.split(",") if t.strip()], on_progress
-        )
-    else:
-        raise BacktestError(
-            f"--input {source!r}: no such file; give a JSON-lines file, 'cdnow', or Kafka "
-            f"topics with --brokers"
-        )
-    return within(events, from_ms, until_ms)
-
-
 # -- running -------------------------------------------------------------------------
 
 
@@ -423,16 +267,20 @@ def _labelled(label: str, on_progress: Progress | None) -> Callable[[str, int, i
     return lambda stage, done, total: on_progress(f"{label}: {stage}", done, total)
 
 
-def remove_namespace(endpoints: Endpoints, setup: Setup) -> None:
-    """Delete the backtest's topics and Redis keys (given infrastructure, without keep)."""
+def remove_namespace(
+    endpoints: Endpoints, setup: Setup, topics: bool = True, keys: bool = True
+) -> None:
+    """Delete the backtest's ``topics`` and Redis ``keys`` (on given servers: the embedded
+    ones go away with everything on them)."""
     names = sorted({setup.namespace.topic(r, s) for r in TopicsConfig.model_fields for s in SIDES})
     admin = admin_client(list(endpoints.brokers), setup.base.kafka.client)
-    for name, future in admin.delete_topics(names, request_timeout=30).items():
+    deleting = admin.delete_topics(names, request_timeout=30) if topics else {}
+    for name, future in deleting.items():
         try:
             future.result(timeout=60)
         except Exception as exc:  # a leftover topic is worth a warning, not a failure
             log.warning("could not delete backtest topic %s: %s", name, exc)
-    for side in SIDES:
+    for side in SIDES if keys else ():
         config = setup.config(side)
         client = connect(endpoints.redis_url, config.redis)
         try:
@@ -469,13 +317,13 @@ def run_backtest(
         raise BacktestError(f"--input {source!r} has no events in the given period")
     times = [t for t in (event_ms(e[2]) for e in events) if t is not None]
     seconds["read_history"] = time.monotonic() - started
-    given = bool(base.kafka.brokers and base.redis.url)
+    given_kafka, given_redis = bool(base.kafka.brokers), bool(base.redis.url)
     with infrastructure(base) as endpoints:
         try:
             outputs = _replay_twice(setup, endpoints, events, seconds, on_progress)
         finally:
-            if given and not keep:
-                remove_namespace(endpoints, setup)
+            if not keep and (given_kafka or given_redis):
+                remove_namespace(endpoints, setup, topics=given_kafka, keys=given_redis)
     mark = time.monotonic()
     outputs = {side: detected_since(run, period.compare_from_ms) for side, run in outputs.items()}
     changes = diff(outputs["base"], outputs["candidate"])
@@ -492,7 +340,7 @@ def run_backtest(
         changes,
         seconds,
         period,
-        kept=given and keep,
+        kept=keep and (given_kafka or given_redis),
     )
 
 

@@ -103,7 +103,8 @@ def backtest(
       crmstream backtest --input cdnow --until 1997-06-30 --base prod.yaml
     --candidate winback.yaml --out bt/
     """
-    from crmstream.backtest import BacktestError, Period, prepare, run_backtest
+    from crmstream.backtest import prepare, run_backtest
+    from crmstream.backtest_history import BacktestError, Period
     from crmstream.backtest_report import PlotError, check_plotting, render, write_files
     from crmstream.config import ConfigError
     from crmstream.state.layout import LayoutError

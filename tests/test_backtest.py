@@ -20,7 +20,8 @@ import pytest
 import redis
 from confluent_kafka.admin import AdminClient
 
-from crmstream.backtest import Period, prepare, run_backtest
+from crmstream.backtest import prepare, run_backtest
+from crmstream.backtest_history import Period
 from crmstream.flows.replay import cdnow_path, read_cdnow
 from tests.conftest import T0_MS
 
@@ -421,3 +422,15 @@ def test_ctrl_c_during_a_run_stops_it_and_leaves_nothing_on_the_given_servers(st
     assert list(client.scan_iter(match="bt-*", count=1000)) == []
     topics = AdminClient({"bootstrap.servers": ",".join(stack.brokers)}).list_topics(timeout=15)
     assert not [t for t in topics.topics if t.startswith("crmstream-backtest.")]
+
+
+def test_with_only_kafka_given_its_topics_are_removed_and_redis_is_embedded(stack, tmp_path):
+    history = shop_day().write(tmp_path / "history.jsonl")
+    cand = _yaml(tmp_path / "cand.yaml", CHANGES["cap"][0])
+    setup = prepare(None, cand, [f"kafka.brokers={','.join(stack.brokers)}"], str(history),
+                    env={})  # fmt: skip
+    result = run_backtest(setup, str(history))
+    assert _described(result) == CHANGES["cap"][1]
+    assert setup.base.redis.url is None  # an embedded redis-server, gone with its keys
+    topics = AdminClient({"bootstrap.servers": ",".join(stack.brokers)}).list_topics(timeout=15)
+    assert not [t for t in topics.topics if setup.namespace.token in t]
