@@ -26,77 +26,82 @@ from crmstream.cli_options import (
     err_console,
 )
 
-ConfigFile = Annotated[Path | None, typer.Option(exists=True, dir_okay=False)]
+InputOpt = Annotated[
+    str,
+    typer.Option(
+        "--input",
+        help="The history: a JSON-lines file of events (e.g. from `crmstream generate "
+        "--output`), 'cdnow', or Kafka topics (comma-separated, with --brokers).",
+    ),
+]
+CandidateOpt = Annotated[
+    Path,
+    typer.Option(
+        exists=True,
+        dir_okay=False,
+        help="The candidate configuration (YAML over the embedded default, as --config).",
+    ),
+]
+BaseOpt = Annotated[
+    Path | None,
+    typer.Option(
+        exists=True, dir_okay=False, help="The base configuration (default: the embedded default)."
+    ),
+]
+FromOpt = Annotated[
+    str | None,
+    typer.Option("--from", help="First event time: YYYY-MM-DD (UTC) or an ISO-8601 time."),
+]
+UntilOpt = Annotated[
+    str | None,
+    typer.Option(help="Last event time: YYYY-MM-DD (the whole day) or an ISO-8601 time."),
+]
+CompareFromOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Compare only what fired from this time on; the events before it (from "
+        "--from) build the customers' state under both configurations.",
+    ),
+]
+OutOpt = Annotated[
+    Path | None,
+    typer.Option(help="Also write report.json, changes.jsonl and report.png here."),
+]
+ExamplesOpt = Annotated[int, typer.Option(help="Example customers shown per trigger type.", min=0)]
+KeepOpt = Annotated[
+    bool,
+    typer.Option(
+        "--keep",
+        help="Keep the backtest's topics and Redis keys (given --brokers and --redis-url) "
+        "to look at them with triggers/explain.",
+    ),
+]
 
 
 def backtest(
-    input_: Annotated[
-        str,
-        typer.Option(
-            "--input",
-            help="The history: a JSON-lines file of events (e.g. from `crmstream generate "
-            "--output`), 'cdnow', or Kafka topics (comma-separated, with --brokers).",
-        ),
-    ],
-    candidate: Annotated[
-        Path,
-        typer.Option(
-            exists=True,
-            dir_okay=False,
-            help="The candidate configuration (YAML over the embedded default, as --config).",
-        ),
-    ],
-    base: Annotated[
-        Path | None,
-        typer.Option(
-            exists=True,
-            dir_okay=False,
-            help="The base configuration (default: the embedded default).",
-        ),
-    ] = None,
-    from_: Annotated[
-        str | None,
-        typer.Option("--from", help="First event time: YYYY-MM-DD (UTC) or an ISO-8601 time."),
-    ] = None,
-    until: Annotated[
-        str | None,
-        typer.Option(help="Last event time: YYYY-MM-DD (the whole day) or an ISO-8601 time."),
-    ] = None,
-    compare_from: Annotated[
-        str | None,
-        typer.Option(
-            help="Compare only what fired from this time on; the events before it (from "
-            "--from) build the customers' state under both configurations.",
-        ),
-    ] = None,
-    out: Annotated[
-        Path | None,
-        typer.Option(help="Also write report.json, changes.jsonl and report.png here."),
-    ] = None,
-    examples: Annotated[
-        int, typer.Option(help="Example customers shown per trigger type.", min=0)
-    ] = 3,
-    keep: Annotated[
-        bool,
-        typer.Option(
-            "--keep",
-            help="Keep the backtest's topics and Redis keys (given "
-            "--brokers and --redis-url) to look at them with triggers/explain.",
-        ),
-    ] = False,
+    input_: InputOpt,
+    candidate: CandidateOpt,
+    base: BaseOpt = None,
+    from_: FromOpt = None,
+    until: UntilOpt = None,
+    compare_from: CompareFromOpt = None,
+    out: OutOpt = None,
+    examples: ExamplesOpt = 3,
+    keep: KeepOpt = False,
     set_: SetOpt = None,
     brokers: BrokersOpt = None,
     redis_url: RedisOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:
-    """Replay the same history through the real flow under two configurations and show
-    what would have changed: triggers by type, suppressions by policy, customers
-    contacted, caps, quiet-hours send times, and example customers with both
-    explanations side by side. The diff is exact: trigger ids are deterministic, so
-    a trigger the change does not touch has the same id and outcome under both.
+    """Replay the same history through the real flow under two configurations
+    and show what would have changed: triggers by type, suppressions by policy,
+    customers contacted, caps, quiet-hours send times, and example customers
+    with both explanations side by side. The diff is exact: trigger ids are
+    deterministic, so a trigger the change does not touch has the same id and
+    outcome under both (docs/backtest.md).
 
-    Runs on an embedded broker and redis-server unless --brokers and --redis-url are
-    given (then in topics and key prefixes of its own, removed at the end).
+    Runs on an embedded broker and redis-server, or on the ones given with
+    --brokers and --redis-url (in topics and keys of its own, removed at the end).
 
     Examples: crmstream backtest --input last-month.jsonl --candidate cap2.yaml
 
