@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 ARGS   ?=
 
-.PHONY: setup demo test test-default test-fast bench bench-all bench-state bench-timers bench-parse bench-exchange bench-smoke lint clean
+.PHONY: setup demo test test-default test-fast bench bench-all bench-state bench-timers bench-parse bench-exchange bench-backtest bench-smoke lint clean
 
 SYSTEM_STAMP := $(VENV)/.system-stamp
 
@@ -69,6 +69,9 @@ bench-parse: setup  ## validation: compiled fast path vs the checked way, same r
 
 bench-exchange: setup  ## what an item costs to pickle for another worker process, before/after
 	$(BIN)/python -m crmstream.bench.exchange_bench $(ARGS)
+
+bench-backtest: setup  ## a 1M-event backtest against a replay of the same history (ARGS="--events 200000")
+	$(BIN)/python -m crmstream.bench.backtest_bench $(ARGS)
 
 bench-all: setup  ## crmstream vs ceiling, naive baseline and Quix Streams; 100k and 1M customers; table + PNG
 	$(BIN)/python -m crmstream.bench.harness $(ARGS)

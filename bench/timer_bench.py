@@ -26,11 +26,11 @@ from crmstream.embedded import EmbeddedStack
 from crmstream.flows.runtime import Runtime
 from crmstream.flows.shard_step import ShardStep
 from crmstream.flows.sink import Outbox
-from crmstream.operators.timer_slots import WAKE
 from crmstream.operators.params import (
     MS_PER_DAY,
     MS_PER_HOUR,
 )
+from crmstream.operators.timer_slots import WAKE
 from crmstream.state.encoding import encode_records, fresh_records
 from crmstream.state.layout import shard_of
 from crmstream.state.timers import timer_member

@@ -479,9 +479,11 @@ def main() -> None:
 
 
 from crmstream import cli_views  # noqa: E402,F401  (registers the view commands)
+from crmstream.cli_backtest import backtest  # noqa: E402
 from crmstream.cli_quarantine import quarantine_app  # noqa: E402
 from crmstream.cli_value import fit, model_app  # noqa: E402
 
 app.command()(fit)
+app.command()(backtest)
 app.add_typer(model_app, name="model")
 app.add_typer(quarantine_app, name="quarantine")

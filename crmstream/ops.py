@@ -110,6 +110,11 @@ class TopicReader:
         log.info("read %d records of %s in windows from the end", self.read, sorted(self._low))
         return sorted(records, key=_order)
 
+    def every(self) -> list[Record]:
+        """Every record of the topics, from each partition's start to its end, oldest
+        first."""
+        return sorted(self._window(dict(self._low), {}), key=_order)
+
     def _offsets_for(self, since_ms: int) -> dict[_Part, int]:
         wanted = [TopicPartition(t, p, since_ms) for t, p in self._low]
         try:

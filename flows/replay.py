@@ -88,34 +88,42 @@ def cdnow_events(rows: list[Transaction], topic: str) -> Iterator[tuple[str, byt
 
 
 def file_events(path: Path, config: CrmConfig) -> Iterator[tuple[str, bytes | None, bytes]]:
-    """A JSON-lines file of input events, each routed to its topic by ``event_type``.
-
-    A line that cannot be routed (not JSON, no known event type) still goes to the
-    clickstream topic, where the flow dead-letters it with the reason: nothing is
-    lost and the replay sees exactly what a live run would.
-    """
-    topics = config.kafka.topics
-    role_topic = topics.by_role
-    by_type = {t: role_topic[role] for role, types in TOPIC_ROLE_TYPES.items() for t in types}
+    """A JSON-lines file of input events, each routed to its topic by ``event_type``
+    (``route_event``)."""
+    by_type = topics_by_event_type(config)
     with path.open("rb") as handle:
         for line in handle:
             raw = line.rstrip(b"\r\n")
-            if not raw.strip():
-                continue
-            try:
-                body = orjson.loads(raw)
-            except orjson.JSONDecodeError:
-                body = None
-            kind = body.get("event_type") if isinstance(body, dict) else None
-            customer = body.get("customer_id") if isinstance(body, dict) else None
-            key = customer.encode() if isinstance(customer, str) else None
-            yield (
-                by_type.get(kind, topics.clickstream)
-                if isinstance(kind, str)
-                else (topics.clickstream),
-                key,
-                raw,
-            )
+            if raw.strip():
+                yield route_event(raw, by_type, config.kafka.topics.clickstream)
+
+
+def topics_by_event_type(config: CrmConfig) -> dict[str, str]:
+    """Event type -> the input topic the flow expects it on."""
+    role_topic = config.kafka.topics.by_role
+    return {t: role_topic[role] for role, types in TOPIC_ROLE_TYPES.items() for t in types}
+
+
+def route_event(
+    raw: bytes, by_type: dict[str, str], fallback: str, key: bytes | None = None
+) -> tuple[str, bytes | None, bytes]:
+    """(topic, key, value) of one recorded event: the topic of its ``event_type``, keyed by
+    its ``customer_id`` (else ``key``).
+
+    An event that cannot be routed (not JSON, no known event type) still goes to
+    ``fallback`` (the clickstream topic), where the flow dead-letters it with the
+    reason: nothing is lost and the replay sees exactly what a live run would.
+    """
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        body = None
+    kind = body.get("event_type") if isinstance(body, dict) else None
+    customer = body.get("customer_id") if isinstance(body, dict) else None
+    if isinstance(customer, str):
+        key = customer.encode()
+    topic = by_type.get(kind, fallback) if isinstance(kind, str) else fallback
+    return topic, key, raw
 
 
 def source_overrides(source: str) -> list[str]:
@@ -179,19 +187,20 @@ def replay(
     runtime = Runtime(config, endpoints)
     try:
         check_state_layout(runtime)
-        _produce(endpoints, config, events, on_progress)
-        _run(runtime, len(events), on_progress)
+        produce_events(endpoints, config, events, on_progress)
+        run_to_end(runtime, len(events), on_progress)
     finally:
         runtime.close()
     return time.monotonic() - started
 
 
-def _produce(
+def produce_events(
     endpoints: Endpoints,
     config: CrmConfig,
     events: list[tuple[str, bytes | None, bytes]],
     on_progress: Callable[[str, int, int], None] | None,
 ) -> None:
+    """Produce (topic, key, value) events with delivery checks, reporting progress."""
     producer = DeliveryCheckedProducer(
         list(endpoints.brokers), config.kafka.producer_properties(), 60.0
     )
@@ -206,7 +215,9 @@ def _produce(
         on_progress("producing", len(events), len(events))
 
 
-def _run(runtime: Runtime, total: int, on_progress: Callable[[str, int, int], None] | None) -> None:
+def run_to_end(
+    runtime: Runtime, total: int, on_progress: Callable[[str, int, int], None] | None
+) -> None:
     """Run the flow to the end of its input, reporting how many events it handled."""
     metrics = get_metrics()
 
