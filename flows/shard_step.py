@@ -66,6 +66,10 @@ _input_order = attrgetter("topic", "partition", "offset")
 _IDLE = {"events": 0, "invalid": 0, "triggers": 0, "timers": 0, "again": 0}
 # What the exactly-once checks record of the input in a customer's state.
 _INPUT_FIELDS = ("applied_partition", "applied_offset", "recent_ids", "recent_s", "recent_next")
+# Test hook: the exactly-once guards a shard step applies (docs/guarantees.md, section 1).
+# Always all three in production; tests/test_guards.py leaves one on at a time to see
+# that it alone keeps a replay from counting twice. Read when a ShardStep is built.
+GUARDS = frozenset({"shard_offsets", "customer_offsets", "event_ids"})
 
 
 def _repeated(topics: np.ndarray, partitions: np.ndarray, offsets: np.ndarray) -> np.ndarray:
@@ -110,6 +114,7 @@ class ShardStep:
         self._timers_cfg = config.timers
         self._dedup_horizon_ms = config.processing.dedup_horizon_seconds * 1000
         self._exactly_once = config.processing.exactly_once
+        self._guards = GUARDS
         self.progress: dict[Position, Progress] = runtime.store.load_progress(shard)
         self._unsaved: dict[Position, Progress] = {}
         self._last_progress_write_ms = 0
@@ -126,6 +131,8 @@ class ShardStep:
         by bisection. None when the whole step was applied before (the timers it fired
         are gone from Redis, and firing later ones now would run ahead of the input)."""
         floors = {pos: self.progress.get(pos, _NOTHING).offset for pos in positions}
+        if "shard_offsets" not in self._guards:  # test hook: see GUARDS
+            floors = dict.fromkeys(positions, -1)
         progress = {
             pos: Progress(off, number, newest(pos))
             for pos, off in positions.items()
@@ -351,7 +358,7 @@ class ShardStep:
         fresh, keep = events, None
         if self._exactly_once:
             roles = np.array([ROLE_INDEX[self._rt.validator.role(t)] for t in names], np.int8)
-            horizon_s = self._dedup_horizon_ms // 1000
+            horizon_s = self._dedup_horizon_ms // 1000 if "event_ids" in self._guards else 0
             ids = [ev.event_id for ev in events]
             digests = event_id_digests(ids) if horizon_s else np.zeros(n, np.uint64)
             cust = np.fromiter(map(index.__getitem__, [ev.customer_id for ev in events]),
@@ -375,6 +382,7 @@ class ShardStep:
                 times[order] // 1000,
                 horizon_s,
                 _repeated(topic_index, partitions, offsets)[order],
+                offsets="customer_offsets" in self._guards,
             )
             keep = verdict == FRESH
             if not count:
