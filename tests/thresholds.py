@@ -79,11 +79,17 @@ def parse(config: CrmConfig, bodies: list[dict[str, Any]], now_ms: int = FAR_NOW
     return out
 
 
-def story(config: CrmConfig, bodies: list[dict[str, Any]], bound_ms: int | None = None):
-    """Run one step of the customer step over ``bodies`` (fresh state, no stored timers):
-    timers fire up to ``bound_ms`` (default: just before each customer's newest event,
-    as the shard step bounds a step without a watermark). Returns the step's output and
-    the records."""
+def story(
+    config: CrmConfig,
+    bodies: list[dict[str, Any]],
+    bound_ms: int | None = None,
+    members: list | None = None,
+    promises: dict | None = None,
+):
+    """Run one step of the customer step over ``bodies`` (fresh state; ``members``: stored
+    timer-set members that may fall due): timers fire up to ``bound_ms`` (default: just
+    before each customer's newest event, as the shard step bounds a step without a
+    watermark). Returns the step's output and the records."""
     events = parse(config, bodies)
     bad = [e for e in events if not isinstance(e, ParsedEvent)]
     assert not bad, bad
@@ -94,7 +100,7 @@ def story(config: CrmConfig, bodies: list[dict[str, Any]], bound_ms: int | None 
     for i, c in enumerate(customers):
         newest = max(e.event_time_ms for e in events if e.customer_id == c)
         bound[i] = newest - 1 if bound_ms is None else bound_ms
-    out = step.run(StepInput(customers, records, events, [], {}, bound))
+    out = step.run(StepInput(customers, records, events, members or [], promises or {}, bound))
     return out, records
 
 
