@@ -18,6 +18,7 @@ from __future__ import annotations
 import numpy as np
 import orjson
 import pytest
+from prometheus_client import REGISTRY
 
 from crmstream.config import load_config
 from crmstream.flows import shard_step
@@ -148,11 +149,22 @@ def _replay(isolated_config, stack, guards: frozenset[str], retry: bool):
     try:
         config = _config(isolated_config)
         one = run_log(config, stack, log_1, ONE_STEP, end)
+        before = _dropped(config)
         two = run_log(config, stack, log_2, ONE_STEP, end)
+        dropped = {k: v - before[k] for k, v in _dropped(config).items()}
     finally:
         shard_step.GUARDS = saved
     ids = sorted(t["trigger_id"] for t in one.triggers + two.triggers)
-    return two, ids, reference
+    return two._replace(dead_letters=dropped), ids, reference
+
+
+def _dropped(config) -> dict[str, float]:
+    """The metrics of events dropped as replayed and as duplicates on the config's
+    clickstream topic (docs/metrics.md)."""
+    labels = {"topic": config.kafka.topics.clickstream}
+    return {name: REGISTRY.get_sample_value(name, labels) or 0.0
+            for name in ("crmstream_replayed_events_skipped_total",
+                         "crmstream_duplicate_events_total")}  # fmt: skip
 
 
 @pytest.mark.integration
@@ -175,6 +187,11 @@ def test_each_guard_alone_keeps_a_replay_from_counting_twice(alone, isolated_con
     assert got == want
     assert ids == sorted(t["trigger_id"] for t in reference.triggers)
     assert len(ids) == 2, ids
+    # each drop is counted as what it was: the 5 events read again as replayed, or both
+    # copies of the 5 retried ones as duplicates (two.dead_letters: the metrics' increase)
+    kind, n = ("duplicate", 10.0) if alone == "event_ids" else ("replayed_events_skipped", 5.0)
+    assert two.dead_letters == {
+        name: (n if kind in name else 0.0) for name in two.dead_letters}  # fmt: skip
 
 
 @pytest.mark.integration
