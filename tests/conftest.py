@@ -160,8 +160,10 @@ def live_flow(
         runtime.close()
 
 
-def read_topic(endpoints: Endpoints, topic: str, idle_s: float = 3.0) -> list[dict[str, Any]]:
-    """Every record on a topic, read with kafka-python.
+def read_topic(
+    endpoints: Endpoints, topic: str, idle_s: float = 3.0, keys: bool = False
+) -> list[Any]:
+    """Every record on a topic, read with kafka-python (``keys``: as (key, record) pairs).
 
     Reads at least up to the end offsets the broker reports when the call starts,
     however slow the fetches (a plain idle timeout alone could stop early on a
@@ -189,7 +191,8 @@ def read_topic(endpoints: Endpoints, topic: str, idle_s: float = 3.0) -> list[di
         while True:
             batch = consumer.poll(timeout_ms=200)
             for messages in batch.values():
-                records.extend(orjson.loads(msg.value) for msg in messages)
+                records.extend((msg.key, orjson.loads(msg.value)) if keys
+                               else orjson.loads(msg.value) for msg in messages)  # fmt: skip
             now = time.monotonic()
             if batch:
                 idle_since = now

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import time
 
 import orjson
@@ -90,11 +92,9 @@ def test_malformed_events_go_to_dead_letters_and_the_rest_is_processed(
     s = script(config)
     s.view("alice", "beauty", 0)
     s.raw("clickstream", b"{not json")
-    s.raw(
-        "clickstream",
-        b'{"event_id":"m1","event_type":"product_view","event_time":1,'
-        b'"product_id":"p","category":"beauty"}',
-    )
+    sent = [b'{"event_id":"m1","event_type":"product_view","event_time":1,'
+            b'"product_id":"p","category":"beauty"}']  # fmt: skip
+    s.raw("clickstream", sent[0])
     s.view("alice", "beauty", 10, event_id="wrongtype", price="12")
     s.view("alice", "beauty", 10, event_id="negprice", price=-3, currency="USD")
     s.event("clickstream", "alice", "page_veiw", 10, event_id="unknowntype")
@@ -115,12 +115,28 @@ def test_malformed_events_go_to_dead_letters_and_the_rest_is_processed(
         f"event 'negprice' on {config.kafka.topics.clickstream}[0]@4"
     )
     assert by_offset[1]["original_text"] == "{not json"
-    for record in dead:
-        assert record["source"]["topic"] == config.kafka.topics.clickstream
-        assert record["original_base64"]
-    # the valid events around them made a streak of 3
-    triggers = read_topic(stack, config.kafka.topics.triggers)
-    assert [t["customer_id"] for t in triggers] == ["alice"]
+    # docs/events.md, "dead letters": keyed by the original key, schema 2, and with
+    # nothing to redact the copy is the original bytes exactly, with their SHA-256
+    originals = {1: b"{not json", 2: sent[0]}
+    keyed = read_topic(stack, config.kafka.topics.dead_letter, keys=True)
+    for key, record in keyed:
+        offset = record["source"]["offset"]
+        assert key == (b"k" if offset in (1, 2) else b"alice"), (offset, key)
+        assert record["schema_version"] == 2
+        assert record["source"] == {"topic": config.kafka.topics.clickstream,
+                                    "partition": 0, "offset": offset}  # fmt: skip
+        assert record["customer_id"] == (None if offset in (1, 2) else "alice")
+        assert (record["original_copy"], record["original_truncated"]) == ("exact", False)
+        assert record["dropped_fields"] == []
+        copy = base64.b64decode(record["original_base64"])
+        assert record["original_bytes"] == len(copy)
+        assert record["original_sha256"] == hashlib.sha256(copy).hexdigest()
+        assert record["original_text"] == copy.decode()
+        if offset in originals:
+            assert copy == originals[offset]
+    # the valid events around them made a streak of 3; triggers are keyed by customer
+    triggers = read_topic(stack, config.kafka.topics.triggers, keys=True)
+    assert [(k, t["customer_id"]) for k, t in triggers] == [(b"alice", "alice")]
 
 
 def test_replaying_the_same_input_into_fresh_state_gives_the_same_trigger_ids(
