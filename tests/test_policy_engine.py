@@ -142,3 +142,51 @@ def test_at_one_instant_the_highest_priority_goes_first_then_the_catalogue_order
     )
     assert [d.candidate for d in ok] == [welcome]  # priority 70 over 65
     assert [s.candidate for s in stopped] == [high, tier]  # ties: by causal id
+
+
+def test_service_triggers_go_out_without_consent_and_past_the_caps():
+    """docs/triggers.md: marketing triggers need consent and count against the caps;
+    service triggers (delivery delay, service recovery) do not."""
+    for kind, marketing in (("delivery_delay", False), ("service_recovery", False),
+                            ("birthday", True)):  # fmt: skip
+        assert getattr(CONFIG.rules, kind).marketing is marketing
+        record = fresh_records(1)[0]
+        record["sent_min"][:6] = [NOW_MIN - 10 * k - 1 for k in range(6)]  # caps reached
+        channel = getattr(CONFIG.rules, kind).channel or CONFIG.policies.default_channel
+        profile = {f"consent.{channel}": "withdrawn@2026-01-01T00:00:00Z"}
+        ctx = PolicyContext(profile, 0, False)
+        ok, stopped = ENGINE.decide("c", [_cand(kind, NOON)], [ctx], [(NOON,)], record)
+        if marketing:
+            assert [s.policy for s in stopped] == ["consent"], kind
+            record["sent_min"][:6] = [NOW_MIN - 10 * k - 1 for k in range(6)]
+            ctx = PolicyContext({}, 0, False)
+            ok, stopped = ENGINE.decide("c", [_cand(kind, NOON, "e2")], [ctx], [(NOON,)], record)
+            assert [s.policy for s in stopped] == ["frequency_cap"], kind
+        else:
+            assert stopped == [] and len(ok) == 1, (kind, stopped)
+            sends = sorted(int(m) for m in record["sent_min"] if m)
+            assert len(sends) == 6, "a service trigger is not a marketing send"
+
+
+def test_consent_default_and_default_channel_and_language_on_the_record():
+    """policies.consent_default applies to a channel never answered; a rule without a
+    channel uses the customer's preferred_channel, else policies.default_channel; the
+    customer's language is carried (docs/events.md, trigger records)."""
+    denied = PolicyEngine(load_config(None, ["policies.consent_default=denied",
+                                             "policies.default_channel=sms"], env={}))  # fmt: skip
+    assert CONFIG.rules.browse_interest.channel is None
+    record = fresh_records(1)[0]
+    ctx = PolicyContext({}, 0, False)
+    ok, stopped = denied.decide("c", [_browse()], [ctx], [(NOON,)], record)
+    assert [(s.policy, s.reason) for s in stopped] == [("consent", "no consent for channel 'sms'")]
+    granted = {"consent.sms": "granted@2026-01-01T00:00:00Z"}
+    ok, _ = denied.decide("c", [_browse()], [PolicyContext(granted, 0, False)], [(NOON,)],
+                          fresh_records(1)[0])  # fmt: skip
+    assert ok[0].extras["channel"] == "sms" and ok[0].extras["language"] is None
+    profile = {"preferred_channel": "line", "consent.line": "granted@2026-01-01T00:00:00Z",
+               "language": "ja-JP"}  # fmt: skip
+    ok, _ = denied.decide("c", [_browse()], [PolicyContext(profile, 0, False)], [(NOON,)],
+                          fresh_records(1)[0])  # fmt: skip
+    assert (ok[0].extras["channel"], ok[0].extras["language"]) == ("line", "ja-JP")
+    ok, _ = ENGINE.decide("c", [_browse()], [ctx], [(NOON,)], fresh_records(1)[0])
+    assert ok[0].extras["channel"] == CONFIG.policies.default_channel  # granted by default

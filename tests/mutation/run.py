@@ -318,7 +318,7 @@ def run_module(module: str, sample: int, seed: int, trees: list[Path], log) -> d
     if status != "survived":
         log(f"{module}: the tests fail unmutated, skipped:\n{tail}")
         return {"module": module, "skipped": True, "error": tail}
-    timeout = max(60.0, 10 * base_s)
+    timeout = max(30.0, 3 * base_s)
     covered = coverage_map(trees[0], module, tests, marker)
     stmts = places(original)
     log(f"{module}: {len(chosen)} of {len(mutants)} mutants; tests {' '.join(tests)} "
