@@ -160,6 +160,22 @@ def live_flow(
         runtime.close()
 
 
+def wait_until_started(config: CrmConfig, endpoints: Endpoints, timeout_s: float = 120) -> None:
+    """Wait, on a condition, until a flow started with ``config`` has checked the state's
+    layout (it records it before it reads any input): no sleep as synchronisation."""
+    from crmstream.state.layout import layout_key
+    from crmstream.state.store import StateStore, connect
+
+    store = StateStore(connect(endpoints.redis_url, config.redis), config.redis.key_prefix)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while not store.client.exists(layout_key(store)):
+            assert time.monotonic() < deadline, f"the flow did not start in {timeout_s:g} s"
+            time.sleep(0.05)
+    finally:
+        store.client.close()
+
+
 def read_topic(
     endpoints: Endpoints, topic: str, idle_s: float = 3.0, keys: bool = False
 ) -> list[Any]:

@@ -15,6 +15,7 @@ from crmstream.profile import customer_view
 from crmstream.state.layout import shard_of
 from crmstream.state.store import StateStore, connect
 from tests.conftest import live_flow, read_topic, run_flow
+from tests.faults import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -432,12 +433,16 @@ def test_live_steps_never_run_ahead_of_the_input_time(isolated_config, script, s
     config = isolated_config()
     s = script(config)
     with live_flow(config, stack) as (signals, flow):
-        time.sleep(2)  # the flow is up and tailing
-        for i in range(400):  # live input over about 4 s: many partial steps
+        # the flow is up and tailing: it has applied a first event (a condition, no sleep)
+        s.view("c0", "toys", 0)
+        s.flush()
+        store = StateStore(connect(stack.redis_url, config.redis), config.redis.key_prefix)
+        wait_until(lambda: store.client.exists(store.state_key("c0")), 120, "the first event")
+        for i in range(1, 400):  # live input over about 4 s: many partial steps
             s.view(f"c{i % 40}", "toys", i * 0.01)
             if i % 10 == 9:
                 s.flush()
-                time.sleep(0.1)
+                time.sleep(0.1)  # pacing: the input arrives over time (not a wait for the flow)
         s.flush()
         last_step = int(time.time() * 1000) // config.processing.step_ms  # after every send
         signals.drain.set()
