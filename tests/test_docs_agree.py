@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).parents[1]
-DOCS = sorted((ROOT / "docs").glob("*.md")) + [ROOT / "README.md", ROOT / "tests" / "MUTATION.md"]
+DOCS = [*sorted((ROOT / "docs").glob("*.md")), ROOT / "README.md", ROOT / "tests" / "MUTATION.md"]
 TEST_SOURCE = "\n".join(p.read_text() for p in (ROOT / "tests").glob("*.py"))
 
 
