@@ -407,8 +407,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--changed", metavar="REF", help="only modules changed since REF")
     parser.add_argument("--out", type=Path, help="write the tallies as JSON here")
     parser.add_argument("--jobs", type=int, default=1, help="mutants run at once")
+    parser.add_argument("--work", type=Path, default=WORK,
+                        help="where the copies of the tree and the sessions are kept")  # fmt: skip
     args = parser.parse_args(argv)
     modules = args.module or (changed_modules(args.changed) if args.changed else all_modules())
+    global WORK
+    WORK = args.work.resolve()
     WORK.mkdir(exist_ok=True)
     trees = [WORK / f"tree{k}" for k in range(max(1, args.jobs))]
     for tree in trees:
