@@ -400,6 +400,7 @@ def all_modules() -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    global WORK
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--module", action="append", help="a module path (repeat); default all")
     parser.add_argument("--sample", type=int, default=0, help="mutants per module (0: all)")
@@ -411,7 +412,6 @@ def main(argv: list[str] | None = None) -> int:
                         help="where the copies of the tree and the sessions are kept")  # fmt: skip
     args = parser.parse_args(argv)
     modules = args.module or (changed_modules(args.changed) if args.changed else all_modules())
-    global WORK
     WORK = args.work.resolve()
     WORK.mkdir(exist_ok=True)
     trees = [WORK / f"tree{k}" for k in range(max(1, args.jobs))]
