@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 ARGS   ?=
 
-.PHONY: setup demo test test-default test-fast bench bench-all bench-state bench-timers bench-parse bench-exchange bench-backtest bench-smoke lint clean
+.PHONY: setup demo test test-default test-fast mutate bench bench-all bench-state bench-timers bench-parse bench-exchange bench-backtest bench-smoke lint clean
 
 SYSTEM_STAMP := $(VENV)/.system-stamp
 
@@ -51,6 +51,12 @@ test-default: setup  ## the default suite only: everything but the slow fault an
 
 test-fast: setup  ## unit tests only, no servers
 	$(BIN)/python -m pytest -p no:cacheprovider -m "not integration and not slow"
+
+# Mutation testing (tests/MUTATION.md): not part of `make test`. Every mutant of every
+# module takes hours; ARGS="--module operators/policies.py --sample 40" runs a fixed sample,
+# ARGS="--changed origin/main" the modules changed since a ref.
+mutate: setup  ## mutation testing of operators/, state/ and flows/ (ARGS: --module, --sample, --changed)
+	$(BIN)/python -m tests.mutation.run $(ARGS)
 
 lint: setup
 	$(BIN)/ruff check .

@@ -48,6 +48,10 @@ _DELIVERY_CODES = frozenset(
 # An event's place in the input: (topic, partition, offset).
 _input_order = attrgetter("topic", "partition", "offset")
 _IDLE = {"events": 0, "invalid": 0, "triggers": 0, "timers": 0, "again": 0}
+# Test hook: the exactly-once guards a shard step applies (docs/guarantees.md, section 1).
+# Always all three in production; tests/test_guards.py leaves one on at a time to see
+# that it alone keeps a replay from counting twice. Read when a ShardStep is built.
+GUARDS = frozenset({"shard_offsets", "customer_offsets", "event_ids"})
 
 
 class _Unreadable(NamedTuple):
@@ -79,7 +83,8 @@ class ShardStep:
         self._outbox = outbox
         config = runtime.config
         self._work = StepWork(config, params_from(config), runtime.store, shard,
-                              runtime.validator.role, runtime.triggers)  # fmt: skip
+                              runtime.validator.role, runtime.triggers, GUARDS)  # fmt: skip
+        self._guards = GUARDS
         self._slots = TimerSlots(config)
         self._timers_cfg = config.timers
         self._exactly_once = config.processing.exactly_once
@@ -98,6 +103,8 @@ class ShardStep:
         by bisection. None when the whole step was applied before (the timers it fired
         are gone from Redis, and firing later ones now would run ahead of the input)."""
         floors = {pos: self.progress.get(pos, _NOTHING).offset for pos in positions}
+        if "shard_offsets" not in self._guards:  # test hook: see GUARDS
+            floors = dict.fromkeys(positions, -1)
         progress = {
             pos: Progress(off, number, newest(pos))
             for pos, off in positions.items()

@@ -148,6 +148,7 @@ class StepWork:
         shard: int,
         role_of: Any,
         triggers: TriggerBuilder,
+        guards: frozenset[str] = frozenset({"customer_offsets", "event_ids"}),
     ):
         self._config = config
         self._params = params
@@ -157,7 +158,11 @@ class StepWork:
         self._triggers = triggers
         self._customers = CustomerStep(config, params)
         self._policies = PolicyEngine(config)
-        self._dedup_horizon_s = config.processing.dedup_horizon_seconds
+        # The exactly-once checks on (a test hook: flows/shard_step.GUARDS).
+        self._dedup_horizon_s = (
+            config.processing.dedup_horizon_seconds if "event_ids" in guards else 0
+        )
+        self._customer_offsets = "customer_offsets" in guards
         self._exactly_once = config.processing.exactly_once
         self._topics = config.kafka.topics
 
@@ -289,6 +294,7 @@ class StepWork:
             times[order] // 1000,
             horizon_s,
             _repeated(topic_index, partitions, offsets)[order],
+            offsets=self._customer_offsets,
         )
         return verdict
 

@@ -555,14 +555,20 @@ def check_batch(
     seconds: np.ndarray,
     horizon_s: int,
     repeated: np.ndarray | None = None,
+    offsets: bool = True,
 ) -> np.ndarray:
     """``check_events`` over a batch's event columns (in the customers' timeline order);
-    returns the verdict per event. ``repeated``: input positions already in the batch."""
+    returns the verdict per event. ``repeated``: input positions already in the batch.
+    ``offsets=False`` (a test hook, flows/shard_step.GUARDS) leaves the per-customer
+    offsets and ``repeated`` unchecked, so that only the event-id check drops events."""
     verdict = np.empty(cust.shape[0], np.int8)
-    if repeated is None:
+    if repeated is None or not offsets:
         repeated = np.zeros(cust.shape[0], np.bool_)
+    floor_part = records["applied_partition"].copy()
+    if not offsets:
+        floor_part[:] = -1  # no partition: nothing is at or below a recorded offset
     check_events(
-        records["applied_partition"].copy(),
+        floor_part,
         records["applied_offset"].copy(),
         records["applied_partition"],
         records["applied_offset"],

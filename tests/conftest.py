@@ -213,8 +213,26 @@ def live_flow(
         runtime.close()
 
 
-def read_topic(endpoints: Endpoints, topic: str, idle_s: float = 3.0) -> list[dict[str, Any]]:
-    """Every record on a topic, read with kafka-python.
+def wait_until_started(config: CrmConfig, endpoints: Endpoints, timeout_s: float = 120) -> None:
+    """Wait, on a condition, until a flow started with ``config`` has checked the state's
+    layout (it records it before it reads any input): no sleep as synchronisation."""
+    from crmstream.state.layout import layout_key
+    from crmstream.state.store import StateStore, connect
+
+    store = StateStore(connect(endpoints.redis_url, config.redis), config.redis.key_prefix)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while not store.client.exists(layout_key(store)):
+            assert time.monotonic() < deadline, f"the flow did not start in {timeout_s:g} s"
+            time.sleep(0.05)
+    finally:
+        store.client.close()
+
+
+def read_topic(
+    endpoints: Endpoints, topic: str, idle_s: float = 3.0, keys: bool = False
+) -> list[Any]:
+    """Every record on a topic, read with kafka-python (``keys``: as (key, record) pairs).
 
     Reads at least up to the end offsets the broker reports when the call starts,
     however slow the fetches (a plain idle timeout alone could stop early on a
@@ -242,7 +260,8 @@ def read_topic(endpoints: Endpoints, topic: str, idle_s: float = 3.0) -> list[di
         while True:
             batch = consumer.poll(timeout_ms=200)
             for messages in batch.values():
-                records.extend(orjson.loads(msg.value) for msg in messages)
+                records.extend((msg.key, orjson.loads(msg.value)) if keys
+                               else orjson.loads(msg.value) for msg in messages)  # fmt: skip
             now = time.monotonic()
             if batch:
                 idle_since = now

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import time
 
 import orjson
@@ -13,6 +15,7 @@ from crmstream.profile import customer_view
 from crmstream.state.layout import shard_of
 from crmstream.state.store import StateStore, connect
 from tests.conftest import live_flow, read_topic, run_flow
+from tests.faults import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -90,11 +93,9 @@ def test_malformed_events_go_to_dead_letters_and_the_rest_is_processed(
     s = script(config)
     s.view("alice", "beauty", 0)
     s.raw("clickstream", b"{not json")
-    s.raw(
-        "clickstream",
-        b'{"event_id":"m1","event_type":"product_view","event_time":1,'
-        b'"product_id":"p","category":"beauty"}',
-    )
+    sent = [b'{"event_id":"m1","event_type":"product_view","event_time":1,'
+            b'"product_id":"p","category":"beauty"}']  # fmt: skip
+    s.raw("clickstream", sent[0])
     s.view("alice", "beauty", 10, event_id="wrongtype", price="12")
     s.view("alice", "beauty", 10, event_id="negprice", price=-3, currency="USD")
     s.event("clickstream", "alice", "page_veiw", 10, event_id="unknowntype")
@@ -115,12 +116,28 @@ def test_malformed_events_go_to_dead_letters_and_the_rest_is_processed(
         f"event 'negprice' on {config.kafka.topics.clickstream}[0]@4"
     )
     assert by_offset[1]["original_text"] == "{not json"
-    for record in dead:
-        assert record["source"]["topic"] == config.kafka.topics.clickstream
-        assert record["original_base64"]
-    # the valid events around them made a streak of 3
-    triggers = read_topic(stack, config.kafka.topics.triggers)
-    assert [t["customer_id"] for t in triggers] == ["alice"]
+    # docs/events.md, "dead letters": keyed by the original key, schema 2, and with
+    # nothing to redact the copy is the original bytes exactly, with their SHA-256
+    originals = {1: b"{not json", 2: sent[0]}
+    keyed = read_topic(stack, config.kafka.topics.dead_letter, keys=True)
+    for key, record in keyed:
+        offset = record["source"]["offset"]
+        assert key == (b"k" if offset in (1, 2) else b"alice"), (offset, key)
+        assert record["schema_version"] == 2
+        assert record["source"] == {"topic": config.kafka.topics.clickstream,
+                                    "partition": 0, "offset": offset}  # fmt: skip
+        assert record["customer_id"] == (None if offset in (1, 2) else "alice")
+        assert (record["original_copy"], record["original_truncated"]) == ("exact", False)
+        assert record["dropped_fields"] == []
+        copy = base64.b64decode(record["original_base64"])
+        assert record["original_bytes"] == len(copy)
+        assert record["original_sha256"] == hashlib.sha256(copy).hexdigest()
+        assert record["original_text"] == copy.decode()
+        if offset in originals:
+            assert copy == originals[offset]
+    # the valid events around them made a streak of 3; triggers are keyed by customer
+    triggers = read_topic(stack, config.kafka.topics.triggers, keys=True)
+    assert [(k, t["customer_id"]) for k, t in triggers] == [(b"alice", "alice")]
 
 
 def test_replaying_the_same_input_into_fresh_state_gives_the_same_trigger_ids(
@@ -416,12 +433,16 @@ def test_live_steps_never_run_ahead_of_the_input_time(isolated_config, script, s
     config = isolated_config()
     s = script(config)
     with live_flow(config, stack) as (signals, flow):
-        time.sleep(2)  # the flow is up and tailing
-        for i in range(400):  # live input over about 4 s: many partial steps
+        # the flow is up and tailing: it has applied a first event (a condition, no sleep)
+        s.view("c0", "toys", 0)
+        s.flush()
+        store = StateStore(connect(stack.redis_url, config.redis), config.redis.key_prefix)
+        wait_until(lambda: store.client.exists(store.state_key("c0")), 120, "the first event")
+        for i in range(1, 400):  # live input over about 4 s: many partial steps
             s.view(f"c{i % 40}", "toys", i * 0.01)
             if i % 10 == 9:
                 s.flush()
-                time.sleep(0.1)
+                time.sleep(0.1)  # pacing: the input arrives over time (not a wait for the flow)
         s.flush()
         last_step = int(time.time() * 1000) // config.processing.step_ms  # after every send
         signals.drain.set()

@@ -85,8 +85,9 @@ def _mutations(rng: random.Random, body: dict[str, Any], raw: bytes) -> tuple[st
     elif kind == "not_an_object":
         return kind, rng.choice([b"[]", b'"event"', b"null", b"42", b"[1, 2, 3]"])
     elif kind == "wrong_topic_type":
-        b["event_type"] = "review_submitted"  # a feedback event on another topic
+        b["event_type"] = "product_review"  # a feedback event, valid there, on this topic
         b["rating"] = 5
+        b.setdefault("product_id", "p-fuzz")
     elif kind == "empty":
         return kind, b""
     return kind, orjson.dumps(b)

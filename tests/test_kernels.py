@@ -350,6 +350,28 @@ def test_out_of_order_events_within_the_lateness_give_the_in_order_windows():
         assert np.array_equal(a[name], b[name]), name
 
 
+@pytest.mark.parametrize("age_ms", [50 * 60_000, K.MS_PER_HOUR])
+def test_a_late_event_a_rings_span_old_never_lands_in_the_newest_bucket(age_ms):
+    """The 10-minute ring holds 6 buckets (1 h). An event exactly 1 h older than the
+    newest is within the lateness (1 h) but older than the ring: its slot is the newest
+    bucket's, and it must not be counted there (issue 39's ring-admission mutant); one
+    50 minutes old falls in the oldest bucket held."""
+    now = BASE_MS + 5 * K.MS_PER_DAY + 10 * K.MS_PER_HOUR  # a 10-minute boundary
+    events = [("a", K.PRODUCT_VIEW, 1, now, 0.0, 0.0), ("a", K.PRODUCT_VIEW, 1, now - age_ms,
+                                                        0.0, 0.0)]  # fmt: skip
+    _, late, records = run_kernel([events])
+    rec = records[0]
+    assert late == 0
+    newest = now // K.MS_PER_10M
+    assert int(rec["base_10m"]) == newest
+    ring = rec["win_10m"]
+    assert ring[newest % len(ring)].tolist() == [1, 1]  # activity, views: the newest only
+    held = K.window_sum(ring, rec["base_10m"], newest, len(ring), KIND_VIEWS)
+    assert held == (2 if age_ms < K.MS_PER_HOUR else 1)
+    # the hourly ring holds both
+    assert K.window_sum(rec["win_1h"], rec["base_1h"], now // K.MS_PER_HOUR, 2, KIND_VIEWS) == 2
+
+
 def test_too_late_events_update_lifetime_totals_only():
     now = BASE_MS + 10 * P.MS_PER_DAY
     events = [

@@ -216,36 +216,3 @@ def test_regional_category_exclusion(isolated_config, script, stack):
     run_flow(config, stack)
     assert [r["customer_id"] for r in _triggers(stack, config, "browse_interest")] == ["sam"]
     assert _stopped(stack, config) == [("sal", "browse_interest", "regional")]
-
-
-def test_seasonal_weights_follow_the_utc_day_of_each_candidate():
-    """Weights are worked out once per country and UTC day; a candidate a millisecond
-    either side of a season's edge gets its own day's weights, in any order."""
-    from datetime import UTC, datetime
-
-    from crmstream.config import load_config
-    from crmstream.operators.catalog import Candidate
-    from crmstream.operators.policies import PolicyEngine
-
-    config = load_config(
-        None,
-        ["policies.seasons=[{name: s, start: '11-01', end: '11-11', countries: [CN], "
-         "weights: {beauty: 9.0}}]"],
-        env={},
-    )  # fmt: skip
-    engine = PolicyEngine(config)
-    edge = int(datetime(2026, 11, 1, tzinfo=UTC).timestamp() * 1000)
-
-    def tops(at_ms: int, country: str = "CN") -> list[str]:
-        payload = {"top_categories": ["electronics", "beauty"]}
-        cand = Candidate("c", "browse_interest", "e", at_ms, {}, {}, None, payload)
-        result = engine._regional(cand, {"country": country})
-        return result.payload["top_categories"]
-
-    inside, outside = ["beauty", "electronics"], ["electronics", "beauty"]
-    for _ in range(2):  # the second round is answered from the cache
-        assert tops(edge) == inside
-        assert tops(edge - 1) == outside
-        assert tops(edge + 11 * 86_400_000 - 1) == inside  # 11-11 23:59:59.999
-        assert tops(edge + 11 * 86_400_000) == outside  # 11-12
-        assert tops(edge, "US") == outside

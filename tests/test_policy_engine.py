@@ -142,3 +142,120 @@ def test_at_one_instant_the_highest_priority_goes_first_then_the_catalogue_order
     )
     assert [d.candidate for d in ok] == [welcome]  # priority 70 over 65
     assert [s.candidate for s in stopped] == [high, tier]  # ties: by causal id
+
+
+def test_service_triggers_go_out_without_consent_and_past_the_caps():
+    """docs/triggers.md: marketing triggers need consent and count against the caps;
+    service triggers (delivery delay, service recovery) do not."""
+    for kind, marketing in (("delivery_delay", False), ("service_recovery", False),
+                            ("birthday", True)):  # fmt: skip
+        assert getattr(CONFIG.rules, kind).marketing is marketing
+        record = fresh_records(1)[0]
+        record["sent_min"][:6] = [NOW_MIN - 10 * k - 1 for k in range(6)]  # caps reached
+        channel = getattr(CONFIG.rules, kind).channel or CONFIG.policies.default_channel
+        profile = {f"consent.{channel}": "withdrawn@2026-01-01T00:00:00Z"}
+        ctx = PolicyContext(profile, 0, False)
+        ok, stopped = ENGINE.decide("c", [_cand(kind, NOON)], [ctx], [(NOON,)], record)
+        if marketing:
+            assert [s.policy for s in stopped] == ["consent"], kind
+            record["sent_min"][:6] = [NOW_MIN - 10 * k - 1 for k in range(6)]
+            ctx = PolicyContext({}, 0, False)
+            ok, stopped = ENGINE.decide("c", [_cand(kind, NOON, "e2")], [ctx], [(NOON,)], record)
+            assert [s.policy for s in stopped] == ["frequency_cap"], kind
+        else:
+            assert stopped == [] and len(ok) == 1, (kind, stopped)
+            sends = sorted(int(m) for m in record["sent_min"] if m)
+            assert len(sends) == 6, "a service trigger is not a marketing send"
+
+
+def test_consent_default_and_default_channel_and_language_on_the_record():
+    """policies.consent_default applies to a channel never answered; a rule without a
+    channel uses the customer's preferred_channel, else policies.default_channel; the
+    customer's language is carried (docs/events.md, trigger records)."""
+    denied = PolicyEngine(load_config(None, ["policies.consent_default=denied",
+                                             "policies.default_channel=sms"], env={}))  # fmt: skip
+    assert CONFIG.rules.browse_interest.channel is None
+    record = fresh_records(1)[0]
+    ctx = PolicyContext({}, 0, False)
+    ok, stopped = denied.decide("c", [_browse()], [ctx], [(NOON,)], record)
+    assert [(s.policy, s.reason) for s in stopped] == [("consent", "no consent for channel 'sms'")]
+    granted = {"consent.sms": "granted@2026-01-01T00:00:00Z"}
+    ok, _ = denied.decide("c", [_browse()], [PolicyContext(granted, 0, False)], [(NOON,)],
+                          fresh_records(1)[0])  # fmt: skip
+    assert ok[0].extras["channel"] == "sms" and ok[0].extras["language"] is None
+    profile = {"preferred_channel": "line", "consent.line": "granted@2026-01-01T00:00:00Z",
+               "language": "ja-JP"}  # fmt: skip
+    ok, _ = denied.decide("c", [_browse()], [PolicyContext(profile, 0, False)], [(NOON,)],
+                          fresh_records(1)[0])  # fmt: skip
+    assert (ok[0].extras["channel"], ok[0].extras["language"]) == ("line", "ja-JP")
+    ok, _ = ENGINE.decide("c", [_browse()], [ctx], [(NOON,)], fresh_records(1)[0])
+    assert ok[0].extras["channel"] == CONFIG.policies.default_channel  # granted by default
+
+
+def test_seasonal_weights_follow_the_utc_day_of_each_candidate():
+    """Weights are worked out once per country and UTC day; a candidate a millisecond
+    either side of a season's edge gets its own day's weights, in any order."""
+    from datetime import UTC, datetime
+
+    from crmstream.config import load_config
+    from crmstream.operators.catalog import Candidate
+    from crmstream.operators.policies import PolicyEngine
+
+    config = load_config(
+        None,
+        ["policies.seasons=[{name: s, start: '11-01', end: '11-11', countries: [CN], "
+         "weights: {beauty: 9.0}}]"],
+        env={},
+    )  # fmt: skip
+    engine = PolicyEngine(config)
+    edge = int(datetime(2026, 11, 1, tzinfo=UTC).timestamp() * 1000)
+
+    def tops(at_ms: int, country: str = "CN") -> list[str]:
+        payload = {"top_categories": ["electronics", "beauty"]}
+        cand = Candidate("c", "browse_interest", "e", at_ms, {}, {}, None, payload)
+        result = engine._regional(cand, {"country": country})
+        return result.payload["top_categories"]
+
+    inside, outside = ["beauty", "electronics"], ["electronics", "beauty"]
+    for _ in range(2):  # the second round is answered from the cache
+        assert tops(edge) == inside
+        assert tops(edge - 1) == outside
+        assert tops(edge + 11 * 86_400_000 - 1) == inside  # 11-11 23:59:59.999
+        assert tops(edge + 11 * 86_400_000) == outside  # 11-12
+        assert tops(edge, "US") == outside
+    # a season over the new year (start after end), for every country
+    config = load_config(
+        None,
+        ["policies.seasons=[{name: ny, start: '12-30', end: '01-02', "
+         "weights: {beauty: 9.0}}]"],
+        env={},
+    )  # fmt: skip
+    engine = PolicyEngine(config)
+    new_year = int(datetime(2027, 1, 1, tzinfo=UTC).timestamp() * 1000)
+    day = 86_400_000
+    for at, expected in ((new_year - 2 * day - 1, outside), (new_year - 2 * day, inside),
+                         (new_year, inside), (new_year + 2 * day - 1, inside),
+                         (new_year + 2 * day, outside)):  # fmt: skip
+        assert tops(at, "US") == expected, at
+
+
+def test_quiet_hours_hold_or_emit_with_not_before():
+    """docs/triggers.md policy 6: in quiet hours, ``hold`` keeps the trigger until the
+    window's end (``deferred``); ``not_before`` emits it at once with ``not_before``;
+    outside them neither is set."""
+    night = NOON + 10 * 3_600_000  # 22:00 UTC, the default zone's quiet hours
+    end = "2026-01-02T09:00:00.000+00:00"
+    hold = PolicyEngine(load_config(None, ["policies.quiet_hours.default_timezone=UTC"], env={}))
+    ctx = PolicyContext({}, 0, False)
+    (held,), _ = hold.decide("c", [_browse(night)], [ctx], [(night,)], fresh_records(1)[0])
+    assert held.hold_until_ms == NOON + 21 * 3_600_000
+    assert held.extras["deferred"] == {"policy": "quiet_hours", "until": end,
+                                       "local_time": "2026-01-01T22:00+00:00"}  # fmt: skip
+    assert "not_before" not in held.extras
+    sets = ["policies.quiet_hours.default_timezone=UTC", "policies.quiet_hours.mode=not_before"]
+    now = PolicyEngine(load_config(None, sets, env={}))
+    (sent,), _ = now.decide("c", [_browse(night)], [ctx], [(night,)], fresh_records(1)[0])
+    assert sent.hold_until_ms is None and sent.extras["not_before"] == end
+    assert "deferred" not in sent.extras
+    (day,), _ = now.decide("c", [_browse(NOON)], [ctx], [(NOON,)], fresh_records(1)[0])
+    assert "not_before" not in day.extras and "deferred" not in day.extras

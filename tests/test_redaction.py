@@ -188,3 +188,48 @@ def test_a_reason_never_shows_an_address_even_cut(tail):
     reason = f"event 'e' on t[0]@5: field 'category' ... got 'pii.planted@exa{tail!r}"
     record = orjson.loads(dead_letter_record(_invalid(b"{}", reason), REDACT))
     assert hits(record["reason"]) == []
+
+
+_SAFE = st.one_of(st.integers(-5, 10**6), st.floats(-1e6, 1e6), st.booleans(), st.none(),
+                  st.text("abcxyz -_.0123456789", max_size=12))  # fmt: skip
+_KEYS = ["event_id", "customer_id", "amount", "misc", "Email", "email", "PHONE", "phone",
+         "name", "Address", "note", "first_name", "items"]  # fmt: skip
+
+
+@settings(max_examples=300)
+@given(st.lists(st.tuples(st.sampled_from(_KEYS),
+                          st.one_of(_SAFE, st.lists(_SAFE, max_size=3),
+                                    st.dictionaries(st.sampled_from(["a", "b"]), _SAFE,
+                                                    max_size=2))),
+                unique_by=lambda kv: kv[0], max_size=8))  # fmt: skip
+def test_a_json_copy_is_the_message_with_exactly_the_documented_changes(pairs):
+    """docs/events.md, "What a dead letter keeps": an ``email`` / ``phone`` field (any
+    case) becomes ``<name>_hash`` holding the keyed hash a valid event gets (of the text),
+    a field of ``privacy.personal_fields`` is left out and named in ``dropped_fields``,
+    and everything else is kept as it was, in its order: the copy is that object as
+    compact JSON (``exact``: the original bytes, when nothing changes)."""
+    validator = EventValidator(CONFIG)
+    personal = {f.casefold() for f in CONFIG.privacy.personal_fields}
+    raw = json.dumps(dict(pairs)).encode()
+    expected, dropped = {}, []
+    for name, value in pairs:
+        folded = name.casefold()
+        if folded in ("email", "phone"):
+            if value is not None:
+                text = value if isinstance(value, str) else orjson.dumps(value).decode()
+                expected[f"{name}_hash"] = validator.pii_hash(folded, text)
+        elif folded in personal:
+            dropped.append(folded)
+        else:
+            expected[name] = value
+    record = orjson.loads(dead_letter_record(_invalid(raw), REDACT))
+    copy = base64.b64decode(record["original_base64"])
+    assert record["dropped_fields"] == sorted(set(dropped))
+    assert record["original_bytes"] == len(raw) and record["original_truncated"] is False
+    if expected == dict(pairs) and not dropped:
+        assert (record["original_copy"], copy) == ("exact", raw)
+        assert record["original_sha256"] == hashlib.sha256(raw).hexdigest()
+    else:
+        assert record["original_copy"] == "json"
+        assert copy == orjson.dumps(expected)
+        assert record["original_sha256"] is None

@@ -8,6 +8,7 @@ from datetime import UTC, date, datetime, timedelta
 from zoneinfo import available_timezones
 
 import numpy as np
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -206,3 +207,35 @@ def test_trigger_records_carry_the_value_model_version_outside_the_id():
     assert before["trigger_id"] == after["trigger_id"]
     stopped = TriggerBuilder(refitted).suppression(CART, "c{1}", "cooldown", "...")
     assert stopped["rule"]["model_version"] == 7
+
+
+def _documented_id(customer: str, trigger_type: str, version: int, causal: str) -> str:
+    """docs/events.md and docs/triggers.md: BLAKE2b-128 (hex) of the UTF-8 of customer,
+    trigger type, rule version (decimal) and causal id joined by the unit separator."""
+    import hashlib
+
+    identity = "\x1f".join((customer, trigger_type, str(version), causal)).encode("utf-8")
+    return hashlib.blake2b(identity, digest_size=16).hexdigest()
+
+
+@pytest.mark.parametrize("version", [1, 2, 17])
+def test_a_trigger_id_is_recomputed_from_its_definition_and_a_version_bump_changes_it(version):
+    """The id follows from the record's own fields as the docs define it, for every rule
+    and causal kind (event, timer, derived), and bumping the rule's version gives every
+    trigger of that rule a new id (subscribers see a changed rule as new triggers)."""
+    from crmstream.operators.policies import TRIGGER_TYPES
+    from crmstream.operators.rules import TriggerBuilder
+
+    sets = [f"rules.{name}.version={version}" for name in TRIGGER_TYPES]
+    builder = TriggerBuilder(load_config(None, sets, env={}))
+    first = TriggerBuilder(load_config(env={}))
+    for name in TRIGGER_TYPES:
+        for causal in ("e-42", "timer:cart_1::1767261600000", "derive:churn:1767261600000"):
+            cand = CART._replace(customer="顧客 ␟7", trigger_type=name, causal=causal)
+            record = builder.build(cand)
+            assert record["rule"]["version"] == version
+            assert record["trigger_id"] == _documented_id(
+                record["customer_id"], record["trigger_type"], record["rule"]["version"],
+                record["causal_event_id"])  # fmt: skip
+            before = first.build(cand)["trigger_id"]
+            assert (record["trigger_id"] == before) == (version == 1), (name, causal)

@@ -12,7 +12,7 @@ from kafka import KafkaConsumer, TopicPartition
 
 from crmstream.state.store import StateStore, connect
 from crmstream.state.timers import parse_member
-from tests.conftest import live_flow, read_topic, run_flow
+from tests.conftest import live_flow, read_topic, run_flow, wait_until_started
 
 pytestmark = pytest.mark.integration
 H = 3600.0
@@ -136,7 +136,7 @@ def test_live_mode_fires_a_due_timer_while_input_is_idle(isolated_config, script
     consumer = KafkaConsumer(bootstrap_servers=list(stack.brokers), enable_auto_commit=False,
                              auto_offset_reset="earliest", consumer_timeout_ms=500)  # fmt: skip
     with live_flow(config, stack), contextlib.closing(consumer):
-        time.sleep(2)  # the flow is up and idle
+        wait_until_started(config, stack)
         added_ms = int(time.time() * 1000)
         s.event("clickstream", "liv", "add_to_cart", 0, event_time=added_ms, product_id="p",
                 category="toys")  # fmt: skip

@@ -1,0 +1,263 @@
+"""The customer step without servers: each trigger of docs/triggers.md fires, and its near
+miss does not, with the values, thresholds and payload the catalogue table names.
+
+``operators.customer_step.CustomerStep`` is pure (no Redis, no Kafka): these
+scenarios run it over validated events of one customer, in one step, with the
+step's bound just before the customer's newest event (timers due before it
+fire, as in the flow). They hold operators/catalog.py, operators/firings.py,
+operators/timer_slots.py and the customer step itself to the catalogue in
+docs/triggers.md, which ``test_the_catalogue_table_names_what_each_trigger_carries``
+reads: each fired candidate carries the ``reason.values`` and ``payload`` keys
+its row lists.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from crmstream.config import load_config
+from crmstream.operators.catalog import Candidate
+from tests.thresholds import DAY, HOUR, T0, body, story
+
+CONFIG = load_config(None, [], env={})
+MIN = 60_000
+
+
+def _fired(bodies, kind=None, config=CONFIG, **kw) -> list[Candidate]:
+    out, _ = story(config, bodies, **kw)
+    return [c for c in out.candidates if kind is None or c.trigger_type == kind]
+
+
+def _views(n, category="beauty", at=T0, gap=MIN):
+    return [body("product_view", at + k * gap, category=category) for k in range(n)]
+
+
+def _tick(at_ms):
+    return body("session_start", at_ms)
+
+
+# One scenario per trigger type: what makes it fire, and a near miss.
+SCENARIOS = {
+    "browse_interest": (
+        _views(3),
+        _views(2) + _views(1, "toys", T0 + 5 * MIN) + _views(1, at=T0 + 6 * MIN),
+    ),
+    "high_intent_no_purchase": (
+        _views(5) + [body("add_to_cart", T0 + HOUR + k) for k in range(2)],
+        _views(5) + [body("order_placed", T0 + HOUR)]
+        + [body("add_to_cart", T0 + 2 * HOUR + k) for k in range(2)],
+    ),
+    "cart_abandoned": (
+        [body("add_to_cart", T0), _tick(T0 + HOUR + 1)],
+        [body("add_to_cart", T0), body("order_placed", T0 + 30 * MIN), _tick(T0 + 2 * HOUR)],
+    ),
+    "first_order_welcome": (
+        [body("order_placed", T0)],
+        [body("page_view", T0)],
+    ),
+    "potential_no_repeat": (
+        [body("order_placed", T0), body("page_view", T0 + 15 * DAY), _tick(T0 + 21 * DAY + 1)],
+        [body("order_placed", T0), body("order_placed", T0 + 5 * DAY),
+         body("page_view", T0 + 15 * DAY), _tick(T0 + 30 * DAY)],
+    ),
+    "repurchase_due": (
+        [body("order_placed", T0), body("order_placed", T0 + 20 * DAY), _tick(T0 + 34 * DAY)],
+        [body("order_placed", T0), body("order_placed", T0 + 20 * DAY),
+         body("order_placed", T0 + 30 * DAY), _tick(T0 + 34 * DAY)],
+    ),
+    "dormant_win_back": (
+        [body("order_placed", T0), _tick(T0 + 30 * DAY + 1)],
+        [body("order_placed", T0), body("order_placed", T0 + 20 * DAY), _tick(T0 + 31 * DAY)],
+    ),
+    "churn_risk": (
+        # a regular buyer who goes quiet: the recheck timers derive the score again
+        [body("order_placed", T0 + k * 7 * DAY) for k in range(8)]
+        + [body("service_ticket", T0 + 50 * DAY, sentiment=-0.9)]
+        + [body("product_review", T0 + 50 * DAY + 1, rating=1)]
+        + [body("logistics_update", T0 + 50 * DAY + k + 2) for k in range(2)]
+        + [_tick(T0 + 200 * DAY)],
+        [body("order_placed", T0 + k * 7 * DAY) for k in range(8)] + [_tick(T0 + 50 * DAY)],
+    ),
+    "tier_upgrade": (
+        [body("order_placed", T0, amount=250.0)],
+        [body("order_placed", T0, amount=199.0)],
+    ),
+    "delivery_delay": (
+        [body("order_placed", T0, order_id="o1"),
+         body("order_shipped", T0 + HOUR, order_id="o1", promised_delivery_time=T0 + DAY),
+         _tick(T0 + 3 * DAY + 1)],
+        [body("order_placed", T0, order_id="o1"),
+         body("order_shipped", T0 + HOUR, order_id="o1", promised_delivery_time=T0 + DAY),
+         body("order_delivered", T0 + 2 * DAY, order_id="o1"), _tick(T0 + 4 * DAY)],
+    ),
+    "birthday": (
+        [body("profile_updated", T0, birthday="01-20"), _tick(T0 + 16 * DAY + 1)],
+        [body("profile_updated", T0, birthday="01-20"), _tick(T0 + 16 * DAY)],
+    ),
+    "service_recovery": (
+        [body("order_placed", T0, amount=600.0), body("order_returned", T0 + DAY)],
+        [body("order_placed", T0, amount=100.0), body("order_returned", T0 + DAY)],
+    ),
+    "interest_shift": (
+        _views(10, "beauty") + _views(1, "beauty", T0 + 7 * DAY)
+        + _views(40, "baby", T0 + 8 * DAY),
+        _views(10, "beauty") + _views(1, "beauty", T0 + 7 * DAY)
+        + _views(3, "baby", T0 + 8 * DAY),
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", sorted(SCENARIOS))
+def test_each_trigger_fires_and_its_near_miss_does_not(kind):
+    fires, near_miss = SCENARIOS[kind]
+    got = _fired(fires, kind)
+    assert got, f"{kind} did not fire"
+    assert _fired(near_miss, kind) == [], f"{kind} fired in its near miss"
+
+
+def _catalogue() -> dict[str, tuple[set[str], set[str]]]:
+    """docs/triggers.md's catalogue: per trigger, the reason.values and payload keys."""
+    text = (Path(__file__).parents[1] / "docs" / "triggers.md").read_text()
+    table = text[text.index("## The catalogue") :].split("\n\n")[1]
+    out = {}
+    for row in table.splitlines()[2:]:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        name = re.findall(r"`(\w+)`", cells[0])[0]
+        names = [set(re.findall(r"`(\w+)`", cell)) for cell in cells[3:5]]
+        out[name] = (names[0], names[1])
+    return out
+
+
+def test_the_catalogue_table_names_what_each_trigger_carries():
+    catalogue = _catalogue()
+    assert set(catalogue) == set(SCENARIOS)
+    for kind, (values, payload) in catalogue.items():
+        for cand in _fired(SCENARIOS[kind][0], kind):
+            # tier_upgrade lists both of its changes' keys ("spend or orders", "tier or
+            # segment"): the candidate carries those of its own change
+            either = ({"tier", "segment", "high_value_entered"} if kind == "tier_upgrade"
+                      else set())  # fmt: skip
+            assert values <= set(cand.values) | either, (kind, cand.values)
+            assert payload - either <= set(cand.payload), (kind, cand.payload)
+
+
+def test_a_later_cart_add_moves_both_nudges():
+    add = [body("add_to_cart", T0), body("add_to_cart", T0 + 30 * MIN)]
+    assert _fired([*add, _tick(T0 + HOUR + 1)], "cart_abandoned") == []
+    (nudge,) = _fired([*add, _tick(T0 + 90 * MIN + 1)], "cart_abandoned")
+    assert nudge.values["nudge"] == 1 and nudge.event_time_ms == T0 + 90 * MIN
+    both = _fired([*add, _tick(T0 + 30 * MIN + DAY + 1)], "cart_abandoned")
+    assert [c.values["nudge"] for c in both] == [1, 2]
+
+
+def test_win_back_steps_chain_and_an_order_re_anchors_them():
+    steps = _fired([body("order_placed", T0), _tick(T0 + 181 * DAY)], "dormant_win_back")
+    assert [c.values["days_without_purchase"] for c in steps] == [30, 90, 180]
+    assert [c.event_time_ms for c in steps] == [T0 + d * DAY for d in (30, 90, 180)]
+    again = _fired([body("order_placed", T0), body("order_placed", T0 + 40 * DAY),
+                    _tick(T0 + 91 * DAY)], "dormant_win_back")  # fmt: skip
+    assert [c.event_time_ms for c in again] == [T0 + 30 * DAY, T0 + 70 * DAY]
+
+
+def test_an_order_at_the_very_due_time_of_a_win_back_step_re_anchors_it():
+    """Events at T come before a timer due at T in the customer's timeline."""
+    bodies = [body("order_placed", T0), body("order_placed", T0 + 30 * DAY),
+              _tick(T0 + 61 * DAY)]  # fmt: skip
+    steps = _fired(bodies, "dormant_win_back")
+    assert [c.event_time_ms for c in steps] == [T0 + 60 * DAY]
+    # the same with the step stored as a timer-set member (an earlier version's)
+    from crmstream.state.timers import Timer
+
+    stored = Timer("c", "dormant_30", str(T0), T0 + 30 * DAY)
+    bodies = [body("order_placed", T0 + 30 * DAY), _tick(T0 + 31 * DAY)]
+    assert _fired(bodies, "dormant_win_back", members=[stored]) == []
+
+
+def test_a_stored_timer_the_state_has_moved_does_not_fire():
+    """docs/triggers.md: a timer's condition is checked again when it fires, so a moved
+    timer never fires: a stored cart nudge due an hour after an earlier cart add, when
+    the state's newest cart add is later."""
+    from crmstream.state.timers import Timer
+
+    stale = Timer("c", "cart_1", "", T0 + HOUR)
+    bodies = [body("add_to_cart", T0 + 30 * MIN), _tick(T0 + 2 * HOUR)]
+    nudges = _fired(bodies, "cart_abandoned", members=[stale])
+    assert [(c.values["nudge"], c.event_time_ms) for c in nudges] == [(1, T0 + 90 * MIN)]
+
+
+def test_a_customs_hold_waits_longer_and_a_delivery_within_it_cancels():
+    ship = [body("order_placed", T0, order_id="o1"),
+            body("order_shipped", T0 + HOUR, order_id="o1", promised_delivery_time=T0 + DAY),
+            body("logistics_update", T0 + 2 * HOUR, order_id="o1", status="customs_hold")]
+    (late,) = _fired([*ship, _tick(T0 + 4 * DAY + 1)], "delivery_delay")
+    assert late.event_time_ms == T0 + DAY + 72 * HOUR and late.values["hours_late"] == 72
+    on_time = [*ship, body("order_delivered", T0 + DAY + 60 * HOUR, order_id="o1"),
+               _tick(T0 + 5 * DAY)]  # fmt: skip
+    assert _fired(on_time, "delivery_delay") == []
+
+
+def test_welcome_at_the_first_order_and_a_day_after_the_first_delivery_only():
+    bodies = [body("order_placed", T0, order_id="o1"), body("order_delivered", T0 + DAY),
+              body("order_placed", T0 + 2 * DAY, order_id="o2"),
+              body("order_delivered", T0 + 3 * DAY, order_id="o2"), _tick(T0 + 10 * DAY)]
+    stages = [(c.values["stage"], c.event_time_ms) for c in _fired(bodies, "first_order_welcome")]
+    assert stages == [("order_placed", T0), ("delivered", T0 + 2 * DAY)]
+
+
+def test_the_birthday_comes_back_every_year():
+    bodies = [body("profile_updated", T0, birthday="01-20"), _tick(T0 + 400 * DAY)]
+    times = [c.event_time_ms for c in _fired(bodies, "birthday")]
+    assert times == [T0 + 16 * DAY, T0 + 381 * DAY]  # 2026-01-17 and 2027-01-17, 00:00 UTC
+
+
+def test_interest_shift_fires_once_per_snapshot_period():
+    base = _views(10, "beauty") + _views(1, "beauty", T0 + 7 * DAY)
+    more = _views(40, "baby", T0 + 8 * DAY) + _views(40, "toys", T0 + 9 * DAY)
+    shifts = _fired(base + more, "interest_shift")
+    assert len(shifts) == 1
+    assert (shifts[0].values["from"], shifts[0].values["to"]) == ("beauty", "baby")
+    later = more + _views(60, "books", T0 + 16 * DAY)  # the next period
+    assert len(_fired(base + later, "interest_shift")) == 2
+
+
+def test_tier_upgrade_names_each_rise_and_the_high_value_entry():
+    rises = _fired([body("order_placed", T0, amount=250.0),
+                    body("order_placed", T0 + DAY, amount=300.0)], "tier_upgrade")  # fmt: skip
+    assert [(c.values["change"], c.values["from"], c.values["to"]) for c in rises] == [
+        ("tier", "none", "silver"), ("tier", "silver", "gold")]  # fmt: skip
+    orders = [body("order_placed", T0 + k * DAY, amount=60.0) for k in range(5)]
+    entered = [(c.values["change"], c.event_time_ms) for c in _fired(orders, "tier_upgrade")]
+    assert entered == [("tier", T0 + 3 * DAY), ("high_value_entered", T0 + 4 * DAY)]
+
+
+def test_high_intent_fires_once_until_an_order_breaks_it():
+    views, carts = _views(5), [body("add_to_cart", T0 + HOUR + k) for k in range(3)]
+    assert len(_fired(views + carts + _views(5, at=T0 + 2 * HOUR), "high_intent_no_purchase")) == 1
+
+
+def test_churn_risk_fires_once_while_high():
+    config = load_config(None, ["churn.bias=5"], env={})  # every customer's score is high
+    fired = _fired(_views(3) + _views(3, at=T0 + DAY), "churn_risk", config)
+    assert len(fired) == 1 and fired[0].event_time_ms == T0
+    assert fired[0].values["churn_score"] >= config.churn.high
+
+
+def test_an_erasure_starts_the_customer_again_from_nothing():
+    out, records = story(CONFIG, [*_views(2), body("erasure_requested", T0 + HOUR),
+                                  body("product_view", T0 + 2 * HOUR)])  # fmt: skip
+    assert [e.customer for e in out.erasures] == ["c"]
+    assert int(records[0]["type_counts"].sum()) == 1
+    lives = [e.life for e in out.epochs["c"]]
+    assert lives[0] == 0 and lives[-1] == 1
+
+
+def test_a_consent_change_is_the_context_of_the_candidates_after_it_only():
+    bodies = [*_views(3), body("consent_withdrawn", T0 + HOUR, channel="email"),
+              *_views(3, "toys", at=T0 + 2 * HOUR)]  # fmt: skip
+    out, _ = story(CONFIG, bodies)
+    contexts = [out.epochs["c"][out.epochs_of[k]].updates.get("consent.email")
+                for k, c in enumerate(out.candidates) if c.trigger_type == "browse_interest"]
+    assert contexts[0] is None and contexts[-1] and contexts[-1].startswith("withdrawn")

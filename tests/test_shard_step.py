@@ -1,0 +1,85 @@
+"""The shard step's own promises (flows/shard_step.py), run in-process on the real
+redis-server and broker (tests/shard_driver.py): an erasure suppresses the candidates
+of its instant and not the earlier ones of the same step; ``processing.exactly_once:
+false`` does what docs/guarantees.md says it gives up.
+"""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+
+from crmstream.profile import customer_view
+from crmstream.state.store import StateStore, connect
+from tests.conftest import read_topic
+from tests.shard_driver import Cutting, Message, run_log
+
+pytestmark = pytest.mark.integration
+
+T0 = 1_767_258_600_000  # 2026-01-01T09:10:00Z
+ONE_STEP = Cutting(10**13, (5000,), 0)
+
+
+def _event(kind: str, at_s: float, customer: str = "eve", **fields) -> Message:
+    body = {"event_id": f"{customer}-{kind}-{at_s}", "customer_id": customer,
+            "event_type": kind, "event_time": T0 + int(at_s * 1000), **fields}  # fmt: skip
+    role = {"erasure_requested": "customers"}.get(kind, "clickstream")
+    return Message(role, 0, customer.encode(), orjson.dumps(body), T0 + int(at_s * 1000))
+
+
+def _view(at_s: float, category: str, customer: str = "eve") -> Message:
+    return _event("product_view", at_s, customer, product_id="p", category=category)
+
+
+def test_an_erasure_suppresses_the_candidates_of_its_instant_not_the_earlier_ones(
+    isolated_config, stack
+):
+    """docs/triggers.md, policy 2: in one step, the candidates before the erasure in the
+    customer's timeline are decided as live (they go out); those at its instant (here
+    the churn risk the erasure event itself derives, with a churn bias that makes every
+    customer's score high) are suppressed as ``erasure`` for customer "erased", with no
+    key; the state after it starts from nothing and the audit entry holds no id."""
+    config = isolated_config("processing.shards=1", "timers.idle_watermark_ms=0",
+                             "churn.bias=5", partitions=1)  # fmt: skip
+    log = [_view(0, "beauty"), _view(1, "beauty"), _view(2, "beauty"),
+           _event("erasure_requested", 5, "fay"),  # its only event: churn risk at it
+           _event("erasure_requested", 12), _view(20, "books")]  # fmt: skip
+    out = run_log(config, stack, log, ONE_STEP, T0 + 60_000)
+    def seen(records):
+        return sorted((r["event_time"][11:19], r["trigger_type"], r["customer_id"],
+                       r.get("policy")) for r in records)  # fmt: skip
+
+    # eve: churn risk at her first event (before the erasure) goes out, and again in the
+    # new life that starts after it; fay's, at the erasure itself, is suppressed
+    assert seen(out.triggers) == [("09:10:00", "churn_risk", "eve", None),
+                                  ("09:10:20", "churn_risk", "eve", None)]  # fmt: skip
+    assert seen(out.suppressions) == [("09:10:02", "browse_interest", "eve", "priority"),
+                                      ("09:10:05", "churn_risk", "erased", "erasure")]
+    assert [s["_key"] for s in out.suppressions if s["policy"] == "erasure"] == [None]
+    store = StateStore(connect(stack.redis_url, config.redis), config.redis.key_prefix)
+    view = customer_view(store, config, "eve")
+    assert view["event_counts"] == {"product_view": 1}  # the view after the erasure only
+    assert customer_view(store, config, "fay") is None
+    audit = [v for k, v in out.redis.items() if k.endswith(":audit")]
+    assert len(audit[0]) == 2 and b"eve" not in repr(audit).encode()
+
+
+def test_without_exactly_once_nothing_is_checked_and_records_skip_the_outbox(
+    isolated_config, stack
+):
+    """docs/guarantees.md, "What breaks it": ``processing.exactly_once: false`` makes no
+    offset or duplicate checks and produces records before the commit, with no outbox."""
+    config = isolated_config("processing.shards=1", "processing.exactly_once=false",
+                             partitions=1)  # fmt: skip
+    dup = _view(1, "pets")
+    log = [_view(0, "pets"), dup, dup._replace(kafka_ms=dup.kafka_ms + 1)]  # a retry
+    out = run_log(config, stack, log, ONE_STEP, T0 + 60_000)
+    assert out.triggers == []  # nothing went through the outbox...
+    triggers = read_topic(stack, config.kafka.topics.triggers)
+    assert [t["trigger_type"] for t in triggers] == ["browse_interest"]  # ...it was sent
+    store = StateStore(connect(stack.redis_url, config.redis), config.redis.key_prefix)
+    assert store.client.exists(store.outbox_key(0)) == 0
+    assert customer_view(store, config, "eve")["event_counts"] == {"product_view": 3}
+    store.client.delete(store.progress_key(0))
+    run_log(config, stack, log, ONE_STEP, T0 + 60_000)  # read again: applied again
+    assert customer_view(store, config, "eve")["event_counts"] == {"product_view": 6}
