@@ -136,10 +136,11 @@ def backtest(
     except KeyboardInterrupt:  # the servers are stopped and the given ones cleaned by now
         err_console.print("interrupted: no report")
         raise typer.Exit(130) from None
-    render(result, console, examples)
+    out_console = console()
+    render(result, out_console, examples)
     if out is not None:
         for path in write_files(result, out, examples):
-            console.print(f"wrote {path}")
+            out_console.print(f"wrote {path}")
 
 
 class _Bars:
