@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,13 +42,19 @@ class Child:
     """A contender process: its JSON report and its peak resident memory."""
 
     cmd: list[str]
+    env: dict[str, str] | None = None  # None: the harness's own
     proc: subprocess.Popen[str] | None = None
     peak_rss_mb: float = 0.0
     _watch: threading.Thread | None = None
 
     def start(self) -> Child:
         self.proc = subprocess.Popen(
-            self.cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT
+            self.cmd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+            env=self.env,
         )
         self._watch = threading.Thread(target=self._rss, daemon=True)
         self._watch.start()
@@ -167,25 +174,86 @@ class Result:
     state_bytes_per_customer: float | None = None
     cpu_pct: dict[str, Any] | None = None  # % of a core: "processes" (list), broker, redis, idle
     fetch_bytes: list[int] = field(default_factory=list)  # each process's, as it reported it
+    cpu_seconds: float | None = None  # all its processes' CPU over their timed windows
+    cores: int | None = None  # the ceiling it is compared with (default: ``processes``)
+    shards: list[dict[str, Any]] | None = None  # each shard's progress (harness.shards)
 
     @property
     def rate(self) -> float:
         return self.events / self.seconds if self.seconds > 0 else 0.0
 
+    @property
+    def cpu_us_per_event(self) -> float | None:
+        """CPU time (user + system, every thread) per event, in µs."""
+        if self.cpu_seconds is None or not self.events:
+            return None
+        return 1e6 * self.cpu_seconds / self.events
+
+
+def cpu_seconds_of(reports: list[dict[str, Any]]) -> float | None:
+    """The CPU seconds the reports' processes give, added up; None if one gives none."""
+    if any("cpu_seconds" not in r for r in reports):
+        return None
+    return sum(r["cpu_seconds"] for r in reports)
+
 
 def _trigger_latencies(endpoints: Any, topic: str) -> list[float]:
-    """emitted_at - event_time of every trigger on the topic, in ms (live input: the event
-    time is the wall clock when the generator sent it, ``workload.publish_scheduled``)."""
-    from datetime import datetime
+    """emitted_at - event_time of every event-caused trigger on the topic, in ms (live
+    input: the event time is the wall clock when the generator sent it,
+    ``workload.publish_scheduled``)."""
+    return trigger_latencies(endpoints, topic)[0]
 
+
+def trigger_latencies(endpoints: Any, topic: str) -> tuple[list[float], list[float]]:
+    """(event-caused, timer) trigger latencies on the topic, in ms: ``emitted_at`` minus
+    ``event_time``, which for a timer's trigger is its due time (docs/events.md), so the
+    second list is how late each timer's trigger left."""
     from crmstream.ops import read_records
 
-    out = []
-    for _topic, record in read_records(list(endpoints.brokers), {}, [topic], follow=False):
-        if record is not None:
-            emitted = datetime.fromisoformat(record["emitted_at"]).timestamp()
-            at = datetime.fromisoformat(record["event_time"]).timestamp()
-            out.append((emitted - at) * 1000)
+    records = read_records(list(endpoints.brokers), {}, [topic], follow=False)
+    return split_latencies(record for _topic, record in records if record is not None)
+
+
+def split_latencies(records: Iterable[dict[str, Any]]) -> tuple[list[float], list[float]]:
+    """``emitted_at - event_time`` in ms of trigger records, those an event caused apart
+    from those a timer fired (``causal_event_id`` ``timer:<kind>:<ref>:<due>``)."""
+    from datetime import datetime
+
+    events, timers = [], []
+    for record in records:
+        emitted = datetime.fromisoformat(record["emitted_at"]).timestamp()
+        at = datetime.fromisoformat(record["event_time"]).timestamp()
+        cause = str(record.get("causal_event_id", ""))
+        (timers if cause.startswith("timer:") else events).append((emitted - at) * 1000)
+    return events, timers
+
+
+def stamped_latencies(endpoints: Any, topic: str) -> list[float]:
+    """Kafka timestamp (producer create time) minus ``event_time`` (epoch ms) of every
+    record on the topic with ``diff`` 1, in ms: the Pathway job's triggers, whose
+    records carry no emission time of their own."""
+    from confluent_kafka import Consumer, KafkaError, TopicPartition
+
+    consumer = Consumer(
+        {
+            "bootstrap.servers": ",".join(endpoints.brokers),
+            "group.id": "bench-stamped",
+            "enable.auto.commit": False,
+            "enable.partition.eof": True,
+        }
+    )
+    meta = consumer.list_topics(topic, timeout=30).topics[topic]
+    consumer.assign([TopicPartition(topic, p, 0) for p in meta.partitions])
+    remaining, out = len(meta.partitions), []
+    while remaining:
+        for msg in consumer.consume(1000, 1.0):
+            if msg.error() is not None:
+                remaining -= msg.error().code() == KafkaError._PARTITION_EOF
+                continue
+            record = orjson.loads(msg.value())
+            if record.get("diff", 1) == 1:
+                out.append(msg.timestamp()[1] - int(record["event_time"]))
+    consumer.close()
     return out
 
 
