@@ -47,6 +47,21 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--no-quix", action="store_true")
     parser.add_argument(
+        "--no-pathway", action="store_true", help="leave Pathway (.venv-pathway) out"
+    )
+    parser.add_argument(
+        "--no-hot-key",
+        action="store_true",
+        help="leave out the hot-key stress run (Zipf 1.1 workload; reported, not a target)",
+    )
+    parser.add_argument(
+        "--timer-delay-s",
+        type=float,
+        default=3.0,
+        help="the cart nudge's delay in crmstream's latency runs, so its timers fall due "
+        "in the window and their lateness is measured (0: the configuration's 1 h)",
+    )
+    parser.add_argument(
         "--no-naive", action="store_true", help="leave the naive baseline out (quicker A/B runs)"
     )
     parser.add_argument("--no-latency", action="store_true")

@@ -17,19 +17,25 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from crmstream.bench.activity import ZIPF_S
 from crmstream.bench.harness.children import BENCH_FETCH_BYTES
 from crmstream.bench.harness.contenders import (
+    PeerUnavailable,
     _crm_cmd,
     _me,
     _naive_cmd,
+    _pathway_cmd,
     _quix_cmd,
+    ensure_pathway_venv,
     ensure_quix_venv,
+    pathway_env,
 )
 from crmstream.bench.harness.measure import (
     Child,
     CpuWatch,
     Result,
     cpu_of,
+    cpu_seconds_of,
     median_run,
     together,
 )
@@ -53,12 +59,25 @@ class Harness:
     def log(self, text: str) -> None:
         self.console.print(text)
 
+    def pathway_python(self) -> Path | None:
+        """The Pathway job's interpreter, or None (left out: the reason is logged and
+        recorded under ``left_out`` in harness.json)."""
+        if self.args.no_pathway:
+            return None
+        try:
+            return ensure_pathway_venv(self.log)
+        except PeerUnavailable as exc:
+            self.log(f"[red]Pathway is left out: {exc}[/]")
+            self.results.setdefault("left_out", {})["pathway"] = str(exc)
+            return None
+
     def run(self) -> None:
         from crmstream.config import load_config
         from crmstream.embedded import EmbeddedStack
 
         config = load_config(None, [f"kafka.partitions={self.args.partitions}"], env={})
         quix = ensure_quix_venv(self.log) if not self.args.no_quix else None
+        self.pathway = self.pathway_python()
         with EmbeddedStack(config) as stack:
             assert stack.endpoints is not None
             self.broker_pid = next((p.pid for name, p in stack.processes if name == "tansu"), None)
@@ -77,12 +96,20 @@ class SizeRun:
     """Every contender on one workload size: ``customers`` customers, the events written
     once to topics of their own, read by each contender in turn."""
 
-    def __init__(self, harness: Harness, endpoints: Any, customers: int, quix: Path | None):
+    def __init__(
+        self,
+        harness: Harness,
+        endpoints: Any,
+        customers: int,
+        quix: Path | None,
+        activity: str = "cdnow",
+    ):
         from crmstream.config import load_config
 
         self.h, self.args = harness, harness.args
         self.endpoints, self.customers, self.quix = endpoints, customers, quix
-        self.tag = f"h{customers}"
+        self.activity = activity  # bench/activity.py: "zipf" for the hot-key stress run
+        self.tag = f"h{customers}" + ("" if activity == "cdnow" else activity[0])
         self.events = self.args.events or customers * 2
         self.base = [f"kafka.partitions={self.args.partitions}"]
         self.inputs = [f"kafka.topics.{r}={self.tag}.{r}" for r in INPUT_ROLES]
@@ -90,6 +117,8 @@ class SizeRun:
         self.brokers = ",".join(endpoints.brokers)
         self.topics = ",".join(self.config.kafka.topics.inputs)
         self.client: Any = None
+        self.malformed = 0  # of the events written (``write_workload``)
+        self._ends: dict[tuple[str, int], int] | None = None
 
     def sets_for(self, name: str) -> list[str]:
         """crmstream settings of the contender ``name``: the size's input topics, and
@@ -118,12 +147,13 @@ class SizeRun:
 
         create_topics(self.endpoints.brokers, self.config)
         self.h.log(f"[bold]{self.customers:,} customers[/]: writing {self.events:,} events ...")
-        publish(
+        stats = publish(
             self.endpoints.brokers,
             self.config,
-            Workload(self.config, WorkloadSpec(customers=self.customers)),
+            Workload(self.config, WorkloadSpec(customers=self.customers, activity=self.activity)),
             max_events=self.events,
         )
+        self.malformed = stats.malformed
 
     # contenders -----------------------------------------------------------------
 
@@ -156,9 +186,16 @@ class SizeRun:
             [c.peak_rss_mb for c in children],
             cpu_pct=cpu_of(reports, watch),
             fetch_bytes=[r["fetch_bytes"] for r in reports],
+            cpu_seconds=cpu_seconds_of(reports),
         )
 
-    def crm(self, n: int, repeat: int) -> Result:
+    def crm(self, n: int, repeat: int, progress: bool = False) -> Result:
+        """crmstream with ``n`` processes; with ``progress``, each shard's progress over
+        its own input sampled from Redis while it runs (``shards.ShardProgress``)."""
+        import contextlib
+
+        from crmstream.bench.harness.shards import ShardProgress
+        from crmstream.config import load_config
         from crmstream.embedded import free_port
 
         name = f"crm{n}" + (f"r{repeat}" if repeat else "")
@@ -184,8 +221,21 @@ class SizeRun:
             ).start()
             for i in range(n)
         ]
-        with CpuWatch(self.h.broker_pid, client) as watch:
+        shards = load_config(None, sets, env={}).processing.shards
+        sampler = (
+            ShardProgress(client, f"{self.tag}{name}", shards, self.ends())
+            if progress
+            else contextlib.nullcontext()
+        )
+        with CpuWatch(self.h.broker_pid, client) as watch, sampler:
             reports = [c.wait(3600) for c in children]
+        shard_rows = (
+            sampler.report(max(r["started_at"] for r in reports))
+            if isinstance(sampler, ShardProgress)
+            else None
+        )
+        if shard_rows:
+            self.h.log(f"    shards' own input applied after (s): {shard_rows}")
         used = int(client.info("memory")["used_memory"]) - before
         states = sum(int(v) for v in client.hgetall(f"{self.tag}{name}:customers").values())
         cpu = cpu_of(reports, watch)
@@ -202,7 +252,19 @@ class SizeRun:
             used / max(states, 1),
             cpu,
             [r["fetch_bytes"] for r in reports],
+            cpu_seconds_of(reports),
+            shards=shard_rows,
         )
+
+    def ends(self) -> dict[tuple[str, int], int]:
+        """Each input partition's message count (read once per size)."""
+        from crmstream.bench.harness.shards import partition_ends
+
+        if self._ends is None:
+            self._ends = partition_ends(
+                self.endpoints.brokers, list(self.config.kafka.topics.inputs)
+            )
+        return self._ends
 
     def _log_cluster(self, reports: list[dict[str, Any]], cpu: dict[str, Any]) -> None:
         ready = [r["started_at"] for r in reports]
@@ -246,6 +308,7 @@ class SizeRun:
             [child.peak_rss_mb],
             used / max(keys, 1),
             fetch_bytes=[report["fetch_bytes"]],
+            cpu_seconds=report.get("cpu_seconds"),
         )
 
     def quix_run(self, python: Path) -> Result:
@@ -273,18 +336,60 @@ class SizeRun:
             [child.peak_rss_mb],
             size / self.customers,
             fetch_bytes=[report["fetch_bytes"]],
+            cpu_seconds=report.get("cpu_seconds"),
+        )
+
+    def pathway_run(self, python: Path, threads: int, repeat: int) -> Result:
+        """The Pathway job with ``threads`` worker threads (one process), until it has
+        every valid event's row; compared with the ceiling of as many processes."""
+        name = f"pw{threads}" + (f"r{repeat}" if repeat else "")
+        self._create(self.sets_for(name))
+        child = Child(
+            _pathway_cmd(
+                python,
+                self.brokers,
+                self.topics,
+                f"{self.tag}.{name}.triggers",
+                f"{self.tag}-{name}",
+                expect_rows=self.events - self.malformed,
+                fetch_bytes=self.args.fetch_bytes,
+            ),
+            env=pathway_env(threads),
+        ).start()
+        report = child.wait(7200)
+        self.h.log(
+            f"    rows {report['events']:,} (first update after "
+            f"{report['first_update_s']:.2f} s with {report['first_update_rows']:,}), "
+            f"Pathway {report['pathway_version']}"
+        )
+        return Result(
+            f"Pathway ({threads} thread{'s' if threads > 1 else ''})",
+            1,
+            report["events"],
+            report["seconds"],
+            [child.peak_rss_mb],
+            fetch_bytes=[report["fetch_bytes"]],
+            cpu_seconds=report["cpu_seconds"],
+            cores=threads,
         )
 
     # the run ----------------------------------------------------------------------
 
     def quick_contenders(self, repeat: int) -> list[tuple[str, Callable[[], Result]]]:
         """The contenders run ``--repeats`` times, in turn, in this order."""
-        return [
+        quick = [
             ("ceiling, 1 process", lambda: self.ceiling(1)),
             ("crmstream, 1 process", lambda: self.crm(1, repeat)),
             ("ceiling, 2 processes", lambda: self.ceiling(2)),
-            ("crmstream, 2 processes", lambda: self.crm(2, repeat)),
+            ("crmstream, 2 processes", lambda: self.crm(2, repeat, progress=repeat == 0)),
         ]
+        python = self.h.pathway
+        if python is not None:
+            quick += [
+                (f"Pathway, {n} thread(s)", lambda n=n: self.pathway_run(python, n, repeat))
+                for n in (1, 2)
+            ]
+        return quick
 
     def run(self) -> dict[str, Any]:
         import redis
@@ -313,9 +418,15 @@ class SizeRun:
         out: dict[str, Any] = {
             "customers": self.customers,
             "events": self.events,
+            "malformed": self.malformed,
+            "activity": self.activity,
             "contenders": [self.row(r, own, runs) for r, own in zip(runs, tries, strict=True)],
             "ratios": ratios({r.name: r for r in runs}),
         }
+        if not self.args.no_hot_key:
+            self.h.log(f"  hot-key stress workload (Zipf {ZIPF_S}), reported, not a target ...")
+            hot = SizeRun(self.h, self.endpoints, self.customers, None, activity="zipf")
+            out["hot_key"] = hot.stress()
         if not self.args.no_latency:
             from crmstream.bench.harness.latency import LatencyRuns
 
@@ -323,10 +434,42 @@ class SizeRun:
             out["latency"] = LatencyRuns(self, crm1.rate).run()
         return out
 
+    def stress(self) -> dict[str, Any]:
+        """The ceiling and crmstream, 1 and 2 processes, once each on this size's workload
+        (the hot-key one), with each shard's progress in the 2-process run."""
+        import redis
+
+        self.write_workload()
+        self.client = redis.Redis.from_url(self.endpoints.redis_url)
+        runs = []
+        for label, fn in (
+            ("ceiling, 1 process", lambda: self.ceiling(1)),
+            ("crmstream, 1 process", lambda: self.crm(1, 0)),
+            ("ceiling, 2 processes", lambda: self.ceiling(2)),
+            ("crmstream, 2 processes", lambda: self.crm(2, 0, progress=True)),
+        ):
+            self.h.log(f"    hot key: {label} ...")
+            runs.append(fn())
+        by = {r.name: r for r in runs}
+        return {
+            "activity": self.activity,
+            "events": self.events,
+            "contenders": [self.row(r, [r], runs) for r in runs],
+            "ratios": {
+                "crmstream_vs_ceiling": round(
+                    by["crmstream (1 proc)"].rate / by["ceiling (1 proc)"].rate, 4
+                ),
+                "crmstream_2proc_vs_1proc": round(
+                    by["crmstream (2 proc)"].rate / by["crmstream (1 proc)"].rate, 3
+                ),
+            },
+        }
+
     @staticmethod
     def row(r: Result, own: list[Result], runs: list[Result]) -> dict[str, Any]:
         """A contender's row: its median run, and the rates of all its runs."""
-        ref = next(c for c in runs if c.name == f"ceiling ({2 if r.processes == 2 else 1} proc)")
+        cores = r.cores or r.processes
+        ref = next(c for c in runs if c.name == f"ceiling ({2 if cores == 2 else 1} proc)")
         return {
             "name": r.name,
             "processes": r.processes,
@@ -341,8 +484,13 @@ class SizeRun:
                 else None
             ),
             "cpu_pct": r.cpu_pct,
+            "cpu_us_per_event": (
+                round(r.cpu_us_per_event, 2) if r.cpu_us_per_event is not None else None
+            ),
+            "ceiling": ref.name,
             "fetch_bytes": r.fetch_bytes,
             "runs_events_per_s": [round(one.rate) for one in own],
+            "shards": r.shards,
         }
 
 
@@ -357,4 +505,9 @@ def ratios(by: dict[str, Result]) -> dict[str, float]:
         out["crmstream_vs_naive"] = round(crm1.rate / by["naive (1 proc)"].rate, 2)
     if "Quix Streams (1 proc)" in by:
         out["crmstream_vs_quix"] = round(crm1.rate / by["Quix Streams (1 proc)"].rate, 2)
+    if "Pathway (1 thread)" in by:
+        out["crmstream_vs_pathway_1thread"] = round(crm1.rate / by["Pathway (1 thread)"].rate, 2)
+        out["crmstream_2proc_vs_pathway_2threads"] = round(
+            crm2.rate / by["Pathway (2 threads)"].rate, 2
+        )
     return out
