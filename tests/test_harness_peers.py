@@ -115,3 +115,10 @@ def test_pathway_that_cannot_be_installed_is_left_out_with_the_reason(tmp_path, 
     harness = Harness(argparse.Namespace(no_pathway=False))
     assert harness.pathway_python() is None
     assert harness.results["left_out"]["pathway"].startswith("importing pathway failed")
+
+
+def test_the_shard_progress_of_the_sampled_run_is_kept_whichever_run_is_the_median():
+    sampled = Result("crmstream (2 proc)", 2, 100, 2.0, [1.0, 1.0], shards=[{"shard": 0}])
+    median = Result("crmstream (2 proc)", 2, 100, 1.0, [1.0, 1.0])
+    runs = [Result("ceiling (2 proc)", 2, 100, 0.5, [1.0, 1.0]), median]
+    assert SizeRun.row(median, [sampled, median], runs)["shards"] == [{"shard": 0}]

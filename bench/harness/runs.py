@@ -490,7 +490,8 @@ class SizeRun:
             "ceiling": ref.name,
             "fetch_bytes": r.fetch_bytes,
             "runs_events_per_s": [round(one.rate) for one in own],
-            "shards": r.shards,
+            # sampled in the first run only, which need not be the median one
+            "shards": next((one.shards for one in own if one.shards), None),
         }
 
 
