@@ -86,4 +86,4 @@ bench-smoke: setup
 	$(BIN)/python -m crmstream.bench.harness --smoke
 
 clean:
-	rm -rf $(VENV) .venv-quix .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .venv-quix .venv-pathway .pytest_cache .ruff_cache .hypothesis

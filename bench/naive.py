@@ -9,7 +9,7 @@ windows of views, carts and orders, the decayed preference vector, the browse
 streak (browse_interest) and high intent without purchase.
 
 Run: python -m crmstream.bench.naive --brokers H:P --redis-url URL --topics a,b
---triggers T [--tail]. Prints {"events": n, "seconds": s} at the end.
+--triggers T [--tail]. Prints {"events": n, "seconds": s, "cpu_seconds": c} at the end.
 """
 
 from __future__ import annotations
@@ -153,11 +153,16 @@ def main() -> None:
     from bytewax.testing import run_main
 
     counter = [0]
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     run_main(build(args, counter))
     seconds = time.perf_counter() - started
     fetch_bytes = int(consumer_config(args).get("max.partition.fetch.bytes", 0))
-    report = {"events": counter[0], "seconds": seconds, "fetch_bytes": fetch_bytes}
+    report = {
+        "events": counter[0],
+        "seconds": seconds,
+        "cpu_seconds": time.process_time() - cpu,  # every thread, librdkafka's included
+        "fetch_bytes": fetch_bytes,
+    }
     sys.stdout.write(orjson.dumps(report).decode() + "\n")
 
 

@@ -4,7 +4,10 @@ This module owns the synthetic event stream used by the demo, the benchmarks
 and scale tests. It is deterministic for a seed. Properties that matter for a
 CRM engine, and how they are modelled:
 
-- activity is Zipf-skewed across customers (a few heavy users, a long tail);
+- activity is skewed across customers as in a real shop's purchase history
+  (``bench/activity.py``: fitted to CDNOW, where the busiest customer holds
+  0.31 % of the purchases and the busiest 1 % of customers 10.97 %), or, for
+  the hot-key stress run, Zipf 1.1 (the busiest of 100k holds 13.5 %);
 - each customer has their own category affinities (a sparse Dirichlet draw)
   and sticks to a category within a session, so browse streaks happen;
 - sessions run a funnel: product views -> cart adds (~9 % of views) ->
@@ -31,6 +34,7 @@ from typing import Any, NamedTuple
 
 import orjson
 
+from crmstream.bench.activity import ZIPF_S, weights
 from crmstream.config import CrmConfig
 
 REGIONS = (
@@ -72,7 +76,10 @@ class _Customer:
 @dataclass(frozen=True)
 class WorkloadSpec:
     customers: int = 10_000
-    zipf_s: float = 1.1
+    # How sessions spread over customers: "cdnow" (fitted to a real shop's history)
+    # or "zipf" (1 / rank ** zipf_s: the hot-key stress workload). bench/activity.py.
+    activity: str = "cdnow"
+    zipf_s: float = ZIPF_S
     malformed_rate: float = 0.001
     seed: int = 7
     # Simulated event time: start (epoch ms) and mean gap between sessions.
@@ -89,8 +96,8 @@ class Workload:
         self._categories = list(config.taxonomy.categories)
         self._rates = config.currency.rates
         self._seq = itertools.count()
-        weights = [1.0 / (rank**spec.zipf_s) for rank in range(1, spec.customers + 1)]
-        self._cust_cum = list(itertools.accumulate(weights))
+        activity = weights(spec.activity, spec.customers, spec.zipf_s)
+        self._cust_cum = list(itertools.accumulate(activity))
         region_cum = list(itertools.accumulate(r[4] for r in REGIONS))
         self._customers = [self._make_customer(i, region_cum) for i in range(spec.customers)]
         self.now_ms = spec.start_ms
@@ -139,14 +146,16 @@ class Workload:
             else:
                 self.now_ms = live_clock()
             yield from self._due_order_updates()
-            cust = self._customers[
-                bisect.bisect_right(self._cust_cum, rng.random() * self._cust_cum[-1])
-            ]
-            for event in self._session(cust):
+            for event in self._session(self.session_customer()):
                 if rng.random() < self._spec.malformed_rate:
                     yield self._malform(event)
                 else:
                     yield event
+
+    def session_customer(self) -> _Customer:
+        """The customer of the next session, drawn by the workload's customer activity."""
+        draw = self._rng.random() * self._cust_cum[-1]
+        return self._customers[bisect.bisect_right(self._cust_cum, draw)]
 
     def _session(self, cust: _Customer) -> Iterator[GeneratedEvent]:
         rng, ts = self._rng, self.now_ms

@@ -34,32 +34,54 @@ def test_harness_smoke_runs_every_contender_and_writes_the_table_and_plot(tmp_pa
     result = orjson.loads((tmp_path / "harness.json").read_bytes())
     (size,) = result["runs"]
     names = [c["name"] for c in size["contenders"]]
-    assert names[:5] == [
+    assert names == [
         "ceiling (1 proc)",
         "crmstream (1 proc)",
         "ceiling (2 proc)",
         "crmstream (2 proc)",
+        "Pathway (1 thread)",
+        "Pathway (2 threads)",
         "naive (1 proc)",
-    ]
-    assert "Quix Streams (1 proc)" in names
+        "Quix Streams (1 proc)",
+    ], result.get("left_out")
     assert result["fetch_bytes"] == 8 << 20  # the harness's default (bench/README.md)
+    assert size["activity"] == "cdnow"
     for contender in size["contenders"]:
-        assert contender["events"] == size["events"], contender  # everyone read all input
+        if contender["name"].startswith("Pathway"):
+            # Pathway's rows: every valid event's, and those malformed ones its schema takes
+            assert size["events"] - size["malformed"] <= contender["events"] <= size["events"]
+        else:
+            assert contender["events"] == size["events"], contender  # everyone read all input
         # every process of every contender read with the same fetch size, as it reported it
         assert contender["fetch_bytes"] == [8 << 20] * contender["processes"], contender
         assert all(m > 0 for m in contender["peak_rss_mb"])
-    for contender in size["contenders"][:4]:  # CPU in the timed window: each process, servers
+        assert contender["cpu_us_per_event"] > 0, contender  # CPU per event of every one
+    for contender in size["contenders"][:6]:  # run twice each, in turn
         # --smoke runs each of these twice, in turn, and reports the lower (median) run
         rates = contender["runs_events_per_s"]
         assert len(rates) == 2 and contender["events_per_s"] == min(rates), contender
+    assert size["contenders"][5]["ceiling"] == "ceiling (2 proc)"  # Pathway, 2 threads
+    for contender in size["contenders"][:4]:  # CPU in the timed window: each process, servers
         cpu = contender["cpu_pct"]
         assert len(cpu["processes"]) == contender["processes"], contender
         assert all(p > 0 for p in cpu["processes"]) and set(cpu) >= {"broker", "redis", "idle"}, cpu
-    for contender in size["contenders"][4:]:  # the naive baseline and Quix run once
+    for contender in size["contenders"][6:]:  # the naive baseline and Quix run once
         assert contender["runs_events_per_s"] == [contender["events_per_s"]], contender
+    assert set(size["ratios"]) >= {"crmstream_vs_pathway_1thread", "crmstream_vs_quix"}
+    # each shard's progress over its own input, calibrated and hot-key workloads, 2 processes
+    hot = size["hot_key"]
+    assert hot["activity"] == "zipf" and [c["name"] for c in hot["contenders"]] == names[:4]
+    for run in (size, hot):
+        shards = run["contenders"][3]["shards"]
+        assert [s["shard"] for s in shards] == [0, 1], shards
+        assert sum(s["own_events"] for s in shards) == run["events"], shards
+        assert all(s["seconds_to"]["100%"] is not None for s in shards), shards
     latency = {r["contender"]: r for r in size["latency"]}
-    assert set(latency) == {"kafka floor", "crmstream", "naive", "quix"}
+    assert set(latency) == {"kafka floor", "crmstream", "naive", "quix", "pathway"}
     assert all(r["triggers"] > 0 for name, r in latency.items() if name != "kafka floor")
+    # crmstream's cart nudges fell due in the window: how late each left
+    crm = latency["crmstream"]
+    assert crm["timers"] > 0 and 0 <= crm["timer_late_p50_ms"] <= crm["timer_late_max_ms"]
     floor = latency["kafka floor"]
     assert floor["triggers"] is None and floor["events_read"] > 0 and floor["p99_ms"] is not None
     for r in latency.values():  # CPU use in the window: the contender, the broker, the sender
