@@ -332,7 +332,8 @@ class _Run:
 
     def _first_due(self, rows: np.ndarray) -> np.ndarray:
         """Per row, its earliest pending timer that fires in this step (``NEVER``: none)."""
-        due = self.o.slots.earliest(self.records[rows])
+        slots = self.o.slots
+        due = slots.earliest(slots.fields_at(self.records, rows))
         for k, row in enumerate(rows.tolist()):
             own = self.members.get(row)
             if own:  # quiet-hours holds are not part of the customer's timeline
@@ -505,6 +506,9 @@ class _Run:
             ready = self._next_timers(rows, limit)
             if not ready:
                 return
+            # Only a customer that fired can have another timer due in the next wave.
+            fired = np.isin(rows, [self.index[t.customer] for t in ready])
+            rows, limit = rows[fired], limit[fired]
             moved = [t for t in ready if self._stale_recheck(t)]
             timers = [t for t in ready if not self._stale_recheck(t)]
             wave_rows = np.fromiter([self.index[t.customer] for t in timers], np.int64,
@@ -549,8 +553,8 @@ class _Run:
     def _next_timers(self, rows: np.ndarray, limit: np.ndarray) -> list[Timer]:
         """Per row, its earliest timer due at or before its limit, taken out of the record
         or the members (quiet-hours holds due are taken too, and go out as they are)."""
-        records = self.records[rows]
-        dues = self.o.slots.due_columns(records)
+        slots = self.o.slots
+        dues = slots.due_columns(slots.fields_at(self.records, rows))
         dues = np.where((dues > 0) & (dues <= limit[:, None]), dues, NEVER)
         col = dues.argmin(axis=1)
         best = dues[np.arange(len(rows)), col]
@@ -566,7 +570,7 @@ class _Run:
                 out.append(member)
             elif due != NEVER:
                 slot = FOLDED[int(col[k])]
-                out.append(self.o.slots.timer(self.customers[row], records[k], slot, due))
+                out.append(slots.timer(self.customers[row], self.records[row], slot, due))
                 clear_slots.append(slot)
                 clear_rows.append(row)
                 self.touched[row] = True

@@ -36,6 +36,9 @@ WAKE = "wake"
 FOLDED = ("recheck", "birthday", "cart_1", "cart_2", "dormant", "potential")
 CART_FLAGS = {"cart_1": FLAG_CART_1, "cart_2": FLAG_CART_2}
 NEVER = np.iinfo(np.int64).max
+# The record fields ``TimerSlots.due_of`` reads.
+_DUE_FIELDS = ("recheck_due_ms", "birthday_due_ms", "rule_flags", "last_cart_ms", "dormant_days",
+               "last_order_ms", "potential_ref_ms")  # fmt: skip
 _CLEAR = {
     "recheck": ("recheck_due_ms",),
     "birthday": ("birthday_due_ms",),
@@ -82,6 +85,12 @@ class TimerSlots:
             return np.where(days > 0, records["last_order_ms"] + days * MS_PER_DAY, 0)
         ref = records["potential_ref_ms"]
         return np.where(ref != 0, ref + self._potential_ms, 0)
+
+    @staticmethod
+    def fields_at(records: np.ndarray, rows: np.ndarray) -> dict[str, np.ndarray]:
+        """The fields the folded timers are kept in, of ``records[rows]``: what ``due_of``
+        and ``due_columns`` read, without copying whole records."""
+        return {field: records[field][rows] for field in _DUE_FIELDS}
 
     def due_columns(self, records: np.ndarray) -> np.ndarray:
         """``due_of`` every kind (columns in ``FOLDED`` order) for every record at once."""
@@ -147,7 +156,7 @@ class TimerSlots:
         # Recheck and birthday are always kept; the other kinds are each tried on a copy
         # of the timer's own record.
         checked = slot not in ("recheck", "birthday")
-        trial = records[rows] if checked else None
+        trial = self.fields_at(records, rows) if checked else None
         if slot == "recheck":
             field, values = "recheck_due_ms", due
         elif slot == "birthday":
