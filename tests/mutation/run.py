@@ -52,6 +52,9 @@ TESTS: dict[str, tuple[str, ...]] = {
     "operators/redaction.py": ("tests/test_redaction.py", "tests/test_events.py"),
     "operators/kernels.py": ("tests/test_thresholds.py", "tests/test_guards.py",
                              "tests/test_kernels.py"),
+    "operators/params.py": ("tests/test_thresholds.py", "tests/test_kernels.py"),
+    "operators/windows.py": ("tests/test_kernels.py", "tests/test_thresholds.py"),
+    "operators/derive.py": ("tests/test_kernels.py", "tests/test_thresholds.py"),
     "operators/reference.py": ("tests/test_kernels.py",),
     "operators/btyd.py": ("tests/test_kernels.py", "tests/test_fitting.py"),
     "operators/fitting.py": ("tests/test_fitting.py",),
@@ -67,11 +70,12 @@ TESTS: dict[str, tuple[str, ...]] = {
     "operators/rules.py": ("tests/test_rules.py",),
     "operators/zones.py": ("tests/test_quiet_hours.py", "tests/test_events.py"),
     "flows/shard_step.py": ("tests/test_guards.py", "tests/test_shard_step.py"),
+    "flows/step_work.py": ("tests/test_guards.py", "tests/test_shard_step.py"),
 }  # fmt: skip
 
 
 # Modules whose tests need the servers (tests/conftest.py starts them per test run).
-MARKERS = {"flows/shard_step.py": "not slow"}
+MARKERS = {"flows/shard_step.py": "not slow", "flows/step_work.py": "not slow"}
 
 
 class Mutant(NamedTuple):
