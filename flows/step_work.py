@@ -23,9 +23,9 @@ import orjson
 from crmstream.config import CrmConfig
 from crmstream.flows.sink import Outgoing
 from crmstream.metrics import get_metrics
+from crmstream.operators.columns import EventColumns
 from crmstream.operators.customer_step import (
     CustomerStep,
-    EventColumns,
     StepInput,
     StepOutput,
 )

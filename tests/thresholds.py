@@ -18,7 +18,8 @@ import orjson
 from crmstream.config import CrmConfig
 from crmstream.operators import kernels as K
 from crmstream.operators.catalog import Candidate
-from crmstream.operators.customer_step import CustomerStep, EventColumns, StepInput
+from crmstream.operators.columns import EventColumns
+from crmstream.operators.customer_step import CustomerStep, StepInput
 from crmstream.operators.events import TOPIC_ROLE_TYPES, EventValidator, ParsedEvent
 from crmstream.operators.hashing import event_id_digests
 from crmstream.operators.policies import TRIGGER_INDEX, PolicyContext, PolicyEngine
