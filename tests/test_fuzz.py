@@ -24,6 +24,7 @@ from confluent_kafka import Producer
 
 from crmstream.bench.workload import Workload, WorkloadSpec
 from crmstream.config import load_config
+from crmstream.operators.events import TOPIC_ROLE_TYPES
 from crmstream.state.dump import canonical_dump, differences
 from crmstream.state.encoding import STATE_DTYPE, decode_batch, encode_records
 from crmstream.topics import create_topics
@@ -85,8 +86,13 @@ def _mutations(rng: random.Random, body: dict[str, Any], raw: bytes) -> tuple[st
     elif kind == "not_an_object":
         return kind, rng.choice([b"[]", b'"event"', b"null", b"42", b"[1, 2, 3]"])
     elif kind == "wrong_topic_type":
-        b["event_type"] = "product_review"  # a feedback event, valid there, on this topic
-        b["rating"] = 5
+        # A real type of another topic: a review, or a view where the event was a feedback one.
+        if b.get("event_type") in TOPIC_ROLE_TYPES["feedback"]:
+            b["event_type"] = "product_view"
+            b.setdefault("category", "books")
+        else:
+            b["event_type"] = "product_review"
+            b["rating"] = 5
         b.setdefault("product_id", "p-fuzz")
     elif kind == "empty":
         return kind, b""
