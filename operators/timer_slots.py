@@ -154,7 +154,7 @@ class TimerSlots:
         due = np.fromiter([t.due_ms for t in timers], np.int64, len(timers))
         ok = np.ones(len(timers), bool)
         # Recheck and birthday are always kept; the other kinds are each tried on a copy
-        # of the timer's own record.
+        # of the timer's own record's timer fields (fields_at).
         checked = slot not in ("recheck", "birthday")
         trial = self.fields_at(records, rows) if checked else None
         if slot == "recheck":
