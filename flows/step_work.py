@@ -26,8 +26,10 @@ from crmstream.metrics import get_metrics
 from crmstream.operators.columns import EventColumns
 from crmstream.operators.customer_step import (
     CustomerStep,
+    Epoch,
     StepInput,
     StepOutput,
+    epoch_at,
 )
 from crmstream.operators.derive import derive_batch
 from crmstream.operators.events import EVENT_TYPES, ParsedEvent, new_tuple, parse_time_ms
@@ -50,6 +52,7 @@ from crmstream.state.timers import Timer, parse_member
 # What the exactly-once checks record of the input in a customer's state.
 _INPUT_FIELDS = ("applied_partition", "applied_offset", "recent_ids", "recent_s", "recent_next")
 _NO_BOUND = -(2**62)
+_AS_LOADED = Epoch({}, 0, False, False)  # a customer's context with no event in the round
 
 
 class Loaded(NamedTuple):
@@ -182,10 +185,9 @@ class StepWork:
         )
         if out.erasures:
             self._reseed_erased(out, records, index, fresh)
-        approved, approved_ms, suppressions, held_past = self._decide(out, records, loaded, index)
-        held = [orjson.loads(t.ref) for t in out.held]
-        triggers = approved + held
-        trigger_ms = approved_ms + [parse_time_ms(r["event_time"]) for r in held]
+        triggers, trigger_ms, suppressions, held_past = self._decide(
+            out, records, loaded, index, bound
+        )
         emitted_at = iso_ms(emitted_ms)  # one round's records go out together
         for record in triggers:
             record["emitted_at"] = emitted_at
@@ -317,13 +319,19 @@ class StepWork:
 
     # -- after it -----------------------------------------------------------------------
     def _decide(
-        self, out: StepOutput, records: np.ndarray, loaded: Loaded, index: dict[str, int]
+        self,
+        out: StepOutput,
+        records: np.ndarray,
+        loaded: Loaded,
+        index: dict[str, int],
+        bound: np.ndarray,
     ) -> tuple[list[dict[str, Any]], list[int], list[dict[str, Any]], dict]:
         """Run the candidates through the contact policies, each customer's in its timeline
         order and each in the context of its instant: records to emit (and their event
         times), suppressions, and the quiet-hours holds erasures removed (per customer and
-        life). A trigger held through quiet hours that end at or before the watermark goes
-        out now; a later one is held as a timer.
+        life). A trigger held through quiet hours that end by the customer's ``bound`` (as
+        its timers) goes out now; a later one is held as a timer. A hold that ends goes out
+        only if its channel still has consent then (stopped with policy ``consent`` if not).
 
         A customer's stored profile is read only when the customer had a stored
         state: both are written in the same commit and deleted together on
@@ -332,7 +340,8 @@ class StepWork:
         by_customer: dict[str, list[int]] = {}
         for k, cand in enumerate(out.candidates):
             by_customer.setdefault(cand.customer, []).append(k)
-        known = sorted(c for c in by_customer if not loaded.stateless[index[c]])
+        holding = {t.customer for t in out.held}
+        known = sorted(c for c in by_customer.keys() | holding if not loaded.stateless[index[c]])
         fields = self._policies.profile_fields
         stored = self._store.load_profiles(known, fields) if known else {}
         approved, approved_ms, suppressions = [], [], []
@@ -340,7 +349,7 @@ class StepWork:
         held_past: dict[tuple[str, int], int] = {}  # (customer, life) -> holds removed
         for erasure in out.erasures:
             erased_at.setdefault(erasure.customer, []).append(erasure.event.event_time_ms)
-        mark, triggers = loaded.mark, self._triggers
+        triggers = self._triggers
         for customer, ks in by_customer.items():
             ends = erased_at.get(customer, [])
             lives = self._lives(out, customer, ks, records, loaded.states, index,
@@ -351,16 +360,21 @@ class StepWork:
                     record = triggers.build(decision.candidate)
                     record.update(decision.extras)
                     hold = decision.hold_until_ms
-                    # Quiet hours: a hold that ends by the watermark goes out now, a later
-                    # one waits as a durable timer. Before an erasure in the step, the
-                    # hold's end comes before the erasure or never (it removes the timer).
+                    # Quiet hours: a hold that ends by the customer's bound goes out now
+                    # (in the context of its end), a later one waits as a durable timer.
+                    # Before an erasure in the step, the hold's end comes before the
+                    # erasure or never (it removes the timer).
                     if hold is None:
                         due = True
                     elif end is not None:
                         due = hold < end
                     else:
-                        due = mark is not None and hold <= mark
-                    if due:
+                        due = hold <= bound[index[customer]]  # as its timers (_bounds)
+                    why = None if hold is None or not due else self._lost_consent(
+                        record, hold, out.epochs[customer], stored.get(customer, {}))
+                    if why:
+                        suppressions.append(triggers.stopped(record, "consent", why))
+                    elif due:
                         approved.append(record)
                         approved_ms.append(decision.candidate.event_time_ms)
                     elif end is None:
@@ -374,7 +388,30 @@ class StepWork:
                     suppressions.append(
                         triggers.suppression(item.candidate, shown, item.policy, item.reason)
                     )
+        for timer in out.held:  # stored holds that ended in the round
+            record = orjson.loads(timer.ref)
+            epochs = out.epochs.get(timer.customer, [_AS_LOADED])
+            why = self._lost_consent(record, timer.due_ms, epochs, stored.get(timer.customer, {}))
+            if why:
+                suppressions.append(triggers.stopped(record, "consent", why))
+            else:
+                approved.append(record)
+                approved_ms.append(parse_time_ms(record["event_time"]))
         return approved, approved_ms, suppressions, held_past
+
+    def _lost_consent(
+        self, record: dict[str, Any], hold_ms: int, epochs: list[Epoch], stored: dict[str, str]
+    ) -> str | None:
+        """Why a trigger held through quiet hours may not go out when the hold ends at
+        ``hold_ms`` (None: it may): its channel's consent was withdrawn in the meantime
+        (docs/triggers.md: a withdrawal applies at once), as the customer's context at that
+        instant says."""
+        epoch = epoch_at(epochs, hold_ms)
+        profile = epoch.updates if epoch.forget_stored else {**stored, **epoch.updates}
+        why = self._policies.no_consent(record["trigger_type"], record["channel"], profile)
+        if why is None:
+            return None
+        return f"{why} when its quiet-hours hold ended at {iso_ms(hold_ms)}"
 
     def _lives(
         self,

@@ -31,6 +31,7 @@ in; ``operators.policies`` decides them in each customer's timeline order.
 from __future__ import annotations
 
 import logging
+from bisect import bisect_right
 from typing import NamedTuple
 
 import numpy as np
@@ -90,6 +91,14 @@ class Epoch(NamedTuple):
     erased: bool  # the customer asked to be erased at this instant: suppress
     forget_stored: bool  # erased earlier in the step: the stored profile is gone
     life: int = 0  # erasures before it in the step: a new life starts from a fresh record
+    since_ms: int = -1  # the time of the customer event that opened it (-1: as loaded)
+
+
+def epoch_at(epochs: list[Epoch], at_ms: int) -> Epoch:
+    """The context in effect at ``at_ms`` of a customer's contexts (in timeline order): the
+    last opened at or before it (an event at the instant comes before a timer due then)."""
+    k = bisect_right([e.since_ms for e in epochs], at_ms)
+    return epochs[max(k - 1, 0)]
 
 
 class Erasure(NamedTuple):
@@ -404,9 +413,11 @@ class _Run:
         epochs = self._epochs(row)
         last = epochs[-1]
         if ev.type_code == ERASURE_REQUESTED:
-            epochs.append(last._replace(erased=True))
+            at = ev.event_time_ms
+            epochs.append(last._replace(erased=True, since_ms=at))
             self._erase(row, ev)
-            fresh = Epoch({}, int(self.records["too_often_day"][row]), False, True, last.life + 1)
+            too_often = int(self.records["too_often_day"][row])
+            fresh = Epoch({}, too_often, False, True, last.life + 1, at)
             epochs.append(fresh)
             return
         updates = last.updates
@@ -414,7 +425,9 @@ class _Run:
             updates = {**updates, **event_fields(EVENT_TYPES[ev.type_code], ev.fields,
                                                  ev.event_time_ms)}  # fmt: skip
         too_often = int(self.records["too_often_day"][row])
-        epochs.append(last._replace(updates=updates, too_often_day=too_often))
+        epochs.append(
+            last._replace(updates=updates, too_often_day=too_often, since_ms=ev.event_time_ms)
+        )
 
     def _erase(self, row: int, ev: ParsedEvent) -> None:
         """Right to be forgotten at ``ev``: the customer starts again from a fresh record

@@ -232,10 +232,8 @@ class PolicyEngine:
             channel = (
                 rule.channel or profile.get("preferred_channel") or self._policies.default_channel
             )
-            field = self._consent_field.get(channel) or f"consent.{channel}"
-            consent = profile.get(field, self._policies.consent_default)
-            if consent.startswith("withdrawn") or consent == "denied":
-                why = f"no consent for channel {channel!r}"
+            why = self.no_consent(name, channel, profile)
+            if why:
                 suppressed.append(new_tuple(Suppressed, (cand, "consent", why)))
                 return False
         if erased:
@@ -251,6 +249,17 @@ class PolicyEngine:
             suppressed.append(new_tuple(Suppressed, (cand, "cooldown", why)))
             return False
         return True
+
+    def no_consent(self, name: str, channel: str, profile: dict[str, str]) -> str | None:
+        """Why a trigger of type ``name`` may not go out on ``channel`` to a customer with
+        ``profile`` (None: it may): a marketing trigger needs consent for its channel."""
+        if not self._rule[name].marketing:
+            return None
+        field = self._consent_field.get(channel) or f"consent.{channel}"
+        consent = profile.get(field, self._policies.consent_default)
+        if consent.startswith("withdrawn") or consent == "denied":
+            return f"no consent for channel {channel!r}"
+        return None
 
     def _cooldown_reason(self, name: str, last: int, hours: float) -> str:
         """Why a candidate of type ``name`` is cooling: it went out at minute ``last``,

@@ -156,6 +156,24 @@ class TriggerBuilder:
         }
 
 
+    @staticmethod
+    def stopped(record: dict[str, Any], policy: str, reason: str) -> dict[str, Any]:
+        """The suppression record of a trigger record ``build`` made that a policy stopped
+        after it was approved (a quiet-hours hold whose channel lost consent while held):
+        the fields ``suppression`` gives, from the record."""
+        return {
+            "schema_version": record["schema_version"],
+            "trigger_id": record["trigger_id"],
+            "trigger_type": record["trigger_type"],
+            "customer_id": record["customer_id"],
+            "policy": policy,
+            "reason": reason,
+            "rule": record["rule"],
+            "candidate": record["reason"],
+            "event_time": record["event_time"],
+            "detected_at": record["detected_at"],
+        }
+
 def _why(candidate: Candidate) -> dict[str, Any]:
     """What fired the candidate, against which thresholds, over which window."""
     return {

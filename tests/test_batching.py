@@ -219,17 +219,56 @@ _HOLD_BEFORE_ERASURE = [
     _msg("customers", 1769951400002, "erasure_requested"),
 ]  # fmt: skip
 _MS_STEPS = Cutting(step_ms=1, batch_sizes=(1,), seed=0, live=False)
+# Found by an outsider: a cart nudge at 23:00 in Tokyo, held to 09:00, still went out
+# after the customer withdrew push consent at 03:00.
+_WITHDRAWN_WHILE_HELD = [
+    _msg("customers", 1793577600000, "profile_updated", timezone="Asia/Tokyo",
+         birthday="01-12"),  # 2026-11-02T00:00Z
+    _msg("clickstream", 1793624400000, "add_to_cart", product_id="p",
+         category="beauty"),  # 13:00Z, 22:00 in Tokyo
+    _msg("customers", 1793642400000, "consent_withdrawn", channel="push"),  # 18:00Z
+    _msg("clickstream", 1793667600000, "session_start"),  # 2026-11-03T01:00Z
+]  # fmt: skip
+
+
+def _held_through_a_withdrawal(config: CrmConfig, log: list[Message], outcome: Outcome) -> list:
+    """The marketing triggers sent after a quiet-hours hold whose channel's consent was
+    withdrawn when the hold ended, by the log itself: the customer's last consent event for
+    the channel at or before the hold's end (an event at that instant comes first), since
+    its last erasure (which forgets consent). Withdrawn consent suppresses at once
+    (REQUIREMENTS.md), held or not."""
+    bodies = sorted((orjson.loads(m.value) for m in log), key=lambda b: b["event_time"])
+    wrong = []
+    for record in outcome.triggers:
+        held = record.get("deferred")
+        if not held or not getattr(config.rules, record["trigger_type"]).marketing:
+            continue
+        until = _at(held["until"])
+        consent = config.policies.consent_default
+        for body in bodies:
+            if body["customer_id"] != record["customer_id"] or body["event_time"] > until:
+                continue
+            if body["event_type"] == "erasure_requested":
+                consent = config.policies.consent_default
+            elif body["event_type"].startswith("consent_") and body["channel"] == record["channel"]:
+                consent = body["event_type"].split("_")[1]
+        if consent != "granted":
+            wrong.append((record["trigger_id"], record["trigger_type"], held["until"]))
+    return wrong
 
 
 @settings(max_examples=70, deadline=None, suppress_health_check=_SLOW_OK)
 @given(log=histories(), cuts=st.lists(cuttings, min_size=3, max_size=3))
 @example(log=_HOLD_BEFORE_ERASURE, cuts=[_MS_STEPS] * 3)
+@example(log=_WITHDRAWN_WHILE_HELD, cuts=[_MS_STEPS, ONE_STEP, Cutting(H, (2, 7), 3)])
 def test_any_cutting_gives_the_triggers_and_state_of_one_step(
     base_config, stack, shared, log, cuts
 ):
-    """70 histories, each cut 3 ways: 210 cuttings."""
+    """70 histories, each cut 3 ways: 210 cuttings. No trigger held through quiet hours
+    goes out after its channel's consent was withdrawn during the hold."""
     whole = _run(base_config, stack, log, ONE_STEP, shared)
     _unique_ids(whole)
+    assert _held_through_a_withdrawal(base_config, log, whole) == []
     for cutting in cuts:
         _same(_run(base_config, stack, log, cutting, shared), whole)
 
@@ -405,3 +444,43 @@ def test_any_cutting_of_longer_histories_gives_the_same(base_config, stack, shar
     _unique_ids(whole)
     for cutting in cuts:
         _same(_run(base_config, stack, log, cutting, shared), whole)
+
+
+# -- consent withdrawn while a trigger is held for quiet hours -------------------------
+# A cart nudge at 23:00 in Tokyo (14:00Z) is held to 09:00 (00:00Z); a withdrawal of its
+# channel's consent before the hold ends, or at that instant, stops it.
+@pytest.mark.parametrize(
+    "channel, withdrawn_at, sent",
+    [
+        ("push", "2026-11-02T18:00:00+00:00", False),
+        ("push", "2026-11-03T00:00:00+00:00", False),  # at the instant: events come first
+        ("push", "2026-11-03T00:00:00.001+00:00", True),
+        ("email", "2026-11-02T18:00:00+00:00", True),  # another channel
+    ],
+)
+def test_a_withdrawal_during_a_quiet_hours_hold_stops_the_trigger(
+    base_config, stack, shared, channel, withdrawn_at, sent
+):
+    log = _log(
+        ("customers", "ann", "profile_updated", "2026-11-02T00:00:00+00:00",
+         {"timezone": "Asia/Tokyo"}),
+        ("clickstream", "ann", "add_to_cart", "2026-11-02T13:00:00+00:00", _CART),
+        ("customers", "ann", "consent_withdrawn", withdrawn_at, {"channel": channel}),
+        ("clickstream", "zed", "session_start", "2026-11-03T01:00:00+00:00", {}),
+    )  # fmt: skip
+    for label, cutting in SCENARIO_CUTS.items():
+        outcome = _run(base_config, stack, log, cutting, shared)
+        carts = [r for r in outcome.triggers if r["trigger_type"] == "cart_abandoned"]
+        stopped = [r for r in outcome.suppressions if r["trigger_type"] == "cart_abandoned"]
+        if sent:
+            assert [r["deferred"]["until"][:16] for r in carts] == ["2026-11-03T00:00"], label
+            assert stopped == [], label
+        else:
+            assert carts == [], label
+            (record,) = stopped
+            assert record["policy"] == "consent", label
+            assert record["reason"] == (
+                "no consent for channel 'push' when its quiet-hours hold ended at "
+                "2026-11-03T00:00:00.000+00:00"
+            ), label
+            assert record["event_time"].startswith("2026-11-02T14:00"), label
