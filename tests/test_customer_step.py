@@ -261,3 +261,35 @@ def test_a_consent_change_is_the_context_of_the_candidates_after_it_only():
     contexts = [out.epochs["c"][out.epochs_of[k]].updates.get("consent.email")
                 for k, c in enumerate(out.candidates) if c.trigger_type == "browse_interest"]
     assert contexts[0] is None and contexts[-1] and contexts[-1].startswith("withdrawn")
+
+
+def test_a_non_buyers_churn_recheck_repeats_until_past_the_90_day_baseline():
+    """Every ``recheck_days`` (7) while the customer is quiet: the last at 98 days, the
+    first recheck more than 91 days after its last event (a non-buyer's labels change no
+    more)."""
+    out, _ = story(CONFIG, [_tick(T0)], bound_ms=T0 + 400 * DAY)
+    rechecks = [(t.due_ms - T0) // DAY for t in out.fired if t.kind == "recheck"]
+    assert rechecks == list(range(7, 99, 7))
+
+
+def test_candidates_carry_the_thresholds_and_values_as_configured():
+    """The thresholds a candidate held against, and its values as the record shows them."""
+    intent = _fired(SCENARIOS["high_intent_no_purchase"][0], "high_intent_no_purchase")
+    rule = CONFIG.rules.high_intent_no_purchase
+    assert [c.thresholds for c in intent] == [
+        {"min_views": rule.min_views, "min_cart_adds": rule.min_cart_adds, "max_orders": 0}
+    ]
+    # Spend to the cent: 5 orders of 60.125 are 300.625, shown as 300.62 or 300.63.
+    orders = [body("order_placed", T0 + k * DAY, amount=60.125) for k in range(5)]
+    (entered,) = [c for c in _fired(orders, "tier_upgrade")
+                  if c.values["change"] == "high_value_entered"]  # fmt: skip
+    spend = entered.values["spend_90d"]
+    assert spend == round(spend, 2) and abs(spend - 300.625) <= 0.005
+
+
+def test_the_top_categories_of_a_derived_candidate_include_the_first_of_the_taxonomy():
+    """Category 0 of the taxonomy is a category like any other in ``top_categories``."""
+    config = load_config(None, ["churn.bias=5"], env={})
+    first = config.taxonomy.categories[0]
+    (churn,) = _fired(_views(3, first), "churn_risk", config)
+    assert churn.payload["top_categories"] == [first]

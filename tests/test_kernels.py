@@ -507,3 +507,19 @@ def test_each_label_firing_kind_is_reached():
     assert got == expected
     rules = {rule for _, rule, *_ in got}
     assert {P.RULE_TIER_UP, P.RULE_HIGH_VALUE, P.RULE_CHURN_HIGH, P.RULE_INTEREST_SHIFT} <= rules
+
+
+def test_the_top_categories_columns_are_as_many_as_the_largest_top_k_allowed():
+    """``MAX_TOP_K`` (the width of the firings' ``top`` column) is the schema's bound on
+    ``preferences.top_k``: a wider one wastes a column per firing, a narrower one would
+    drop categories the configuration asks for."""
+    from annotated_types import Le
+
+    from crmstream.config.schema import PreferencesConfig
+    from crmstream.operators.params import MAX_TOP_K
+
+    (bound,) = [m.le for m in PreferencesConfig.model_fields["top_k"].metadata if isinstance(m, Le)]
+    assert bound == MAX_TOP_K
+    load_config(None, [f"preferences.top_k={bound}"], env={})
+    with pytest.raises(ValueError, match="top_k"):
+        load_config(None, [f"preferences.top_k={bound + 1}"], env={})

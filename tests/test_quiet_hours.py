@@ -29,7 +29,8 @@ ZONES = [
     "America/Santiago",
     "Asia/Tokyo",
 ]
-WINDOWS = [("21:00", "09:00"), ("22:30", "07:15"), ("01:00", "06:00"), ("08:00", "08:00")]
+WINDOWS = [("21:00", "09:00"), ("22:30", "07:15"), ("01:00", "06:00"), ("08:00", "08:00"),
+           ("22:45", "06:50"), ("13:59", "14:01")]
 ENGINES = {
     w: PolicyEngine(
         load_config(
@@ -96,6 +97,22 @@ def test_the_minutes_around_every_offset_change_match(zone):
             assert engine._quiet_until_exact(at_ms, tz) == expected, (zone, window, at_ms)
 
 
+@pytest.mark.parametrize("window", WINDOWS)
+@pytest.mark.parametrize("zone", ["UTC", "Asia/Kathmandu", "America/St_Johns"])
+def test_the_instants_at_each_bound_of_the_window_match(window, zone):
+    """A millisecond before, at and after the window's start and end, local time, on days
+    in winter and summer: quiet from the start on, not quiet from the end on."""
+    engine, tz = ENGINES[window], ZoneInfo(zone)
+    for day in ("2026-01-15", "2026-07-15"):
+        for bound in window:
+            at = datetime.fromisoformat(f"{day}T{bound}").replace(tzinfo=tz)
+            ms = int(at.timestamp() * 1000)
+            for at_ms in (ms - 1, ms, ms + 1):
+                expected = _documented(at_ms, tz, window)
+                assert engine._quiet_until(at_ms, tz) == expected, (window, zone, at_ms)
+                assert engine._quiet_until_exact(at_ms, tz) == expected, (window, zone, at_ms)
+
+
 def test_a_quiet_instant_gives_the_window_end_and_the_local_time():
     engine, tz = ENGINES[("21:00", "09:00")], ZoneInfo("America/St_Johns")
     at_ms = int(datetime(2026, 7, 1, 1, 0, tzinfo=UTC).timestamp() * 1000)  # 22:30 NDT
@@ -103,3 +120,11 @@ def test_a_quiet_instant_gives_the_window_end_and_the_local_time():
     assert local == "2026-06-30T22:30-02:30"
     assert until == int(datetime(2026, 7, 1, 11, 30, tzinfo=UTC).timestamp() * 1000)
     assert engine._quiet_until(at_ms + 12 * 3_600_000, tz) is None  # 10:30 NDT
+
+
+@pytest.mark.parametrize("name", [["UTC"], {"UTC": 1}, {"UTC"}, b"UTC", 7, None, "America"])
+def test_find_zone_refuses_what_is_not_a_zone_name_without_raising(name):
+    from crmstream.operators.zones import find_zone
+
+    assert find_zone(name) is None
+    assert find_zone("Asia/Tokyo") == ZoneInfo("Asia/Tokyo")

@@ -52,7 +52,8 @@ TESTS: dict[str, tuple[str, ...]] = {
     "operators/redaction.py": ("tests/test_redaction.py", "tests/test_events.py"),
     "operators/kernels.py": ("tests/test_thresholds.py", "tests/test_guards.py",
                              "tests/test_kernels.py"),
-    "operators/params.py": ("tests/test_thresholds.py", "tests/test_kernels.py"),
+    "operators/params.py": ("tests/test_thresholds.py", "tests/test_kernels.py",
+                            "tests/test_guards.py"),
     "operators/windows.py": ("tests/test_kernels.py", "tests/test_thresholds.py"),
     "operators/derive.py": ("tests/test_kernels.py", "tests/test_thresholds.py"),
     "operators/reference.py": ("tests/test_kernels.py",),
@@ -69,6 +70,7 @@ TESTS: dict[str, tuple[str, ...]] = {
                                  "tests/test_thresholds.py"),
     "operators/rules.py": ("tests/test_rules.py",),
     "operators/zones.py": ("tests/test_quiet_hours.py", "tests/test_events.py"),
+    "operators/columns.py": ("tests/test_customer_step.py", "tests/test_guards.py"),
     "flows/shard_step.py": ("tests/test_guards.py", "tests/test_shard_step.py"),
     "flows/step_work.py": ("tests/test_guards.py", "tests/test_shard_step.py"),
 }  # fmt: skip
