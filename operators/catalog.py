@@ -9,8 +9,8 @@ a record it reads is the customer's state as of the event or timer at hand.
 
 Timer kinds and what they check when due (``fire``):
 
-- ``cart_1`` / ``cart_2``: a cart add and no order placed between it and the
-  due time (first nudge after ``first_delay_minutes``, second after
+- ``cart_1`` / ``cart_2``: a cart add and no order placed between it (its very
+  millisecond included) and the due time (first nudge after ``first_delay_minutes``, second after
   ``second_delay_hours``); a later cart add moves both.
 - ``dormant_<N>``: no order between the anchoring order (its time is the
   timer's ref) and N days later; every order re-anchors them. Only the next
@@ -300,7 +300,10 @@ class TriggerCatalog:
                 if nudge == 1
                 else rule.second_delay_hours * MS_PER_HOUR
             )
-            if cart + int(delay) != timer.due_ms or cart < last_order <= timer.due_ms:
+            # An order at the cart add's own millisecond counts: two topics' events at
+            # one instant arrive in either order (docs/triggers.md), and one checkout
+            # is not an abandoned cart.
+            if cart + int(delay) != timer.due_ms or cart <= last_order <= timer.due_ms:
                 return None  # moved by a later cart add, or an order came in time
             return Candidate(
                 timer.customer,

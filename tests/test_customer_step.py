@@ -293,3 +293,14 @@ def test_the_top_categories_of_a_derived_candidate_include_the_first_of_the_taxo
     first = config.taxonomy.categories[0]
     (churn,) = _fired(_views(3, first), "churn_risk", config)
     assert churn.payload["top_categories"] == [first]
+
+
+@pytest.mark.parametrize("order_first", [False, True])
+def test_an_order_at_the_cart_adds_own_millisecond_cancels_its_nudges(order_first):
+    """The two topics' events at one instant arrive in either order: either way the
+    checkout is not an abandoned cart; an order a millisecond before the cart add is."""
+    same = [body("add_to_cart", T0), body("order_placed", T0)]
+    bodies = [*(same[::-1] if order_first else same), _tick(T0 + 2 * DAY)]
+    assert _fired(bodies, "cart_abandoned") == []
+    earlier = [body("order_placed", T0 - 1), body("add_to_cart", T0), _tick(T0 + 2 * DAY)]
+    assert [c.values["nudge"] for c in _fired(earlier, "cart_abandoned")] == [1, 2]

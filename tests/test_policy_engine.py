@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -259,3 +260,22 @@ def test_quiet_hours_hold_or_emit_with_not_before():
     assert "deferred" not in sent.extras
     (day,), _ = now.decide("c", [_browse(NOON)], [ctx], [(NOON,)], fresh_records(1)[0])
     assert "not_before" not in day.extras and "deferred" not in day.extras
+
+
+@pytest.mark.parametrize(
+    "sets, policy",
+    [(["rules.browse_interest.cooldown_hours=24"], "cooldown"),
+     (["rules.browse_interest.cooldown_hours=0", "policies.caps.per_day=1"], "frequency_cap")],
+)  # fmt: skip
+def test_cooldowns_and_caps_count_whole_minutes_as_documented(sets, policy):
+    """docs/triggers.md: a send at 10:00:50 and a candidate 23 h 59 min 40 s later are
+    1,440 minutes apart (outside 24 h); from 10:00:10 the same gap is 1,439 minutes."""
+    gap = 24 * 3_600_000 - 20_000
+    engine = PolicyEngine(load_config(None, sets, env={}))
+    ctx = PolicyContext({}, 0, False)
+    for first_s, outcome in ((50, []), (10, [policy])):
+        first = NOON - 2 * 3_600_000 + first_s * 1000  # 10:00:xx
+        cands = [_browse(first), _browse(first + gap)._replace(causal="e2")]
+        keys = [(first, 0), (first + gap, 1)]
+        _ok, stopped = engine.decide("c", cands, [ctx, ctx], keys, fresh_records(1)[0])
+        assert [s.policy for s in stopped] == outcome, first_s
