@@ -10,7 +10,8 @@ other two switched off (``flows.shard_step.GUARDS``, a test hook): a replay of
 what was applied, with new events after it, must give the state and triggers
 of one run over the input. The checks themselves are also held at their
 boundaries without servers: an event at the customer's recorded offset, the
-ring of 8 ids and the horizon.
+ring of 8 ids and the horizon. Invalid events, which no per-customer guard sees,
+are held at the shard's offset (below, at and after it) with every guard on.
 """
 
 from __future__ import annotations
@@ -206,3 +207,29 @@ def test_with_every_guard_off_the_replay_counts_twice(retry, isolated_config, st
     assert [got[k]["type_counts"][views] for k in ("{ann}:s", "{bo}:s")] == (
         [7, 10] if retry else [5, 7])  # fmt: skip
     assert [want[k]["type_counts"][views] for k in ("{ann}:s", "{bo}:s")] == [3, 4]
+
+
+def _invalid(name: str, at: int) -> Message:
+    """A clickstream view without its product: a dead letter, never a customer's event."""
+    body = {"event_id": name, "customer_id": "ann", "event_type": "product_view",
+            "event_time": at, "category": "beauty"}  # fmt: skip
+    return Message("clickstream", 0, b"ann", orjson.dumps(body), at)
+
+
+@pytest.mark.integration
+def test_invalid_events_at_or_below_the_shards_offset_are_not_dead_lettered_again(
+    isolated_config, stack
+):
+    """Invalid events pass no per-customer guard: the shard's progress alone keeps a
+    replay from dead-lettering them twice. The first run ends at offset 2 (``at``);
+    read again with an offset after it, only the one after (``after``) goes out."""
+    first = [*_views("ann", 1, T0), _invalid("below", T0 + 1), _invalid("at", T0 + 2)]
+    rest = [_invalid("after", T0 + 100_000), *_views("ann", 1, T0 + 100_001)]
+    config = _config(isolated_config)
+    one = run_log(config, stack, first, ONE_STEP, T0 + 200_000)
+    two = run_log(config, stack, first + rest, ONE_STEP, T0 + 200_000)
+
+    def offsets(out):
+        return sorted(d["source"]["offset"] for d in out.dead_letters)
+
+    assert (offsets(one), offsets(two)) == ([1, 2], [3])
