@@ -151,7 +151,12 @@ def clear_kernels(tree: Path, modules: list[str]) -> None:
 
 
 def run_tests(
-    tree: Path, tests: tuple[str, ...], timeout: float, env: dict, marker: str = FAST
+    tree: Path,
+    tests: tuple[str, ...],
+    timeout: float,
+    env: dict,
+    marker: str = FAST,
+    mutant: bool = False,
 ) -> tuple[str, str]:
     """Run ``tests`` in ``tree``: ("killed" | "survived" | "timeout", the output's tail)."""
     cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
@@ -164,7 +169,9 @@ def run_tests(
     tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-3:])
     if "Timeout" in tail:
         return "timeout", tail
-    if done.returncode in (4, 5):  # usage error, no tests: not a verdict on the mutant
+    # No test collected, or (unmutated) a usage error: not a verdict on the mutant. A
+    # mutant the conftest cannot import also ends in a usage error: it is killed.
+    if done.returncode == 5 or (done.returncode == 4 and not mutant):
         raise RuntimeError(f"pytest {' '.join(tests)} ran no test: {tail}")
     return ("survived" if done.returncode == 0 else "killed"), tail
 
@@ -409,7 +416,8 @@ def run_module(module: str, sample: int, seed: int, trees: list[Path], log) -> d
             try:
                 (tree / module).write_text(code)
                 clear_kernels(tree, stale)
-                outcome, tail = run_tests(tree, chosen_tests, timeout, test_env(tree), marker)
+                outcome, tail = run_tests(tree, chosen_tests, timeout, test_env(tree), marker,
+                                          mutant=True)  # fmt: skip
             finally:
                 (tree / module).write_text(original)
                 clear_kernels(tree, stale)  # they hold the mutant now
@@ -477,7 +485,11 @@ def main(argv: list[str] | None = None) -> int:
         print(text, flush=True)
 
     for module in modules:
-        tally = run_module(module, args.sample, args.seed, trees, log)
+        try:
+            tally = run_module(module, args.sample, args.seed, trees, log)
+        except RuntimeError as exc:  # one module's trouble does not end the others' run
+            log(f"{module}: not run: {exc}")
+            tally = {"module": module, "skipped": True, "error": str(exc)}
         tallies.append(tally)
         if not tally.get("skipped"):
             log(f"{module}: score {tally['score']} % ({tally['killed']} killed, "
