@@ -24,6 +24,13 @@ from crmstream.flows.source import STALL_SECONDS, CrmKafkaSource, _Partition, _W
 def test_a_stalled_partition_is_reported_once_and_its_recovery_too(
     caplog, others_got_data, says, not_says, start
 ):
+    from prometheus_client import REGISTRY
+
+    def stalls() -> float:
+        value = REGISTRY.get_sample_value("crmstream_source_stalls_total", {"topic": "crm.orders"})
+        return value or 0.0
+
+    before = stalls()
     stall_s = 5.0
     part = _Partition("crm.orders", 3, start_offset=120, start_step=0)
     part.last_data = start  # times are given, never read from the clock
@@ -38,6 +45,7 @@ def test_a_stalled_partition_is_reported_once_and_its_recovery_too(
                               "offset 120: ")  # fmt: skip
     assert says in stalled and not_says not in stalled
     assert again == "crm.orders[3]: data again after 9.0 s"
+    assert stalls() - before == 1  # counted once, as logged (docs/metrics.md)
 
 
 def test_the_stall_warning_waits_30_s_by_default():
