@@ -30,7 +30,6 @@ import contextlib
 import json
 import os
 import random
-import re
 import shutil
 import subprocess
 import sys
@@ -111,35 +110,67 @@ def make_tree(dest: Path) -> None:
             link.symlink_to(Path("..") / package)
 
 
-def _imports() -> dict[str, set[str]]:
-    """Per module of ours (``operators/kernels.py``): the modules of ours it imports."""
-    graph: dict[str, set[str]] = {}
+class _Module(NamedTuple):
+    imports: dict[str, tuple[str, str]]  # local name -> (module of ours, its name there)
+    in_kernels: set[str]  # the names the module's compiled kernels use
+
+
+def _modules() -> dict[str, _Module]:
+    """Per module of ours (``operators/kernels.py``): what it imports from ours, and the
+    names its Numba kernels use."""
+    out = {}
     for package in ("operators", "state", "flows", "config"):
         for path in (ROOT / package).glob("*.py"):
-            found = re.findall(r"^from crmstream\.(\w+)\.(\w+) import", path.read_text(), re.M)
-            graph[f"{package}/{path.name}"] = {f"{a}/{b}.py" for a, b in found}
-    return graph
+            tree = ast.parse(path.read_text())
+            imports = {}
+            for node in tree.body:
+                if isinstance(node, ast.ImportFrom) and (node.module or "").count(".") == 2:
+                    top, pkg, mod = node.module.split(".")
+                    if top == "crmstream":
+                        for alias in node.names:
+                            imports[alias.asname or alias.name] = (f"{pkg}/{mod}.py", alias.name)
+            used: set[str] = set()
+            for node in ast.walk(tree):
+                if isinstance(node, ast.FunctionDef) and any(
+                    "njit" in ast.dump(d) for d in node.decorator_list
+                ):
+                    used |= {n.id for n in ast.walk(node) if isinstance(n, ast.Name)}
+            out[f"{package}/{path.name}"] = _Module(imports, used)
+    return out
 
 
 def stale_kernels(module: str) -> list[str]:
-    """The modules whose compiled kernels may hold ``module``'s code or constants: each
-    that defines a kernel and imports it, directly or not. Numba's cache knows a kernel
-    by its own file only: a kernel of kernels.py that calls windows.py keeps its compiled
-    code when only windows.py changes, so a mutant of windows.py would not run at all."""
-    graph = _imports()
-    out = []
-    for name in sorted(graph):
-        if "njit" not in (ROOT / name).read_text():
-            continue
-        seen, todo = set(), [name]
-        while todo:
-            mod = todo.pop()
-            if mod not in seen:
-                seen.add(mod)
-                todo.extend(graph.get(mod, ()))
-        if module in seen:
-            out.append(name)
-    return out
+    """The modules whose compiled kernels may hold ``module``'s code or constants. Numba's
+    cache knows a kernel by its own file only: a kernel of kernels.py that calls a kernel
+    of windows.py (or reads a constant of params.py) keeps its compiled code when only
+    that module changes, so a mutant of it would not run at all. A kernel holds the
+    modules of the names it uses (followed through re-exports), the modules those import
+    from (a constant computed from another's), and what their kernels hold."""
+    modules = _modules()
+
+    def origins(mod: str, name: str) -> set[str]:
+        found = {mod}
+        source = modules.get(mod)
+        if source and name in source.imports:
+            other, original = source.imports[name]
+            found |= origins(other, original)
+        return found
+
+    def held(mod: str, seen: frozenset = frozenset()) -> set[str]:
+        info = modules[mod]
+        if not info.in_kernels or mod in seen:
+            return set()
+        out = {mod}
+        for name in info.in_kernels:
+            for origin in origins(mod, name) - {mod}:
+                out.add(origin)
+                if origin in modules:
+                    out |= held(origin, seen | {mod})
+                    # a constant computed there from what it imports (params' event codes)
+                    out |= {src for src, _ in modules[origin].imports.values()}
+        return out
+
+    return sorted(mod for mod in modules if module in held(mod))
 
 
 def clear_kernels(tree: Path, modules: list[str]) -> None:
