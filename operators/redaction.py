@@ -135,12 +135,12 @@ class Redactor:
     def _value(self, value: Any, dropped: list[str], depth: int) -> Any:
         if type(value) is str:
             return self.text(value)
-        if depth >= MAX_DEPTH:
+        if type(value) is not list and type(value) is not dict:  # number, bool, null
+            return value
+        if depth >= MAX_DEPTH:  # an object or array inside MAX_DEPTH others
             raise _TooDeep
         if type(value) is list:
             return [self._value(item, dropped, depth + 1) for item in value]
-        if type(value) is not dict:
-            return value
         out: dict[str, Any] = {}
         for name, item in value.items():
             folded = name.casefold()

@@ -12,7 +12,7 @@ import re
 
 import orjson
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
 from crmstream.config import load_config
@@ -233,3 +233,177 @@ def test_a_json_copy_is_the_message_with_exactly_the_documented_changes(pairs):
         assert record["original_copy"] == "json"
         assert copy == orjson.dumps(expected)
         assert record["original_sha256"] is None
+
+
+_EMPTY = object()  # an innermost container left empty
+
+
+def _nested(levels: int, kinds: str, leaf: object) -> bytes:
+    """An object ``{"email": ..., "x": ...}`` holding a chain of containers, ``levels`` of
+    them in all counting itself (each ``{`` or ``[`` in turn from ``kinds``), the
+    innermost holding ``leaf``."""
+    value = leaf
+    for level in range(levels - 1, 0, -1):  # innermost first
+        brace = kinds[level % len(kinds)] == "{"
+        items = [] if value is _EMPTY else [value]
+        value = {f"x{i}": item for i, item in enumerate(items)} if brace else items
+    top: dict = {"event_id": "e1", "email": EMAIL}
+    if value is not _EMPTY:
+        top["x"] = value
+    return json.dumps(top).encode()
+
+
+@pytest.mark.parametrize("leaf", ["text", 7, None, True, _EMPTY], ids=repr)
+@pytest.mark.parametrize("kinds", ["{", "[", "{["])
+@pytest.mark.parametrize("levels", [1, 2, 63, 64, 65, 66, 200])
+def test_json_nested_deeper_than_64_levels_and_only_that_is_redacted_as_text(levels, kinds, leaf):
+    """docs/events.md: "JSON nested deeper than 64 levels is treated as text": a level is
+    an object or an array, whatever the innermost one holds (a number, true, null, a
+    string or nothing); either way no planted data is left."""
+    copy = REDACT.redact(_nested(levels, kinds, leaf))
+    assert copy.form == ("json" if levels <= 64 else "text"), (levels, kinds, leaf)
+    assert hits(copy.copy) == []
+    if copy.form == "json":
+        email_hash = EventValidator(CONFIG).pii_hash("email", EMAIL)
+        assert orjson.loads(copy.copy)["email_hash"] == email_hash
+
+
+# No quote or backslash, and none of the characters JSON writes as \b \f \n \r \t:
+# text has only its \uXXXX escapes decoded.
+_NO_QUOTE = st.characters(blacklist_characters='"\\\b\f\n\r\t', blacklist_categories=("Cs",))
+
+
+@pytest.mark.parametrize("field", ["email", "EMAIL", "Phone", "email_hash", "Phone_Hash"])
+@settings(max_examples=60)
+@given(value=st.text(_NO_QUOTE, max_size=30) | st.sampled_from([EMAIL, f"  {EMAIL} ", PHONE]))
+def test_a_text_copy_hashes_a_pii_field_as_a_valid_event_would(field, value):
+    """docs/events.md: a message that is not JSON "gets the same treatment": its ``email`` /
+    ``phone`` fields (and ``*_hash`` fields not in our format) get the keyed hash that
+    valid events get, of the field's text (not of its quotes) -- the hash its JSON copy
+    holds."""
+    from crmstream.operators.fields import HASH_FORMAT
+
+    if field.endswith("_Hash") or field.endswith("_hash"):
+        assume(HASH_FORMAT.fullmatch(value) is None)
+    kind = field.casefold().removesuffix("_hash")
+    expected = EventValidator(CONFIG).pii_hash(kind, value)
+    head = f'{{"event_id": "e1", "{field}": {json.dumps(value, ensure_ascii=False)}'
+    as_json = orjson.loads(REDACT.redact((head + "}").encode()).copy)
+    assert as_json[field if field.casefold().endswith("_hash") else f"{field}_hash"] == expected
+    copy = REDACT.redact((head + ", oops").encode())
+    assert copy.form == "text" and expected in copy.copy.decode()
+
+
+_SECRET = st.recursive(
+    st.sampled_from(["SECRET", "SECRET } ] , {", 'SECRET "q" [', 7, None]),
+    lambda inner: (
+        st.lists(inner, max_size=3)
+        | st.dictionaries(st.sampled_from(["k", "v", "SECRETK"]), inner, max_size=3)
+    ),
+    max_leaves=8,
+)
+_PLAIN = st.recursive(
+    st.sampled_from(["ok", "a ] b } c", 'q "x" {', 12, False, None]),
+    lambda inner: (
+        st.lists(inner, max_size=3)
+        | st.dictionaries(st.sampled_from(["k", "v"]), inner, max_size=3)
+    ),
+    max_leaves=6,
+)
+_TEXT_FIELDS = st.lists(
+    st.one_of(
+        st.tuples(st.sampled_from(["address", "Name", "note", "shipping_address"]), _SECRET),
+        st.tuples(st.sampled_from(["event_id", "misc", "amount", "ctx"]), _PLAIN),
+    ),
+    min_size=1, max_size=6, unique_by=lambda f: f[0].casefold(),
+)  # fmt: skip
+
+
+@settings(max_examples=200)
+@given(fields=_TEXT_FIELDS, cut=st.none() | st.integers(0, 40))
+@example(fields=[("address", {"k": [7], "v": "SECRET"}), ("misc", "ok")], cut=None)
+@example(fields=[("note", [[], {"k": {}}, "SECRET"]), ("ctx", {"k": [1]})], cut=None)
+@example(fields=[("misc", 1), ("address", {"k": "} ]", "v": ["SECRET"]}), ("amount", 2)], cut=None)
+@example(fields=[("misc", 1), ("Name", {"k": {"v": [7]}, "SECRETK": "SECRET"})], cut=12)
+def test_a_text_copy_drops_exactly_the_personal_fields_values(fields, cut):
+    """docs/events.md: in a message that is not JSON, personal fields are found where they
+    are written as ``"name": value`` and left out, whatever their value (a string, or an
+    object or array nested any depth, brackets inside strings included; cut off by the
+    end of the message): nothing of the value stays, and nothing after it goes."""
+    written = [f'"{name}": {json.dumps(value)}' for name, value in fields]
+    personal = [name.casefold() for name, _ in fields if name.casefold() in
+                CONFIG.privacy.personal_fields]  # fmt: skip
+    if cut is not None and fields[-1][0].casefold() in personal:
+        name_len = len(fields[-1][0]) + 4  # "name":<space>
+        written[-1] = written[-1][: name_len + cut]  # the message ends inside the value
+        raw = ("{" + ", ".join(written)).encode()
+    else:
+        raw = ("{" + ", ".join(written) + ", oops").encode()
+    copy = REDACT.redact(raw)
+    text = copy.copy.decode()
+    assert "SECRET" not in text, (raw, text)
+    assert copy.dropped == personal
+    at = 0
+    for (name, _), part in zip(fields, written, strict=True):
+        if name.casefold() not in personal:  # kept as written, in its place
+            at = text.index(part, at) + len(part)
+        else:
+            at = text.index(f'"{name}"', at)
+    assert copy.form == ("text" if personal else "exact")
+
+
+@pytest.mark.parametrize(
+    ("escapes", "decoded"),
+    [
+        ("\\u0041", "A"),
+        ("\\u00e9\\u20AC", "é€"),
+        ("\\ud7ff", "\ud7ff"),  # the last character before the surrogates
+        ("\\ue000", "\ue000"),  # the first after them
+        ("\\uffff", "\uffff"),
+        ("\\ud800\\udc00", "\U00010000"),  # a pair: one character
+        ("\\ud83d\\ude00", "\U0001f600"),
+        ("\\uD83D\\uDE00", "\U0001f600"),
+        ("\\udbff\\udfff", "\U0010ffff"),
+        # a surrogate that is not half of a pair has no character: as written
+        ("\\ud800", "\\ud800"),
+        ("\\udbff x", "\\udbff x"),
+        ("\\udc00", "\\udc00"),
+        ("\\uDFFF", "\\uDFFF"),
+        ("\\ud800\\ud800", "\\ud800\\ud800"),
+        ("\\ude00\\ud83d", "\\ude00\\ud83d"),  # low then high: not a pair
+        ("\\udc00\\udc00", "\\udc00\\udc00"),
+        ("\\u0041\\udc00", "A\\udc00"),
+        ("\\ud7ff\\udc00", "\ud7ff\\udc00"),
+        ("\\ue000\\udfff", "\ue000\\udfff"),
+    ],
+)
+def test_a_text_copy_has_its_escapes_decoded_and_lone_surrogates_as_written(escapes, decoded):
+    """The module docstring: text has its ``\\uXXXX`` escapes decoded (a surrogate pair is
+    one character); a lone surrogate has no character and stays written as its escape."""
+    raw = f"not json: {escapes} mail {EMAIL}".encode()
+    copy = REDACT.redact(raw)
+    assert copy.form == "text"
+    text = copy.copy.decode("utf-8", "surrogateescape")
+    assert text.startswith(f"not json: {decoded} mail <email_hash:"), text
+    assert hits(copy.copy) == []
+
+
+_PLAIN_KEYS = st.sampled_from(["a", "b", "event_id", "c d"])
+_PLAIN_JSON = st.recursive(
+    st.integers(-5, 10**6) | st.booleans() | st.none() | st.text("abc xyz-_.0123", max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(_PLAIN_KEYS, inner, max_size=3),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=200)
+@given(value=_PLAIN_JSON, indent=st.none() | st.integers(0, 2))
+@example(value={"a": {"b": 1}}, indent=None)
+@example(value={"event_id": "e1", "a": [{"a": 1, "b": {"a": 2}}]}, indent=None)
+@example(value=[{"a": {"b": {"a": {"b": 1}}}}], indent=1)
+def test_json_with_nothing_to_redact_is_kept_byte_for_byte_at_any_nesting(value, indent):
+    """docs/events.md: ``exact``, the original bytes, when there is nothing to redact --
+    objects inside objects and arrays included, however it is spaced."""
+    raw = json.dumps(value, indent=indent).encode()
+    copy = REDACT.redact(raw)
+    assert (copy.form, copy.copy, copy.dropped) == ("exact", raw, [])
