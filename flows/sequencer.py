@@ -10,7 +10,7 @@ watermark says which timers may fire (``Watermark``).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 from crmstream.flows.route import NO_STEP, ShardBatch
 from crmstream.operators.events import InvalidEvent, ParsedEvent
@@ -22,7 +22,8 @@ class Watermark:
 
     The watermark is the lowest, over partitions that still hold it back, of
     each partition's newest event time: no timer fires while a lagging
-    partition (say, orders behind clickstream) could still cancel it. A
+    partition (say, orders behind clickstream) could still cancel it; there is
+    none while one that holds it back has brought no event yet. A
     partition holds it back after step n while it has data in a later step or
     is not read to its end; when none does, it is the newest event time. In
     live mode an input idle for ``idle_ms`` lets it follow the wall clock.
@@ -32,25 +33,41 @@ class Watermark:
 
     def __init__(self) -> None:
         self._times: dict[Position, int] = {}
+        self._seen: set[Position] = set()  # partitions a step applied brought messages of
         self._last_data_ms = 0
 
     def seed(self, pos: Position, max_event_ms: int) -> None:
+        self._seen.add(pos)
         if max_event_ms > self._times.get(pos, -1):
             self._times[pos] = max_event_ms
 
     def newest(self, pos: Position) -> int:
         return self._times.get(pos, -1)
 
-    def observe(self, event_times: dict[Position, int], wall_ms: int) -> None:
+    def observe(
+        self, event_times: dict[Position, int], wall_ms: int, positions: Iterable[Position] = ()
+    ) -> None:
+        self._seen.update(positions)
         for pos, ts in event_times.items():
             if ts > self._times.get(pos, -1):
                 self._times[pos] = ts
         self._last_data_ms = wall_ms
 
     def value(
-        self, holding: Callable[[Position], bool], live: bool, wall_ms: int, idle_ms: int
+        self,
+        partitions: list[Position],
+        holding: Callable[[Position], bool],
+        live: bool,
+        wall_ms: int,
+        idle_ms: int,
     ) -> int | None:
-        active = [t for p, t in self._times.items() if holding(p)]
+        held = [p for p in partitions if holding(p)]
+        if any(p not in self._times and p not in self._seen for p in held):
+            # A partition that holds it back and has brought nothing yet: its first
+            # event may be of any time, so no timer may fire on the others' word. (One
+            # that brought only invalid messages does not hold it: those never end.)
+            return None
+        active = [self._times[p] for p in held if p in self._times]
         mark = min(active) if active else max(self._times.values(), default=None)
         if live and not active and wall_ms - self._last_data_ms >= idle_ms:
             mark = wall_ms if mark is None else max(mark, wall_ms)
@@ -147,7 +164,7 @@ class StepSequencer:
         step waits to be applied: catching up on a backlog, a step's timers must not fire
         past the events of the steps after it."""
         idle = self._live and not self._pending
-        return self.watermark.value(self.holds, idle, wall_ms, idle_ms)
+        return self.watermark.value(self._partitions, self.holds, idle, wall_ms, idle_ms)
 
     def _passed(self, pos: Position, step: int) -> bool:
         if pos in self._caught_up or self._last_step.get(pos, NO_STEP) > step:

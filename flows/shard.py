@@ -96,7 +96,7 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, dict[str, int], None]):
             self._outbox.send(decode_outgoing(entry) for entry in left)
 
     def _apply(self, step: Step) -> list[dict[str, int]]:
-        self._sequencer.watermark.observe(step.event_times, self._rt.clock_ms())
+        self._sequencer.watermark.observe(step.event_times, self._rt.clock_ms(), step.positions)
         taken = self._step.unapplied(
             step.number, step.events, step.invalid, step.positions,
             self._sequencer.watermark.newest,

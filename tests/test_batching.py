@@ -484,3 +484,33 @@ def test_a_withdrawal_during_a_quiet_hours_hold_stops_the_trigger(
                 "2026-11-03T00:00:00.000+00:00"
             ), label
             assert record["event_time"].startswith("2026-11-02T14:00"), label
+
+
+def test_a_withdrawal_that_reaches_kafka_late_still_stops_the_hold_under_every_cutting(
+    base_config, stack, shared
+):
+    """Found by an outsider: the customers topic's first message, a withdrawal before the
+    hold's end that reaches Kafka 1.6 s after its event time, behind other partitions'
+    later events. A partition that holds the watermark back and has brought nothing yet
+    must hold it back: with 1 s steps the hold fired on the other partitions' word."""
+    x = [_event("x", "product_view", _at(f"2026-11-02T22:00:{s}+00:00"), product_id=f"p{s}",
+                category="beauty") for s in ("00", "10", "20")]  # fmt: skip
+    log = [Message("clickstream", 0, b"x", orjson.dumps(b), b["event_time"]) for b in x]
+    y = _event("y", "session_start", _at("2026-11-03T09:00:00.900+00:00"))
+    log.append(Message("clickstream", 1, b"y", orjson.dumps(y), y["event_time"]))
+    for k in range(20):
+        f = _event(f"f{k}", "page_view", _at("2026-11-03T09:00:01+00:00") + k)
+        log.append(Message("clickstream", 1, f"f{k}".encode(), orjson.dumps(f), f["event_time"]))
+    withdrawn = _event("x", "consent_withdrawn", _at("2026-11-03T08:59:59.500+00:00"),
+                       channel="push")  # fmt: skip
+    log.append(Message("customers", 0, b"x", orjson.dumps(withdrawn),
+                       _at("2026-11-03T09:00:01.100+00:00")))  # fmt: skip
+    tail = _event("z", "session_start", _at("2026-11-04T12:00:00+00:00"))
+    log.append(Message("clickstream", 1, b"z", orjson.dumps(tail), tail["event_time"]))
+    cuts = {**SCENARIO_CUTS, "1 s steps": Cutting(1000, (50,), 0), "1 ms": Cutting(1, (5000,), 1)}
+    for label, cutting in cuts.items():
+        outcome = _run(base_config, stack, log, cutting, shared)
+        browse = [r for r in outcome.triggers if r["customer_id"] == "x"]
+        stopped = [(r["trigger_type"], r["policy"]) for r in outcome.suppressions
+                   if r["customer_id"] == "x"]  # fmt: skip
+        assert browse == [] and stopped == [("browse_interest", "consent")], label

@@ -227,6 +227,7 @@ def _summary_row(out: str, key: str) -> str:
     return match.group(1)
 
 
+@pytest.mark.slow  # 16 s of demo: in the slow suite, which CI runs too
 def test_the_demo_in_shop_time_shows_10_trigger_types_deferrals_caps_and_cooldowns():
     """Shop time runs a day per second: absence triggers, quiet-hours holds, caps and
     cooldowns all show (the demo used to show 4 of the 13 types in 30 s). The scripted

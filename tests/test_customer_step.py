@@ -304,3 +304,104 @@ def test_an_order_at_the_cart_adds_own_millisecond_cancels_its_nudges(order_firs
     assert _fired(bodies, "cart_abandoned") == []
     earlier = [body("order_placed", T0 - 1), body("add_to_cart", T0), _tick(T0 + 2 * DAY)]
     assert [c.values["nudge"] for c in _fired(earlier, "cart_abandoned")] == [1, 2]
+
+
+# -- timers among the step's events (DESIGN.md decision 13), one step at a time --------
+def test_two_carts_in_one_step_get_a_nudge_each_at_its_own_time():
+    """A nudge due before the next cart add fires then, before that add moves it."""
+    bodies = [body("add_to_cart", T0), body("add_to_cart", T0 + 4 * HOUR),
+              _tick(T0 + 6 * HOUR)]  # fmt: skip
+    nudges = [(c.values["nudge"], c.event_time_ms) for c in _fired(bodies, "cart_abandoned")]
+    assert nudges == [(1, T0 + HOUR), (1, T0 + 5 * HOUR)]
+
+
+def test_an_orders_delivery_timer_fires_before_a_late_delivery_in_the_same_step():
+    """The delivery allowance (48 h after the promise) runs out before the delivery:
+    the delay fires at its due time, whatever comes after it in the step."""
+    ship = [body("order_placed", T0, order_id="o1"),
+            body("order_shipped", T0 + HOUR, order_id="o1", promised_delivery_time=T0 + DAY)]
+    late = body("order_delivered", T0 + 4 * DAY, order_id="o1")
+    (delay,) = _fired([*ship, late, _tick(T0 + 5 * DAY)], "delivery_delay")
+    assert delay.event_time_ms == T0 + DAY + 48 * HOUR
+
+
+def test_a_stored_member_due_in_the_step_fires_and_a_wake_member_only_wakes():
+    from crmstream.operators.timer_slots import WAKE
+    from crmstream.state.timers import Timer
+
+    stored = Timer("c", "cart_1", "", T0 + HOUR)
+    wake = Timer("c", WAKE, "", T0 + HOUR)
+    bodies = [body("add_to_cart", T0 - 1), _tick(T0 + 2 * HOUR)]
+    # the record's cart add is at T0 - 1: its own nudge is due at T0 + HOUR - 1; the
+    # stored member (an earlier version's) is the one at T0 + HOUR, moved: it does not fire
+    out, _ = story(CONFIG, bodies, members=[stored, wake])
+    assert Timer("c", "cart_1", "", T0 + HOUR) in out.fired
+    assert all(t.kind != WAKE for t in out.fired)
+
+
+def test_derived_triggers_at_a_timer_wave_belong_to_their_own_customers():
+    """Two customers' rechecks fire in one wave and each turns a churn score high: each
+    candidate names its own customer and the recheck's time."""
+    orders = []
+    for c in ("a", "b"):  # a steady customer (tests/test_catalog.py's hal), then quiet
+        for day in range(0, 60, 2):
+            at = T0 + day * DAY + (3 * DAY if c == "b" else 0)  # not the same times
+            orders += [body("session_start", at, customer=c),
+                       body("product_view", at + 60, customer=c)]  # fmt: skip
+            if day % 6 == 0:
+                orders.append(body("order_placed", at + 120, customer=c, order_id=f"{c}{day}"))
+    out, _ = story(CONFIG, orders, bound_ms=T0 + 400 * DAY)
+    churn = [(c.customer, c.event_time_ms) for c in out.candidates
+             if c.trigger_type == "churn_risk"]  # fmt: skip
+    rechecks = {(t.customer, t.due_ms) for t in out.fired if t.kind == "recheck"}
+    assert {c for c, _ in churn} == {"a", "b"}
+    assert all(fired in rechecks for fired in churn)
+
+
+def test_a_timer_whose_ref_is_an_order_id_leaves_that_order_open():
+    """Timers other than the delivery check never close an order, whatever their ref: the
+    no-repeat check's ref is its order's time, which an order id may equal."""
+    days = CONFIG.rules.potential_no_repeat.days
+    oid = str(T0)
+    ship = [body("order_placed", T0, order_id=oid),
+            body("order_shipped", T0 + HOUR, order_id=oid,
+                 promised_delivery_time=T0 + (days + 1) * DAY)]  # fmt: skip
+    out, _ = story(CONFIG, [*ship, _tick(T0 + (days + 10) * DAY)])
+    assert ("potential", T0 + days * DAY) in [(t.kind, t.due_ms) for t in out.fired]
+    delays = [c.event_time_ms for c in out.candidates if c.trigger_type == "delivery_delay"]
+    assert delays == [T0 + (days + 1) * DAY + 48 * HOUR]
+
+
+def test_a_stored_timer_fires_before_a_later_event_of_the_step():
+    """A stored win-back step due before the step's order fires then: the order does not
+    re-anchor it first (each customer's timeline in event time)."""
+    from crmstream.state.timers import Timer
+
+    stored = Timer("c", "dormant_30", str(T0), T0 + 30 * DAY)
+    bodies = [body("order_placed", T0 + 35 * DAY), _tick(T0 + 36 * DAY)]
+    steps = _fired(bodies, "dormant_win_back", members=[stored])
+    assert [c.event_time_ms for c in steps] == [T0 + 30 * DAY]
+
+
+def _second_step(first: list, second: list):
+    """Two steps of one customer: the first's timers wait (it ends before any is due), the
+    second loads its state, stored members and open orders."""
+    out, records = story(CONFIG, first, bound_ms=max(b["event_time"] for b in first))
+    return story(CONFIG, second, records=records, members=out.plan.schedule,
+                 promises=out.plan.promises)[0]  # fmt: skip
+
+
+def test_a_stored_cart_nudge_fires_before_the_next_steps_cart_add():
+    out = _second_step([body("add_to_cart", T0)],
+                       [body("add_to_cart", T0 + 4 * HOUR), _tick(T0 + 6 * HOUR)])  # fmt: skip
+    nudges = [c.event_time_ms for c in out.candidates if c.trigger_type == "cart_abandoned"]
+    assert nudges == [T0 + HOUR, T0 + 5 * HOUR]
+
+
+def test_a_stored_delivery_check_fires_before_the_next_steps_late_delivery():
+    ship = [body("order_placed", T0, order_id="o1"),
+            body("order_shipped", T0 + HOUR, order_id="o1", promised_delivery_time=T0 + DAY)]
+    late = [body("order_delivered", T0 + 4 * DAY, order_id="o1"), _tick(T0 + 5 * DAY)]
+    out = _second_step(ship, late)
+    delays = [c.event_time_ms for c in out.candidates if c.trigger_type == "delivery_delay"]
+    assert delays == [T0 + DAY + 48 * HOUR]

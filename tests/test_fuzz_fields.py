@@ -230,6 +230,7 @@ FLOW_SETTINGS = dict(
 
 
 @pytest.mark.integration
+@pytest.mark.slow  # a minute of flow runs: in the slow suite (CI runs it), beside the 15-run one
 @settings(max_examples=EXAMPLES, **FLOW_SETTINGS)
 @given(
     bad=st.lists(BAD, min_size=25, max_size=50),

@@ -233,3 +233,28 @@ def test_invalid_events_at_or_below_the_shards_offset_are_not_dead_lettered_agai
         return sorted(d["source"]["offset"] for d in out.dead_letters)
 
     assert (offsets(one), offsets(two)) == ([1, 2], [3])
+
+
+def test_the_step_keeps_only_fresh_events_and_counts_each_drop_as_what_it_was():
+    """The verdicts, as the step reads them: a replay (at or below the customer's recorded
+    offset) is skipped, a duplicate id dropped, the rest kept (no servers: the step's
+    checks before the customer step)."""
+    from crmstream.flows.step_work import StepWork
+    from crmstream.operators.events import EventValidator
+    from crmstream.operators.params import params_from
+    from crmstream.operators.rules import TriggerBuilder
+    from tests.thresholds import body, parse
+
+    validator = EventValidator(CONFIG)
+    work = StepWork(CONFIG, params_from(CONFIG), None, 0, validator.role,
+                    TriggerBuilder(CONFIG))  # fmt: skip
+    views = [body("product_view", T0 + k, event_id=f"v{k}") for k in range(4)]
+    views[3]["event_id"] = "v2"  # the third view's id again, later
+    events = parse(CONFIG, views)  # offsets 0..3 of one clickstream partition
+    records = _applied(0)  # offset 0 of that role's partition 0 is applied
+    fresh, counts, keep = work.unapplied(events, records, {"c": 0})
+    assert [ev.event_id for ev in fresh] == ["v1", "v2"]
+    assert keep.tolist() == [False, True, True, False]
+    topic = CONFIG.kafka.topics.clickstream
+    assert counts == {("skipped_events", topic, None): 1, ("duplicate_events", topic, None): 1,
+                      ("events_in", topic, "product_view"): 2}  # fmt: skip

@@ -86,6 +86,7 @@ def story(
     bound_ms: int | None = None,
     members: list | None = None,
     promises: dict | None = None,
+    records: np.ndarray | None = None,
 ):
     """Run one step of the customer step over ``bodies`` (fresh state; ``members``: stored
     timer-set members that may fall due): timers fire up to ``bound_ms`` (default: just
@@ -96,7 +97,8 @@ def story(
     assert not bad, bad
     step = _parts(config)[1]
     customers = list(dict.fromkeys(e.customer_id for e in events))
-    records = fresh_records(len(customers))
+    # ``records``: the customers' states as loaded (an earlier step's), else fresh
+    records = fresh_records(len(customers)) if records is None else records.copy()
     bound = np.empty(len(customers), np.int64)
     for i, c in enumerate(customers):
         newest = max(e.event_time_ms for e in events if e.customer_id == c)

@@ -53,7 +53,7 @@ TESTS: dict[str, tuple[str, ...]] = {
     "operators/kernels.py": ("tests/test_thresholds.py", "tests/test_guards.py",
                              "tests/test_kernels.py"),
     "operators/params.py": ("tests/test_thresholds.py", "tests/test_kernels.py",
-                            "tests/test_guards.py"),
+                            "tests/test_guards.py", "tests/test_customer_step.py"),
     "operators/windows.py": ("tests/test_kernels.py", "tests/test_thresholds.py"),
     "operators/derive.py": ("tests/test_kernels.py", "tests/test_thresholds.py"),
     "operators/reference.py": ("tests/test_kernels.py",),
