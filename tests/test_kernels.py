@@ -523,3 +523,22 @@ def test_the_top_categories_columns_are_as_many_as_the_largest_top_k_allowed():
     load_config(None, [f"preferences.top_k={bound}"], env={})
     with pytest.raises(ValueError, match="top_k"):
         load_config(None, [f"preferences.top_k={bound + 1}"], env={})
+
+
+def test_a_views_buckets_are_its_clocks_10_minutes_hour_and_day():
+    """docs/state.md: the 1 h window is 6 buckets of 10 minutes, the 24 h one 24 of an
+    hour, the day rings whole UTC days: a view at 10:17:59.999 UTC lands in the buckets
+    of 10:10, 10:00 and that day, counted from 1970 (one below each bound and at it)."""
+    from datetime import UTC, datetime
+
+    from tests.thresholds import body, derived
+
+    config = load_config(None, [], env={})
+    for stamp in ("2026-03-04T10:19:59.999", "2026-03-04T10:20:00.000",
+                  "2026-03-04T23:59:59.999", "2026-03-05T00:00:00.000"):  # fmt: skip
+        at = datetime.fromisoformat(stamp).replace(tzinfo=UTC)
+        ms = int(at.timestamp() * 1000)
+        record, _ = derived(config, [body("product_view", ms)], ms)
+        seconds = ms // 1000
+        assert (int(record["base_10m"]), int(record["base_1h"]), int(record["base_1d"])) == (
+            seconds // 600, seconds // 3600, seconds // 86400), stamp  # fmt: skip
