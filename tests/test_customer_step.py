@@ -383,11 +383,11 @@ def test_a_stored_timer_fires_before_a_later_event_of_the_step():
     assert [c.event_time_ms for c in steps] == [T0 + 30 * DAY]
 
 
-def _second_step(first: list, second: list):
+def _second_step(first: list, second: list, config=CONFIG):
     """Two steps of one customer: the first's timers wait (it ends before any is due), the
     second loads its state, stored members and open orders."""
-    out, records = story(CONFIG, first, bound_ms=max(b["event_time"] for b in first))
-    return story(CONFIG, second, records=records, members=out.plan.schedule,
+    out, records = story(config, first, bound_ms=max(b["event_time"] for b in first))
+    return story(config, second, records=records, members=out.plan.schedule,
                  promises=out.plan.promises)[0]  # fmt: skip
 
 
@@ -405,3 +405,28 @@ def test_a_stored_delivery_check_fires_before_the_next_steps_late_delivery():
     out = _second_step(ship, late)
     delays = [c.event_time_ms for c in out.candidates if c.trigger_type == "delivery_delay"]
     assert delays == [T0 + DAY + 48 * HOUR]
+
+
+def test_a_stored_quiet_hours_hold_goes_out_when_due_in_the_step_and_not_before():
+    """A hold (a ``deferred`` member) due by the customer's bound goes out in the step; one
+    due later stays stored."""
+    from crmstream.state.timers import Timer
+
+    due = Timer("c", "deferred", '{"trigger_id":"t1"}', T0 + HOUR)
+    later = Timer("c", "deferred", '{"trigger_id":"t2"}', T0 + 3 * HOUR)
+    out, _ = story(CONFIG, [_tick(T0 + 2 * HOUR)], members=[due, later])
+    assert out.held == [due]
+    assert later not in out.plan.schedule and later.member not in out.plan.cancel
+
+
+def test_a_customer_with_no_timer_left_has_its_wake_member_removed():
+    """The wake member names the customer's earliest folded timer: after the last one
+    fires, it is removed, never stored with a due time of "never"."""
+    from crmstream.operators.timer_slots import WAKE
+    from crmstream.state.timers import Timer
+
+    config = load_config(None, ["rules.churn_risk.enabled=false"], env={})
+    out = _second_step([body("add_to_cart", T0)], [_tick(T0 + 2 * DAY)], config)
+    assert [t.kind for t in out.fired] == ["cart_1", "cart_2"]
+    assert [t for t in out.plan.schedule if t.kind == WAKE] == []
+    assert Timer("c", WAKE, "", 0).member in out.plan.cancel

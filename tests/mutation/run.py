@@ -365,13 +365,19 @@ def places(source: str) -> list[Place]:
 
 def selected(line: int, where: list[Place], covered: dict[int, set[str]],
              everything: tuple[str, ...]) -> tuple[str, ...]:  # fmt: skip
-    """The tests to run for a mutant on ``line``: those that ran its statement; all of
-    them for module-level code (run at import) and kernels; none when no test ran it."""
+    """The tests to run for a mutant on ``line``: every test of the files whose tests ran
+    its statement; all of them for module-level code (run at import) and kernels; none
+    when no test ran it. Whole files, not the tests that ran it: a part built once and
+    kept (``tests/thresholds.py`` keeps each configuration's customer step) runs its
+    constructor in whichever test came first, yet every test of the file uses it."""
     inner = min((p for p in where if line in p.lines), key=lambda p: len(p.lines), default=None)
     if inner is None or not inner.in_function or inner.compiled:
         return everything
     tests = set().union(*(covered.get(k, set()) for k in inner.lines))
-    return everything if "*" in tests else tuple(sorted(tests))
+    if "*" in tests:
+        return everything
+    files = {t.split("::", 1)[0] for t in tests}
+    return tuple(t for t in everything if t in files)
 
 
 def tests_of(module: str) -> tuple[str, ...]:
