@@ -5,7 +5,9 @@ against its fast tests, as ``make mutate`` does for every mutant; the score of
 each (killed over non-equivalent) must stay at or above its floor in
 tests/mutation/floors.json, the score tests/MUTATION.md reports less a margin for
 a sample this small. A test removed or weakened so that mutants it killed now
-survive fails here, naming them.
+survive fails here, naming them. The modules are ones whose mutants no compiled
+kernel holds (a mutant of events.py recompiles the kernels: a minute each), so the
+sample takes a few minutes; ``make mutate`` covers the rest.
 """
 
 from __future__ import annotations
