@@ -20,7 +20,7 @@ import pytest
 
 from crmstream.config import load_config
 from crmstream.operators.catalog import Candidate
-from tests.thresholds import DAY, HOUR, T0, body, story
+from tests.thresholds import DAY, HOUR, T0, body, parse, story
 
 CONFIG = load_config(None, [], env={})
 MIN = 60_000
@@ -430,3 +430,13 @@ def test_a_customer_with_no_timer_left_has_its_wake_member_removed():
     assert [t.kind for t in out.fired] == ["cart_1", "cart_2"]
     assert [t for t in out.plan.schedule if t.kind == WAKE] == []
     assert Timer("c", WAKE, "", 0).member in out.plan.cancel
+
+
+def test_the_columns_of_no_events_are_empty_and_typed():
+    """A round with only due timers has no events: every column is empty, of its type."""
+    from crmstream.operators.columns import EventColumns
+
+    some = EventColumns.of(parse(CONFIG, [body("product_view", T0)]), {"c": 0})
+    none = EventColumns.of([], {})
+    assert [len(c) for c in none] == [0] * len(none)
+    assert [getattr(c, "dtype", None) for c in none] == [getattr(c, "dtype", None) for c in some]
