@@ -83,3 +83,57 @@ def test_without_exactly_once_nothing_is_checked_and_records_skip_the_outbox(
     store.client.delete(store.progress_key(0))
     run_log(config, stack, log, ONE_STEP, T0 + 60_000)  # read again: applied again
     assert customer_view(store, config, "eve")["event_counts"] == {"product_view": 6}
+
+
+def test_an_event_older_than_the_lateness_is_counted_late(isolated_config, stack):
+    """docs/state.md: older than the customer's newest event by more than
+    ``state.allowed_lateness_seconds`` (1 h), it counts in the lifetime totals only, and in
+    ``crmstream_late_events_total``; one within the lateness is not late."""
+    from prometheus_client import REGISTRY
+
+    def late() -> float:
+        return REGISTRY.get_sample_value("crmstream_late_events_total") or 0.0
+
+    config = isolated_config("processing.shards=1", "timers.idle_watermark_ms=0", partitions=1)
+    # the last two reach Kafka after the newest (their Kafka time), in this order
+    arrive = T0 + 7_210_000  # steps later (1 s steps)
+    log = [_view(0, "books"), _view(7200, "books"),
+           _view(3601, "books")._replace(kafka_ms=arrive),
+           _view(3599, "books")._replace(kafka_ms=arrive + 1)]  # fmt: skip
+    before = late()
+    run_log(config, stack, log, Cutting(1000, (1,), 0), T0 + 7_300_000)
+    assert late() - before == 1
+
+
+def test_candidates_before_an_erasure_in_the_step_are_held_to_the_stored_send_history(
+    isolated_config, stack
+):
+    """docs/triggers.md, policy 2: candidates before the erasure in the customer's timeline
+    are decided as live, so with the customer's sends so far: a second browse interest
+    within the cooldown of one sent in an earlier step is suppressed, though the
+    customer is erased later in the same step."""
+    config = isolated_config("processing.shards=1", "timers.idle_watermark_ms=0", partitions=1)
+    first = [_view(0, "beauty"), _view(1, "beauty"), _view(2, "beauty")]
+    one = run_log(config, stack, first, ONE_STEP, T0 + 10_000)
+    assert [r["trigger_type"] for r in one.triggers] == ["browse_interest"]
+    second = [*first, _view(60, "books"), _view(61, "books"), _view(62, "books"),
+              _event("erasure_requested", 120)]  # fmt: skip
+    two = run_log(config, stack, second, ONE_STEP, T0 + 200_000)
+    cooling = [(r["trigger_type"], r["policy"]) for r in two.suppressions
+               if r["event_time"][11:19] == "09:11:02"]  # fmt: skip
+    assert cooling == [("browse_interest", "cooldown")]
+
+
+def test_more_due_timers_than_a_round_fires_all_fire_once_each(isolated_config, stack):
+    """``timers.fire_batch`` (here 2) bounds the timers a round fires for customers with no
+    event in it: the rest fire in the next rounds, each once, at its own time."""
+    config = isolated_config("processing.shards=1", "timers.idle_watermark_ms=0",
+                             "timers.fire_batch=2", "rules.churn_risk.enabled=false",
+                             partitions=1)  # fmt: skip
+    carts = [_event("add_to_cart", k, f"c{k}", product_id="p", category="beauty")
+             for k in range(5)]  # fmt: skip
+    log = [*carts, _event("session_start", 7200, "zed")]
+    out = run_log(config, stack, log, ONE_STEP, T0 + 7_200_000)
+    nudges = sorted((r["customer_id"], r["event_time"][11:19]) for r in out.triggers
+                    if r["trigger_type"] == "cart_abandoned")  # fmt: skip
+    assert nudges == [(f"c{k}", f"10:10:0{k}") for k in range(5)]

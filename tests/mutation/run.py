@@ -71,8 +71,10 @@ TESTS: dict[str, tuple[str, ...]] = {
     "operators/rules.py": ("tests/test_rules.py",),
     "operators/zones.py": ("tests/test_quiet_hours.py", "tests/test_events.py"),
     "operators/columns.py": ("tests/test_customer_step.py", "tests/test_guards.py"),
-    "flows/shard_step.py": ("tests/test_guards.py", "tests/test_shard_step.py"),
-    "flows/step_work.py": ("tests/test_guards.py", "tests/test_shard_step.py"),
+    "flows/shard_step.py": ("tests/test_guards.py", "tests/test_shard_step.py",
+                            "tests/test_batching.py"),
+    "flows/step_work.py": ("tests/test_guards.py", "tests/test_shard_step.py",
+                           "tests/test_batching.py"),
 }  # fmt: skip
 
 
