@@ -260,3 +260,35 @@ def test_a_fit_without_variety_is_flagged_not_converged():
     unique maximum, and the fit says so (``crmstream fit`` then saves nothing)."""
     fit = fit_bgnbd([0.0] * 50, [0.0] * 50, [10.0] * 50)
     assert not fit.converged
+
+
+@pytest.mark.parametrize("t_x, rule", [(-1.0, "t_x must be >= 0"),
+                                       (float("inf"), "t_x must be >= 0"),
+                                       (5.0, "T must be >= t_x")])  # fmt: skip
+def test_bgnbd_refuses_each_bad_summary_naming_its_rule(t_x, rule):
+    from crmstream.operators.fitting import FitError, fit_bgnbd
+
+    x, tx, big_t = [1.0] * 12, [2.0] * 12, [4.0] * 12
+    tx[7], big_t[7] = t_x, 4.0
+    with pytest.raises(FitError, match=f"customer summary #7 .*: {rule}"):
+        fit_bgnbd(np.array(x), np.array(tx), np.array(big_t))
+
+
+def test_the_gamma_gamma_likelihood_is_the_mixture_of_gammas_it_models():
+    """Fader, Hardie & Lee (2005): the mean of x spends is Gamma(px, rate nu x) with nu
+    ~ Gamma(q, rate v). The closed form equals that integral, computed numerically
+    (the log-likelihood the fit reports, constant term included)."""
+    from scipy import integrate, stats
+
+    from crmstream.operators.fitting import gamma_gamma_log_likelihood
+
+    p, q, v = 6.25, 3.74, 15.44
+    x, mean = np.array([1.0, 2.0, 5.0]), np.array([20.0, 35.5, 12.25])
+    closed = gamma_gamma_log_likelihood((p, q, v), x, mean)
+    for k in range(3):
+        def density(nu, k=k):
+            return (stats.gamma.pdf(mean[k], p * x[k], scale=1 / (nu * x[k]))
+                    * stats.gamma.pdf(nu, q, scale=1 / v))  # fmt: skip
+
+        value, _ = integrate.quad(density, 0, np.inf, limit=200)
+        assert math.log(value) == pytest.approx(closed[k], rel=1e-6, abs=1e-6)
