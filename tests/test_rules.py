@@ -239,3 +239,23 @@ def test_a_trigger_id_is_recomputed_from_its_definition_and_a_version_bump_chang
                 record["causal_event_id"])  # fmt: skip
             before = first.build(cand)["trigger_id"]
             assert (record["trigger_id"] == before) == (version == 1), (name, causal)
+
+
+def test_the_hour_prefix_is_the_calendars_at_every_year_and_century_end():
+    """The civil-date arithmetic against the calendar: the last days of years and of
+    February, the first of the next, every 25 years of four centuries (leap rules of
+    the century years included), and the extremes datetime knows."""
+    import calendar
+    from datetime import UTC, datetime
+
+    from crmstream.operators.rules import hour_prefix
+
+    days = []
+    for year in [*range(1600, 2401, 25), 1, 9999]:
+        feb = 29 if calendar.isleap(year) else 28
+        days += [(year, 12, d) for d in (28, 29, 30, 31)] + [(year, 1, 1), (year, 2, feb),
+                                                              (year, 3, 1)]  # fmt: skip
+    for year, month, mday in days:
+        at = datetime(year, month, mday, 23, tzinfo=UTC)
+        hour = int(at.timestamp()) // 3600
+        assert hour_prefix(hour) == at.strftime("%Y-%m-%dT%H:").rjust(14, "0"), at
