@@ -297,6 +297,7 @@ def test_demo_interrupted_while_the_broker_does_not_answer_stops_at_once(stack, 
         broker.stop()
 
 
+@pytest.mark.slow  # end to end through the CLI: the slow suite (CI runs it)
 def test_generate_to_a_file_and_replay_it_with_progress(isolated_config, stack, tmp_path):
     config = isolated_config()
     recorded = tmp_path / "shop.jsonl"
@@ -332,6 +333,7 @@ def test_generate_to_a_file_and_replay_it_with_progress(isolated_config, stack, 
     assert missing.returncode == 2 and "no such replay file" in missing.stderr
 
 
+@pytest.mark.slow  # end to end through the CLI: the slow suite (CI runs it)
 def test_triggers_table_filters_and_follow_and_explain(isolated_config, script, stack):
     """`triggers` shows (and `--follow` tails) the trigger topic; `explain` says why."""
     config = isolated_config()
