@@ -137,3 +137,39 @@ def test_more_due_timers_than_a_round_fires_all_fire_once_each(isolated_config, 
     nudges = sorted((r["customer_id"], r["event_time"][11:19]) for r in out.triggers
                     if r["trigger_type"] == "cart_abandoned")  # fmt: skip
     assert nudges == [(f"c{k}", f"10:10:0{k}") for k in range(5)]
+
+
+def test_live_timers_are_observed_as_late_as_the_wall_clock_says(isolated_config, stack):
+    """Live input: each fired timer's lateness (wall clock at firing minus due time, in
+    seconds) goes to ``crmstream_timer_lateness_seconds``. The driver's wall clock is the
+    input's arrival time: a view every second around the nudge's due time fires it
+    within a second."""
+    from prometheus_client import REGISTRY
+
+    def seen() -> tuple[float, float]:
+        get = REGISTRY.get_sample_value
+        return (get("crmstream_timer_lateness_seconds_count") or 0.0,
+                get("crmstream_timer_lateness_seconds_sum") or 0.0)  # fmt: skip
+
+    config = isolated_config("processing.shards=1", "timers.idle_watermark_ms=0",
+                             "rules.churn_risk.enabled=false", partitions=1)  # fmt: skip
+    log = [_event("add_to_cart", 0, product_id="p", category="beauty"),
+           *(_event("session_start", s, "zed") for s in range(3590, 3611))]  # fmt: skip
+    count, total = seen()
+    out = run_log(config, stack, log, Cutting(1000, (1,), 0, live=True), T0 + 3_611_000)
+    assert [r["trigger_type"] for r in out.triggers] == ["cart_abandoned"]
+    fired, late_s = seen()[0] - count, seen()[1] - total
+    assert fired == 1 and 0 <= late_s <= 1.0, (fired, late_s)
+
+
+def test_an_idle_live_input_fires_the_timers_the_wall_clock_passes(isolated_config, stack):
+    """Live, with nothing more to read, the watermark follows the wall clock (after
+    ``timers.idle_watermark_ms``): a round with no event fires the stored timers due
+    before it, of customers with no event in it."""
+    config = isolated_config("processing.shards=1", "timers.idle_watermark_ms=0",
+                             "rules.churn_risk.enabled=false", partitions=1)  # fmt: skip
+    log = [_event("add_to_cart", 0, product_id="p", category="beauty"),
+           _event("session_start", 10, "zed")]
+    out = run_log(config, stack, log, Cutting(1000, (1,), 0, live=True), T0 + 2 * 3_600_000)
+    assert [(r["trigger_type"], r["event_time"][11:19]) for r in out.triggers] == [
+        ("cart_abandoned", "10:10:00")]  # fmt: skip
