@@ -118,6 +118,7 @@ def _described(result) -> set[tuple[str, str, str, str]]:
             for ch in result.changes}  # fmt: skip
 
 
+@pytest.mark.slow  # the module's slowest (two full runs): in the slow suite, CI runs it
 def test_a_candidate_identical_to_the_base_gives_an_empty_diff_and_leaves_nothing(stack, tmp_path):
     result = _backtest(stack, tmp_path, "policies:\n  caps:\n    per_week: 6\n")
     assert result.setup.changes == []  # per_week 6 is the default: nothing changes
