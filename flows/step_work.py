@@ -24,13 +24,7 @@ from crmstream.config import CrmConfig
 from crmstream.flows.sink import Outgoing
 from crmstream.metrics import get_metrics
 from crmstream.operators.columns import EventColumns
-from crmstream.operators.customer_step import (
-    CustomerStep,
-    Epoch,
-    StepInput,
-    StepOutput,
-    epoch_at,
-)
+from crmstream.operators.customer_step import CustomerStep
 from crmstream.operators.derive import derive_batch
 from crmstream.operators.events import EVENT_TYPES, ParsedEvent, new_tuple, parse_time_ms
 from crmstream.operators.hashing import event_id_digests
@@ -42,6 +36,7 @@ from crmstream.operators.params import (
 )
 from crmstream.operators.policies import PolicyContext, PolicyEngine
 from crmstream.operators.rules import TriggerBuilder, iso_ms
+from crmstream.operators.step_io import Epoch, StepInput, StepOutput, epoch_at
 from crmstream.operators.timer_slots import WAKE
 from crmstream.state.encoding import ROLE_INDEX, STAGES, encode_records, fresh_records
 from crmstream.state.profile import profile_changed, profile_rows

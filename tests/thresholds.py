@@ -19,10 +19,11 @@ from crmstream.config import CrmConfig
 from crmstream.operators import kernels as K
 from crmstream.operators.catalog import Candidate
 from crmstream.operators.columns import EventColumns
-from crmstream.operators.customer_step import CustomerStep, StepInput
+from crmstream.operators.customer_step import CustomerStep
 from crmstream.operators.events import TOPIC_ROLE_TYPES, EventValidator, ParsedEvent
 from crmstream.operators.hashing import event_id_digests
 from crmstream.operators.policies import TRIGGER_INDEX, PolicyContext, PolicyEngine
+from crmstream.operators.step_io import StepInput
 from crmstream.state.encoding import fresh_records
 
 T0 = 1_767_225_600_000  # 2026-01-01T00:00:00Z

@@ -65,6 +65,7 @@ TESTS: dict[str, tuple[str, ...]] = {
     "operators/catalog.py": ("tests/test_thresholds.py", "tests/test_customer_step.py",
                              "tests/test_birthday.py"),
     "operators/customer_step.py": ("tests/test_customer_step.py", "tests/test_thresholds.py"),
+    "operators/step_io.py": ("tests/test_customer_step.py", "tests/test_batching.py"),
     "operators/firings.py": ("tests/test_customer_step.py", "tests/test_thresholds.py"),
     "operators/timer_slots.py": ("tests/test_wake.py", "tests/test_customer_step.py",
                                  "tests/test_thresholds.py"),
