@@ -274,7 +274,6 @@ class _Run:
             self.records["orders_total"][plan_rows].tolist(),
             self.records["type_counts"][plan_rows, ORDER_DELIVERED].tolist(),
         )
-        pre_epoch = {r: len(self._epochs(r)) - 1 for r in applied.tolist()}
         batch = BatchEvents(self.cust_s[idx], types, self.cat_s[idx], self.time_s[idx],
                             self.amount_s[idx], self.aux_s[idx])  # fmt: skip
         firings, late = apply_batch(self.records, batch, self.o._params)
@@ -297,8 +296,8 @@ class _Run:
         )
         for cand, row, pos in zip(found, owners, positions, strict=True):
             closing = pos == seg_end[row] - 1 and self.o._context[self.type_s[pos]]
-            self._add(cand, pre_epoch[row] + closing, self._event_key(pos))
-        self._plan(plan_rows, planning_pos, before, pre_epoch)
+            self._add(cand, self._current(row) + closing, self._event_key(pos))
+        self._plan(plan_rows, planning_pos, before)
         last = seg_end[applied] - 1
         context_rows = applied[self.o._context[self.type_s[last]]]
         for row, pos in zip(context_rows.tolist(), (seg_end[context_rows] - 1).tolist(),
@@ -313,7 +312,6 @@ class _Run:
         plan_rows: np.ndarray,
         planning_pos: np.ndarray,
         before: tuple[list[int], list[int]],
-        pre_epoch: dict[int, int],
     ) -> None:
         """Timers and event-driven candidates of the segments' planning events."""
         if not len(plan_rows):
@@ -332,7 +330,7 @@ class _Run:
             found = self.o._catalog.plan(customer, self.records[row], by_row[row], own, plan,
                                          Before(before[0][k], before[1][k]))  # fmt: skip
             for cand in found:  # their causal is the event's id
-                self._add(cand, pre_epoch[row], key_of[row, cand.causal])
+                self._add(cand, self._current(row), key_of[row, cand.causal])
             for member in plan.cancel:  # delivered orders: their timers are moot
                 self.cancelled.add(member)
                 self.members.get(row, {}).pop(member, None)
@@ -358,7 +356,8 @@ class _Run:
         last = epochs[-1]
         if ev.type_code == ERASURE_REQUESTED:
             at = ev.event_time_ms
-            epochs.append(last._replace(erased=True, since_ms=at))
+            epochs.append(Epoch(last.updates, last.too_often_day, True, last.forget_stored,
+                                last.life, at))  # fmt: skip
             self._erase(row, ev)
             too_often = int(self.records["too_often_day"][row])
             fresh = Epoch({}, too_often, False, True, last.life + 1, at)
@@ -369,9 +368,8 @@ class _Run:
             updates = {**updates, **event_fields(EVENT_TYPES[ev.type_code], ev.fields,
                                                  ev.event_time_ms)}  # fmt: skip
         too_often = int(self.records["too_often_day"][row])
-        epochs.append(
-            last._replace(updates=updates, too_often_day=too_often, since_ms=ev.event_time_ms)
-        )
+        epochs.append(Epoch(updates, too_often, last.erased, last.forget_stored, last.life,
+                            ev.event_time_ms))  # fmt: skip
 
     def _erase(self, row: int, ev: ParsedEvent) -> None:
         """Right to be forgotten at ``ev``: the customer starts again from a fresh record
@@ -418,8 +416,9 @@ class _Run:
             # Only a customer that fired can have another timer due in the next wave.
             fired = np.isin(rows, [self.index[t.customer] for t in ready])
             rows, limit = rows[fired], limit[fired]
-            moved = [t for t in ready if self._stale_recheck(t)]
-            timers = [t for t in ready if not self._stale_recheck(t)]
+            stale = [self._stale_recheck(t) for t in ready]
+            moved = [t for t, m in zip(ready, stale, strict=True) if m]
+            timers = [t for t, m in zip(ready, stale, strict=True) if not m]
             wave_rows = np.fromiter([self.index[t.customer] for t in timers], np.int64,
                                     len(timers))  # fmt: skip
             dues = np.fromiter([t.due_ms for t in timers], np.int64, len(timers))
@@ -469,16 +468,19 @@ class _Run:
         best = dues[np.arange(len(rows)), col]
         out: list[Timer] = []
         clear_slots, clear_rows = [], []
-        for k, row in enumerate(rows.tolist()):
-            member = self._earliest_member(row, int(limit[k]))
-            due = int(best[k])
+        members = self.members
+        for row, due, c, lim in zip(rows.tolist(), best.tolist(), col.tolist(), limit.tolist(),
+                                    strict=True):  # fmt: skip
+            if due == NEVER and not members.get(row):
+                continue  # nothing of its own is due
+            member = self._earliest_member(row, lim)
             if member is not None and (due == NEVER or (member.due_ms, _rank(member.kind))
-                                       < (due, int(col[k]))):  # fmt: skip
-                self.members[row].pop(member.member)
+                                       < (due, c)):  # fmt: skip
+                members[row].pop(member.member)
                 self.touched[row] = True
                 out.append(member)
             elif due != NEVER:
-                slot = FOLDED[int(col[k])]
+                slot = FOLDED[c]
                 out.append(slots.timer(self.customers[row], self.records[row], slot, due))
                 clear_slots.append(slot)
                 clear_rows.append(row)
@@ -538,7 +540,12 @@ class _Run:
 
     def _add_now(self, cand: Candidate, key: tuple[int, ...]) -> None:
         """A candidate in the customer's current context."""
-        self._add(cand, len(self._epochs(self.index[cand.customer])) - 1, key)
+        self._add(cand, self._current(self.index[cand.customer]), key)
+
+    def _current(self, row: int) -> int:
+        """The customer's current context, in ``epochs``: within a segment, the one in
+        effect before the segment (its closing context event opens the next one)."""
+        return len(self._epochs(row)) - 1
 
     def _event_key(self, pos: int) -> tuple[int, ...]:
         """The timeline place of the event at sorted position ``pos``: its time, then
