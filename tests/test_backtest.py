@@ -138,6 +138,7 @@ def test_a_candidate_identical_to_the_base_gives_an_empty_diff_and_leaves_nothin
     assert not [t for t in topics.topics if ns.token in t]
 
 
+@pytest.mark.slow  # two full runs, 37 s: in the slow suite (CI runs it), for the default's budget
 def test_a_rule_version_bump_alone_changes_no_trigger(stack, tmp_path):
     """The candidate runs under the base's rule versions (noted in the report): a new
     version alone would otherwise give every trigger of the rule a new id."""
