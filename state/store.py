@@ -288,24 +288,48 @@ class StateStore:
             pipe.mget([self.tombstone_key(c) for c in customer_ids])
         for customer in with_promises:
             pipe.hgetall(self.promises_key(customer))
-        results = pipe.execute()
+        # A refusal of one customer's key (WRONGTYPE: a key of the wrong type) makes that
+        # customer unreadable, not the round: the results carry it instead of raising.
+        results = pipe.execute(raise_on_error=False)
         if self._cluster:
             blobs, tombs, raw = results[:n], results[n : 2 * n], results[2 * n :]
         else:
             (blobs, tombs), raw = results[:2], results[2:]
+            for result in (blobs, tombs):
+                _customers_own(result)  # MGET refused: not one customer's
         observe_redis("load", started)
         promises: dict[str, dict[str, Promise]] = {}
-        self.last_unreadable = {}
+        unreadable: dict[str, Exception] = {}
+        self.last_unreadable = unreadable
         for customer, orders in zip(with_promises, raw, strict=True):
             try:
+                if _customers_own(orders):
+                    raise ValueError(f"Redis refused to read it: {orders}")
                 promises[customer] = {k.decode(): Promise.decode(v) for k, v in orders.items()}
             except (ValueError, UnicodeDecodeError) as error:
-                self.last_unreadable[customer] = StateEncodingError(
+                unreadable[customer] = StateEncodingError(
                     f"open orders at {self.promises_key(customer)!r} are unreadable: {error}"
                 )
-        self.last_tombstones = {
-            c: int(t) for c, t in zip(customer_ids, tombs, strict=True) if t is not None
-        }
+        self.last_tombstones = {}
+        for customer, tomb in zip(customer_ids, tombs, strict=True):
+            if tomb is None:
+                continue
+            try:
+                if _customers_own(tomb):
+                    raise ValueError(f"Redis refused to read it: {tomb}")
+                self.last_tombstones[customer] = int(tomb)
+            except ValueError as error:  # the customer is set aside: no event of it applies
+                unreadable[customer] = StateEncodingError(
+                    f"erasure tombstone at {self.tombstone_key(customer)!r} is unreadable "
+                    f"({tomb!r:.80}): {error}"
+                )
+        blobs = list(blobs)
+        for k, (customer, blob) in enumerate(zip(customer_ids, blobs, strict=True)):
+            if _customers_own(blob):  # a cluster's GET of a key of the wrong type
+                unreadable[customer] = StateEncodingError(
+                    f"state at {self.state_key(customer)!r} is unreadable: {blob}"
+                )
+                blobs[k] = None
         return blobs, promises
 
     def subject(self, customer_id: str) -> str:
@@ -449,7 +473,7 @@ class StateStore:
         return retry.call_with_retry(attempt, lambda _error: None)
 
     def quarantine_key(self, shard: int) -> str:
-        return f"{self._prefix}:quarantine:{shard}"
+        return self.timers.quarantine_key(shard)
 
     def load_quarantine(self, shards: int) -> dict[int, dict[bytes, bytes]]:
         """Every shard's quarantined timers: member -> what was kept of it (JSON)."""
@@ -594,3 +618,15 @@ def decode_progress(raw: Mapping[bytes, bytes]) -> dict[Position, Progress]:
         topic, _, partition = field.decode().rpartition("|")
         result[topic, int(partition)] = Progress.decode(value)
     return result
+
+
+def _customers_own(result: object) -> bool:
+    """Whether a pipeline's result is a refusal of one customer's key (WRONGTYPE: the key
+    holds the wrong kind of value), which sets that customer aside. Any other refusal
+    (loading, out of memory, ...) is Redis's, not the customer's: raised."""
+    if not isinstance(result, Exception):
+        return False
+    if isinstance(result, redis.ResponseError) and str(result).startswith("WRONGTYPE"):
+        return True
+    raise result
+

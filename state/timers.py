@@ -25,9 +25,11 @@ import logging
 import time
 from typing import NamedTuple
 
+import orjson
 import redis
+from redis.cluster import RedisCluster
 
-from crmstream.metrics import observe_redis
+from crmstream.metrics import get_metrics, observe_redis
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +94,10 @@ class TimerStore:
     def key(self, shard: int) -> str:
         return f"{self._prefix}:timers:{shard}"
 
+    def quarantine_key(self, shard: int) -> str:
+        """The shard's quarantine (``flows.quarantine``): member -> JSON of why."""
+        return f"{self._prefix}:quarantine:{shard}"
+
     def due(self, shard: int, upto_ms: int, limit: int | None = None) -> list[Timer]:
         """The shard's timers due at or before ``upto_ms``, earliest first (at most
         ``limit`` of them; None: all)."""
@@ -105,9 +111,47 @@ class TimerStore:
         observe_redis("timers", started)
         if raw and raw[0][1] < EARLIEST_DUE_MS:  # earliest first: one look suffices
             raw = self._drop_unrepresentable(shard, raw)
+        timers: list[Timer] = []
+        unreadable: list[tuple[bytes, float, Exception]] = []
+        for member, score in raw:
+            try:
+                timers.append(parse_member(member, score))
+            except (ValueError, UnicodeDecodeError) as error:
+                unreadable.append((member, score, error))
+        if unreadable:
+            gone = self._set_aside(shard, unreadable)
+            raw = [(member, score) for member, score in raw if member not in gone]
         if any(member[:1] != MARK for member, _ in raw):
             raw = self._migrate(shard, raw)
-        return [parse_member(member, score) for member, score in raw]
+            return [parse_member(member, score) for member, score in raw]
+        return timers
+
+    def _set_aside(self, shard: int, unreadable: list[tuple[bytes, float, Exception]]) -> set:
+        """Members that name no timer (damaged in Redis) belong to no customer that could
+        be set aside with them: they move from the timer set to the shard's quarantine in
+        one MULTI/EXEC, logged, so they never stop a round (DESIGN.md decision 14)."""
+        now_ms = int(time.time() * 1000)
+        entries = {
+            member: orjson.dumps({"customer": "(unreadable)", "kind": "unreadable", "ref": "",
+                                  "due_ms": int(score), "at_ms": now_ms,
+                                  "reason": f"unreadable timer member: {error}"})
+            for member, score, error in unreadable
+        }  # fmt: skip
+        # One MULTI/EXEC where the two keys may share one (not on a Redis Cluster: the
+        # quarantine first, so a member is never in neither).
+        pipe = self._client.pipeline(transaction=not isinstance(self._client, RedisCluster))
+        pipe.hset(self.quarantine_key(shard), mapping=entries)
+        pipe.zrem(self.key(shard), *entries)
+        pipe.execute()
+        get_metrics().quarantined_customers.labels(str(shard)).inc(len(entries))
+        log.error(
+            "shard %d: %d timer member(s) that name no timer moved to the quarantine "
+            "(crmstream quarantine list): %s",
+            shard,
+            len(entries),
+            ", ".join(repr(m[:80]) for m in list(entries)[:5]),
+        )
+        return set(entries)
 
     def _drop_unrepresentable(
         self, shard: int, raw: list[tuple[bytes, float]]

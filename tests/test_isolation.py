@@ -103,10 +103,27 @@ def _plant_bad_orders(config: CrmConfig, stack, customer: str) -> None:
     store.client.zadd(store.timers.key(_shard_of(config, customer)), {member: T0 - H})
 
 
+def _plant_wrong_type_orders(config: CrmConfig, stack, customer: str) -> None:
+    """The open-orders key is a string, not a hash: Redis refuses HGETALL on it
+    (WRONGTYPE), for this customer's key only; and a delivery timer that reads it."""
+    store = _store(config, stack)
+    store.client.set(store.promises_key(customer), "not a hash")
+    member = Timer(customer, "delivery", "o1", T0 - H).member
+    store.client.zadd(store.timers.key(_shard_of(config, customer)), {member: T0 - H})
+
+
+def _plant_bad_tombstone(config: CrmConfig, stack, customer: str) -> None:
+    """An erasure tombstone whose value is not a time."""
+    store = _store(config, stack)
+    store.client.set(store.tombstone_key(customer), "garbage")
+
+
 CASES = {
     "a hold that is not JSON": _plant_bad_hold,
     "a corrupt state blob": _plant_bad_state,
     "unreadable open orders": _plant_bad_orders,
+    "an open-orders key of the wrong type": _plant_wrong_type_orders,
+    "an erasure tombstone that is not a time": _plant_bad_tombstone,
 }
 
 
@@ -249,3 +266,40 @@ def test_quarantined_timers_are_listed_and_released(config, stack):
     assert back["deferred"] == T0 - H
     missing = CliRunner().invoke(app, ["quarantine", "release", "nobody", *args])
     assert missing.exit_code != 0 and "nobody" in missing.output
+
+
+# Members that name no timer: a wrong length prefix, a customer id that is not UTF-8, a
+# prefix that is not a number, and two of the earlier text format with too few separators.
+_DAMAGED = [b"\xff99:c0000000\x1fwake\x1f", b"\xff3:\xff\xfe\xfd\x1fwake\x1f",
+            b"\xffx:abc\x1fwake\x1f", b"old-format-no-separators", b"c0000000\x1fwake"]  # fmt: skip
+
+
+@pytest.mark.parametrize("cutting", [Cutting(10**13, (5000,), 0), Cutting(H, (1,), 0)])
+def test_timer_members_that_name_no_timer_are_quarantined_and_change_nothing(
+    config, stack, cutting
+):
+    """Damaged members of a timer set belong to no customer: they move to the shard's
+    quarantine (kind ``unreadable``) and every customer's triggers are those of a run
+    without them; the next run goes on."""
+    log = sorted([*_history("good", T0), *_history("other", T0 + 1000),
+                  _msg("clickstream", "zed", "session_start", T0 + 2 * H)],
+                 key=lambda m: m.kafka_ms)  # fmt: skip
+    expected = run_log(_own(config), stack, log, cutting, T0 + 2 * H)
+    own = _own(config)
+    store = _store(own, stack)
+    for shard in range(own.processing.shards):
+        store.client.zadd(store.timers.key(shard), {m: T0 - H + k for k, m in enumerate(_DAMAGED)})
+    got = run_log(own, stack, log, cutting, T0 + 2 * H)
+    assert got.triggers == expected.triggers
+    assert got.suppressions == expected.suppressions
+    for shard, entries in store.load_quarantine(own.processing.shards).items():
+        assert sorted(entries) == sorted(_DAMAGED), shard
+        kept = [orjson.loads(v) for v in entries.values()]
+        assert {(k["customer"], k["kind"]) for k in kept} == {("(unreadable)", "unreadable")}
+        assert all(k["reason"].startswith("unreadable timer member") for k in kept)
+        assert not set(_DAMAGED) & set(store.client.zrange(store.timers.key(shard), 0, -1))
+    topics = own.kafka.topics.by_role
+    later = [*_history("good", T0 + 3 * H), _msg("clickstream", "zed", "session_start", T0 + 5 * H)]
+    again = run_log(own, stack, later, cutting, T0 + 5 * H,
+                    first_offsets={(topics["clickstream"], 0): len(log)})  # fmt: skip
+    assert "cart_abandoned" in _kinds([*again.triggers, *again.suppressions], "good")
