@@ -10,6 +10,7 @@ file from the ``lifetimes`` wheel, never by importing that package.
 from __future__ import annotations
 
 import importlib.util
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -22,10 +23,11 @@ import orjson
 from crmstream.config import CrmConfig
 from crmstream.flows.crm import check_state_layout, run_in_process
 from crmstream.flows.runtime import Endpoints, Runtime
-from crmstream.flows.sink import DeliveryCheckedProducer
+from crmstream.flows.sink import DeliveryCheckedProducer, record_limit
 from crmstream.metrics import counter_total, get_metrics
 from crmstream.operators.events import TOPIC_ROLE_TYPES, _Invalid, parse_time_ms
 
+log = logging.getLogger(__name__)
 CDNOW_CUSTOMER_PREFIX = "cdnow-"
 
 
@@ -89,13 +91,36 @@ def cdnow_events(rows: list[Transaction], topic: str) -> Iterator[tuple[str, byt
 
 def file_events(path: Path, config: CrmConfig) -> Iterator[tuple[str, bytes | None, bytes]]:
     """A JSON-lines file of input events, each routed to its topic by ``event_type``
-    (``route_event``)."""
+    (``route_event``). Blank lines are no events. A line the producer cannot send (key
+    and value over its ``message.max.bytes``) is not replayed, with a warning naming its
+    line number and size; every other line is (a live producer could not send it
+    either, so a live run would never have seen it)."""
     by_type = topics_by_event_type(config)
+    limit = record_limit(config.kafka.producer_properties())
+    too_large: list[tuple[int, int]] = []
     with path.open("rb") as handle:
-        for line in handle:
+        for number, line in enumerate(handle, start=1):
             raw = line.rstrip(b"\r\n")
-            if raw.strip():
-                yield route_event(raw, by_type, config.kafka.topics.clickstream)
+            if not raw.strip():
+                continue
+            topic, key, value = route_event(raw, by_type, config.kafka.topics.clickstream)
+            if len(value) + len(key or b"") > limit:
+                too_large.append((number, len(value)))
+                continue
+            yield topic, key, value
+    if too_large:
+        shown = ", ".join(f"line {n} ({size:,} bytes)" for n, size in too_large[:5])
+        more = f" and {len(too_large) - 5} more" if len(too_large) > 5 else ""
+        log.warning(
+            "%s: %d line(s) not replayed: over what the producer sends (message.max.bytes, "
+            "%s bytes with the key): %s%s",
+            path,
+            len(too_large),
+            f"{limit:,}",
+            shown,
+            more,
+        )
+
 
 
 def topics_by_event_type(config: CrmConfig) -> dict[str, str]:

@@ -44,6 +44,15 @@ WAIT_WARNING_SECONDS = 5.0
 # exceed message.max.bytes (measured: tests/test_unsent_records.py).
 RECORD_FRAMING_BYTES = 36
 DEFAULT_MESSAGE_MAX_BYTES = 1_000_000  # librdkafka's default
+
+
+def record_limit(properties: dict) -> int:
+    """The most key and value bytes of one record a producer with these librdkafka
+    ``properties`` accepts."""
+    max_bytes = properties.get("message.max.bytes", DEFAULT_MESSAGE_MAX_BYTES)
+    return int(max_bytes) - RECORD_FRAMING_BYTES
+
+
 # Errors that refuse one record for what it is (retrying it cannot help).
 REFUSED = frozenset(
     {KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.RECORD_LIST_TOO_LARGE, KafkaError.INVALID_RECORD}
@@ -93,9 +102,7 @@ class DeliveryCheckedProducer:
         self._unsent_to = unsent_to
         self._copy_bytes = copy_bytes
         self._deferred: list[tuple[Outgoing, Report]] = []  # stand-ins from delivery reports
-        max_bytes = config.get("message.max.bytes", DEFAULT_MESSAGE_MAX_BYTES)
-        # The most key and value bytes of one record the producer accepts.
-        self.record_limit = int(max_bytes) - RECORD_FRAMING_BYTES
+        self.record_limit = record_limit(config)
 
     def _on_delivery(self, err: KafkaError | None, msg: Message) -> None:
         if err is not None:
