@@ -88,6 +88,8 @@ def input_source(
         stall_s=cfg.kafka.stall_warning_seconds,
         group=cfg.kafka.consumer_group,
         group_commit_s=cfg.kafka.consumer_group_commit_seconds,
+        clock_ms=runtime.clock_ms,
+        max_future_ms=int(cfg.processing.max_future_skew_seconds * 1000),
     )
 
 

@@ -95,6 +95,7 @@ class Finisher:
             self._done = {pos for pos, p in parts.items() if p.at_end}
         batch: list[RawMessage] = []
         step_ms = reader.step_ms
+        newest = reader.newest_stamp()
         for msg in reader.consumer.consume(reader.batch_size, 0) if parts else ():
             pos = (msg.topic(), msg.partition())
             err = msg.error()
@@ -113,7 +114,7 @@ class Finisher:
             part = parts[pos]
             ts_type, ts = msg.timestamp()
             ts = ts if ts_type else 0
-            step = max(part.step, ts // step_ms)
+            step = max(part.step, ts // step_ms) if ts <= newest else part.step
             if step > self.step:
                 self._done.add(pos)  # the next step starts here: the restart reads it
                 continue

@@ -10,7 +10,9 @@ per-message objects beyond that.
 
 Each message carries its processing step (its Kafka timestamp's bucket, never
 below its predecessor's; ``_WorkerReader.next_batch``): shards apply input step
-by step, so the result does not depend on how reads were batched.
+by step, so the result does not depend on how reads were batched. A timestamp
+more than ``processing.max_future_skew_seconds`` past the processing clock moves
+no step (``_WorkerReader.newest_stamp``).
 
 Stopping: with ``tail=False`` a worker's reader ends once each of its
 partitions is read to its end offset (bounded runs, tests, benchmarks). A
@@ -34,6 +36,7 @@ from redis import RedisError
 from crmstream.clients import librdkafka_config
 from crmstream.flows.finish import Finisher, LocalBarrier, StepBarrier
 from crmstream.flows.routing import parse_part_name, part_name, worker_share
+from crmstream.flows.runtime import wall_clock_ms
 from crmstream.metrics import get_metrics
 from crmstream.operators.events import new_tuple
 from crmstream.state.store import Position, StateStoreError
@@ -43,6 +46,7 @@ log = logging.getLogger(__name__)
 
 _IDLE_BACKOFF = timedelta(milliseconds=20)
 STALL_SECONDS = 30.0  # kafka.stall_warning_seconds
+DEFAULT_MAX_FUTURE_MS = 86_400_000  # processing.max_future_skew_seconds
 # Elapsed times are differences of large monotonic readings: (t + 5.0) - t can come out
 # a hair under 5.0, which once reported a 5 s stall 3 s late (as "8 s").
 _CLOCK_SLACK_S = 1e-6
@@ -131,7 +135,11 @@ class _WorkerReader(StatelessSourcePartition[RawMessage]):
         stall_s: float = STALL_SECONDS,
         group_commits: GroupCommits | None = None,
         finisher: Finisher | None = None,
+        clock_ms: Callable[[], int] = wall_clock_ms,
+        max_future_ms: int = DEFAULT_MAX_FUTURE_MS,
     ):
+        self._clock_ms = clock_ms
+        self._max_future_ms = max_future_ms
         self._parts = {
             pos: _Partition(pos[0], pos[1], offset, step) for pos, (offset, step) in starts.items()
         }
@@ -169,6 +177,13 @@ class _WorkerReader(StatelessSourcePartition[RawMessage]):
     def batch_size(self) -> int:
         return self._batch_size
 
+    def newest_stamp(self) -> int:
+        """The newest Kafka timestamp that moves a partition's step: at most
+        ``processing.max_future_skew_seconds`` past the processing clock. A later one (a
+        producer's clock far ahead) would hold every later message of its partition in
+        its step, behind the others' (docs/triggers.md, "Lateness"): it does not move it."""
+        return self._clock_ms() + self._max_future_ms
+
     def on_error(self, msg: Any, err: KafkaError) -> None:
         self._on_error(msg, err)
 
@@ -186,6 +201,7 @@ class _WorkerReader(StatelessSourcePartition[RawMessage]):
         batch: list[RawMessage] = []
         parts = self._parts
         step_ms = self._step_ms
+        newest = self.newest_stamp()
         got: set[_Partition] = set()
         append = batch.append
         # Messages come in runs of one partition: its bookkeeping is looked up when a
@@ -214,7 +230,7 @@ class _WorkerReader(StatelessSourcePartition[RawMessage]):
             # its predecessor's. Steps are a function of the partition's log alone, so
             # a replay cuts the input into the same steps however the reads are
             # batched (docs/guarantees.md).
-            if ts // step_ms > step:
+            if ts // step_ms > step and ts <= newest:
                 step = ts // step_ms
             offset = msg.offset()
             # RawMessage(...) without its Python-level constructor
@@ -349,6 +365,8 @@ class CrmKafkaSource(DynamicSource[RawMessage]):
         stall_s: float = STALL_SECONDS,
         group: str | None = None,
         group_commit_s: float = 5.0,
+        clock_ms: Callable[[], int] = wall_clock_ms,
+        max_future_ms: int = DEFAULT_MAX_FUTURE_MS,
     ):
         """``client_config`` goes to every client the source makes (its metadata
         lookups too), ``consumer_config`` over it to its consumers only (``kafka.client``
@@ -366,6 +384,8 @@ class CrmKafkaSource(DynamicSource[RawMessage]):
         self._stall_s = stall_s
         self._group = group
         self._group_commit_s = group_commit_s
+        self._clock_ms = clock_ms
+        self._max_future_ms = max_future_ms
 
     def list_parts(self) -> list[str]:
         """Every input partition's name, sorted (``routing.part_name``)."""
@@ -407,6 +427,8 @@ class CrmKafkaSource(DynamicSource[RawMessage]):
             self._stall_s,
             commits,
             finisher,
+            self._clock_ms,
+            self._max_future_ms,
         )
 
     def consumer_config(self) -> dict[str, Any]:

@@ -3,9 +3,12 @@ deliver), and its consumer's settings."""
 
 from __future__ import annotations
 
+import itertools
 import logging
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from crmstream.flows.source import STALL_SECONDS, CrmKafkaSource, _Partition, _WorkerReader
 
@@ -75,3 +78,73 @@ def test_the_consumer_fetches_soon_after_its_full_queue_drained_unless_told_othe
     assert tuned["fetch.queue.backoff.ms"] == 100 and tuned["linger.ms"] == 5
     assert tuned["group.id"] == "crmstream-source"  # partitions are assigned, never a group's
     assert tuned["enable.partition.eof"] is True
+
+
+# -- a producer's clock far ahead ---------------------------------------------------------
+T0 = 1_767_258_600_000  # 2026-01-01T09:10:00Z: the processing clock of these reads
+STEP_MS = 60_000
+SKEW_MS = 86_400_000  # processing.max_future_skew_seconds, the default day
+_topics = itertools.count()
+
+
+def _steps(stack, stamps: list[int]) -> list[int]:
+    """The steps the source gives messages with these Kafka timestamps, in one partition
+    read from its start (the processing clock at ``T0``)."""
+    from confluent_kafka import Producer
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    topic = f"source-stamps-{next(_topics)}"
+    brokers = ",".join(stack.brokers)
+    admin = AdminClient({"bootstrap.servers": brokers})
+    admin.create_topics([NewTopic(topic, 1)])[topic].result(30)
+    producer = Producer({"bootstrap.servers": brokers})
+    for k, ts in enumerate(stamps):
+        producer.produce(topic, b"%d" % k, b"k", timestamp=ts)
+    assert producer.flush(30) == 0
+    def starts(mine: list) -> dict:
+        return {p: (0, -1) for p in mine}
+
+    source = CrmKafkaSource(list(stack.brokers), [topic], {}, starts, 500, STEP_MS, False,
+                            clock_ms=lambda: T0, max_future_ms=SKEW_MS)  # fmt: skip
+    reader = source.build("s", 0, 1)
+    got: dict[int, int] = {}
+    try:
+        while len(got) < len(stamps):
+            for msg in reader.next_batch():
+                if msg.value is not None:
+                    got[int(msg.value)] = msg.step
+    except StopIteration:
+        pass
+    finally:
+        reader.close()
+    return [got[k] for k in range(len(stamps))]
+
+
+@pytest.mark.integration
+@settings(max_examples=6, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])  # fmt: skip
+@given(
+    normal=st.lists(st.integers(-3 * STEP_MS, 3 * STEP_MS), min_size=1, max_size=8),
+    outliers=st.lists(st.tuples(st.integers(0, 8), st.integers(1, 10**15)), max_size=3),
+)  # fmt: skip
+def test_a_timestamp_beyond_the_future_skew_moves_no_step(stack, normal, outliers):
+    """A message stamped more than ``processing.max_future_skew_seconds`` past the
+    processing clock (a producer's clock in 2100, say) leaves its partition's step where
+    it was: every other message gets the step it gets without it (docs/triggers.md)."""
+    stamps = [T0 + d for d in normal]
+    mixed = list(stamps)
+    at = []
+    for pos, beyond in sorted(outliers, reverse=True):
+        pos = min(pos, len(mixed))
+        mixed.insert(pos, T0 + SKEW_MS + beyond)
+        at = [a + 1 if a >= pos else a for a in at] + [pos]
+    steps = _steps(stack, mixed)
+    assert [s for k, s in enumerate(steps) if k not in at] == _steps(stack, stamps)
+    assert all(s <= (T0 + 3 * STEP_MS) // STEP_MS for s in steps)
+
+
+@pytest.mark.integration
+def test_a_timestamp_at_the_future_skew_still_moves_the_step(stack):
+    edge = T0 + SKEW_MS
+    assert _steps(stack, [T0, edge, T0 + 1]) == [T0 // STEP_MS, edge // STEP_MS, edge // STEP_MS]
+    assert _steps(stack, [T0, edge + 1, T0 + 1]) == [T0 // STEP_MS] * 3
