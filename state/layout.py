@@ -207,8 +207,11 @@ def _move_timers(
         while chunk := store.client.zrange(staged, 0, _CHUNK - 1, withscores=True):
             by_shard: dict[int, dict[bytes, float]] = {}
             for member, due in chunk:
-                customer = parse_member(member, due).customer
-                by_shard.setdefault(shard_of(customer, target.shards), {})[member] = due
+                try:
+                    dest = shard_of(parse_member(member, due).customer, target.shards)
+                except (ValueError, UnicodeDecodeError):  # damaged: it names no customer
+                    dest = shard % target.shards  # kept; the flow quarantines it when due
+                by_shard.setdefault(dest, {})[member] = due
             pipe = store.client.pipeline(transaction=True)
             for new, members in by_shard.items():
                 pipe.zadd(store.timers.key(new), members)

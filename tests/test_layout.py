@@ -32,6 +32,12 @@ def _with(config, shards: int, step_ms: int):
     return config.model_copy(update={"processing": processing})
 
 
+# Members that name no timer: a wrong length prefix, a customer id that is not UTF-8, a
+# prefix that is not a number, one of the earlier format with too few separators.
+_DAMAGED = [b"\xff99:c0\x1fwake\x1f", b"\xff3:\xff\xfe\xfd\x1fwake\x1f", b"\xffx:abc\x1fwake\x1f",
+            b"no-separators"]  # fmt: skip
+
+
 def _timers(store: StateStore, shards: int) -> dict[bytes, tuple[int, float]]:
     """Every pending timer: member -> (shard, due)."""
     found = {}
@@ -210,6 +216,7 @@ _customer = st.text(st.characters(codec="utf-8"), min_size=1, max_size=6) | st.s
         max_size=60,
     ),
     outbox=st.lists(st.binary(max_size=8), max_size=12, unique=True),
+    damaged=st.lists(st.sampled_from(_DAMAGED), max_size=3, unique=True),
     progress=st.lists(
         st.dictionaries(
             st.sampled_from([("clicks", 0), ("clicks", 1), ("orders", 0)]),
@@ -221,11 +228,13 @@ _customer = st.text(st.characters(codec="utf-8"), min_size=1, max_size=6) | st.s
     ),
 )
 def test_reshard_keeps_every_timer_and_record_and_the_lowest_progress(
-    stack, old, new, steps, timers, outbox, progress
+    stack, old, new, steps, timers, outbox, damaged, progress
 ):
     """Any old and new shard count: every timer once, in its customer's new shard, with its
     due time; every outbox record once, in order per old shard; per partition the lowest
-    progress of the old shards (none where one of them had none), its step renumbered."""
+    progress of the old shards (none where one of them had none), its step renumbered. A
+    member that names no timer (damaged in Redis) stops nothing: it is kept, once, with
+    its due time (the flow quarantines it when it comes due)."""
     # A database of its own: reshard's recount SCANs the whole database, and the other
     # tests leave many keys in database 0 (it would cost seconds per example).
     own_db = urlsplit(stack.redis_url)._replace(path="/1").geturl()
@@ -237,6 +246,8 @@ def test_reshard_keeps_every_timer_and_record_and_the_lowest_progress(
     members = {key: _member(*key) for key in timers}
     for key, due in timers.items():
         client.zadd(store.timers.key(shard_of(key[0], old)), {members[key]: due})
+    for k, member in enumerate(damaged):
+        client.zadd(store.timers.key(k % old), {member: 1000 + k})
     for i, record in enumerate(outbox):
         client.rpush(store.outbox_key(i % old), encode_outgoing(Outgoing("t", None, record)))
     olds = [{pos: Progress(*rec) for pos, rec in p.items()} for p in progress[:old]]
@@ -246,8 +257,11 @@ def test_reshard_keeps_every_timer_and_record_and_the_lowest_progress(
 
     report = reshard(store, Layout(new, steps[1]), legacy_step_ms=1000)
 
-    assert report.timers == len(timers) and report.outbox == len(outbox)
+    assert report.timers == len(timers) + len(damaged) and report.outbox == len(outbox)
     found = _timers(store, max(old, new))
+    for k, member in enumerate(damaged):
+        shard, due = found.pop(member)
+        assert shard < new and due == 1000 + k
     assert {m: due for m, (_, due) in found.items()} == {
         members[key]: due for key, due in timers.items()
     }
