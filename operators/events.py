@@ -343,7 +343,7 @@ class EventValidator:
             try:
                 obj = orjson.loads(value)
             except orjson.JSONDecodeError as exc:
-                raise _Invalid(None, f"not valid UTF-8 JSON: {exc}") from None
+                raise _Invalid(None, f"not valid UTF-8 JSON: {_json_error(value, exc)}") from None
             if type(obj) is not dict:
                 raise _Invalid(None, f"event must be a JSON object, got {type(obj).__name__}")
             customer_id = obj.get("customer_id")
@@ -575,3 +575,14 @@ class EventValidator:
                 f"field {name!r} must be within {lo // 86_400_000} days before and "
                 f"{hi // 86_400_000} days after the event's time, got {show(value)}",
             )
+
+
+def _json_error(value: bytes, exc: orjson.JSONDecodeError) -> str:
+    """Why a message is not JSON; for bytes that are not UTF-8, where and which (orjson
+    says only "str is not valid UTF-8" of those)."""
+    try:
+        value.decode("utf-8")
+    except UnicodeDecodeError as bad:
+        return f"invalid UTF-8 at byte {bad.start}: {value[bad.start : bad.end]!r}"
+    return str(exc)
+

@@ -67,7 +67,9 @@ def test_valid_view_is_parsed_with_base_currency_amount():
     "body, field, fragment",
     [
         (b"{not json", None, "not valid UTF-8 JSON"),
-        (b"\xff\xfe{}", None, "not valid UTF-8 JSON"),
+        (b"\xff\xfe{}", None, "not valid UTF-8 JSON: invalid UTF-8 at byte 0: b'\\xff'"),
+        (b'{"event_id": "a\xc3(b"}', None, "invalid UTF-8 at byte 15: b'\\xc3'"),
+        (b'{"event_id": "\xed\xa0\x80"}', None, "invalid UTF-8 at byte 14: b'\\xed'"),
         (b"[1, 2]", None, "must be a JSON object, got list"),
         (view(customer_id=None), "customer_id", "field 'customer_id' is required"),
         (view(customer_id=42), "customer_id", "got 42"),
