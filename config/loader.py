@@ -165,10 +165,31 @@ def load_config(
             text = Path(path).read_text("utf-8")
         except OSError as exc:
             raise ConfigError(f"cannot read config file {source!r}: {exc.strerror}") from exc
+        except UnicodeDecodeError as exc:
+            raise ConfigError(
+                f"config file {source!r} is not UTF-8 text (byte {exc.start}: "
+                f"{exc.object[exc.start : exc.end]!r})"
+            ) from None
     try:
         tree = load_yaml(text) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {source!r} is not valid YAML: {exc}") from exc
+    try:
+        return _build(tree, path, source, overrides, env)
+    except RecursionError:  # a YAML alias inside its own value: a: &a [*a]
+        raise ConfigError(
+            f"config file {source!r} holds a value that contains itself (a recursive alias)"
+        ) from None
+
+
+def _build(
+    tree: Any,
+    path: str | Path | None,
+    source: str,
+    overrides: Sequence[str],
+    env: Mapping[str, str],
+) -> CrmConfig:
+    """The configuration from the file's tree, the environment and the overrides."""
     if not isinstance(tree, dict):
         raise ConfigError(f"config file {source!r} must be a mapping, got {type(tree).__name__}")
     origin: dict[str, str] = {}

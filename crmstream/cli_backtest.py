@@ -125,6 +125,7 @@ def backtest(
     try:
         if out is not None:
             check_plotting()
+            _check_out(out)
         period = Period.parse(from_, until, compare_from)
         setup = prepare(base, candidate, sets, input_)
         with _progress() as progress:
@@ -141,6 +142,20 @@ def backtest(
     if out is not None:
         for path in write_files(result, out, examples):
             out_console.print(f"wrote {path}")
+
+
+def _check_out(out: Path) -> None:
+    """``--out`` must be a directory that can be written: found before the runs, not
+    after them."""
+    if out.exists() and not out.is_dir():
+        raise _fail(f"--out {str(out)!r} exists and is not a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".crmstream-write-check"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise _fail(f"--out {str(out)!r} cannot be written: {exc.strerror or exc}") from None
 
 
 class _Bars:

@@ -86,15 +86,22 @@ def demo(
 
 @app.command()
 def generate(
-    events: Annotated[int | None, typer.Option(help="How many events to produce.")] = 100_000,
+    events: Annotated[
+        int | None, typer.Option(min=1, help="How many events to produce.")
+    ] = 100_000,
     duration: Annotated[
-        float | None, typer.Option(help="Or: produce for this many seconds.")
+        float | None, typer.Option(min=0.001, help="Or: produce for this many seconds.")
     ] = None,
     rate: Annotated[
-        float | None, typer.Option(help="Target events/s (default: as fast as possible).")
+        float | None,
+        typer.Option(min=0.001, help="Target events/s (default: as fast as possible)."),
     ] = None,
-    customers: Annotated[int, typer.Option(help="Customers in the synthetic shop.")] = 10_000,
-    malformed_rate: Annotated[float, typer.Option(help="Share of malformed events.")] = 0.001,
+    customers: Annotated[
+        int, typer.Option(min=1, help="Customers in the synthetic shop.")
+    ] = 10_000,
+    malformed_rate: Annotated[
+        float, typer.Option(min=0, max=1, help="Share of malformed events.")
+    ] = 0.001,
     seed: Annotated[int, typer.Option(help="Workload seed.")] = 7,
     live_time: Annotated[
         bool, typer.Option(help="Stamp events with the wall clock instead of simulated time.")
@@ -132,7 +139,13 @@ def generate(
     if output is not None:  # record to a file for `crmstream replay FILE`
         if events is None:
             raise _fail("--output needs --events")
-        with output.open("wb") as handle:
+        if output.is_dir():
+            raise _fail(f"--output {str(output)!r} is a directory: name a file")
+        try:
+            handle = output.open("wb")
+        except OSError as exc:
+            raise _fail(f"--output {str(output)!r} cannot be written: {exc.strerror}") from None
+        with handle:
             for _, event in zip(range(events), workload.events(), strict=False):
                 handle.write(event.value + b"\n")
         out.print(f"wrote {events:,} events to {output}")

@@ -16,7 +16,7 @@ import orjson
 import typer
 from rich.table import Table
 
-from crmstream.cli_options import ConfigOpt, RedisOpt, SetOpt, _config, _fail, console
+from crmstream.cli_options import ConfigOpt, RedisOpt, SetOpt, _config, _fail, console, err_console
 
 quarantine_app = typer.Typer(
     help="Timers set aside with customers whose events or timers made the flow raise.",
@@ -25,12 +25,12 @@ quarantine_app = typer.Typer(
 
 
 def _entries(config: ConfigOpt, set_: SetOpt, redis_url: RedisOpt) -> tuple[Any, list[dict]]:
+    from crmstream.cli import need_redis
     from crmstream.operators.rules import iso_ms
     from crmstream.state.store import StateStore, StateStoreError, connect
 
     cfg = _config(config, set_, redis_url=redis_url)
-    if not cfg.redis.url:
-        raise _fail("quarantine needs redis.url (--redis-url redis://host:6379/0)")
+    need_redis(cfg, "quarantine")
     try:
         store = StateStore(connect(cfg.redis.url, cfg.redis), cfg.redis.key_prefix)
         by_shard = store.load_quarantine(cfg.processing.shards)
@@ -91,8 +91,10 @@ def quarantine_release(
         raise _fail("name a customer, or --all")
     store, rows = _entries(config, set_, redis_url)
     chosen = [r for r in rows if all_ or r["customer"] == customer]
-    if not chosen:
-        raise _fail(f"no quarantined timers for customer {customer!r}")
+    if not chosen:  # nothing found: exit 1 (README, "Exit codes")
+        whose = "any customer" if all_ else f"customer {customer!r}"
+        err_console.print(f"no quarantined timers for {whose}")
+        raise typer.Exit(1)
     by_shard: dict[int, dict[bytes, int | None]] = {}
     for row in chosen:
         by_shard.setdefault(row["shard"], {})[row["member"]] = row.get("due_ms")

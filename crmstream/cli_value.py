@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from datetime import date
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.table import Table
@@ -27,6 +27,9 @@ from crmstream.cli_options import (
     err_console,
     parse_as_of,
 )
+
+if TYPE_CHECKING:
+    from crmstream.config import CrmConfig
 
 model_app = typer.Typer(
     help="Value-model parameter sets (crmstream fit saves them).", no_args_is_help=True
@@ -94,6 +97,8 @@ def fit(
     cfg = _config(config, sets, brokers, redis_url)
     if source is None and not cfg.redis.url:
         raise _fail("fit needs redis.url (--redis-url redis://host:6379/0) or --source")
+    if source is None:
+        _need_redis(cfg, "fit")
     options = FitOptions(
         source=source,
         until=_day(until, "--until"),
@@ -135,8 +140,7 @@ def model_list(config: ConfigOpt = None, set_: SetOpt = None, redis_url: RedisOp
     from crmstream.state.store import StateStoreError, connect
 
     cfg = _config(config, set_, redis_url=redis_url)
-    if not cfg.redis.url:
-        raise _fail("model list needs redis.url (--redis-url redis://host:6379/0)")
+    _need_redis(cfg, "model list")
     try:
         active, sets = model.versions(connect(cfg.redis.url, cfg.redis), cfg.redis.key_prefix)
     except StateStoreError as exc:
@@ -177,8 +181,7 @@ def model_activate(
     from crmstream.state.store import StateStoreError, connect
 
     cfg = _config(config, set_, redis_url=redis_url)
-    if not cfg.redis.url:
-        raise _fail("model activate needs redis.url (--redis-url redis://host:6379/0)")
+    _need_redis(cfg, "model activate")
     try:
         model.activate(connect(cfg.redis.url, cfg.redis), cfg.redis.key_prefix, version)
     except (StateStoreError, model.ModelError) as exc:
@@ -187,3 +190,12 @@ def model_activate(
         f"parameter set {version} is active: flow processes use it from their next start "
         f"(restart them all)"
     )
+
+
+def _need_redis(cfg: CrmConfig, command: str) -> None:
+    """Redis configured and answering, checked first: one line within
+    ``redis.connect_timeout_seconds`` when it does not (README, "Using the CLI")."""
+    from crmstream.cli import need_redis
+
+    need_redis(cfg, command)
+

@@ -73,7 +73,8 @@ def _since_ms(since: str | None) -> int | None:
     if since is None:
         return None
     try:
-        return int((time.time() - parse_duration(since)) * 1000)
+        # From before 1970 (--since 99999999d): everything kept, from the first record.
+        return int(max(0.0, time.time() - parse_duration(since)) * 1000)
     except ValueError as exc:
         raise _fail(f"--since: {exc}") from None
 

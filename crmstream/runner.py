@@ -116,7 +116,15 @@ def _serve_metrics(cfg: CrmConfig, process_id: int | None) -> None:
         return
     offset = (process_id or 0) if cfg.metrics.offset_by_process else 0
     port = cfg.metrics.port + offset if cfg.metrics.port else 0
-    bound = serve(cfg.metrics.bind_address, port)
+    try:
+        bound = serve(cfg.metrics.bind_address, port)
+    except OSError as exc:  # a port in use, an address that is not this host's
+        from crmstream.failures import CommandError
+
+        raise CommandError(
+            f"cannot serve metrics on {cfg.metrics.bind_address}:{port} "
+            f"(metrics.bind_address, metrics.port): {exc.strerror or exc}"
+        ) from None
     logs.notice(f"metrics on http://{cfg.metrics.bind_address}:{bound}/metrics")
     if cfg.metrics.bytewax_api_port:
         expose_bytewax_metrics(cfg.metrics.bytewax_api_port + offset)

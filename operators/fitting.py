@@ -208,6 +208,13 @@ def _check_summaries(x: np.ndarray, t_x: np.ndarray, big_t: np.ndarray) -> None:
         if bad.any():
             i = int(np.flatnonzero(bad)[0])
             raise FitError(f"customer summary #{i} (x={x[i]}, t_x={t_x[i]}, T={big_t[i]}): {rule}")
+    # Purchase days are whole days: a history within one day leaves the model's rates
+    # without time to be measured over (the fit's values would divide by 0).
+    if not big_t.max() > 0:
+        raise FitError(
+            f"every one of the {len(x)} customers made its first purchase on the last day "
+            "(T = 0): BG/NBD needs a history of more than one day to fit"
+        )
 
 
 def summaries_of(customers: list[str], records: np.ndarray, as_of_day: np.ndarray) -> Summaries:

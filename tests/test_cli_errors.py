@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -66,9 +67,11 @@ def test_an_unreachable_broker_is_one_line(command, stack):
 
 @pytest.mark.parametrize(
     "command",
-    [["run"], ["profile", "c1"], ["reshard", "--yes"], ["demo"]],
-    ids=lambda c: c[0],
-)
+    [["run"], ["profile", "c1"], ["reshard", "--yes"], ["demo"], ["model", "list"],
+     ["model", "activate", "1"], ["quarantine", "list"], ["quarantine", "release", "--all"],
+     ["fit", "--dry-run"]],
+    ids=lambda c: "-".join(c[:2]) if c[0] in ("model", "quarantine") else c[0],
+)  # fmt: skip
 def test_an_unreachable_redis_is_one_line(command, stack):
     """With Redis down, `run` took 51 s and buried the message in 139 lines."""
     brokers = ["--brokers", ",".join(stack.brokers)] if command[0] in ("run", "demo") else []
@@ -193,3 +196,82 @@ def test_the_flows_redis_client_does_not_retry_tls_refusals(caplog):
     }
     for text, permanent in seen.items():
         assert _permanent(redis.ConnectionError(text)) is permanent, text
+
+
+def test_a_metrics_port_in_use_is_one_line(stack, tmp_path):
+    """`run` with metrics.port taken (a second process on one host) or a bind address
+    that is not this host's: one line naming both keys, not a traceback."""
+    import socket
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    base = ["run", "--until-end", "--brokers", ",".join(stack.brokers), "--redis-url",
+            stack.redis_url, "--set", "redis.key_prefix=metricsport"]  # fmt: skip
+    try:
+        result = crm(*base, "--set", "metrics.bind_address=127.0.0.1", "--set",
+                     f"metrics.port={port}")  # fmt: skip
+        one_line_error(result, f"cannot serve metrics on 127.0.0.1:{port}", "metrics.port")
+    finally:
+        taken.close()
+    result = crm(*base, "--set", "metrics.bind_address=notanip.invalid", "--set", "metrics.port=0")
+    one_line_error(result, "cannot serve metrics on notanip.invalid:0")
+
+
+@pytest.mark.parametrize(
+    "text, says",
+    [(b"a: &a [*a]\n", "holds a value that contains itself"),
+     (b"caf\xe9: 1\n", "is not UTF-8 text (byte 3: b'\\xe9')"),
+     (b"\xff\xfe\x00\x00", "is not UTF-8 text (byte 0")],
+    ids=["recursive alias", "latin-1", "binary"],
+)  # fmt: skip
+def test_a_config_file_that_cannot_be_read_as_yaml_is_one_line(tmp_path, text, says):
+    path = tmp_path / "bad.yaml"
+    path.write_bytes(text)
+    one_line_error(crm("config", "validate", "--config", str(path)), str(path), says)
+
+
+@pytest.mark.parametrize(
+    "args, says",
+    [(["--customers", "0"], "--customers"), (["--events", "-3"], "--events"),
+     (["--malformed-rate", "2"], "--malformed-rate"), (["--output", "{tmp}"], "is a directory"),
+     (["--output", "/proc/nonexistent/x.jsonl"], "cannot be written")],
+    ids=["customers 0", "events -3", "malformed 2", "output a directory", "output unwritable"],
+)  # fmt: skip
+def test_generate_refuses_what_it_cannot_do_before_it_starts(tmp_path, args, says):
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    out = [] if "--output" in args else ["--output", str(tmp_path / "x.jsonl")]
+    result = crm("generate", "--events", "5", *args, *out)
+    if says.startswith("--"):  # typer's own usage error: exit 2, names the option
+        assert result.returncode == 2 and says in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr
+    else:
+        one_line_error(result, says)
+
+
+def test_backtest_refuses_an_out_it_cannot_write_before_it_runs(tmp_path):
+    history = tmp_path / "h.jsonl"
+    history.write_text("")
+    candidate = tmp_path / "c.yaml"
+    candidate.write_text("policies:\n  caps:\n    per_day: 1\n")
+    taken = tmp_path / "a-file"
+    taken.write_text("x")
+    for out, says in ((taken, "exists and is not a directory"),
+                      (tmp_path / "a-file" / "sub", "cannot be written")):  # fmt: skip
+        result = crm("backtest", "--input", str(history), "--candidate", str(candidate),
+                     "--out", str(out), timeout=60)  # fmt: skip
+        one_line_error(result, "--out", says)
+
+
+@pytest.mark.parametrize(
+    "since", ["1000000000000d", "99999999999999999999999s", "1" + "0" * 400 + "w"],
+    ids=["days", "seconds", "400 digits"],
+)  # fmt: skip
+def test_a_since_before_1970_reads_from_the_first_record(since):
+    """`--since 1000000000000d` crashed with OverflowError (exit 70): it means from the
+    start of what the topic keeps."""
+    from crmstream.cli_views import _since_ms
+
+    assert _since_ms(since) == 0
+    assert 0 < _since_ms("1h") <= int(time.time() * 1000)

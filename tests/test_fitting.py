@@ -262,6 +262,16 @@ def test_a_fit_without_variety_is_flagged_not_converged():
     assert not fit.converged
 
 
+def test_a_history_within_one_day_is_refused_naming_why():
+    """Every customer first seen on the last day (T = 0; a 23-minute history): refused
+    before fitting (the fitted values divided by zero)."""
+    from crmstream.operators.fitting import FitError, fit_bgnbd
+
+    with pytest.raises(FitError, match=r"every one of the 30 customers .* \(T = 0\)"):
+        fit_bgnbd([0.0] * 30, [0.0] * 30, [0.0] * 30)
+    assert fit_bgnbd([0.0] * 29 + [1.0], [0.0] * 29 + [1 / 7], [0.0] * 29 + [1 / 7]).params
+
+
 @pytest.mark.parametrize("t_x, rule", [(-1.0, "t_x must be >= 0"),
                                        (float("inf"), "t_x must be >= 0"),
                                        (5.0, "T must be >= t_x")])  # fmt: skip

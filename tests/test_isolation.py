@@ -265,7 +265,10 @@ def test_quarantined_timers_are_listed_and_released(config, stack):
         store.timers.key(shard), 0, -1, withscores=True)}  # fmt: skip
     assert back["deferred"] == T0 - H
     missing = CliRunner().invoke(app, ["quarantine", "release", "nobody", *args])
-    assert missing.exit_code != 0 and "nobody" in missing.output
+    assert missing.exit_code == 1 and "nobody" in missing.output  # nothing found
+    none_left = CliRunner().invoke(app, ["quarantine", "release", "--all", *args])
+    assert none_left.exit_code == 1, none_left.output
+    assert "no quarantined timers for any customer" in none_left.output
 
 
 # Members that name no timer: a wrong length prefix, a customer id that is not UTF-8, a
