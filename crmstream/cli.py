@@ -329,10 +329,12 @@ def run(
 @app.command()
 def reshard(
     shards: Annotated[
-        int | None, typer.Option(help="New processing.shards (default: the configured one).")
+        int | None,
+        typer.Option(min=1, help="New processing.shards (default: the configured one)."),
     ] = None,
     step_ms: Annotated[
-        int | None, typer.Option(help="New processing.step_ms (default: the configured one).")
+        int | None,
+        typer.Option(min=1, help="New processing.step_ms (default: the configured one)."),
     ] = None,
     yes: Annotated[bool, typer.Option("--yes", help="Do not ask for confirmation.")] = False,
     config: ConfigOpt = None,
@@ -396,10 +398,11 @@ def reshard(
 @topics_app.command("create")
 def topics_create(
     partitions: Annotated[
-        int | None, typer.Option(help="Partitions per topic (default: kafka.partitions).")
+        int | None, typer.Option(min=1, help="Partitions per topic (default: kafka.partitions).")
     ] = None,
     replication_factor: Annotated[
-        int | None, typer.Option(help="Replicas per partition (default: kafka.replication_factor).")
+        int | None,
+        typer.Option(min=1, help="Replicas per partition (default: kafka.replication_factor)."),
     ] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,

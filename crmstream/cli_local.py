@@ -233,6 +233,11 @@ def replay(
         path = Path(source)
         if not path.is_file():
             raise _fail(f"no such replay file: {source!r} (or use 'cdnow')")
+        if until:
+            raise _fail(
+                f"--until {until!r} applies to 'cdnow' only; a file is replayed whole "
+                "(crmstream backtest --from/--until replays a file's period)"
+            )
         cfg = _config(config, set_, brokers, redis_url)
         events = list(file_events(path, cfg))
         out.print(f"{path}: {len(events):,} events")

@@ -275,3 +275,28 @@ def test_a_since_before_1970_reads_from_the_first_record(since):
 
     assert _since_ms(since) == 0
     assert 0 < _since_ms("1h") <= int(time.time() * 1000)
+
+
+@pytest.mark.parametrize(
+    "args, says",
+    [(["reshard", "--shards", "0", "--yes"], "--shards"),
+     (["reshard", "--step-ms", "0", "--yes"], "--step-ms"),
+     (["topics", "create", "--partitions", "0"], "--partitions"),
+     (["topics", "create", "--replication-factor", "0"], "--replication-factor")],
+    ids=["shards 0", "step-ms 0", "partitions 0", "replication 0"],
+)  # fmt: skip
+def test_counts_below_one_are_refused_naming_the_option(args, says):
+    """`reshard --shards 0` said "already has 2 shards"; `topics create --partitions 0`
+    created the default count: both took a 0 as "not given"."""
+    where = ["--redis-url", f"redis://{NOWHERE}/0"] if args[0] == "reshard" else [
+        "--brokers", NOWHERE]  # fmt: skip
+    result = crm(*args, *where)
+    assert result.returncode == 2 and says in result.stderr, result.stderr
+    assert "Invalid value" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_replay_of_a_file_refuses_until(tmp_path):
+    path = tmp_path / "h.jsonl"
+    path.write_text("")
+    one_line_error(crm("replay", str(path), "--until", "garbage"), "--until 'garbage'", "cdnow")
