@@ -24,7 +24,8 @@ from crmstream.config.schema import CrmConfig
 
 ENV_PREFIX = "CRMSTREAM__"
 _SECRET_KEY = re.compile(
-    r"(password|passwd|secret|token|credential|salt|ssl\.key\.pem)", re.IGNORECASE
+    r"(password|passwd|secret|token|credential|salt|ssl\.key\.pem|jaas\.config|oauthbearer\.config)",
+    re.IGNORECASE,
 )
 _REFERENCE = re.compile(r"^\$\{(env|file):([^}]+)\}$")
 

@@ -106,8 +106,10 @@ def test_unreadable_and_invalid_files_are_reported(tmp_path):
 def test_secrets_are_masked():
     dump = {
         "redis": {"url": "redis://user:hunter2@host:6379/0"},
-        "kafka": {"client": {"sasl.password": "hunter2", "sasl.mechanism": "PLAIN", "acks": "all"}},
-    }
+        "kafka": {"client": {"sasl.password": "hunter2", "sasl.mechanism": "PLAIN", "acks": "all",
+                             "sasl.oauthbearer.config": "clientSecret=hunter2",
+                             "sasl.jaas.config": "password=\"hunter2\";"}},
+    }  # fmt: skip
     masked = str(mask_secrets(dump))
     assert "hunter2" not in masked
     assert "'acks': 'all'" in masked
