@@ -198,4 +198,3 @@ def _need_redis(cfg: CrmConfig, command: str) -> None:
     from crmstream.cli import need_redis
 
     need_redis(cfg, command)
-

@@ -122,7 +122,6 @@ def file_events(path: Path, config: CrmConfig) -> Iterator[tuple[str, bytes | No
         )
 
 
-
 def topics_by_event_type(config: CrmConfig) -> dict[str, str]:
     """Event type -> the input topic the flow expects it on."""
     role_topic = config.kafka.topics.by_role

@@ -585,4 +585,3 @@ def _json_error(value: bytes, exc: orjson.JSONDecodeError) -> str:
     except UnicodeDecodeError as bad:
         return f"invalid UTF-8 at byte {bad.start}: {value[bad.start : bad.end]!r}"
     return str(exc)
-

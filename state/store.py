@@ -629,4 +629,3 @@ def _customers_own(result: object) -> bool:
     if isinstance(result, redis.ResponseError) and str(result).startswith("WRONGTYPE"):
         return True
     raise result
-
