@@ -182,7 +182,7 @@ def test_the_flows_redis_client_does_not_retry_tls_refusals(caplog):
     client certificate was retried for over 200 s as if transient)."""
     import redis
 
-    from crmstream.state.store import _permanent
+    from crmstream.state.connection import _permanent
 
     seen = {
         "Error while reading from 127.0.0.1:6390 : (1, '[SSL: TLSV13_ALERT_CERTIFICATE_REQUIRED]"
