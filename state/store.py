@@ -182,13 +182,14 @@ class StateStore:
                     f"erasure tombstone at {self.tombstone_key(customer)!r} is unreadable "
                     f"({tomb!r:.80}): {error}"
                 )
-        blobs = list(blobs)
-        for k, (customer, blob) in enumerate(zip(customer_ids, blobs, strict=True)):
-            if _customers_own(blob):  # a cluster's GET of a key of the wrong type
-                unreadable[customer] = StateEncodingError(
-                    f"state at {self.state_key(customer)!r} is unreadable: {blob}"
-                )
-                blobs[k] = None
+        if self._cluster:  # one GET per key: a key of the wrong type is refused alone
+            blobs = list(blobs)  # (MGET answers nil for it, never an error)
+            for k, (customer, blob) in enumerate(zip(customer_ids, blobs, strict=True)):
+                if _customers_own(blob):
+                    unreadable[customer] = StateEncodingError(
+                        f"state at {self.state_key(customer)!r} is unreadable: {blob}"
+                    )
+                    blobs[k] = None
         return blobs, promises
 
     def subject(self, customer_id: str) -> str:
