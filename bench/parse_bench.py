@@ -6,10 +6,11 @@ and in the same process, over the same messages:
 
 1. ``orjson.loads`` alone (what any JSON consumer pays);
 2. ``EventValidator.parse_checked``: orjson and every check in Python;
-3. ``EventValidator.parse``: clickstream messages first try the msgspec fast
-   path, the rest go the checked way.
+3. ``EventValidator.parse``: clickstream, order and customer messages first try
+   their msgspec fast paths (``operators/events.py``, ``operators/fast_paths.py``),
+   the rest go the checked way.
 
-It reports microseconds per message for the clickstream and for the whole mix,
+It reports microseconds per message for each of those topics and for the whole mix,
 checks that ``parse`` and ``parse_checked`` give the same result for every
 message, and writes bench/out/parse.json. Ratios are the figures to compare;
 the machine is shared and noisy.
@@ -47,7 +48,16 @@ def main() -> None:
         (m.key, m.value, m.topic, 0, m.offset, 0, NOW_MS)
         for m in recorded_messages(config, args.customers, args.events)
     ]
-    click = [m for m in messages if m[2] == config.kafka.topics.clickstream]
+    topics = config.kafka.topics
+    parts = {
+        label: [m for m in messages if m[2] == topic]
+        for label, topic in (
+            ("clickstream", topics.clickstream),
+            ("orders", topics.orders),
+            ("customers", topics.customers),
+        )
+    }
+    parts["all"] = messages
     validator = EventValidator(config)
 
     fast = [validator.parse(*m) for m in messages]
@@ -77,22 +87,24 @@ def main() -> None:
     }
     result: dict[str, object] = {
         "events": len(messages),
-        "clickstream": len(click),
+        **{label: len(batch) for label, batch in parts.items() if label != "all"},
         "differing": differing,
     }
     table = Table(title=f"validation: {len(messages):,} messages, best of {args.repeat}")
-    for col in ("contender", "µs/message, clickstream", "µs/message, all topics"):
+    for col in ("contender", *(f"µs/message, {label}" for label in parts)):
         table.add_column(col, justify="right")
     for key, (name, run) in contenders.items():
         row = []
-        for label, batch in (("clickstream", click), ("all", messages)):
+        for label, batch in parts.items():
+            if not batch:
+                raise SystemExit(f"the workload has no {label} messages: give more --events")
             best = min(timeit.repeat(lambda b=batch, r=run: r(b), number=1, repeat=args.repeat))
             us = best / len(batch) * 1e6
             result[f"{key}_{label}_us"] = round(us, 3)
             row.append(f"{us:.2f}")
         table.add_row(name, *row)
     console.print(table)
-    for label in ("clickstream", "all"):
+    for label in parts:
         ratio = result[f"parse_checked_{label}_us"] / result[f"parse_{label}_us"]
         result[f"speedup_{label}"] = round(ratio, 2)
         console.print(f"parse_checked / parse ({label}): {ratio:.2f}x")

@@ -10,7 +10,6 @@ table of checks with no per-event allocation beyond the result tuple.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Annotated, Any, Literal, NamedTuple
 
 import msgspec
@@ -19,17 +18,16 @@ import orjson
 from crmstream.config import CrmConfig
 from crmstream.operators.fields import (
     HASH_FIELDS,
-    LANGUAGE,
     MAX_ID_LEN,
-    MAX_LANGUAGE_LEN,
     MAX_QUANTITY,
     MAX_QUERY_LEN,
-    MONTH_DAY,
     check_hash,
     choice,
     id_field,
     is_country,
     is_customer_id,
+    is_language,
+    is_month_day,
     number,
     parse_time_ms,
     show,
@@ -221,6 +219,11 @@ class EventValidator:
     def __init__(self, config: CrmConfig):
         self._roles = config.kafka.topics.inputs
         self._click_topics = frozenset(t for t, r in self._roles.items() if r == "clickstream")
+        from crmstream.operators.fast_paths import FastPaths  # it imports this module
+
+        paths = FastPaths(config)
+        by_role = {"orders": paths.order, "customers": paths.customer}
+        self._fast_paths = {t: by_role[r] for t, r in self._roles.items() if r in by_role}
         self._category_index = {c: i for i, c in enumerate(config.taxonomy.categories)}
         self._rates = dict(config.currency.rates)
         self._max_bytes = config.processing.max_event_bytes
@@ -252,7 +255,8 @@ class EventValidator:
 
         A clickstream message (nine events in ten) first tries the compiled fast
         path: msgspec decodes and type-checks it in C into ``_Click`` and the few
-        checks left are made here. The fast path accepts only what
+        checks left are made here. An order or customer message tries its topic's
+        (``operators.fast_paths``). A fast path accepts only what
         ``parse_checked`` accepts, with the same result (tests/test_events.py
         holds them to that with hypothesis); what it does not accept goes the
         checked way, which words the rejection.
@@ -315,6 +319,10 @@ class EventValidator:
                             {},
                         ),
                     )
+        elif value is not None and topic in self._fast_paths and len(value) <= self._max_bytes:
+            found = self._fast_paths[topic](value, topic, partition, offset, timestamp_ms, now_ms)
+            if found is not None:
+                return found
         return self.parse_checked(key, value, topic, partition, offset, timestamp_ms, now_ms)
 
     def _in_time_range(self, event_time_ms: int, now_ms: int) -> bool:
@@ -543,21 +551,11 @@ class EventValidator:
                 "timezone", f"field 'timezone' must be an IANA time zone, got {show(tz)}"
             )
         birthday = obj.get("birthday")
-        if birthday is not None:
-            ok = type(birthday) is str and MONTH_DAY.fullmatch(birthday) is not None
-            try:
-                ok = ok and datetime(2000, int(birthday[:2]), int(birthday[3:])) is not None
-            except ValueError:
-                ok = False
-            if not ok:
-                raise _Invalid("birthday", f"field 'birthday' must be MM-DD, got {show(birthday)}")
+        if birthday is not None and not is_month_day(birthday):
+            raise _Invalid("birthday", f"field 'birthday' must be MM-DD, got {show(birthday)}")
         choice(obj, "preferred_channel", CONTACT_CHANNELS, required=False)
         language = obj.get("language")
-        if language is not None and (
-            type(language) is not str
-            or len(language) > MAX_LANGUAGE_LEN
-            or LANGUAGE.fullmatch(language) is None
-        ):
+        if language is not None and not is_language(language):
             raise _Invalid(
                 "language", f"field 'language' must be a BCP-47 tag, got {show(language)}"
             )

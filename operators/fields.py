@@ -61,6 +61,26 @@ def is_country(value: Any) -> bool:
     )
 
 
+def is_month_day(value: Any) -> bool:
+    """A birthday as accepted: "MM-DD", a day of the (leap) year 2000."""
+    if type(value) is not str or MONTH_DAY.fullmatch(value) is None:
+        return False
+    try:
+        datetime(2000, int(value[:2]), int(value[3:]))
+    except ValueError:
+        return False
+    return True
+
+
+def is_language(value: Any) -> bool:
+    """A BCP-47 language tag as accepted (its shape, up to ``MAX_LANGUAGE_LEN``)."""
+    return (
+        type(value) is str
+        and len(value) <= MAX_LANGUAGE_LEN
+        and LANGUAGE.fullmatch(value) is not None
+    )
+
+
 # Bounded in depth and size: the repr of a 1,000-deep list would raise RecursionError.
 _REPR = reprlib.Repr()
 _REPR.maxlevel, _REPR.maxstring, _REPR.maxother, _REPR.maxlong = 2, 60, 60, 40

@@ -154,7 +154,7 @@ def test_timer_bench_fires_the_first_days_timers():
     assert "left pending 14,000" in text, text
 
 
-def test_parse_bench_checks_both_ways_agree_and_reports_both(tmp_path):
+def test_parse_bench_checks_both_ways_agree_and_reports_each_topic(tmp_path):
     out = tmp_path / "parse.json"
     run_bench(
         "parse_bench", "--events", "3000", "--customers", "500", "--repeat", "1",
@@ -162,8 +162,9 @@ def test_parse_bench_checks_both_ways_agree_and_reports_both(tmp_path):
     )  # fmt: skip
     result = orjson.loads(out.read_bytes())
     assert result["events"] == 3000 and result["differing"] == 0
-    assert result["clickstream"] > 2000
-    assert all(result[f"{k}_all_us"] > 0 for k in ("loads", "parse_checked", "parse"))
+    assert result["clickstream"] > 2000 and result["orders"] > 50 and result["customers"] > 50
+    for label in ("clickstream", "orders", "customers", "all"):
+        assert all(result[f"{k}_{label}_us"] > 0 for k in ("loads", "parse_checked", "parse"))
 
 
 def test_exchange_bench_round_trips_the_items_both_ways(tmp_path):

@@ -1,0 +1,310 @@
+"""The orders and customers topics' compiled fast paths (operators/fast_paths.py) against
+the checked way.
+
+``EventValidator.parse`` tries a fast path first on these topics; whatever it returns
+must be what ``parse_checked`` returns on the same message, for every message:
+valid ones (the same ``ParsedEvent``, its kept fields included) and invalid ones (the
+checked way's rejection, word for word, because the fast path leaves them to it).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import orjson
+import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+
+from crmstream.config import load_config
+from crmstream.operators.events import TOPIC_ROLE_TYPES, EventValidator, ParsedEvent
+from crmstream.operators.fast_paths import FastPaths
+
+CONFIG = load_config(env={})
+VALIDATOR = EventValidator(CONFIG)
+FAST = FastPaths(CONFIG)
+NOW = 1_767_225_600_000
+DAY = 86_400_000
+CLICK = CONFIG.kafka.topics.clickstream
+ORDERS = CONFIG.kafka.topics.orders
+CUSTOMERS = CONFIG.kafka.topics.customers
+ORDER_TYPES = sorted(TOPIC_ROLE_TYPES["orders"])
+CUSTOMER_TYPES = sorted(TOPIC_ROLE_TYPES["customers"])
+
+
+def both_ways(value: bytes, topic: str = ORDERS):
+    args = (b"k", value, topic, 3, 1042, NOW, NOW)
+    return VALIDATOR.parse(*args), VALIDATOR.parse_checked(*args)
+
+
+def same(a: object, b: object) -> bool:
+    """Equal, and equal in type and order to the last kept field: ``==`` alone takes the
+    int 2**70 for the float 2.0**70, and dicts in any key order for equal."""
+    return a == b and repr(a) == repr(b)
+
+
+def fast(body: dict) -> ParsedEvent | None:
+    """The fast path of the body's topic alone (None: it leaves the body to the checked way)."""
+    if body["event_type"] in TOPIC_ROLE_TYPES["orders"]:
+        return FAST.order(orjson.dumps(body), ORDERS, 3, 1042, NOW, NOW)
+    return FAST.customer(orjson.dumps(body), CUSTOMERS, 3, 1042, NOW, NOW)
+
+
+def order_event(event_type: str) -> dict:
+    """A valid event of the type with every field the fast path decodes."""
+    return {
+        "event_id": "e1",
+        "customer_id": "c1",
+        "event_type": event_type,
+        "event_time": NOW - 5_000,
+        "order_id": "o-1",
+        "amount": 42.5,
+        "currency": "EUR",
+        "items": [
+            {"product_id": "p1", "category": "beauty", "price": 20.0, "quantity": 1},
+            {"product_id": "p2", "category": "shoes", "price": 22.5},
+        ],
+        "promised_delivery_time": NOW + 3 * DAY,
+        "status": "delay",
+        "channel": "web",
+        "country": "DE",
+    }
+
+
+ITEM_FIELDS = ("product_id", "category", "price", "quantity")
+ORDER_FIELDS = tuple(order_event("order_paid"))
+VALUES = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.sampled_from(
+        [
+            "", "x" * 128, "x" * 129, "é" * 3, "}c", "c\u200b", "de", "DE", "DEU", "app",
+            "mini_program", "push", "beauty", "no-such-category", "JPY", "XXX", "in_transit",
+            "customs_hold", "lost", "2026-01-01T00:00:00+00:00", "\ud800", "a@b.c",
+        ]
+    ),
+    st.sampled_from(
+        [0, -0.0, -1, 1e9, 1e9 + 1, 1e6, 1e6 + 1, 1e-320, 5, 5.0, 2**63, 2**70, NOW, NOW - 1,
+         NOW + 366 * DAY, NOW - 366 * DAY, NOW + 10**9, -(10**15)]
+    ),
+    st.floats(0, 1e9),
+    st.integers(NOW - 400 * DAY, NOW + 400 * DAY),
+    st.lists(st.integers(0, 3), max_size=2),
+    st.dictionaries(st.sampled_from(ITEM_FIELDS), st.sampled_from(["p", 1.0]), max_size=2),
+)  # fmt: skip
+ITEM = st.fixed_dictionaries(
+    {"product_id": st.sampled_from(["p1", "", "x" * 129]),
+     "category": st.sampled_from(["beauty", "shoes", "home", "nope", None]),
+     "price": st.sampled_from([0, 1.5, 20.0, 20, -1, 1e9 + 1, "3"])},
+    optional={"quantity": st.sampled_from([1, 0, 1e6, 1e6 + 1, -1, None, "2"]),
+              "sku": st.just("s")},
+)  # fmt: skip
+
+
+@settings(max_examples=2000, deadline=None)
+@given(
+    event_type=st.sampled_from(ORDER_TYPES),
+    changes=st.dictionaries(
+        st.sampled_from((*ORDER_FIELDS, "query", "price", "email", "timezone", "")),
+        VALUES,
+        max_size=3,
+    ),
+    removed=st.sets(st.sampled_from(ORDER_FIELDS), max_size=3),
+    items=st.none() | st.lists(ITEM, max_size=4),
+    topic=st.sampled_from([ORDERS, ORDERS, ORDERS, CLICK]),
+    ascii_only=st.booleans(),
+)
+@example(  # a null channel and country are kept as null, an absent one is not kept
+    event_type="order_shipped", changes={"channel": None, "country": None},
+    removed={"status"}, items=None, topic=ORDERS, ascii_only=True,
+)  # fmt: skip
+@example(  # a kept integer past 64 bits: orjson reads it as a float, msgspec as an int
+    event_type="logistics_update", changes={"promised_delivery_time": 2**70}, removed=set(),
+    items=None, topic=ORDERS, ascii_only=True,
+)  # fmt: skip
+@example(  # past int64, within uint64: orjson reads an int
+    event_type="order_delivered", changes={"promised_delivery_time": 2**63 + 5}, removed=set(),
+    items=None, topic=ORDERS, ascii_only=True,
+)  # fmt: skip
+@example(  # items of a type that reads none are not checked
+    event_type="order_delivered", changes={}, removed=set(),
+    items=[{"product_id": "", "category": "nope", "price": -1}], topic=ORDERS, ascii_only=True,
+)  # fmt: skip
+def test_the_order_fast_path_gives_what_the_checked_way_gives(
+    event_type, changes, removed, items, topic, ascii_only
+):
+    body = {k: v for k, v in order_event(event_type).items() if k not in removed}
+    body.update(changes)
+    if items is not None:
+        body["items"] = items
+    # json, not orjson: it writes integers past 64 bits and lone surrogates too.
+    value = json.dumps(body, ensure_ascii=ascii_only).encode("utf-8", "surrogatepass")
+    parsed, checked = both_ways(value, topic)
+    assert same(parsed, checked)
+
+
+TOKENS = [
+    b"\xff", b"\xc3\xa9", b"\\", b'"', b"e", b"E", b"9", b"-", b".", b",", b":", b"}", b"{",
+    b"[", b"]", b"\x00", b"\t", b" ", b"\\u0000", b"\\ud800", b"1e999", b"NaN", b"null",
+    b"true", b'"x":1,', b'"amount":-1,', b'"amount":5,', b'"order_id":"o2",',
+    b'"channel":"web",', b'"timezone":"UTC",', b"0" * 30,
+]  # fmt: skip
+
+
+@settings(max_examples=2000, deadline=None)
+@given(
+    event_type=st.sampled_from(ORDER_TYPES + CUSTOMER_TYPES),
+    edits=st.lists(
+        st.tuples(st.floats(0, 1), st.integers(0, 3), st.sampled_from(TOKENS)),
+        min_size=1,
+        max_size=3,
+    ),
+)
+def test_the_fast_paths_give_what_the_checked_way_gives_on_damaged_bytes(event_type, edits):
+    """Bytes edited anywhere (a repeated key among them): the two decoders' corner cases."""
+    orders = event_type in ORDER_TYPES
+    raw = orjson.dumps(order_event(event_type) if orders else customer_event(event_type))
+    for where, cut, token in edits:
+        at = int(where * len(raw))
+        raw = raw[:at] + token + raw[at + cut :]
+    parsed, checked = both_ways(raw, ORDERS if orders else CUSTOMERS)
+    assert same(parsed, checked)
+
+
+@pytest.mark.parametrize("event_type", ORDER_TYPES + CUSTOMER_TYPES)
+def test_the_fast_path_takes_a_valid_event_of_every_type_of_its_topics(event_type):
+    """Each type's valid event is decided by the fast path itself (not left to the
+    checked way), with the checked way's result."""
+    orders = event_type in ORDER_TYPES
+    body = order_event(event_type) if orders else customer_event(event_type)
+    parsed = fast(body)
+    assert parsed is not None
+    assert same(parsed, both_ways(orjson.dumps(body), ORDERS if orders else CUSTOMERS)[1])
+
+
+def test_the_priciest_item_names_the_category_and_the_first_of_equals_wins():
+    body = order_event("order_placed")
+    body["items"] = [
+        {"product_id": "a", "category": "home", "price": 5},
+        {"product_id": "b", "category": "beauty", "price": 9.5},
+        {"product_id": "c", "category": "shoes", "price": 9.5},
+    ]
+    parsed = fast(body)
+    assert parsed is not None
+    assert parsed.category == CONFIG.taxonomy.categories.index("beauty")
+    assert same(parsed, both_ways(orjson.dumps(body))[1])
+
+
+def customer_event(event_type: str) -> dict:
+    """A valid event of the type with every field the fast path decodes."""
+    consent = event_type.startswith("consent_")
+    return {
+        "event_id": "e1",
+        "customer_id": "c1",
+        "event_type": event_type,
+        "event_time": NOW - 5_000,
+        "channel": "sms" if consent else "app",
+        "country": "JP",
+        "timezone": "Asia/Tokyo",
+        "language": "ja-JP",
+        "birthday": "02-29",
+        "preferred_channel": "line",
+    }
+
+
+CUSTOMER_FIELDS = tuple(customer_event("profile_updated"))
+# Per field the values on either side of its checks, drawn as often as any JSON value.
+CUSTOMER_POOLS = {
+    "channel": ["push", "email", "sms", "whatsapp", "line", "web", "app", "mini_program",
+                "fax", "", None],
+    "country": ["DE", "de", "DEU", "D1", "", None],
+    "timezone": ["Asia/Tokyo", "UTC", "utc", "Mars/Olympus", "Europe/Berlin ", "", None],
+    "birthday": ["02-29", "02-30", "13-01", "00-10", "2-14", "12-31", "０２-１４", "", None],
+    "language": ["en", "en-GB", "e", "x" * 35, "x" * 36, "zh-Hant-TW", "en_GB", "de-", None],
+    "preferred_channel": ["push", "line", "web", "app", "", None],
+    "event_type": [*CUSTOMER_TYPES, "page_view", "order_paid"],
+}  # fmt: skip
+CUSTOMER_CHANGES = st.lists(
+    st.sampled_from((*CUSTOMER_POOLS, "event_time", "customer_id", "order_id", "status",
+                     "category", "phone", "")),
+    unique=True,
+    max_size=3,
+).flatmap(
+    lambda keys: st.fixed_dictionaries(
+        {k: st.sampled_from(CUSTOMER_POOLS[k]) | VALUES if k in CUSTOMER_POOLS else VALUES
+         for k in keys}
+    )
+)  # fmt: skip
+
+
+@settings(max_examples=2000, deadline=None)
+@given(
+    event_type=st.sampled_from(CUSTOMER_TYPES),
+    changes=CUSTOMER_CHANGES,
+    removed=st.sets(st.sampled_from(CUSTOMER_FIELDS), max_size=4),
+    topic=st.sampled_from([CUSTOMERS, CUSTOMERS, CUSTOMERS, ORDERS]),
+    ascii_only=st.booleans(),
+)
+@example(  # fields profile_updated checks are kept unchecked on the other types
+    event_type="consent_withdrawn",
+    changes={"timezone": "Mars/Olympus", "birthday": "13-01", "language": "x" * 36},
+    removed=set(), topic=CUSTOMERS, ascii_only=True,
+)  # fmt: skip
+def test_the_customer_fast_path_gives_what_the_checked_way_gives(
+    event_type, changes, removed, topic, ascii_only
+):
+    body = {k: v for k, v in customer_event(event_type).items() if k not in removed}
+    body.update(changes)
+    value = json.dumps(body, ensure_ascii=ascii_only).encode("utf-8", "surrogatepass")
+    parsed, checked = both_ways(value, topic)
+    assert same(parsed, checked)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"email": "a@b.c"},  # hashed by the checked way
+        {"query": "x"},  # checked by the checked way
+        {"price": 3.0},  # read by the checked way
+        {"promised_delivery_time": "2026-01-05T00:00:00+00:00"},  # ISO-8601 text
+        {"event_time": "2026-01-01T00:00:00+00:00"},
+        {"unknown": 1},
+    ],
+)
+def test_fields_the_fast_path_does_not_decode_go_the_checked_way(change):
+    body = {**order_event("order_shipped"), **change}
+    assert fast(body) is None
+    parsed, checked = both_ways(orjson.dumps(body))
+    assert same(parsed, checked)
+
+
+@pytest.mark.parametrize("role", ["orders", "customers"])
+def test_the_fast_path_takes_the_workloads_events(monkeypatch, role):
+    """All generated order and customer events pass the fast path, with the checked
+    result."""
+    from crmstream.bench.workload import Workload, WorkloadSpec
+
+    topic = {"orders": ORDERS, "customers": CUSTOMERS}[role]
+    # Sessions 15 minutes apart: 20,000 events span months, so orders ship, arrive,
+    # are delayed, returned and refunded.
+    stream = Workload(CONFIG, WorkloadSpec(customers=300, session_gap_ms=900_000)).events()
+    events = [e for e in itertools.islice(stream, 20_000) if e.role == role]
+    assert len(events) > 300
+    now = 2_000_000_000_000
+    checked = [
+        VALIDATOR.parse_checked(e.key, e.value, topic, 0, i, 0, now) for i, e in enumerate(events)
+    ]
+    slow = []
+    real = EventValidator.parse_checked
+    monkeypatch.setattr(
+        EventValidator, "parse_checked", lambda self, *a: slow.append(a[3]) or real(self, *a)
+    )
+    parsed = [VALIDATOR.parse(e.key, e.value, topic, 0, i, 0, now) for i, e in enumerate(events)]
+    assert same(parsed, checked)
+    valid = sum(isinstance(r, ParsedEvent) for r in checked)
+    kinds = {r.type_code for r in checked if isinstance(r, ParsedEvent)}
+    print(f"{len(events)} {role} events of {len(kinds)} types, {valid} valid, "
+          f"{len(slow)} went the checked way")  # fmt: skip
+    assert len(kinds) >= (6 if role == "orders" else 2)
+    assert len(slow) == len(events) - valid
