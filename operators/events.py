@@ -179,6 +179,15 @@ assert set(_SPECS) == set(EVENT_TYPES)
 new_tuple = tuple.__new__
 
 _FastId = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_ID_LEN)]
+# An integer orjson reads as an integer too: it reads one past 64 bits as a float (which
+# the checked way refuses as a time), msgspec as an int.
+Int64 = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
+# The longest message a fast path takes. orjson rounds a decimal number of more than
+# about 768 significant digits that lies halfway between two doubles the wrong way
+# (msgspec and Python's float() round it to even): in a message no longer than this,
+# no number has that many digits. Longer ones go the checked way; generated shop
+# events are at most 675 bytes.
+FAST_PATH_MAX_BYTES = 768
 
 
 class _Click(msgspec.Struct, forbid_unknown_fields=True, gc=False):
@@ -196,7 +205,7 @@ class _Click(msgspec.Struct, forbid_unknown_fields=True, gc=False):
     event_id: _FastId
     customer_id: _FastId
     event_type: Literal[tuple(sorted(TOPIC_ROLE_TYPES["clickstream"]))]  # type: ignore[valid-type]
-    event_time: int  # ISO-8601 text goes the checked way
+    event_time: Int64  # ISO-8601 text goes the checked way
     channel: Literal["app", "web", "mini_program"] | None = None
     country: str | None = None
     product_id: _FastId | None = None
@@ -227,6 +236,7 @@ class EventValidator:
         self._category_index = {c: i for i, c in enumerate(config.taxonomy.categories)}
         self._rates = dict(config.currency.rates)
         self._max_bytes = config.processing.max_event_bytes
+        self._fast_max_bytes = min(self._max_bytes, FAST_PATH_MAX_BYTES)
         self._min_time_ms = config.processing.min_event_time_ms
         self._max_skew_ms = config.processing.max_future_skew_seconds * 1000
         self._promise_before_ms = config.processing.promised_delivery_max_days_before * 86_400_000
@@ -256,12 +266,14 @@ class EventValidator:
         A clickstream message (nine events in ten) first tries the compiled fast
         path: msgspec decodes and type-checks it in C into ``_Click`` and the few
         checks left are made here. An order or customer message tries its topic's
-        (``operators.fast_paths``). A fast path accepts only what
-        ``parse_checked`` accepts, with the same result (tests/test_events.py
-        holds them to that with hypothesis); what it does not accept goes the
+        (``operators.fast_paths``). A fast path takes messages of at most
+        ``FAST_PATH_MAX_BYTES`` and accepts only what ``parse_checked`` accepts,
+        with the same result (tests/test_events.py and tests/test_fast_paths.py
+        hold them to that with hypothesis); what it does not accept goes the
         checked way, which words the rejection.
         """
-        if value is not None and topic in self._click_topics and len(value) <= self._max_bytes:
+        fast = value is not None and len(value) <= self._fast_max_bytes
+        if fast and topic in self._click_topics:
             try:
                 c = _CLICK_DECODER.decode(value)
             except msgspec.DecodeError:  # ValidationError too
@@ -319,7 +331,7 @@ class EventValidator:
                             {},
                         ),
                     )
-        elif value is not None and topic in self._fast_paths and len(value) <= self._max_bytes:
+        elif fast and topic in self._fast_paths:
             found = self._fast_paths[topic](value, topic, partition, offset, timestamp_ms, now_ms)
             if found is not None:
                 return found

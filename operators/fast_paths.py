@@ -9,7 +9,8 @@ the same ``ParsedEvent`` (tests/test_fast_paths.py holds them to that with
 hypothesis); a message it does not accept (``None``) goes the checked way,
 which words the rejection. So no valid event of these topics builds a Python
 dict per message unless it carries a field the fast paths leave to the checked
-way (hashes, PII, a query, a price, unknown fields, ISO-8601 times).
+way (hashes, PII, a query, a price, unknown fields, ISO-8601 times) or is longer
+than ``events.FAST_PATH_MAX_BYTES``.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from crmstream.operators.events import (
     LOGISTICS_STATUS_CODE,
     MAX_ORDER_ITEMS,
     TOPIC_ROLE_TYPES,
+    Int64,
     ParsedEvent,
     new_tuple,
 )
@@ -41,7 +43,6 @@ from crmstream.operators.zones import find_zone
 
 _FastId = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_ID_LEN)]
 _Money = Annotated[float, msgspec.Meta(ge=0.0, le=1e9)]  # fields.number(..., 0.0, 1e9)
-_OrjsonInt = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
 _UNSET = msgspec.UNSET
 _Unset = msgspec.UnsetType
 
@@ -68,14 +69,13 @@ class _Order(msgspec.Struct, forbid_unknown_fields=True, gc=False):
     event_id: _FastId
     customer_id: _FastId
     event_type: Literal[tuple(sorted(TOPIC_ROLE_TYPES["orders"]))]  # type: ignore[valid-type]
-    event_time: int  # ISO-8601 text goes the checked way
+    event_time: Int64  # ISO-8601 text goes the checked way
     order_id: _FastId  # required by every order type
     amount: _Money | _Unset = _UNSET
     currency: str | _Unset | None = _UNSET
     items: Annotated[list[_Item], msgspec.Meta(max_length=MAX_ORDER_ITEMS)] | _Unset = _UNSET
-    # Kept as it is by the types that do not check it: a 64-bit integer, which orjson
-    # reads as an integer too (it reads a longer one as a float; msgspec, as an int).
-    promised_delivery_time: _OrjsonInt | _Unset = _UNSET
+    # Kept as it is by the types that do not check it: a 64-bit integer (events.Int64).
+    promised_delivery_time: Int64 | _Unset = _UNSET
     status: str | _Unset = _UNSET
     channel: Literal["app", "web", "mini_program"] | _Unset | None = _UNSET
     country: str | _Unset | None = _UNSET
@@ -88,7 +88,7 @@ class _Customer(msgspec.Struct, forbid_unknown_fields=True, gc=False):
     event_id: _FastId
     customer_id: _FastId
     event_type: Literal[tuple(sorted(TOPIC_ROLE_TYPES["customers"]))]  # type: ignore[valid-type]
-    event_time: int
+    event_time: Int64
     channel: str | _Unset | None = _UNSET
     country: str | _Unset | None = _UNSET
     # Checked for profile_updated; kept as they are for the other types.

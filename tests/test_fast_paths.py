@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
+import re
 
 import orjson
 import pytest
@@ -308,3 +310,82 @@ def test_the_fast_path_takes_the_workloads_events(monkeypatch, role):
           f"{len(slow)} went the checked way")  # fmt: skip
     assert len(kinds) >= (6 if role == "orders" else 2)
     assert len(slow) == len(events) - valid
+
+
+# ------------------------------- numbers orjson and msgspec read differently (outsider)
+# A decimal halfway between two adjacent doubles, written with more than about 768
+# significant digits: orjson rounds it up, msgspec (and float()) to even. The fast paths
+# take no message long enough to hold such a number (events.FAST_PATH_MAX_BYTES).
+Z = b"0" * 800
+OUTSIDER_CASES = [  # (topic, message) as found, each once read differently by the two ways
+    (CLICK, b'{"event_id":"e1","customer_id":"c1","event_type":"checkout_started",'
+            b'"event_time":1767225600000,"price":1000000000.000000059604644775390625'
+            + Z + b',"currency":"USD"}'),
+    (CLICK, b'{"event_id":"e1","customer_id":"c1","event_type":"checkout_started",'
+            b'"event_time":1767225600000,"price":19.9000000000000003552713678800500929355621337890625'
+            + Z + b',"currency":"USD"}'),
+    (ORDERS, b'{"event_id":"e1","customer_id":"c1","event_type":"order_placed",'
+             b'"event_time":1767225600000,"order_id":"o1","amount":1000000000.000000059604644775390625'
+             + Z + b',"currency":"USD"}'),
+    (ORDERS, b'{"event_id":"e1","customer_id":"c1","event_type":"order_placed",'
+             b'"event_time":1767225600000,"order_id":"o1","amount":1,"currency":"USD","items":'
+             b'[{"product_id":"p","price":1,"category":"womens_fashion","quantity":'
+             b'1000000.0000000000582076609134674072265625' + Z + b"}]}"),
+    (ORDERS, b'{"event_id":"e1","customer_id":"c1","event_type":"order_paid",'
+             b'"event_time":1767225600000,"order_id":"o1","amount":20,"currency":"EUR","items":'
+             b'[{"product_id":"p1","price":10,"category":"womens_fashion"},{"product_id":"p2",'
+             b'"price":10.00000000000000088817841970012523233890533447265625'
+             + Z + b',"category":"mens_fashion"}]}'),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("topic,value", OUTSIDER_CASES)
+def test_a_number_orjson_rounds_differently_gets_the_checked_result(topic, value):
+    assert same(*both_ways(value, topic))
+
+
+def halfway(v: float) -> str:
+    """The decimal exactly halfway between ``v`` and the next double up."""
+    from decimal import Decimal, localcontext
+
+    with localcontext() as exact:
+        exact.prec = 2000  # a double's exact decimal has at most 767 significant digits
+        text = format((Decimal(v) + Decimal(math.nextafter(v, math.inf))) / 2, "f")
+    return text if "." in text else text + ".0"
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    v=st.floats(0, 1e9) | st.sampled_from([1e9, 1e6, 19.9, 10.0, 1.0, 0.0, 5e-324]),
+    zeros=st.integers(0, 900),
+    where=st.sampled_from(["price", "amount", "item_price", "quantity"]),
+)
+def test_long_halfway_numbers_get_the_checked_result_at_any_message_length(v, zeros, where):
+    """Messages on both sides of the fast paths' length bound, with a number as long as
+    the message allows that orjson may round differently from msgspec."""
+    number = (halfway(v) + "0" * zeros).encode()
+    if where == "price":
+        body, topic, field = click_event_of("checkout_started"), CLICK, b'"price":'
+    else:
+        body, topic = order_event("order_placed"), ORDERS
+        body["items"] = [{"product_id": "p", "category": "beauty", "price": 1.0, "quantity": 2}]
+        field = {"amount": b'"amount":', "item_price": b'"price":', "quantity": b'"quantity":'}
+        field = field[where]
+    raw = orjson.dumps(body)
+    at = raw.index(field) + len(field)
+    end = at + len(re.match(rb"[-0-9.eE+]+", raw[at:]).group())
+    assert same(*both_ways(raw[:at] + number + raw[end:], topic))
+
+
+def click_event_of(event_type: str) -> dict:
+    return {"event_id": "e1", "customer_id": "c1", "event_type": event_type,
+            "event_time": NOW - 5_000, "price": 1.0, "currency": "USD"}  # fmt: skip
+
+
+def test_an_event_time_past_64_bits_gets_the_checked_result():
+    """orjson reads it as a float, which the checked way refuses; msgspec as an int."""
+    for topic, body in ((CLICK, click_event_of("page_view")), (CUSTOMERS, customer_event(
+            "profile_updated")), (ORDERS, order_event("order_shipped"))):  # fmt: skip
+        raw = orjson.dumps(body).replace(str(NOW - 5_000).encode(), str(2**64).encode())
+        args = (b"k", raw, topic, 3, 1042, NOW, 2**65)  # a clock past it
+        assert same(VALIDATOR.parse(*args), VALIDATOR.parse_checked(*args))
