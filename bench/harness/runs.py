@@ -158,25 +158,26 @@ class SizeRun:
     # contenders -----------------------------------------------------------------
 
     def ceiling(self, n: int) -> Result:
-        children = [
-            Child(
-                _me(
-                    "ceiling",
-                    "--brokers",
-                    self.brokers,
-                    "--topics",
-                    self.topics,
-                    "--part",
-                    str(i),
-                    "--of",
-                    str(n),
-                    "--fetch-bytes",
-                    str(self.args.fetch_bytes),
-                )
-            ).start()
-            for i in range(n)
-        ]
+        # The watch samples before the children start: their timed windows lie inside.
         with CpuWatch(self.h.broker_pid, self.client) as watch:
+            children = [
+                Child(
+                    _me(
+                        "ceiling",
+                        "--brokers",
+                        self.brokers,
+                        "--topics",
+                        self.topics,
+                        "--part",
+                        str(i),
+                        "--of",
+                        str(n),
+                        "--fetch-bytes",
+                        str(self.args.fetch_bytes),
+                    )
+                ).start()
+                for i in range(n)
+            ]
             reports = [c.wait(3600) for c in children]
         return Result(
             f"ceiling ({n} proc)",
@@ -204,31 +205,33 @@ class SizeRun:
         client = self.client
         before = int(client.info("memory")["used_memory"])
         addresses = ",".join(f"127.0.0.1:{free_port()}" for _ in range(n))
-        children = [
-            Child(
-                _crm_cmd(
-                    self.brokers,
-                    self.endpoints.redis_url,
-                    sets,
-                    self.args.fetch_bytes,
-                    "--part",
-                    str(i),
-                    "--of",
-                    str(n),
-                    "--addresses",
-                    addresses,
-                )
-            ).start()
-            for i in range(n)
-        ]
-        shards = load_config(None, sets, env={}).processing.shards
-        sampler = (
-            ShardProgress(client, f"{self.tag}{name}", shards, self.ends())
-            if progress
-            else contextlib.nullcontext()
-        )
-        with CpuWatch(self.h.broker_pid, client) as watch, sampler:
-            reports = [c.wait(3600) for c in children]
+        # The watch samples before the children start: their timed windows lie inside.
+        with CpuWatch(self.h.broker_pid, client) as watch:
+            children = [
+                Child(
+                    _crm_cmd(
+                        self.brokers,
+                        self.endpoints.redis_url,
+                        sets,
+                        self.args.fetch_bytes,
+                        "--part",
+                        str(i),
+                        "--of",
+                        str(n),
+                        "--addresses",
+                        addresses,
+                    )
+                ).start()
+                for i in range(n)
+            ]
+            shards = load_config(None, sets, env={}).processing.shards
+            sampler = (
+                ShardProgress(client, f"{self.tag}{name}", shards, self.ends())
+                if progress
+                else contextlib.nullcontext()
+            )
+            with sampler:
+                reports = [c.wait(3600) for c in children]
         shard_rows = (
             sampler.report(max(r["started_at"] for r in reports))
             if isinstance(sampler, ShardProgress)
