@@ -389,3 +389,80 @@ def test_an_event_time_past_64_bits_gets_the_checked_result():
         raw = orjson.dumps(body).replace(str(NOW - 5_000).encode(), str(2**64).encode())
         args = (b"k", raw, topic, 3, 1042, NOW, 2**65)  # a clock past it
         assert same(VALIDATOR.parse(*args), VALIDATOR.parse_checked(*args))
+
+
+# ------------------------------------------- edges decided alike, whatever hypothesis draws
+def _order(event_type: str, **changes) -> dict:
+    body = order_event(event_type)
+    body.update(changes)
+    return {k: v for k, v in body.items() if v is not _DROP}
+
+
+_DROP = object()
+EDGES = [  # (topic, body): each decided alike by both ways, on every run
+    (ORDERS, _order("order_placed", amount=_DROP)),  # amount required
+    (ORDERS, _order("order_paid", currency=None)),
+    (ORDERS, _order("order_paid", customer_id="}c")),  # the hash-tag rule
+    (ORDERS, _order("order_paid", customer_id="c\x00")),  # not printable
+    (ORDERS, _order("logistics_update", promised_delivery_time=0)),  # kept, though 0
+    (ORDERS, _order("order_paid", status="")),  # kept, though empty
+    (ORDERS, _order("order_paid", status="lost")),  # kept, not checked
+    (ORDERS, _order("logistics_update", status="lost")),  # checked
+    (ORDERS, _order("order_shipped", promised_delivery_time=NOW + 365 * DAY - 5_000)),
+    (ORDERS, _order("order_shipped", promised_delivery_time=NOW + 365 * DAY - 4_999)),
+    (CUSTOMERS, {**customer_event("consent_granted"), "customer_id": "}c"}),
+    (CUSTOMERS, {**customer_event("consent_granted"), "channel": None}),
+    (CUSTOMERS, {**customer_event("profile_updated"), "channel": "push"}),
+    (CUSTOMERS, {**customer_event("profile_updated"), "timezone": "Mars/Olympus"}),
+]
+
+
+@pytest.mark.parametrize("topic,body", EDGES)
+def test_edges_are_decided_alike(topic, body):
+    assert same(*both_ways(orjson.dumps(body), topic))
+
+
+@pytest.mark.parametrize(
+    "change",
+    [{"timezone": "Mars/Olympus"}, {"birthday": "13-01"}, {"language": "x" * 36},
+     {"preferred_channel": "fax"}],
+)  # fmt: skip
+@pytest.mark.parametrize(
+    "event_type", ["consent_granted", "consent_withdrawn", "erasure_requested"]
+)
+def test_profile_fields_other_types_keep_unchecked_take_the_fast_path(event_type, change):
+    """profile_updated checks these fields; the other customer types keep them as they
+    are, and the fast path takes them so."""
+    body = {**customer_event(event_type), **change}
+    parsed = fast(body)
+    assert parsed is not None
+    assert same(parsed, both_ways(orjson.dumps(body), CUSTOMERS)[1])
+
+
+def test_a_promise_before_1970_is_refused_when_the_shop_takes_events_from_1970():
+    """With ``processing.min_event_time`` at 1970, an event 10 days after it may promise
+    no earlier than 1970 (a timer due before it could not fire)."""
+    config = load_config(overrides=["processing.min_event_time=1970-01-01T00:00:00+00:00"],
+                         env={})  # fmt: skip
+    validator = EventValidator(config)
+    body = {**order_event("order_shipped"), "event_time": 10 * DAY}
+    for promised, valid in ((-1, False), (0, True)):
+        body["promised_delivery_time"] = promised
+        args = (b"k", orjson.dumps(body), ORDERS, 3, 1042, NOW, NOW)
+        parsed, checked = validator.parse(*args), validator.parse_checked(*args)
+        assert same(parsed, checked)
+        assert isinstance(checked, ParsedEvent) is valid
+
+
+@pytest.mark.parametrize("length", [770, 800, 850, 1000])
+def test_messages_just_past_the_fast_paths_bound_get_the_checked_result(length):
+    """A halfway number padded to ``length`` characters (orjson misreads it from about
+    770), in messages from 800 to 1,100 bytes."""
+    number = halfway(1e9)
+    number = (number + "0" * (length - len(number))).encode()
+    for topic, raw in (
+        (CLICK, orjson.dumps(click_event_of("checkout_started")).replace(b"1.0", number)),
+        (ORDERS, orjson.dumps(order_event("order_placed")).replace(b"42.5", number)),
+    ):
+        assert number in raw
+        assert same(*both_ways(raw, topic))
