@@ -79,7 +79,7 @@ bench-exchange: setup  ## what an item costs to pickle for another worker proces
 bench-backtest: setup  ## a 1M-event backtest against a replay of the same history (ARGS="--events 200000")
 	$(BIN)/python -m crmstream.bench.backtest_bench $(ARGS)
 
-bench-all: setup  ## crmstream vs ceiling, naive baseline and Quix Streams; 100k and 1M customers; table + PNG
+bench-all: setup  ## crmstream vs ceiling, Pathway, naive baseline and Quix Streams; 100k and 1M customers; hot-key run; latency; table + PNG
 	$(BIN)/python -m crmstream.bench.harness $(ARGS)
 
 bench-smoke: setup
