@@ -15,7 +15,7 @@ than ``events.FAST_PATH_MAX_BYTES``.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -122,14 +122,21 @@ class FastPaths:
         self._promise_before_ms = processing.promised_delivery_max_days_before * 86_400_000
         self._promise_after_ms = processing.promised_delivery_max_days_after * 86_400_000
 
-    def _common(self, t: int, customer_id: str, country: object, now_ms: int) -> bool:
-        """The checks of every type that types cannot say: the time's range, the
-        customer-id alphabet, the country code."""
-        return (
-            self._min_time_ms <= t <= now_ms + self._max_skew_ms
-            and is_customer_id(customer_id)
+    def _decode(self, decoder: msgspec.json.Decoder, value: bytes, now_ms: int) -> Any:
+        """The message as ``decoder``'s struct if it passes the checks of every type that
+        types cannot say (the time's range, the customer-id alphabet, the country code),
+        else None."""
+        try:
+            e = decoder.decode(value)
+        except msgspec.DecodeError:  # ValidationError too
+            return None
+        country = e.country
+        ok = (
+            self._min_time_ms <= e.event_time <= now_ms + self._max_skew_ms
+            and is_customer_id(e.customer_id)
             and (country is None or country is _UNSET or is_country(country))
         )
+        return e if ok else None
 
     def order(
         self,
@@ -141,14 +148,10 @@ class FastPaths:
         now_ms: int,
     ) -> ParsedEvent | None:
         """The order event in ``value``, or None: the checked way decides it."""
-        try:
-            o = _ORDER.decode(value)
-        except msgspec.DecodeError:  # ValidationError too
+        o = self._decode(_ORDER, value, now_ms)
+        if o is None:
             return None
-        t = o.event_time
-        country = o.country
-        if not self._common(t, o.customer_id, country, now_ms):
-            return None
+        t, country = o.event_time, o.country
         code = EVENT_CODE[o.event_type]
         category, amount_base, aux = -1, 0.0, 0.0
         promised = o.promised_delivery_time
@@ -197,14 +200,10 @@ class FastPaths:
         now_ms: int,
     ) -> ParsedEvent | None:
         """The customer event in ``value``, or None: the checked way decides it."""
-        try:
-            c = _CUSTOMER.decode(value)
-        except msgspec.DecodeError:  # ValidationError too
+        c = self._decode(_CUSTOMER, value, now_ms)
+        if c is None:
             return None
-        t = c.event_time
-        country = c.country
-        if not self._common(t, c.customer_id, country, now_ms):
-            return None
+        t, country = c.event_time, c.country
         code = EVENT_CODE[c.event_type]
         channel = c.channel
         if code in _CONSENT_CODES:  # a contact channel, required

@@ -399,6 +399,8 @@ def _order(event_type: str, **changes) -> dict:
 
 
 _DROP = object()
+MIN_MS = CONFIG.processing.min_event_time_ms
+SKEW_MS = CONFIG.processing.max_future_skew_seconds * 1000
 EDGES = [  # (topic, body): each decided alike by both ways, on every run
     (ORDERS, _order("order_placed", amount=_DROP)),  # amount required
     (ORDERS, _order("order_paid", currency=None)),
@@ -410,6 +412,22 @@ EDGES = [  # (topic, body): each decided alike by both ways, on every run
     (ORDERS, _order("logistics_update", status="lost")),  # checked
     (ORDERS, _order("order_shipped", promised_delivery_time=NOW + 365 * DAY - 5_000)),
     (ORDERS, _order("order_shipped", promised_delivery_time=NOW + 365 * DAY - 4_999)),
+    *(  # the accepted event times' bounds, and one past each
+        (topic, {**body, "event_time": t})
+        for topic, body in (
+            (ORDERS, order_event("order_paid")),
+            (CUSTOMERS, customer_event("consent_granted")),
+        )
+        for t in (MIN_MS - 1, MIN_MS, NOW + SKEW_MS, NOW + SKEW_MS + 1)
+    ),
+    (ORDERS, _order("order_paid", channel=None)),  # kept as null
+    (ORDERS, _order("order_paid", country="de")),
+    (ORDERS, _order("order_placed", items=[{"product_id": "p", "category": "x", "price": 1}])),
+    (CUSTOMERS, {**customer_event("consent_granted"), "channel": "web"}),  # not a contact one
+    (CUSTOMERS, {**customer_event("profile_updated"), "birthday": "13-01"}),
+    (CUSTOMERS, {**customer_event("profile_updated"), "preferred_channel": "fax"}),
+    (CUSTOMERS, {**customer_event("profile_updated"), "language": "x" * 36}),
+    (CUSTOMERS, {**customer_event("consent_granted"), "birthday": "", "timezone": ""}),
     (CUSTOMERS, {**customer_event("consent_granted"), "customer_id": "}c"}),
     (CUSTOMERS, {**customer_event("consent_granted"), "channel": None}),
     (CUSTOMERS, {**customer_event("profile_updated"), "channel": "push"}),
