@@ -6,6 +6,8 @@ the blobs of a whole batch into one structured array (missing customers become
 fresh records) and ``encode_records`` turns it back into bytes, so the kernels
 only ever see arrays. A blob of an older layout is migrated on read; a blob of
 an unknown or corrupt layout raises ``StateEncodingError`` naming the key.
+Layout 7 ends each blob with a CRC-32 of the bytes before it, so a blob cut short,
+extended or with a changed byte is refused instead of read as another record.
 
 Windows are rings of buckets at fixed resolutions (see docs/state.md):
 10-minute and hourly buckets for the 1 h and 24 h windows, daily buckets for
@@ -16,12 +18,14 @@ of wrapping. Older layouts and their migration live in ``state.legacy``.
 
 from __future__ import annotations
 
+from zlib import crc32
+
 import numpy as np
 from numba import njit
 
 from crmstream.operators.events import NUM_EVENT_TYPES
 
-LAYOUT_VERSION = 6
+LAYOUT_VERSION = 7
 # Input roles whose applied positions each customer records (exactly-once).
 ROLES: tuple[str, ...] = ("clickstream", "orders", "customers", "feedback")
 ROLE_INDEX = {role: i for i, role in enumerate(ROLES)}
@@ -144,6 +148,9 @@ STATE_BYTES = STATE_DTYPE.itemsize
 DEDUP_IDS = 8
 
 _VERSION_BYTE = bytes([LAYOUT_VERSION])
+# Layout 6: layout 7's record and packing without the checksum (read, then rewritten).
+_UNCHECKED_BYTE = bytes([6])
+CHECK_BYTES = 4  # layout 7's trailer: CRC-32 (little-endian) of the blob before it
 
 
 class StateEncodingError(ValueError):
@@ -177,10 +184,11 @@ def fresh_records(
     return records
 
 
-# Layouts 4 to 6 store a record packed: its bytes XOR a fresh record's (so a field
+# Layouts 4 to 7 store a record packed: its bytes XOR a fresh record's (so a field
 # still at its initial value becomes zeros), then runs of zeros squeezed out.
 # Packed, after the version byte: tokens of (zeros, n, n literal bytes), each
-# count one byte; zeros after the last token are implied.
+# count one byte; zeros after the last token are implied. Layout 7 then appends
+# CHECK_BYTES of CRC-32 over the version byte and the tokens.
 _TEMPLATE = np.frombuffer(fresh_records(1).tobytes(), np.uint8)
 # _pack compares whole 64-bit words of a record with the template's.
 assert STATE_BYTES % 8 == 0, f"pad STATE_DTYPE to a multiple of 8 bytes, not {STATE_BYTES}"
@@ -196,7 +204,7 @@ def _pack(raw, words, template, template_words, out, ends):  # pragma: no cover 
     width = raw.shape[1]
     pos = 0
     for r in range(raw.shape[0]):
-        out[pos] = raw[r, 0]  # the version byte, kept as is
+        out[pos] = template[0]  # the version byte: this layout's
         pos += 1
         i = 1
         while i < width:
@@ -266,18 +274,40 @@ def decode_batch(blobs: list[bytes | None], keys: list[str]) -> np.ndarray:
     records = np.empty(len(blobs), STATE_DTYPE)
     records.view(np.uint8).reshape(len(blobs), STATE_BYTES)[:] = _TEMPLATE  # fresh records
     packed: list[int] = []
+    unchecked: list[int] = []
     older: list[int] = []
     for i, blob in enumerate(blobs):
         if blob is None:
             continue
-        (packed if blob[:1] == _VERSION_BYTE else older).append(i)
+        head = blob[:1]
+        if head == _VERSION_BYTE:
+            packed.append(i)
+        else:
+            (unchecked if head == _UNCHECKED_BYTE else older).append(i)
     if packed:
-        unpack_into(records, blobs, keys, packed, _TEMPLATE)
+        _check(blobs, keys, packed)
+        unpack_into(records, blobs, keys, packed, _TEMPLATE, CHECK_BYTES)
+    if unchecked:
+        unpack_into(records, blobs, keys, unchecked, _TEMPLATE)
+        records["version"][unchecked] = LAYOUT_VERSION
     if older:
         from crmstream.state import legacy  # only while blobs of older layouts remain
 
         legacy.migrate(blobs, keys, older, records)
     return records
+
+
+def _check(blobs: list[bytes | None], keys: list[str], rows: list[int]) -> None:
+    """Raise StateEncodingError naming the first blob at ``rows`` whose trailer is not
+    the CRC-32 of the bytes before it."""
+    for i in rows:
+        blob = blobs[i]
+        body = len(blob) - CHECK_BYTES
+        if body < 1 or crc32(memoryview(blob)[:body]) != int.from_bytes(blob[body:], "little"):
+            raise StateEncodingError(
+                f"state at {keys[i]!r} is a corrupt layout-{blob[0]} blob ({len(blob)} bytes): "
+                "its checksum does not match (cut short, extended or changed)"
+            )
 
 
 def unpack_into(
@@ -286,17 +316,18 @@ def unpack_into(
     keys: list[str],
     rows: list[int],
     template: np.ndarray,
+    trailer: int = 0,
 ) -> None:
     """Unpack the packed blobs at ``rows`` into those rows of ``records`` (fresh records of
     the layout ``template``, a fresh record's bytes, is of); each row gets its blob's
-    version byte."""
+    version byte. The last ``trailer`` bytes of each blob are not part of the record."""
     parts = [blobs[i] for i in rows]
     ends = np.cumsum([len(p) for p in parts])
     starts = ends - [len(p) for p in parts]
     buf = np.frombuffer(b"".join(parts), np.uint8)
     width = records.dtype.itemsize
     raw = records.view(np.uint8).reshape(len(records), width)
-    bad = _unpack(buf, starts, ends, np.array(rows, np.int64), template, raw)
+    bad = _unpack(buf, starts, ends - trailer, np.array(rows, np.int64), template, raw)
     if bad >= 0:
         i = rows[bad]
         raise StateEncodingError(
@@ -305,7 +336,7 @@ def unpack_into(
 
 
 def encode_records(records: np.ndarray) -> list[bytes]:
-    """One packed blob per record."""
+    """One packed blob per record, each ending in its CRC-32 (layout 7)."""
     n = len(records)
     raw = np.ascontiguousarray(records).view(np.uint8).reshape(n, STATE_BYTES)
     out = np.empty(n * _MAX_PACKED, np.uint8)
@@ -313,4 +344,8 @@ def encode_records(records: np.ndarray) -> list[bytes]:
     _pack(raw, raw.view(np.uint64), _TEMPLATE, _TEMPLATE_WORDS, out, ends)
     data = out[: ends[-1]].tobytes() if n else b""
     bounds = [0, *ends.tolist()]
-    return [data[bounds[i] : bounds[i + 1]] for i in range(n)]
+    blobs = []
+    for i in range(n):
+        blob = data[bounds[i] : bounds[i + 1]]
+        blobs.append(blob + crc32(blob).to_bytes(CHECK_BYTES, "little"))
+    return blobs

@@ -3,12 +3,15 @@ outbox entry format."""
 
 from __future__ import annotations
 
+import zlib
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from crmstream.state.encoding import (
+    CHECK_BYTES,
     LAYOUT_VERSION,
     STATE_BYTES,
     STATE_DTYPE,
@@ -65,12 +68,61 @@ def test_sparse_changes_pack_small_and_round_trip(changes):
             raw[row, offset] = value
     packed = encode_records(records)
     for blob, edits in zip(packed, changes, strict=True):
-        assert len(blob) <= 1 + 3 * len(edits) + 2 * (STATE_BYTES // 255 + 1)
+        assert len(blob) <= 1 + 3 * len(edits) + 2 * (STATE_BYTES // 255 + 1) + CHECK_BYTES
     assert decode_batch(packed, ["k"] * len(packed)).tobytes() == records.tobytes()
 
 
-def test_a_fresh_record_packs_to_its_version_byte():
-    assert encode_records(fresh_records(2)) == [bytes([LAYOUT_VERSION])] * 2
+def test_a_fresh_record_packs_to_its_version_byte_and_checksum():
+    head = bytes([LAYOUT_VERSION])
+    assert encode_records(fresh_records(2)) == [head + _crc(head)] * 2
+
+
+def _crc(blob: bytes) -> bytes:
+    return zlib.crc32(blob).to_bytes(4, "little")
+
+
+def _checked(blob6: bytes) -> bytes:
+    """The layout-7 blob of a layout-6 one: version byte 7, then the CRC-32 trailer."""
+    body = bytes([7]) + blob6[1:]
+    return body + _crc(body)
+
+
+@given(st.binary(min_size=STATE_BYTES - 1, max_size=STATE_BYTES - 1), st.data())
+def test_a_stored_blob_cut_short_extended_or_changed_is_refused_naming_the_key(payload, data):
+    """Layout 7's checksum: whatever is done to a stored blob (any cut, any bytes
+    appended, any byte changed) decodes to an error naming the key, never to another
+    record. Layout 6 had no check, and a blob cut at a token's end read as a record
+    whose later fields were reset."""
+    records = np.frombuffer(bytes([LAYOUT_VERSION]) + payload, dtype=STATE_DTYPE).copy()
+    (blob,) = encode_records(records)
+    damage = data.draw(st.sampled_from(["cut", "extend", "change"]))
+    if damage == "cut":
+        bad = blob[: data.draw(st.integers(1, len(blob) - 1))]
+    elif damage == "extend":
+        bad = blob + data.draw(st.binary(min_size=1, max_size=8))
+    else:
+        at = data.draw(st.integers(1, len(blob) - 1))  # byte 0 chooses the layout
+        flip = data.draw(st.integers(1, 255))
+        bad = blob[:at] + bytes([blob[at] ^ flip]) + blob[at + 1 :]
+    with pytest.raises(StateEncodingError, match=r"state at .crm:\{c1\}:s. is a corrupt layout-7"):
+        decode_batch([bad], ["crm:{c1}:s"])
+    assert decode_batch([blob], ["crm:{c1}:s"]).tobytes() == records.tobytes()
+
+
+@given(st.lists(st.binary(min_size=STATE_BYTES - 1, max_size=STATE_BYTES - 1), max_size=4))
+def test_layout_6_blobs_are_read_as_they_are_and_written_back_checked(payloads):
+    """A layout-6 blob is a layout-7 one without its trailer: read as the same record
+    (mixed in one batch with layout-7 blobs), it writes back as layout 7."""
+    records = np.frombuffer(
+        b"".join(bytes([LAYOUT_VERSION]) + p for p in payloads), dtype=STATE_DTYPE
+    ).copy()
+    blobs = encode_records(records)
+    old = [bytes([6]) + b[1:-CHECK_BYTES] for b in blobs]
+    mixed = [o if i % 2 else b for i, (o, b) in enumerate(zip(old, blobs, strict=True))]
+    for batch in (old, mixed):
+        again = decode_batch(batch, [f"k{i}" for i in range(len(batch))])
+        assert again.tobytes() == records.tobytes()
+        assert encode_records(again) == blobs
 
 
 def _unpack_by_the_docs(blob: bytes, template: bytes) -> bytes | None:
@@ -102,16 +154,18 @@ def test_any_packed_bytes_decode_to_what_the_format_says_or_raise_a_clear_error(
     is cut short or runs past the record, a StateEncodingError naming the key."""
     template = fresh_records(1).tobytes()
     for payload in (tail, b"".join(bytes([z, len(lit)]) + lit for z, lit in tokens) + tail[:3]):
-        blob = bytes([LAYOUT_VERSION]) + payload
+        blob = bytes([6]) + payload  # layout 6: the packing without the checksum
         expected = _unpack_by_the_docs(blob, template)
-        try:
-            (record,) = decode_batch([blob], ["crm:{c1}:s"])
-        except StateEncodingError as error:
-            assert expected is None, blob
-            assert "crm:{c1}:s" in str(error) and "corrupt" in str(error)
-        else:
-            assert expected is not None, blob
-            assert record.tobytes() == expected
+        for stored in (blob, _checked(blob)):
+            try:
+                (record,) = decode_batch([stored], ["crm:{c1}:s"])
+            except StateEncodingError as error:
+                assert expected is None, stored
+                assert "crm:{c1}:s" in str(error) and "corrupt" in str(error)
+            else:
+                assert expected is not None, stored
+                assert record.tobytes()[1:] == expected[1:]
+                assert record["version"] == LAYOUT_VERSION
 
 
 @given(st.sampled_from([4, 5]), st.binary(max_size=64))
@@ -129,7 +183,7 @@ def test_any_packed_bytes_of_older_layouts_decode_or_raise_a_clear_error(version
         assert int(records["version"][0]) == LAYOUT_VERSION
 
 
-@pytest.mark.parametrize("version", [4, 5, LAYOUT_VERSION])
+@pytest.mark.parametrize("version", [4, 5, 6, LAYOUT_VERSION])
 def test_truncated_packed_state_names_the_key(version):
     with pytest.raises(
         StateEncodingError, match=rf"state at .crm:\{{c1\}}:s. is a corrupt layout-{version}"
@@ -338,15 +392,16 @@ def test_outbox_entries_keep_their_bytes():
 def test_a_token_that_ends_at_the_records_end_decodes_and_one_byte_past_it_does_not(past):
     template = fresh_records(1).tobytes()
     skip, n = len(template) - 1 - 3, 3 + past  # to 3 bytes before the end, then n bytes
-    blob = bytearray([LAYOUT_VERSION])
+    blob = bytearray([6])
     while skip > 255:
         blob += bytes([255, 0])
         skip -= 255
     blob += bytes([skip, n]) + b"\x01" * n
     expected = _unpack_by_the_docs(bytes(blob), template)
-    if past:
-        assert expected is None
-        with pytest.raises(StateEncodingError, match="corrupt"):
-            decode_batch([bytes(blob)], ["crm:{c1}:s"])
-    else:
-        assert decode_batch([bytes(blob)], ["crm:{c1}:s"]).tobytes() == expected
+    for stored in (bytes(blob), _checked(bytes(blob))):
+        if past:
+            assert expected is None
+            with pytest.raises(StateEncodingError, match="corrupt"):
+                decode_batch([stored], ["crm:{c1}:s"])
+        else:
+            assert decode_batch([stored], ["crm:{c1}:s"]).tobytes()[1:] == expected[1:]
