@@ -331,10 +331,12 @@ class EventValidator:
                             {},
                         ),
                     )
-        elif fast and topic in self._fast_paths:
-            found = self._fast_paths[topic](value, topic, partition, offset, timestamp_ms, now_ms)
-            if found is not None:
-                return found
+        elif fast:
+            path = self._fast_paths.get(topic)
+            if path is not None:
+                found = path(value, topic, partition, offset, timestamp_ms, now_ms)
+                if found is not None:
+                    return found
         return self.parse_checked(key, value, topic, partition, offset, timestamp_ms, now_ms)
 
     def _in_time_range(self, event_time_ms: int, now_ms: int) -> bool:
