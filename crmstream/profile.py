@@ -22,6 +22,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
+import redis
 from rich.table import Table
 
 from crmstream.config import CrmConfig
@@ -50,6 +51,7 @@ from crmstream.state.encoding import (
     STAGES,
     TIERS,
     WINDOW_KINDS,
+    StateEncodingError,
     decode_batch,
 )
 from crmstream.state.layout import shard_of, stored_layout
@@ -142,7 +144,14 @@ def customer_views(
         for customer in chunk:
             pipe.get(store.state_key(customer))
             pipe.hgetall(store.profile_key(customer))
-        replies = pipe.execute()
+        replies = pipe.execute(raise_on_error=False)
+        for k, reply in enumerate(replies):
+            if isinstance(reply, redis.ResponseError) and str(reply).startswith("WRONGTYPE"):
+                customer = chunk[k // 2]
+                key = store.profile_key(customer) if k % 2 else store.state_key(customer)
+                raise StateEncodingError(f"{key!r} is unreadable: {reply}")
+            if isinstance(reply, Exception):
+                raise reply
         blobs, hashes = replies[0::2], replies[1::2]
         held = [i for i, b in enumerate(blobs) if b is not None]
         for i, raw in enumerate(hashes):

@@ -6,8 +6,9 @@ the blobs of a whole batch into one structured array (missing customers become
 fresh records) and ``encode_records`` turns it back into bytes, so the kernels
 only ever see arrays. A blob of an older layout is migrated on read; a blob of
 an unknown or corrupt layout raises ``StateEncodingError`` naming the key.
-Layout 7 ends each blob with a CRC-32 of the bytes before it, so a blob cut short,
-extended or with a changed byte is refused instead of read as another record.
+Layout 7 ends each blob with a check (``check_of``: the CRC-32 of the bytes before
+it, XOR their count), so a blob cut short, extended or with a changed byte is refused
+instead of read as another record, and so is one whose version byte was changed.
 
 Windows are rings of buckets at fixed resolutions (see docs/state.md):
 10-minute and hourly buckets for the 1 h and 24 h windows, daily buckets for
@@ -150,11 +151,25 @@ DEDUP_IDS = 8
 _VERSION_BYTE = bytes([LAYOUT_VERSION])
 # Layout 6: layout 7's record and packing without the checksum (read, then rewritten).
 _UNCHECKED_BYTE = bytes([6])
-CHECK_BYTES = 4  # layout 7's trailer: CRC-32 (little-endian) of the blob before it
+# Layout 7's trailer, little-endian: the CRC-32 of the blob before it XOR that blob's
+# length. The length makes the check of a blob with bytes appended depend on its length:
+# a bare CRC-32 of M || CRC(M) is one constant, so appending those 4 bytes would pass.
+CHECK_BYTES = 4
 
 
 class StateEncodingError(ValueError):
     """A stored state blob cannot be decoded."""
+
+
+def check_of(body: bytes | memoryview) -> bytes:
+    """Layout 7's trailer for ``body`` (the version byte and the tokens)."""
+    return (crc32(body) ^ len(body)).to_bytes(CHECK_BYTES, "little")
+
+
+def checks(blob: bytes) -> bool:
+    """Whether ``blob`` ends in the layout-7 check of the bytes before it."""
+    body = len(blob) - CHECK_BYTES
+    return body >= 1 and check_of(memoryview(blob)[:body]) == blob[body:]
 
 
 def fresh_records(
@@ -188,22 +203,72 @@ def fresh_records(
 # still at its initial value becomes zeros), then runs of zeros squeezed out.
 # Packed, after the version byte: tokens of (zeros, n, n literal bytes), each
 # count one byte; zeros after the last token are implied. Layout 7 then appends
-# CHECK_BYTES of CRC-32 over the version byte and the tokens.
+# CHECK_BYTES of check over the version byte and the tokens (``check_of``).
 _TEMPLATE = np.frombuffer(fresh_records(1).tobytes(), np.uint8)
 # _pack compares whole 64-bit words of a record with the template's.
 assert STATE_BYTES % 8 == 0, f"pad STATE_DTYPE to a multiple of 8 bytes, not {STATE_BYTES}"
 _TEMPLATE_WORDS = _TEMPLATE.view(np.uint64)
-_MAX_PACKED = 1 + STATE_BYTES + 2 * (STATE_BYTES // 255 + 2)  # no zeros at all: worst case
+# The worst case (no zeros at all), its checksum included.
+_MAX_PACKED = 1 + STATE_BYTES + 2 * (STATE_BYTES // 255 + 2) + CHECK_BYTES
 _MIN_ZERO_RUN = 3  # shorter zero runs stay inside a literal (a token costs 2 bytes)
 
 
+def _crc_tables() -> np.ndarray:
+    """CRC-32's byte tables for slicing by 8 (zlib's CRC: reflected polynomial
+    0xEDB88320): row 0 is the classic table, row k a byte's effect k bytes on."""
+    tables = np.empty((8, 256), np.uint32)
+    for n in range(256):
+        c = n
+        for _ in range(8):
+            c = 0xEDB88320 ^ (c >> 1) if c & 1 else c >> 1
+        tables[0, n] = c
+    for k in range(1, 8):
+        for n in range(256):
+            prev = int(tables[k - 1, n])
+            tables[k, n] = (prev >> 8) ^ int(tables[0, prev & 0xFF])
+    return tables
+
+
+_CRC_TABLES = _crc_tables()
+
+
 @njit(cache=True, nogil=True)
-def _pack(raw, words, template, template_words, out, ends):  # pragma: no cover - compiled
+def crc32_of(buf, start, end, t):  # pragma: no cover - compiled
+    """CRC-32 of ``buf[start:end]`` (bytes), as ``zlib.crc32`` gives it, 8 bytes a turn."""
+    c = np.uint32(0xFFFFFFFF)
+    i = start
+    while i + 8 <= end:
+        one = c ^ (
+            np.uint32(buf[i])
+            | np.uint32(buf[i + 1]) << np.uint32(8)
+            | np.uint32(buf[i + 2]) << np.uint32(16)
+            | np.uint32(buf[i + 3]) << np.uint32(24)
+        )
+        c = (
+            t[7, one & 0xFF]
+            ^ t[6, (one >> np.uint32(8)) & 0xFF]
+            ^ t[5, (one >> np.uint32(16)) & 0xFF]
+            ^ t[4, one >> np.uint32(24)]
+            ^ t[3, buf[i + 4]]
+            ^ t[2, buf[i + 5]]
+            ^ t[1, buf[i + 6]]
+            ^ t[0, buf[i + 7]]
+        )
+        i += 8
+    while i < end:
+        c = t[0, (c ^ buf[i]) & 0xFF] ^ (c >> np.uint32(8))
+        i += 1
+    return c ^ np.uint32(0xFFFFFFFF)
+
+
+@njit(cache=True, nogil=True)
+def _pack(raw, words, template, template_words, out, ends, tables):  # pragma: no cover
     """Pack each row of ``raw`` (records as bytes; ``words``: the same as 64-bit words)
-    into ``out``; ``ends[i]`` is where row i ends."""
+    into ``out``, each followed by its CRC-32; ``ends[i]`` is where row i ends."""
     width = raw.shape[1]
     pos = 0
     for r in range(raw.shape[0]):
+        first = pos
         out[pos] = template[0]  # the version byte: this layout's
         pos += 1
         i = 1
@@ -241,19 +306,33 @@ def _pack(raw, words, template, template_words, out, ends):  # pragma: no cover 
                 i += 1
             out[head] = zeros
             out[head + 1] = n
+        crc = crc32_of(out, first, pos, tables) ^ np.uint32(pos - first)
+        for b in range(4):  # CHECK_BYTES, little-endian
+            out[pos + b] = (crc >> np.uint32(8 * b)) & 0xFF
+        pos += 4
         ends[r] = pos
 
 
 @njit(cache=True, nogil=True)
-def _unpack(buf, starts, ends, rows, template, into):  # pragma: no cover - compiled
+def _unpack(buf, starts, ends, rows, template, into, trailer, tables):  # pragma: no cover
     """Unpack blobs ``buf[starts[k]:ends[k]]`` into ``into[rows[k]]``, rows that hold
     the ``template`` (fresh records); returns the first corrupt blob's position in
-    ``rows``, or -1."""
+    ``rows``, or -1. ``trailer``: 4 (CHECK_BYTES) when each blob ends in the check of
+    the bytes before it (``check_of``), else 0."""
     width = into.shape[1]
     for k in range(starts.shape[0]):
         row = rows[k]
+        end = ends[k] - trailer
+        if end < starts[k] + 1:
+            return k
+        if trailer:
+            stored = np.uint32(0)
+            for b in range(4):
+                stored |= np.uint32(buf[end + b]) << np.uint32(8 * b)
+            if crc32_of(buf, starts[k], end, tables) ^ np.uint32(end - starts[k]) != stored:
+                return k
         into[row, 0] = buf[starts[k]]
-        pos, i, end = starts[k] + 1, 1, ends[k]
+        pos, i = starts[k] + 1, 1
         while pos < end:
             if pos + 2 > end:
                 return k
@@ -285,8 +364,13 @@ def decode_batch(blobs: list[bytes | None], keys: list[str]) -> np.ndarray:
         else:
             (unchecked if head == _UNCHECKED_BYTE else older).append(i)
     if packed:
-        _check(blobs, keys, packed)
         unpack_into(records, blobs, keys, packed, _TEMPLATE, CHECK_BYTES)
+    for i in (*unchecked, *older):
+        if checks(_VERSION_BYTE + blobs[i][1:]):
+            raise StateEncodingError(
+                f"state at {keys[i]!r} reads as layout {blobs[i][0]} but is a layout-"
+                f"{LAYOUT_VERSION} blob ({len(blobs[i])} bytes) whose version byte was changed"
+            )
     if unchecked:
         unpack_into(records, blobs, keys, unchecked, _TEMPLATE)
         records["version"][unchecked] = LAYOUT_VERSION
@@ -295,19 +379,6 @@ def decode_batch(blobs: list[bytes | None], keys: list[str]) -> np.ndarray:
 
         legacy.migrate(blobs, keys, older, records)
     return records
-
-
-def _check(blobs: list[bytes | None], keys: list[str], rows: list[int]) -> None:
-    """Raise StateEncodingError naming the first blob at ``rows`` whose trailer is not
-    the CRC-32 of the bytes before it."""
-    for i in rows:
-        blob = blobs[i]
-        body = len(blob) - CHECK_BYTES
-        if body < 1 or crc32(memoryview(blob)[:body]) != int.from_bytes(blob[body:], "little"):
-            raise StateEncodingError(
-                f"state at {keys[i]!r} is a corrupt layout-{blob[0]} blob ({len(blob)} bytes): "
-                "its checksum does not match (cut short, extended or changed)"
-            )
 
 
 def unpack_into(
@@ -327,11 +398,15 @@ def unpack_into(
     buf = np.frombuffer(b"".join(parts), np.uint8)
     width = records.dtype.itemsize
     raw = records.view(np.uint8).reshape(len(records), width)
-    bad = _unpack(buf, starts, ends - trailer, np.array(rows, np.int64), template, raw)
+    bad = _unpack(buf, starts, ends, np.array(rows, np.int64), template, raw, trailer, _CRC_TABLES)
     if bad >= 0:
-        i = rows[bad]
+        blob = blobs[rows[bad]]
+        why = ""
+        if trailer and not checks(blob):
+            why = ": its checksum does not match (cut short, extended or changed)"
         raise StateEncodingError(
-            f"state at {keys[i]!r} is a corrupt layout-{blobs[i][0]} blob ({len(blobs[i])} bytes)"
+            f"state at {keys[rows[bad]]!r} is a corrupt layout-{blob[0]} blob "
+            f"({len(blob)} bytes){why}"
         )
 
 
@@ -341,11 +416,7 @@ def encode_records(records: np.ndarray) -> list[bytes]:
     raw = np.ascontiguousarray(records).view(np.uint8).reshape(n, STATE_BYTES)
     out = np.empty(n * _MAX_PACKED, np.uint8)
     ends = np.empty(n, np.int64)
-    _pack(raw, raw.view(np.uint64), _TEMPLATE, _TEMPLATE_WORDS, out, ends)
+    _pack(raw, raw.view(np.uint64), _TEMPLATE, _TEMPLATE_WORDS, out, ends, _CRC_TABLES)
     data = out[: ends[-1]].tobytes() if n else b""
     bounds = [0, *ends.tolist()]
-    blobs = []
-    for i in range(n):
-        blob = data[bounds[i] : bounds[i + 1]]
-        blobs.append(blob + crc32(blob).to_bytes(CHECK_BYTES, "little"))
-    return blobs
+    return [data[bounds[i] : bounds[i + 1]] for i in range(n)]

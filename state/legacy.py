@@ -148,9 +148,30 @@ def migrate(blobs: list[bytes | None], keys: list[str], rows: list[int], into: n
     """Read the older-layout blobs at ``rows`` into those rows of ``into`` (fresh
     current records).
 
-    :raises StateEncodingError: naming the key of a blob of no known layout, or of
-        a packed blob that does not fit its layout.
+    :raises StateEncodingError: naming the key of a blob of no known layout, of a
+        packed blob that does not fit its layout, or of one whose fields do not fit
+        the current layout (a value out of its field's range).
     """
+    try:
+        _migrate(blobs, keys, rows, into)
+    except StateEncodingError:
+        raise
+    except (ArithmeticError, ValueError, IndexError, TypeError):
+        for i in rows:  # which one: each on its own
+            try:
+                _migrate(blobs, keys, [i], into)
+            except StateEncodingError:
+                raise
+            except (ArithmeticError, ValueError, IndexError, TypeError) as error:
+                raise StateEncodingError(
+                    f"state at {keys[i]!r} is a layout-{blobs[i][0]} blob "
+                    f"({len(blobs[i])} bytes) that does not read as one: "
+                    f"{type(error).__name__}: {error}"
+                ) from error
+        raise
+
+
+def _migrate(blobs: list[bytes | None], keys: list[str], rows: list[int], into: np.ndarray) -> None:
     old = fresh_records(len(blobs), STATE_DTYPE_V5, 5)
     packed = [i for i in rows if blobs[i][:1] in _PACKED_V5]
     if packed:
@@ -197,6 +218,8 @@ def _buckets_to_days(old: np.void, new: np.ndarray) -> None:
         inside = [d for d in known if first <= d <= final]
         day = inside[0] if inside else max(first, min(final, last))
         placed[day] = (orders, spend)
+    if not placed:  # every bucket empty (the ring moved on past the last order)
+        return
     newest = max(placed)
     for day, (orders, spend) in placed.items():
         if day > newest - RING_ORDERS:

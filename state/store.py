@@ -137,14 +137,21 @@ class StateStore:
         started = time.perf_counter()
         pipe = self._client.pipeline(transaction=False)
         n = len(customer_ids)
+        checked = False  # whether a state key may be of the wrong type (single Redis)
         if self._cluster:
             for key in [self.state_key(c) for c in customer_ids]:
                 pipe.get(key)
             for key in [self.tombstone_key(c) for c in customer_ids]:
                 pipe.get(key)
         else:
-            pipe.mget([self.state_key(c) for c in customer_ids])
-            pipe.mget([self.tombstone_key(c) for c in customer_ids])
+            state_keys = [self.state_key(c) for c in customer_ids]
+            tomb_keys = [self.tombstone_key(c) for c in customer_ids]
+            pipe.mget(state_keys)
+            pipe.mget(tomb_keys)
+            # MGET answers nil for a key of the wrong type, as for a missing one: more
+            # keys existing than values read means one is of the wrong type.
+            pipe.exists(*state_keys)
+            pipe.exists(*tomb_keys)
         for customer in with_promises:
             pipe.hgetall(self.promises_key(customer))
         # A refusal of one customer's key (WRONGTYPE: a key of the wrong type) makes that
@@ -153,9 +160,11 @@ class StateStore:
         if self._cluster:
             blobs, tombs, raw = results[:n], results[n : 2 * n], results[2 * n :]
         else:
-            (blobs, tombs), raw = results[:2], results[2:]
-            for result in (blobs, tombs):
-                _customers_own(result)  # MGET refused: not one customer's
+            (blobs, tombs, n_states, n_tombs), raw = results[:4], results[4:]
+            for result in (blobs, tombs, n_states, n_tombs):
+                _customers_own(result)  # MGET or EXISTS refused: not one customer's
+            checked = len(blobs) - blobs.count(None) < n_states
+            blobs, tombs = self._wrong_types(blobs, tombs, n_states, n_tombs, state_keys, tomb_keys)
         observe_redis("load", started)
         promises: dict[str, dict[str, Promise]] = {}
         unreadable: dict[str, Exception] = {}
@@ -182,8 +191,8 @@ class StateStore:
                     f"erasure tombstone at {self.tombstone_key(customer)!r} is unreadable "
                     f"({tomb!r:.80}): {error}"
                 )
-        if self._cluster:  # one GET per key: a key of the wrong type is refused alone
-            blobs = list(blobs)  # (MGET answers nil for it, never an error)
+        if self._cluster or checked:  # a state key of the wrong type: refused alone
+            blobs = list(blobs)
             for k, (customer, blob) in enumerate(zip(customer_ids, blobs, strict=True)):
                 if _customers_own(blob):
                     unreadable[customer] = StateEncodingError(
@@ -191,6 +200,32 @@ class StateStore:
                     )
                     blobs[k] = None
         return blobs, promises
+
+    def _wrong_types(
+        self,
+        blobs: list,
+        tombs: list,
+        n_states: int,
+        n_tombs: int,
+        state_keys: list[str],
+        tomb_keys: list[str],
+    ) -> tuple[list, list]:
+        """MGET's values with a refusal (WRONGTYPE) in place of each nil that is a key of
+        the wrong type; a second round trip, only when EXISTS counted more keys than
+        MGET read values (a state or tombstone key that is not a string)."""
+        out = []
+        for values, existing, keys in ((blobs, n_states, state_keys), (tombs, n_tombs, tomb_keys)):
+            nil = [k for k, v in enumerate(values) if v is None]
+            if existing > len(values) - len(nil):
+                pipe = self._client.pipeline(transaction=False)
+                for k in nil:
+                    pipe.get(keys[k])
+                values = list(values)
+                for k, value in zip(nil, pipe.execute(raise_on_error=False), strict=True):
+                    if _customers_own(value):
+                        values[k] = value
+            out.append(values)
+        return out[0], out[1]
 
     def subject(self, customer_id: str) -> str:
         """Salted hash of a customer id: what erasure records keep instead of the id."""

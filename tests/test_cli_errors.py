@@ -300,3 +300,41 @@ def test_replay_of_a_file_refuses_until(tmp_path):
     path = tmp_path / "h.jsonl"
     path.write_text("")
     one_line_error(crm("replay", str(path), "--until", "garbage"), "--until 'garbage'", "cdnow")
+
+
+def _damaged_state() -> dict[str, tuple[object, str]]:
+    """customer -> (what its state or profile key holds, what the one line says)."""
+    from crmstream.state.encoding import encode_records, fresh_records
+
+    records = fresh_records(1)
+    records["orders_total"] = 3
+    (blob,) = encode_records(records)
+    return {
+        "cut": (blob[:-1], "checksum does not match"),
+        "flipped": (bytes([6]) + blob[1:], "version byte was changed"),
+        "hashed": ({"hand": "edited"}, "WRONGTYPE"),
+        "hashp": ([b"not", b"a hash"], "WRONGTYPE"),
+    }
+
+
+@pytest.mark.parametrize("customer", ["cut", "flipped", "hashed", "hashp"])
+def test_profile_of_a_damaged_state_is_one_line_naming_the_key(customer, stack):
+    """The outsider's cases: a state blob cut short or with its version byte changed, a
+    state key and a profile key of the wrong type. They were tracebacks (or, for a
+    changed version byte, a wrong profile) or 'Redis failed beyond its retry budget'."""
+    import redis
+
+    prefix = "damaged39"
+    value, says = _damaged_state()[customer]
+    client = redis.Redis.from_url(stack.redis_url)
+    key = f"{prefix}:{{{customer}}}:{'p' if customer == 'hashp' else 's'}"
+    client.delete(key)
+    if isinstance(value, dict):
+        client.hset(key, mapping=value)
+    elif isinstance(value, list):
+        client.rpush(key, *value)
+    else:
+        client.set(key, value)
+    result = crm("profile", customer, "--redis-url", stack.redis_url,
+                 "--set", f"redis.key_prefix={prefix}")  # fmt: skip
+    one_line_error(result, repr(key), says)

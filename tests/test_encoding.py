@@ -7,7 +7,7 @@ import zlib
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from crmstream.state.encoding import (
@@ -74,17 +74,24 @@ def test_sparse_changes_pack_small_and_round_trip(changes):
 
 def test_a_fresh_record_packs_to_its_version_byte_and_checksum():
     head = bytes([LAYOUT_VERSION])
-    assert encode_records(fresh_records(2)) == [head + _crc(head)] * 2
-
-
-def _crc(blob: bytes) -> bytes:
-    return zlib.crc32(blob).to_bytes(4, "little")
+    assert encode_records(fresh_records(2)) == [_checked(head)] * 2
 
 
 def _checked(blob6: bytes) -> bytes:
-    """The layout-7 blob of a layout-6 one: version byte 7, then the CRC-32 trailer."""
+    """The layout-7 blob of a layout-6 one: version byte 7, then the trailer (the CRC-32
+    of the blob before it XOR that blob's length)."""
     body = bytes([7]) + blob6[1:]
-    return body + _crc(body)
+    return body + (zlib.crc32(body) ^ len(body)).to_bytes(4, "little")
+
+
+@given(st.binary(max_size=300), st.integers(0, 300), st.integers(0, 300))
+def test_the_compiled_checksum_is_zlibs_crc32(data, a, b):
+    """Slicing by 8 with a byte-wise tail: every length and offset, as zlib computes it."""
+    from crmstream.state.encoding import _CRC_TABLES, crc32_of
+
+    start, end = sorted((min(a, len(data)), min(b, len(data))))
+    buf = np.frombuffer(data, np.uint8)
+    assert int(crc32_of(buf, start, end, _CRC_TABLES)) == zlib.crc32(data[start:end])
 
 
 @given(st.binary(min_size=STATE_BYTES - 1, max_size=STATE_BYTES - 1), st.data())
@@ -107,6 +114,98 @@ def test_a_stored_blob_cut_short_extended_or_changed_is_refused_naming_the_key(p
     with pytest.raises(StateEncodingError, match=r"state at .crm:\{c1\}:s. is a corrupt layout-7"):
         decode_batch([bad], ["crm:{c1}:s"])
     assert decode_batch([blob], ["crm:{c1}:s"]).tobytes() == records.tobytes()
+
+
+@given(
+    st.dictionaries(st.integers(1, STATE_BYTES - 1), st.integers(0, 255), max_size=40),
+    st.integers(0, 255),
+)
+def test_a_blob_whose_version_byte_was_changed_is_refused(edits, version):
+    """Byte 0 changed to any other value: refused naming the key, whatever layout it now
+    claims. Without the check of the rest, byte 0 set to 6 read the trailer as tokens,
+    and set to 1, 2 or 3 read a blob of such a layout's size as that layout."""
+    assume(version != LAYOUT_VERSION)
+    records = fresh_records(1)
+    for offset, value in edits.items():
+        records.view(np.uint8)[offset] = value
+    (blob,) = encode_records(records)
+    with pytest.raises(StateEncodingError, match=r"state at .crm:\{c1\}:s. "):
+        decode_batch([bytes([version]) + blob[1:]], ["crm:{c1}:s"])
+
+
+def test_a_blob_whose_trailer_reads_as_tokens_with_its_version_byte_set_to_6_is_refused():
+    """A layout-7 blob whose trailer, read as layout 6's tokens, fits the record: byte 0
+    set to 6 would read it as another record."""
+    template = fresh_records(1).tobytes()
+    for amount in range(1, 100_000):
+        records = fresh_records(1)
+        records["orders_total"] = amount
+        (blob,) = encode_records(records)
+        if _unpack_by_the_docs(bytes([6]) + blob[1:], template) is not None:
+            break
+    assert _unpack_by_the_docs(bytes([6]) + blob[1:], template) is not None
+    with pytest.raises(StateEncodingError, match="version byte was changed"):
+        decode_batch([bytes([6]) + blob[1:]], ["crm:{c1}:s"])
+
+
+@pytest.mark.parametrize("version", [1, 2, 3])
+def test_a_blob_of_an_older_layouts_size_with_its_version_byte_changed_is_refused(version):
+    """The outsider's case: a layout-7 blob exactly as long as a plain layout-1, -2 or -3
+    record (368, 889 or 986 bytes), byte 0 set to that layout."""
+    from crmstream.state import legacy
+
+    size = {1: legacy.STATE_DTYPE_V1, 2: legacy.STATE_DTYPE_V2, 3: legacy.STATE_DTYPE_V3}
+    for changed in range(1, 2 * STATE_BYTES):
+        records = fresh_records(1)
+        raw = records.view(np.uint8)
+        raw[1 : 1 + changed] ^= 0x5A  # a literal run of ``changed`` bytes
+        (blob,) = encode_records(records)
+        if len(blob) == size[version].itemsize:
+            break
+    assert len(blob) == size[version].itemsize
+    with pytest.raises(StateEncodingError, match="version byte was changed"):
+        decode_batch([None, bytes([version]) + blob[1:]], ["crm:{c0}:s", "crm:{c1}:s"])
+
+
+def test_the_crc32_residue_appended_is_refused():
+    """CRC-32 of M || CRC(M) is one constant for every M; with a bare CRC-32 trailer,
+    appending its 4 bytes (1c df 44 21) to any blob passed the check."""
+    for changed in (0, 1, 40, 300):
+        records = fresh_records(1)
+        records.view(np.uint8)[1 : 1 + changed] ^= 0x33
+        (blob,) = encode_records(records)
+        with pytest.raises(StateEncodingError, match="checksum"):
+            decode_batch([blob + bytes.fromhex("1cdf4421")], ["crm:{c1}:s"])
+
+
+@pytest.mark.parametrize("version", [1, 2, 3])
+@given(data=st.data())
+def test_any_bytes_of_a_plain_older_layouts_size_read_or_raise_a_clear_error(version, data):
+    """A plain layout-1, -2 or -3 blob holding any values: read (and then written back
+    and read again alike), or refused naming the key; never another exception."""
+    from crmstream.state import legacy
+
+    dtype = {1: legacy.STATE_DTYPE_V1, 2: legacy.STATE_DTYPE_V2, 3: legacy.STATE_DTYPE_V3}
+    size = dtype[version].itemsize
+    blob = bytes([version]) + data.draw(st.binary(min_size=size - 1, max_size=size - 1))
+    try:
+        records = decode_batch([None, blob], ["crm:{c0}:s", "crm:{c1}:s"])
+    except StateEncodingError as error:
+        assert "crm:{c1}:s" in str(error)
+    else:
+        again = decode_batch(encode_records(records), ["crm:{c0}:s", "crm:{c1}:s"])
+        assert again.tobytes() == records.tobytes()
+
+
+def test_a_layout_5_blob_whose_30_day_buckets_are_all_empty_reads():
+    """The outsider's case: ``base_30d`` set, every bucket empty (the ring moved past the
+    last order). It read with ``max()`` of nothing; now nothing is put on a day."""
+    from crmstream.state.legacy import STATE_DTYPE_V5
+
+    old = _old_record(STATE_DTYPE_V5, 5, base_30d=666, orders_total=2)
+    blob = _pack_by_the_docs(old.tobytes(), fresh_records(1, STATE_DTYPE_V5, 5).tobytes())
+    (new,) = decode_batch([blob], ["crm:{c1}:s"])
+    assert new["orders_total"] == 2 and not new["orders_1d"].any()
 
 
 @given(st.lists(st.binary(min_size=STATE_BYTES - 1, max_size=STATE_BYTES - 1), max_size=4))

@@ -94,6 +94,20 @@ def _plant_bad_state(config: CrmConfig, stack, customer: str) -> None:
     store.client.set(store.state_key(customer), b"\x06\xff\xff\xff")  # layout 6, corrupt
 
 
+def _plant_wrong_type_state(config: CrmConfig, stack, customer: str) -> None:
+    """The state key is a hash, not a string: MGET answers nil for it, as for a new
+    customer; read so, the customer's history would start again and overwrite the key."""
+    store = _store(config, stack)
+    store.client.hset(store.state_key(customer), "hand", "edited")
+
+
+def _plant_wrong_type_tombstone(config: CrmConfig, stack, customer: str) -> None:
+    """The erasure tombstone is a list: read as no tombstone, the erased customer's
+    events would apply."""
+    store = _store(config, stack)
+    store.client.rpush(store.tombstone_key(customer), "1767225600000")
+
+
 def _plant_bad_orders(config: CrmConfig, stack, customer: str) -> None:
     """An open order whose promise is not a time, and its delivery timer, due before the
     history starts (so the customer's first round reads the orders)."""
@@ -124,6 +138,8 @@ CASES = {
     "unreadable open orders": _plant_bad_orders,
     "an open-orders key of the wrong type": _plant_wrong_type_orders,
     "an erasure tombstone that is not a time": _plant_bad_tombstone,
+    "a state key of the wrong type": _plant_wrong_type_state,
+    "an erasure tombstone of the wrong type": _plant_wrong_type_tombstone,
 }
 
 
@@ -175,6 +191,8 @@ def test_one_customer_that_raises_is_set_aside_and_the_rest_commits(config, stac
         assert any(k["kind"] == "deferred" for k in kept)
     if case == "a corrupt state blob":
         assert store.client.get(store.state_key("bad")) == b"\x06\xff\xff\xff"
+    if case == "a state key of the wrong type":
+        assert store.client.hgetall(store.state_key("bad")) == {b"hand": b"edited"}
 
     # The next round, in a new process, goes on: nothing committed fails it.
     zed = _msg("clickstream", "zed", "session_start", T0 + 5 * H)
