@@ -392,6 +392,7 @@ def test_help_lists_backtest_with_examples():
     assert usage.returncode == 0 and "Example" in usage.stdout and "--candidate" in usage.stdout
 
 
+@pytest.mark.slow  # a fault test: the slow suite (keeps the default one under 15 min)
 def test_ctrl_c_during_a_run_stops_it_and_leaves_nothing_on_the_given_servers(stack, tmp_path):
     import signal
     import subprocess

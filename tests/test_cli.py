@@ -249,6 +249,7 @@ def test_the_demo_in_shop_time_shows_10_trigger_types_deferrals_caps_and_cooldow
     print(f"demo: {len(seen)} of 13 types {counts}; suppressions {policies}")
 
 
+@pytest.mark.slow  # a fault test: the slow suite (keeps the default one under 15 min)
 def test_demo_interrupted_with_ctrl_c_leaves_no_servers():
     proc = subprocess.Popen(
         [*INTERRUPTIBLE_CLI, "demo", "--duration", "120"],

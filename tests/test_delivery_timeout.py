@@ -45,6 +45,7 @@ def _views(n: int) -> list[Message]:
     return out
 
 
+@pytest.mark.slow  # a fault test: the slow suite (keeps the default one under 15 min)
 def test_no_acknowledgement_gives_up_after_the_timeout_and_the_outbox_keeps_the_records(
     isolated_config, stack
 ):

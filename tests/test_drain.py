@@ -130,6 +130,7 @@ def test_pid_1_drains_on_a_signal_and_a_resumed_run_equals_an_uninterrupted_one(
     assert sorted(got) == sorted(want)  # the same ids, none delivered twice
 
 
+@pytest.mark.slow  # a fault test: the slow suite (keeps the default one under 15 min)
 def test_a_drain_that_cannot_finish_exits_3_after_the_drain_timeout(stack, tmp_path):
     """Redis frozen: the step cannot commit, so the drain waits until its deadline."""
     tag = f"stuck{next(_runs)}x{os.getpid()}"

@@ -86,6 +86,7 @@ def test_run_statefulset_needs_a_statefulset_pod_name():
     ]
 
 
+@pytest.mark.slow  # a fault test: the slow suite (keeps the default one under 15 min)
 def test_a_sigterm_while_waiting_for_peers_ends_the_wait_with_exit_0(tmp_path):
     """A pod deleted while its peers do not resolve yet stops at once and cleanly."""
     import signal
