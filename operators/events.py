@@ -222,6 +222,30 @@ _CATEGORY_CODES = frozenset(
 )
 
 
+class Limits(NamedTuple):
+    """What the configuration allows of an event, derived once: the checked way and the
+    fast paths (``operators.fast_paths``) read the same."""
+
+    category_index: dict[str, int]  # taxonomy category -> its index
+    rates: dict[str, float]  # currency -> rate to the base currency
+    min_time_ms: int  # event times before this are refused
+    max_skew_ms: int  # ... and after the batch's clock plus this
+    promise_before_ms: int  # promised delivery times this long before the event refused
+    promise_after_ms: int  # ... and this long after it
+
+    @classmethod
+    def of(cls, config: CrmConfig) -> Limits:
+        processing = config.processing
+        return cls(
+            {c: i for i, c in enumerate(config.taxonomy.categories)},
+            dict(config.currency.rates),
+            processing.min_event_time_ms,
+            processing.max_future_skew_seconds * 1000,
+            processing.promised_delivery_max_days_before * 86_400_000,
+            processing.promised_delivery_max_days_after * 86_400_000,
+        )
+
+
 class EventValidator:
     """Strict parser for input messages, built once from the configuration."""
 
@@ -230,17 +254,14 @@ class EventValidator:
         self._click_topics = frozenset(t for t, r in self._roles.items() if r == "clickstream")
         from crmstream.operators.fast_paths import FastPaths  # it imports this module
 
-        paths = FastPaths(config)
+        limits = Limits.of(config)
+        paths = FastPaths(limits)
         by_role = {"orders": paths.order, "customers": paths.customer}
         self._fast_paths = {t: by_role[r] for t, r in self._roles.items() if r in by_role}
-        self._category_index = {c: i for i, c in enumerate(config.taxonomy.categories)}
-        self._rates = dict(config.currency.rates)
+        (self._category_index, self._rates, self._min_time_ms, self._max_skew_ms,
+         self._promise_before_ms, self._promise_after_ms) = limits  # fmt: skip
         self._max_bytes = config.processing.max_event_bytes
         self._fast_max_bytes = min(self._max_bytes, FAST_PATH_MAX_BYTES)
-        self._min_time_ms = config.processing.min_event_time_ms
-        self._max_skew_ms = config.processing.max_future_skew_seconds * 1000
-        self._promise_before_ms = config.processing.promised_delivery_max_days_before * 86_400_000
-        self._promise_after_ms = config.processing.promised_delivery_max_days_after * 86_400_000
         self._pii_key = pii_key(config)
         # Rejected messages' copies for the dead-letter topic (operators/redaction.py).
         self.redact = Redactor(config)

@@ -19,7 +19,6 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
-from crmstream.config import CrmConfig
 from crmstream.operators.events import (
     CHANNELS,
     CONTACT_CHANNELS,
@@ -28,6 +27,7 @@ from crmstream.operators.events import (
     MAX_ORDER_ITEMS,
     TOPIC_ROLE_TYPES,
     Int64,
+    Limits,
     ParsedEvent,
     new_tuple,
 )
@@ -111,16 +111,11 @@ _LOGISTICS = EVENT_CODE["logistics_update"]
 
 class FastPaths:
     """The fast paths of the orders and customers topics, built once from the
-    configuration."""
+    configuration's limits (``EventValidator`` hands over its own)."""
 
-    def __init__(self, config: CrmConfig):
-        processing = config.processing
-        self._category_index = {c: i for i, c in enumerate(config.taxonomy.categories)}
-        self._rates = dict(config.currency.rates)
-        self._min_time_ms = processing.min_event_time_ms
-        self._max_skew_ms = processing.max_future_skew_seconds * 1000
-        self._promise_before_ms = processing.promised_delivery_max_days_before * 86_400_000
-        self._promise_after_ms = processing.promised_delivery_max_days_after * 86_400_000
+    def __init__(self, limits: Limits):
+        (self._category_index, self._rates, self._min_time_ms, self._max_skew_ms,
+         self._promise_before_ms, self._promise_after_ms) = limits  # fmt: skip
 
     def _decode(self, decoder: msgspec.json.Decoder, value: bytes, now_ms: int) -> Any:
         """The message as ``decoder``'s struct if it passes the checks of every type that

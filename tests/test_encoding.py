@@ -92,6 +92,7 @@ def test_the_compiled_checksum_is_zlibs_crc32(data, a, b):
     start, end = sorted((min(a, len(data)), min(b, len(data))))
     buf = np.frombuffer(data, np.uint8)
     assert int(crc32_of(buf, start, end, _CRC_TABLES)) == zlib.crc32(data[start:end])
+    assert crc32_of.signatures, "crc32_of ran as plain Python, not compiled"
 
 
 @given(st.binary(min_size=STATE_BYTES - 1, max_size=STATE_BYTES - 1), st.data())

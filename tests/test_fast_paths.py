@@ -20,12 +20,12 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from crmstream.config import load_config
-from crmstream.operators.events import TOPIC_ROLE_TYPES, EventValidator, ParsedEvent
+from crmstream.operators.events import TOPIC_ROLE_TYPES, EventValidator, Limits, ParsedEvent
 from crmstream.operators.fast_paths import FastPaths
 
 CONFIG = load_config(env={})
 VALIDATOR = EventValidator(CONFIG)
-FAST = FastPaths(CONFIG)
+FAST = FastPaths(Limits.of(CONFIG))
 NOW = 1_767_225_600_000
 DAY = 86_400_000
 CLICK = CONFIG.kafka.topics.clickstream
