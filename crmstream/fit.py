@@ -98,7 +98,7 @@ def read_summaries(
 def _summaries(store: StateStore, when: AsOf, keys: list[bytes]) -> tuple[Summaries, list[int]]:
     names = [k.decode() for k in keys]
     customers = [k[len(store.prefix) + 2 : -3] for k in names]  # "<prefix>:{<id>}:s"
-    blobs = store.client.mget(names)
+    blobs = store.read_states(names)
     held = [i for i, b in enumerate(blobs) if b is not None]  # erased meanwhile
     records = decode_batch([blobs[i] for i in held], [names[i] for i in held])
     customers = [customers[i] for i in held]
@@ -367,7 +367,7 @@ def _holdout(
     keys = [store.state_key(c) for c in summaries.customer]
     for start in range(0, len(keys), CHUNK):
         part = keys[start : start + CHUNK]
-        records = decode_batch(store.client.mget(part), part)
+        records = decode_batch(store.read_states(part), part)
         after[start : start + len(part)] = records["purchase_days"]
     actual = after - before
     last = options.holdout_to or max(filter(None, (_event_day(e[2]) for e in events)))

@@ -156,7 +156,8 @@ def customer_views(
         held = [i for i, b in enumerate(blobs) if b is not None]
         for i, raw in enumerate(hashes):
             if blobs[i] is None and raw:
-                views[chunk[i]] = {"customer_id": chunk[i], "profile": _decoded(raw)}
+                profile = _decoded(raw, store.profile_key(chunk[i]))
+                views[chunk[i]] = {"customer_id": chunk[i], "profile": profile}
         if not held:
             continue
         names = [chunk[i] for i in held]
@@ -171,7 +172,7 @@ def customer_views(
             # the set the stored labels (profile hash) were derived with by the flow
             view["value"]["stored_model_version"] = int(stored_models[k])
             view["state_bytes"] = len(blobs[held[k]])
-            view["profile"] = _decoded(hashes[held[k]])
+            view["profile"] = _decoded(hashes[held[k]], store.profile_key(customer))
             views[customer] = view
     return views
 
@@ -188,8 +189,22 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
-def _decoded(raw: dict[bytes, bytes]) -> dict[str, str]:
-    return {k.decode(): v.decode() for k, v in raw.items()}
+def _decoded(raw: dict[bytes, bytes], key: str) -> dict[str, str]:
+    """The profile hash at ``key`` as text; a field or value that is not UTF-8 (written by
+    hand: the flow writes only text) raises StateEncodingError naming the key."""
+    try:
+        return {k.decode(): v.decode() for k, v in raw.items()}
+    except UnicodeDecodeError as error:
+        raise StateEncodingError(f"profile at {key!r} is not UTF-8 text: {error}") from None
+
+
+def _category(config: CrmConfig, index: int) -> str | None:
+    """A stored category index as its name; one past the taxonomy (stored before a
+    category was removed from the configuration) as ``#<index>``."""
+    if index < 0:
+        return None
+    categories = config.taxonomy.categories
+    return categories[index] if index < len(categories) else f"#{index}"
 
 
 def value_of(rec: np.void, row: np.ndarray, as_of: int, config: CrmConfig) -> dict[str, Any]:
@@ -275,9 +290,7 @@ def _view(
         "first_seen": iso_ms(int(rec["first_seen_ms"])),
         "last_seen": iso_ms(int(rec["last_seen_ms"])),
         "browse_streak": {
-            "category": config.taxonomy.categories[rec["streak_category"]]
-            if rec["streak_category"] >= 0
-            else None,
+            "category": _category(config, int(rec["streak_category"])),
             "views": int(rec["streak_len"]),
         },
         "stage_since": iso_ms(int(rec["stage_since_ms"])) if rec["stage_since_ms"] else None,

@@ -378,7 +378,49 @@ def decode_batch(blobs: list[bytes | None], keys: list[str]) -> np.ndarray:
         from crmstream.state import legacy  # only while blobs of older layouts remain
 
         legacy.migrate(blobs, keys, older, records)
+    unsure = unchecked + older  # a layout-7 blob that checks was written by encode_records
+    if unsure:
+        check_ranges(records[unsure], [keys[i] for i in unsure])
     return records
+
+
+def _index_ranges() -> tuple[tuple[str, int, int], ...]:
+    """The fields whose value indexes a table or ring, with the values they may hold."""
+    from crmstream.operators.policies import TRIGGER_TYPES  # it imports this module
+
+    return (
+        ("stage", 0, len(STAGES) - 1),
+        ("prev_stage", 0, len(STAGES) - 1),
+        ("segment", 0, len(SEGMENTS) - 1),
+        ("tier", 0, len(TIERS) - 1),
+        ("churn_level", 0, len(CHURN_LEVELS) - 1),
+        ("streak_category", -1, PREF_CATEGORIES - 1),
+        ("recent_next", 0, DEDUP_IDS - 1),
+        ("arb_type", 0, len(TRIGGER_TYPES)),  # 0: none, else the type's index + 1
+    )
+
+
+def check_ranges(records: np.ndarray, keys: list[str]) -> None:
+    """Raise StateEncodingError naming the first record's key (``keys[i]``: the key of
+    ``records[i]``) whose index fields are out of range. A record read from a layout with
+    no check can hold any byte; the kernels do not check bounds, so a ring cursor past
+    its ring would write into the next customer's record, and a label past its table
+    would fail later, less clearly."""
+    ranges = _index_ranges()
+    bad = np.zeros(len(records), bool)
+    for name, lo, hi in ranges:
+        column = records[name]
+        bad |= (column < lo) | (column > hi)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        found = [
+            f"{name} = {records[name][i]} (not in {lo}..{hi})"
+            for name, lo, hi in ranges
+            if not lo <= records[name][i] <= hi
+        ]
+        raise StateEncodingError(
+            f"state at {keys[i]!r} holds a value out of range: {', '.join(found)}"
+        )
 
 
 def unpack_into(

@@ -227,6 +227,27 @@ class StateStore:
             out.append(values)
         return out[0], out[1]
 
+    def read_states(self, keys: list[str]) -> list[bytes | None]:
+        """The state blobs at ``keys`` (None: no such key), for readers outside the flow
+        (``crmstream fit``); a key of the wrong type raises StateEncodingError naming it
+        (MGET answers nil for it, as for a missing key)."""
+        if not keys:
+            return []
+        if self._cluster:
+            return self._client.mget(keys)
+        pipe = self._client.pipeline(transaction=False)
+        pipe.mget(keys)
+        pipe.exists(*keys)
+        blobs, existing = pipe.execute()
+        if existing > len(blobs) - blobs.count(None):
+            for key, blob in zip(keys, blobs, strict=True):
+                if blob is None and self._client.exists(key):
+                    kind = self._client.type(key)
+                    raise StateEncodingError(
+                        f"state at {key!r} is unreadable: a {kind.decode()}, not a string"
+                    )
+        return blobs
+
     def subject(self, customer_id: str) -> str:
         """Salted hash of a customer id: what erasure records keep instead of the id."""
         return hashlib.blake2b(customer_id.encode(), key=self._salt, digest_size=16).hexdigest()

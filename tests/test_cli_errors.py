@@ -314,20 +314,38 @@ def _damaged_state() -> dict[str, tuple[object, str]]:
         "flipped": (bytes([6]) + blob[1:], "version byte was changed"),
         "hashed": ({"hand": "edited"}, "WRONGTYPE"),
         "hashp": ([b"not", b"a hash"], "WRONGTYPE"),
+        "utf8p": ({b"stage": b"\xff\xfe"}, "is not UTF-8"),
+        "ring": (_unchecked(recent_next=33), "recent_next = 33"),
+        "label": (_unchecked(streak_category=100), "streak_category = 100"),
     }
 
 
-@pytest.mark.parametrize("customer", ["cut", "flipped", "hashed", "hashp"])
+def _unchecked(**fields: int) -> bytes:
+    """A layout-6 blob (no check) of a record with ``fields`` set."""
+    from crmstream.state.encoding import CHECK_BYTES, encode_records, fresh_records
+
+    records = fresh_records(1)
+    for name, value in fields.items():
+        records[name] = value
+    (blob,) = encode_records(records)
+    return bytes([6]) + blob[1:-CHECK_BYTES]
+
+
+@pytest.mark.parametrize(
+    "customer", ["cut", "flipped", "hashed", "hashp", "utf8p", "ring", "label"]
+)
 def test_profile_of_a_damaged_state_is_one_line_naming_the_key(customer, stack):
-    """The outsider's cases: a state blob cut short or with its version byte changed, a
-    state key and a profile key of the wrong type. They were tracebacks (or, for a
-    changed version byte, a wrong profile) or 'Redis failed beyond its retry budget'."""
+    """The outsiders' cases: a state blob cut short or with its version byte changed, a
+    state key and a profile key of the wrong type, a profile hash that is not UTF-8, a
+    layout-6 blob with a ring cursor or a category past its range. They were tracebacks
+    (or, for a changed version byte, a wrong profile) or 'Redis failed beyond its retry
+    budget'."""
     import redis
 
     prefix = "damaged39"
     value, says = _damaged_state()[customer]
     client = redis.Redis.from_url(stack.redis_url)
-    key = f"{prefix}:{{{customer}}}:{'p' if customer == 'hashp' else 's'}"
+    key = f"{prefix}:{{{customer}}}:{'p' if customer.endswith('p') else 's'}"
     client.delete(key)
     if isinstance(value, dict):
         client.hset(key, mapping=value)
@@ -338,3 +356,18 @@ def test_profile_of_a_damaged_state_is_one_line_naming_the_key(customer, stack):
     result = crm("profile", customer, "--redis-url", stack.redis_url,
                  "--set", f"redis.key_prefix={prefix}")  # fmt: skip
     one_line_error(result, repr(key), says)
+
+
+def test_fit_names_a_state_key_of_the_wrong_type(stack):
+    """MGET answers nil for a hash at a state key; fit took it for a customer erased
+    meanwhile and left it out without a word."""
+    import redis
+
+    prefix = "damagedfit39"
+    client = redis.Redis.from_url(stack.redis_url)
+    client.delete(f"{prefix}:{{fine}}:s", f"{prefix}:{{hashed}}:s")
+    client.set(f"{prefix}:{{fine}}:s", _unchecked(orders_total=1))
+    client.hset(f"{prefix}:{{hashed}}:s", mapping={"hand": "edited"})
+    result = crm("fit", "--dry-run", "--redis-url", stack.redis_url,
+                 "--set", f"redis.key_prefix={prefix}")  # fmt: skip
+    one_line_error(result, repr(f"{prefix}:{{hashed}}:s"), "a hash, not a string")

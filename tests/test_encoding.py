@@ -16,6 +16,8 @@ from crmstream.state.encoding import (
     STATE_BYTES,
     STATE_DTYPE,
     StateEncodingError,
+    _index_ranges,
+    check_ranges,
     decode_batch,
     encode_records,
     fresh_records,
@@ -213,9 +215,11 @@ def test_a_layout_5_blob_whose_30_day_buckets_are_all_empty_reads():
 def test_layout_6_blobs_are_read_as_they_are_and_written_back_checked(payloads):
     """A layout-6 blob is a layout-7 one without its trailer: read as the same record
     (mixed in one batch with layout-7 blobs), it writes back as layout 7."""
-    records = np.frombuffer(
-        b"".join(bytes([LAYOUT_VERSION]) + p for p in payloads), dtype=STATE_DTYPE
-    ).copy()
+    records = _in_ranges(
+        np.frombuffer(
+            b"".join(bytes([LAYOUT_VERSION]) + p for p in payloads), dtype=STATE_DTYPE
+        ).copy()
+    )
     blobs = encode_records(records)
     old = [bytes([6]) + b[1:-CHECK_BYTES] for b in blobs]
     mixed = [o if i % 2 else b for i, (o, b) in enumerate(zip(old, blobs, strict=True))]
@@ -223,6 +227,53 @@ def test_layout_6_blobs_are_read_as_they_are_and_written_back_checked(payloads):
         again = decode_batch(batch, [f"k{i}" for i in range(len(batch))])
         assert again.tobytes() == records.tobytes()
         assert encode_records(again) == blobs
+
+
+def _in_ranges(records: np.ndarray) -> np.ndarray:
+    """``records`` with each index field (``encoding._index_ranges``) wrapped into its
+    range, as every record the kernels write has it."""
+    for name, lo, hi in _index_ranges():
+        records[name] = (records[name].astype(np.int64) - lo) % (hi - lo + 1) + lo
+    return records
+
+
+def _out_of_range(raw: bytes) -> bool:
+    try:
+        check_ranges(np.frombuffer(raw, STATE_DTYPE), ["k"])
+    except StateEncodingError:
+        return True
+    return False
+
+
+@pytest.mark.parametrize("field", [name for name, _, _ in _index_ranges()])
+@pytest.mark.parametrize("version", [5, 6])
+def test_an_unchecked_blob_whose_index_field_is_out_of_range_is_refused(field, version):
+    """The second outsider's case: a layout-6 blob (no check) whose duplicate-ring cursor
+    was 33 read without error, and the kernel wrote that customer's event ids into the
+    next customer's record. Every field that indexes a table or ring is range-checked on
+    a record read from a layout with no check; the neighbours in the batch are read."""
+    lo, hi = {name: (lo, hi) for name, lo, hi in _index_ranges()}[field]
+    records = fresh_records(3)
+    info = np.iinfo(records.dtype[field])
+    records[field][1] = hi + 1 if hi < info.max else lo - 1
+    if version == 5:
+        from crmstream.state.legacy import STATE_DTYPE_V5
+
+        if field not in STATE_DTYPE_V5.names:
+            pytest.skip(f"layout 5 has no {field}")
+        old = np.zeros(3, STATE_DTYPE_V5)
+        for name in STATE_DTYPE_V5.names:
+            if name in STATE_DTYPE.names:
+                old[name] = records[name]
+        old["version"] = 5
+        template = fresh_records(1, STATE_DTYPE_V5, 5).tobytes()
+        blobs = [_pack_by_the_docs(r.tobytes(), template) for r in old]
+    else:
+        blobs = [bytes([6]) + b[1:-CHECK_BYTES] for b in encode_records(records)]
+    keys = ["crm:{c0}:s", "crm:{c1}:s", "crm:{c2}:s"]
+    with pytest.raises(StateEncodingError, match=rf"state at .crm:\{{c1\}}:s. .*{field} = "):
+        decode_batch(blobs, keys)
+    decode_batch([blobs[0], None, blobs[2]], keys)  # the others read
 
 
 def _unpack_by_the_docs(blob: bytes, template: bytes) -> bytes | None:
@@ -260,8 +311,11 @@ def test_any_packed_bytes_decode_to_what_the_format_says_or_raise_a_clear_error(
             try:
                 (record,) = decode_batch([stored], ["crm:{c1}:s"])
             except StateEncodingError as error:
-                assert expected is None, stored
-                assert "crm:{c1}:s" in str(error) and "corrupt" in str(error)
+                assert "crm:{c1}:s" in str(error)
+                if expected is None:
+                    assert "corrupt" in str(error)
+                else:  # it reads as a record no layout-7 writer makes: refused
+                    assert stored[0] == 6 and _out_of_range(expected), stored
             else:
                 assert expected is not None, stored
                 assert record.tobytes()[1:] == expected[1:]

@@ -94,6 +94,18 @@ def _plant_bad_state(config: CrmConfig, stack, customer: str) -> None:
     store.client.set(store.state_key(customer), b"\x06\xff\xff\xff")  # layout 6, corrupt
 
 
+def _plant_unchecked_out_of_range_state(config: CrmConfig, stack, customer: str) -> None:
+    """A layout-6 blob (no check) whose duplicate-ring cursor is past the ring: read, the
+    kernel wrote the customer's event ids into the next customer's record."""
+    from crmstream.state.encoding import CHECK_BYTES, encode_records, fresh_records
+
+    records = fresh_records(1)
+    records["recent_next"] = 33
+    (blob,) = encode_records(records)
+    store = _store(config, stack)
+    store.client.set(store.state_key(customer), bytes([6]) + blob[1:-CHECK_BYTES])
+
+
 def _plant_wrong_type_state(config: CrmConfig, stack, customer: str) -> None:
     """The state key is a hash, not a string: MGET answers nil for it, as for a new
     customer; read so, the customer's history would start again and overwrite the key."""
@@ -139,6 +151,9 @@ CASES = {
     "an open-orders key of the wrong type": _plant_wrong_type_orders,
     "an erasure tombstone that is not a time": _plant_bad_tombstone,
     "a state key of the wrong type": _plant_wrong_type_state,
+    "an unchecked state blob with its ring cursor out of range": (
+        _plant_unchecked_out_of_range_state
+    ),
     "an erasure tombstone of the wrong type": _plant_wrong_type_tombstone,
 }
 
