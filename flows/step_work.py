@@ -385,6 +385,12 @@ class StepWork:
                     )
         for timer in out.held:  # stored holds that ended in the round
             record = orjson.loads(timer.ref)
+            if type(record) is not dict or record.get("customer_id") != timer.customer:
+                owner = record.get("customer_id") if type(record) is dict else None
+                raise ValueError(  # a hand-edited member: it must not go out for another
+                    f"the quiet-hours hold {timer.member!r} of customer {timer.customer!r} "
+                    f"holds a trigger of customer {owner!r}"
+                )
             epochs = out.epochs.get(timer.customer, [_AS_LOADED])
             why = self._lost_consent(record, timer.due_ms, epochs, stored.get(timer.customer, {}))
             if why:

@@ -89,6 +89,21 @@ def _plant_bad_hold(config: CrmConfig, stack, customer: str) -> None:
     store.client.zadd(store.timers.key(_shard_of(config, customer)), {member: T0 - H})
 
 
+def _plant_hold_of_another(config: CrmConfig, stack, customer: str) -> None:
+    """A quiet-hours hold under this customer whose record is another customer's (the
+    third outsider's case: it went out for the other customer, past its policies)."""
+    store = _store(config, stack)
+    record = {
+        "trigger_id": "feedface" * 4,
+        "customer_id": "good",
+        "trigger_type": "cart_abandoned",
+        "channel": "email",
+        "event_time": "2026-01-01T00:00:00Z",
+    }
+    member = Timer(customer, "deferred", orjson.dumps(record).decode(), T0 - H).member
+    store.client.zadd(store.timers.key(_shard_of(config, customer)), {member: T0 - H})
+
+
 def _plant_bad_state(config: CrmConfig, stack, customer: str) -> None:
     store = _store(config, stack)
     store.client.set(store.state_key(customer), b"\x06\xff\xff\xff")  # layout 6, corrupt
@@ -146,6 +161,7 @@ def _plant_bad_tombstone(config: CrmConfig, stack, customer: str) -> None:
 
 CASES = {
     "a hold that is not JSON": _plant_bad_hold,
+    "a hold whose record is another customer's": _plant_hold_of_another,
     "a corrupt state blob": _plant_bad_state,
     "unreadable open orders": _plant_bad_orders,
     "an open-orders key of the wrong type": _plant_wrong_type_orders,
@@ -202,7 +218,7 @@ def test_one_customer_that_raises_is_set_aside_and_the_rest_commits(config, stac
     quarantined = store.load_quarantine(own.processing.shards)[shard]
     kept = [orjson.loads(v) for v in quarantined.values()]
     assert all(k["customer"] == "bad" and k["reason"].startswith("processing_error") for k in kept)
-    if case == "a hold that is not JSON":
+    if case in ("a hold that is not JSON", "a hold whose record is another customer's"):
         assert any(k["kind"] == "deferred" for k in kept)
     if case == "a corrupt state blob":
         assert store.client.get(store.state_key("bad")) == b"\x06\xff\xff\xff"
