@@ -189,8 +189,8 @@ class CrmMetrics:
             "crmstream_unsent_records_total",
             "Output records not sent as they were, by topic and cause (oversize: over the "
             "producer's message.max.bytes before the commit; refused: by the producer or "
-            "the broker when sent); a dead letter with their length, SHA-256 and first "
-            "bytes went in their place.",
+            "the broker when sent; damaged: an outbox entry that is not a record); a dead "
+            "letter with their length, SHA-256 and first bytes went in their place.",
             ["topic", "cause"],
             registry=registry,
         )

@@ -19,6 +19,7 @@ the state's effect exactly-once.
 from __future__ import annotations
 
 import logging
+import struct
 from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 
@@ -28,12 +29,13 @@ from crmstream.flows.route import NO_STEP, ShardBatch, route_batch
 from crmstream.flows.runtime import Runtime
 from crmstream.flows.sequencer import Step, StepSequencer
 from crmstream.flows.shard_step import ShardStep
-from crmstream.flows.sink import Outbox, decode_outgoing
+from crmstream.flows.sink import Outbox, Outgoing, decode_outgoing
 from crmstream.state.store import Position
 
 __all__ = ["NO_STEP", "ShardBatch", "ShardLogic", "route_batch"]
 
 log = logging.getLogger(__name__)
+DAMAGED_TOPIC = "(unknown: damaged outbox entry)"  # the ``unsent`` topic of its dead letter
 
 
 class ShardLogic(StatefulBatchLogic[ShardBatch, dict[str, int], None]):
@@ -93,7 +95,18 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, dict[str, int], None]):
                 shard,
                 len(left),
             )
-            self._outbox.send(decode_outgoing(entry) for entry in left)
+            key = self._rt.store.outbox_key(shard)
+            self._outbox.send(self._left(key, k, entry) for k, entry in enumerate(left))
+
+    def _left(self, key: str, k: int, entry: bytes) -> Outgoing:
+        """An outbox entry as the record it holds; one that is not an outbox record (cut
+        short or edited by hand) as the dead letter that stands for it, so that it does
+        not fail every start (cause ``damaged``)."""
+        try:
+            return decode_outgoing(entry)
+        except (struct.error, UnicodeDecodeError) as error:
+            why = f"entry {k} of {key!r} is not an outbox record ({error})"
+            return self._rt.producer.stand_in(DAMAGED_TOPIC, None, entry, why, "damaged")
 
     def _apply(self, step: Step) -> list[dict[str, int]]:
         self._sequencer.watermark.observe(step.event_times, self._rt.clock_ms(), step.positions)

@@ -248,7 +248,7 @@ def _merge_progress(store: StateStore, source: Layout, target: Layout) -> int:
     never recorded is left out (read from its start; customers skip what they hold)."""
     client = store.client
     staged = [_staged(store, "progress", shard) for shard in range(source.shards)]
-    per_shard = [decode_progress(client.hgetall(s)) for s in staged]
+    per_shard = [decode_progress(client.hgetall(s), s) for s in staged]
     merged: dict[Position, Progress] = {}  # stays empty when an interrupted run merged them
     pipe = client.pipeline(transaction=True)
     if any(per_shard):

@@ -460,7 +460,8 @@ class StateStore:
 
     def load_progress(self, shard: int) -> dict[Position, Progress]:
         """The shard's applied high-water marks per input partition."""
-        return decode_progress(self._client.hgetall(self.progress_key(shard)))
+        key = self.progress_key(shard)
+        return decode_progress(self._client.hgetall(key), key)
 
     def event_times(self, shards: int) -> dict[int, int]:
         """Per shard, the newest event time it has applied over its input partitions:
@@ -470,7 +471,10 @@ class StateStore:
         for shard in range(shards):
             pipe.hgetall(self.progress_key(shard))
         newest = {
-            shard: max((p.max_event_ms for p in decode_progress(raw).values()), default=-1)
+            shard: max(
+                (p.max_event_ms for p in decode_progress(raw, self.progress_key(shard)).values()),
+                default=-1,
+            )
             for shard, raw in enumerate(pipe.execute())
         }
         return {shard: ms for shard, ms in newest.items() if ms >= 0}
@@ -487,7 +491,9 @@ class StateStore:
         pipe = self._client.pipeline(transaction=False)
         for shard in range(shards):
             pipe.hgetall(self.progress_key(shard))
-        lowest = lowest_progress([decode_progress(raw) for raw in pipe.execute()])
+        lowest = lowest_progress(
+            [decode_progress(raw, self.progress_key(s)) for s, raw in enumerate(pipe.execute())]
+        )
         start = Progress(-1, -1, -1)
         resume = {}
         for pos in positions:
@@ -527,12 +533,23 @@ def lowest_progress(per_shard: Sequence[Mapping[Position, Progress]]) -> dict[Po
     return {pos: min((p[pos] for p in per_shard), key=lambda r: r.offset) for pos in common}
 
 
-def decode_progress(raw: Mapping[bytes, bytes]) -> dict[Position, Progress]:
-    """A progress hash as read from Redis."""
+def decode_progress(raw: Mapping[bytes, bytes], key: str = "") -> dict[Position, Progress]:
+    """A progress hash as read from Redis (``key``: where, for the error).
+
+    :raises StateStoreError: naming the key and field of a value that is not progress (the
+        flow writes ``<topic>|<partition>`` -> ``<offset>:<step>:<newest event ms>``).
+    """
     result = {}
     for field, value in raw.items():
-        topic, _, partition = field.decode().rpartition("|")
-        result[topic, int(partition)] = Progress.decode(value)
+        try:
+            topic, _, partition = field.decode().rpartition("|")
+            result[topic, int(partition)] = Progress.decode(value)
+        except ValueError:  # UnicodeDecodeError too
+            raise StateStoreError(
+                f"progress at {key!r}: field {field!r} = {value!r:.80} is not "
+                "'<offset>:<step>:<event ms>' under '<topic>|<partition>' (edited by hand?); "
+                "put it right or remove the field before starting"
+            ) from None
     return result
 
 

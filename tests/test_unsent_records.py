@@ -110,6 +110,60 @@ def test_an_outbox_record_the_producer_refuses_is_dead_lettered_once_at_start(
     assert len(read_topic(stack, dead_letters, idle_s=1)) == 1
 
 
+def test_outbox_entries_that_are_not_records_are_dead_lettered_at_start(
+    isolated_config, script, stack
+):
+    """The third outsider's cases: an outbox entry cut short (2 bytes) and one whose
+    topic is not UTF-8 failed every start with a traceback naming no key. Each is now
+    sent as a dead letter keeping its bytes (cause ``damaged``), and the records after
+    them go out."""
+    from crmstream.flows.shard import DAMAGED_TOPIC
+
+    config = isolated_config("processing.shards=1")
+    s = script(config)
+    s.view("da", "toys", 0)
+    s.flush()
+    run_flow(config, stack)
+    client = redis.Redis.from_url(stack.redis_url)
+    outbox = f"{config.redis.key_prefix}:outbox:0"
+    dead_letters = config.kafka.topics.dead_letter
+    short = b"\x00\x04"
+    not_utf8 = encode_outgoing(Outgoing("t\u00fc", b"k", b"{}")).replace(b"\xc3\xbc", b"\xff\xfe")
+    after = Outgoing(config.kafka.topics.triggers, b"da", b'{"trigger_id": "after-damage"}')
+    client.rpush(outbox, short, not_utf8, encode_outgoing(after))
+    before = _unsent(DAMAGED_TOPIC, "damaged")
+
+    run_flow(config, stack)
+
+    assert client.llen(outbox) == 0
+    dead = read_topic(stack, dead_letters)
+    assert len(dead) == 2, dead
+    for letter, entry in zip(dead, (short, not_utf8), strict=True):
+        assert letter["unsent"]["topic"] == DAMAGED_TOPIC
+        assert f"of '{outbox}' is not an outbox record" in letter["reason"]
+        assert letter["original_sha256"] == hashlib.sha256(entry).hexdigest()
+    assert _unsent(DAMAGED_TOPIC, "damaged") - before == 2
+    assert {"trigger_id": "after-damage"} in read_topic(stack, config.kafka.topics.triggers)
+
+
+def test_a_progress_field_that_is_not_progress_stops_the_start_naming_it(isolated_config, stack):
+    """A progress value edited by hand failed every start with "invalid literal for
+    int()" inside a Bytewax traceback; it now names the key and the field."""
+    from crmstream.failures import describe, root_cause
+    from crmstream.state.store import StateStoreError
+
+    config = isolated_config("processing.shards=1")
+    client = redis.Redis.from_url(stack.redis_url)
+    key = f"{config.redis.key_prefix}:progress:0"
+    client.hset(key, f"{config.kafka.topics.by_role['clickstream']}|0", "garbage")
+    with pytest.raises(Exception) as raised:  # Bytewax wraps what the dataflow raised
+        run_flow(config, stack)
+    assert isinstance(root_cause(raised.value), StateStoreError), raised.value
+    line = describe(raised.value)  # what the CLI prints, with exit code 2
+    assert line is not None and "\n" not in line, line
+    assert f"progress at '{key}'" in line and "b'garbage'" in line, line
+
+
 def _wait_for(condition, what: str, timeout_s: float = 180) -> None:
     deadline = time.monotonic() + timeout_s
     while not condition():
