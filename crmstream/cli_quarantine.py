@@ -39,11 +39,38 @@ def _entries(config: ConfigOpt, set_: SetOpt, redis_url: RedisOpt) -> tuple[Any,
     rows = []
     for shard, entries in sorted(by_shard.items()):
         for member, raw in sorted(entries.items()):
-            entry = orjson.loads(raw)
+            entry = _entry(member, raw, store.quarantine_key(shard))
             due = entry.get("due_ms")
             rows.append({**entry, "shard": shard, "member": member,
                          "due": iso_ms(due) if due is not None else None})  # fmt: skip
     return store, rows
+
+
+def _entry(member: bytes, raw: bytes, key: str) -> dict[str, Any]:
+    """What the quarantine kept of a timer; an entry that is not what the flow writes
+    (edited by hand) as a row saying so, due at once when released."""
+    import time
+
+    from crmstream.state.timers import parse_member
+
+    try:
+        entry = orjson.loads(raw)
+        if type(entry) is dict and {"customer", "kind", "reason"} <= entry.keys():
+            return entry
+        problem = "not an object with customer, kind and reason"
+    except orjson.JSONDecodeError as error:
+        problem = f"not JSON ({error})"
+    try:
+        timer = parse_member(member, 0)
+        customer, kind = timer.customer, timer.kind
+    except ValueError:
+        customer, kind = "?", "?"
+    return {
+        "customer": customer,
+        "kind": kind,
+        "due_ms": int(time.time() * 1000),
+        "reason": f"the entry at {key!r} is {problem}: {raw!r:.80}; released, it is due at once",
+    }
 
 
 @quarantine_app.command("list")

@@ -320,6 +320,32 @@ def test_quarantined_timers_are_listed_and_released(config, stack):
     assert "no quarantined timers for any customer" in none_left.output
 
 
+def test_a_quarantine_entry_that_is_not_json_is_listed_and_released_due_at_once(
+    config, stack
+):
+    """The third outsider's case: one entry that is not JSON made ``quarantine list``
+    end in a traceback (exit 70). It is listed as what it is, and released at once."""
+    from typer.testing import CliRunner
+
+    from crmstream.cli import app
+
+    own = _own(config)
+    store = _store(own, stack)
+    shard = _shard_of(own, "bad")
+    member = Timer("bad", "recheck", "", T0).member
+    store.client.hset(store.quarantine_key(shard), member, b"{not json")
+    args = ["--redis-url", own.redis.url, "--set", f"redis.key_prefix={own.redis.key_prefix}"]
+    listed = CliRunner().invoke(app, ["quarantine", "list", "--json", *args])
+    assert listed.exit_code == 0, listed.output
+    (row,) = [orjson.loads(line) for line in listed.output.splitlines()]
+    assert (row["customer"], row["kind"]) == ("bad", "recheck")
+    assert f"{store.quarantine_key(shard)!r} is not JSON" in row["reason"]
+    released = CliRunner().invoke(app, ["quarantine", "release", "bad", *args])
+    assert released.exit_code == 0, released.output
+    back = store.client.zrange(store.timers.key(shard), 0, -1, withscores=True)
+    assert [m for m, _ in back] == [member]
+
+
 # Members that name no timer: a wrong length prefix, a customer id that is not UTF-8, a
 # prefix that is not a number, and two of the earlier text format with too few separators.
 _DAMAGED = [b"\xff99:c0000000\x1fwake\x1f", b"\xff3:\xff\xfe\xfd\x1fwake\x1f",
