@@ -42,7 +42,7 @@ from crmstream.operators.fitting import (
 from crmstream.operators.params import MS_PER_DAY
 from crmstream.profile import AsOf, ProfileError
 from crmstream.state import model
-from crmstream.state.encoding import decode_batch
+from crmstream.state.encoding import EMPTY_BASE, StateEncodingError, decode_batch
 from crmstream.state.layout import LayoutError
 from crmstream.state.model import ModelError
 from crmstream.state.store import StateStore, connect
@@ -102,9 +102,45 @@ def _summaries(store: StateStore, when: AsOf, keys: list[bytes]) -> tuple[Summar
     held = [i for i, b in enumerate(blobs) if b is not None]  # erased meanwhile
     records = decode_batch([blobs[i] for i in held], [names[i] for i in held])
     customers = [customers[i] for i in held]
+    _check_history([names[i] for i in held], records)
     times = [when.of(c, int(t))[0] for c, t in zip(customers, records["last_seen_ms"], strict=True)]
     days = np.array(times, np.int64) // MS_PER_DAY
     return summaries_of(customers, records, days), times
+
+
+_LAST_MS = 253_402_300_799_000  # 9999-12-31T23:59:59Z: the last time a date can show
+
+
+def _check_history(keys: list[str], records: np.ndarray) -> None:
+    """Raise StateEncodingError naming the first key whose purchase history no run of the
+    flow writes (hand-edited or damaged state would bias the fit of every customer, and a
+    saved set would change every customer's values): more distinct purchase days than
+    days between the first and the last, a last purchase day before the first or after
+    the customer's newest event, spend that is not a number >= 0, or a newest event
+    outside the years 1970 to 9999."""
+    seen = records["last_seen_ms"]
+    buyer = (records["purchase_days"] > 0) & (records["first_purchase_day"] != EMPTY_BASE)
+    first = records["first_purchase_day"].astype(np.int64)
+    last = records["last_purchase_day"].astype(np.int64)
+    spend = records["spend_total"]
+    problems = (
+        ((seen < 0) | (seen > _LAST_MS), "its newest event is not between 1970 and 9999"),
+        (buyer & (last < first), "its last purchase day is before its first"),
+        (buyer & (last > seen // MS_PER_DAY), "its last purchase day is after its newest event"),
+        (
+            buyer & (records["purchase_days"].astype(np.int64) > last - first + 1),
+            "it has more distinct purchase days than days from its first to its last",
+        ),
+        (~np.isfinite(spend) | (spend < 0), "its spend is not a number >= 0"),
+    )
+    for bad, why in problems:
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise StateEncodingError(
+                f"state at {keys[i]!r} cannot be fitted on: {why} (purchase days "
+                f"{int(records['purchase_days'][i])}, first {int(first[i])}, last {int(last[i])}, "
+                f"newest event {int(seen[i])} ms, spend {float(spend[i])})"
+            )
 
 
 def _concat(parts: list[Summaries]) -> Summaries:

@@ -371,3 +371,40 @@ def test_fit_names_a_state_key_of_the_wrong_type(stack):
     result = crm("fit", "--dry-run", "--redis-url", stack.redis_url,
                  "--set", f"redis.key_prefix={prefix}")  # fmt: skip
     one_line_error(result, repr(f"{prefix}:{{hashed}}:s"), "a hash, not a string")
+
+
+@pytest.mark.parametrize(
+    "fields, says",
+    [
+        ({"purchase_days": 258}, "more distinct purchase days than days"),
+        ({"last_purchase_day": 19_990}, "last purchase day is before its first"),
+        ({"last_seen_ms": 2**63 - 1}, "newest event is not between 1970 and 9999"),
+        ({"spend_total": float("nan")}, "spend is not a number"),
+    ],
+    ids=["purchase days", "last before first", "newest event", "spend"],
+)
+def test_fit_names_a_purchase_history_no_run_writes(fields, says, stack):
+    """The third outsider's cases: one customer's purchase days raised from 2 to 258 let
+    fit save a set whose alpha moved from 1.40 to 0.23 (every customer's values with
+    it); a newest event at the int64 limit was a traceback; a last purchase day before
+    the first was an error naming no key."""
+    import redis
+
+    day = 20_000
+    base = {
+        "purchase_days": 2,
+        "first_purchase_day": day,
+        "last_purchase_day": day + 5,
+        "last_seen_ms": (day + 6) * 86_400_000,
+        "orders_total": 2,
+        "spend_total": 10.0,
+    }
+    prefix = "damagedhist39"
+    client = redis.Redis.from_url(stack.redis_url)
+    client.delete(*client.keys(f"{prefix}:*") or ["-"])
+    for k in range(12):
+        client.set(f"{prefix}:{{c{k}}}:s", _unchecked(**base))
+    client.set(f"{prefix}:{{bad}}:s", _unchecked(**{**base, **fields}))
+    result = crm("fit", "--dry-run", "--redis-url", stack.redis_url,
+                 "--set", f"redis.key_prefix={prefix}")  # fmt: skip
+    one_line_error(result, repr(f"{prefix}:{{bad}}:s"), says)
