@@ -245,8 +245,17 @@ def _out_of_range(raw: bytes) -> bool:
     return False
 
 
-@pytest.mark.parametrize("field", [name for name, _, _ in _index_ranges()])
-@pytest.mark.parametrize("version", [5, 6])
+def _layout_5_names() -> tuple[str, ...]:
+    from crmstream.state.legacy import STATE_DTYPE_V5
+
+    return STATE_DTYPE_V5.names
+
+
+@pytest.mark.parametrize(
+    "field, version",
+    [(name, 6) for name, _, _ in _index_ranges()]
+    + [(name, 5) for name, _, _ in _index_ranges() if name in _layout_5_names()],
+)
 def test_an_unchecked_blob_whose_index_field_is_out_of_range_is_refused(field, version):
     """The second outsider's case: a layout-6 blob (no check) whose duplicate-ring cursor
     was 33 read without error, and the kernel wrote that customer's event ids into the
@@ -259,8 +268,6 @@ def test_an_unchecked_blob_whose_index_field_is_out_of_range_is_refused(field, v
     if version == 5:
         from crmstream.state.legacy import STATE_DTYPE_V5
 
-        if field not in STATE_DTYPE_V5.names:
-            pytest.skip(f"layout 5 has no {field}")
         old = np.zeros(3, STATE_DTYPE_V5)
         for name in STATE_DTYPE_V5.names:
             if name in STATE_DTYPE.names:
