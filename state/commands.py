@@ -89,11 +89,15 @@ class CommandBatch:
         self.command("XADD", name, "*", *_flat(fields))
 
     # -- sending ---------------------------------------------------------------
-    def execute(self, client: redis.Redis, transaction: bool = False) -> list:
+    def execute(
+        self, client: redis.Redis, transaction: bool = False, refusals: bool = False
+    ) -> list:
         """Send the batch on one of ``client``'s connections and read every reply.
 
         ``transaction``: wrapped in MULTI/EXEC; the replies are EXEC's. A reply that
-        is an error raises ``redis.ResponseError`` naming the command. Any failure
+        is an error raises ``redis.ResponseError`` naming the command, unless
+        ``refusals`` (no transaction): then each error reply is in its place among the
+        replies, as an exception, for the caller to weigh. Any failure
         closes the connection (no reply is left unread on it); the caller decides
         whether to try again (connection errors and timeouts are worth it).
         """
@@ -116,6 +120,8 @@ class CommandBatch:
             raise
         finally:
             pool.release(conn)
+        if refusals and not transaction:
+            return replies
         for name, reply in zip(self._names, replies, strict=True):
             if isinstance(reply, redis.ResponseError):
                 raise redis.ResponseError(f"{name} in a batch of {len(self)}: {reply}")

@@ -135,28 +135,35 @@ class StateStore:
         if not customer_ids:
             return [], {}
         started = time.perf_counter()
-        pipe = self._client.pipeline(transaction=False)
         n = len(customer_ids)
         checked = False  # whether a state key may be of the wrong type (single Redis)
         if self._cluster:
+            pipe = self._client.pipeline(transaction=False)
             for key in [self.state_key(c) for c in customer_ids]:
                 pipe.get(key)
             for key in [self.tombstone_key(c) for c in customer_ids]:
                 pipe.get(key)
-        else:
+            for customer in with_promises:
+                pipe.hgetall(self.promises_key(customer))
+            # A refusal of one customer's key (WRONGTYPE: a key of the wrong type) makes
+            # that customer unreadable, not the round: the results carry it, not raising.
+            results = pipe.execute(raise_on_error=False)
+        else:  # packed by hiredis (state/commands.py): the keys are packed twice here
             state_keys = [self.state_key(c) for c in customer_ids]
             tomb_keys = [self.tombstone_key(c) for c in customer_ids]
-            pipe.mget(state_keys)
-            pipe.mget(tomb_keys)
+            batch = CommandBatch()
+            batch.command("MGET", *state_keys)
+            batch.command("MGET", *tomb_keys)
             # MGET answers nil for a key of the wrong type, as for a missing one: more
             # keys existing than values read means one is of the wrong type.
-            pipe.exists(*state_keys)
-            pipe.exists(*tomb_keys)
-        for customer in with_promises:
-            pipe.hgetall(self.promises_key(customer))
-        # A refusal of one customer's key (WRONGTYPE: a key of the wrong type) makes that
-        # customer unreadable, not the round: the results carry it instead of raising.
-        results = pipe.execute(raise_on_error=False)
+            batch.command("EXISTS", *state_keys)
+            batch.command("EXISTS", *tomb_keys)
+            for customer in with_promises:
+                batch.command("HGETALL", self.promises_key(customer))
+            results = self._retry.call_with_retry(
+                lambda: batch.execute(self._client, refusals=True), lambda _error: None
+            )
+            results[4:] = [_as_hash(r) for r in results[4:]]
         if self._cluster:
             blobs, tombs, raw = results[:n], results[n : 2 * n], results[2 * n :]
         else:
@@ -551,6 +558,13 @@ def decode_progress(raw: Mapping[bytes, bytes], key: str = "") -> dict[Position,
                 "put it right or remove the field before starting"
             ) from None
     return result
+
+
+def _as_hash(reply: object) -> object:
+    """An HGETALL reply as redis-py gives it: a dict (a refusal stays as it is)."""
+    if isinstance(reply, list):
+        return dict(zip(reply[0::2], reply[1::2], strict=True))
+    return reply
 
 
 def _customers_own(result: object) -> bool:
