@@ -48,29 +48,47 @@ def _entries(config: ConfigOpt, set_: SetOpt, redis_url: RedisOpt) -> tuple[Any,
 
 def _entry(member: bytes, raw: bytes, key: str) -> dict[str, Any]:
     """What the quarantine kept of a timer; an entry that is not what the flow writes
-    (edited by hand) as a row saying so, due at once when released."""
+    (edited by hand: not JSON, fields of other types, a due time past the year 9999, or
+    another customer's than its member's) as a row saying so, due at once when released."""
     import time
 
     from crmstream.state.timers import parse_member
 
     try:
-        entry = orjson.loads(raw)
-        if type(entry) is dict and {"customer", "kind", "reason"} <= entry.keys():
-            return entry
-        problem = "not an object with customer, kind and reason"
-    except orjson.JSONDecodeError as error:
-        problem = f"not JSON ({error})"
-    try:
         timer = parse_member(member, 0)
         customer, kind = timer.customer, timer.kind
     except ValueError:
         customer, kind = "?", "?"
+    try:
+        entry = orjson.loads(raw)
+        problem = _problem(entry, customer)
+        if problem is None:
+            return entry
+    except orjson.JSONDecodeError as error:
+        problem = f"not JSON ({error})"
     return {
         "customer": customer,
         "kind": kind,
         "due_ms": int(time.time() * 1000),
         "reason": f"the entry at {key!r} is {problem}: {raw!r:.80}; released, it is due at once",
     }
+
+
+def _problem(entry: Any, customer: str) -> str | None:
+    """Why a decoded quarantine entry is not what the flow writes (None: it is)."""
+    if type(entry) is not dict or not all(
+        type(entry.get(name)) is str for name in ("customer", "kind", "reason")
+    ):
+        return "not an object with customer, kind and reason as text"
+    due = entry.get("due_ms")
+    if due is not None and not (type(due) is int and 0 <= due <= _LAST_MS):
+        return f"due at {due!r}, not a time in ms from 1970 to 9999"
+    if entry["customer"] != customer:
+        return f"customer {entry['customer']!r}'s, under a timer of {customer!r}"
+    return None
+
+
+_LAST_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z
 
 
 @quarantine_app.command("list")

@@ -88,6 +88,12 @@ def describe(exc: BaseException) -> str | None:
         return _first_line(str(cause))
     if isinstance(cause, redis.AuthenticationError):
         return f"Redis refused authentication: {_first_line(str(cause))}"
+    if isinstance(cause, redis.ResponseError) and "WRONGTYPE" in str(cause):
+        return (
+            f"Redis refused a command on a key of the wrong type ({_first_line(str(cause))}): "
+            "a key crmstream writes holds another kind of value (edited by hand?); put it "
+            "right or remove it before starting"
+        )
     if isinstance(cause, redis.RedisError):
         hint = tls_failure(cause)
         if hint:

@@ -100,13 +100,19 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, dict[str, int], None]):
 
     def _left(self, key: str, k: int, entry: bytes) -> Outgoing:
         """An outbox entry as the record it holds; one that is not an outbox record (cut
-        short or edited by hand) as the dead letter that stands for it, so that it does
-        not fail every start (cause ``damaged``)."""
+        short or edited by hand) or is addressed to no output topic of this
+        configuration, as the dead letter that stands for it, so that it does not fail
+        every start or go to another topic (cause ``damaged``)."""
         try:
-            return decode_outgoing(entry)
-        except (struct.error, UnicodeDecodeError) as error:
+            record = decode_outgoing(entry)
+        except (struct.error, ValueError) as error:  # UnicodeDecodeError too
             why = f"entry {k} of {key!r} is not an outbox record ({error})"
             return self._rt.producer.stand_in(DAMAGED_TOPIC, None, entry, why, "damaged")
+        outputs = self._rt.config.kafka.topics.outputs
+        if record.topic not in outputs:
+            why = f"entry {k} of {key!r} is addressed to {record.topic!r}, not to {outputs}"
+            return self._rt.producer.stand_in(DAMAGED_TOPIC, None, entry, why, "damaged")
+        return record
 
     def _apply(self, step: Step) -> list[dict[str, int]]:
         self._sequencer.watermark.observe(step.event_times, self._rt.clock_ms(), step.positions)

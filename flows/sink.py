@@ -279,12 +279,29 @@ def encode_outgoing(record: Outgoing) -> bytes:
 
 
 def decode_outgoing(entry: bytes) -> Outgoing:
+    """An outbox entry as the record it holds.
+
+    :raises ValueError: (``struct.error`` for one shorter than its head) when its lengths
+        do not fit it or its topic is not UTF-8: not an entry ``encode_outgoing`` wrote.
+    """
     topic_len, key_len = _HEAD.unpack_from(entry)
     at = _HEAD.size + topic_len
+    if (
+        not 0 < topic_len <= MAX_TOPIC_BYTES
+        or at > len(entry)
+        or key_len < -1
+        or (key_len > len(entry) - at)
+    ):
+        raise ValueError(
+            f"its lengths do not fit it: topic {topic_len}, key {key_len}, {len(entry)} bytes"
+        )
     topic = entry[_HEAD.size : at].decode()
     if key_len < 0:
         return Outgoing(topic, None, entry[at:])
     return Outgoing(topic, entry[at : at + key_len], entry[at + key_len :])
+
+
+MAX_TOPIC_BYTES = 249  # Kafka's longest topic name
 
 
 def bound_outgoing(records: list[Outgoing], producer: DeliveryCheckedProducer) -> list[Outgoing]:

@@ -32,7 +32,7 @@ class CommandBatch:
 
     def __init__(self) -> None:
         self._packed: list[bytes] = []
-        self._names: list[str] = []
+        self._names: list[tuple[Value, ...]] = []
 
     def __len__(self) -> int:
         return len(self._packed)
@@ -43,7 +43,7 @@ class CommandBatch:
             self._packed.append(hiredis.pack_command(args))
         except TypeError as exc:  # redis-py raises DataError for such values too
             raise redis.DataError(f"{args[0]}: {exc}") from None
-        self._names.append(str(args[0]))
+        self._names.append(args[:2])  # the command and its key, for an error
 
     # -- the subset of redis-py's command API that the store stages -------------
     def mset(self, mapping: Mapping[str, Value]) -> None:
@@ -124,7 +124,8 @@ class CommandBatch:
             return replies
         for name, reply in zip(self._names, replies, strict=True):
             if isinstance(reply, redis.ResponseError):
-                raise redis.ResponseError(f"{name} in a batch of {len(self)}: {reply}")
+                what = " ".join(map(str, name[:1])) + (f" {name[1]!r}" if len(name) > 1 else "")
+                raise redis.ResponseError(f"{what} in a batch of {len(self)}: {reply}")
         return replies
 
     def _read(self, conn: redis.connection.AbstractConnection) -> list:

@@ -81,7 +81,19 @@ def _shard_keys(store: StateStore, shard: int) -> dict[str, str]:
 def stored_layout(store: StateStore, step_ms: int) -> tuple[Layout | None, Layout | None]:
     """The layout the state was written with (None: no state yet) and, while a reshard is
     unfinished, its target. A state older than the layout key gets ``step_ms``."""
-    raw = {k.decode(): int(v) for k, v in store.client.hgetall(layout_key(store)).items()}
+    key = layout_key(store)
+    stored = store.client.hgetall(key)
+    try:
+        raw = {k.decode(): int(v) for k, v in stored.items()}
+        if "shards" in raw and not (raw["shards"] > 0 and raw.get("step_ms", 0) > 0):
+            raise ValueError("shards and step_ms must be > 0")
+        if "to_shards" in raw and not (raw["to_shards"] > 0 and raw.get("to_step_ms", 0) > 0):
+            raise ValueError("to_shards and to_step_ms must be > 0")
+    except (ValueError, KeyError) as error:  # UnicodeDecodeError too
+        raise LayoutError(
+            f"the layout at {key!r} is not what crmstream writes ({stored!r:.120}: {error}); "
+            "put it right (fields shards and step_ms, whole numbers) before starting"
+        ) from None
     if "shards" in raw:
         target = Layout(raw["to_shards"], raw["to_step_ms"]) if "to_shards" in raw else None
         return Layout(raw["shards"], raw["step_ms"]), target

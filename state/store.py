@@ -540,6 +540,9 @@ def lowest_progress(per_shard: Sequence[Mapping[Position, Progress]]) -> dict[Po
     return {pos: min((p[pos] for p in per_shard), key=lambda r: r.offset) for pos in common}
 
 
+_LAST_EVENT_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z
+
+
 def decode_progress(raw: Mapping[bytes, bytes], key: str = "") -> dict[Position, Progress]:
     """A progress hash as read from Redis (``key``: where, for the error).
 
@@ -550,12 +553,20 @@ def decode_progress(raw: Mapping[bytes, bytes], key: str = "") -> dict[Position,
     for field, value in raw.items():
         try:
             topic, _, partition = field.decode().rpartition("|")
-            result[topic, int(partition)] = Progress.decode(value)
+            rec = result[topic, int(partition)] = Progress.decode(value)
+            if not (
+                int(partition) >= 0
+                and rec.offset >= -1
+                and rec.step >= -1
+                and -1 <= rec.max_event_ms <= _LAST_EVENT_MS
+            ):
+                raise ValueError("out of range")
         except ValueError:  # UnicodeDecodeError too
             raise StateStoreError(
                 f"progress at {key!r}: field {field!r} = {value!r:.80} is not "
-                "'<offset>:<step>:<event ms>' under '<topic>|<partition>' (edited by hand?); "
-                "put it right or remove the field before starting"
+                "'<offset>:<step>:<event ms>' under '<topic>|<partition>' (offset and step "
+                ">= -1, an event time up to the year 9999; edited by hand?); put it right "
+                "or remove the field before starting"
             ) from None
     return result
 

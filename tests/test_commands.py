@@ -77,7 +77,7 @@ def test_an_error_in_a_transaction_names_its_command_and_the_connection_goes_on(
     batch = CommandBatch()
     batch.hset(f"{p}:h", mapping={"a": "1"})
     batch.rpush(f"{p}:str", b"r")  # WRONGTYPE when EXEC runs it
-    with pytest.raises(redis.ResponseError, match=r"RPUSH in a batch of 2: WRONGTYPE"):
+    with pytest.raises(redis.ResponseError, match=rf"RPUSH '{p}:str' in a batch of 2: WRONGTYPE"):
         batch.execute(client, transaction=True)
     assert client.hget(f"{p}:h", "a") == b"1"  # MULTI/EXEC does not roll back
     # A command Redis refuses to queue aborts the whole transaction.
@@ -98,7 +98,7 @@ def test_an_error_outside_a_transaction_leaves_the_other_commands_applied(client
     batch = CommandBatch()
     batch.command("HMGET", f"{p}:str", "a")  # WRONGTYPE
     batch.set(f"{p}:after", "y")
-    with pytest.raises(redis.ResponseError, match=r"HMGET in a batch of 2: WRONGTYPE"):
+    with pytest.raises(redis.ResponseError, match=rf"HMGET '{p}:str' in a batch of 2: WRONGTYPE"):
         batch.execute(client)
     assert client.get(f"{p}:after") == b"y"
     reads = CommandBatch()

@@ -320,11 +320,33 @@ def test_quarantined_timers_are_listed_and_released(config, stack):
     assert "no quarantined timers for any customer" in none_left.output
 
 
-def test_a_quarantine_entry_that_is_not_json_is_listed_and_released_due_at_once(
-    config, stack
+_BAD_ENTRIES = {
+    "not JSON": (b"{not json", "is not JSON"),
+    "other types": (b'{"customer": 5, "kind": {}, "reason": [1]}', "is not an object with"),
+    "due not a number": (
+        b'{"customer": "bad", "kind": "recheck", "reason": "r", "due_ms": "abc"}',
+        "due at 'abc'",
+    ),
+    "due past 9999": (
+        b'{"customer": "bad", "kind": "recheck", "reason": "r", "due_ms": 1e23}',
+        "due at 1e+23",
+    ),
+    "another customer's": (
+        b'{"customer": "good", "kind": "recheck", "reason": "r", "due_ms": 5}',
+        "customer 'good''s, under a timer of 'bad'",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_BAD_ENTRIES))
+def test_a_quarantine_entry_that_is_not_what_the_flow_writes_is_listed_and_released_at_once(
+    case, config, stack
 ):
-    """The third outsider's case: one entry that is not JSON made ``quarantine list``
-    end in a traceback (exit 70). It is listed as what it is, and released at once."""
+    """The third and fourth outsiders' cases: an entry that is not JSON, or with fields
+    of other types, made ``quarantine list`` end in a traceback (exit 70); a due time
+    that is not a number stopped ``release --all`` with a Redis outage message; one past
+    the year 9999 was released never to fire; another customer's entry was listed and
+    released as that customer's. Each is listed as what it is, and released at once."""
     from typer.testing import CliRunner
 
     from crmstream.cli import app
@@ -333,13 +355,14 @@ def test_a_quarantine_entry_that_is_not_json_is_listed_and_released_due_at_once(
     store = _store(own, stack)
     shard = _shard_of(own, "bad")
     member = Timer("bad", "recheck", "", T0).member
-    store.client.hset(store.quarantine_key(shard), member, b"{not json")
+    raw, says = _BAD_ENTRIES[case]
+    store.client.hset(store.quarantine_key(shard), member, raw)
     args = ["--redis-url", own.redis.url, "--set", f"redis.key_prefix={own.redis.key_prefix}"]
     listed = CliRunner().invoke(app, ["quarantine", "list", "--json", *args])
     assert listed.exit_code == 0, listed.output
     (row,) = [orjson.loads(line) for line in listed.output.splitlines()]
     assert (row["customer"], row["kind"]) == ("bad", "recheck")
-    assert f"{store.quarantine_key(shard)!r} is not JSON" in row["reason"]
+    assert f"{store.quarantine_key(shard)!r} is " in row["reason"] and says in row["reason"]
     released = CliRunner().invoke(app, ["quarantine", "release", "bad", *args])
     assert released.exit_code == 0, released.output
     back = store.client.zrange(store.timers.key(shard), 0, -1, withscores=True)

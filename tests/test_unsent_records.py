@@ -113,10 +113,11 @@ def test_an_outbox_record_the_producer_refuses_is_dead_lettered_once_at_start(
 def test_outbox_entries_that_are_not_records_are_dead_lettered_at_start(
     isolated_config, script, stack
 ):
-    """The third outsider's cases: an outbox entry cut short (2 bytes) and one whose
-    topic is not UTF-8 failed every start with a traceback naming no key. Each is now
-    sent as a dead letter keeping its bytes (cause ``damaged``), and the records after
-    them go out."""
+    """The third and fourth outsiders' cases: an outbox entry cut short (2 bytes), one
+    whose topic is not UTF-8, empty or longer than Kafka allows failed every start; one
+    whose key length runs past its end or is negative went out malformed; one addressed
+    to an input topic went there. Each is now sent as a dead letter keeping its bytes
+    (cause ``damaged``), and the records after them go out."""
     from crmstream.flows.shard import DAMAGED_TOPIC
 
     config = isolated_config("processing.shards=1")
@@ -130,38 +131,98 @@ def test_outbox_entries_that_are_not_records_are_dead_lettered_at_start(
     short = b"\x00\x04"
     not_utf8 = encode_outgoing(Outgoing("t\u00fc", b"k", b"{}")).replace(b"\xc3\xbc", b"\xff\xfe")
     after = Outgoing(config.kafka.topics.triggers, b"da", b'{"trigger_id": "after-damage"}')
-    client.rpush(outbox, short, not_utf8, encode_outgoing(after))
+    import struct
+
+    triggers = config.kafka.topics.triggers.encode()
+    damaged = [
+        short,
+        not_utf8,
+        struct.pack(">Hi", 0, -1) + b"{}",  # no topic
+        struct.pack(">Hi", 300, -1) + b"t" * 300 + b"{}",  # longer than a topic name
+        struct.pack(">Hi", len(triggers), 99) + triggers + b"k{}",  # key past the end
+        struct.pack(">Hi", len(triggers), -5) + triggers + b"{}",  # a negative key length
+        encode_outgoing(Outgoing(config.kafka.topics.orders, b"k", b"{}")),  # an input
+    ]
+    client.rpush(outbox, *damaged, encode_outgoing(after))
     before = _unsent(DAMAGED_TOPIC, "damaged")
 
     run_flow(config, stack)
 
     assert client.llen(outbox) == 0
     dead = read_topic(stack, dead_letters)
-    assert len(dead) == 2, dead
-    for letter, entry in zip(dead, (short, not_utf8), strict=True):
+    assert len(dead) == len(damaged), dead
+    for letter in dead:  # keyless: on any partition, so in any order
         assert letter["unsent"]["topic"] == DAMAGED_TOPIC
-        assert f"of '{outbox}' is not an outbox record" in letter["reason"]
-        assert letter["original_sha256"] == hashlib.sha256(entry).hexdigest()
-    assert _unsent(DAMAGED_TOPIC, "damaged") - before == 2
+        assert f"of '{outbox}' is " in letter["reason"], letter["reason"]
+    assert sorted(d["original_sha256"] for d in dead) == sorted(
+        hashlib.sha256(entry).hexdigest() for entry in damaged
+    )
+    assert _unsent(DAMAGED_TOPIC, "damaged") - before == len(damaged)
+    assert read_topic(stack, config.kafka.topics.orders, idle_s=1) == []
     assert {"trigger_id": "after-damage"} in read_topic(stack, config.kafka.topics.triggers)
 
 
-def test_a_progress_field_that_is_not_progress_stops_the_start_naming_it(isolated_config, stack):
+@pytest.mark.parametrize(
+    "value", ["garbage", "-7:1:1", "5:1:9223372036854775807", "5:-9:1"], ids=str
+)
+def test_a_progress_field_that_is_not_progress_stops_the_start_naming_it(
+    value, isolated_config, stack
+):
     """A progress value edited by hand failed every start with "invalid literal for
-    int()" inside a Bytewax traceback; it now names the key and the field."""
+    int()" inside a Bytewax traceback; an offset of -7 with a Kafka error naming no key;
+    an event time at the int64 limit set many customers aside. It now names the key and
+    the field."""
     from crmstream.failures import describe, root_cause
     from crmstream.state.store import StateStoreError
 
     config = isolated_config("processing.shards=1")
     client = redis.Redis.from_url(stack.redis_url)
     key = f"{config.redis.key_prefix}:progress:0"
-    client.hset(key, f"{config.kafka.topics.by_role['clickstream']}|0", "garbage")
+    client.hset(key, f"{config.kafka.topics.by_role['clickstream']}|0", value)
     with pytest.raises(Exception) as raised:  # Bytewax wraps what the dataflow raised
         run_flow(config, stack)
     assert isinstance(root_cause(raised.value), StateStoreError), raised.value
     line = describe(raised.value)  # what the CLI prints, with exit code 2
     assert line is not None and "\n" not in line, line
-    assert f"progress at '{key}'" in line and "b'garbage'" in line, line
+    assert f"progress at '{key}'" in line and repr(value.encode()) in line, line
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [{"shards": "two", "step_ms": "1000"}, {b"\xff": "1"}, {"shards": "0", "step_ms": "1"}],
+)
+def test_a_layout_that_is_not_what_crmstream_writes_stops_the_start_naming_it(
+    fields, isolated_config, stack
+):
+    """The fourth outsider's case: ``shards=two`` in the layout key was an internal error
+    with a traceback (exit 70)."""
+    from crmstream.failures import describe, root_cause
+    from crmstream.state.layout import LayoutError
+
+    config = isolated_config("processing.shards=1")
+    client = redis.Redis.from_url(stack.redis_url)
+    key = f"{config.redis.key_prefix}:layout"
+    client.hset(key, mapping=fields)
+    with pytest.raises(Exception) as raised:
+        run_flow(config, stack)
+    assert isinstance(root_cause(raised.value), LayoutError), raised.value
+    line = describe(raised.value)
+    assert line is not None and f"the layout at '{key}'" in line, line
+
+
+def test_a_key_of_the_wrong_type_is_not_called_an_outage():
+    """The fourth outsider's case: a shard's key of the wrong type (timers, outbox,
+    quarantine, customers) was reported as "Redis failed beyond its retry budget ...
+    restart once Redis answers again"; the command now names its key."""
+    from crmstream.failures import describe
+
+    error = redis.ResponseError(
+        "HINCRBY 'crm:customers' in a batch of 23: WRONGTYPE Operation against a key "
+        "holding the wrong kind of value"
+    )
+    line = describe(error)
+    assert line is not None and "key of the wrong type" in line and "'crm:customers'" in line
+    assert "retry budget" not in line
 
 
 def _wait_for(condition, what: str, timeout_s: float = 180) -> None:
