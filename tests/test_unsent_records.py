@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from typing import Any
 
 import orjson
 import pytest
@@ -71,6 +72,18 @@ def test_records_over_the_limit_never_reach_the_outbox(stack):
     assert bound_outgoing([fits], producer)[0] is fits
 
 
+def _one_run(isolated_config, script, stack, customer: str) -> tuple[Any, Any, redis.Redis, str]:
+    """A one-shard configuration after one run of one view: (config, its script, a
+    client, the shard's outbox key)."""
+    config = isolated_config("processing.shards=1")
+    s = script(config)
+    s.view(customer, "toys", 0)
+    s.flush()
+    run_flow(config, stack)
+    client = redis.Redis.from_url(stack.redis_url)
+    return config, s, client, f"{config.redis.key_prefix}:outbox:0"
+
+
 def test_an_outbox_record_the_producer_refuses_is_dead_lettered_once_at_start(
     isolated_config, script, stack
 ):
@@ -78,13 +91,7 @@ def test_an_outbox_record_the_producer_refuses_is_dead_lettered_once_at_start(
     bytes in base64, 1.07 MB) to the outbox; the producer refused it at every start.
     Now the start sends a dead letter standing for it, the outbox empties, and the
     next start sends nothing more."""
-    config = isolated_config("processing.shards=1")
-    s = script(config)
-    s.view("ua", "toys", 0)
-    s.flush()
-    run_flow(config, stack)
-    client = redis.Redis.from_url(stack.redis_url)
-    outbox = f"{config.redis.key_prefix}:outbox:0"
+    config, s, client, outbox = _one_run(isolated_config, script, stack, "ua")
     dead_letters = config.kafka.topics.dead_letter
     refused = Outgoing(dead_letters, b"k", b'{"original_base64": "' + b"QUJD" * 270_000 + b'"}')
     after = Outgoing(config.kafka.topics.triggers, b"ua", b'{"trigger_id": "left-behind"}')
@@ -120,13 +127,7 @@ def test_outbox_entries_that_are_not_records_are_dead_lettered_at_start(
     (cause ``damaged``), and the records after them go out."""
     from crmstream.flows.shard import DAMAGED_TOPIC
 
-    config = isolated_config("processing.shards=1")
-    s = script(config)
-    s.view("da", "toys", 0)
-    s.flush()
-    run_flow(config, stack)
-    client = redis.Redis.from_url(stack.redis_url)
-    outbox = f"{config.redis.key_prefix}:outbox:0"
+    config, _, client, outbox = _one_run(isolated_config, script, stack, "da")
     dead_letters = config.kafka.topics.dead_letter
     short = b"\x00\x04"
     not_utf8 = encode_outgoing(Outgoing("t\u00fc", b"k", b"{}")).replace(b"\xc3\xbc", b"\xff\xfe")
