@@ -81,14 +81,13 @@ def _problem(entry: Any, customer: str) -> str | None:
     ):
         return "not an object with customer, kind and reason as text"
     due = entry.get("due_ms")
-    if due is not None and not (type(due) is int and 0 <= due <= _LAST_MS):
+    from crmstream.operators.params import LAST_TIME_MS
+
+    if due is not None and not (type(due) is int and 0 <= due <= LAST_TIME_MS):
         return f"due at {due!r}, not a time in ms from 1970 to 9999"
     if entry["customer"] != customer:
         return f"customer {entry['customer']!r}'s, under a timer of {customer!r}"
     return None
-
-
-_LAST_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z
 
 
 @quarantine_app.command("list")

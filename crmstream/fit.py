@@ -39,7 +39,7 @@ from crmstream.operators.fitting import (
     holdout_table,
     summaries_of,
 )
-from crmstream.operators.params import MS_PER_DAY
+from crmstream.operators.params import LAST_TIME_MS, MS_PER_DAY
 from crmstream.profile import AsOf, ProfileError
 from crmstream.state import model
 from crmstream.state.encoding import EMPTY_BASE, StateEncodingError, decode_batch
@@ -108,9 +108,6 @@ def _summaries(store: StateStore, when: AsOf, keys: list[bytes]) -> tuple[Summar
     return summaries_of(customers, records, days), times
 
 
-_LAST_MS = 253_402_300_799_000  # 9999-12-31T23:59:59Z: the last time a date can show
-
-
 def _check_history(keys: list[str], records: np.ndarray) -> None:
     """Raise StateEncodingError naming the first key whose purchase history no run of the
     flow writes (hand-edited or damaged state would bias the fit of every customer, and a
@@ -124,7 +121,7 @@ def _check_history(keys: list[str], records: np.ndarray) -> None:
     last = records["last_purchase_day"].astype(np.int64)
     spend = records["spend_total"]
     problems = (
-        ((seen < 0) | (seen > _LAST_MS), "its newest event is not between 1970 and 9999"),
+        ((seen < 0) | (seen > LAST_TIME_MS), "its newest event is not between 1970 and 9999"),
         (buyer & (last < first), "its last purchase day is before its first"),
         (buyer & (last > seen // MS_PER_DAY), "its last purchase day is after its newest event"),
         (

@@ -21,6 +21,7 @@ from crmstream.operators.fields import (
     MAX_ID_LEN,
     MAX_QUANTITY,
     MAX_QUERY_LEN,
+    Limits,
     check_hash,
     choice,
     id_field,
@@ -220,30 +221,6 @@ _PRODUCT_CODES = frozenset(EVENT_CODE[t] for t, spec in _SPECS.items() if spec.p
 _CATEGORY_CODES = frozenset(
     EVENT_CODE[t] for t, spec in _SPECS.items() if spec.product or spec.optional_category
 )
-
-
-class Limits(NamedTuple):
-    """What the configuration allows of an event, derived once: the checked way and the
-    fast paths (``operators.fast_paths``) read the same."""
-
-    category_index: dict[str, int]  # taxonomy category -> its index
-    rates: dict[str, float]  # currency -> rate to the base currency
-    min_time_ms: int  # event times before this are refused
-    max_skew_ms: int  # ... and after the batch's clock plus this
-    promise_before_ms: int  # promised delivery times this long before the event refused
-    promise_after_ms: int  # ... and this long after it
-
-    @classmethod
-    def of(cls, config: CrmConfig) -> Limits:
-        processing = config.processing
-        return cls(
-            {c: i for i, c in enumerate(config.taxonomy.categories)},
-            dict(config.currency.rates),
-            processing.min_event_time_ms,
-            processing.max_future_skew_seconds * 1000,
-            processing.promised_delivery_max_days_before * 86_400_000,
-            processing.promised_delivery_max_days_after * 86_400_000,
-        )
 
 
 class EventValidator:

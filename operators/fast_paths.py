@@ -27,13 +27,13 @@ from crmstream.operators.events import (
     MAX_ORDER_ITEMS,
     TOPIC_ROLE_TYPES,
     Int64,
-    Limits,
     ParsedEvent,
     new_tuple,
 )
 from crmstream.operators.fields import (
     MAX_ID_LEN,
     MAX_QUANTITY,
+    Limits,
     is_country,
     is_customer_id,
     is_language,

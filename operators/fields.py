@@ -3,8 +3,9 @@
 This module owns the field-level rules of docs/events.md that do not depend on
 the configuration: ids and the customer-id alphabet, numbers in range, choices,
 times (epoch ms or ISO-8601), country codes, caller-supplied hashes, and how a
-rejected value is shown in a reason (``show``: bounded in size and depth).
-``operators.events`` combines them per event type.
+rejected value is shown in a reason (``show``: bounded in size and depth); and
+``Limits``, the bounds the configuration sets, derived once for both ways of
+parsing. ``operators.events`` combines them per event type.
 """
 
 from __future__ import annotations
@@ -13,7 +14,10 @@ import math
 import re
 import reprlib
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+if TYPE_CHECKING:
+    from crmstream.config import CrmConfig
 
 MAX_ID_LEN = 128
 MAX_QUERY_LEN = 1024  # search text: no rule reads it, but every string has a bound
@@ -153,4 +157,28 @@ def check_hash(obj: dict[str, Any], name: str) -> None:
             name,
             f"field {name!r} must be 32 lower-case hex characters (a keyed hash: send "
             f"'{name[:-5]}' to have it hashed), got {shown} (not shown)",
+        )
+
+
+class Limits(NamedTuple):
+    """What the configuration allows of an event, derived once: the checked way and the
+    fast paths (``operators.fast_paths``) read the same."""
+
+    category_index: dict[str, int]  # taxonomy category -> its index
+    rates: dict[str, float]  # currency -> rate to the base currency
+    min_time_ms: int  # event times before this are refused
+    max_skew_ms: int  # ... and after the batch's clock plus this
+    promise_before_ms: int  # promised delivery times this long before the event refused
+    promise_after_ms: int  # ... and this long after it
+
+    @classmethod
+    def of(cls, config: CrmConfig) -> Limits:
+        processing = config.processing
+        return cls(
+            {c: i for i, c in enumerate(config.taxonomy.categories)},
+            dict(config.currency.rates),
+            processing.min_event_time_ms,
+            processing.max_future_skew_seconds * 1000,
+            processing.promised_delivery_max_days_before * 86_400_000,
+            processing.promised_delivery_max_days_after * 86_400_000,
         )

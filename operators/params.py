@@ -56,6 +56,7 @@ MIN_AFFINITY = 1e-6  # a decayed affinity below this is treated as none
 MS_PER_10M = 600_000
 MS_PER_HOUR = 3_600_000
 MS_PER_DAY = 86_400_000
+LAST_TIME_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z: the last time a date can show
 INT64_MIN = np.iinfo(np.int64).min
 
 # derive() output columns

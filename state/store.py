@@ -36,6 +36,7 @@ from redis.cluster import RedisCluster
 from redis.retry import Retry
 
 from crmstream.metrics import get_metrics, observe_redis
+from crmstream.operators.params import LAST_TIME_MS
 from crmstream.state.commands import CommandBatch
 from crmstream.state.connection import (  # noqa: F401  (re-exported: callers import them here)
     ObservedRetry,
@@ -540,9 +541,6 @@ def lowest_progress(per_shard: Sequence[Mapping[Position, Progress]]) -> dict[Po
     return {pos: min((p[pos] for p in per_shard), key=lambda r: r.offset) for pos in common}
 
 
-_LAST_EVENT_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z
-
-
 def decode_progress(raw: Mapping[bytes, bytes], key: str = "") -> dict[Position, Progress]:
     """A progress hash as read from Redis (``key``: where, for the error).
 
@@ -558,7 +556,7 @@ def decode_progress(raw: Mapping[bytes, bytes], key: str = "") -> dict[Position,
                 int(partition) >= 0
                 and rec.offset >= -1
                 and rec.step >= -1
-                and -1 <= rec.max_event_ms <= _LAST_EVENT_MS
+                and -1 <= rec.max_event_ms <= LAST_TIME_MS
             ):
                 raise ValueError("out of range")
         except ValueError:  # UnicodeDecodeError too

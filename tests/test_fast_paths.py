@@ -20,8 +20,9 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from crmstream.config import load_config
-from crmstream.operators.events import TOPIC_ROLE_TYPES, EventValidator, Limits, ParsedEvent
+from crmstream.operators.events import TOPIC_ROLE_TYPES, EventValidator, ParsedEvent
 from crmstream.operators.fast_paths import FastPaths
+from crmstream.operators.fields import Limits
 
 CONFIG = load_config(env={})
 VALIDATOR = EventValidator(CONFIG)
