@@ -90,6 +90,9 @@ def input_source(
         group_commit_s=cfg.kafka.consumer_group_commit_seconds,
         clock_ms=runtime.clock_ms,
         max_future_ms=int(cfg.processing.max_future_skew_seconds * 1000),
+        applied_offsets=lambda positions: runtime.store.applied_offsets(
+            cfg.processing.shards, positions
+        ),
     )
 
 

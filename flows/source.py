@@ -30,10 +30,11 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple
 
 from bytewax.inputs import DynamicSource, StatelessSourcePartition
-from confluent_kafka import Consumer, KafkaError, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 from redis import RedisError
 
 from crmstream.clients import librdkafka_config
+from crmstream.flows import input_ends
 from crmstream.flows.finish import Finisher, LocalBarrier, StepBarrier
 from crmstream.flows.routing import parse_part_name, part_name, worker_share
 from crmstream.flows.runtime import wall_clock_ms
@@ -367,6 +368,7 @@ class CrmKafkaSource(DynamicSource[RawMessage]):
         group_commit_s: float = 5.0,
         clock_ms: Callable[[], int] = wall_clock_ms,
         max_future_ms: int = DEFAULT_MAX_FUTURE_MS,
+        applied_offsets: Callable[[list[Position]], dict[Position, tuple[int, int]]] | None = None,
     ):
         """``client_config`` goes to every client the source makes (its metadata
         lookups too), ``consumer_config`` over it to its consumers only (``kafka.client``
@@ -386,6 +388,7 @@ class CrmKafkaSource(DynamicSource[RawMessage]):
         self._group_commit_s = group_commit_s
         self._clock_ms = clock_ms
         self._max_future_ms = max_future_ms
+        self._applied_offsets = applied_offsets
 
     def list_parts(self) -> list[str]:
         """Every input partition's name, sorted (``routing.part_name``)."""
@@ -417,6 +420,8 @@ class CrmKafkaSource(DynamicSource[RawMessage]):
         if self._signals is not None and self._signals.finish is not None:
             barrier = self._signals.barrier or LocalBarrier()
             finisher = Finisher(barrier, worker_index, worker_count)
+        if mine and self._applied_offsets is not None:
+            _check_input_ends(self.consumer_config(), self._applied_offsets(mine), starts)
         return _WorkerReader(
             self.consumer_config(),
             starts,
@@ -446,6 +451,31 @@ class CrmKafkaSource(DynamicSource[RawMessage]):
             "enable.partition.eof": True,
             "auto.offset.reset": "earliest",
         }
+
+
+def _check_input_ends(
+    consumer_config: dict[str, Any],
+    applied: dict[Position, tuple[int, int]],
+    starts: dict[Position, tuple[int, int]],
+) -> None:
+    """``flows.input_ends.problems``, raised.
+
+    :raises SourceError: naming each input partition that ends before an offset some
+        shard has applied, or whose offsets cannot be read.
+    """
+    try:
+        found = input_ends.problems(consumer_config, applied, starts)
+    except KafkaException as exc:
+        raise SourceError(f"cannot read the input partitions' offsets: {exc}") from None
+    if found:
+        raise SourceError(
+            "the state in Redis does not belong to this input: "
+            + "; ".join(found)
+            + ". The topic was deleted and created again, or the broker lost its data (an "
+            "in-memory broker does on a restart), so these events would be skipped as "
+            "already applied. Start with a clean state (another redis.key_prefix, or an "
+            "empty Redis), or give the flow its input back"
+        )
 
 
 def _on_commit(err: KafkaError | None, _partitions: list[TopicPartition]) -> None:

@@ -475,15 +475,9 @@ class StateStore:
         """Per shard, the newest event time it has applied over its input partitions:
         its event-time watermark once its input is read to the end (docs/state.md,
         "As of"). Shards that applied no event are left out."""
-        pipe = self._client.pipeline(transaction=False)
-        for shard in range(shards):
-            pipe.hgetall(self.progress_key(shard))
         newest = {
-            shard: max(
-                (p.max_event_ms for p in decode_progress(raw, self.progress_key(shard)).values()),
-                default=-1,
-            )
-            for shard, raw in enumerate(pipe.execute())
+            shard: max((p.max_event_ms for p in progress.values()), default=-1)
+            for shard, progress in enumerate(self._every_progress(shards))
         }
         return {shard: ms for shard, ms in newest.items() if ms >= 0}
 
@@ -496,18 +490,34 @@ class StateStore:
         partition has applied nothing from it, so that partition starts from its
         beginning (offset 0, no step yet). Each shard then skips what it holds.
         """
-        pipe = self._client.pipeline(transaction=False)
-        for shard in range(shards):
-            pipe.hgetall(self.progress_key(shard))
-        lowest = lowest_progress(
-            [decode_progress(raw, self.progress_key(s)) for s, raw in enumerate(pipe.execute())]
-        )
+        lowest = lowest_progress(self._every_progress(shards))
         start = Progress(-1, -1, -1)
         resume = {}
         for pos in positions:
             rec = lowest.get(pos, start)
             resume[pos] = (rec.offset + 1, rec.step)
         return resume
+
+    def applied_offsets(
+        self, shards: int, positions: Iterable[Position]
+    ) -> dict[Position, tuple[int, int]]:
+        """Per input partition some shard has applied events of: the highest offset
+        applied, and the shard that applied it (the flow's start compares it with the
+        partition's end, ``flows.source``)."""
+        highest: dict[Position, tuple[int, int]] = {}
+        for shard, progress in enumerate(self._every_progress(shards)):
+            for pos, rec in progress.items():
+                if rec.offset >= 0 and rec.offset > highest.get(pos, (-1, -1))[0]:
+                    highest[pos] = (rec.offset, shard)
+        wanted = set(positions)
+        return {pos: found for pos, found in highest.items() if pos in wanted}
+
+    def _every_progress(self, shards: int) -> list[dict[Position, Progress]]:
+        """Every shard's progress hash, decoded, in shard order."""
+        pipe = self._client.pipeline(transaction=False)
+        for shard in range(shards):
+            pipe.hgetall(self.progress_key(shard))
+        return [decode_progress(raw, self.progress_key(s)) for s, raw in enumerate(pipe.execute())]
 
     def read_customer(self, customer_id: str) -> tuple[bytes | None, dict[str, str]]:
         """The raw state blob and the profile hash of one customer."""
