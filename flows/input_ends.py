@@ -54,23 +54,12 @@ def problems(
         }
     )
     try:
+        suspect: dict[Position, int] = {}  # partition -> its listed end
         for pos in sorted(set(applied) | set(starts)):
-            tp = TopicPartition(*pos)
-            low, high = probe.get_watermark_offsets(tp, timeout=timeout_s, cached=False)
-            offset, shard = applied.get(pos, (-1, -1))
-            if offset >= high:
-                end = _end_by_reading(probe, tp, max(low, high - 1), offset, timeout_s)
-                if end is None:
-                    log.warning(
-                        "%s[%d]: cannot read to its end within %.0f s to compare it with "
-                        "offset %d, which shard %d has applied; going on",
-                        pos[0], pos[1], timeout_s, offset, shard,
-                    )  # fmt: skip
-                elif offset >= end:
-                    found.append(
-                        f"{pos[0]}[{pos[1]}] ends at offset {end}, but shard {shard} has "
-                        f"applied its events up to offset {offset}"
-                    )
+            low, high = probe.get_watermark_offsets(TopicPartition(*pos), timeout=timeout_s,
+                                                    cached=False)  # fmt: skip
+            if applied.get(pos, (-1, -1))[0] >= high:
+                suspect[pos] = max(low, high)
             start = starts.get(pos, (0, -1))[0]
             if 0 < start < low:
                 log.warning(
@@ -78,36 +67,59 @@ def problems(
                     "applied; reading goes on from %d: %d messages are lost",
                     pos[0], pos[1], start, low - 1, low, low - start,
                 )  # fmt: skip
+        ends = _ends_by_reading(probe, suspect, applied, timeout_s) if suspect else {}
+        for pos in sorted(suspect):
+            offset, shard = applied[pos]
+            end = ends.get(pos)
+            if end is None:
+                log.warning(
+                    "%s[%d]: cannot read to its end within %.0f s to compare it with "
+                    "offset %d, which shard %d has applied; going on",
+                    pos[0], pos[1], timeout_s, offset, shard,
+                )  # fmt: skip
+            elif offset >= end:
+                found.append(
+                    f"{pos[0]}[{pos[1]}] ends at offset {end}, but shard {shard} has "
+                    f"applied its events up to offset {offset}"
+                )
     finally:
         probe.close()
     return found
 
 
-def _end_by_reading(
-    probe: Consumer, tp: TopicPartition, start: int, wanted: int, timeout_s: float
-) -> int | None:
-    """The partition's end offset, read from ``start`` on; or, as soon as a record at or
-    past ``wanted`` is read, that record's offset plus one (the partition holds
-    ``wanted``). None when neither is seen within ``timeout_s``.
+def _ends_by_reading(
+    probe: Consumer,
+    starts: dict[Position, int],
+    applied: dict[Position, tuple[int, int]],
+    timeout_s: float,
+) -> dict[Position, int]:
+    """Per partition, read from ``starts`` on (all at once): its end offset, or, as soon
+    as a record at or past its applied offset is read, that record's offset plus one
+    (the partition holds the applied offset). Partitions with neither within
+    ``timeout_s`` are left out.
 
     A fetch past the end is answered with an out-of-range error by Kafka and with
-    nothing by Tansu: reading from at most the listed end minus one sees a record or
-    the end itself."""
-    probe.assign([TopicPartition(tp.topic, tp.partition, start)])
+    nothing by Tansu; the listed end is never past the real one, so reading from it
+    sees a record or the end itself."""
+    probe.assign([TopicPartition(t, p, off) for (t, p), off in starts.items()])
+    ends: dict[Position, int] = {}
     try:
         deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            msg = probe.poll(0.2)
+        while len(ends) < len(starts) and time.monotonic() < deadline:
+            msg = probe.poll(0.05)
             if msg is None:
+                continue
+            pos = (msg.topic(), msg.partition())
+            if pos not in starts or pos in ends:
                 continue
             err = msg.error()
             if err is None:
-                if msg.offset() >= wanted:
-                    return msg.offset() + 1
+                if msg.offset() >= applied[pos][0]:
+                    ends[pos] = msg.offset() + 1
             elif err.code() == KafkaError._PARTITION_EOF:
-                return msg.offset()
+                ends[pos] = msg.offset()
             elif err.code() in (KafkaError._AUTO_OFFSET_RESET, KafkaError.OFFSET_OUT_OF_RANGE):
-                return start
-        return None
+                ends[pos] = starts[pos]
+        return ends
     finally:
         probe.unassign()
