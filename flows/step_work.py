@@ -384,7 +384,13 @@ class StepWork:
                         triggers.suppression(item.candidate, shown, item.policy, item.reason)
                     )
         for timer in out.held:  # stored holds that ended in the round
-            record = orjson.loads(timer.ref)
+            try:
+                record = orjson.loads(timer.ref)
+            except orjson.JSONDecodeError:
+                raise ValueError(  # a hand-edited member: named, as every damaged key
+                    f"the quiet-hours hold {timer.member!r} of customer {timer.customer!r} "
+                    "does not hold a trigger record (JSON)"
+                ) from None
             if type(record) is not dict or record.get("customer_id") != timer.customer:
                 owner = record.get("customer_id") if type(record) is dict else None
                 raise ValueError(  # a hand-edited member: it must not go out for another

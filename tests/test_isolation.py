@@ -220,6 +220,8 @@ def test_one_customer_that_raises_is_set_aside_and_the_rest_commits(config, stac
     assert all(k["customer"] == "bad" and k["reason"].startswith("processing_error") for k in kept)
     if case in ("a hold that is not JSON", "a hold whose record is another customer's"):
         assert any(k["kind"] == "deferred" for k in kept)
+        # the reason names the hold (a bare "JSONDecodeError" named nothing: outsider 4)
+        assert all("the quiet-hours hold " in d["reason"] for d in dead), dead[0]["reason"]
     if case == "a corrupt state blob":
         assert store.client.get(store.state_key("bad")) == b"\x06\xff\xff\xff"
     if case == "a state key of the wrong type":
