@@ -22,7 +22,7 @@ import orjson
 
 from crmstream.config import CrmConfig
 from crmstream.flows.crm import check_state_layout, run_in_process
-from crmstream.flows.runtime import Endpoints, Runtime
+from crmstream.flows.runtime import Endpoints, Runtime, wall_clock_ms
 from crmstream.flows.sink import DeliveryCheckedProducer, record_limit
 from crmstream.metrics import counter_total, get_metrics
 from crmstream.operators.events import TOPIC_ROLE_TYPES, _Invalid, parse_time_ms
@@ -166,11 +166,7 @@ def source_events(
     :raises ReplayError: when the source cannot be found or read.
     """
     if source == "cdnow":
-        rows = [
-            tx
-            for tx in read_cdnow(cdnow_path(), until)
-            if since is None or tx.day >= since
-        ]
+        rows = [tx for tx in read_cdnow(cdnow_path(), until) if since is None or tx.day >= since]
         return list(cdnow_events(rows, config.kafka.topics.orders))
     path = Path(source)
     if not path.is_file():
@@ -224,12 +220,20 @@ def produce_events(
     events: list[tuple[str, bytes | None, bytes]],
     on_progress: Callable[[str, int, int], None] | None,
 ) -> None:
-    """Produce (topic, key, value) events with delivery checks, reporting progress."""
+    """Produce (topic, key, value) events with delivery checks, reporting progress.
+
+    Their Kafka times cut them into the flow's processing steps (``source``): each run of
+    ``REPLAY_STEP_EVENTS`` events, in order, gets one time, a step later than the run
+    before it. What a step holds, and so the order of events at the same event time in
+    two topics and which events come late, is then a function of ``events`` alone: two
+    replays of one file give the same results (stamped with the wall clock as they were
+    produced, they could differ; docs/triggers.md, "Lateness")."""
     producer = DeliveryCheckedProducer(
         list(endpoints.brokers), config.kafka.producer_properties(), 60.0
     )
-    for i, (topic, key, value) in enumerate(events, start=1):
-        producer.produce(topic, key, value)
+    stamps = replay_stamps(len(events), config.processing.step_ms, wall_clock_ms())
+    for i, ((topic, key, value), stamp) in enumerate(zip(events, stamps, strict=True), start=1):
+        producer.produce(topic, key, value, timestamp_ms=stamp)
         if i % 5000 == 0:
             producer.poll()
             if on_progress:
@@ -237,6 +241,17 @@ def produce_events(
     producer.flush()
     if on_progress:
         on_progress("producing", len(events), len(events))
+
+
+REPLAY_STEP_EVENTS = 20_000  # events a replay puts in one processing step
+
+
+def replay_stamps(count: int, step_ms: int, now_ms: int) -> Iterator[int]:
+    """The Kafka times of ``count`` replayed events: from the step after ``now_ms`` on,
+    one step per ``REPLAY_STEP_EVENTS`` events (``produce_events``)."""
+    first = (now_ms // step_ms + 1) * step_ms
+    for i in range(count):
+        yield first + (i // REPLAY_STEP_EVENTS) * step_ms
 
 
 def run_to_end(

@@ -124,12 +124,14 @@ class DeliveryCheckedProducer:
         value: bytes,
         headers: list[tuple[str, bytes]] | None = None,
         on_acked: Callable[[], None] | None = None,
+        timestamp_ms: int = 0,
     ) -> None:
         """Queue one record; waits for room when the local queue is full.
-        ``on_acked`` is called once the broker acknowledged it."""
+        ``on_acked`` is called once the broker acknowledged it; ``timestamp_ms``: its
+        Kafka time (0: the wall clock as it is produced)."""
         self._raise_failures()
         self._send_deferred()
-        self._queue(topic, key, value, headers, self._reporter(on_acked))
+        self._queue(topic, key, value, headers, self._reporter(on_acked), timestamp_ms=timestamp_ms)
 
     def produce_all(
         self, records: Iterable[tuple[str, bytes | None, bytes]], on_acked: Callable[[], None]
@@ -198,11 +200,17 @@ class DeliveryCheckedProducer:
         headers: list[tuple[str, bytes]] | None,
         report: Report,
         stand_ins: bool = True,
+        timestamp_ms: int = 0,
     ) -> None:
         while True:
             try:
                 self._producer.produce(
-                    topic, value=value, key=key, headers=headers, on_delivery=report
+                    topic,
+                    value=value,
+                    key=key,
+                    headers=headers,
+                    on_delivery=report,
+                    timestamp=timestamp_ms,
                 )
                 return
             except BufferError:

@@ -1,0 +1,109 @@
+"""A replay's Kafka times are a function of its events alone (``flows.replay``).
+
+They cut the input into the flow's processing steps. Stamped with the wall clock as
+they were produced, two replays of one file could cut it differently, and so order two
+events of one customer at the same millisecond in two topics differently, or see
+other events as late (docs/triggers.md, "Lateness"): the note of issue 38, round 3.
+"""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+from confluent_kafka import Consumer, KafkaError, TopicPartition
+from hypothesis import given
+from hypothesis import strategies as st
+
+from crmstream.flows import replay as replay_mod
+from crmstream.flows.replay import REPLAY_STEP_EVENTS, replay_stamps
+from tests.conftest import T0_MS, isolated, read_topic
+
+
+@given(
+    count=st.integers(0, 3 * REPLAY_STEP_EVENTS),
+    step_ms=st.integers(1, 60_000),
+    now_ms=st.integers(0, 2**42),
+)
+def test_each_run_of_events_gets_one_step_after_now(count, step_ms, now_ms):
+    stamps = list(replay_stamps(count, step_ms, now_ms))
+    assert len(stamps) == count
+    if not count:
+        return
+    first = stamps[0]
+    assert first > now_ms and first % step_ms == 0 and first - now_ms <= step_ms
+    assert [s - first for s in stamps] == [
+        (i // REPLAY_STEP_EVENTS) * step_ms for i in range(count)
+    ]
+
+
+def _stamps(brokers: list[str], topic: str, partitions: int) -> list[tuple[bytes, int]]:
+    """(value, Kafka time) of every record on ``topic``, partition by partition."""
+    settings = {"bootstrap.servers": ",".join(brokers), "group.id": "stamps",
+                "enable.partition.eof": True, "auto.offset.reset": "earliest"}  # fmt: skip
+    consumer = Consumer(settings)
+    try:
+        consumer.assign([TopicPartition(topic, p, 0) for p in range(partitions)])
+        got, ended = [], set()
+        while len(ended) < partitions:
+            msg = consumer.poll(10)
+            assert msg is not None, f"{topic}: no end after {len(got)} records"
+            if msg.error():
+                assert msg.error().code() == KafkaError._PARTITION_EOF, msg.error().str()
+                ended.add(msg.partition())
+                continue
+            got.append((msg.value(), msg.timestamp()[1]))
+        return got
+    finally:
+        consumer.close()
+
+
+def _history() -> list[tuple[str, str, str, dict]]:
+    """(role, customer, type, fields): ties at one millisecond across two topics."""
+    rows = []
+    for n in range(6):
+        c = f"c{n}"
+        rows += [
+            ("clickstream", c, "session_start", {}),
+            ("clickstream", c, "add_to_cart", {"product_id": "p1", "category": "shoes"}),
+            ("customers", c, "consent_withdrawn" if n % 2 else "profile_updated",
+             {"channel": "email"} if n % 2 else {"email": f"{c}@example.com"}),
+        ]  # fmt: skip
+    return rows  # then an event 3 h on (_LATER): the carts' timers fall due
+
+
+_LATER = ("clickstream", "z", "session_start", {})
+
+
+@pytest.mark.integration
+def test_two_replays_of_one_file_cut_the_same_steps_and_give_the_same_triggers(stack, monkeypatch):
+    """Three events a step (not 20,000), so the small file spans steps; each of two
+    replays into its own topics stamps every record as the other does (a step apart per
+    three records, whatever the producing took), and their triggers are the same."""
+    monkeypatch.setattr(replay_mod, "REPLAY_STEP_EVENTS", 3)
+    runs = []
+    for _ in range(2):
+        config = isolated(stack, partitions=1)
+        topics = config.kafka.topics.by_role
+        events = []
+        for k, (role, customer, kind, fields) in enumerate([*_history(), _LATER]):
+            at = T0_MS + (k // 3) * 1000 + (3 * 3_600_000 if customer == "z" else 0)
+            body = {"event_id": f"{customer}-{k}", "customer_id": customer,
+                    "event_type": kind, "event_time": at, **fields}  # fmt: skip
+            events.append((topics[role], customer.encode(), orjson.dumps(body)))
+        replay_mod.replay(stack, config, events)
+        stamps = {}
+        for role in ("clickstream", "customers"):
+            for value, ts in _stamps(list(stack.brokers), topics[role], 1):
+                stamps[value] = ts
+        first = min(stamps.values())
+        relative = [stamps[value] - first for _topic, _key, value in events]
+        step = config.processing.step_ms
+        assert relative == [(i // 3) * step for i in range(len(events))]
+        triggers = read_topic(stack, config.kafka.topics.triggers, idle_s=1.0)
+        suppressed = read_topic(stack, config.kafka.topics.suppressions, idle_s=1.0)
+        runs.append((
+            sorted((t["trigger_id"], t["trigger_type"], t["customer_id"]) for t in triggers),
+            sorted((s["trigger_id"], s.get("policy")) for s in suppressed),
+        ))  # fmt: skip
+    assert runs[0][0], "no trigger: the comparison would be empty"
+    assert runs[0] == runs[1]
