@@ -222,9 +222,9 @@ def produce_events(
 ) -> None:
     """Produce (topic, key, value) events with delivery checks, reporting progress.
 
-    Their Kafka times cut them into the flow's processing steps (``source``): each run of
-    ``REPLAY_STEP_EVENTS`` events, in order, gets one time, a step later than the run
-    before it. What a step holds, and so the order of events at the same event time in
+    Their Kafka times cut them into the flow's processing steps (``source``). They follow
+    the events' order alone (``replay_stamps``: a steady rate), not the wall clock as
+    they are produced. What a step holds, and so the order of events at the same event time in
     two topics and which events come late, is then a function of ``events`` alone: two
     replays of one file give the same results (stamped with the wall clock as they were
     produced, they could differ; docs/triggers.md, "Lateness")."""
@@ -243,15 +243,17 @@ def produce_events(
         on_progress("producing", len(events), len(events))
 
 
-REPLAY_STEP_EVENTS = 20_000  # events a replay puts in one processing step
+REPLAY_EVENTS_PER_SECOND = 20_000  # the steady rate a replay's Kafka times follow
 
 
 def replay_stamps(count: int, step_ms: int, now_ms: int) -> Iterator[int]:
-    """The Kafka times of ``count`` replayed events: from the step after ``now_ms`` on,
-    one step per ``REPLAY_STEP_EVENTS`` events (``produce_events``)."""
+    """The Kafka times of ``count`` replayed events (``produce_events``): as if produced
+    at a steady ``REPLAY_EVENTS_PER_SECOND`` from the step after ``now_ms`` on, each time
+    floored to its processing step (with the default 1 s step: 20,000 events a step)."""
     first = (now_ms // step_ms + 1) * step_ms
+    rate = REPLAY_EVENTS_PER_SECOND
     for i in range(count):
-        yield first + (i // REPLAY_STEP_EVENTS) * step_ms
+        yield first + (i * 1000 // rate // step_ms) * step_ms
 
 
 def run_to_end(

@@ -15,25 +15,34 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from crmstream.flows import replay as replay_mod
-from crmstream.flows.replay import REPLAY_STEP_EVENTS, replay_stamps
+from crmstream.flows.replay import REPLAY_EVENTS_PER_SECOND, replay_stamps
 from tests.conftest import T0_MS, isolated, read_topic
 
 
 @given(
-    count=st.integers(0, 3 * REPLAY_STEP_EVENTS),
+    count=st.integers(0, 3 * REPLAY_EVENTS_PER_SECOND),
     step_ms=st.integers(1, 60_000),
     now_ms=st.integers(0, 2**42),
 )
-def test_each_run_of_events_gets_one_step_after_now(count, step_ms, now_ms):
+def test_the_stamps_follow_a_steady_rate_from_the_step_after_now(count, step_ms, now_ms):
     stamps = list(replay_stamps(count, step_ms, now_ms))
     assert len(stamps) == count
     if not count:
         return
     first = stamps[0]
     assert first > now_ms and first % step_ms == 0 and first - now_ms <= step_ms
-    assert [s - first for s in stamps] == [
-        (i // REPLAY_STEP_EVENTS) * step_ms for i in range(count)
-    ]
+    assert all(s % step_ms == 0 for s in stamps)
+    # event i is stamped with the step it would be produced in at the steady rate
+    produced = [i * 1000 / REPLAY_EVENTS_PER_SECOND for i in range(count)]
+    assert all(
+        s - first <= at < s - first + step_ms for s, at in zip(stamps, produced, strict=True)
+    )
+
+
+def test_a_default_step_holds_20000_events():
+    stamps = list(replay_stamps(45_000, 1000, 5_500))
+    assert stamps[0] == 6_000
+    assert [stamps.count(6_000 + k * 1000) for k in range(3)] == [20_000, 20_000, 5_000]
 
 
 def _stamps(brokers: list[str], topic: str, partitions: int) -> list[tuple[bytes, int]]:
@@ -76,10 +85,11 @@ _LATER = ("clickstream", "z", "session_start", {})
 
 @pytest.mark.integration
 def test_two_replays_of_one_file_cut_the_same_steps_and_give_the_same_triggers(stack, monkeypatch):
-    """Three events a step (not 20,000), so the small file spans steps; each of two
+    """Three events a step (a rate of 3 a second, not 20,000), so the small file spans
+    steps; each of two
     replays into its own topics stamps every record as the other does (a step apart per
     three records, whatever the producing took), and their triggers are the same."""
-    monkeypatch.setattr(replay_mod, "REPLAY_STEP_EVENTS", 3)
+    monkeypatch.setattr(replay_mod, "REPLAY_EVENTS_PER_SECOND", 3)
     runs = []
     for _ in range(2):
         config = isolated(stack, partitions=1)
