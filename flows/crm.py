@@ -90,9 +90,6 @@ def input_source(
         group_commit_s=cfg.kafka.consumer_group_commit_seconds,
         clock_ms=runtime.clock_ms,
         max_future_ms=int(cfg.processing.max_future_skew_seconds * 1000),
-        applied_offsets=lambda positions: runtime.store.applied_offsets(
-            cfg.processing.shards, positions
-        ),
     )
 
 
@@ -158,6 +155,26 @@ def check_state_layout(runtime: Runtime) -> None:
     runtime.use_config(model.adopt(runtime.config, runtime.store.client))
 
 
+def check_input(runtime: Runtime) -> None:
+    """Stop before reading input if an input partition ends at or before an offset some
+    shard has applied (``flows.input_ends``). Every process of a cluster checks every
+    partition before its workers start, so each names them all.
+
+    :raises SourceError: naming the partitions, their ends, the offsets and the shards.
+    """
+    cfg = runtime.config
+    inputs = set(cfg.kafka.topics.inputs)
+    shards = cfg.processing.shards
+    applied = {
+        pos: found
+        for pos, found in runtime.store.applied_offsets(shards).items()
+        if pos[0] in inputs
+    }
+    if applied:
+        starts = runtime.store.resume_offsets(shards, list(applied))
+        input_source(runtime, tail=False).check_input_ends(applied, starts)
+
+
 def run_in_process(
     runtime: Runtime, tail: bool = False, signals: StopSignals | None = None
 ) -> None:
@@ -165,6 +182,7 @@ def run_in_process(
     from bytewax.testing import run_main
 
     check_state_layout(runtime)
+    check_input(runtime)
     run_main(build_flow(runtime, tail=tail, signals=signals), epoch_interval=_epoch(runtime))
 
 
@@ -183,6 +201,7 @@ def run_cluster_process(
 
     processes = len(addresses) if addresses else 1
     check_state_layout(runtime)
+    check_input(runtime)
     flow = build_flow(runtime, tail=tail, signals=signals, workers=workers_per_process * processes)
     recovery = None
     if recovery_dir:

@@ -368,7 +368,6 @@ class CrmKafkaSource(DynamicSource[RawMessage]):
         group_commit_s: float = 5.0,
         clock_ms: Callable[[], int] = wall_clock_ms,
         max_future_ms: int = DEFAULT_MAX_FUTURE_MS,
-        applied_offsets: Callable[[list[Position]], dict[Position, tuple[int, int]]] | None = None,
     ):
         """``client_config`` goes to every client the source makes (its metadata
         lookups too), ``consumer_config`` over it to its consumers only (``kafka.client``
@@ -388,7 +387,6 @@ class CrmKafkaSource(DynamicSource[RawMessage]):
         self._group_commit_s = group_commit_s
         self._clock_ms = clock_ms
         self._max_future_ms = max_future_ms
-        self._applied_offsets = applied_offsets
 
     def list_parts(self) -> list[str]:
         """Every input partition's name, sorted (``routing.part_name``)."""
@@ -420,8 +418,6 @@ class CrmKafkaSource(DynamicSource[RawMessage]):
         if self._signals is not None and self._signals.finish is not None:
             barrier = self._signals.barrier or LocalBarrier()
             finisher = Finisher(barrier, worker_index, worker_count)
-        if mine and self._applied_offsets is not None:
-            _check_input_ends(self.consumer_config(), self._applied_offsets(mine), starts)
         return _WorkerReader(
             self.consumer_config(),
             starts,
@@ -435,6 +431,33 @@ class CrmKafkaSource(DynamicSource[RawMessage]):
             self._clock_ms,
             self._max_future_ms,
         )
+
+    def check_input_ends(
+        self, applied: dict[Position, tuple[int, int]], starts: dict[Position, tuple[int, int]]
+    ) -> None:
+        """``flows.input_ends.problems``, raised (before the flow starts reading).
+
+        :raises SourceError: naming the input partitions that end at or before an offset
+            some shard has applied (at most ``input_ends.NAMED`` of them, and how many
+            more), or whose offsets cannot be read.
+        """
+        admin = admin_client(self._brokers, self._client_config)
+        try:
+            found = input_ends.problems(admin, self.consumer_config(), applied, starts)
+        except KafkaException as exc:
+            raise SourceError(f"cannot read the input partitions' offsets: {exc}") from None
+        if found:
+            named = found[: input_ends.NAMED]
+            more = f"; and {len(found) - len(named)} more" if len(found) > len(named) else ""
+            raise SourceError(
+                "the state in Redis does not belong to this input: "
+                + "; ".join(named)
+                + more
+                + ". The topic was deleted and created again, or the broker lost its data "
+                "(an in-memory broker does on a restart), so these events would be skipped "
+                "as already applied. Start with a clean state (another redis.key_prefix, or "
+                "an empty Redis), or give the flow its input back"
+            )
 
     def consumer_config(self) -> dict[str, Any]:
         """A worker's consumer: ``kafka.client`` and ``kafka.consumer`` over the fetch
@@ -451,31 +474,6 @@ class CrmKafkaSource(DynamicSource[RawMessage]):
             "enable.partition.eof": True,
             "auto.offset.reset": "earliest",
         }
-
-
-def _check_input_ends(
-    consumer_config: dict[str, Any],
-    applied: dict[Position, tuple[int, int]],
-    starts: dict[Position, tuple[int, int]],
-) -> None:
-    """``flows.input_ends.problems``, raised.
-
-    :raises SourceError: naming each input partition that ends before an offset some
-        shard has applied, or whose offsets cannot be read.
-    """
-    try:
-        found = input_ends.problems(consumer_config, applied, starts)
-    except KafkaException as exc:
-        raise SourceError(f"cannot read the input partitions' offsets: {exc}") from None
-    if found:
-        raise SourceError(
-            "the state in Redis does not belong to this input: "
-            + "; ".join(found)
-            + ". The topic was deleted and created again, or the broker lost its data (an "
-            "in-memory broker does on a restart), so these events would be skipped as "
-            "already applied. Start with a clean state (another redis.key_prefix, or an "
-            "empty Redis), or give the flow its input back"
-        )
 
 
 def _on_commit(err: KafkaError | None, _partitions: list[TopicPartition]) -> None:

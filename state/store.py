@@ -499,16 +499,18 @@ class StateStore:
         return resume
 
     def applied_offsets(
-        self, shards: int, positions: Iterable[Position]
+        self, shards: int, positions: Iterable[Position] | None = None
     ) -> dict[Position, tuple[int, int]]:
-        """Per input partition some shard has applied events of: the highest offset
-        applied, and the shard that applied it (the flow's start compares it with the
-        partition's end, ``flows.source``)."""
+        """Per input partition some shard has applied events of (of ``positions`` only,
+        when given): the highest offset applied, and the shard that applied it (the
+        flow's start compares it with the partition's end, ``flows.input_ends``)."""
         highest: dict[Position, tuple[int, int]] = {}
         for shard, progress in enumerate(self._every_progress(shards)):
             for pos, rec in progress.items():
                 if rec.offset >= 0 and rec.offset > highest.get(pos, (-1, -1))[0]:
                     highest[pos] = (rec.offset, shard)
+        if positions is None:
+            return highest
         wanted = set(positions)
         return {pos: found for pos, found in highest.items() if pos in wanted}
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import orjson
 import pytest
 from confluent_kafka import Producer
+from confluent_kafka.admin import AdminClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -42,7 +43,8 @@ def held(stack):
     for _ in range(HELD[1]):
         producer.produce(topic, b"{}", b"k", partition=1)
         assert producer.flush(30) == 0
-    yield {"bootstrap.servers": ",".join(stack.brokers), "group.id": "ends"}, topic
+    config = {"bootstrap.servers": ",".join(stack.brokers), "group.id": "ends"}
+    yield AdminClient({"bootstrap.servers": ",".join(stack.brokers)}), config, topic
 
 
 @settings(max_examples=40, deadline=None,
@@ -50,20 +52,33 @@ def held(stack):
 @given(
     offset=st.integers(-1, 8) | st.integers(0, 2**62),
     shard=st.integers(0, 63),
-    partition=st.sampled_from(sorted(HELD)),
+    partition=st.sampled_from([*sorted(HELD), 3]),  # 3: no such partition
 )
 def test_an_applied_offset_at_or_past_the_end_is_named(held, offset, shard, partition):
-    config, topic = held
-    end = HELD[partition]
+    admin, config, topic = held
     applied = {(topic, partition): (offset, shard)} if offset >= 0 else {}
-    found = problems(config, applied, {(topic, partition): (offset + 1, 0)})
-    if offset < end:
+    found = problems(admin, config, applied, {(topic, partition): (offset + 1, 0)})
+    if partition not in HELD:
+        named = f"{topic}[{partition}] does not exist, but shard {shard} has applied its "
+        assert found == ([f"{named}events up to offset {offset}"] if offset >= 0 else [])
+    elif offset < HELD[partition]:
         assert found == []
     else:
         assert found == [
-            f"{topic}[{partition}] ends at offset {end}, but shard {shard} has applied its "
-            f"events up to offset {offset}"
+            f"{topic}[{partition}] ends at offset {HELD[partition]}, but shard {shard} has "
+            f"applied its events up to offset {offset}"
         ]
+
+
+def test_partitions_are_named_in_order_each_once(held):
+    """Every partition at once (one request for all their offsets), a missing one too."""
+    admin, config, topic = held
+    applied = {(topic, 4): (4, 4), (topic, 2): (2, 2), (topic, 1): (4, 1), (topic, 0): (4, 0)}
+    assert problems(admin, config, applied, {}) == [
+        f"{topic}[1] ends at offset 3, but shard 1 has applied its events up to offset 4",
+        f"{topic}[2] ends at offset 0, but shard 2 has applied its events up to offset 2",
+        f"{topic}[4] does not exist, but shard 4 has applied its events up to offset 4",
+    ]
 
 
 def _events(customer: str, count: int, first: int) -> list[bytes]:
