@@ -2,15 +2,20 @@
 before the flow starts reading (``crm.check_input``, in every process of a cluster).
 
 Each shard drops the events at or below the offset it has applied of a partition as
-already applied. When a partition ends before that offset, its events are other ones:
-the topic was deleted and created again, or the broker lost its data (Tansu, in
-memory, does on a restart). Each shard would then skip them without a word, until the
-new offsets passed the old ones.
+already applied. When the partition now holds other records at those offsets, they
+would be skipped without a word: the topic was deleted and created again, or the broker
+lost its data (Tansu, in memory, does on a restart). Two checks tell:
+
+- the partition ends at or before the applied offset (or no longer exists);
+- the record at the applied offset is not the one applied: its Kafka time differs from
+  the one the shard's progress keeps (``Progress.stamp``; progress an earlier release
+  wrote keeps none, and is compared by its end only). This catches input written again
+  past the old offsets before the flow came back.
 
 A partition's end is asked of the broker (ListOffsets). Tansu answers the base offset of
 the last record batch plus one, which is below the end when that batch holds more than
 one record; so an applied offset at or past the answer is confirmed by reading the
-partition from there to its end (a fetch reports the end exactly), not refused at once.
+partition from there (a fetch reports the end exactly), not refused at once.
 """
 
 from __future__ import annotations
@@ -18,7 +23,8 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable
-from typing import Any
+from datetime import UTC, datetime
+from typing import Any, NamedTuple
 
 from confluent_kafka import Consumer, KafkaError, TopicPartition
 from confluent_kafka.admin import AdminClient, OffsetSpec
@@ -27,22 +33,31 @@ from crmstream.state.store import Position
 
 log = logging.getLogger(__name__)
 
-PROBE_SECONDS = 30.0  # to read a partition's last records to its end
-
-
+PROBE_SECONDS = 30.0  # to read the records at the applied offsets, or the ends
 NAMED = 5  # partitions an error names; the rest are counted
+
+
+class _Seen(NamedTuple):
+    """What reading a partition from an offset found first: the first record at or past
+    the offset wanted (``at_end`` False: its offset and Kafka time), or the end."""
+
+    at_end: bool
+    offset: int
+    stamp: int
 
 
 def problems(
     admin: AdminClient,
     consumer_config: dict[str, Any],
-    applied: dict[Position, tuple[int, int]],
+    applied: dict[Position, tuple[int, int, int]],
     starts: dict[Position, tuple[int, int]],
     timeout_s: float = PROBE_SECONDS,
 ) -> list[str]:
-    """One line per partition that ends at or before an offset a shard has applied, or
-    no longer exists (``applied``: partition -> (highest offset applied, its shard)).
-    The partitions' first and end offsets are asked in two requests for them all.
+    """One line per partition whose records are not those a shard applied (``applied``:
+    partition -> (highest offset applied, its shard, the Kafka time of that record or
+    -1)): it no longer exists, ends at or before the offset, or holds a record of
+    another Kafka time there. The partitions' first and end offsets are asked in two
+    requests for them all, and their records read with one consumer.
 
     A partition whose first offset is past where reading starts (``starts``: partition
     -> (next offset, step)) lost events to retention before they were applied: logged
@@ -55,16 +70,18 @@ def problems(
     found: dict[Position, str] = {}
     firsts = _offsets(admin, applied, OffsetSpec.earliest(), timeout_s)
     ends = _offsets(admin, applied, OffsetSpec.latest(), timeout_s)
-    suspect: dict[Position, int] = {}  # partition -> its listed end
+    read_from: dict[Position, int] = {}
     for pos in sorted(applied):
-        offset, shard = applied[pos]
+        offset, shard, stamp = applied[pos]
         low, high = firsts[pos], ends[pos]
         if low is None or high is None:
             found[pos] = (f"{pos[0]}[{pos[1]}] does not exist, but shard {shard} has applied "
                           f"its events up to offset {offset}")  # fmt: skip
             continue
-        if offset >= high:
-            suspect[pos] = max(low, high)
+        if offset >= high:  # past the listed end: confirmed by reading from there
+            read_from[pos] = max(low, high)
+        elif stamp >= 0 and offset >= low:  # the record applied is still there to compare
+            read_from[pos] = offset
         start = starts.get(pos, (0, -1))[0]
         if 0 < start < low:
             log.warning(
@@ -72,33 +89,43 @@ def problems(
                 "applied; reading goes on from %d: %d messages are lost",
                 pos[0], pos[1], start, low - 1, low, low - start,
             )  # fmt: skip
-    if suspect:
-        probe = Consumer(
-            {
-                **{k: v for k, v in consumer_config.items() if k != "on_commit"},
-                "group.id": "crmstream-input-ends",
-                "enable.auto.commit": False,
-                "enable.partition.eof": True,
-                "auto.offset.reset": "error",
-            }
-        )
-        try:
-            read = _ends_by_reading(probe, suspect, applied, timeout_s)
-        finally:
-            probe.close()
-        for pos in sorted(suspect):
-            offset, shard = applied[pos]
-            end = read.get(pos)
-            if end is None:
-                log.warning(
-                    "%s[%d]: cannot read to its end within %.0f s to compare it with "
-                    "offset %d, which shard %d has applied; going on",
-                    pos[0], pos[1], timeout_s, offset, shard,
-                )  # fmt: skip
-            elif offset >= end:
-                found[pos] = (f"{pos[0]}[{pos[1]}] ends at offset {end}, but shard {shard} "
-                              f"has applied its events up to offset {offset}")  # fmt: skip
+    if read_from:
+        seen = _read(consumer_config, read_from, applied, timeout_s)
+        for pos in sorted(read_from):
+            why = _differs(pos, applied[pos], seen.get(pos), timeout_s)
+            if why:
+                found[pos] = why
     return [found[pos] for pos in sorted(found)]
+
+
+def _differs(
+    pos: Position, applied: tuple[int, int, int], seen: _Seen | None, timeout_s: float
+) -> str | None:
+    """Why the partition's records are not those applied, or None."""
+    offset, shard, stamp = applied
+    name = f"{pos[0]}[{pos[1]}]"
+    if seen is None:
+        log.warning(
+            "%s: cannot read offset %d, which shard %d has applied, within %.0f s to "
+            "compare it; going on", name, offset, shard, timeout_s,
+        )  # fmt: skip
+        return None
+    if seen.at_end:
+        if offset >= seen.offset:
+            return (f"{name} ends at offset {seen.offset}, but shard {shard} has applied its "
+                    f"events up to offset {offset}")  # fmt: skip
+        return None
+    if seen.offset == offset and stamp >= 0 and seen.stamp != stamp:
+        return (f"{name} holds another record at offset {offset} than the one shard {shard} "
+                f"applied (Kafka time {_iso(seen.stamp)}, not {_iso(stamp)})")  # fmt: skip
+    return None  # the record applied, or a gap at its offset (compaction, a marker)
+
+
+def _iso(ms: int) -> str:
+    try:
+        return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="milliseconds")
+    except (OverflowError, ValueError, OSError):
+        return str(ms)
 
 
 def _offsets(
@@ -121,39 +148,48 @@ def _offsets(
     return got
 
 
-def _ends_by_reading(
-    probe: Consumer,
-    starts: dict[Position, int],
-    applied: dict[Position, tuple[int, int]],
+def _read(
+    consumer_config: dict[str, Any],
+    read_from: dict[Position, int],
+    applied: dict[Position, tuple[int, int, int]],
     timeout_s: float,
-) -> dict[Position, int]:
-    """Per partition, read from ``starts`` on (all at once): its end offset, or, as soon
-    as a record at or past its applied offset is read, that record's offset plus one
-    (the partition holds the applied offset). Partitions with neither within
+) -> dict[Position, _Seen]:
+    """Per partition, read from ``read_from`` on (all at once, one consumer): the first
+    record at or past its applied offset, or its end. Partitions with neither within
     ``timeout_s`` are left out.
 
     A fetch past the end is answered with an out-of-range error by Kafka and with
     nothing by Tansu; the listed end is never past the real one, so reading from it
     sees a record or the end itself."""
-    probe.assign([TopicPartition(t, p, off) for (t, p), off in starts.items()])
-    ends: dict[Position, int] = {}
+    probe = Consumer(
+        {
+            **{k: v for k, v in consumer_config.items() if k != "on_commit"},
+            "group.id": "crmstream-input-ends",
+            "enable.auto.commit": False,
+            "enable.partition.eof": True,
+            "auto.offset.reset": "error",
+        }
+    )
+    seen: dict[Position, _Seen] = {}
     try:
+        probe.assign([TopicPartition(t, p, off) for (t, p), off in read_from.items()])
         deadline = time.monotonic() + timeout_s
-        while len(ends) < len(starts) and time.monotonic() < deadline:
+        while len(seen) < len(read_from) and time.monotonic() < deadline:
             msg = probe.poll(0.05)
             if msg is None:
                 continue
             pos = (msg.topic(), msg.partition())
-            if pos not in starts or pos in ends:
+            if pos not in read_from or pos in seen:
                 continue
             err = msg.error()
             if err is None:
                 if msg.offset() >= applied[pos][0]:
-                    ends[pos] = msg.offset() + 1
+                    ts_type, ts = msg.timestamp()
+                    seen[pos] = _Seen(False, msg.offset(), ts if ts_type else 0)
             elif err.code() == KafkaError._PARTITION_EOF:
-                ends[pos] = msg.offset()
+                seen[pos] = _Seen(True, msg.offset(), -1)
             elif err.code() in (KafkaError._AUTO_OFFSET_RESET, KafkaError.OFFSET_OUT_OF_RANGE):
-                ends[pos] = starts[pos]
-        return ends
+                seen[pos] = _Seen(True, read_from[pos], -1)
+        return seen
     finally:
-        probe.unassign()
+        probe.close()

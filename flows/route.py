@@ -36,6 +36,7 @@ class ShardBatch(NamedTuple):
     invalid: list[InvalidEvent]
     positions: dict[Position, int]  # last offset read per input partition in this step
     event_times: dict[Position, int]  # newest valid event time per input partition
+    stamps: dict[Position, int]  # Kafka time of the record at each partition's position
     caught_up: frozenset[Position]  # partitions read to their end (after this item's data)
 
     def __reduce__(self) -> tuple[Callable[..., ShardBatch], tuple[Any, ...]]:
@@ -50,6 +51,7 @@ class ShardBatch(NamedTuple):
             [tuple(bad) for bad in self.invalid],
             self.positions,
             self.event_times,
+            self.stamps,
             self.caught_up,
         )
 
@@ -61,6 +63,7 @@ def _shard_batch(
     invalid: list[tuple[Any, ...]],
     positions: dict[Position, int],
     event_times: dict[Position, int],
+    stamps: dict[Position, int],
     caught_up: frozenset[Position],
 ) -> ShardBatch:
     """A pickled ``ShardBatch`` back (``ShardBatch.__reduce__``)."""
@@ -71,6 +74,7 @@ def _shard_batch(
         [new_tuple(InvalidEvent, bad) for bad in invalid],
         positions,
         event_times,
+        stamps,
         caught_up,
     )
 
@@ -79,18 +83,20 @@ NO_STEP = -1
 
 
 class _StepParts:
-    __slots__ = ("event_times", "events", "invalid", "positions")
+    __slots__ = ("event_times", "events", "invalid", "positions", "stamps")
 
     def __init__(self, shards: int):
         self.events: list[list[ParsedEvent]] = [[] for _ in range(shards)]
         self.invalid: list[list[InvalidEvent]] = [[] for _ in range(shards)]
         self.positions: dict[Position, int] = {}
         self.event_times: dict[Position, int] = {}
+        self.stamps: dict[Position, int] = {}
 
 
-def _end_run(parts: _StepParts, pos: Position, last_offset: int, newest: int) -> None:
+def _end_run(parts: _StepParts, pos: Position, last_offset: int, newest: int, stamp: int) -> None:
     if last_offset > parts.positions.get(pos, -1):
         parts.positions[pos] = last_offset
+        parts.stamps[pos] = stamp
     if newest > parts.event_times.get(pos, -1):
         parts.event_times[pos] = newest
 
@@ -110,7 +116,7 @@ def route_batch(
     parts: _StepParts | None = None
     # The run's partition, step and topic, compared one by one: no tuple per message.
     run_partition, run_step, run_topic = -1, NO_STEP, ""
-    last_offset = newest = -1
+    last_offset = newest = last_stamp = -1
     for key, value, topic, partition, offset, timestamp_ms, step in batch:
         if (
             offset == CAUGHT_UP_OFFSET
@@ -119,7 +125,7 @@ def route_batch(
             or topic != run_topic
         ):
             if parts is not None:
-                _end_run(parts, (run_topic, run_partition), last_offset, newest)
+                _end_run(parts, (run_topic, run_partition), last_offset, newest, last_stamp)
                 parts = None
             if offset == CAUGHT_UP_OFFSET:
                 caught_up.add((topic, partition))
@@ -143,13 +149,13 @@ def route_batch(
         else:
             owner = result.customer_id or f"{topic}|{partition}"
             invalid[shard_of(owner, shards)].append(result)
-        last_offset = offset
+        last_offset, last_stamp = offset, timestamp_ms
     if parts is not None:
-        _end_run(parts, (run_topic, run_partition), last_offset, newest)
+        _end_run(parts, (run_topic, run_partition), last_offset, newest, last_stamp)
     done = frozenset(caught_up)
     if not steps:
         return (
-            [(keys[s], ShardBatch(s, NO_STEP, [], [], {}, {}, done)) for s in range(shards)]
+            [(keys[s], ShardBatch(s, NO_STEP, [], [], {}, {}, {}, done)) for s in range(shards)]
             if done
             else []
         )
@@ -161,7 +167,9 @@ def route_batch(
         out.extend(
             (
                 keys[s],
-                ShardBatch(s, step, p.events[s], p.invalid[s], p.positions, p.event_times, flags),
+                ShardBatch(
+                    s, step, p.events[s], p.invalid[s], p.positions, p.event_times, p.stamps, flags
+                ),
             )
             for s in range(shards)
         )

@@ -433,7 +433,9 @@ class CrmKafkaSource(DynamicSource[RawMessage]):
         )
 
     def check_input_ends(
-        self, applied: dict[Position, tuple[int, int]], starts: dict[Position, tuple[int, int]]
+        self,
+        applied: dict[Position, tuple[int, int, int]],
+        starts: dict[Position, tuple[int, int]],
     ) -> None:
         """``flows.input_ends.problems``, raised (before the flow starts reading).
 

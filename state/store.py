@@ -28,7 +28,7 @@ import re
 import secrets
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING
 
 import redis
 from redis.backoff import NoBackoff
@@ -36,7 +36,6 @@ from redis.cluster import RedisCluster
 from redis.retry import Retry
 
 from crmstream.metrics import get_metrics, observe_redis
-from crmstream.operators.params import LAST_TIME_MS
 from crmstream.state.commands import CommandBatch
 from crmstream.state.connection import (  # noqa: F401  (re-exported: callers import them here)
     ObservedRetry,
@@ -48,6 +47,13 @@ from crmstream.state.connection import (  # noqa: F401  (re-exported: callers im
     tls_failure,
 )
 from crmstream.state.encoding import StateEncodingError
+from crmstream.state.progress import (
+    Position,
+    Progress,
+    decode_progress,
+    encode_progress,
+    lowest_progress,
+)
 from crmstream.state.promises import Promise
 from crmstream.state.timers import MARK, SEP, TimerStore, member_prefix, parse_member
 
@@ -56,31 +62,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 _GLOB_SPECIAL = re.compile(rb"([\\*?\[\]])")  # escaped in a SCAN MATCH pattern
-
-Position = tuple[str, int]  # (topic, partition)
-
-
-class Progress(NamedTuple):
-    """How far a shard has applied one input partition.
-
-    ``offset`` is the highest offset applied, ``step`` the processing step it
-    belonged to and ``max_event_ms`` the partition's newest event time so far:
-    a restart resumes the source's step numbering and the shard's watermark
-    from them, so the replayed steps equal the ones first processed.
-    """
-
-    offset: int
-    step: int
-    max_event_ms: int
-
-    def encode(self) -> str:
-        return f"{self.offset}:{self.step}:{self.max_event_ms}"
-
-    @classmethod
-    def decode(cls, raw: bytes) -> Progress:
-        offset, _, rest = raw.decode().partition(":")
-        step, _, max_event = rest.partition(":")
-        return cls(int(offset), int(step or -1), int(max_event or -1))
 
 
 class StateStore:
@@ -500,15 +481,16 @@ class StateStore:
 
     def applied_offsets(
         self, shards: int, positions: Iterable[Position] | None = None
-    ) -> dict[Position, tuple[int, int]]:
+    ) -> dict[Position, tuple[int, int, int]]:
         """Per input partition some shard has applied events of (of ``positions`` only,
-        when given): the highest offset applied, and the shard that applied it (the
-        flow's start compares it with the partition's end, ``flows.input_ends``)."""
-        highest: dict[Position, tuple[int, int]] = {}
+        when given): the highest offset applied, the shard that applied it and the
+        Kafka time of the record there (-1: not known). The flow's start compares them
+        with the partition (``flows.input_ends``)."""
+        highest: dict[Position, tuple[int, int, int]] = {}
         for shard, progress in enumerate(self._every_progress(shards)):
             for pos, rec in progress.items():
-                if rec.offset >= 0 and rec.offset > highest.get(pos, (-1, -1))[0]:
-                    highest[pos] = (rec.offset, shard)
+                if rec.offset >= 0 and rec.offset > highest.get(pos, (-1, -1, -1))[0]:
+                    highest[pos] = (rec.offset, shard, rec.stamp)
         if positions is None:
             return highest
         wanted = set(positions)
@@ -537,48 +519,6 @@ def _earlier_of(member: bytes, customer_id: str) -> bool:
         return parse_member(member, 0).customer == customer_id
     except (ValueError, UnicodeDecodeError):
         return False
-
-
-def encode_progress(progress: Mapping[Position, Progress]) -> dict[str, str]:
-    """A progress hash's fields: ``<topic>|<partition>`` -> ``Progress.encode``."""
-    return {f"{t}|{p}": rec.encode() for (t, p), rec in progress.items()}
-
-
-def lowest_progress(per_shard: Sequence[Mapping[Position, Progress]]) -> dict[Position, Progress]:
-    """Per input partition, the lowest progress (by offset) over the shards. A partition
-    some shard has no record of is left out: that shard has applied nothing from it."""
-    if not per_shard:
-        return {}
-    common = set(per_shard[0]).intersection(*per_shard[1:])
-    return {pos: min((p[pos] for p in per_shard), key=lambda r: r.offset) for pos in common}
-
-
-def decode_progress(raw: Mapping[bytes, bytes], key: str = "") -> dict[Position, Progress]:
-    """A progress hash as read from Redis (``key``: where, for the error).
-
-    :raises StateStoreError: naming the key and field of a value that is not progress (the
-        flow writes ``<topic>|<partition>`` -> ``<offset>:<step>:<newest event ms>``).
-    """
-    result = {}
-    for field, value in raw.items():
-        try:
-            topic, _, partition = field.decode().rpartition("|")
-            rec = result[topic, int(partition)] = Progress.decode(value)
-            if not (
-                int(partition) >= 0
-                and rec.offset >= -1
-                and rec.step >= -1
-                and -1 <= rec.max_event_ms <= LAST_TIME_MS
-            ):
-                raise ValueError("out of range")
-        except ValueError:  # UnicodeDecodeError too
-            raise StateStoreError(
-                f"progress at {key!r}: field {field!r} = {value!r:.80} is not "
-                "'<offset>:<step>:<event ms>' under '<topic>|<partition>' (offset and step "
-                ">= -1, an event time up to the year 9999; edited by hand?); put it right "
-                "or remove the field before starting"
-            ) from None
-    return result
 
 
 def _as_hash(reply: object) -> object:

@@ -29,6 +29,11 @@ pytestmark = pytest.mark.integration
 HELD = {0: 5, 1: 3, 2: 0}  # messages per partition of the topic the property reads
 
 
+def _stamp(partition: int, offset: int) -> int:
+    """The Kafka time the fixture gives the record at ``offset`` of ``partition``."""
+    return T0_MS + partition * 1000 + offset
+
+
 @pytest.fixture(scope="module")
 def held(stack):
     """A topic whose partition 0 holds 5 messages in one record batch (Tansu then lists
@@ -37,11 +42,11 @@ def held(stack):
     config = isolated(stack, partitions=3)
     topic = config.kafka.topics.clickstream
     producer = Producer({"bootstrap.servers": ",".join(stack.brokers), "linger.ms": 100})
-    for _ in range(HELD[0]):
-        producer.produce(topic, b"{}", b"k", partition=0)
+    for i in range(HELD[0]):
+        producer.produce(topic, b"{}", b"k", partition=0, timestamp=_stamp(0, i))
     assert producer.flush(30) == 0
-    for _ in range(HELD[1]):
-        producer.produce(topic, b"{}", b"k", partition=1)
+    for i in range(HELD[1]):
+        producer.produce(topic, b"{}", b"k", partition=1, timestamp=_stamp(1, i))
         assert producer.flush(30) == 0
     config = {"bootstrap.servers": ",".join(stack.brokers), "group.id": "ends"}
     yield AdminClient({"bootstrap.servers": ",".join(stack.brokers)}), config, topic
@@ -56,7 +61,7 @@ def held(stack):
 )
 def test_an_applied_offset_at_or_past_the_end_is_named(held, offset, shard, partition):
     admin, config, topic = held
-    applied = {(topic, partition): (offset, shard)} if offset >= 0 else {}
+    applied = {(topic, partition): (offset, shard, -1)} if offset >= 0 else {}
     found = problems(admin, config, applied, {(topic, partition): (offset + 1, 0)})
     if partition not in HELD:
         named = f"{topic}[{partition}] does not exist, but shard {shard} has applied its "
@@ -70,10 +75,36 @@ def test_an_applied_offset_at_or_past_the_end_is_named(held, offset, shard, part
         ]
 
 
+@settings(max_examples=30, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])  # fmt: skip
+@given(
+    at=st.sampled_from([(0, k) for k in range(HELD[0])] + [(1, k) for k in range(HELD[1])]),
+    shift=st.sampled_from([0, 0, 1, -1, 1000, -(2**40)]),
+    shard=st.integers(0, 63),
+)
+def test_another_record_at_the_applied_offset_is_named(held, at, shift, shard):
+    """Input written again past the old offsets (a broker that lost its data, then
+    producers): the record at the applied offset has another Kafka time than the one the
+    progress keeps. Found at any offset within the partition, not only at its end."""
+    admin, config, topic = held
+    partition, offset = at
+    kept = _stamp(partition, offset) + shift
+    found = problems(admin, config, {(topic, partition): (offset, shard, kept)}, {})
+    if shift == 0:
+        assert found == []
+    else:
+        assert len(found) == 1, found
+        assert found[0].startswith(
+            f"{topic}[{partition}] holds another record at offset {offset} than the one "
+            f"shard {shard} applied (Kafka time "
+        ), found
+
+
 def test_partitions_are_named_in_order_each_once(held):
     """Every partition at once (one request for all their offsets), a missing one too."""
     admin, config, topic = held
-    applied = {(topic, 4): (4, 4), (topic, 2): (2, 2), (topic, 1): (4, 1), (topic, 0): (4, 0)}
+    applied = {(topic, 4): (4, 4, -1), (topic, 2): (2, 2, 9), (topic, 1): (4, 1, -1),
+               (topic, 0): (4, 0, _stamp(0, 4))}  # fmt: skip
     assert problems(admin, config, applied, {}) == [
         f"{topic}[1] ends at offset 3, but shard 1 has applied its events up to offset 4",
         f"{topic}[2] ends at offset 0, but shard 2 has applied its events up to offset 2",
@@ -134,3 +165,31 @@ def test_a_shard_with_progress_past_the_end_stops_the_start_and_loses_nothing(st
     assert store.applied_offsets(shards, [(topic, 0)])[(topic, 0)][0] == 4
     assert metrics.events_in.labels(topic, "page_view")._value.get() == accepted + 2
     assert metrics.skipped_events.labels(topic)._value.get() == skipped
+
+
+def test_each_shard_keeps_the_kafka_time_of_the_record_it_applied_last(stack):
+    """The flow's progress keeps, per partition, the Kafka time of the record at its
+    offset (route → sequencer → progress), for every shard; a start that finds another
+    record there refuses, naming both times, and applies nothing."""
+    config = isolated(stack, "processing.shards=2", partitions=1)
+    topic = config.kafka.topics.clickstream
+    producer = Producer({"bootstrap.servers": ",".join(stack.brokers), "linger.ms": 50})
+    values = _events("c1", 3, 0) + _events("c2", 3, 0)
+    for k, value in enumerate(values):
+        producer.produce(topic, value, b"c", partition=0, timestamp=T0_MS + 7 * k)
+    assert producer.flush(30) == 0
+    runtime = run_flow(config, stack)
+    store = runtime.store
+    for shard in range(2):
+        progress = store.load_progress(shard)
+        assert progress[(topic, 0)].offset == 5 and progress[(topic, 0)].stamp == T0_MS + 35
+    # As if the partition had been written again: the shards kept another time there.
+    for shard in range(2):
+        key = store.progress_key(shard)
+        changed = Progress.decode(store.client.hget(key, f"{topic}|0"))._replace(stamp=T0_MS + 36)
+        store.client.hset(key, mapping=encode_progress({(topic, 0): changed}))
+    with pytest.raises(Exception) as raised:  # before Bytewax starts: the error itself
+        run_flow(config, stack)
+    said = str(raised.value)
+    assert f"{topic}[0] holds another record at offset 5 than the one shard 0 applied" in said
+    assert "2026-01-01T00:00:00.035+00:00, not 2026-01-01T00:00:00.036+00:00" in said, said
