@@ -156,11 +156,12 @@ def check_state_layout(runtime: Runtime) -> None:
 
 
 def check_input(runtime: Runtime) -> None:
-    """Stop before reading input if an input partition ends at or before an offset some
-    shard has applied (``flows.input_ends``). Every process of a cluster checks every
-    partition before its workers start, so each names them all.
+    """Stop before reading input if an input partition is not what the shards applied
+    (``flows.input_ends``): it no longer exists, ends at or before an offset some shard
+    has applied, or holds a record of another Kafka time there. Every process of a
+    cluster checks every partition before its workers start, so each names them all.
 
-    :raises SourceError: naming the partitions, their ends, the offsets and the shards.
+    :raises SourceError: naming the partitions, the offsets and the shards.
     """
     cfg = runtime.config
     inputs = set(cfg.kafka.topics.inputs)

@@ -439,9 +439,9 @@ class CrmKafkaSource(DynamicSource[RawMessage]):
     ) -> None:
         """``flows.input_ends.problems``, raised (before the flow starts reading).
 
-        :raises SourceError: naming the input partitions that end at or before an offset
-            some shard has applied (at most ``input_ends.NAMED`` of them, and how many
-            more), or whose offsets cannot be read.
+        :raises SourceError: naming the input partitions whose records are not those the
+            shards applied (at most ``input_ends.NAMED`` of them, and how many more), or
+            whose offsets cannot be read.
         """
         admin = admin_client(self._brokers, self._client_config)
         try:
