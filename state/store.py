@@ -202,19 +202,26 @@ class StateStore:
         """MGET's values with a refusal (WRONGTYPE) in place of each nil that is a key of
         the wrong type; a second round trip, only when EXISTS counted more keys than
         MGET read values (a state or tombstone key that is not a string)."""
-        out = []
-        for values, existing, keys in ((blobs, n_states, state_keys), (tombs, n_tombs, tomb_keys)):
-            nil = [k for k, v in enumerate(values) if v is None]
-            if existing > len(values) - len(nil):
-                pipe = self._client.pipeline(transaction=False)
-                for k in nil:
-                    pipe.get(keys[k])
-                values = list(values)
-                for k, value in zip(nil, pipe.execute(raise_on_error=False), strict=True):
-                    if _customers_own(value):
-                        values[k] = value
-            out.append(values)
-        return out[0], out[1]
+        return (
+            self._with_refusals(blobs, n_states, state_keys),
+            self._with_refusals(tombs, n_tombs, tomb_keys),
+        )
+
+    def _with_refusals(self, values: list, existing: int, keys: list[str]) -> list:
+        """MGET's ``values`` of ``keys``, each nil that is a key of the wrong type replaced
+        by its refusal (WRONGTYPE); a second round trip only when EXISTS counted more keys
+        (``existing``) than MGET read values."""
+        nil = [k for k, v in enumerate(values) if v is None]
+        if existing <= len(values) - len(nil):
+            return values
+        pipe = self._client.pipeline(transaction=False)
+        for k in nil:
+            pipe.get(keys[k])
+        values = list(values)
+        for k, value in zip(nil, pipe.execute(raise_on_error=False), strict=True):
+            if _customers_own(value):
+                values[k] = value
+        return values
 
     def read_states(self, keys: list[str]) -> list[bytes | None]:
         """The state blobs at ``keys`` (None: no such key), for readers outside the flow
@@ -228,13 +235,12 @@ class StateStore:
         pipe.mget(keys)
         pipe.exists(*keys)
         blobs, existing = pipe.execute()
-        if existing > len(blobs) - blobs.count(None):
-            for key, blob in zip(keys, blobs, strict=True):
-                if blob is None and self._client.exists(key):
-                    kind = self._client.type(key)
-                    raise StateEncodingError(
-                        f"state at {key!r} is unreadable: a {kind.decode()}, not a string"
-                    )
+        for key, blob in zip(keys, self._with_refusals(blobs, existing, keys), strict=True):
+            if isinstance(blob, Exception):
+                kind = self._client.type(key)
+                raise StateEncodingError(
+                    f"state at {key!r} is unreadable: a {kind.decode()}, not a string"
+                )
         return blobs
 
     def subject(self, customer_id: str) -> str:
