@@ -7,10 +7,11 @@ would be skipped without a word: the topic was deleted and created again, or the
 lost its data (Tansu, in memory, does on a restart). Two checks tell:
 
 - the partition ends at or before the applied offset (or no longer exists);
-- the record at the applied offset is not the one applied: its Kafka time differs from
-  the one the shard's progress keeps (``Progress.stamp``; progress an earlier release
-  wrote keeps none, and is compared by its end only). This catches input written again
-  past the old offsets before the flow came back.
+- the record at the applied offset is not the one applied: its Kafka time or the CRC-32
+  of its value differs from the one the shard's progress keeps (``Progress.stamp``,
+  ``Progress.digest``; progress an earlier release wrote keeps neither, and is compared
+  by its end only). This catches input written again past the old offsets before the
+  flow came back, replays of two files within one processing step too.
 
 A partition's end is asked of the broker (ListOffsets). Tansu answers the base offset of
 the last record batch plus one, which is below the end when that batch holds more than
@@ -25,6 +26,7 @@ import time
 from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
+from zlib import crc32
 
 from confluent_kafka import Consumer, KafkaError, TopicPartition
 from confluent_kafka.admin import AdminClient, OffsetSpec
@@ -39,24 +41,26 @@ NAMED = 5  # partitions an error names; the rest are counted
 
 class _Seen(NamedTuple):
     """What reading a partition from an offset found first: the first record at or past
-    the offset wanted (``at_end`` False: its offset and Kafka time), or the end."""
+    the offset wanted (``at_end`` False: its offset, Kafka time and value CRC-32), or
+    the end."""
 
     at_end: bool
     offset: int
     stamp: int
+    digest: int
 
 
 def problems(
     admin: AdminClient,
     consumer_config: dict[str, Any],
-    applied: dict[Position, tuple[int, int, int]],
+    applied: dict[Position, tuple[int, int, int, int]],
     starts: dict[Position, tuple[int, int]],
     timeout_s: float = PROBE_SECONDS,
 ) -> list[str]:
     """One line per partition whose records are not those a shard applied (``applied``:
-    partition -> (highest offset applied, its shard, the Kafka time of that record or
-    -1)): it no longer exists, ends at or before the offset, or holds a record of
-    another Kafka time there. The partitions' first and end offsets are asked in two
+    partition -> (highest offset applied, its shard, the Kafka time and value CRC-32 of
+    that record, each -1 when not known)): it no longer exists, ends at or before the
+    offset, or holds another record there. The partitions' first and end offsets are asked in two
     requests for them all, and their records read with one consumer.
 
     A partition whose first offset is past where reading starts (``starts``: partition
@@ -72,7 +76,7 @@ def problems(
     ends = _offsets(admin, applied, OffsetSpec.latest(), timeout_s)
     read_from: dict[Position, int] = {}
     for pos in sorted(applied):
-        offset, shard, stamp = applied[pos]
+        offset, shard, stamp, digest = applied[pos]
         low, high = firsts[pos], ends[pos]
         if low is None or high is None:
             found[pos] = (f"{pos[0]}[{pos[1]}] does not exist, but shard {shard} has applied "
@@ -80,7 +84,7 @@ def problems(
             continue
         if offset >= high:  # past the listed end: confirmed by reading from there
             read_from[pos] = max(low, high)
-        elif stamp >= 0 and offset >= low:  # the record applied is still there to compare
+        elif (stamp != -1 or digest != -1) and offset >= low:  # still there to compare
             read_from[pos] = offset
         start = starts.get(pos, (0, -1))[0]
         if 0 < start < low:
@@ -99,10 +103,10 @@ def problems(
 
 
 def _differs(
-    pos: Position, applied: tuple[int, int, int], seen: _Seen | None, timeout_s: float
+    pos: Position, applied: tuple[int, int, int, int], seen: _Seen | None, timeout_s: float
 ) -> str | None:
     """Why the partition's records are not those applied, or None."""
-    offset, shard, stamp = applied
+    offset, shard, stamp, digest = applied
     name = f"{pos[0]}[{pos[1]}]"
     if seen is None:
         log.warning(
@@ -115,10 +119,14 @@ def _differs(
             return (f"{name} ends at offset {seen.offset}, but shard {shard} has applied its "
                     f"events up to offset {offset}")  # fmt: skip
         return None
-    if seen.offset == offset and stamp >= 0 and seen.stamp != stamp:
-        return (f"{name} holds another record at offset {offset} than the one shard {shard} "
-                f"applied (Kafka time {_iso(seen.stamp)}, not {_iso(stamp)})")  # fmt: skip
-    return None  # the record applied, or a gap at its offset (compaction, a marker)
+    if seen.offset != offset:  # a gap at its offset (compaction, a marker): nothing to compare
+        return None
+    other = f"{name} holds another record at offset {offset} than the one shard {shard} applied"
+    if stamp != -1 and seen.stamp != stamp:
+        return f"{other} (Kafka time {_iso(seen.stamp)}, not {_iso(stamp)})"
+    if digest != -1 and seen.digest != digest:
+        return f"{other} (Kafka time {_iso(seen.stamp)} as then, other bytes)"
+    return None
 
 
 def _iso(ms: int) -> str:
@@ -151,7 +159,7 @@ def _offsets(
 def _read(
     consumer_config: dict[str, Any],
     read_from: dict[Position, int],
-    applied: dict[Position, tuple[int, int, int]],
+    applied: dict[Position, tuple[int, int, int, int]],
     timeout_s: float,
 ) -> dict[Position, _Seen]:
     """Per partition, read from ``read_from`` on (all at once, one consumer): the first
@@ -185,11 +193,12 @@ def _read(
             if err is None:
                 if msg.offset() >= applied[pos][0]:
                     ts_type, ts = msg.timestamp()
-                    seen[pos] = _Seen(False, msg.offset(), ts if ts_type else 0)
+                    digest = crc32(msg.value() or b"")
+                    seen[pos] = _Seen(False, msg.offset(), ts if ts_type else 0, digest)
             elif err.code() == KafkaError._PARTITION_EOF:
-                seen[pos] = _Seen(True, msg.offset(), -1)
+                seen[pos] = _Seen(True, msg.offset(), -1, -1)
             elif err.code() in (KafkaError._AUTO_OFFSET_RESET, KafkaError.OFFSET_OUT_OF_RANGE):
-                seen[pos] = _Seen(True, read_from[pos], -1)
+                seen[pos] = _Seen(True, read_from[pos], -1, -1)
         return seen
     finally:
         probe.close()

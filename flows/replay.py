@@ -228,10 +228,26 @@ def produce_events(
     two topics and which events come late, is then a function of ``events`` alone: two
     replays of one file give the same results (stamped with the wall clock as they were
     produced, they could differ; docs/triggers.md, "Lateness")."""
-    producer = DeliveryCheckedProducer(
-        list(endpoints.brokers), config.kafka.producer_properties(), 60.0
-    )
-    stamps = replay_stamps(len(events), config.processing.step_ms, wall_clock_ms())
+    step_ms = config.processing.step_ms
+    now_ms = wall_clock_ms()
+    if events:
+        ahead_ms = replay_last_stamp(len(events), step_ms, now_ms) - now_ms
+        skew_ms = int(config.processing.max_future_skew_seconds * 1000)
+        if ahead_ms > skew_ms:
+            raise ReplayError(
+                f"{len(events):,} events replayed at {REPLAY_EVENTS_PER_SECOND:,} a second "
+                f"take Kafka times up to {ahead_ms / 1000:,.0f} s past now, more than "
+                f"processing.max_future_skew_seconds ({skew_ms / 1000:g} s): later times "
+                "would move no processing step. Raise it to at least "
+                f"{-(-ahead_ms // 1000):,} for the replay"
+            )
+    properties = dict(config.kafka.producer_properties())
+    # Records without a key (no readable customer_id) go to one partition, as the file
+    # orders them, not to a random one each replay; keyed ones as before.
+    chosen = properties.get("partitioner", "consistent_random")
+    properties["partitioner"] = _KEYLESS_TO_ONE.get(chosen, chosen)
+    producer = DeliveryCheckedProducer(list(endpoints.brokers), properties, 60.0)
+    stamps = replay_stamps(len(events), step_ms, now_ms)
     for i, ((topic, key, value), stamp) in enumerate(zip(events, stamps, strict=True), start=1):
         producer.produce(topic, key, value, timestamp_ms=stamp)
         if i % 5000 == 0:
@@ -246,11 +262,28 @@ def produce_events(
 REPLAY_EVENTS_PER_SECOND = 20_000  # the steady rate a replay's Kafka times follow
 
 
+# librdkafka's partitioners that send records without a key to a random partition, and
+# the ones that hash keys alike and send those records to one partition
+_KEYLESS_TO_ONE = {
+    "consistent_random": "consistent",
+    "random": "consistent",
+    "murmur2_random": "murmur2",
+    "fnv1a_random": "fnv1a",
+}
+
+
+def replay_last_stamp(count: int, step_ms: int, now_ms: int) -> int:
+    """The Kafka time of the last of ``count`` replayed events (``replay_stamps``)."""
+    first = now_ms // step_ms * step_ms
+    return first + ((count - 1) * 1000 // REPLAY_EVENTS_PER_SECOND // step_ms) * step_ms
+
+
 def replay_stamps(count: int, step_ms: int, now_ms: int) -> Iterator[int]:
     """The Kafka times of ``count`` replayed events (``produce_events``): as if produced
-    at a steady ``REPLAY_EVENTS_PER_SECOND`` from the step after ``now_ms`` on, each time
-    floored to its processing step (with the default 1 s step: 20,000 events a step)."""
-    first = (now_ms // step_ms + 1) * step_ms
+    at a steady ``REPLAY_EVENTS_PER_SECOND`` from the start of the step ``now_ms`` is in,
+    each time floored to its processing step (with the default 1 s step: 20,000 events a
+    step)."""
+    first = now_ms // step_ms * step_ms
     rate = REPLAY_EVENTS_PER_SECOND
     for i in range(count):
         yield first + (i * 1000 // rate // step_ms) * step_ms

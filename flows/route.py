@@ -36,7 +36,7 @@ class ShardBatch(NamedTuple):
     invalid: list[InvalidEvent]
     positions: dict[Position, int]  # last offset read per input partition in this step
     event_times: dict[Position, int]  # newest valid event time per input partition
-    stamps: dict[Position, int]  # Kafka time of the record at each partition's position
+    marks: dict[Position, tuple[int, int]]  # the record at each position: (Kafka time, CRC)
     caught_up: frozenset[Position]  # partitions read to their end (after this item's data)
 
     def __reduce__(self) -> tuple[Callable[..., ShardBatch], tuple[Any, ...]]:
@@ -51,7 +51,7 @@ class ShardBatch(NamedTuple):
             [tuple(bad) for bad in self.invalid],
             self.positions,
             self.event_times,
-            self.stamps,
+            self.marks,
             self.caught_up,
         )
 
@@ -63,7 +63,7 @@ def _shard_batch(
     invalid: list[tuple[Any, ...]],
     positions: dict[Position, int],
     event_times: dict[Position, int],
-    stamps: dict[Position, int],
+    marks: dict[Position, tuple[int, int]],
     caught_up: frozenset[Position],
 ) -> ShardBatch:
     """A pickled ``ShardBatch`` back (``ShardBatch.__reduce__``)."""
@@ -74,7 +74,7 @@ def _shard_batch(
         [new_tuple(InvalidEvent, bad) for bad in invalid],
         positions,
         event_times,
-        stamps,
+        marks,
         caught_up,
     )
 
@@ -83,20 +83,24 @@ NO_STEP = -1
 
 
 class _StepParts:
-    __slots__ = ("event_times", "events", "invalid", "positions", "stamps")
+    __slots__ = ("event_times", "events", "invalid", "marks", "positions")
 
     def __init__(self, shards: int):
         self.events: list[list[ParsedEvent]] = [[] for _ in range(shards)]
         self.invalid: list[list[InvalidEvent]] = [[] for _ in range(shards)]
         self.positions: dict[Position, int] = {}
         self.event_times: dict[Position, int] = {}
-        self.stamps: dict[Position, int] = {}
+        self.marks: dict[Position, tuple[int, int]] = {}
 
 
-def _end_run(parts: _StepParts, pos: Position, last_offset: int, newest: int, stamp: int) -> None:
+def _end_run(
+    parts: _StepParts, pos: Position, last_offset: int, newest: int, last: tuple[int, bytes | None]
+) -> None:
+    """A run of one partition's messages ended; ``last``: its last record's Kafka time and
+    value, which tell it from another record at its offset (``flows.input_ends``)."""
     if last_offset > parts.positions.get(pos, -1):
         parts.positions[pos] = last_offset
-        parts.stamps[pos] = stamp
+        parts.marks[pos] = (last[0], crc32(last[1] or b""))
     if newest > parts.event_times.get(pos, -1):
         parts.event_times[pos] = newest
 
@@ -117,6 +121,7 @@ def route_batch(
     # The run's partition, step and topic, compared one by one: no tuple per message.
     run_partition, run_step, run_topic = -1, NO_STEP, ""
     last_offset = newest = last_stamp = -1
+    last_value: bytes | None = None
     for key, value, topic, partition, offset, timestamp_ms, step in batch:
         if (
             offset == CAUGHT_UP_OFFSET
@@ -125,7 +130,8 @@ def route_batch(
             or topic != run_topic
         ):
             if parts is not None:
-                _end_run(parts, (run_topic, run_partition), last_offset, newest, last_stamp)
+                last = (last_stamp, last_value)
+                _end_run(parts, (run_topic, run_partition), last_offset, newest, last)
                 parts = None
             if offset == CAUGHT_UP_OFFSET:
                 caught_up.add((topic, partition))
@@ -149,9 +155,9 @@ def route_batch(
         else:
             owner = result.customer_id or f"{topic}|{partition}"
             invalid[shard_of(owner, shards)].append(result)
-        last_offset, last_stamp = offset, timestamp_ms
+        last_offset, last_stamp, last_value = offset, timestamp_ms, value
     if parts is not None:
-        _end_run(parts, (run_topic, run_partition), last_offset, newest, last_stamp)
+        _end_run(parts, (run_topic, run_partition), last_offset, newest, (last_stamp, last_value))
     done = frozenset(caught_up)
     if not steps:
         return (
@@ -168,7 +174,7 @@ def route_batch(
             (
                 keys[s],
                 ShardBatch(
-                    s, step, p.events[s], p.invalid[s], p.positions, p.event_times, p.stamps, flags
+                    s, step, p.events[s], p.invalid[s], p.positions, p.event_times, p.marks, flags
                 ),
             )
             for s in range(shards)

@@ -74,10 +74,13 @@ class Watermark:
         return mark
 
 
+_NO_MARK = (-1, -1)
+
+
 class Step:
     """A processing step's input gathered for one shard until every partition has passed it."""
 
-    __slots__ = ("event_times", "events", "invalid", "number", "positions", "stamps")
+    __slots__ = ("event_times", "events", "invalid", "marks", "number", "positions")
 
     def __init__(self, number: int) -> None:
         self.number = number
@@ -85,7 +88,7 @@ class Step:
         self.invalid: list[InvalidEvent] = []
         self.positions: dict[Position, int] = {}
         self.event_times: dict[Position, int] = {}
-        self.stamps: dict[Position, int] = {}  # Kafka time of the record at each position
+        self.marks: dict[Position, tuple[int, int]] = {}  # the record at each position
 
     def add(self, item: ShardBatch) -> None:
         self.events += item.events
@@ -93,7 +96,7 @@ class Step:
         for pos, off in item.positions.items():
             if off > self.positions.get(pos, -1):
                 self.positions[pos] = off
-                self.stamps[pos] = item.stamps.get(pos, -1)
+                self.marks[pos] = item.marks.get(pos, _NO_MARK)
         for pos, ts in item.event_times.items():
             if ts > self.event_times.get(pos, -1):
                 self.event_times[pos] = ts

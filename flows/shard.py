@@ -118,7 +118,7 @@ class ShardLogic(StatefulBatchLogic[ShardBatch, dict[str, int], None]):
         self._sequencer.watermark.observe(step.event_times, self._rt.clock_ms(), step.positions)
         taken = self._step.unapplied(
             step.number, step.events, step.invalid, step.positions,
-            self._sequencer.watermark.newest, step.stamps,
+            self._sequencer.watermark.newest, step.marks,
         )  # fmt: skip
         if taken is None:
             return []

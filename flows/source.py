@@ -107,7 +107,10 @@ class _Partition:
         self.topic = topic
         self.partition = partition
         self.tp = TopicPartition(topic, partition)
-        self.step = start_step
+        # Step 0 at the least: a partition's first records may move no step (stamped
+        # before 1970, or past the future skew), and a step of -1 is no step (NO_STEP:
+        # the shards would drop what it holds without a word).
+        self.step = max(start_step, 0)
         self.next_offset = start_offset
         self.at_end = False
         self.reported_end = False
@@ -434,7 +437,7 @@ class CrmKafkaSource(DynamicSource[RawMessage]):
 
     def check_input_ends(
         self,
-        applied: dict[Position, tuple[int, int, int]],
+        applied: dict[Position, tuple[int, int, int, int]],
         starts: dict[Position, tuple[int, int]],
     ) -> None:
         """``flows.input_ends.problems``, raised (before the flow starts reading).

@@ -365,8 +365,13 @@ class StepWork:
                         due = hold < end
                     else:
                         due = hold <= bound[index[customer]]  # as its timers (_bounds)
-                    why = None if hold is None or not due else self._lost_consent(
-                        record, hold, out.epochs[customer], stored.get(customer, {}))
+                    why = (
+                        None
+                        if hold is None or not due
+                        else self._lost_consent(
+                            record, hold, out.epochs[customer], stored.get(customer, {})
+                        )
+                    )
                     if why:
                         suppressions.append(triggers.stopped(record, "consent", why))
                     elif due:
@@ -537,7 +542,7 @@ def _repeated(topics: np.ndarray, partitions: np.ndarray, offsets: np.ndarray) -
     same = np.zeros(len(offsets), bool)
     if len(offsets) > 1:
         a, b = order[:-1], order[1:]
-        same[b] = (topics[a] == topics[b]) & (partitions[a] == partitions[b]) & (
-            offsets[a] == offsets[b]
+        same[b] = (
+            (topics[a] == topics[b]) & (partitions[a] == partitions[b]) & (offsets[a] == offsets[b])
         )
     return same

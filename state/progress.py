@@ -18,27 +18,30 @@ class Progress(NamedTuple):
     ``offset`` is the highest offset applied, ``step`` the processing step it
     belonged to and ``max_event_ms`` the partition's newest event time so far:
     a restart resumes the source's step numbering and the shard's watermark
-    from them, so the replayed steps equal the ones first processed. ``stamp`` is
-    the Kafka time of the record at ``offset`` (-1: not known, as in progress an
-    earlier release wrote): the start reads that record again to tell the input
-    the state was built from from other input at the same offsets
-    (``flows.input_ends``).
+    from them, so the replayed steps equal the ones first processed. ``stamp`` and
+    ``digest`` are the Kafka time and the CRC-32 of the value of the record at
+    ``offset`` (-1: not known, as in progress an earlier release wrote): the start reads
+    that record again to tell the input the state was built from from other input at
+    the same offsets (``flows.input_ends``).
     """
 
     offset: int
     step: int
     max_event_ms: int
     stamp: int = -1
+    digest: int = -1
 
     def encode(self) -> str:
-        return f"{self.offset}:{self.step}:{self.max_event_ms}:{self.stamp}"
+        return f"{self.offset}:{self.step}:{self.max_event_ms}:{self.stamp}:{self.digest}"
 
     @classmethod
     def decode(cls, raw: bytes) -> Progress:
         offset, _, rest = raw.decode().partition(":")
         step, _, rest = rest.partition(":")
-        max_event, _, stamp = rest.partition(":")
-        return cls(int(offset), int(step or -1), int(max_event or -1), int(stamp or -1))
+        max_event, _, rest = rest.partition(":")
+        stamp, _, digest = rest.partition(":")
+        return cls(int(offset), int(step or -1), int(max_event or -1), int(stamp or -1),
+                   int(digest or -1))  # fmt: skip
 
 
 def encode_progress(progress: Mapping[Position, Progress]) -> dict[str, str]:
@@ -71,14 +74,15 @@ def decode_progress(raw: Mapping[bytes, bytes], key: str = "") -> dict[Position,
                 and rec.offset >= -1
                 and rec.step >= -1
                 and -1 <= rec.max_event_ms <= LAST_TIME_MS
-                and -1 <= rec.stamp < 2**63
+                and -(2**63) <= rec.stamp < 2**63  # a producer may stamp before 1970
+                and -1 <= rec.digest < 2**32
             ):
                 raise ValueError("out of range")
         except ValueError:  # UnicodeDecodeError too
             raise StateStoreError(
                 f"progress at {key!r}: field {field!r} = {value!r:.80} is not "
-                "'<offset>:<step>:<event ms>[:<Kafka time>]' under '<topic>|<partition>' "
-                "(offset, step and Kafka time >= -1, an event time up to the year 9999; "
+                "'<offset>:<step>:<event ms>[:<Kafka time>:<CRC>]' under '<topic>|<partition>' "
+                "(offset and step >= -1, an event time up to the year 9999; "
                 "edited by hand?); put it right or remove the field before starting"
             ) from None
     return result

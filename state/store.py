@@ -487,16 +487,16 @@ class StateStore:
 
     def applied_offsets(
         self, shards: int, positions: Iterable[Position] | None = None
-    ) -> dict[Position, tuple[int, int, int]]:
+    ) -> dict[Position, tuple[int, int, int, int]]:
         """Per input partition some shard has applied events of (of ``positions`` only,
-        when given): the highest offset applied, the shard that applied it and the
-        Kafka time of the record there (-1: not known). The flow's start compares them
-        with the partition (``flows.input_ends``)."""
-        highest: dict[Position, tuple[int, int, int]] = {}
+        when given): the highest offset applied, the shard that applied it, and the
+        Kafka time and value CRC-32 of the record there (-1: not known). The flow's
+        start compares them with the partition (``flows.input_ends``)."""
+        highest: dict[Position, tuple[int, int, int, int]] = {}
         for shard, progress in enumerate(self._every_progress(shards)):
             for pos, rec in progress.items():
-                if rec.offset >= 0 and rec.offset > highest.get(pos, (-1, -1, -1))[0]:
-                    highest[pos] = (rec.offset, shard, rec.stamp)
+                if rec.offset >= 0 and rec.offset > highest.get(pos, (-1,))[0]:
+                    highest[pos] = (rec.offset, shard, rec.stamp, rec.digest)
         if positions is None:
             return highest
         wanted = set(positions)

@@ -14,8 +14,15 @@ from confluent_kafka import Consumer, KafkaError, TopicPartition
 from hypothesis import given
 from hypothesis import strategies as st
 
+from crmstream.config import load_config
 from crmstream.flows import replay as replay_mod
-from crmstream.flows.replay import REPLAY_EVENTS_PER_SECOND, replay_stamps
+from crmstream.flows.replay import (
+    REPLAY_EVENTS_PER_SECOND,
+    ReplayError,
+    replay_last_stamp,
+    replay_stamps,
+)
+from crmstream.flows.runtime import Endpoints
 from tests.conftest import T0_MS, isolated, read_topic
 
 
@@ -24,13 +31,14 @@ from tests.conftest import T0_MS, isolated, read_topic
     step_ms=st.integers(1, 60_000),
     now_ms=st.integers(0, 2**42),
 )
-def test_the_stamps_follow_a_steady_rate_from_the_step_after_now(count, step_ms, now_ms):
+def test_the_stamps_follow_a_steady_rate_from_the_step_now_is_in(count, step_ms, now_ms):
     stamps = list(replay_stamps(count, step_ms, now_ms))
     assert len(stamps) == count
     if not count:
         return
     first = stamps[0]
-    assert first > now_ms and first % step_ms == 0 and first - now_ms <= step_ms
+    assert first <= now_ms < first + step_ms and first % step_ms == 0
+    assert stamps[-1] == replay_last_stamp(count, step_ms, now_ms)
     assert all(s % step_ms == 0 for s in stamps)
     # event i is stamped with the step it would be produced in at the steady rate
     produced = [i * 1000 / REPLAY_EVENTS_PER_SECOND for i in range(count)]
@@ -41,8 +49,22 @@ def test_the_stamps_follow_a_steady_rate_from_the_step_after_now(count, step_ms,
 
 def test_a_default_step_holds_20000_events():
     stamps = list(replay_stamps(45_000, 1000, 5_500))
-    assert stamps[0] == 6_000
-    assert [stamps.count(6_000 + k * 1000) for k in range(3)] == [20_000, 20_000, 5_000]
+    assert stamps[0] == 5_000
+    assert [stamps.count(5_000 + k * 1000) for k in range(3)] == [20_000, 20_000, 5_000]
+
+
+def test_a_replay_whose_times_would_pass_the_future_skew_is_refused_before_producing():
+    """Kafka times past now + processing.max_future_skew_seconds move no step, and
+    whether a time is past it depends on when the flow reads it: such a replay would
+    not be deterministic (with no step at all, its events were dropped: outsider 46).
+    Refused before anything is produced (no broker here)."""
+    config = load_config(None, ["processing.max_future_skew_seconds=1"], env={})
+    events = [("t", b"k", b"{}")] * 60_001  # 3 s at 20,000 a second
+    nowhere = Endpoints(brokers=["127.0.0.1:1"], redis_url="redis://127.0.0.1:1/0")
+    said = r"60,001 events .* processing.max_future_skew_seconds \(1 s\)"
+    with pytest.raises(ReplayError, match=said):
+        replay_mod.produce_events(nowhere, config, events, None)
+    replay_mod.produce_events(nowhere, config, [], None)  # nothing to produce: no error
 
 
 def _stamps(brokers: list[str], topic: str, partitions: int) -> list[tuple[bytes, int]]:
@@ -117,3 +139,40 @@ def test_two_replays_of_one_file_cut_the_same_steps_and_give_the_same_triggers(s
         ))  # fmt: skip
     assert runs[0][0], "no trigger: the comparison would be empty"
     assert runs[0] == runs[1]
+
+
+@pytest.mark.integration
+def test_records_without_a_key_go_to_one_partition_in_every_replay(stack):
+    """A line with no readable customer_id is produced without a key; librdkafka's
+    default partitioner sent each such record to a random partition, so two replays of
+    one file put its dead letters (and the offsets after them) in different places
+    (outsider 46). Now they all go to one partition, in file order."""
+    placed = []
+    for _ in range(2):
+        config = isolated(stack, partitions=4)
+        topic = config.kafka.topics.clickstream
+        events = [(topic, None, b'{"event_type": "page_view", "n": %d}' % k) for k in range(12)]
+        replay_mod.produce_events(stack, config, events, None)
+        placed.append(_partitions(list(stack.brokers), topic, 4))
+    assert len(set(placed[0].values())) == 1, placed[0]
+    assert placed[0] == placed[1]
+
+
+def _partitions(brokers: list[str], topic: str, partitions: int) -> dict[bytes, int]:
+    """Each record's value -> the partition it is in."""
+    settings = {"bootstrap.servers": ",".join(brokers), "group.id": "where",
+                "enable.partition.eof": True, "auto.offset.reset": "earliest"}  # fmt: skip
+    consumer = Consumer(settings)
+    try:
+        consumer.assign([TopicPartition(topic, p, 0) for p in range(partitions)])
+        got, ended = {}, set()
+        while len(ended) < partitions:
+            msg = consumer.poll(10)
+            assert msg is not None, f"{topic}: no end after {len(got)} records"
+            if msg.error():
+                ended.add(msg.partition())
+                continue
+            got[msg.value()] = msg.partition()
+        return got
+    finally:
+        consumer.close()
