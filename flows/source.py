@@ -97,6 +97,7 @@ class _Partition:
         "next_offset",
         "partition",
         "reported_end",
+        "shrunk",
         "stalled",
         "step",
         "topic",
@@ -116,6 +117,7 @@ class _Partition:
         self.reported_end = False
         self.last_data = time.monotonic()
         self.stalled = False
+        self.shrunk = False  # its end fell below next_offset (``_WorkerReader._watch_shrink``)
         self.lag = get_metrics().consumer_lag.labels(topic, str(partition))
 
 
@@ -248,12 +250,14 @@ class _WorkerReader(StatelessSourcePartition[RawMessage]):
         delivered = bool(got)
         for part in parts.values():
             self._watch_stall(part, part in got, now, delivered, self._stall_s)
-            if self._tail and short and not part.at_end:
+            if self._tail and short:
                 # Live input: a busy partition may never see an end-of-partition event
                 # (each fetch brings more); the high watermark of the last fetch
                 # response is its end for now, so the shards' steps can close.
                 _low, high = self._consumer.get_watermark_offsets(part.tp, cached=True)
-                part.at_end = 0 <= high <= part.next_offset
+                if not part.at_end:
+                    part.at_end = 0 <= high <= part.next_offset
+                self._watch_shrink(part, high)
             if part.at_end and not part.reported_end:
                 # Tell the shards this partition holds nothing more for now: it stops
                 # holding their event-time watermark back.
@@ -299,6 +303,28 @@ class _WorkerReader(StatelessSourcePartition[RawMessage]):
             _low, high = self._consumer.get_watermark_offsets(part.tp, cached=True)
             if high >= 0:
                 part.lag.set(max(0, high - part.next_offset))
+
+    @staticmethod
+    def _watch_shrink(part: _Partition, high: int) -> None:
+        """Say so, once, when a partition's end falls below where the flow has read it
+        to: the broker lost its data (an in-memory broker restarted) or the topic was
+        created again while the flow ran. The start checks this (``flows.input_ends``);
+        a running flow can only tell: what is written there up to the old offset will
+        be skipped as applied."""
+        shrunk = 0 <= high < part.next_offset
+        if shrunk and not part.shrunk:
+            log.error(
+                "%s[%d] now ends at offset %d, before offset %d, which the flow has read it "
+                "to: the topic was created again or the broker lost its data. What is "
+                "written there up to that offset will be skipped as already applied: stop "
+                "the flow and start it on a clean state (docs/operations.md, \"Recovery "
+                "after failures\")",
+                part.topic, part.partition, high, part.next_offset,
+            )  # fmt: skip
+        elif part.shrunk and not shrunk:
+            log.warning("%s[%d] ends at offset %d again, at or past where it was read to",
+                        part.topic, part.partition, high)  # fmt: skip
+        part.shrunk = shrunk
 
     @staticmethod
     def _watch_stall(

@@ -101,6 +101,7 @@ def _steps(stack, stamps: list[int]) -> list[int]:
     for k, ts in enumerate(stamps):
         producer.produce(topic, b"%d" % k, b"k", timestamp=ts)
     assert producer.flush(30) == 0
+
     def starts(mine: list) -> dict:
         return {p: (0, -1) for p in mine}
 
@@ -148,3 +149,45 @@ def test_a_timestamp_at_the_future_skew_still_moves_the_step(stack):
     edge = T0 + SKEW_MS
     assert _steps(stack, [T0, edge, T0 + 1]) == [T0 // STEP_MS, edge // STEP_MS, edge // STEP_MS]
     assert _steps(stack, [T0, edge + 1, T0 + 1]) == [T0 // STEP_MS] * 3
+
+
+@given(
+    read_to=st.integers(0, 10**6),
+    ends=st.lists(st.integers(-1, 10**6 + 5), min_size=1, max_size=8),
+)
+def test_an_end_below_where_the_partition_was_read_to_is_said_once_each_time(read_to, ends):
+    """A running flow whose broker lost its data (or whose topic was created again) sees
+    the partition's end fall below where it read it to (outsider 45: it then skipped the
+    new events in silence). Said once as an error when it falls, once when it is back;
+    -1 (no fetch answer yet) is no end."""
+    part = _Partition("crm.orders", 3, start_offset=read_to, start_step=0)
+    handler = _Collect()
+    logger = logging.getLogger("crmstream.flows.source")
+    logger.addHandler(handler)
+    try:
+        for high in ends:
+            _WorkerReader._watch_shrink(part, high)
+    finally:
+        logger.removeHandler(handler)
+    expected, shrunk = [], False
+    for high in ends:
+        now = 0 <= high < read_to
+        if now and not shrunk:
+            expected.append(("ERROR", f"crm.orders[3] now ends at offset {high}, before offset "
+                                      f"{read_to}, which the flow has read it to"))  # fmt: skip
+        elif shrunk and not now:
+            expected.append(("WARNING", f"crm.orders[3] ends at offset {high} again"))
+        shrunk = now
+    got = [(r.levelname, r.getMessage()) for r in handler.records]
+    assert len(got) == len(expected), (got, expected)
+    for (level, message), (want_level, start) in zip(got, expected, strict=True):
+        assert level == want_level and message.startswith(start), (message, start)
+
+
+class _Collect(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
