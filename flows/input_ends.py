@@ -102,6 +102,37 @@ def problems(
     return [found[pos] for pos in sorted(found)]
 
 
+def unapplied(
+    admin: AdminClient,
+    consumer_config: dict[str, Any],
+    starts: dict[Position, int],
+    timeout_s: float = PROBE_SECONDS,
+) -> dict[Position, int]:
+    """The partitions that hold records at or past ``starts`` (partition -> the next
+    offset the state would read), each with the first such offset: input the state has
+    not applied. A partition that does not exist holds none.
+
+    Each end is asked in one request for them all; an end listed at or below the start
+    is confirmed by reading from it (Tansu lists ends short: the module's docstring)."""
+    ends = _offsets(admin, starts, OffsetSpec.latest(), timeout_s)
+    found: dict[Position, int] = {}
+    read_from: dict[Position, int] = {}
+    for pos, start in starts.items():
+        end = ends[pos]
+        if end is None:
+            continue
+        if end > start:
+            found[pos] = start
+        else:
+            read_from[pos] = end
+    if read_from:
+        wanted = {pos: (starts[pos], -1, -1, -1) for pos in read_from}
+        for pos, seen in _read(consumer_config, read_from, wanted, timeout_s).items():
+            if not seen.at_end:
+                found[pos] = seen.offset
+    return found
+
+
 def _differs(
     pos: Position, applied: tuple[int, int, int, int], seen: _Seen | None, timeout_s: float
 ) -> str | None:

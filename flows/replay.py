@@ -21,11 +21,13 @@ from typing import NamedTuple
 import orjson
 
 from crmstream.config import CrmConfig
-from crmstream.flows.crm import check_state_layout, run_in_process
+from crmstream.flows import input_ends
+from crmstream.flows.crm import check_state_layout, input_source, run_in_process
 from crmstream.flows.runtime import Endpoints, Runtime, wall_clock_ms
 from crmstream.flows.sink import DeliveryCheckedProducer, record_limit
 from crmstream.metrics import counter_total, get_metrics
 from crmstream.operators.events import TOPIC_ROLE_TYPES, _Invalid, parse_time_ms
+from crmstream.topics import admin_client
 
 log = logging.getLogger(__name__)
 CDNOW_CUSTOMER_PREFIX = "cdnow-"
@@ -202,16 +204,46 @@ def replay(
 
     :raises LayoutError: before producing anything, when Redis holds state cut by other
         shard settings (the flow would refuse to read what was produced).
+    :raises ReplayError: before producing anything, when the input topics hold records
+        the state has not applied (they would be applied with the replay).
     """
     started = time.monotonic()
     runtime = Runtime(config, endpoints)
     try:
         check_state_layout(runtime)
+        check_topics_applied(runtime)
         produce_events(endpoints, config, events, on_progress)
         run_to_end(runtime, len(events), on_progress)
     finally:
         runtime.close()
     return time.monotonic() - started
+
+
+def check_topics_applied(runtime: Runtime) -> None:
+    """Refuse a replay whose input topics hold records the state has not applied: the
+    flow reads them from where the state stopped, so they would be applied with the
+    replay, without a word (an outsider replayed a file twice onto the same topics into
+    a new key prefix: 145 customers counted twice).
+
+    :raises ReplayError: naming the partitions and where their unapplied records start.
+    """
+    source = input_source(runtime, tail=False)
+    positions = source.positions()
+    shards = runtime.config.processing.shards
+    starts = {pos: max(off, 0) for pos, (off, _step) in
+              runtime.store.resume_offsets(shards, positions).items()}  # fmt: skip
+    found = input_ends.unapplied(
+        admin_client(runtime.endpoints.brokers, dict(runtime.config.kafka.client)),
+        source.consumer_config(),
+        starts,
+    )
+    if found:
+        named = "; ".join(f"{t}[{p}] from offset {off}" for (t, p), off in sorted(found.items()))
+        raise ReplayError(
+            f"the input topics hold records this state has not applied: {named}. The replay "
+            "would apply them with its own. Replay into empty topics (other kafka.topics.* "
+            "names, or no --brokers: an embedded broker), or run the flow on them first"
+        )
 
 
 def produce_events(

@@ -23,7 +23,7 @@ from crmstream.flows.replay import (
     replay_stamps,
 )
 from crmstream.flows.runtime import Endpoints
-from tests.conftest import T0_MS, isolated, read_topic
+from tests.conftest import T0_MS, isolated, read_topic, run_flow
 
 
 @given(
@@ -176,3 +176,26 @@ def _partitions(brokers: list[str], topic: str, partitions: int) -> dict[bytes, 
         return got
     finally:
         consumer.close()
+
+
+@pytest.mark.integration
+def test_a_replay_onto_topics_holding_unapplied_records_is_refused_before_producing(stack):
+    """An outsider replayed a file twice onto the same topics (`--brokers`) into a new
+    key prefix: the flow read the topics from offset 0, and 145 customers were counted
+    twice, exit 0. Now refused before anything is produced; once the flow has applied
+    what the topics hold, the replay goes on."""
+    config = isolated(stack, partitions=1)
+    topic = config.kafka.topics.clickstream
+    old = [(topic, b"c1", orjson.dumps({"event_id": f"old-{k}", "customer_id": "c1",
+                                        "event_type": "page_view", "event_time": T0_MS + k}))
+           for k in range(3)]  # fmt: skip
+    replay_mod.produce_events(stack, config, old, None)
+    body = {"event_id": "new-0", "customer_id": "c2", "event_type": "page_view",
+            "event_time": T0_MS}  # fmt: skip
+    new = [(topic, b"c2", orjson.dumps(body))]
+    with pytest.raises(ReplayError, match=rf"{topic}\[0\] from offset 0\. The replay would"):
+        replay_mod.replay(stack, config, new)
+    assert len(_partitions(list(stack.brokers), topic, 1)) == 3  # nothing produced
+    run_flow(config, stack)  # the state applies what the topic holds
+    replay_mod.replay(stack, config, new)
+    assert len(_partitions(list(stack.brokers), topic, 1)) == 4
