@@ -148,6 +148,7 @@ def test_a_rule_version_bump_alone_changes_no_trigger(stack, tmp_path):
     assert result.changes == []
 
 
+@pytest.mark.slow  # 35 s: the default suite went past 15 minutes with this round's tests
 def test_a_candidate_that_only_cuts_the_work_differently_changes_no_trigger(stack, tmp_path):
     """Shards, steps and batch sizes are no rules (results do not depend on batching,
     tests/test_batching.py): the report lists them, and nothing changes."""

@@ -18,7 +18,7 @@ import orjson
 import pytest
 from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from crmstream.flows.input_ends import _iso, problems
@@ -64,13 +64,22 @@ def held(stack):
     yield AdminClient({"bootstrap.servers": ",".join(stack.brokers)}), config, topic
 
 
-@settings(max_examples=40, deadline=None,
+@settings(max_examples=20, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])  # fmt: skip
 @given(
     offset=st.integers(-1, 8) | st.integers(0, 2**62),
     shard=st.integers(0, 63),
     partition=st.sampled_from([*sorted(HELD), MISSING]),
 )
+# each partition's end and the offset before it, whatever is drawn
+@example(offset=4, shard=1, partition=0).via("the last record")
+@example(offset=5, shard=1, partition=0).via("the end")
+@example(offset=2, shard=2, partition=1).via("the last record")
+@example(offset=3, shard=2, partition=1).via("the end")
+@example(offset=0, shard=3, partition=2).via("an empty partition's end")
+@example(offset=1, shard=3, partition=3).via("the last record")
+@example(offset=2, shard=3, partition=3).via("the end")
+@example(offset=0, shard=4, partition=MISSING).via("no such partition")
 def test_an_applied_offset_at_or_past_the_end_is_named(held, offset, shard, partition):
     admin, config, topic = held
     applied = {(topic, partition): (offset, shard, -1, -1)} if offset >= 0 else {}
