@@ -72,8 +72,8 @@ def problems(
     if not applied:
         return []
     found: dict[Position, str] = {}
-    firsts = _offsets(admin, applied, OffsetSpec.earliest(), timeout_s)
-    ends = _offsets(admin, applied, OffsetSpec.latest(), timeout_s)
+    firsts, ends = _offsets(admin, applied, [OffsetSpec.earliest(), OffsetSpec.latest()],
+                            timeout_s)  # fmt: skip
     read_from: dict[Position, int] = {}
     for pos in sorted(applied):
         offset, shard, stamp, digest = applied[pos]
@@ -94,7 +94,8 @@ def problems(
                 pos[0], pos[1], start, low - 1, low, low - start,
             )  # fmt: skip
     if read_from:
-        seen = _read(consumer_config, read_from, applied, timeout_s)
+        wanted = {pos: applied[pos][0] for pos in read_from}
+        seen = _read(consumer_config, read_from, wanted, timeout_s)
         for pos in sorted(read_from):
             why = _differs(pos, applied[pos], seen.get(pos), timeout_s)
             if why:
@@ -114,7 +115,7 @@ def unapplied(
 
     Each end is asked in one request for them all; an end listed at or below the start
     is confirmed by reading from it (Tansu lists ends short: the module's docstring)."""
-    ends = _offsets(admin, starts, OffsetSpec.latest(), timeout_s)
+    (ends,) = _offsets(admin, starts, [OffsetSpec.latest()], timeout_s)
     found: dict[Position, int] = {}
     read_from: dict[Position, int] = {}
     for pos, start in starts.items():
@@ -126,8 +127,7 @@ def unapplied(
         else:
             read_from[pos] = end
     if read_from:
-        wanted = {pos: (starts[pos], -1, -1, -1) for pos in read_from}
-        for pos, seen in _read(consumer_config, read_from, wanted, timeout_s).items():
+        for pos, seen in _read(consumer_config, read_from, starts, timeout_s).items():
             if not seen.at_end:
                 found[pos] = seen.offset
     return found
@@ -168,33 +168,40 @@ def _iso(ms: int) -> str:
 
 
 def _offsets(
-    admin: AdminClient, positions: Iterable[Position], spec: OffsetSpec, timeout_s: float
-) -> dict[Position, int | None]:
-    """Each partition's offset by ``spec``, in one request; None for a partition the
-    broker does not have (a topic created again with fewer partitions, or gone)."""
+    admin: AdminClient,
+    positions: Iterable[Position],
+    specs: list[OffsetSpec],
+    timeout_s: float,
+) -> list[dict[Position, int | None]]:
+    """Each partition's offset by each of ``specs``, one request a spec after one metadata
+    request; None for a partition the broker does not have (a topic created again with
+    fewer partitions, or gone)."""
     positions = list(positions)
     meta = admin.list_topics(timeout=timeout_s).topics
-    there = {
+    there = sorted(
         (t, p)
         for t, p in positions
         if t in meta and meta[t].error is None and p in meta[t].partitions
-    }
-    got: dict[Position, int | None] = dict.fromkeys(positions)
-    if there:
-        asked = {TopicPartition(t, p): spec for t, p in sorted(there)}
-        for tp, future in admin.list_offsets(asked, request_timeout=timeout_s).items():
-            got[tp.topic, tp.partition] = future.result().offset
-    return got
+    )
+    found = []
+    for spec in specs:
+        got: dict[Position, int | None] = dict.fromkeys(positions)
+        if there:
+            asked = {TopicPartition(t, p): spec for t, p in there}
+            for tp, future in admin.list_offsets(asked, request_timeout=timeout_s).items():
+                got[tp.topic, tp.partition] = future.result().offset
+        found.append(got)
+    return found
 
 
 def _read(
     consumer_config: dict[str, Any],
     read_from: dict[Position, int],
-    applied: dict[Position, tuple[int, int, int, int]],
+    wanted: dict[Position, int],
     timeout_s: float,
 ) -> dict[Position, _Seen]:
     """Per partition, read from ``read_from`` on (all at once, one consumer): the first
-    record at or past its applied offset, or its end. Partitions with neither within
+    record at or past its ``wanted`` offset, or its end. Partitions with neither within
     ``timeout_s`` are left out.
 
     A fetch past the end is answered with an out-of-range error by Kafka and with
@@ -222,7 +229,7 @@ def _read(
                 continue
             err = msg.error()
             if err is None:
-                if msg.offset() >= applied[pos][0]:
+                if msg.offset() >= wanted[pos]:
                     ts_type, ts = msg.timestamp()
                     digest = crc32(msg.value() or b"")
                     seen[pos] = _Seen(False, msg.offset(), ts if ts_type else 0, digest)

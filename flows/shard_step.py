@@ -96,7 +96,7 @@ class ShardStep:
     # -- steps ------------------------------------------------------------------------
     def unapplied(
         self, number: int, events: list[ParsedEvent], invalid: list, positions: dict,
-        newest: Callable[[Position], int], marks: dict[Position, tuple[int, int]] | None = None,
+        newest: Callable[[Position], int], marks: dict[Position, tuple[int, int]],
     ) -> tuple[list[ParsedEvent], list, dict[Position, Progress]] | None:  # fmt: skip
         """A closed step's input less what this shard applied and committed before a
         restart: per input partition, what is at or below its committed offset, found
@@ -106,7 +106,7 @@ class ShardStep:
         if "shard_offsets" not in self._guards:  # test hook: see GUARDS
             floors = dict.fromkeys(positions, -1)
         progress = {
-            pos: Progress(off, number, newest(pos), *(marks or {}).get(pos, (-1, -1)))
+            pos: Progress(off, number, newest(pos), *marks.get(pos, (-1, -1)))
             for pos, off in positions.items()
             if off > floors[pos]
         }
