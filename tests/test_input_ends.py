@@ -22,6 +22,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from crmstream.flows.input_ends import _iso, problems
+from crmstream.flows.source import CrmKafkaSource, SourceError
 from crmstream.metrics import get_metrics
 from crmstream.state.store import Progress, encode_progress
 from tests.conftest import T0_MS, isolated, run_flow
@@ -252,3 +253,18 @@ def test_a_partitions_first_records_are_applied_whatever_their_kafka_time(stack,
     again = run_flow(config, stack)
     assert again.store.applied_offsets(config.processing.shards)[(topic, 0)][0] == 2
     assert metrics.events_in.labels(topic, "page_view")._value.get() == accepted + 3
+
+
+def test_the_refusal_names_five_partitions_and_counts_the_rest(held, stack):
+    """An outsider's refusal named 200 partitions in 17,962 bytes, which container log
+    drivers split (16 KiB): at most five are named, then how many more."""
+    _admin, _config, topic = held
+    source = CrmKafkaSource(list(stack.brokers), [topic], {}, lambda positions: {}, 100, 1000,
+                            tail=False)  # fmt: skip
+    applied = {(topic, p): (9, p, -1, -1) for p in range(7)}  # 0-3 past the end, 4-6 missing
+    with pytest.raises(SourceError) as raised:
+        source.check_input_ends(applied, {})
+    said = str(raised.value)
+    named = [f"{topic}[{p}]" for p in range(7) if f"{topic}[{p}]" in said]
+    assert named == [f"{topic}[{p}]" for p in range(5)], said
+    assert "; and 2 more. The topic was deleted" in said, said
