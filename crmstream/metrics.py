@@ -123,6 +123,13 @@ class CrmMetrics:
             ["topic", "partition"],
             registry=registry,
         )
+        self.input_partitions_unread = Gauge(
+            "crmstream_input_partitions_unread",
+            "Partitions of the input topic added since the flow started, which it does not "
+            "read until every process restarts (asked of the broker every minute).",
+            ["topic"],
+            registry=registry,
+        )
         self.watermark_lag = Gauge(
             "crmstream_watermark_lag_seconds",
             "Wall clock minus the shard's event-time watermark at its last step.",

@@ -36,6 +36,7 @@ from redis import RedisError
 from crmstream.clients import librdkafka_config
 from crmstream.flows import input_ends
 from crmstream.flows.finish import Finisher, LocalBarrier, StepBarrier
+from crmstream.flows.partition_watch import PartitionWatch, describe_with
 from crmstream.flows.routing import parse_part_name, part_name, worker_share
 from crmstream.flows.runtime import wall_clock_ms
 from crmstream.metrics import get_metrics
@@ -143,8 +144,10 @@ class _WorkerReader(StatelessSourcePartition[RawMessage]):
         finisher: Finisher | None = None,
         clock_ms: Callable[[], int] = wall_clock_ms,
         max_future_ms: int = DEFAULT_MAX_FUTURE_MS,
+        partition_watch: PartitionWatch | None = None,
     ):
         self._clock_ms = clock_ms
+        self._partition_watch = partition_watch
         self._max_future_ms = max_future_ms
         self._parts = {
             pos: _Partition(pos[0], pos[1], offset, step) for pos, (offset, step) in starts.items()
@@ -268,6 +271,8 @@ class _WorkerReader(StatelessSourcePartition[RawMessage]):
                 )
                 part.reported_end = True
         self._report_lag(now)
+        if self._partition_watch is not None:
+            self._partition_watch.poll(now)
         if self._group_commits is not None:
             self._group_commits.maybe_commit(self._consumer, now)
         draining = not self._tail or (self._signals is not None and self._signals.drain.is_set())
@@ -436,7 +441,8 @@ class CrmKafkaSource(DynamicSource[RawMessage]):
         return [parse_part_name(p) for p in self.list_parts()]
 
     def build(self, step_id: str, worker_index: int, worker_count: int) -> _WorkerReader:
-        mine = worker_share(self.list_parts(), worker_index, worker_count)
+        every = self.list_parts()
+        mine = worker_share(every, worker_index, worker_count)
         starts = self._resume_offsets(mine) if mine else {}
         for (topic, partition), (offset, _step) in starts.items():
             log.info("reading %s[%d] from offset %d", topic, partition, offset)
@@ -447,6 +453,13 @@ class CrmKafkaSource(DynamicSource[RawMessage]):
         if self._signals is not None and self._signals.finish is not None:
             barrier = self._signals.barrier or LocalBarrier()
             finisher = Finisher(barrier, worker_index, worker_count)
+        watch = None
+        if worker_index == 0:  # one per cluster: partitions added while it runs
+            read: dict[str, list[int]] = {topic: [] for topic in self._topics}
+            for topic, partition in map(parse_part_name, every):
+                read[topic].append(partition)
+            admin = admin_client(self._brokers, self._client_config)
+            watch = PartitionWatch(describe_with(admin), read)
         return _WorkerReader(
             self.consumer_config(),
             starts,
@@ -459,6 +472,7 @@ class CrmKafkaSource(DynamicSource[RawMessage]):
             finisher,
             self._clock_ms,
             self._max_future_ms,
+            watch,
         )
 
     def check_input_ends(

@@ -25,7 +25,7 @@ def test_rules_are_valid():
         [PROMTOOL, "check", "rules", str(RULES / "alerts.yml")], capture_output=True, text=True
     )
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "SUCCESS: 14 rules found" in out.stdout
+    assert "SUCCESS: 15 rules found" in out.stdout
 
 
 @needs_promtool
