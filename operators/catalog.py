@@ -92,10 +92,16 @@ class Candidate(NamedTuple):
 
 
 class Before(NamedTuple):
-    """A customer's counters before the events being planned were applied."""
+    """A customer's counters before the events being planned were applied, and the times
+    its timers are anchored at: an event too late for the windows (docs/triggers.md,
+    "Lateness") moves no anchor, so it arms no timer from one (outsider 48: a late cart
+    add armed both nudges from ``last_cart_ms`` 0, dated 1970)."""
 
     orders_total: int
     deliveries: int
+    last_cart_ms: int
+    last_order_ms: int
+    purchase_days: int
 
 
 class TimerPlan(NamedTuple):
@@ -149,14 +155,16 @@ class TriggerCatalog:
         rules = self._rules
         codes = {ev.type_code for ev in events}
         out = self._event_triggers(customer, record, events, plan, before)
-        if ADD_TO_CART in codes and rules.cart_abandoned.enabled:
-            cart = int(record["last_cart_ms"])
+        cart = int(record["last_cart_ms"])
+        if ADD_TO_CART in codes and rules.cart_abandoned.enabled and cart > before.last_cart_ms:
             first = cart + int(rules.cart_abandoned.first_delay_minutes * 60_000)
             second = cart + int(rules.cart_abandoned.second_delay_hours * MS_PER_HOUR)
             plan.schedule.append(Timer(customer, "cart_1", "", first))
             plan.schedule.append(Timer(customer, "cart_2", "", second))
-        if ORDER_PLACED in codes and rules.dormant_win_back.enabled:
-            anchor = int(record["last_order_ms"])
+        anchor = int(record["last_order_ms"])
+        if ORDER_PLACED in codes and rules.dormant_win_back.enabled and (
+            anchor > before.last_order_ms
+        ):
             steps = sorted(rules.dormant_win_back.days)
             # One timer at a time: each step schedules the next when it fires. It
             # replaces the pending step of an earlier anchor.
@@ -232,7 +240,10 @@ class TriggerCatalog:
                 due = first.event_time_ms + rules.potential_no_repeat.days * MS_PER_DAY
                 plan.schedule.append(Timer(customer, "potential", str(first.event_time_ms), due))
         rep = rules.repurchase_due
-        if orders and rep.enabled and record["purchase_days"] >= rep.min_purchase_days:
+        moved = record["last_order_ms"] > before.last_order_ms or (
+            record["purchase_days"] != before.purchase_days
+        )  # an order too late for the windows moves neither: it re-plans nothing
+        if orders and rep.enabled and moved and record["purchase_days"] >= rep.min_purchase_days:
             span = int(record["last_purchase_day"] - record["first_purchase_day"])
             mean_days = span / (int(record["purchase_days"]) - 1)
             anchor = int(record["last_order_ms"])

@@ -270,10 +270,11 @@ class _Run:
         types = self.type_s[idx]
         planning_pos = idx[self.o._planning[types]]
         plan_rows = np.unique(self.cust_s[planning_pos])
-        before = (
-            self.records["orders_total"][plan_rows].tolist(),
-            self.records["type_counts"][plan_rows, ORDER_DELIVERED].tolist(),
-        )
+        held = self.records[plan_rows]
+        before = list(zip(held["orders_total"].tolist(),
+                          held["type_counts"][:, ORDER_DELIVERED].tolist(),
+                          held["last_cart_ms"].tolist(), held["last_order_ms"].tolist(),
+                          held["purchase_days"].tolist(), strict=True))  # fmt: skip
         batch = BatchEvents(self.cust_s[idx], types, self.cat_s[idx], self.time_s[idx],
                             self.amount_s[idx], self.aux_s[idx])  # fmt: skip
         firings, late = apply_batch(self.records, batch, self.o._params)
@@ -311,7 +312,7 @@ class _Run:
         self,
         plan_rows: np.ndarray,
         planning_pos: np.ndarray,
-        before: tuple[list[int], list[int]],
+        before: list[tuple[int, int, int, int, int]],
     ) -> None:
         """Timers and event-driven candidates of the segments' planning events."""
         if not len(plan_rows):
@@ -328,7 +329,7 @@ class _Run:
             customer = self.customers[row]
             own = self.promises.setdefault(customer, {})
             found = self.o._catalog.plan(customer, self.records[row], by_row[row], own, plan,
-                                         Before(before[0][k], before[1][k]))  # fmt: skip
+                                         Before(*before[k]))  # fmt: skip
             for cand in found:  # their causal is the event's id
                 self._add(cand, self._current(row), key_of[row, cand.causal])
             for member in plan.cancel:  # delivered orders: their timers are moot

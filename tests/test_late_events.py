@@ -1,0 +1,167 @@
+"""Events that reach Kafka late (docs/triggers.md, "Lateness").
+
+An event more than ``state.allowed_lateness_seconds`` (1 h) behind its customer's newest
+event updates the lifetime counters only: it must not arm a timer from a time it did not
+set. An outsider (tester 48) found a cart add 2 h late arm both cart nudges from
+``last_cart_ms`` 0: two ``cart_abandoned`` triggers dated 1970. Whether an event is late
+depends on when it arrives, so these tests hold what must be true under any cutting, not
+that cuttings agree (that holds for logs whose Kafka time follows event time:
+tests/test_batching.py).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+from typing import Any
+
+import orjson
+import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+
+from crmstream.config import CrmConfig, load_config
+from crmstream.flows.runtime import Runtime
+from crmstream.topics import create_topics
+from tests.shard_driver import Cutting, Message, Outcome, run_log
+from tests.test_batching import _ROLE, cuttings, histories
+
+pytestmark = pytest.mark.integration
+
+MIN, H, D = 60_000, 3_600_000, 86_400_000
+T0 = 1_767_348_000_000  # 2026-01-02T10:00:00Z
+ONE_STEP = Cutting(10**13, (5000,), 0)
+SECOND_STEPS = Cutting(1000, (1,), 0)
+_runs = itertools.count()
+
+
+@pytest.fixture(scope="module")
+def base_config(stack) -> CrmConfig:
+    tag = "late-runs"
+    sets = [f"kafka.topics.{r}={tag}.{r}" for r in
+            ("clickstream", "orders", "customers", "feedback", "triggers", "suppressions",
+             "dead_letter")]  # fmt: skip
+    sets += [
+        f"kafka.brokers={','.join(stack.brokers)}",
+        f"redis.url={stack.redis_url}",
+        "metrics.enabled=false",
+        "timers.idle_watermark_ms=0",
+    ]
+    config = load_config(None, sets, env={})
+    create_topics(list(stack.brokers), config)
+    return config
+
+
+@pytest.fixture(scope="module")
+def shared(base_config, stack) -> Iterator[Runtime]:
+    runtime = Runtime(base_config, stack)
+    yield runtime
+    runtime.close()
+
+
+def _run(config: CrmConfig, stack, log: list[Message], cutting: Cutting, shared) -> Outcome:
+    prefix = f"late{next(_runs)}"
+    own = config.model_copy(
+        update={"redis": config.redis.model_copy(update={"key_prefix": prefix})}
+    )
+    return run_log(own, stack, log, cutting, max(m.kafka_ms for m in log), shared)
+
+
+def _msg(customer: str, kind: str, at: int, kafka_ms: int, **fields: Any) -> Message:
+    body = {"event_id": f"{customer}-{kind}-{at}", "customer_id": customer,
+            "event_type": kind, "event_time": at, **fields}  # fmt: skip
+    return Message(_ROLE.get(kind, "clickstream"), 0, customer.encode(), orjson.dumps(body),
+                   kafka_ms)  # fmt: skip
+
+
+def _ms(stamp: str) -> int:
+    from datetime import datetime
+
+    return int(datetime.fromisoformat(stamp).timestamp() * 1000)
+
+
+def _wrong_times(log: list[Message], outcome: Outcome) -> list[tuple[str, str, str]]:
+    """Triggers and suppressions that claim a time the log does not give them: before
+    their customer's first event, a cart nudge from a time that is none of the customer's
+    cart adds, a win-back anchored at a time that is none of its orders."""
+    bodies = [orjson.loads(m.value) for m in log]
+    first: dict[str, int] = {}
+    carts: dict[str, set[int]] = {}
+    orders: dict[str, set[int]] = {}
+    for b in bodies:
+        c, at = b["customer_id"], b["event_time"]
+        first[c] = min(first.get(c, at), at)
+        if b["event_type"] == "add_to_cart":
+            carts.setdefault(c, set()).add(at)
+        elif b["event_type"] == "order_placed":
+            orders.setdefault(c, set()).add(at)
+    wrong = []
+    for record in (*outcome.triggers, *outcome.suppressions):
+        c, kind = record["customer_id"], record["trigger_type"]
+        if c == "erased":
+            continue
+        at = _ms(record["event_time"])
+        if at < first[c]:
+            wrong.append((record["trigger_id"], kind, record["event_time"]))
+        reason = record.get("reason")  # a suppression's is its text
+        values = (reason.get("values") or {}) if isinstance(reason, dict) else {}
+        if kind == "cart_abandoned" and "cart_added_at" in values:
+            if _ms(values["cart_added_at"]) not in carts.get(c, set()):
+                wrong.append((record["trigger_id"], kind, values["cart_added_at"]))
+    return wrong
+
+
+# The outsider's log: the cart add at 10:01 reaches Kafka at 13:00, after the order of 12:00.
+_LATE_CART = [
+    _msg("lx", "session_start", T0, T0),
+    _msg("lx", "order_placed", T0 + 2 * H, T0 + 2 * H, order_id="lo1", amount=10.0,
+         currency="USD"),
+    _msg("lx", "add_to_cart", T0 + MIN, T0 + 3 * H, product_id="p1", category="beauty",
+         price=10.0, currency="USD"),
+    _msg("other", "page_view", T0 + 4 * H, T0 + 4 * H),
+]  # fmt: skip
+# A first order that reaches Kafka 2 days late, after a later cart add: the win-back
+# anchor is the last order's time, which a late order does not set.
+_LATE_FIRST_ORDER = [
+    _msg("lo", "session_start", T0, T0),
+    _msg("lo", "add_to_cart", T0 + D, T0 + D, product_id="p1", category="beauty"),
+    _msg("lo", "order_placed", T0 + MIN, T0 + 2 * D, order_id="o1", amount=30,
+         currency="USD"),
+    _msg("other", "page_view", T0 + 400 * D, T0 + 400 * D),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("log", [_LATE_CART, _LATE_FIRST_ORDER], ids=["cart", "first-order"])
+@pytest.mark.parametrize("cutting", [SECOND_STEPS, ONE_STEP], ids=["1s-steps", "one-step"])
+def test_an_event_too_late_for_the_windows_arms_no_timer_from_time_zero(
+    base_config, stack, shared, log, cutting
+):
+    outcome = _run(base_config, stack, log, cutting, shared)
+    assert _wrong_times(log, outcome) == []
+    assert all(r["event_time"] >= "2026" for r in (*outcome.triggers, *outcome.suppressions))
+
+
+DELAYS = (0, 0, 0, 1, 20 * MIN, H + 1, 2 * H, D, 40 * D)
+
+
+@st.composite
+def late_histories(draw: st.DrawFn) -> list[Message]:
+    """``histories`` with some messages reaching Kafka late (their Kafka time after their
+    event time by up to 40 days), each partition in Kafka-time order as a broker appends."""
+    log = draw(histories(max_events=16))
+    late = [m._replace(kafka_ms=m.kafka_ms + draw(st.sampled_from(DELAYS))) for m in log]
+    return sorted(late, key=lambda m: m.kafka_ms)
+
+
+@settings(max_examples=40, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(log=late_histories(), cutting=cuttings)
+@example(log=_LATE_CART, cutting=SECOND_STEPS)
+@example(log=_LATE_FIRST_ORDER, cutting=SECOND_STEPS)
+def test_late_arrivals_under_any_cutting_give_only_times_the_log_holds(
+    base_config, stack, shared, log, cutting
+):  # fmt: skip
+    outcome = _run(base_config, stack, log, cutting, shared)
+    assert _wrong_times(log, outcome) == []
+    ids = [r["trigger_id"] for r in (*outcome.triggers, *outcome.suppressions)]
+    assert len(ids) == len(set(ids))
