@@ -242,6 +242,8 @@ class CrmMetrics:
             self.redis_errors.labels(error)
         for topic in topics.outputs:
             self.delivery_failures.labels(topic)
+            for cause in UNSENT_CAUSES:
+                self.unsent_records.labels(topic, cause)
 
 
 # Label values known in advance (``CrmMetrics.precreate``).
@@ -252,7 +254,11 @@ REDIS_OPERATIONS = ("load", "commit", "timers", "profiles")
 REDIS_ERRORS = ("ConnectionError", "TimeoutError", "BusyLoadingError")
 # The message as a whole and the fields every event has; the fields of one event type
 # appear at their first rejection.
-INVALID_FIELDS = ("message", "event_id", "customer_id", "event_type", "event_time")
+# ``processing_error``: the events of a customer set aside (flows/quarantine.py).
+INVALID_FIELDS = ("message", "event_id", "customer_id", "event_type", "event_time",
+                  "processing_error")  # fmt: skip
+# Why an output record was not sent as it was (flows/sink.py).
+UNSENT_CAUSES = ("oversize", "refused")
 
 
 def build_versions() -> tuple[str, ...]:

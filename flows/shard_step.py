@@ -33,7 +33,7 @@ from crmstream.flows.step_work import Loaded, StepWork, Work
 from crmstream.metrics import get_metrics
 from crmstream.operators.events import EVENT_CODE, ParsedEvent
 from crmstream.operators.params import params_from
-from crmstream.operators.timer_slots import NEVER, TimerSlots
+from crmstream.operators.timer_slots import NEVER, WAKE, TimerSlots
 from crmstream.state.encoding import StateEncodingError, decode_batch
 from crmstream.state.store import Position, Progress
 from crmstream.state.timers import Timer
@@ -92,6 +92,9 @@ class ShardStep:
         self._unsaved: dict[Position, Progress] = {}
         self._last_progress_write_ms = 0
         self._checked_until = -1  # stored timers due up to here have been fired
+        # At 0 from the shard's start, so that its first increase fires the alert
+        # (outsider 49: born at 1, increase() saw nothing).
+        get_metrics().quarantined_customers.labels(str(shard))
 
     # -- steps ------------------------------------------------------------------------
     def unapplied(
@@ -326,12 +329,21 @@ class ShardStep:
         wake_due: dict[str, int | None] = {
             c: (None if due == NEVER else due) for c, due in zip(readable, earliest, strict=True)
         }
+        unread = [c for c in errors if c not in index]  # set aside at the load
+        if unread:  # their wake's due time is the timer set's score (outsider 49: it was lost)
+            wakes = [Timer(c, WAKE, "", 0).member for c in unread]
+            scores = self._rt.store.timer_scores(self._shard, wakes)
+            wake_due.update(zip(unread, scores, strict=True))
         events = [*broken.events, *loaded.events]
         members = [*broken.members, *loaded.members]
         set_aside = quarantine(errors, events, members, wake_due,
                                self._rt.config.kafka.topics.dead_letter,
                                self._rt.validator.redact, now_ms, self._shard)  # fmt: skip
-        get_metrics().quarantined_customers.labels(str(self._shard)).inc(len(errors))
+        metrics = get_metrics()
+        metrics.quarantined_customers.labels(str(self._shard)).inc(len(errors))
+        # Their events are dead letters as well: counted as such (outsider 49: they were not).
+        for topic, n in Counter(ev.topic for ev in events if ev.customer_id in errors).items():
+            metrics.invalid_events.labels(topic, "processing_error").inc(n)
         return set_aside
 
     @staticmethod

@@ -386,6 +386,14 @@ class StateStore:
     def quarantine_key(self, shard: int) -> str:
         return self.timers.quarantine_key(shard)
 
+    def timer_scores(self, shard: int, members: list[bytes]) -> list[int | None]:
+        """The due times of these members of the shard's timer set (None: not in it)."""
+        pipe = self._client.pipeline(transaction=False)
+        key = self.timers.key(shard)
+        for member in members:
+            pipe.zscore(key, member)
+        return [None if s is None else int(s) for s in pipe.execute()]
+
     def load_quarantine(self, shards: int) -> dict[int, dict[bytes, bytes]]:
         """Every shard's quarantined timers: member -> what was kept of it (JSON)."""
         pipe = self._client.pipeline(transaction=False)

@@ -410,3 +410,63 @@ def test_timer_members_that_name_no_timer_are_quarantined_and_change_nothing(
     again = run_log(own, stack, later, cutting, T0 + 5 * H,
                     first_offsets={(topics["clickstream"], 0): len(log)})  # fmt: skip
     assert "cart_abandoned" in _kinds([*again.triggers, *again.suppressions], "good")
+
+
+@pytest.mark.parametrize("case", ["a corrupt state blob", "an open-orders key of the wrong type"])
+def test_a_customer_set_aside_at_the_load_keeps_its_pending_wake_in_the_quarantine(
+    config, stack, case
+):
+    """Outsider 49: a customer set aside at the load (its state or open orders cannot be
+    read) lost its pending timers: its ``wake`` left the timer set and nothing went to the
+    quarantine, so after the repair and ``release`` its cart nudge never fired."""
+    from typer.testing import CliRunner
+
+    from crmstream.cli import app
+
+    own = _own(config)
+    cutting = Cutting(10**13, (5000,), 0)
+    first = [_msg("clickstream", c, "add_to_cart", T0, product_id="p", category="beauty")
+             for c in ("bad", "good")]  # fmt: skip
+    run_log(own, stack, first, cutting, T0 + 60_000)  # both nudges pending: due T0 + 1 h
+    store = _store(own, stack)
+    shard = _shard_of(own, "bad")
+    wake = Timer("bad", "wake", "", 0).member
+    due = store.client.zscore(store.timers.key(shard), wake)
+    assert due == T0 + H
+    blob = store.client.get(store.state_key("bad"))
+    if case == "a corrupt state blob":
+        store.client.set(store.state_key("bad"), b"\x06\xff\xff\xff")
+    else:
+        store.client.set(store.promises_key("bad"), "not a hash")
+    offsets = {(own.kafka.topics.clickstream, 0): 2}
+    # An order event reads the open orders; any event reads the state.
+    touch = _msg("orders", "bad", "order_delivered", T0 + 120_000, order_id="o1")
+    offsets[(own.kafka.topics.orders, 0)] = 0
+    from prometheus_client import REGISTRY
+
+    def dead(topic: str = own.kafka.topics.orders) -> float:
+        labels = {"topic": topic, "field": "processing_error"}
+        return REGISTRY.get_sample_value("crmstream_invalid_events_total", labels) or 0.0
+
+    before = dead()
+    run_log(own, stack, [touch], cutting, T0 + 120_000, first_offsets=offsets)
+    assert dead() - before == 1  # its event is a dead letter, counted as one (outsider 49)
+    assert store.client.zscore(store.timers.key(shard), wake) is None  # out of the timer set
+    kept = {m: orjson.loads(v) for m, v in store.load_quarantine(own.processing.shards)[shard]
+            .items()}  # fmt: skip
+    assert kept[wake]["customer"] == "bad" and kept[wake]["due_ms"] == T0 + H
+    assert kept[wake]["reason"].startswith("processing_error: ")
+
+    # The operator repairs the key and releases the customer: its nudge fires when due.
+    if case == "a corrupt state blob":
+        store.client.set(store.state_key("bad"), blob)
+    else:
+        store.client.delete(store.promises_key("bad"))
+    args = ["--redis-url", own.redis.url, "--set", f"redis.key_prefix={own.redis.key_prefix}"]
+    released = CliRunner().invoke(app, ["quarantine", "release", "bad", *args])
+    assert released.exit_code == 0, released.output
+    assert store.client.zscore(store.timers.key(shard), wake) == T0 + H
+    later = [_msg("clickstream", "zed", "session_start", T0 + 2 * H)]
+    offsets[(own.kafka.topics.orders, 0)] = 1
+    after = run_log(own, stack, later, cutting, T0 + 2 * H, first_offsets=offsets)
+    assert _kinds(after.triggers, "bad") == ["cart_abandoned"]

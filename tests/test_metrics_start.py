@@ -50,8 +50,14 @@ def test_every_known_label_value_is_a_series_at_zero_before_anything_happens():
             assert samples[("crmstream_events_in_total", key)] == 0
         key = (("field", "message"), ("topic", topic))
         assert samples[("crmstream_invalid_events_total", key)] == 0
+        key = (("field", "processing_error"), ("topic", topic))  # a customer set aside
+        assert samples[("crmstream_invalid_events_total", key)] == 0
     for topic in config.kafka.topics.outputs:
         assert samples[("crmstream_delivery_failures_total", (("topic", topic),))] == 0
+        # Outsider 49: born at their first increment, the alert on them never fired.
+        for cause in ("oversize", "refused"):
+            key = (("cause", cause), ("topic", topic))
+            assert samples[("crmstream_unsent_records_total", key)] == 0
     (info,) = [k for k in samples if k[0] == "crmstream_build_info"]
     labels = dict(info[1])
     assert samples[info] == 1 and labels["version"] == "0.1.0" and labels["bytewax"] == "0.21.1"
@@ -106,4 +112,26 @@ def test_the_applied_offsets_are_committed_to_the_consumer_group(isolated_config
         assert sum(committed().values()) == 3_000
     finally:
         admin.close()
+        runtime.close()
+
+
+@pytest.mark.integration
+def test_a_shards_quarantine_counter_is_at_zero_from_the_shards_start(isolated_config, stack):
+    """Outsider 49: ``crmstream_quarantined_customers_total{shard}`` was born at its first
+    increment, so ``increase()`` saw 0 and CrmstreamCustomersQuarantined never fired for a
+    process's first customer set aside."""
+    from prometheus_client import REGISTRY
+
+    from crmstream.flows.runtime import Runtime
+    from crmstream.flows.shard_step import ShardStep
+    from crmstream.flows.sink import Outbox
+
+    config = isolated_config("processing.shards=98")
+    name = "crmstream_quarantined_customers_total"
+    assert REGISTRY.get_sample_value(name, {"shard": "97"}) is None
+    runtime = Runtime(config, stack)
+    try:
+        ShardStep(runtime, 97, False, Outbox(runtime.producer))
+        assert REGISTRY.get_sample_value(name, {"shard": "97"}) == 0
+    finally:
         runtime.close()
