@@ -30,6 +30,7 @@ from crmstream.state.timers import Timer
 log = logging.getLogger(__name__)
 
 _REASON_CHARS = 300  # of the exception's message in a dead letter's reason
+NAMED_PER_ROUND = 20  # customers set aside that a round logs one by one, with a traceback
 
 
 class Quarantine(NamedTuple):
@@ -101,7 +102,10 @@ def quarantine(
         if due is not None:
             entry = {"customer": customer, "kind": WAKE, "ref": "", "due_ms": due}
             entries[wake] = orjson.dumps({**entry, "reason": reason_of(error), "at_ms": now_ms})
-    for customer, error in customers.items():
+    # Each customer named, not held back as a repeat of the last one (outsider 49: the
+    # log's once-a-minute limit named 2 of 6), up to a bound per round against a flood.
+    named = list(customers.items())
+    for customer, error in named[:NAMED_PER_ROUND]:
         log.error(
             "shard %d: customer %r set aside: %s; its events of the round are dead-lettered "
             "and its due timers quarantined (crmstream quarantine)\n%s",
@@ -109,7 +113,16 @@ def quarantine(
             customer,
             reason_of(error),
             "".join(traceback.format_exception(error)[-6:]),
+            extra={"unlimited": True},
         )
+    if len(named) > NAMED_PER_ROUND:
+        rest = [customer for customer, _ in named[NAMED_PER_ROUND:]]
+        listed = ", ".join(map(repr, rest[:100])) + (" ..." if len(rest) > 100 else "")
+        log.error(
+            "shard %d: %d more customers set aside in the round (crmstream quarantine list "
+            "shows each): %s",
+            shard, len(rest), listed, extra={"unlimited": True},
+        )  # fmt: skip
     return Quarantine(list(customers), dead, entries, sorted(set(removed)))
 
 

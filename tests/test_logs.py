@@ -130,3 +130,37 @@ def test_the_readme_lists_every_exit_code_as_the_code_defines_it():
     rows = {int(line.split("|")[1]): line.split("|")[2].strip()
             for line in table.splitlines()[2:]}  # fmt: skip
     assert rows == EXIT_CODES
+
+
+@pytest.mark.parametrize("count", [6, 25])
+def test_every_customer_set_aside_is_named_in_the_log_despite_the_rate_limit(count):
+    """Outsider 49: the once-a-minute limit took the "customer ... set aside" records of
+    different customers for repeats and named 2 of 6. Each is named now, up to
+    ``NAMED_PER_ROUND`` a round one by one and the rest in one line."""
+    from crmstream.flows import quarantine as q
+
+    limit = logs.RateLimit(60.0, clock=lambda: 0.0)
+    shown: list[str] = []
+    handler = logging.Handler()
+    handler.addFilter(limit)
+    handler.emit = lambda record: shown.append(record.getMessage())  # type: ignore[method-assign]
+    logger = logging.getLogger("crmstream.flows.quarantine")
+    logger.addHandler(handler)
+    try:
+        customers = {f"c{k:02d}": ValueError(f"bad {k}") for k in range(count)}
+        q.quarantine(customers, [], [], {}, "dl", None, 0, 3)
+        q.quarantine({"c99": ValueError("later")}, [], [], {}, "dl", None, 0, 3)
+    finally:
+        logger.removeHandler(handler)
+    one_by_one = [s for s in shown if " set aside: processing_error" in s]
+    assert [s.split("'")[1] for s in one_by_one] == [
+        *list(customers)[: q.NAMED_PER_ROUND], "c99"]  # fmt: skip
+    rest = [s for s in shown if "more customers set aside" in s]
+    if count > q.NAMED_PER_ROUND:
+        assert rest == [
+            f"shard 3: {count - q.NAMED_PER_ROUND} more customers set aside in the "
+            "round (crmstream quarantine list shows each): "
+            + ", ".join(repr(c) for c in list(customers)[q.NAMED_PER_ROUND :])
+        ]
+    else:
+        assert rest == []
