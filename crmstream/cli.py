@@ -45,6 +45,10 @@ class _Group(TyperGroup):
             return super().invoke(ctx)
         except (typer.Exit, typer.Abort, TyperException, SystemExit):
             raise  # typer's own ends: exit codes and usage errors
+        except BrokenPipeError:
+            # The output's reader went away (`| head`): no bug; click ends it quietly with
+            # exit 1 (outsider 49 saw "internal error", exit 70).
+            raise
         except KeyboardInterrupt:
             logs.warning("interrupted")
             raise typer.Exit(EXIT_INTERRUPTED) from None

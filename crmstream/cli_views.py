@@ -50,10 +50,10 @@ SinceOpt = Annotated[
         "that time instead of backwards from the end."
     ),
 ]
-LastOpt = Annotated[int, typer.Option(help="Show this many of the latest matching records.")]
+LastOpt = Annotated[int, typer.Option(min=0, help="Show this many of the latest matching records.")]
 LimitOpt = Annotated[
     int | None,
-    typer.Option(help="Stop after this many records in all (with --follow: history + new)."),
+    typer.Option(min=1, help="Stop after this many records in all (with --follow: history + new)."),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="One JSON record per line.")]
 FollowOpt = Annotated[

@@ -282,10 +282,14 @@ def test_a_since_before_1970_reads_from_the_first_record(since):
     [(["reshard", "--shards", "0", "--yes"], "--shards"),
      (["reshard", "--step-ms", "0", "--yes"], "--step-ms"),
      (["topics", "create", "--partitions", "0"], "--partitions"),
-     (["topics", "create", "--replication-factor", "0"], "--replication-factor")],
-    ids=["shards 0", "step-ms 0", "partitions 0", "replication 0"],
+     (["topics", "create", "--replication-factor", "0"], "--replication-factor"),
+     (["triggers", "--last", "-3"], "--last"),  # outsider 49: it showed one row
+     (["dead-letters", "--last", "-1"], "--last"),
+     (["triggers", "--limit", "0"], "--limit")],
+    ids=["shards 0", "step-ms 0", "partitions 0", "replication 0", "triggers last -3",
+         "dead-letters last -1", "limit 0"],
 )  # fmt: skip
-def test_counts_below_one_are_refused_naming_the_option(args, says):
+def test_counts_below_their_least_are_refused_naming_the_option(args, says):
     """`reshard --shards 0` said "already has 2 shards"; `topics create --partitions 0`
     created the default count: both took a 0 as "not given"."""
     where = ["--redis-url", f"redis://{NOWHERE}/0"] if args[0] == "reshard" else [
@@ -408,3 +412,24 @@ def test_fit_names_a_purchase_history_no_run_writes(fields, says, stack):
     result = crm("fit", "--dry-run", "--redis-url", stack.redis_url,
                  "--set", f"redis.key_prefix={prefix}")  # fmt: skip
     one_line_error(result, repr(f"{prefix}:{{bad}}:s"), says)
+
+
+def test_a_reader_that_goes_away_ends_a_command_quietly():
+    """Outsider 49: `crmstream generate --help | head -40` printed a BrokenPipeError
+    traceback and "internal error", exit 70. A write to a closed pipe inside a command
+    now ends it as click ends any program: exit 1, nothing on stderr."""
+    code = (
+        "import sys, typer\n"
+        "from crmstream import cli\n"
+        "def gone(*args, **kwargs):\n"
+        "    raise BrokenPipeError(32, 'Broken pipe')\n"
+        "typer.echo = gone\n"
+        "import rich.console\n"
+        "rich.console.Console.print = gone\n"
+        "sys.argv = ['crmstream', 'config', 'show']\n"
+        "cli.app()\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=120)  # fmt: skip
+    assert result.returncode == 1, (result.returncode, result.stderr[-2000:])
+    assert "internal error" not in result.stderr and "Traceback" not in result.stderr
