@@ -392,7 +392,8 @@ def reshard(
 
         report = do_reshard(store, target, cfg.processing.step_ms, advance)
     out.print(
-        f"resharded: {report.timers:,} timers and {report.outbox:,} outbox records moved; "
+        f"resharded: {report.timers:,} timers, {report.quarantined:,} quarantined timers and "
+        f"{report.outbox:,} outbox records moved; "
         f"{report.positions} input partitions' progress merged; "
         f"{report.customers:,} customers counted. Start the flow with processing.shards="
         f"{target.shards} and processing.step_ms={target.step_ms}."

@@ -18,23 +18,41 @@ from rich.table import Table
 
 from crmstream.cli_options import ConfigOpt, RedisOpt, SetOpt, _config, _fail, console, err_console
 
+UNREADABLE = "(unreadable)"  # the customer of a member that names no timer (state/timers.py)
+
 quarantine_app = typer.Typer(
     help="Timers set aside with customers whose events or timers made the flow raise.",
     no_args_is_help=True,
 )
 
 
-def _entries(config: ConfigOpt, set_: SetOpt, redis_url: RedisOpt) -> tuple[Any, list[dict]]:
+def _entries(config: ConfigOpt, set_: SetOpt, redis_url: RedisOpt) -> tuple[Any, int, list[dict]]:
+    """The store, the number of shards the state in Redis has, and every quarantined timer
+    (each with the shard whose quarantine holds it: under every shard key found, so a
+    configuration with another number of shards, or entries an earlier reshard left
+    behind, hide none; outsider 49)."""
     from crmstream.cli import need_redis
     from crmstream.operators.rules import iso_ms
+    from crmstream.state.layout import LayoutError, stored_layout
     from crmstream.state.store import StateStore, StateStoreError, connect
 
     cfg = _config(config, set_, redis_url=redis_url)
     need_redis(cfg, "quarantine")
     try:
         store = StateStore(connect(cfg.redis.url, cfg.redis), cfg.redis.key_prefix)
-        by_shard = store.load_quarantine(cfg.processing.shards)
-    except StateStoreError as exc:
+        layout, unfinished = stored_layout(store, cfg.processing.step_ms)
+        if unfinished is not None:
+            raise _fail(
+                f"a reshard to {unfinished.shards} shards did not finish: run `crmstream "
+                f"reshard --shards {unfinished.shards} --step-ms {unfinished.step_ms}` first"
+            )
+        shards = layout.shards if layout is not None else cfg.processing.shards
+        head = store.quarantine_key(0)[:-1]  # "<prefix>:quarantine:", glob characters escaped
+        pattern = "".join("\\" + c if c in "*?[]\\" else c for c in head) + "*"
+        found = [key.rsplit(b":", 1)[1] for key in store.client.scan_iter(match=pattern)]
+        numbered = [int(n) for n in found if n.isdigit()]
+        by_shard = store.load_quarantine(max([shards, *(n + 1 for n in numbered)]))
+    except (StateStoreError, LayoutError) as exc:
         raise _fail(str(exc)) from None
     rows = []
     for shard, entries in sorted(by_shard.items()):
@@ -43,7 +61,7 @@ def _entries(config: ConfigOpt, set_: SetOpt, redis_url: RedisOpt) -> tuple[Any,
             due = entry.get("due_ms")
             rows.append({**entry, "shard": shard, "member": member,
                          "due": iso_ms(due) if due is not None else None})  # fmt: skip
-    return store, rows
+    return store, shards, rows
 
 
 def _entry(member: bytes, raw: bytes, key: str) -> dict[str, Any]:
@@ -57,8 +75,8 @@ def _entry(member: bytes, raw: bytes, key: str) -> dict[str, Any]:
     try:
         timer = parse_member(member, 0)
         customer, kind = timer.customer, timer.kind
-    except ValueError:
-        customer, kind = "?", "?"
+    except (ValueError, UnicodeDecodeError):  # a member that names no timer
+        customer, kind = UNREADABLE, "unreadable"
     try:
         entry = orjson.loads(raw)
         problem = _problem(entry, customer)
@@ -101,7 +119,7 @@ def quarantine_list(
 
     Example: crmstream quarantine list --redis-url redis://localhost:6379/0
     """
-    _store, rows = _entries(config, set_, redis_url)
+    _store, _shards, rows = _entries(config, set_, redis_url)
     if as_json:
         for row in rows:
             shown = {k: v for k, v in row.items() if k != "member"}
@@ -133,16 +151,28 @@ def quarantine_release(
     """
     if customer is None and not all_:
         raise _fail("name a customer, or --all")
-    store, rows = _entries(config, set_, redis_url)
-    chosen = [r for r in rows if all_ or r["customer"] == customer]
+    from crmstream.state.layout import shard_of
+
+    store, shards, rows = _entries(config, set_, redis_url)
+    matching = [r for r in rows if all_ or r["customer"] == customer]
+    # A member that names no timer cannot fire: put back, the flow would set it aside
+    # again (outsider 49). It stays, to be looked at and deleted.
+    chosen = [r for r in matching if r["customer"] != UNREADABLE]
+    damaged = [r for r in matching if r["customer"] == UNREADABLE]
+    for row in damaged:
+        key = store.quarantine_key(row["shard"])
+        err_console.print(f"left in {key!r}: {row['member']!r}, which names no timer; delete "
+                          "it once looked at (HDEL)")  # fmt: skip
     if not chosen:  # nothing found: exit 1 (README, "Exit codes")
         whose = "any customer" if all_ else f"customer {customer!r}"
         err_console.print(f"no quarantined timers for {whose}")
         raise typer.Exit(1)
-    by_shard: dict[int, dict[bytes, int | None]] = {}
+    # Back into the timer set of the customer's shard now (a reshard may have moved it).
+    moves: dict[tuple[int, int], dict[bytes, int | None]] = {}
     for row in chosen:
-        by_shard.setdefault(row["shard"], {})[row["member"]] = row.get("due_ms")
-    for shard, members in by_shard.items():
-        store.release_quarantine(shard, members)
+        to = shard_of(row["customer"], shards)
+        moves.setdefault((row["shard"], to), {})[row["member"]] = row.get("due_ms")
+    for (shard, to), members in moves.items():
+        store.release_quarantine(shard, members, to)
     console().print(f"released {len(chosen)} timer(s) of {len({r['customer'] for r in chosen})} "
                   "customer(s)")  # fmt: skip

@@ -75,6 +75,7 @@ def _shard_keys(store: StateStore, shard: int) -> dict[str, str]:
         "progress": store.progress_key(shard),
         "timers": store.timers.key(shard),
         "outbox": store.outbox_key(shard),
+        "quarantine": store.quarantine_key(shard),
     }
 
 
@@ -146,6 +147,7 @@ class ReshardReport(NamedTuple):
     outbox: int
     positions: int
     customers: int
+    quarantined: int = 0
 
 
 def reshard(
@@ -201,13 +203,14 @@ def reshard(
         pipe.execute()
     timers = _move_timers(store, source, target, progress)
     outbox = _move_outbox(store, source, target, progress)
+    quarantined = _move_quarantine(store, source, target, progress)
     positions = _merge_progress(store, source, target)
     customers = _recount(store, target, progress)
     pipe = client.pipeline(transaction=True)
     pipe.delete(key, *(store.commit_key(shard) for shard in range(source.shards)))
     pipe.hset(key, mapping={"shards": target.shards, "step_ms": target.step_ms})
     pipe.execute()
-    return ReshardReport(source, target, timers, outbox, positions, customers)
+    return ReshardReport(source, target, timers, outbox, positions, customers, quarantined)
 
 
 def _move_timers(
@@ -219,11 +222,7 @@ def _move_timers(
         while chunk := store.client.zrange(staged, 0, _CHUNK - 1, withscores=True):
             by_shard: dict[int, dict[bytes, float]] = {}
             for member, due in chunk:
-                try:
-                    dest = shard_of(parse_member(member, due).customer, target.shards)
-                except (ValueError, UnicodeDecodeError):  # damaged: it names no customer
-                    dest = shard % target.shards  # kept; the flow quarantines it when due
-                by_shard.setdefault(dest, {})[member] = due
+                by_shard.setdefault(_new_shard(member, shard, target), {})[member] = due
             pipe = store.client.pipeline(transaction=True)
             for new, members in by_shard.items():
                 pipe.zadd(store.timers.key(new), members)
@@ -231,6 +230,39 @@ def _move_timers(
             pipe.execute()
             moved += len(chunk)
             progress("timers", len(chunk))
+    return moved
+
+
+def _new_shard(member: bytes, old: int, target: Layout) -> int:
+    """The shard a timer member (or its quarantine entry) belongs to under ``target``."""
+    try:
+        return shard_of(parse_member(member, 0).customer, target.shards)
+    except (ValueError, UnicodeDecodeError):  # damaged: it names no customer
+        return old % target.shards  # kept; the flow quarantines it when due
+
+
+def _move_quarantine(
+    store: StateStore, source: Layout, target: Layout, progress: Callable[[str, int], None]
+) -> int:
+    """Quarantined timers, to their customer's new shard: ``crmstream quarantine release``
+    puts them back in that shard's timer set (outsider 49: they stayed under the old
+    shard, where a release put them in a timer set the customer's shard does not read)."""
+    moved = 0
+    for shard in range(source.shards):
+        staged = _staged(store, "quarantine", shard)
+        entries = store.client.hgetall(staged)
+        if not entries:
+            continue
+        by_shard: dict[int, dict[bytes, bytes]] = {}
+        for member, entry in entries.items():
+            by_shard.setdefault(_new_shard(member, shard, target), {})[member] = entry
+        pipe = store.client.pipeline(transaction=True)
+        for new, mapping in by_shard.items():
+            pipe.hset(store.quarantine_key(new), mapping=mapping)
+        pipe.delete(staged)
+        pipe.execute()
+        moved += len(entries)
+        progress("quarantined timers", len(entries))
     return moved
 
 

@@ -401,13 +401,16 @@ class StateStore:
             pipe.hgetall(self.quarantine_key(shard))
         return dict(enumerate(pipe.execute()))
 
-    def release_quarantine(self, shard: int, members: dict[bytes, int | None]) -> None:
-        """Put quarantined timers back in the shard's timer set at their due times (None:
-        dropped) and out of the quarantine, in one MULTI/EXEC."""
+    def release_quarantine(
+        self, shard: int, members: dict[bytes, int | None], to_shard: int | None = None
+    ) -> None:
+        """Put quarantined timers of the shard's quarantine back in the timer set of
+        ``to_shard`` (default: the same shard) at their due times (None: dropped) and out
+        of the quarantine, in one MULTI/EXEC."""
         due = {m: when for m, when in members.items() if when is not None}
         pipe = self._client.pipeline(transaction=True)
         if due:
-            pipe.zadd(self.timers.key(shard), due)
+            pipe.zadd(self.timers.key(shard if to_shard is None else to_shard), due)
         pipe.hdel(self.quarantine_key(shard), *members)
         pipe.execute()
 

@@ -470,3 +470,44 @@ def test_a_customer_set_aside_at_the_load_keeps_its_pending_wake_in_the_quaranti
     offsets[(own.kafka.topics.orders, 0)] = 1
     after = run_log(own, stack, later, cutting, T0 + 2 * H, first_offsets=offsets)
     assert _kinds(after.triggers, "bad") == ["cart_abandoned"]
+
+
+def test_quarantine_commands_follow_the_layout_in_redis_and_keep_damaged_members(config, stack):
+    """Outsider 49: after a reshard the quarantine stayed under the old shards, ``list``
+    read the shard count from the configuration (missing shards), ``release`` put timers in
+    a timer set the customer's shard does not read, and ``release --all`` put members that
+    name no timer back, to be set aside again."""
+    from typer.testing import CliRunner
+
+    from crmstream.cli import app
+    from crmstream.state.layout import Layout, reshard
+
+    own = _own(config)
+    _plant_bad_hold(own, stack, "bad")
+    run_log(own, stack, _history("bad", T0), Cutting(10**13, (5000,), 0), T0 + H)
+    store = _store(own, stack)
+    damaged = b"\xff99:broken-member"
+    unreadable = {"customer": "(unreadable)", "kind": "unreadable", "ref": "",
+                  "due_ms": T0, "at_ms": T0, "reason": "unreadable timer member: x"}  # fmt: skip
+    store.client.hset(store.quarantine_key(1), damaged, orjson.dumps(unreadable))
+    reshard(store, Layout(5, own.processing.step_ms), legacy_step_ms=own.processing.step_ms)
+    now = _shard_of(own.model_copy(update={"processing": own.processing.model_copy(
+        update={"shards": 5})}), "bad")  # fmt: skip
+    # The configuration still says 2 shards: the commands go by what Redis holds.
+    args = ["--redis-url", own.redis.url, "--set", f"redis.key_prefix={own.redis.key_prefix}"]
+    listed = CliRunner().invoke(app, ["quarantine", "list", "--json", *args])
+    assert listed.exit_code == 0, listed.output
+    rows = [orjson.loads(line) for line in listed.output.splitlines()]
+    got = {(r["customer"], r["kind"]) for r in rows}
+    assert got == {("bad", "deferred"), ("(unreadable)", "unreadable")}, rows
+    assert {r["shard"] for r in rows if r["customer"] == "bad"} == {now}
+    assert [r["due"] for r in rows if r["kind"] == "unreadable"] == [
+        "2026-01-01T09:10:00.000+00:00"
+    ]
+    released = CliRunner().invoke(app, ["quarantine", "release", "--all", *args])
+    assert released.exit_code == 0, released.output
+    assert "names no timer" in released.output
+    kinds = {parse_member(m, 0).kind for m in store.client.zrange(store.timers.key(now), 0, -1)}
+    assert "deferred" in kinds
+    left = [store.client.hgetall(store.quarantine_key(s)) for s in range(5)]
+    assert [entries for entries in left if entries] == [{damaged: orjson.dumps(unreadable)}]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 from urllib.parse import urlsplit
 
+import orjson
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -217,6 +218,11 @@ _customer = st.text(st.characters(codec="utf-8"), min_size=1, max_size=6) | st.s
     ),
     outbox=st.lists(st.binary(max_size=8), max_size=12, unique=True),
     damaged=st.lists(st.sampled_from(_DAMAGED), max_size=3, unique=True),
+    quarantined=st.lists(
+        st.tuples(_customer, st.sampled_from(["cart_1", "wake", "deferred"])),
+        max_size=6,
+        unique=True,
+    ),
     progress=st.lists(
         st.dictionaries(
             st.sampled_from([("clicks", 0), ("clicks", 1), ("orders", 0)]),
@@ -228,7 +234,7 @@ _customer = st.text(st.characters(codec="utf-8"), min_size=1, max_size=6) | st.s
     ),
 )
 def test_reshard_keeps_every_timer_and_record_and_the_lowest_progress(
-    stack, old, new, steps, timers, outbox, damaged, progress
+    stack, old, new, steps, timers, outbox, damaged, quarantined, progress
 ):
     """Any old and new shard count: every timer once, in its customer's new shard, with its
     due time; every outbox record once, in order per old shard; per partition the lowest
@@ -250,6 +256,15 @@ def test_reshard_keeps_every_timer_and_record_and_the_lowest_progress(
         client.zadd(store.timers.key(k % old), {member: 1000 + k})
     for i, record in enumerate(outbox):
         client.rpush(store.outbox_key(i % old), encode_outgoing(Outgoing("t", None, record)))
+    # Quarantined timers, and damaged members the flow quarantined (outsider 49: reshard
+    # left them under their old shard).
+    entries = {timer_member(c, kind): orjson.dumps({"customer": c, "kind": kind})
+               for c, kind in quarantined}  # fmt: skip
+    for member, entry in entries.items():
+        client.hset(store.quarantine_key(shard_of(parse_member(member, 0).customer, old)),
+                    member, entry)  # fmt: skip
+    for k, member in enumerate(damaged):
+        client.hset(store.quarantine_key(k % old), member, b'{"customer": "(unreadable)"}')
     olds = [{pos: Progress(*rec) for pos, rec in p.items()} for p in progress[:old]]
     for shard, records in enumerate(olds):
         if records:
@@ -258,6 +273,15 @@ def test_reshard_keeps_every_timer_and_record_and_the_lowest_progress(
     report = reshard(store, Layout(new, steps[1]), legacy_step_ms=1000)
 
     assert report.timers == len(timers) + len(damaged) and report.outbox == len(outbox)
+    assert report.quarantined == len(entries) + len(damaged)
+    kept = {s: client.hgetall(store.quarantine_key(s)) for s in range(max(old, new))}
+    for shard in range(new, old):
+        assert kept[shard] == {}
+    for member, entry in entries.items():
+        assert kept[shard_of(parse_member(member, 0).customer, new)].pop(member) == entry
+    for member in damaged:
+        assert [s for s in range(new) if kept[s].pop(member, None)] != []
+    assert all(rest == {} for rest in kept.values())
     found = _timers(store, max(old, new))
     for k, member in enumerate(damaged):
         shard, due = found.pop(member)
