@@ -381,7 +381,8 @@ def reshard(
         + (" (finishing an interrupted reshard)" if unfinished else "")
     )
     if not yes and not typer.confirm("Is the flow stopped and drained?"):
-        raise typer.Exit(1)
+        err_console.print("nothing changed: stop and drain the flow first, then run it again")
+        raise typer.Exit(EXIT_ERROR)  # not 1, which says "nothing found" (README)
     with Progress(console=err_console, transient=True) as bar:
         tasks: dict[str, int] = {}
 

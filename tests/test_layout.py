@@ -306,3 +306,23 @@ def test_reshard_keeps_every_timer_and_record_and_the_lowest_progress(
     assert check_layout(store, new, steps[1]) == Layout(new, steps[1])
     assert not list(client.scan_iter(match=f"{store.prefix}:reshard:*"))
     client.close()
+
+
+def test_declining_the_reshard_confirmation_changes_nothing_and_is_no_not_found(
+    isolated_config, stack, script
+):
+    """Outsider 49: answering no exited 1, which the README keeps for "nothing found"."""
+    import subprocess
+    import sys
+
+    config = isolated_config("processing.shards=3")
+    _carts_pending(config, stack, script)
+    store = _store(config, stack)
+    before = store.client.hgetall(layout.layout_key(store))
+    args = ["reshard", "--shards", "2", "--redis-url", stack.redis_url,
+            "--set", f"redis.key_prefix={config.redis.key_prefix}"]  # fmt: skip
+    result = subprocess.run([sys.executable, "-m", "crmstream", *args], input="n\n",
+                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert "nothing changed" in result.stderr
+    assert store.client.hgetall(layout.layout_key(store)) == before
