@@ -117,7 +117,10 @@ class Workload:
         self, role: str, cust: _Customer, kind: str, ts: int, **fields: Any
     ) -> GeneratedEvent:
         body = {
-            "event_id": f"e{next(self._seq):010d}",
+            # The seed in the id: two workloads of different seeds share no event id (outsider
+            # 49: a second `generate` reused them, and a customer's events were dropped as
+            # duplicates); one seed generated again is the same events, with the same ids.
+            "event_id": f"e{self._spec.seed}-{next(self._seq):010d}",
             "customer_id": cust.cid,
             "event_type": kind,
             # Live: the moment of emission; simulated: the session's own timeline.
