@@ -61,6 +61,18 @@ FollowOpt = Annotated[
 ]
 
 
+def _field(record: dict) -> str:
+    """A dead letter's field as the tables and ``--field`` show it: ``message`` when the
+    message could not be read, ``processing_error`` for the events of a customer set aside
+    (readable; counted under that field in ``crmstream_invalid_events_total`` too)."""
+    field = record.get("field")
+    if field:
+        return str(field)
+    if str(record.get("reason", "")).startswith("processing_error"):
+        return "processing_error"
+    return "message"
+
+
 def parse_duration(text: str) -> float:
     """Seconds of ``30m``, ``6h``, ``2d``, ``1w`` or ``45s``."""
     match = _DURATION.match(text)
@@ -331,7 +343,7 @@ def _dead_letter_table(title: str) -> Callable[..., Table]:
             table.add_row(
                 _kafka_time(rec.timestamp_ms),
                 f"{src.get('topic')}:{src.get('partition')}:{src.get('offset')}",
-                str(r.get("field") or "message"),
+                _field(r),
                 str(r.get("customer_id") or ""),
                 str(r.get("reason", "")),
             )
@@ -353,7 +365,11 @@ def dead_letters(
         str | None, typer.Option(help="Only dead letters from this input topic.")
     ] = None,
     field: Annotated[
-        str | None, typer.Option(help="Only those rejected for this field ('message': unreadable).")
+        str | None,
+        typer.Option(
+            help="Only those rejected for this field ('message': unreadable; "
+            "'processing_error': a customer set aside)."
+        ),
     ] = None,
     customer: Annotated[str | None, typer.Option(help="Only this customer id.")] = None,
     follow: FollowOpt = False,
@@ -383,7 +399,7 @@ def dead_letters(
             return (src.get("topic"), src.get("partition"), src.get("offset")) == wanted_source
         return (
             (topic is None or src.get("topic") == topic)
-            and (field is None or (r.get("field") or "message") == field)
+            and (field is None or _field(r) == field)
             and (customer is None or r.get("customer_id") == customer)
         )
 

@@ -451,6 +451,13 @@ def test_a_customer_set_aside_at_the_load_keeps_its_pending_wake_in_the_quaranti
     before = dead()
     run_log(own, stack, [touch], cutting, T0 + 120_000, first_offsets=offsets)
     assert dead() - before == 1  # its event is a dead letter, counted as one (outsider 49)
+    # ... and shown as one of a customer set aside, not as an unreadable message.
+    shown = CliRunner().invoke(app, [
+        "dead-letters", "--brokers", ",".join(stack.brokers), "--field", "processing_error",
+        "--json", "--last", "200", "--set",
+        f"kafka.topics.dead_letter={own.kafka.topics.dead_letter}"])  # fmt: skip
+    assert shown.exit_code == 0, shown.output
+    assert any(orjson.loads(line)["customer_id"] == "bad" for line in shown.output.splitlines())
     assert store.client.zscore(store.timers.key(shard), wake) is None  # out of the timer set
     kept = {m: orjson.loads(v) for m, v in store.load_quarantine(own.processing.shards)[shard]
             .items()}  # fmt: skip
