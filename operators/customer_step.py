@@ -270,11 +270,12 @@ class _Run:
         types = self.type_s[idx]
         planning_pos = idx[self.o._planning[types]]
         plan_rows = np.unique(self.cust_s[planning_pos])
-        held = self.records[plan_rows]
-        before = list(zip(held["orders_total"].tolist(),
-                          held["type_counts"][:, ORDER_DELIVERED].tolist(),
-                          held["last_cart_ms"].tolist(), held["last_order_ms"].tolist(),
-                          held["purchase_days"].tolist(), strict=True))  # fmt: skip
+        recs = self.records  # the columns alone: a whole record is its windows too
+        before = list(zip(recs["orders_total"][plan_rows].tolist(),
+                          recs["type_counts"][plan_rows, ORDER_DELIVERED].tolist(),
+                          recs["last_cart_ms"][plan_rows].tolist(),
+                          recs["last_order_ms"][plan_rows].tolist(),
+                          recs["purchase_days"][plan_rows].tolist(), strict=True))  # fmt: skip
         batch = BatchEvents(self.cust_s[idx], types, self.cat_s[idx], self.time_s[idx],
                             self.amount_s[idx], self.aux_s[idx])  # fmt: skip
         firings, late = apply_batch(self.records, batch, self.o._params)
