@@ -79,6 +79,29 @@ def recording() -> Iterator[list[tuple[str, bytes | None, bytes]]]:
 PARTITIONS = (0, 1)  # of every input topic
 
 
+def driver_config(endpoints: Endpoints, tag: str, *sets: str) -> CrmConfig:
+    """The default configuration on topics of its own (``<tag>.<role>``, created), with
+    metrics off, plus ``sets``."""
+    from crmstream.config import load_config
+    from crmstream.topics import create_topics
+
+    roles = ("clickstream", "orders", "customers", "feedback", "triggers", "suppressions",
+             "dead_letter")  # fmt: skip
+    config = load_config(
+        None,
+        [
+            *(f"kafka.topics.{r}={tag}.{r}" for r in roles),
+            f"kafka.brokers={','.join(endpoints.brokers)}",
+            f"redis.url={endpoints.redis_url}",
+            "metrics.enabled=false",
+            *sets,
+        ],
+        env={},
+    )
+    create_topics(list(endpoints.brokers), config)
+    return config
+
+
 def _read_batches(
     log: list[Message], topics: dict[str, str], cutting: Cutting, first: dict[Position, int]
 ) -> Iterator[tuple[int, list[RawMessage]]]:

@@ -23,8 +23,7 @@ from hypothesis import strategies as st
 
 from crmstream.config import CrmConfig, load_config
 from crmstream.flows.runtime import Runtime
-from crmstream.topics import create_topics
-from tests.shard_driver import Cutting, Message, Outcome, run_log
+from tests.shard_driver import Cutting, Message, Outcome, driver_config, run_log
 
 pytestmark = pytest.mark.integration
 
@@ -148,19 +147,7 @@ def shared(base_config, stack) -> Iterator[Runtime]:
 @pytest.fixture(scope="module")
 def base_config(stack) -> CrmConfig:
     """The default configuration (policies on), on this module's own topics."""
-    tag = "batching-runs"
-    sets = [f"kafka.topics.{r}={tag}.{r}" for r in
-            ("clickstream", "orders", "customers", "feedback", "triggers", "suppressions",
-             "dead_letter")]  # fmt: skip
-    sets += [
-        f"kafka.brokers={','.join(stack.brokers)}",
-        f"redis.url={stack.redis_url}",
-        "metrics.enabled=false",
-        "timers.idle_watermark_ms=0",
-    ]
-    config = load_config(None, sets, env={})
-    create_topics(list(stack.brokers), config)
-    return config
+    return driver_config(stack, "batching-runs", "timers.idle_watermark_ms=0")
 
 
 _runs = itertools.count()

@@ -14,16 +14,15 @@ from typing import Any
 import orjson
 import pytest
 
-from crmstream.config import CrmConfig, load_config
+from crmstream.config import CrmConfig
 from crmstream.flows.route import route_batch
 from crmstream.flows.routing import shard_keys
 from crmstream.flows.runtime import Runtime
 from crmstream.flows.source import RawMessage
 from crmstream.state.store import StateStore, connect
 from crmstream.state.timers import Timer, parse_member
-from crmstream.topics import create_topics
 from tests.conftest import read_topic, run_flow
-from tests.shard_driver import Cutting, Message, run_log
+from tests.shard_driver import Cutting, Message, driver_config, run_log
 
 pytestmark = pytest.mark.integration
 
@@ -50,19 +49,8 @@ def _history(customer: str, start: int) -> list[Message]:
 
 @pytest.fixture(scope="module")
 def config(stack) -> CrmConfig:
-    sets = [f"kafka.topics.{r}=isolation-runs.{r}" for r in
-            ("clickstream", "orders", "customers", "feedback", "triggers", "suppressions",
-             "dead_letter")]  # fmt: skip
-    sets += [
-        f"kafka.brokers={','.join(stack.brokers)}",
-        f"redis.url={stack.redis_url}",
-        "metrics.enabled=false",
-        "policies.quiet_hours.start=00:00",
-        "policies.quiet_hours.end=00:00",
-    ]
-    built = load_config(None, sets, env={})
-    create_topics(list(stack.brokers), built)
-    return built
+    return driver_config(stack, "isolation-runs", "policies.quiet_hours.start=00:00",
+                         "policies.quiet_hours.end=00:00")  # fmt: skip
 
 
 def _own(config: CrmConfig) -> CrmConfig:

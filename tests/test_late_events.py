@@ -20,10 +20,9 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from crmstream.config import CrmConfig, load_config
+from crmstream.config import CrmConfig
 from crmstream.flows.runtime import Runtime
-from crmstream.topics import create_topics
-from tests.shard_driver import Cutting, Message, Outcome, run_log
+from tests.shard_driver import Cutting, Message, Outcome, driver_config, run_log
 from tests.test_batching import _ROLE, cuttings, histories
 
 pytestmark = pytest.mark.integration
@@ -37,19 +36,7 @@ _runs = itertools.count()
 
 @pytest.fixture(scope="module")
 def base_config(stack) -> CrmConfig:
-    tag = "late-runs"
-    sets = [f"kafka.topics.{r}={tag}.{r}" for r in
-            ("clickstream", "orders", "customers", "feedback", "triggers", "suppressions",
-             "dead_letter")]  # fmt: skip
-    sets += [
-        f"kafka.brokers={','.join(stack.brokers)}",
-        f"redis.url={stack.redis_url}",
-        "metrics.enabled=false",
-        "timers.idle_watermark_ms=0",
-    ]
-    config = load_config(None, sets, env={})
-    create_topics(list(stack.brokers), config)
-    return config
+    return driver_config(stack, "late-runs", "timers.idle_watermark_ms=0")
 
 
 @pytest.fixture(scope="module")
@@ -105,9 +92,12 @@ def _wrong_times(log: list[Message], outcome: Outcome) -> list[tuple[str, str, s
             wrong.append((record["trigger_id"], kind, record["event_time"]))
         reason = record.get("reason")  # a suppression's is its text
         values = (reason.get("values") or {}) if isinstance(reason, dict) else {}
-        if kind == "cart_abandoned" and "cart_added_at" in values:
-            if _ms(values["cart_added_at"]) not in carts.get(c, set()):
-                wrong.append((record["trigger_id"], kind, values["cart_added_at"]))
+        added = values.get("cart_added_at") if kind == "cart_abandoned" else None
+        if added is not None and _ms(added) not in carts.get(c, set()):
+            wrong.append((record["trigger_id"], kind, added))
+        bought = values.get("last_purchase_at") if kind == "dormant_win_back" else None
+        if bought is not None and _ms(bought) not in orders.get(c, set()):
+            wrong.append((record["trigger_id"], kind, bought))
     return wrong
 
 
@@ -153,8 +143,11 @@ def late_histories(draw: st.DrawFn) -> list[Message]:
     return sorted(late, key=lambda m: m.kafka_ms)
 
 
-@settings(max_examples=40, deadline=None,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
 @given(log=late_histories(), cutting=cuttings)
 @example(log=_LATE_CART, cutting=SECOND_STEPS)
 @example(log=_LATE_FIRST_ORDER, cutting=SECOND_STEPS)
