@@ -406,11 +406,14 @@ class StateStore:
     ) -> None:
         """Put quarantined timers of the shard's quarantine back in the timer set of
         ``to_shard`` (default: the same shard) at their due times (None: dropped) and out
-        of the quarantine, in one MULTI/EXEC."""
+        of the quarantine, in one MULTI/EXEC. A member the timer set holds already keeps
+        the earlier of its two due times (ZADD LT, Redis 6.2): a customer's ``wake`` that
+        its events re-armed since, for a sooner timer, is not put back later (outsider 50:
+        a cart nudge armed after the repair fired six days late)."""
         due = {m: when for m, when in members.items() if when is not None}
         pipe = self._client.pipeline(transaction=True)
         if due:
-            pipe.zadd(self.timers.key(shard if to_shard is None else to_shard), due)
+            pipe.zadd(self.timers.key(shard if to_shard is None else to_shard), due, lt=True)
         pipe.hdel(self.quarantine_key(shard), *members)
         pipe.execute()
 

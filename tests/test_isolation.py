@@ -506,3 +506,36 @@ def test_quarantine_commands_follow_the_layout_in_redis_and_keep_damaged_members
     assert "deferred" in kinds
     left = [store.client.hgetall(store.quarantine_key(s)) for s in range(5)]
     assert [entries for entries in left if entries] == [{damaged: orjson.dumps(unreadable)}]
+
+
+def test_release_keeps_the_sooner_due_time_of_a_timer_the_flow_armed_again(config, stack):
+    """Outsider 50: a customer's ``wake`` was quarantined due in 7 days; after the repair a
+    cart add re-armed it for 1 hour on; ``release`` wrote the 7 days back over it, and the
+    cart nudge fired days late. A released timer the timer set holds keeps the sooner of
+    the two due times; one it does not hold is put back at its own."""
+    from typer.testing import CliRunner
+
+    from crmstream.cli import app
+
+    own = _own(config)
+    store = _store(own, stack)
+    shard = _shard_of(own, "bad")
+    wake = Timer("bad", "wake", "", 0).member
+    delivery = Timer("bad", "delivery", "o9", 0).member
+    reason = {"customer": "bad", "reason": "processing_error: ValueError: x", "ref": ""}
+    store.client.hset(store.quarantine_key(shard), mapping={
+        wake: orjson.dumps({**reason, "kind": "wake", "due_ms": T0 + 7 * 24 * H}),
+        delivery: orjson.dumps({**reason, "kind": "delivery", "ref": "o9", "due_ms": T0 + 5 * H}),
+    })  # fmt: skip
+    store.client.zadd(store.timers.key(shard), {wake: T0 + H})  # re-armed since: sooner
+    args = ["--redis-url", own.redis.url, "--set", f"redis.key_prefix={own.redis.key_prefix}"]
+    released = CliRunner().invoke(app, ["quarantine", "release", "bad", *args])
+    assert released.exit_code == 0, released.output
+    assert store.client.zscore(store.timers.key(shard), wake) == T0 + H
+    assert store.client.zscore(store.timers.key(shard), delivery) == T0 + 5 * H
+    # A quarantined due time sooner than the one in the set wins too.
+    store.client.hset(store.quarantine_key(shard), wake,
+                      orjson.dumps({**reason, "kind": "wake", "due_ms": T0 + 1000}))  # fmt: skip
+    again = CliRunner().invoke(app, ["quarantine", "release", "bad", *args])
+    assert again.exit_code == 0, again.output
+    assert store.client.zscore(store.timers.key(shard), wake) == T0 + 1000
