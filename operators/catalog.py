@@ -41,6 +41,7 @@ from crmstream.operators.events import (
 )
 from crmstream.operators.params import (
     ADD_TO_CART,
+    INT64_MIN,
     LOGISTICS_UPDATE,
     MS_PER_DAY,
     MS_PER_HOUR,
@@ -102,6 +103,7 @@ class Before(NamedTuple):
     last_cart_ms: int
     last_order_ms: int
     purchase_days: int
+    last_seen_ms: int = INT64_MIN  # events older than this by the allowed lateness are late
 
 
 class TimerPlan(NamedTuple):
@@ -148,13 +150,23 @@ class TriggerCatalog:
         promises: dict[str, Promise],
         plan: TimerPlan,
         before: Before,
+        lateness_ms: int | None = None,
     ) -> list[Candidate]:
         """Add the timers ``customer``'s events imply to ``plan`` (``record``: the state
         just after them); return the event-driven candidates (first order, service
-        recovery). ``promises`` (the customer's open orders) is updated in place."""
+        recovery). ``promises`` (the customer's open orders) is updated in place.
+
+        An event more than ``lateness_ms`` older than the customer's newest event before
+        it (``before.last_seen_ms``) updates the lifetime totals only (docs/triggers.md,
+        "Lateness"): it arms no timer and makes no candidate (outsider 50: a late shipment
+        re-opened a delivered order, and a delivery delay fired for it). It still closes:
+        a late delivery ends its order's timer, a late customs hold lengthens its
+        allowance."""
         rules = self._rules
-        codes = {ev.type_code for ev in events}
-        out = self._event_triggers(customer, record, events, plan, before)
+        late = self._late(events, before, lateness_ms)
+        fresh = [ev for ev in events if id(ev) not in late] if late else events
+        codes = {ev.type_code for ev in fresh}
+        out = self._event_triggers(customer, record, fresh, plan, before)
         cart = int(record["last_cart_ms"])
         if ADD_TO_CART in codes and rules.cart_abandoned.enabled and cart > before.last_cart_ms:
             first = cart + int(rules.cart_abandoned.first_delay_minutes * 60_000)
@@ -172,8 +184,18 @@ class TriggerCatalog:
                 Timer(customer, f"dormant_{steps[0]}", str(anchor), anchor + steps[0] * MS_PER_DAY)
             )
         if rules.delivery_delay.enabled:
-            self._plan_deliveries(customer, events, promises, plan)
+            self._plan_deliveries(customer, events, promises, plan, late)
         return out
+
+    @staticmethod
+    def _late(events: list[ParsedEvent], before: Before, lateness_ms: int | None) -> set[int]:
+        """The events (by ``id``) too late for the windows: as the kernel tells them, since
+        a segment's events come in time order, the customer's newest event before each is
+        its newest before the segment."""
+        seen = before.last_seen_ms
+        if lateness_ms is None or seen == INT64_MIN:
+            return set()
+        return {id(ev) for ev in events if seen - ev.event_time_ms > lateness_ms}
 
     def allowance_ms(self, promise: Promise) -> int:
         """How long after its promised time an order may arrive before it is late."""
@@ -187,10 +209,13 @@ class TriggerCatalog:
         events: list[ParsedEvent],
         promises: dict[str, Promise],
         plan: TimerPlan,
+        late: set[int] = frozenset(),  # type: ignore[assignment]
     ) -> None:
         for ev in events:
             order_id = ev.fields.get("order_id")
             if ev.type_code == ORDER_SHIPPED:
+                if id(ev) in late:  # it opens nothing (plan's docstring)
+                    continue
                 promise = Promise(_promised_ms(ev))
             elif ev.type_code == LOGISTICS_UPDATE and ev.aux == CUSTOMS_HOLD:
                 if order_id not in promises:

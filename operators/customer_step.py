@@ -275,7 +275,8 @@ class _Run:
                           recs["type_counts"][plan_rows, ORDER_DELIVERED].tolist(),
                           recs["last_cart_ms"][plan_rows].tolist(),
                           recs["last_order_ms"][plan_rows].tolist(),
-                          recs["purchase_days"][plan_rows].tolist(), strict=True))  # fmt: skip
+                          recs["purchase_days"][plan_rows].tolist(),
+                          recs["last_seen_ms"][plan_rows].tolist(), strict=True))  # fmt: skip
         batch = BatchEvents(self.cust_s[idx], types, self.cat_s[idx], self.time_s[idx],
                             self.amount_s[idx], self.aux_s[idx])  # fmt: skip
         firings, late = apply_batch(self.records, batch, self.o._params)
@@ -313,7 +314,7 @@ class _Run:
         self,
         plan_rows: np.ndarray,
         planning_pos: np.ndarray,
-        before: list[tuple[int, int, int, int, int]],
+        before: list[tuple[int, int, int, int, int, int]],
     ) -> None:
         """Timers and event-driven candidates of the segments' planning events."""
         if not len(plan_rows):
@@ -325,12 +326,12 @@ class _Run:
             ev = self._event_at(pos)
             by_row.setdefault(row, []).append(ev)
             key_of.setdefault((row, ev.event_id), self._event_key(pos))
-        plan = self.plan
+        plan, lateness_ms = self.plan, self.o._params.kernel.lateness_ms
         for k, row in enumerate(plan_rows.tolist()):
             customer = self.customers[row]
             own = self.promises.setdefault(customer, {})
             found = self.o._catalog.plan(customer, self.records[row], by_row[row], own, plan,
-                                         Before(*before[k]))  # fmt: skip
+                                         Before(*before[k]), lateness_ms)  # fmt: skip
             for cand in found:  # their causal is the event's id
                 self._add(cand, self._current(row), key_of[row, cand.causal])
             for member in plan.cancel:  # delivered orders: their timers are moot

@@ -121,6 +121,26 @@ _LATE_FIRST_ORDER = [
 ]  # fmt: skip
 
 
+# Outsider 50: a shipment that reaches Kafka after its order's delivery, more than the
+# allowed lateness behind it, re-opened the delivered order: a delivery delay fired for it.
+_LATE_SHIPMENT = [
+    _msg("ls", "order_placed", T0, T0, order_id="o1", amount=30, currency="USD"),
+    _msg("ls", "order_delivered", T0 + D, T0 + D, order_id="o1"),
+    _msg("ls", "order_shipped", T0 + 10 * MIN, T0 + D + H, order_id="o1",
+         promised_delivery_time=T0 + 2 * D),
+    _msg("other", "page_view", T0 + 60 * D, T0 + 60 * D),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("cutting", [SECOND_STEPS, ONE_STEP], ids=["1s-steps", "one-step"])
+def test_a_shipment_too_late_for_the_windows_reopens_no_delivered_order(
+    base_config, stack, shared, cutting
+):
+    outcome = _run(base_config, stack, _LATE_SHIPMENT, cutting, shared)
+    kinds = [r["trigger_type"] for r in (*outcome.triggers, *outcome.suppressions)]
+    assert "delivery_delay" not in kinds, outcome.triggers
+
+
 @pytest.mark.parametrize("log", [_LATE_CART, _LATE_FIRST_ORDER], ids=["cart", "first-order"])
 @pytest.mark.parametrize("cutting", [SECOND_STEPS, ONE_STEP], ids=["1s-steps", "one-step"])
 def test_an_event_too_late_for_the_windows_arms_no_timer_from_time_zero(
