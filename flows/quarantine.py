@@ -117,12 +117,14 @@ def quarantine(
         )
     if len(named) > NAMED_PER_ROUND:
         rest = [customer for customer, _ in named[NAMED_PER_ROUND:]]
-        listed = ", ".join(map(repr, rest[:100])) + (" ..." if len(rest) > 100 else "")
-        log.error(
-            "shard %d: %d more customers set aside in the round (crmstream quarantine list "
-            "shows each): %s",
-            shard, len(rest), listed, extra={"unlimited": True},
-        )  # fmt: skip
+        for start in range(0, len(rest), 100):  # every one named (outsider 50: 60 of 300 not)
+            log.error(
+                "shard %d: %d more customers set aside in the round (crmstream quarantine list "
+                "shows each)%s: %s",
+                shard, len(rest), f", {start + 1} to {min(start + 100, len(rest))}"
+                if len(rest) > 100 else "", ", ".join(map(repr, rest[start:start + 100])),
+                extra={"unlimited": True},
+            )  # fmt: skip
     return Quarantine(list(customers), dead, entries, sorted(set(removed)))
 
 
