@@ -23,9 +23,11 @@ EXIT_INTERRUPTED = 130  # Ctrl-C of a command that does not drain (demo)
 
 EXIT_CODES = {
     EXIT_OK: "success; for `run`, also a stop by SIGTERM or SIGINT that drained in time",
-    EXIT_NOT_FOUND: "nothing found: no such trigger id, customer or dead letter",
+    EXIT_NOT_FOUND: "nothing found: no such trigger id, customer or dead letter; also an output "
+    "whose reader stopped reading (piped to `head`), as click ends it",
     EXIT_ERROR: "an error reported in one line: usage, configuration, Kafka or Redis "
-    "unreachable or refusing (authentication, TLS), state layout, a cluster peer that stopped",
+    "unreachable or refusing (authentication, TLS), state layout, a cluster peer that stopped, "
+    "a `reshard` confirmation answered no",
     EXIT_DRAIN_TIMEOUT: "`run` stopped by a signal, but the drain did not finish within "
     "`processing.drain_timeout_seconds` (the state stays consistent; the next start resumes)",
     EXIT_INTERNAL: "an internal error (a bug): the traceback is printed",
