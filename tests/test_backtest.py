@@ -277,6 +277,7 @@ def test_cdnow_a_shorter_first_win_back_step_adds_exactly_the_gaps_longer_than_i
     print(f"cdnow: {len(expected)} win-backs added; seconds {result.seconds}")
 
 
+@pytest.mark.slow  # the default suite took 16:25 at 6bcfa5c: in the slow suite (CI runs it)
 def test_the_cli_on_a_generated_shop_workload_with_a_lower_cap(tmp_path):
     """`crmstream generate --output` then `crmstream backtest` on the embedded stack, as a
     user runs it: the report names the change, and a cap changes no candidate (the same

@@ -39,7 +39,8 @@ from crmstream.state.encoding import decode_batch
 from crmstream.state.store import StateStore
 from tests.conftest import isolated
 
-pytestmark = pytest.mark.integration
+# The module (45 s): the default suite took 16:25 at 6bcfa5c: in the slow suite (CI runs it)
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 CALIBRATION_END = date(1997, 9, 30)
 END_MS = int(datetime(1997, 9, 30, tzinfo=UTC).timestamp() * 1000)
 

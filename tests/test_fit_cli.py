@@ -40,6 +40,7 @@ def _sets(config) -> list[str]:
     return [*sets, "--set", f"redis.key_prefix={config.redis.key_prefix}"]
 
 
+@pytest.mark.slow  # the default suite took 16:25 at 6bcfa5c: in the slow suite (CI runs it)
 def test_fit_with_a_holdout_on_a_file_source(isolated_config, stack, tmp_path):
     config = isolated_config("processing.min_event_time=1990-01-01T00:00:00+00:00")
     rows = _cdnow_file(tmp_path / "shop.jsonl", 600)
@@ -82,6 +83,7 @@ def test_fit_with_a_holdout_on_a_file_source(isolated_config, stack, tmp_path):
     assert report["saved_version"] == 1
 
 
+@pytest.mark.slow  # the default suite took 16:25 at 6bcfa5c: in the slow suite (CI runs it)
 def test_fit_refuses_what_it_cannot_do_with_a_clear_message(isolated_config, stack, tmp_path):
     config = isolated_config()
     redis_args = ["--redis-url", stack.redis_url, *_sets(config)]

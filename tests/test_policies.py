@@ -28,7 +28,11 @@ def _stopped(stack, config):
             for r in read_topic(stack, config.kafka.topics.suppressions)]  # fmt: skip
 
 
-@pytest.mark.parametrize("later_run", [False, True], ids=["same run", "later run"])
+@pytest.mark.parametrize(
+    "later_run",
+    [pytest.param(False, id="same run"),
+     pytest.param(True, id="later run", marks=pytest.mark.slow)],  # the default's budget
+)  # fmt: skip
 def test_consent_withdrawal_suppresses_at_once_on_that_channel(
     isolated_config, script, stack, later_run
 ):

@@ -129,6 +129,7 @@ def test_the_table_shows_whole_ids_and_suppressions(outputs):
     assert "suppressed: cooldown" in table.stdout and "calm" in table.stdout
 
 
+@pytest.mark.slow  # the default suite took 16:25 at 6bcfa5c: in the slow suite (CI runs it)
 def test_explain_takes_a_unique_prefix_and_prints_json(outputs):
     _tag, args, _topics = outputs
     full = f"{OLD + 5:08d}" + "ab" * 12
