@@ -440,3 +440,118 @@ def test_the_columns_of_no_events_are_empty_and_typed():
     none = EventColumns.of([], {})
     assert [len(c) for c in none] == [0] * len(none)
     assert [getattr(c, "dtype", None) for c in none] == [getattr(c, "dtype", None) for c in some]
+
+
+# -- the catalogue's planning and firing, called directly (fast: the mutation sample's) --
+
+
+def _catalog():
+    from crmstream.operators.catalog import TriggerCatalog
+    from crmstream.operators.params import params_from
+
+    return TriggerCatalog(CONFIG, params_from(CONFIG).churn_weights)
+
+
+def _event(kind: str, at: int, order: str = "", promised: int = 0, k: int = 0):
+    from crmstream.operators.events import EVENT_CODE, ParsedEvent
+
+    fields = {"order_id": order} if order else {}
+    if promised:
+        fields["promised_delivery_time"] = promised
+    return ParsedEvent("cz", f"{kind}-{at}-{k}", EVENT_CODE[kind], at, -1, 0.0, "t", 0, k, at,
+                       0.0, fields)  # fmt: skip
+
+
+def _plan(events, before, record=None, promises=None):
+    from crmstream.operators.catalog import TimerPlan
+    from crmstream.state.encoding import fresh_records
+
+    record = fresh_records(1)[0] if record is None else record
+    plan = TimerPlan([], [], {}, {})
+    promises = {} if promises is None else promises
+    found = _catalog().plan("cz", record, events, promises, plan, before,
+                            CONFIG.state.allowed_lateness_seconds * 1000)  # fmt: skip
+    return found, plan, promises
+
+
+def test_a_late_shipment_opens_no_order_and_the_shipments_after_it_still_do():
+    """A shipment more than the allowed lateness behind the customer's newest event opens
+    no order (outsider 50); one in time after it in the same segment still does."""
+    from crmstream.operators.catalog import Before
+
+    newest = T0 + 10 * DAY
+    before = Before(1, 0, 0, 0, 1, newest)
+    late = _event("order_shipped", T0, "o1", promised=T0 + 2 * DAY, k=1)
+    on_time = _event("order_shipped", newest, "o2", promised=newest + 2 * DAY, k=2)
+    _found, plan, promises = _plan([late, on_time], before)
+    assert set(promises) == {"o2"}
+    assert [t.ref for t in plan.schedule if t.kind == "delivery"] == ["o2"]
+
+
+def test_an_older_order_on_a_new_day_plans_the_repurchase_again():
+    """An order within the lateness, older than the newest one but on a day not counted
+    yet, moves no ``last_order_ms`` but adds a purchase day: the repurchase is planned
+    again with the new mean gap (as if the orders had come in time order)."""
+    from crmstream.operators.catalog import Before
+    from crmstream.state.encoding import fresh_records
+
+    record = fresh_records(1)[0]
+    last = T0 + 40 * DAY
+    record["last_order_ms"] = last
+    record["purchase_days"] = 3
+    record["first_purchase_day"] = T0 // DAY
+    record["last_purchase_day"] = last // DAY
+    older = _event("order_placed", last - HOUR // 2, "o3")
+    before = Before(2, 0, 0, last, 2, last)
+    _found, plan, _ = _plan([older], before, record)
+    assert [t.kind for t in plan.schedule if t.kind == "repurchase"] == ["repurchase"]
+    same_days = Before(2, 0, 0, last, 3, last)  # nothing moved: nothing planned again
+    _found, plan, _ = _plan([older], same_days, record)
+    assert [t for t in plan.schedule if t.kind == "repurchase"] == []
+
+
+def test_a_delivery_timer_fires_only_at_its_promise_and_allowance():
+    """A delivery timer whose due time is not the open order's promise plus its allowance
+    (moved by a customs hold) fires nothing; the one that is fires a delivery delay."""
+    from crmstream.state.encoding import fresh_records
+    from crmstream.state.promises import Promise
+    from crmstream.state.timers import Timer
+
+    catalog = _catalog()
+    promise = Promise(T0 + 10**9)  # a due time past the small-integer cache
+    due = promise.promised_ms + catalog.allowance_ms(promise)
+    record = fresh_records(1)[0]
+    fired = catalog.fire(Timer("cz", "delivery", "o1", due), record, {"o1": promise})
+    assert fired is not None and fired.trigger_type == "delivery_delay"
+    moved = Timer("cz", "delivery", "o1", due + 1)
+    assert catalog.fire(moved, record, {"o1": promise}) is None
+
+
+def test_a_repurchase_timer_fires_unless_an_order_came_after_its_anchor_by_its_due():
+    from crmstream.state.encoding import fresh_records
+    from crmstream.state.timers import Timer
+
+    catalog = _catalog()
+    anchor, due = T0, T0 + 20 * DAY
+    record = fresh_records(1)[0]
+    timer = Timer("cz", "repurchase", str(anchor), due)
+    record["last_order_ms"] = anchor + DAY  # bought again before the due time
+    assert catalog.fire(timer, record, {}) is None
+    record["last_order_ms"] = due + DAY  # an order after the due time: it was due then
+    fired = catalog.fire(timer, record, {})
+    assert fired is not None and fired.trigger_type == "repurchase_due"
+
+
+def test_a_delivery_closes_its_order_and_the_orders_after_it_in_the_segment_still_open():
+    from crmstream.operators.catalog import Before
+
+    events = [
+        _event("order_shipped", T0, "o1", promised=T0 + 2 * DAY, k=1),
+        _event("order_delivered", T0 + DAY, "o1", k=2),
+        _event("order_shipped", T0 + DAY + 1, "o2", promised=T0 + 3 * DAY, k=3),
+    ]
+    _found, plan, promises = _plan(events, Before(1, 0, 0, 0, 1, T0))
+    assert set(promises) == {"o2"}
+    assert plan.delivered == {"cz": ["o1"]}
+    assert [t.ref for t in plan.schedule if t.kind == "delivery"] == ["o1", "o2"]
+    assert len(plan.cancel) == 1
