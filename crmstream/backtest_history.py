@@ -24,6 +24,7 @@ from crmstream.flows.replay import (
     source_events,
     topics_by_event_type,
 )
+from crmstream.flows.shard_step import SAME_TIME_ROLES
 from crmstream.ops import reader_config
 from crmstream.topics import TopicError, partitions_of
 
@@ -115,8 +116,9 @@ def topic_events(
     config: CrmConfig, topics: list[str], on_progress: Progress | None = None
 ) -> list[Event]:
     """Every record of ``topics`` on the configured brokers, from the start, in Kafka-time
-    order (then topic, partition, offset), routed to the flow's input topics by event
-    type as a file's lines are (``flows.replay.route_event``)."""
+    order (then the role of the input topic it is routed to, as the flow orders ties, then
+    topic, partition, offset), routed to the flow's input topics by event type as a file's
+    lines are (``flows.replay.route_event``)."""
     brokers = list(config.kafka.brokers or [])
     consumer = Consumer(reader_config(brokers, config.kafka.consumer_properties()))
     found: list[tuple[int, str, int, int, bytes | None, bytes]] = []
@@ -146,10 +148,18 @@ def topic_events(
                 on_progress("reading the input topics", len(found), None)
     finally:
         consumer.close()
-    found.sort(key=lambda m: m[:4])
     by_type = topics_by_event_type(config)
     fallback = config.kafka.topics.clickstream
-    return [route_event(value, by_type, fallback, key) for *_, key, value in found]
+    routed = [route_event(value, by_type, fallback, key) for *_, key, value in found]
+    # Ties in Kafka time by the role of the topic each event goes to, as the flow orders
+    # them (outsider 54: by the recorded topics' names, a consent withdrawn at T did not
+    # stop the candidate of T when the names sorted the other way).
+    topics_ = config.kafka.topics
+    rank = {getattr(topics_, role): n for n, role in enumerate(SAME_TIME_ROLES)}
+    order = sorted(
+        range(len(found)), key=lambda i: (found[i][0], rank[routed[i][0]], found[i][1:4])
+    )
+    return [routed[i] for i in order]
 
 
 def load_history(

@@ -160,18 +160,25 @@ class PolicyEngine:
         rules = self._rule
         window_ms = self._policies.arbitration_window_seconds * 1000
         order = sorted(range(len(candidates)), key=lambda k: self._order(keys[k], candidates[k]))
+        late_win = (0, 0)  # a winner of this call before the record's last one: (ms, type)
         for k in order:
             cand, context = candidates[k], contexts[k]
             if not self._admit(cand, history, context.profile, context.erased, suppressed):
                 continue
             rule = rules[cand.trigger_type]
-            beaten = self._arbitrate(cand, rule.priority, history, window_ms)
+            priority = rule.priority
+            beaten = self._arbitrate(cand, priority, history.arb_ms, history.arb_type, window_ms)
+            if not beaten and late_win[1]:
+                beaten = self._arbitrate(cand, priority, *late_win, window_ms)
             if beaten:
                 suppressed.append(new_tuple(Suppressed, (cand, "priority", beaten)))
                 continue
-            history.arb_ms = cand.event_time_ms
-            history.arb_type = TRIGGER_INDEX[cand.trigger_type] + 1
-            history.changed = True
+            won = (cand.event_time_ms, TRIGGER_INDEX[cand.trigger_type] + 1)
+            if cand.event_time_ms >= history.arb_ms or not history.arb_type:
+                history.arb_ms, history.arb_type = won
+                history.changed = True
+            else:  # a late candidate's win: the record's last winner stays (it came after)
+                late_win = won
             capped = self._capped(cand, history, context.too_often_day) if rule.marketing else None
             if capped:
                 suppressed.append(new_tuple(Suppressed, (cand, "frequency_cap", capped)))
@@ -195,22 +202,27 @@ class PolicyEngine:
         return (key, -self._rule[name].priority, TRIGGER_INDEX[name], cand.causal)
 
     def _arbitrate(
-        self, cand: Candidate, priority: int, history: _History, window_ms: float
+        self, cand: Candidate, priority: int, arb_ms: int, arb_type: int, window_ms: float
     ) -> str | None:
-        """Why ``cand`` loses priority arbitration, or None: the last candidate that won it
-        (at the same instant, or within the window before) had at least its priority.
+        """Why ``cand`` loses priority arbitration to the winner that fired at ``arb_ms``
+        (``TRIGGER_TYPES`` index ``arb_type`` - 1; 0: none), or None: that winner (at the
+        same instant, or within the window before) had at least its priority. The winner
+        is the record's last, or a late winner decided earlier in the same call.
         Decided in timeline order, so a later candidate never takes back an earlier one's
         win: the outcome does not depend on how the input was cut into steps."""
-        if not history.arb_type:
+        if not arb_type:
             return None
-        gap = cand.event_time_ms - history.arb_ms
-        if gap > window_ms:
+        gap = cand.event_time_ms - arb_ms
+        if gap > window_ms or gap < 0:
+            # Only a winner at or before it: a late candidate (its event reached Kafka after
+            # a later one's trigger had won) does not lose to a winner after it (outsider
+            # 51: "fired at the same time" of a nudge 30 minutes later).
             return None
-        winner = TRIGGER_TYPES[history.arb_type - 1]
+        winner = TRIGGER_TYPES[arb_type - 1]
         top = self._rule[winner].priority
         if top < priority:
             return None
-        if gap <= 0:
+        if gap == 0:
             return f"{winner} (priority {top}) fired at the same time"
         return (
             f"{winner} (priority {top}) fired {gap / 1000:g} s before, within the "
@@ -242,7 +254,9 @@ class PolicyEngine:
             return False
         hours = rule.cooldown_hours
         last = history.last_min[TRIGGER_INDEX[name]]
-        if hours and last and _minutes(cand.event_time_ms) - last < hours * 60:
+        # Either side: a late candidate may come before its type's last send (docs/triggers.md,
+        # "Lateness"); in timeline order the send is never after it.
+        if hours and last and abs(_minutes(cand.event_time_ms) - last) < hours * 60:
             why = self._cooldown_reasons.get((name, last)) or self._cooldown_reason(
                 name, last, hours
             )
@@ -276,13 +290,15 @@ class PolicyEngine:
         now = _minutes(cand.event_time_ms)
         day = week = 0
         for m in history.sends:  # a few slots; 0 is a free one
-            if m and now - m < 10080:
+            # Either side of it, as the cooldown (a late candidate may precede a send).
+            if m and abs(now - m) < 10080:
                 week += 1
-                day += now - m < 1440
+                day += abs(now - m) < 1440
         if day < self._lowest_caps[0] and week < self._lowest_caps[1]:
             return None  # under either pair of caps: no need to read which applies
         cand_day = cand.event_time_ms // MS_PER_DAY
-        if too_often_day > 0 and cand_day - too_often_day <= self._config.churn.too_often_days:
+        # Epoch days from 0 (events are not before 1970); a fresh record's is negative.
+        if too_often_day >= 0 and cand_day - too_often_day <= self._config.churn.too_often_days:
             per_day, per_week, who = caps.too_often_per_day, caps.too_often_per_week, "(lowered: "
             who += "the customer said contacted too often) "
         else:

@@ -439,3 +439,33 @@ def test_with_only_kafka_given_its_topics_are_removed_and_redis_is_embedded(stac
     assert setup.base.redis.url is None  # an embedded redis-server, gone with its keys
     topics = AdminClient({"bootstrap.servers": ",".join(stack.brokers)}).list_topics(timeout=15)
     assert not [t for t in topics.topics if setup.namespace.token in t]
+
+
+@pytest.mark.parametrize("names", [("a-click", "z-cust"), ("z-click", "a-cust")])
+def test_topics_as_input_order_ties_by_role_not_by_name(stack, names):
+    """Outsider 54: records of two topics at the same Kafka time were ordered by the
+    topics' names, so a consent withdrawn at T came after a view of T when the names
+    sorted that way, and the backtest sent a browse interest the flow suppressed. They
+    go in the flow's order of roles: the customers topic's first."""
+    from confluent_kafka import Producer
+    from confluent_kafka.admin import NewTopic
+
+    from crmstream.backtest_history import topic_events
+    from crmstream.config import load_config
+
+    tag = secrets.token_hex(4)
+    clicks, customers = (f"{tag}.{name}" for name in names)
+    admin = AdminClient({"bootstrap.servers": ",".join(stack.brokers)})
+    for future in admin.create_topics([NewTopic(t, 1) for t in (clicks, customers)]).values():
+        future.result(30)
+    producer = Producer({"bootstrap.servers": ",".join(stack.brokers)})
+    view = {"event_id": "v", "customer_id": "cb", "event_type": "product_view",
+            "event_time": T0_MS, "product_id": "p", "category": "beauty"}  # fmt: skip
+    withdrawn = {"event_id": "w", "customer_id": "cb", "event_type": "consent_withdrawn",
+                 "event_time": T0_MS, "channel": "push"}  # fmt: skip
+    producer.produce(clicks, orjson.dumps(view), b"cb", timestamp=T0_MS)
+    producer.produce(customers, orjson.dumps(withdrawn), b"cb", timestamp=T0_MS)
+    assert producer.flush(30) == 0
+    config = load_config(None, [f"kafka.brokers={','.join(stack.brokers)}"], env={})
+    events = topic_events(config, [clicks, customers])
+    assert [orjson.loads(value)["event_id"] for _topic, _key, value in events] == ["w", "v"]

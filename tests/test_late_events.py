@@ -141,6 +141,30 @@ def test_a_shipment_too_late_for_the_windows_reopens_no_delivered_order(
     assert "delivery_delay" not in kinds, outcome.triggers
 
 
+# Outsider 51: the order of 09:30 reaches Kafka at 10:30, after the cart nudge of 10:00
+# went out (1 s steps); its welcome lost priority arbitration to that later nudge, "fired
+# at the same time". A candidate loses only to a winner at or before it.
+_LATE_ORDER_AFTER_A_NUDGE = [
+    _msg("ann", "add_to_cart", T0, T0, product_id="p1", category="beauty"),
+    _msg("ann", "page_view", T0 + 75 * MIN, T0 + 75 * MIN),
+    _msg("ann", "order_placed", T0 + 30 * MIN, T0 + 90 * MIN, order_id="o1", amount=10,
+         currency="USD"),
+    _msg("zed", "page_view", T0 + 4 * H, T0 + 4 * H),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("cutting", [SECOND_STEPS, ONE_STEP], ids=["1s-steps", "one-step"])
+def test_a_late_order_s_welcome_does_not_lose_to_a_later_nudge(
+    base_config, stack, shared, cutting
+):
+    outcome = _run(base_config, stack, _LATE_ORDER_AFTER_A_NUDGE, cutting, shared)
+    assert [r["trigger_type"] for r in outcome.suppressions] == []
+    sent = [r["trigger_type"] for r in outcome.triggers]
+    assert "first_order_welcome" in sent
+    # Under 1 s steps the nudge went out before the order arrived: documented lateness.
+    assert sent.count("cart_abandoned") == (1 if cutting is SECOND_STEPS else 0)
+
+
 @pytest.mark.parametrize("log", [_LATE_CART, _LATE_FIRST_ORDER], ids=["cart", "first-order"])
 @pytest.mark.parametrize("cutting", [SECOND_STEPS, ONE_STEP], ids=["1s-steps", "one-step"])
 def test_an_event_too_late_for_the_windows_arms_no_timer_from_time_zero(

@@ -45,6 +45,21 @@ def test_a_cooling_candidate_names_the_send_it_cools_from(minutes_ago):
         assert [(s.policy, s.reason) for s in stopped] == [("cooldown", why)]
 
 
+@settings(max_examples=200)
+@given(st.integers(-3 * 24 * 60, 3 * 24 * 60).filter(bool))
+def test_a_late_candidate_cools_within_its_cooldown_of_a_later_send(minutes_after):
+    """A late candidate, decided after a send of its type later in event time, cools when
+    within the cooldown of that send on either side, and goes out beyond it."""
+    hours = CONFIG.rules.browse_interest.cooldown_hours
+    record = fresh_records(1)[0]
+    record["trigger_last_min"][TRIGGER_INDEX["browse_interest"]] = NOW_MIN + minutes_after
+    ok, stopped = ENGINE.apply("c", [_browse()], record, {}, False)
+    if abs(minutes_after) < hours * 60:
+        assert ok == [] and [s.policy for s in stopped] == ["cooldown"]
+    else:
+        assert stopped == [] and len(ok) == 1
+
+
 def test_a_candidate_past_its_cooldown_goes_out():
     record = fresh_records(1)[0]
     last = NOW_MIN - int(CONFIG.rules.browse_interest.cooldown_hours * 60)
@@ -56,12 +71,15 @@ def test_a_candidate_past_its_cooldown_goes_out():
 
 @settings(max_examples=300)
 @given(
-    st.lists(st.integers(-100, 12_000), max_size=8),  # minutes before the candidate
+    # Minutes before the candidate; negative: after it (a late candidate, decided after
+    # sends that came later in event time: docs/triggers.md, "Lateness").
+    st.lists(st.integers(-12_000, 12_000), max_size=8),
     st.booleans(),
 )
 def test_frequency_caps_count_the_sends_of_the_last_day_and_week(ages, too_often):
-    """Sends less than 24 h (1,440 min) and 7 d (10,080 min) old count against the
-    caps, lowered for 90 days after "contacted too often"; free slots (0) do not."""
+    """Sends less than 24 h (1,440 min) and 7 d (10,080 min) from the candidate, before or
+    after it, count against the caps, lowered for 90 days after "contacted too often";
+    free slots (0) do not."""
     record = fresh_records(1)[0]
     sends = [NOW_MIN - age for age in ages]
     record["sent_min"] = sends + [0] * (len(record["sent_min"]) - len(sends))
@@ -70,8 +88,8 @@ def test_frequency_caps_count_the_sends_of_the_last_day_and_week(ages, too_often
     ok, stopped = ENGINE.apply("c", [_browse()], record, {}, False)
 
     caps = CONFIG.policies.caps
-    day = sum(1 for age in ages if age < 1440)
-    week = sum(1 for age in ages if age < 10080)
+    day = sum(1 for age in ages if abs(age) < 1440)
+    week = sum(1 for age in ages if abs(age) < 10080)
     per_day, per_week = (caps.per_day, caps.per_week)
     who = ""
     if too_often:
@@ -85,6 +103,26 @@ def test_frequency_caps_count_the_sends_of_the_last_day_and_week(ages, too_often
         assert stopped == [] and len(ok) == 1
         return
     assert ok == [] and [(s.policy, s.reason) for s in stopped] == [("frequency_cap", why)]
+
+
+@pytest.mark.parametrize("too_often_day, lowered", [(None, False), (0, True), (1, True)])
+def test_contacted_too_often_on_the_first_days_of_1970_lowers_the_caps(too_often_day, lowered):
+    """A "contacted too often" on epoch day 0 (1970-01-01: ``processing.min_event_time``
+    may allow it) lowers the caps as on any other day; a fresh record's (None here: the
+    record's empty value) lowers none."""
+    caps = CONFIG.policies.caps
+    assert caps.too_often_per_day < caps.per_day
+    at = 5 * MS_PER_DAY + 12 * 3_600_000  # 1970-01-06T12:00Z
+    record = fresh_records(1)[0]
+    if too_often_day is not None:
+        record["too_often_day"] = too_often_day
+    sends = [at // 60_000 - 60 * (k + 1) for k in range(caps.too_often_per_day)]
+    record["sent_min"] = sends + [0] * (len(record["sent_min"]) - len(sends))
+    ok, stopped = ENGINE.apply("c", [_browse(at)], record, {}, False)
+    if lowered:
+        assert ok == [] and [s.policy for s in stopped] == ["frequency_cap"]
+    else:
+        assert stopped == [] and len(ok) == 1
 
 
 def _cand(kind: str, at_ms: int, causal: str = "e") -> Candidate:
@@ -128,6 +166,50 @@ def test_priority_arbitration_at_the_window_boundary(gap, first, second):
         assert [(s.candidate, s.policy, s.reason) for s in stopped] == [(b, "priority", why)]
     else:
         assert stopped == [] and [d.candidate for d in ok] == [a, b]
+
+
+@given(
+    late_by=st.sampled_from([1, 1000, _ARBITRATION_MS, 30 * 60_000]),
+    then=st.sampled_from([0, 1, 30_000, _ARBITRATION_MS, _ARBITRATION_MS + 1]),
+)
+def test_a_late_candidate_does_not_lose_to_a_later_winner_nor_replace_it(late_by, then):
+    """Outsider 51: a welcome whose order reached Kafka 30 minutes late lost to the cart
+    nudge decided 30 minutes after it, "fired at the same time". A candidate loses only to
+    a winner at or before it; and the later winner stays the last one, so a candidate
+    ``then`` after it is held to it."""
+    record = fresh_records(1)[0]
+    ctx = PolicyContext({}, int(record["too_often_day"]), False)
+    nudge = _cand("cart_abandoned", NOON + late_by, "timer")  # priority 90: wins first
+    ok, stopped = ENGINE.decide("c", [nudge], [ctx], [(NOON + late_by, 0)], record)
+    assert [d.candidate for d in ok] == [nudge] and stopped == []
+    welcome = _cand("first_order_welcome", NOON, "late-order")  # a later step, late
+    ok, stopped = ENGINE.decide("c", [welcome], [ctx], [(NOON, 0)], record)
+    assert [d.candidate for d in ok] == [welcome] and stopped == []
+    browse = _cand("browse_interest", NOON + late_by + then, "view")
+    ok, stopped = ENGINE.decide("c", [browse], [ctx], [(NOON + late_by + then, 0)], record)
+    if then <= _ARBITRATION_MS:
+        assert [(s.candidate, s.policy) for s in stopped] == [(browse, "priority")]
+        assert stopped[0].reason.startswith("cart_abandoned (priority 90) fired")
+    else:
+        assert stopped == [] and [d.candidate for d in ok] == [browse]
+
+
+def test_the_candidates_of_one_late_instant_are_arbitrated_among_themselves():
+    """Outsider 54 (suspected): two candidates of one late event, both before the
+    record's last winner, went out together. The highest priority goes first and the
+    other loses to it, as at any instant; the record's last winner stays."""
+    record = fresh_records(1)[0]
+    ctx = PolicyContext({}, int(record["too_often_day"]), False)
+    nudge = _cand("cart_abandoned", NOON + 30 * 60_000, "timer")
+    ENGINE.decide("c", [nudge], [ctx], [(NOON + 30 * 60_000, 0)], record)
+    welcome, browse = _cand("first_order_welcome", NOON, "o"), _cand("browse_interest", NOON, "v")
+    ok, stopped = ENGINE.decide("c", [browse, welcome], [ctx, ctx], [(NOON, 1), (NOON, 1)], record)
+    assert [d.candidate for d in ok] == [welcome]
+    assert [(s.candidate, s.reason) for s in stopped] == [
+        (browse, "first_order_welcome (priority 70) fired at the same time")
+    ]
+    assert int(record["arb_ms"]) == NOON + 30 * 60_000
+    assert int(record["arb_type"]) == TRIGGER_INDEX["cart_abandoned"] + 1
 
 
 def test_at_one_instant_the_highest_priority_goes_first_then_the_catalogue_order():
@@ -218,6 +300,8 @@ def test_seasonal_weights_follow_the_utc_day_of_each_candidate():
         return result.payload["top_categories"]
 
     inside, outside = ["beauty", "electronics"], ["electronics", "beauty"]
+    assert tops(edge + 3_600_000) == inside and tops(edge + 7_200_000) == inside
+    assert len(engine._weights) == 1  # one entry per country and day, not per instant
     for _ in range(2):  # the second round is answered from the cache
         assert tops(edge) == inside
         assert tops(edge - 1) == outside
