@@ -304,7 +304,8 @@ def _describe(
     lines = []
     for loc, msg, kind in _errors(exc, tree):
         if not loc:  # a check across sections: the message names what is wrong
-            lines.append(f"  {msg} (from {source})")
+            named = sorted({where for key, where in origin.items() if key in msg})
+            lines.append(f"  {msg} (from {', '.join(named) or source})")
             continue
         dotted = ".".join(str(p) for p in loc)
         value = "***" if _SECRET_KEY.search(dotted) else _get_dotted(tree, loc)

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from crmstream.operators.zones import find_zone
 
-_TOPIC_NAME = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
+_TOPIC_NAME = re.compile(r"^(?!\.{1,2}$)[A-Za-z0-9._-]{1,249}$")  # Kafka refuses "." and ".."
 _CURRENCY = re.compile(r"^[A-Z]{3}$")
 _CATEGORY = re.compile(r"^[a-z0-9_]{1,40}$")
 
@@ -196,7 +196,7 @@ class ProcessingConfig(_Frozen):
     # freed, between young-generation collections (Python's default is 700), and
     # start-up objects frozen out of its scans (``flows.runtime.tune_gc``).
     # 0 keeps Python's own settings.
-    gc_young_threshold: Annotated[int, Field(ge=0)] = 500_000
+    gc_young_threshold: Annotated[int, Field(ge=0, le=2**31 - 1)] = 500_000  # gc's C int
     # SIGTERM or SIGINT: stop reading, finish the step, commit, flush the producer and
     # exit 0. A drain still running after this long ends the process with exit code 3
     # (the state stays consistent: the next start resumes from Redis).
@@ -328,9 +328,22 @@ class CartAbandonedRule(_Rule):
     cooldown_hours: float = 0.0  # the two nudges are the rhythm
     offer_template: str = "cart_reminder"
 
+    @model_validator(mode="after")
+    def _second_after_first(self) -> CartAbandonedRule:
+        if self.second_delay_hours * 60 <= self.first_delay_minutes:  # outsider 53
+            raise ValueError(
+                f"second_delay_hours ({self.second_delay_hours:g} h) must come after "
+                f"first_delay_minutes ({self.first_delay_minutes:g} min): nudge 2 follows nudge 1"
+            )
+        return self
+
 
 class DormantWinBackRule(_Rule):
-    days: list[PositiveInt] = Field(default_factory=lambda: [30, 90, 180])
+    # At least one step (outsider 53: [] set every customer with an order aside); switch
+    # the rule off with enabled: false.
+    days: Annotated[list[PositiveInt], Field(min_length=1)] = Field(
+        default_factory=lambda: [30, 90, 180]
+    )
     priority: int = 45
     cooldown_hours: float = 0.0
     offer_template: str = "win_back_coupon"
@@ -459,6 +472,16 @@ class QuietHoursConfig(_Frozen):
         return value
 
 
+def _country(code: str) -> str:
+    """An event's ``country`` as docs/events.md has it (ISO 3166-1 alpha-2, upper case):
+    a region or season keyed otherwise matches no event (outsider 53: ``sa`` did nothing)."""
+    from crmstream.operators.fields import is_country
+
+    if not is_country(code):
+        raise ValueError(f"{code!r} is not a country code as events carry it (e.g. 'SA')")
+    return code
+
+
 class RegionConfig(_Frozen):
     exclude_categories: list[str] = Field(default_factory=list)
 
@@ -471,6 +494,13 @@ class SeasonConfig(_Frozen):
     end: str
     countries: list[str] = Field(default_factory=list)  # empty: every country
     weights: dict[str, PositiveFloat] = Field(default_factory=dict)
+
+    @field_validator("countries")
+    @classmethod
+    def _countries(cls, value: list[str]) -> list[str]:
+        for code in value:
+            _country(code)
+        return value
 
     @field_validator("start", "end")
     @classmethod
@@ -491,6 +521,13 @@ class PoliciesConfig(_Frozen):
     quiet_hours: QuietHoursConfig = QuietHoursConfig()
     regions: dict[str, RegionConfig] = Field(default_factory=dict)  # by country code
     seasons: list[SeasonConfig] = Field(default_factory=list)
+    @field_validator("regions")
+    @classmethod
+    def _region_codes(cls, value: dict[str, RegionConfig]) -> dict[str, RegionConfig]:
+        for code in value:
+            _country(code)
+        return value
+
     # Salt of the hashed subject in erasure audit records and tombstones.
     audit_salt: str = "crmstream-audit"
     # After an erasure, events of the customer up to the erasure's time are dropped
@@ -770,6 +807,15 @@ class CrmConfig(_Frozen):
                 f"(message.max.bytes {raw}); set it to {fits} or less, or raise "
                 "message.max.bytes"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _numbers_fit(self) -> CrmConfig:
+        from crmstream.config.bounds import out_of_range
+
+        found = out_of_range(self)
+        if found:
+            raise ValueError("; ".join(found) + " (config/bounds.py)")
         return self
 
     @model_validator(mode="after")

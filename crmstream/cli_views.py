@@ -73,6 +73,13 @@ def _field(record: dict) -> str:
     return "message"
 
 
+def _source(record: dict) -> dict:
+    """A dead letter's source position; empty when it has none (outsider 53: a dead letter
+    standing for a damaged outbox entry has ``"source": null``, and the view exited 70)."""
+    src = record.get("source")
+    return src if isinstance(src, dict) else {}
+
+
 def parse_duration(text: str) -> float:
     """Seconds of ``30m``, ``6h``, ``2d``, ``1w`` or ``45s``."""
     match = _DURATION.match(text)
@@ -339,7 +346,7 @@ def _dead_letter_table(title: str) -> Callable[..., Table]:
             table.add_column(col, overflow="fold", no_wrap=col == "source")
         for rec in records:
             r = rec.value
-            src = r.get("source", {})
+            src = _source(r)
             table.add_row(
                 _kafka_time(rec.timestamp_ms),
                 f"{src.get('topic')}:{src.get('partition')}:{src.get('offset')}",
@@ -394,7 +401,7 @@ def dead_letters(
 
     def matches(record: Record) -> bool:
         r = record.value
-        src = r.get("source", {})
+        src = _source(r)
         if wanted_source is not None:
             return (src.get("topic"), src.get("partition"), src.get("offset")) == wanted_source
         return (

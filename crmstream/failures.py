@@ -66,6 +66,7 @@ def describe(exc: BaseException) -> str | None:
     from crmstream.flows.replay import ReplayError
     from crmstream.flows.sink import DeliveryError
     from crmstream.flows.source import SourceError
+    from crmstream.state.commands import PartialTransaction
     from crmstream.state.encoding import StateEncodingError
     from crmstream.state.layout import LayoutError
     from crmstream.state.store import StateStoreError, tls_failure
@@ -90,6 +91,18 @@ def describe(exc: BaseException) -> str | None:
         return _first_line(str(cause))
     if isinstance(cause, redis.AuthenticationError):
         return f"Redis refused authentication: {_first_line(str(cause))}"
+    if isinstance(cause, PartialTransaction):
+        what = (
+            "a key crmstream writes holds another kind of value (edited by hand?)"
+            if "WRONGTYPE" in str(cause)
+            else "a value Redis does not accept (please report it)"
+        )
+        return (
+            f"Redis refused a command of a commit as it ran it ({_first_line(str(cause))}): "
+            f"{what}. The rest of that commit was applied, so its step counts as done "
+            "without this write; put the key right before starting again (docs/operations.md, "
+            '"Recovery after failures")'
+        )
     if isinstance(cause, redis.ResponseError) and "WRONGTYPE" in str(cause):
         return (
             f"Redis refused a command on a key of the wrong type ({_first_line(str(cause))}): "

@@ -27,6 +27,11 @@ _MULTI = hiredis.pack_command(("MULTI",))
 _EXEC = hiredis.pack_command(("EXEC",))
 
 
+class PartialTransaction(redis.ResponseError):
+    """Redis ran a MULTI/EXEC and refused one of its commands as it ran (a key of the wrong
+    type, a value out of its range): Redis does not roll back, so the others were applied."""
+
+
 class CommandBatch:
     """Commands for one round trip; ``execute`` sends them and returns their replies."""
 
@@ -125,6 +130,11 @@ class CommandBatch:
         for name, reply in zip(self._names, replies, strict=True):
             if isinstance(reply, redis.ResponseError):
                 what = " ".join(map(str, name[:1])) + (f" {name[1]!r}" if len(name) > 1 else "")
+                if transaction:  # outsider 52: reported as an outage, "nothing is lost"
+                    raise PartialTransaction(
+                        f"{what} in a transaction of {len(self)}: {reply}; Redis applied the "
+                        "transaction's other commands (it does not roll back)"
+                    )
                 raise redis.ResponseError(f"{what} in a batch of {len(self)}: {reply}")
         return replies
 

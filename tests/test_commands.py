@@ -9,7 +9,7 @@ import itertools
 import pytest
 import redis
 
-from crmstream.state.commands import CommandBatch
+from crmstream.state.commands import CommandBatch, PartialTransaction
 
 pytestmark = pytest.mark.integration
 _ids = itertools.count()
@@ -77,15 +77,17 @@ def test_an_error_in_a_transaction_names_its_command_and_the_connection_goes_on(
     batch = CommandBatch()
     batch.hset(f"{p}:h", mapping={"a": "1"})
     batch.rpush(f"{p}:str", b"r")  # WRONGTYPE when EXEC runs it
-    with pytest.raises(redis.ResponseError, match=rf"RPUSH '{p}:str' in a batch of 2: WRONGTYPE"):
+    with pytest.raises(PartialTransaction, match=rf"RPUSH '{p}:str' in a transaction of 2: "
+                       r"WRONGTYPE.*; Redis applied the transaction's other commands"):  # fmt: skip
         batch.execute(client, transaction=True)
     assert client.hget(f"{p}:h", "a") == b"1"  # MULTI/EXEC does not roll back
     # A command Redis refuses to queue aborts the whole transaction.
     batch = CommandBatch()
     batch.hset(f"{p}:h", mapping={"a": "2"})
     batch.command("HSET", f"{p}:h")  # wrong number of arguments
-    with pytest.raises(redis.ResponseError, match="wrong number of arguments"):
+    with pytest.raises(redis.ResponseError, match="wrong number of arguments") as refused:
         batch.execute(client, transaction=True)
+    assert not isinstance(refused.value, PartialTransaction)  # nothing of it was applied
     assert client.hget(f"{p}:h", "a") == b"1"
     after = CommandBatch()
     after.zcard(f"{p}:nothing")

@@ -226,6 +226,42 @@ def test_a_key_of_the_wrong_type_is_not_called_an_outage():
     assert "retry budget" not in line
 
 
+@pytest.mark.parametrize("refused", ["an expiry out of range", "a key of the wrong type"])
+def test_a_command_refused_inside_a_commit_is_said_to_have_left_the_rest_applied(
+    isolated_config, stack, refused
+):
+    """Outsider 52: Redis refused the erasure tombstone's expiry inside a step's commit,
+    ran the rest of the MULTI/EXEC (it does not roll back), and the flow ended saying
+    "restart once Redis answers again (nothing is lost)". The error now says the rest
+    was applied, and names the command and its key."""
+    from crmstream.failures import describe
+    from crmstream.state.commands import PartialTransaction
+    from crmstream.state.store import StateStore, connect
+
+    config = isolated_config()
+    prefix = config.redis.key_prefix
+    store = StateStore(connect(stack.redis_url, config.redis), prefix)
+    client = redis.Redis.from_url(stack.redis_url)
+    client.set(f"{prefix}:odd", "a string")
+
+    def stage(batch) -> None:
+        batch.set(f"{prefix}:before", "1")
+        if refused == "an expiry out of range":
+            batch.set(f"{prefix}:erased:x", "1", ex=10**18)
+        else:
+            batch.hset(f"{prefix}:odd", mapping={"f": "v"})
+        batch.set(f"{prefix}:after", "1")
+
+    with pytest.raises(PartialTransaction) as raised:
+        store.transact_once(0, stage)
+    assert client.get(f"{prefix}:before") == b"1" and client.get(f"{prefix}:after") == b"1"
+    line = describe(raised.value)
+    assert line is not None and "The rest of that commit was applied" in line, line
+    assert "nothing is lost" not in line and "retry budget" not in line
+    key = f"{prefix}:erased:x" if refused == "an expiry out of range" else f"{prefix}:odd"
+    assert repr(key) in line, line
+
+
 def _wait_for(condition, what: str, timeout_s: float = 180) -> None:
     deadline = time.monotonic() + timeout_s
     while not condition():

@@ -151,6 +151,28 @@ def test_explain_takes_a_unique_prefix_and_prints_json(outputs):
     assert missing.returncode == 1 and "no trigger or suppression" in missing.stderr
 
 
+def test_a_dead_letter_without_a_source_is_shown_and_filtered_out(stack):
+    """Outsider 53: a dead letter standing for a damaged outbox entry has no source
+    (``"source": null``); the view raised AttributeError and exited 70."""
+    from crmstream.config import load_config
+    from crmstream.topics import create_topics
+
+    tag = f"views{next(_tags)}x{os.getpid()}"
+    sets = [f"kafka.topics.{role}={tag}.{role}" for role in TopicsConfig.model_fields]
+    config = load_config(None, sets, env={})
+    create_topics(list(stack.brokers), config)
+    producer = DeliveryCheckedProducer(list(stack.brokers), {}, 30.0)
+    record = {"schema_version": 1, "reason": "entry 0 of 'x:outbox:0' is not an outbox record",
+              "field": None, "customer_id": None, "source": None}  # fmt: skip
+    producer.produce(config.kafka.topics.dead_letter, None, orjson.dumps(record))
+    producer.flush()
+    args = ["--brokers", ",".join(stack.brokers)] + [x for s in sets for x in ("--set", s)]
+    table = crm("dead-letters", *args, "--last", "5")
+    assert table.returncode == 0 and "not an outbox record" in table.stdout, table.stderr
+    filtered = crm("dead-letters", *args, "--json", "--topic", f"{tag}.orders")
+    assert filtered.returncode == 0 and filtered.stdout == "", filtered.stderr
+
+
 def test_dead_letters_filter_and_show_one_in_full(outputs):
     tag, args, _topics = outputs
     result = crm("dead-letters", *args, "--json", "--topic", f"{tag}.orders",
